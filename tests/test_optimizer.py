@@ -549,10 +549,12 @@ def test_lr_change_does_not_recompile(impl):
 def test_falls_back_to_foreach_when_compile_fails(monkeypatch):
     monkeypatch.setattr(pace_optimizer, "_compile_ok", {})
 
-    def broken(*flags):
-        raise RuntimeError("no C++ compiler")
+    def broken(fn, **kwargs):
+        def call(*args):
+            raise RuntimeError("no C++ compiler")
+        return call
 
-    monkeypatch.setattr(pace_optimizer, "_get_compiled", broken)
+    monkeypatch.setattr(torch, "compile", broken)
     params, ref = make_params(), make_params(torch.float64)
     opt = PACE(params, lr=0.05, lambda_pullback=0.5, use_ema_eval=True)
     ref_opt = PACEReference(ref, lr=0.05, lambda_pullback=0.5, use_ema_eval=True)
