@@ -245,7 +245,8 @@ class PACE(Optimizer):
 
     def _step_group(self, group, partials):
         """Update every parameter of the group that has a grad; return the number of pulled coordinates."""
-        needs_ema = group["lambda_pullback"] > 0 or group["use_ema_eval"]
+        pull = group["lambda_pullback"] > 0
+        needs_ema = pull or group["use_ema_eval"]
         buckets = defaultdict(list)  # (device, dtype, t): parameters stepped together
         for p in group["params"]:
             if p.grad is None:
@@ -266,9 +267,8 @@ class PACE(Optimizer):
         stats = group["log_stats"]
         pulled = 0
         for (device, dtype, t), params in buckets.items():
-            pull = group["lambda_pullback"] > 0
             update_ema = needs_ema and t % group["ema_update_freq"] == 0
-            hp = self._hyper(group, t, device, dtype)
+            hp, consts = self._hyper(group, t, device, dtype)
             states = [self.state[p] for p in params]
             # detached: the graph guards on requires_grad. Without an EMA its slot is None (never read)
             tensors = [[_local(x.detach()) for x in (p, p.grad, s["exp_avg"], s["exp_avg_sq"])]
@@ -284,8 +284,6 @@ class PACE(Optimizer):
                     self._bucket_fns[key] = _compile_bucket(flags)
                 out = self._bucket_fns[key](tensors, hp, *flags)
             elif impl == "foreach":
-                consts = (*group["betas"], (1 - group["betas"][1] ** t) ** 0.5, group["eps"],
-                          ema_decay(t, group["beta_ema"], group["ema_kappa"], group["ema_rho"], group["ema_gamma"]))
                 out = _foreach_update(tensors, hp, consts, group["clamp_pullback"], *flags)
             else:
                 out = [self._update_one(x, hp, flags, impl == "compiled_tensor") for x in tensors]
@@ -311,7 +309,8 @@ class PACE(Optimizer):
 
     @staticmethod
     def _hyper(group, t, device, dtype):
-        """The (10,) hyperparameter tensor of _pace_update for step t, on device, without a host sync."""
+        """(hp, consts): the (10,) hyperparameter tensor of _pace_update for step t on device (no host sync),
+        and the same step's Python-float constants for _foreach_update."""
         beta1, beta2 = group["betas"]
         bc1, bc2 = 1 - beta1 ** t, 1 - beta2 ** t
         decay = ema_decay(t, group["beta_ema"], group["ema_kappa"], group["ema_rho"], group["ema_gamma"])
@@ -327,7 +326,8 @@ class PACE(Optimizer):
             base, scale = (x.to(lr.device, non_blocking=True) for x in (base, scale))
         hp = base + lr * scale  # (10,) float64; a Python lr multiplies exactly as in double arithmetic
         compute = torch.float64 if dtype in (torch.float64, torch.complex128) else torch.float32
-        return hp.to(device=device, dtype=compute, non_blocking=True)
+        consts = (beta1, beta2, bc2 ** 0.5, group["eps"], decay)  # the foreach path's Python scalars
+        return hp.to(device=device, dtype=compute, non_blocking=True), consts
 
     # ---- telemetry ---------------------------------------------------------------
 
