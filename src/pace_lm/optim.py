@@ -1,0 +1,104 @@
+"""How the step is taken: the optimizer registry (adamw | ema | pace) and the lr schedules.
+
+All three methods are `pace.PACE` with different arguments, so they share one exact, tested update:
+  adamw  AdamW; the final iterate is returned            (lambda_pullback=0, use_ema_eval=False)
+  ema    AdamW; its EMA is returned (the EMA baseline)    (lambda_pullback=0, use_ema_eval=True)
+  pace   AdamW + pull toward the EMA; the EMA is returned (lambda_pullback>0, use_ema_eval=True)
+"""
+
+import math
+
+import torch
+
+from pace import PACE
+from pace_lm import PaceLMError
+
+PACE_ARGS = ("lr", "betas", "eps", "weight_decay", "lambda_pullback", "clamp_pullback", "beta_ema",
+             "use_ema_eval", "ema_kappa", "ema_rho", "ema_gamma", "ema_update_freq", "log_stats", "ema_dtype")
+OPTIMIZERS = {  # name -> the arguments that define the method; an override that contradicts them is an error
+    "adamw": dict(lambda_pullback=lambda c: c == 0, use_ema_eval=lambda e: e is False),
+    "ema": dict(lambda_pullback=lambda c: c == 0, use_ema_eval=lambda e: e is True),
+    "pace": dict(lambda_pullback=lambda c: c > 0, use_ema_eval=lambda e: e is True),
+}
+
+
+def build_optimizer(cfg, model, device):
+    """PACE over the model's trainable parameters; weight decay on matrices only (not norms or biases)."""
+    if cfg.name not in OPTIMIZERS:
+        raise PaceLMError(f"unknown optimizer {cfg.name!r}; known: {', '.join(OPTIMIZERS)}")
+    for key, ok in OPTIMIZERS[cfg.name].items():
+        if not ok(cfg[key]):
+            raise PaceLMError(f"optimizer={cfg.name} does not allow optimizer.{key}={cfg[key]!r}")
+    kwargs = {k: cfg[k] for k in PACE_ARGS}
+    kwargs["betas"] = tuple(kwargs["betas"])
+    if cfg.impl == "auto":  # the compiled step on CUDA; on CPU a first-step compile costs more than it saves
+        kwargs["impl"] = None if device.type == "cuda" else "foreach"
+    else:
+        kwargs["impl"] = cfg.impl
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [dict(params=decay), dict(params=no_decay, weight_decay=0.0)]
+    try:
+        return PACE([g for g in groups if g["params"]], **kwargs)
+    except ValueError as e:
+        raise PaceLMError(str(e)) from e
+
+
+def returns_ema(cfg):
+    """Whether the returned model is the EMA (ema, pace) or the final iterate (adamw)."""
+    return bool(cfg.use_ema_eval)
+
+
+# ---- lr schedules: a factor of the base lr for 0-based step s of n ---------------------
+
+def _const(s, n, cfg):
+    return 1.0
+
+
+def _cos(s, n, cfg):
+    progress = s / max(1, n - 1)
+    return cfg.final_lr_ratio + (1 - cfg.final_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _wsd(s, n, cfg):
+    """Warmup-stable-decay: constant, then linear decay over the last decay_fraction of the steps."""
+    decay_steps = max(1, round(cfg.decay_fraction * n))
+    if s < n - decay_steps:
+        return 1.0
+    progress = (s - (n - decay_steps) + 1) / decay_steps
+    return 1 + (cfg.final_lr_ratio - 1) * progress
+
+
+SCHEDULES = {"const": _const, "cos": _cos, "wsd": _wsd}
+
+
+def lr_factor(step, max_steps, cfg):
+    """Linear warm-up over warmup_fraction of the steps, then the named schedule over the rest."""
+    if cfg.name not in SCHEDULES:
+        raise PaceLMError(f"unknown schedule {cfg.name!r}; known: {', '.join(SCHEDULES)}")
+    warmup = round(cfg.warmup_fraction * max_steps)
+    if step < warmup:
+        return (step + 1) / warmup
+    return SCHEDULES[cfg.name](step - warmup, max_steps - warmup, cfg)
+
+
+def set_lr(opt, base_lrs, factor):
+    for group, base in zip(opt.param_groups, base_lrs):
+        group["lr"] = base * factor
+
+
+def check_schedule(cfg):
+    if cfg.name not in SCHEDULES:
+        raise PaceLMError(f"unknown schedule {cfg.name!r}; known: {', '.join(SCHEDULES)}")
+    if not 0 <= cfg.warmup_fraction < 1:
+        raise PaceLMError(f"schedule.warmup_fraction={cfg.warmup_fraction} must be in [0, 1)")
+    for key in ("final_lr_ratio", "decay_fraction"):
+        if key in cfg and not 0 <= cfg[key] <= 1:
+            raise PaceLMError(f"schedule.{key}={cfg[key]} must be in [0, 1]")
+
+
+def grad_norm_clip(model, max_norm):
+    """Clip the global gradient norm; return it (a device tensor: no sync here)."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm and max_norm > 0 else math.inf)

@@ -1,0 +1,85 @@
+"""Run records: one JSON file per run, written atomically, that says what ran, where, and how it ended.
+
+A record is `{status, error, config, data, summary, eval_logs, step_logs}`. `status` is "running" while
+the run goes (rewritten at every eval), then "complete" or "failed"; a record is only ever replaced
+whole (write to a temporary file, fsync, rename), so a reader never sees half of one.
+"""
+
+import json
+import os
+import platform
+import subprocess
+import tempfile
+
+RECORD = "record.json"
+TIMING_KEYS = ("wall_time_s", "train_time_s", "tokens_per_s", "time_s")  # differ between identical runs
+
+
+def write_json_atomic(path, obj):
+    """Write `obj` as JSON to `path` so that `path` holds either the old file or the whole new one."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)  # mkstemp's 0600 would hide records from the rest of a team
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=1, allow_nan=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def read_record(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def environment():
+    """Versions, device and git commit: what a reader needs to rerun or distrust a number."""
+    import torch
+    env = dict(python=platform.python_version(), torch=torch.__version__, platform=platform.platform(),
+               cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(),
+               cuda=torch.version.cuda, device=_device_name(), git_commit=_git_commit())
+    for pkg in ("pace-optimizer", "transformers", "datasets", "tokenizers", "hydra-core"):
+        env[pkg] = _version(pkg)
+    return env
+
+
+def _device_name():
+    import torch
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
+
+
+def _version(pkg):
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version(pkg)
+    except PackageNotFoundError:
+        return None
+
+
+def _git_commit():
+    """The commit of the source tree this package runs from, with '+dirty' if it has local changes."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                                timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (commit + ("+dirty" if dirty else "")) if commit else None
+
+
+def strip_timing(obj):
+    """A copy of a record without the fields that differ between two identical runs (for comparing)."""
+    if isinstance(obj, dict):
+        return {k: strip_timing(v) for k, v in obj.items() if k not in TIMING_KEYS}
+    if isinstance(obj, list):
+        return [strip_timing(v) for v in obj]
+    return obj

@@ -1,0 +1,37 @@
+"""Shared fixtures: the offline data, prepared once per test session by the real `pace-data` command."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+BIN = os.path.dirname(sys.executable)  # the venv's console scripts sit beside its python
+
+
+def run_cli(args, cwd, timeout=600, env=None):
+    """Run a console script (pace-train / pace-data) as a user would; return the CompletedProcess."""
+    full_env = dict(os.environ, HF_HUB_OFFLINE="1", **(env or {}))
+    return subprocess.run([os.path.join(BIN, args[0]), *args[1:]], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=full_env)
+
+
+@pytest.fixture(scope="session")
+def offline_data(tmp_path_factory):
+    """data/offline made by `pace-data` with no source: the SFT conversations and the offline tokenizer."""
+    root = tmp_path_factory.mktemp("offline")
+    proc = run_cli(["pace-data", "--out", "data/offline"], cwd=root)
+    assert proc.returncode == 0, proc.stderr
+    return root / "data" / "offline"
+
+
+@pytest.fixture(scope="session")
+def offline_tokenizer(offline_data):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(offline_data / "tokenizer")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _offline():
+    os.environ["HF_HUB_OFFLINE"] = "1"  # nothing in the tests may reach the hub
+    os.environ["HF_DATASETS_OFFLINE"] = "1"

@@ -1,0 +1,67 @@
+"""The commands as a user types them: pace-train and pace-data through subprocess, exit codes and files."""
+
+import json
+import os
+import time
+
+from conftest import run_cli
+
+
+def _with_data(tmp_path, offline_data):
+    """A working folder whose data/offline is the session's prepared data (as `pace-data` left it)."""
+    (tmp_path / "data").mkdir()
+    os.symlink(offline_data, tmp_path / "data" / "offline")
+    return tmp_path
+
+
+def test_pace_train_40_steps_as_in_the_issue(tmp_path, offline_data):
+    cwd = _with_data(tmp_path, offline_data)
+    t0 = time.time()
+    proc = run_cli(["pace-train", "optimizer=pace", "training.max_steps=40", "training.out_dir=out",
+                    "run_name=demo"], cwd=cwd)
+    elapsed = time.time() - t0
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((cwd / "out" / "demo" / "record.json").read_text())
+    assert record["status"] == "complete" and record["summary"]["steps"] == 40
+    assert record["config"]["model"]["name"] == "tiny" and record["config"]["dataset"]["name"] == "offline"
+    assert (cwd / "out" / "demo" / "model" / "model.safetensors").exists()
+    assert "final_val_loss" in proc.stdout
+    assert sorted(os.listdir(cwd)) == ["data", "out"]  # no Hydra outputs/ or log files left behind
+    print(f"pace-train 40 steps: {elapsed:.1f} s")
+
+
+def test_pace_data_without_source_is_offline(offline_data):
+    meta = json.loads((offline_data / "meta.json").read_text())
+    assert meta["source"] == "offline" and meta["mode"] == "sft"
+    assert (offline_data / "tokenizer" / "tokenizer.json").exists()
+
+
+def test_bad_override_is_one_error_and_no_run(tmp_path, offline_data):
+    cwd = _with_data(tmp_path, offline_data)
+    for args, message in [
+        (["training.no_such_key=1"], "no_such_key"),
+        (["model=no_such_model"], "no_such_model"),
+        (["optimizer=sgd"], "sgd"),
+        (["training.max_steps=0"], "training.max_steps=0 must be a positive integer"),
+        (["dataset=smoltalk", "dataset.path=nowhere"], "dataset.path='nowhere' does not exist"),
+    ]:
+        proc = run_cli(["pace-train", "training.out_dir=out", *args], cwd=cwd)
+        assert proc.returncode != 0, args
+        assert message in proc.stderr, (args, proc.stderr)
+        assert "Traceback" not in proc.stderr, (args, proc.stderr)
+    assert not (cwd / "out").exists()
+
+
+def test_pace_data_bad_input(tmp_path, offline_data):
+    proc = run_cli(["pace-data", "--source", "missing.jsonl", "--tokenizer", "x", "--out", "o"], cwd=tmp_path)
+    assert proc.returncode == 2 and "pace-data: error: data source 'missing.jsonl' does not exist" in proc.stderr
+    (tmp_path / "t.jsonl").write_text(json.dumps({"text": "no messages here"}) + "\n" +
+                                      json.dumps({"text": "still none"}) + "\n")
+    proc = run_cli(["pace-data", "--source", "t.jsonl", "--tokenizer", "nowhere-tokenizer", "--out", "o"],
+                   cwd=tmp_path)
+    assert proc.returncode == 2 and "could not load tokenizer 'nowhere-tokenizer'" in proc.stderr
+    proc = run_cli(["pace-data", "--source", "t.jsonl", "--tokenizer", str(offline_data / "tokenizer"),
+                    "--out", "o", "--val-size", "1"], cwd=tmp_path)
+    assert proc.returncode == 2 and "dataset has no 'messages' column (columns: text)" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert sorted(os.listdir(tmp_path)) == ["t.jsonl"]  # nothing half-written

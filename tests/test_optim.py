@@ -1,0 +1,55 @@
+"""The optimizer registry and the lr schedules."""
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from pace import PACE
+from pace_lm import PaceLMError
+from pace_lm.config import compose
+from pace_lm.optim import build_optimizer, lr_factor
+
+
+def sched(**kw):
+    return OmegaConf.create(kw)
+
+
+def test_const_with_warmup():
+    s = sched(name="const", warmup_fraction=0.1)
+    assert [lr_factor(i, 100, s) for i in (0, 4, 9, 10, 99)] == [0.1, 0.5, 1.0, 1.0, 1.0]
+
+
+def test_cos_goes_from_one_to_the_final_ratio():
+    s = sched(name="cos", warmup_fraction=0.0, final_lr_ratio=0.1)
+    assert lr_factor(0, 11, s) == 1.0 and lr_factor(10, 11, s) == pytest.approx(0.1)
+    assert lr_factor(5, 11, s) == pytest.approx(0.55)
+    values = [lr_factor(i, 11, s) for i in range(11)]
+    assert values == sorted(values, reverse=True)
+
+
+def test_wsd_is_flat_then_linear_to_the_final_ratio():
+    s = sched(name="wsd", warmup_fraction=0.0, decay_fraction=0.2, final_lr_ratio=0.0)
+    values = [lr_factor(i, 10, s) for i in range(10)]
+    assert values == pytest.approx([1] * 8 + [0.5, 0.0])
+
+
+def test_unknown_schedule():
+    with pytest.raises(PaceLMError, match="unknown schedule 'step'; known: const, cos, wsd"):
+        lr_factor(0, 10, sched(name="step", warmup_fraction=0.0))
+
+
+@pytest.mark.parametrize("name, pull, ema", [("adamw", 0.0, False), ("ema", 0.0, True), ("pace", 0.15, True)])
+def test_registry_builds_pace_with_the_method_arguments(name, pull, ema):
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
+    opt = build_optimizer(compose([f"optimizer={name}"]).optimizer, model, torch.device("cpu"))
+    assert isinstance(opt, PACE)
+    decay, no_decay = opt.param_groups
+    assert [p.dim() for p in decay["params"]] == [2] and decay["weight_decay"] == 0.1
+    assert all(p.dim() == 1 for p in no_decay["params"]) and no_decay["weight_decay"] == 0.0
+    assert decay["lambda_pullback"] == pull and decay["use_ema_eval"] is ema and decay["impl"] == "foreach"
+
+
+def test_invalid_pace_argument_is_a_pipeline_error():
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(PaceLMError, match="invalid eps"):
+        build_optimizer(compose(["optimizer.eps=-1"]).optimizer, model, torch.device("cpu"))

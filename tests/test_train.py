@@ -1,0 +1,187 @@
+"""train(cfg) by import: the shipped configs, a few steps of the tiny model, and everything a run records."""
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+import pace_lm.train as train_mod
+from pace_lm import PaceLMError
+from pace_lm.config import compose
+from pace_lm.data import collate, load_prepared
+from pace_lm.optim import lr_factor
+from pace_lm.records import strip_timing
+from pace_lm.train import batch_loss, evaluate, train
+
+SUMMARY_KEYS = {"final_val_loss", "val_loss", "ema_val_loss", "vanilla_val_loss", "final_train_loss", "returned",
+                "tokens_seen", "trained_tokens", "wall_time_s", "train_time_s", "tokens_per_s", "environment",
+                "model_dir", "steps", "num_params"}
+
+
+def small_cfg(data, out, *overrides, steps=20):
+    return compose([f"dataset.path={data}", f"training.out_dir={out}", f"training.max_steps={steps}",
+                    "training.batch_size=8", "training.micro_batch_size=8", "training.eval_interval=10",
+                    "training.eval_batches=2", "training.log_interval=5", "training.progress=false",
+                    "training.pad_to=longest", "run_name=r", *overrides])
+
+
+@pytest.fixture(scope="module")
+def pace_run(offline_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    return train(small_cfg(offline_data, out, "optimizer=pace", steps=30)), out
+
+
+def val_batches_of(cfg, data):
+    _, val, _, meta = load_prepared(str(data))
+    n = cfg.training.eval_batch_size
+    return [collate(val[list(range(i, i + n))], meta["pad_token_id"], meta["max_seq_len"], cfg.training.pad_to)
+            for i in range(0, n * cfg.training.eval_batches, n)]
+
+
+def test_record_is_complete_and_loss_falls(pace_run):
+    record, out = pace_run
+    on_disk = json.loads((out / "r" / "record.json").read_text())
+    assert on_disk == json.loads(json.dumps(record))
+    assert record["status"] == "complete" and record["error"] is None
+    assert set(record) == {"status", "error", "config", "data", "summary", "eval_logs", "step_logs"}
+    s = record["summary"]
+    assert SUMMARY_KEYS <= set(s)
+    assert s["returned"] == "ema" and s["final_val_loss"] == s["val_loss"] == s["ema_val_loss"]
+    assert s["ema_val_loss"] != s["vanilla_val_loss"]
+    assert s["steps"] == 30 and s["tokens_seen"] > s["trained_tokens"] > 0
+    assert s["environment"]["torch"] == torch.__version__ and "git_commit" in s["environment"]
+    assert record["config"]["optimizer"]["lambda_pullback"] == 0.15  # the resolved config, not a reference
+    assert [e["step"] for e in record["eval_logs"]] == [10, 20, 30]
+    assert [e["step"] for e in record["step_logs"]] == [5, 10, 15, 20, 25, 30]
+    losses = [e["loss"] for e in record["step_logs"]]
+    assert losses[-1] < losses[0] - 1.0  # from ~ln(4096) = 8.3 down
+    vals = [e["val_loss"] for e in record["eval_logs"]]
+    assert vals == sorted(vals, reverse=True) and all(math.isfinite(v) for v in vals)
+    assert record["step_logs"][0]["lr"] == pytest.approx(1e-3 * lr_factor(4, 30, OmegaConf.create(
+        record["config"]["schedule"])))
+
+
+def test_saved_model_is_the_returned_ema(pace_run, offline_data):
+    """The saved model's validation loss is the record's EMA loss, not the final iterate's."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    record, out = pace_run
+    model = AutoModelForCausalLM.from_pretrained(out / "r" / "model")
+    tok = AutoTokenizer.from_pretrained(out / "r" / "model")
+    assert len(tok) == record["data"]["vocab_size"]
+    assert (out / "r" / "model" / "model.safetensors").exists()
+    cfg = OmegaConf.create(record["config"])
+    loss = evaluate(model, val_batches_of(cfg, offline_data), torch.device("cpu"), train_mod.contextlib.nullcontext())
+    assert loss == pytest.approx(record["summary"]["ema_val_loss"], abs=1e-5)
+    assert abs(loss - record["summary"]["vanilla_val_loss"]) > 1e-4
+
+
+def test_adamw_returns_the_final_iterate(offline_data, tmp_path):
+    from transformers import AutoModelForCausalLM
+    cfg = small_cfg(offline_data, tmp_path, "optimizer=adamw", steps=10)
+    s = train(cfg)["summary"]
+    assert s["returned"] == "final_iterate" and s["ema_val_loss"] is None
+    assert s["final_val_loss"] == s["val_loss"] == s["vanilla_val_loss"]
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "r" / "model")
+    loss = evaluate(model, val_batches_of(cfg, offline_data), torch.device("cpu"), train_mod.contextlib.nullcontext())
+    assert loss == pytest.approx(s["vanilla_val_loss"], abs=1e-5)
+
+
+def test_same_seed_same_record(offline_data, tmp_path):
+    """Two runs with one seed on one machine: identical records but for timings and the output folder."""
+    records = []
+    for name in ("a", "b"):
+        rec = train(small_cfg(offline_data, tmp_path / name, "optimizer=pace", steps=12))
+        rec = copy.deepcopy(rec)
+        del rec["config"]["training"]["out_dir"], rec["summary"]["model_dir"]
+        records.append(strip_timing(rec))
+    assert records[0] == records[1]
+    other = train(small_cfg(offline_data, tmp_path / "c", "optimizer=pace", "seed=1", steps=12))
+    assert other["summary"]["final_val_loss"] != records[0]["summary"]["final_val_loss"]
+
+
+def test_gradient_accumulation_matches_one_big_batch(offline_data, tmp_path):
+    """4 micro-batches of 2 give the same run as one batch of 8: the loss is a mean over all tokens."""
+    whole = train(small_cfg(offline_data, tmp_path / "w", "optimizer=pace", steps=6))
+    accum = train(small_cfg(offline_data, tmp_path / "a", "optimizer=pace", "training.micro_batch_size=2",
+                            "training.eval_batch_size=8", "training.pad_to=max_seq_len", steps=6))
+    for a, b in zip(whole["step_logs"], accum["step_logs"]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+    assert whole["summary"]["final_val_loss"] == pytest.approx(accum["summary"]["final_val_loss"], rel=1e-4)
+
+
+def test_eval_does_not_disturb_training(offline_data, tmp_path):
+    """Evaluating the EMA through opt.eval()/opt.train() every step leaves the run unchanged."""
+    rare = train(small_cfg(offline_data, tmp_path / "rare", "optimizer=pace", "training.eval_interval=100",
+                           steps=8))
+    often = train(small_cfg(offline_data, tmp_path / "often", "optimizer=pace", "training.eval_interval=1",
+                            steps=8))
+    assert strip_timing(rare["step_logs"]) == strip_timing(often["step_logs"])
+    assert rare["summary"]["final_val_loss"] == often["summary"]["final_val_loss"]
+
+
+def test_pretrain_mode_on_packed_blocks(tmp_path):
+    """dataset=offline_pretrain: prepared on first use, every position trained."""
+    cfg = compose([f"training.out_dir={tmp_path}", f"dataset.path={tmp_path}/data", "dataset=offline_pretrain",
+                   "training.max_steps=3", "training.batch_size=2", "training.micro_batch_size=2",
+                   "training.eval_batches=1", "training.progress=false", "training.save_model=false",
+                   "optimizer=ema", "run_name=p"])
+    record = train(cfg)
+    assert record["status"] == "complete" and record["data"]["mode"] == "pretrain"
+    assert record["data"]["trained_token_fraction"] == 1.0
+    assert record["summary"]["trained_tokens"] == 3 * 2 * (record["data"]["max_seq_len"] - 1)
+
+
+# ---- bad input ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("override, message", [
+    ("training.batch_size=6", "not a multiple"),
+    ("training.max_steps=0", "positive integer"),
+    ("training.pad_to=shortest", "pad_to"),
+    ("schedule.warmup_fraction=1.5", "warmup_fraction"),
+    ("optimizer.name=sgd", "unknown optimizer 'sgd'; known: adamw, ema, pace"),
+    ("run_name=a/b", "plain folder name"),
+    ("training.max_seq_len=4096", "max_seq_len=4096"),
+    ("dataset.mode=pretrain", "holds sft data"),
+])
+def test_bad_config_fails_before_any_record(offline_data, tmp_path, override, message):
+    with pytest.raises(PaceLMError, match=message):
+        train(small_cfg(offline_data, tmp_path, override))
+    assert not (tmp_path / "r" / "record.json").exists()
+
+
+@pytest.mark.parametrize("optimizer, override", [("adamw", "optimizer.lambda_pullback=0.1"),
+                                                 ("ema", "optimizer.use_ema_eval=false"),
+                                                 ("pace", "optimizer.lambda_pullback=0")])
+def test_optimizer_overrides_that_contradict_the_method(offline_data, tmp_path, optimizer, override):
+    with pytest.raises(PaceLMError, match=f"optimizer={optimizer} does not allow"):
+        train(small_cfg(offline_data, tmp_path, f"optimizer={optimizer}", override))
+    assert json.loads((tmp_path / "r" / "record.json").read_text())["status"] == "failed"
+
+
+def test_missing_data_is_a_clear_error(tmp_path):
+    with pytest.raises(PaceLMError, match="does not exist: prepare it with `pace-data"):
+        train(compose(["dataset=smoltalk", f"dataset.path={tmp_path}/nope", f"training.out_dir={tmp_path}"]))
+
+
+def test_non_finite_loss_fails_the_run_and_says_so(offline_data, tmp_path, monkeypatch):
+    def nan_loss(model, batch):
+        loss, n = batch_loss(model, batch)
+        return loss * float("nan"), n
+    monkeypatch.setattr(train_mod, "batch_loss", nan_loss)
+    with pytest.raises(PaceLMError, match="non-finite train loss"):
+        train(small_cfg(offline_data, tmp_path, steps=10))
+    record = json.loads((tmp_path / "r" / "record.json").read_text())
+    assert record["status"] == "failed" and "non-finite" in record["error"]
+    assert not (tmp_path / "r" / "model").exists()
+
+
+def test_complete_run_is_not_overwritten(offline_data, tmp_path):
+    first = train(small_cfg(offline_data, tmp_path, "training.save_model=false", steps=2))
+    with pytest.raises(PaceLMError, match="is a complete run"):
+        train(small_cfg(offline_data, tmp_path, "training.save_model=false", steps=3))
+    assert json.loads((tmp_path / "r" / "record.json").read_text()) == json.loads(json.dumps(first))
+    again = train(small_cfg(offline_data, tmp_path, "training.save_model=false", "training.overwrite=true", steps=3))
+    assert again["summary"]["steps"] == 3
