@@ -18,6 +18,7 @@ from pace_lm.train import batch_loss, evaluate, train
 
 SUMMARY_KEYS = {"final_val_loss", "val_loss", "ema_val_loss", "vanilla_val_loss", "final_train_loss", "returned",
                 "tokens_seen", "trained_tokens", "wall_time_s", "train_time_s", "tokens_per_s", "environment",
+                "first_step_time_s", "steady_tokens_per_s",
                 "model_dir", "steps", "num_params"}
 
 
@@ -25,7 +26,7 @@ def small_cfg(data, out, *overrides, steps=20):
     return compose([f"dataset.path={data}", f"training.out_dir={out}", f"training.max_steps={steps}",
                     "training.batch_size=8", "training.micro_batch_size=8", "training.eval_interval=10",
                     "training.eval_batches=2", "training.log_interval=5", "training.progress=false",
-                    "training.pad_to=longest", "run_name=r", *overrides])
+                    "training.pad_to=longest", "training.device=cpu", "run_name=r", *overrides])
 
 
 @pytest.fixture(scope="module")

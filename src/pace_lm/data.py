@@ -204,9 +204,8 @@ def prepare(out, source="offline", mode="sft", tokenizer=None, gguf_file=None, r
     if source != "offline" and tokenizer is None:
         raise PaceLMError(f"--tokenizer is needed for source {source!r} (a hub id or a folder)")
     ds = load_source(source, mode, name=name, split=split, revision=revision, streaming=streaming)
-    if source == "offline":
-        tok = corpus.train_offline_tokenizer()
-        tokenizer_name = "offline-bpe"
+    if tokenizer is None:  # only for the offline corpus: a tokenizer trained on it
+        tok, tokenizer_name = corpus.train_offline_tokenizer(), "offline-bpe"
     else:
         tok, tokenizer_name = load_tokenizer(tokenizer, gguf_file=gguf_file), tokenizer
     added = ensure_chatml_tokens(tok) if mode == "sft" else []

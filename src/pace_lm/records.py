@@ -12,7 +12,8 @@ import subprocess
 import tempfile
 
 RECORD = "record.json"
-TIMING_KEYS = ("wall_time_s", "train_time_s", "tokens_per_s", "time_s")  # differ between identical runs
+TIMING_KEYS = ("wall_time_s", "train_time_s", "first_step_time_s", "tokens_per_s", "steady_tokens_per_s",
+               "time_s")  # differ between identical runs
 
 
 def write_json_atomic(path, obj):

@@ -71,9 +71,9 @@ def fit(cfg, model, opt, train_ds, val_ds, pad_id, seq_len, device, record, reco
     wandb_run = start_wandb(cfg)
     step_model = torch.compile(model) if tc.compile_model else model
 
-    tokens = trained = 0
+    tokens = trained = tokens_after_first = 0
     window_loss, window_tokens = torch.zeros((), device=device), torch.zeros((), device=device)
-    t_start, t_train = time.time(), 0.0
+    t_start, t_train, t_first = time.time(), 0.0, 0.0
     bar = tqdm(total=tc.max_steps, desc=cfg.run_name, disable=not tc.progress, dynamic_ncols=True)
     model.train()
     for step in range(tc.max_steps):
@@ -84,7 +84,9 @@ def fit(cfg, model, opt, train_ds, val_ds, pad_id, seq_len, device, record, reco
         micro = [collate(train_ds[next(batches)], pad_id, seq_len, tc.pad_to) for _ in range(accum)]
         # counted on the host, before the copy to the device: the loop does not sync
         n_step = sum(int((m["labels"][:, 1:] != IGNORE_INDEX).sum()) for m in micro)
-        tokens += sum(int(m["attention_mask"].sum()) for m in micro)
+        step_tokens = sum(int(m["attention_mask"].sum()) for m in micro)
+        tokens += step_tokens
+        tokens_after_first += step_tokens if step else 0
         for m in micro:
             with autocast:
                 loss_sum, _ = batch_loss(step_model, to_device(m, device))
@@ -95,7 +97,10 @@ def fit(cfg, model, opt, train_ds, val_ds, pad_id, seq_len, device, record, reco
         grad_norm = grad_norm_clip(model, tc.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        t_train += time.time() - t0
+        t_step = time.time() - t0
+        t_train += t_step
+        if step == 0:
+            t_first = t_step  # includes one-time costs: torch.compile of the step, allocator warm-up
         bar.update(1)
 
         last = step + 1 == tc.max_steps
@@ -129,7 +134,9 @@ def fit(cfg, model, opt, train_ds, val_ds, pad_id, seq_len, device, record, reco
                 final_train_loss=record["step_logs"][-1]["loss"], steps=tc.max_steps, tokens_seen=tokens,
                 trained_tokens=trained, num_params=sum(p.numel() for p in model.parameters()),
                 wall_time_s=round(time.time() - t_start, 3), train_time_s=round(t_train, 3),
-                tokens_per_s=round(tokens / max(t_train, 1e-9), 1), environment=environment())
+                first_step_time_s=round(t_first, 3), tokens_per_s=round(tokens / max(t_train, 1e-9), 1),
+                steady_tokens_per_s=round(tokens_after_first / max(t_train - t_first, 1e-9), 1)
+                if tc.max_steps > 1 else None, environment=environment())
 
 
 def batch_loss(model, batch):
