@@ -196,3 +196,14 @@ def test_collate_pads_and_masks():
     assert collate(rows, 0, 5, pad_to="longest")["input_ids"].shape == (2, 3)
     blocks = collate({"input_ids": [[1, 2], [3, 4]]}, 0, 2)
     assert torch.equal(blocks["labels"], blocks["input_ids"])  # pretraining: every position trained
+
+
+def test_subset_ratio_is_a_seeded_sample():
+    from pace_lm.data import subset
+    ds = Dataset.from_list([{"x": i} for i in range(100)])
+    a, b, c = subset(ds, 0.3, seed=0), subset(ds, 0.3, seed=0), subset(ds, 0.3, seed=1)
+    assert len(a) == 30 and a["x"] == b["x"] != c["x"] and a["x"] == sorted(set(a["x"]))
+    assert subset(ds, 1.0, seed=0) is ds
+    for bad in (0, 1.5):
+        with pytest.raises(PaceLMError, match="subset_ratio"):
+            subset(ds, bad, seed=0)

@@ -92,3 +92,8 @@ def test_sft_of_the_real_smollm2_from_gguf(tmp_path, offline_data):
     assert s["vanilla_val_loss"] < 4.0 and math.isfinite(s["final_val_loss"])
     model = AutoModelForCausalLM.from_pretrained(s["model_dir"])
     assert model.config.model_type == "llama" and (tmp_path / "runs" / "smol" / "model" / "tokenizer.json").exists()
+
+
+def test_missing_package_for_a_gguf_model_is_a_clear_error():
+    with pytest.raises(PaceLMError, match="package 'no_such_package_xyz' is not installed"):
+        package_dir("no_such_package_xyz")
