@@ -6,6 +6,7 @@ goes into the prepared data's metadata so that a different stdlib is visible, no
 """
 
 import ast
+import functools
 import hashlib
 import os
 import random
@@ -24,8 +25,9 @@ TOPIC_QUESTIONS = ["Explain the Python topic '{name}'.", "Tell me about '{name}'
 FOLLOW_UPS = ["Go on.", "Continue, please.", "And then?"]
 
 
+@functools.cache  # parsed once per process: conversations, tokenizer and fingerprint all read it
 def stdlib_docstrings():
-    """[(qualified name, docstring)] from the stdlib's .py files, in a fixed (sorted) order."""
+    """((qualified name, docstring), ...) from the stdlib's .py files, in a fixed (sorted) order."""
     root = sysconfig.get_paths()["stdlib"]
     docs = []
     for dirpath, dirnames, filenames in os.walk(root):
@@ -40,7 +42,7 @@ def stdlib_docstrings():
                 except SyntaxError:  # a few stdlib files are templates, not Python
                     continue
             docs.extend(_docstrings(tree, ".".join(module)))
-    return [(name, doc) for name, doc in docs if len(doc) >= MIN_DOC_CHARS]
+    return tuple((name, doc) for name, doc in docs if len(doc) >= MIN_DOC_CHARS)
 
 
 def _docstrings(node, prefix):

@@ -266,7 +266,7 @@ def _replace_dir(tmp, out):
 def load_prepared(path):
     """(train, validation, tokenizer, meta) of a prepared folder, with a clear error if it is not one."""
     from datasets import load_from_disk
-    from transformers import AutoTokenizer
+    from pace_lm.models import load_tokenizer
     meta_path = os.path.join(path, META)
     if not os.path.isdir(path):
         raise PaceLMError(f"dataset.path={path!r} does not exist: prepare it with "
@@ -278,7 +278,7 @@ def load_prepared(path):
         meta = json.load(f)
     train = load_from_disk(os.path.join(path, "train"))
     val = load_from_disk(os.path.join(path, "validation"))
-    tok = AutoTokenizer.from_pretrained(os.path.join(path, "tokenizer"))
+    tok = load_tokenizer(os.path.join(path, "tokenizer"))
     return train, val, tok, meta
 
 

@@ -22,11 +22,16 @@ OPTIMIZERS = {  # name -> the arguments that define the method; an override that
 }
 
 
+def get_method(name):
+    """The defining arguments of optimizer `name`; an unknown name is an error listing the known ones."""
+    if name not in OPTIMIZERS:
+        raise PaceLMError(f"unknown optimizer {name!r}; known: {', '.join(OPTIMIZERS)}")
+    return OPTIMIZERS[name]
+
+
 def build_optimizer(cfg, model, device):
     """PACE over the model's trainable parameters; weight decay on matrices only (not norms or biases)."""
-    if cfg.name not in OPTIMIZERS:
-        raise PaceLMError(f"unknown optimizer {cfg.name!r}; known: {', '.join(OPTIMIZERS)}")
-    for key, ok in OPTIMIZERS[cfg.name].items():
+    for key, ok in get_method(cfg.name).items():
         if not ok(cfg[key]):
             raise PaceLMError(f"optimizer={cfg.name} does not allow optimizer.{key}={cfg[key]!r}")
     kwargs = {k: cfg[k] for k in PACE_ARGS}
@@ -73,14 +78,18 @@ def _wsd(s, n, cfg):
 SCHEDULES = {"const": _const, "cos": _cos, "wsd": _wsd}
 
 
+def get_schedule(name):
+    if name not in SCHEDULES:
+        raise PaceLMError(f"unknown schedule {name!r}; known: {', '.join(SCHEDULES)}")
+    return SCHEDULES[name]
+
+
 def lr_factor(step, max_steps, cfg):
     """Linear warm-up over warmup_fraction of the steps, then the named schedule over the rest."""
-    if cfg.name not in SCHEDULES:
-        raise PaceLMError(f"unknown schedule {cfg.name!r}; known: {', '.join(SCHEDULES)}")
     warmup = round(cfg.warmup_fraction * max_steps)
     if step < warmup:
         return (step + 1) / warmup
-    return SCHEDULES[cfg.name](step - warmup, max_steps - warmup, cfg)
+    return get_schedule(cfg.name)(step - warmup, max_steps - warmup, cfg)
 
 
 def set_lr(opt, base_lrs, factor):
@@ -89,8 +98,7 @@ def set_lr(opt, base_lrs, factor):
 
 
 def check_schedule(cfg):
-    if cfg.name not in SCHEDULES:
-        raise PaceLMError(f"unknown schedule {cfg.name!r}; known: {', '.join(SCHEDULES)}")
+    get_schedule(cfg.name)
     if not 0 <= cfg.warmup_fraction < 1:
         raise PaceLMError(f"schedule.warmup_fraction={cfg.warmup_fraction} must be in [0, 1)")
     for key in ("final_lr_ratio", "decay_fraction"):

@@ -18,8 +18,8 @@ from omegaconf import OmegaConf
 from pace_lm import PaceLMError
 from pace_lm.data import IGNORE_INDEX, META, Batches, collate, load_prepared, prepare, subset
 from pace_lm.models import build_model
-from pace_lm.optim import (build_optimizer, check_schedule, grad_norm_clip, lr_factor, returns_ema,
-                           set_lr, OPTIMIZERS)
+from pace_lm.optim import (build_optimizer, check_schedule, get_method, grad_norm_clip, lr_factor,
+                           returns_ema, set_lr)
 from pace_lm.records import RECORD, environment, read_record, write_json_atomic
 
 
@@ -72,7 +72,7 @@ def fit(cfg, model, opt, train_ds, val_ds, pad_id, seq_len, device, record, reco
     step_model = torch.compile(model) if tc.compile_model else model
 
     tokens = trained = tokens_after_first = 0
-    window_loss, window_tokens = torch.zeros((), device=device), torch.zeros((), device=device)
+    window_loss, window_tokens = torch.zeros((), device=device), 0  # loss summed on the device until a log
     t_start, t_train, t_first = time.time(), 0.0, 0.0
     bar = tqdm(total=tc.max_steps, desc=cfg.run_name, disable=not tc.progress, dynamic_ncols=True)
     model.train()
@@ -105,7 +105,7 @@ def fit(cfg, model, opt, train_ds, val_ds, pad_id, seq_len, device, record, reco
 
         last = step + 1 == tc.max_steps
         if (step + 1) % tc.log_interval == 0 or last:  # the only host syncs of the loop
-            loss = (window_loss / window_tokens.clamp(min=1)).item()
+            loss = window_loss.item() / max(1, window_tokens)
             if not math.isfinite(loss):
                 raise PaceLMError(f"non-finite train loss ({loss}) at step {step + 1}: "
                                   f"lower optimizer.lr or set training.grad_clip")
@@ -115,7 +115,7 @@ def fit(cfg, model, opt, train_ds, val_ds, pad_id, seq_len, device, record, reco
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / max(t_train, 1e-9):.0f}")
             log_wandb(wandb_run, entry, step + 1)
             window_loss.zero_()
-            window_tokens.zero_()
+            window_tokens = 0
         if (step + 1) % tc.eval_interval == 0 or last:
             entry = dict(step=step + 1, tokens=tokens, **evaluate_both(model, opt, ema, val_batches, device,
                                                                         autocast))
@@ -208,8 +208,7 @@ def check_config(cfg):
         raise PaceLMError(f"training.pad_to={tc.pad_to!r}; known: max_seq_len, longest")
     if tc.dtype not in ("auto", "fp32", "bf16"):
         raise PaceLMError(f"training.dtype={tc.dtype!r}; known: auto, fp32, bf16")
-    if cfg.optimizer.name not in OPTIMIZERS:
-        raise PaceLMError(f"unknown optimizer {cfg.optimizer.name!r}; known: {', '.join(OPTIMIZERS)}")
+    get_method(cfg.optimizer.name)
     check_schedule(cfg.schedule)
     if not cfg.run_name or "/" in cfg.run_name or cfg.run_name in (".", ".."):
         raise PaceLMError(f"run_name={cfg.run_name!r} must be a plain folder name")
