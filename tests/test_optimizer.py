@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import pace.optimizer as pace_optimizer
@@ -32,8 +32,9 @@ def set_grads(params, step, seed=1):
 
 
 def max_err(params, ref_params):
-    return max(((p.double() - r.double()).abs().max().item() for p, r in zip(params, ref_params) if p.numel()),
-               default=0.0)
+    """Largest error, relative where |ref| > 1: float64 rounding grows with the weights' size."""
+    return max((((p.double() - r.double()).abs() / r.double().abs().clamp(min=1)).max().item()
+                for p, r in zip(params, ref_params) if p.numel()), default=0.0)
 
 
 def run_side_by_side(impl, dtype, kw, steps=25, lr_fn=lambda t: 0.05):
@@ -82,6 +83,8 @@ def test_matches_float64_reference(impl, dtype, name):
        kappa=st.one_of(st.none(), st.floats(0.0, 1.5)), rho=st.floats(0.0, 10.0), gamma=st.floats(0.0, 5.0),
        beta_ema=st.floats(1e-3, 1.0), clamp=st.booleans(), freq=st.integers(1, 4),
        impl=st.sampled_from(IMPLS))
+@example(lr=0.28125, c=12.0, wd=0.0, beta1=0.0, beta2=0.5, eps=0.0078125, kappa=None, rho=0.0, gamma=0.0,
+         beta_ema=0.75, clamp=False, freq=4, impl="compiled")  # weights grow to ~50: absolute 1e-11 was rounding
 def test_matches_reference_property(lr, c, wd, beta1, beta2, eps, kappa, rho, gamma, beta_ema, clamp, freq, impl):
     kw = dict(lr=lr, lambda_pullback=c, weight_decay=wd, betas=(beta1, beta2), eps=eps, ema_kappa=kappa,
               ema_rho=rho, ema_gamma=gamma, beta_ema=beta_ema, clamp_pullback=clamp, ema_update_freq=freq,
