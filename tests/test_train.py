@@ -159,7 +159,7 @@ def test_bad_config_fails_before_any_record(offline_data, tmp_path, override, me
 def test_optimizer_overrides_that_contradict_the_method(offline_data, tmp_path, optimizer, override):
     with pytest.raises(PaceLMError, match=f"optimizer={optimizer} does not allow"):
         train(small_cfg(offline_data, tmp_path, f"optimizer={optimizer}", override))
-    assert json.loads((tmp_path / "r" / "record.json").read_text())["status"] == "failed"
+    assert not (tmp_path / "r").exists()  # checked with the rest of the config, before any record
 
 
 def test_missing_data_is_a_clear_error(tmp_path):
@@ -167,15 +167,16 @@ def test_missing_data_is_a_clear_error(tmp_path):
         train(compose(["dataset=smoltalk", f"dataset.path={tmp_path}/nope", f"training.out_dir={tmp_path}"]))
 
 
-def test_non_finite_loss_fails_the_run_and_says_so(offline_data, tmp_path, monkeypatch):
+def test_non_finite_loss_ends_the_run_as_diverged_and_says_so(offline_data, tmp_path, monkeypatch):
     def nan_loss(model, batch):
         loss, n = batch_loss(model, batch)
         return loss * float("nan"), n
     monkeypatch.setattr(train_mod, "batch_loss", nan_loss)
-    with pytest.raises(PaceLMError, match="non-finite train loss"):
+    with pytest.raises(train_mod.Diverged, match="non-finite train loss"):
         train(small_cfg(offline_data, tmp_path, steps=10))
     record = json.loads((tmp_path / "r" / "record.json").read_text())
-    assert record["status"] == "failed" and "non-finite" in record["error"]
+    assert record["status"] == "diverged" and "non-finite" in record["error"]
+    assert issubclass(train_mod.Diverged, PaceLMError)  # pace-train: one error line, exit 2
     assert not (tmp_path / "r" / "model").exists()
 
 

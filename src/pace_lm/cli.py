@@ -1,4 +1,5 @@
-"""Entry points: `pace-train` (Hydra) and `pace-data` (argparse). They parse and dispatch, nothing more."""
+"""Entry points: `pace-train` (Hydra), `pace-data` (argparse) and `pace-figure` (key=value, as Hydra's).
+They parse and dispatch, nothing more."""
 
 import argparse
 import json
@@ -6,6 +7,7 @@ import sys
 
 import hydra
 from omegaconf import DictConfig
+from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
 from pace_lm import PaceLMError
@@ -80,3 +82,83 @@ def data_main(argv=None):
         sys.exit(2)
     print(f"pace-data: wrote {out}: {json.dumps(meta['counts'])}; trained token fraction "
           f"{meta['trained_token_fraction']:.3f}")
+
+
+FIGURE_ARGS = dict(fig=None, run=False, plot=False, data=None, out_dir="runs/figures", plot_dir=None, only=None)
+FIGURE_USAGE = """usage: pace-figure fig=ID|list [run=true] [plot=true] [data=PATH] [out_dir=runs/figures]
+                   [plot_dir=PATH] [only=GLOB] [pace-train overrides ...]
+
+  fig=list            the figures: id, number of runs, what each shows, the hardware a run needs
+  fig=ID              print the figure's pace-train commands, one per line (nothing runs)
+  run=true            train them one after another; runs already complete are kept (a sweep resumes)
+  plot=true           read the records; write ID.png, ID.svg and ID.md (a table) and print the table
+  data=PATH           prepared data for every run (dataset.path), for figures that do not set it
+  out_dir=DIR         records go to DIR/ID/<run>/record.json (default: runs/figures)
+  plot_dir=DIR        where the plot files go (default: the figure's folder under out_dir)
+  only=GLOB           just the runs whose name matches, e.g. only='pace_*'
+  other key=value     a pace-train override added to every run, e.g. training.device=cuda"""
+
+
+def _parse_figure_args(argv):
+    opts, extra = dict(FIGURE_ARGS), []
+    for arg in argv:
+        key, eq, value = arg.partition("=")
+        if not eq:
+            raise PaceLMError(f"{arg!r} is not key=value\n{FIGURE_USAGE}")
+        if key in ("run", "plot"):
+            if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise PaceLMError(f"{key}={value!r} must be true or false")
+            opts[key] = value.lower() in ("true", "1", "yes")
+        elif key in opts:
+            opts[key] = value or None
+        elif key in ("run_name", "training.out_dir"):
+            raise PaceLMError(f"{key} is set by pace-figure for each run (use out_dir=)")
+        else:
+            extra.append(arg)
+    if not opts["fig"]:
+        raise PaceLMError(f"fig= is required\n{FIGURE_USAGE}")
+    return opts, extra
+
+
+def figure_main(argv=None):
+    """pace-figure: a paper figure as a sweep of pace-train runs: its commands, running them, its plot."""
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(FIGURE_USAGE)
+        return
+    try:
+        _figure(*_parse_figure_args(argv))
+    except (PaceLMError, HydraException, OmegaConfBaseException) as e:
+        print(f"pace-figure: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _figure(opts, extra):
+    from pace_lm.figures import build_config, check_data, command, list_figures, load_figure, run_figure, \
+        run_overrides, select
+    if opts["fig"] == "list":
+        figs = [load_figure(f) for f in list_figures()]
+        width = max(len(f.id) for f in figs)
+        for f in figs:
+            print(f"{f.id:<{width}}  {len(f.runs):>3} runs  {f.description}  [{f.hardware}]")
+        return
+    fig = load_figure(opts["fig"])
+    if not (opts["run"] or opts["plot"]):
+        check_data(fig, opts["data"])
+        print(f"# {fig.id}: {fig.description}\n# hardware: {fig.hardware}")
+        for cmd in fig.prepare:
+            print(f"# data, once: {cmd}")
+        for run in select(fig, opts["only"]):
+            build_config(fig, run, opts["out_dir"], opts["data"], extra)  # every printed command composes
+            print(command(run_overrides(fig, run, opts["out_dir"], opts["data"], extra)))
+        return
+    if opts["run"]:
+        status = run_figure(fig, opts["out_dir"], opts["data"], extra, opts["only"], log=lambda m: print(m, flush=True))
+        counts = {s: list(status.values()).count(s) for s in dict.fromkeys(status.values())}
+        print(f"pace-figure: {fig.id}: " + ", ".join(f"{n} {s}" for s, n in counts.items())
+              + f"; records under {opts['out_dir']}/{fig.id}")
+    if opts["plot"]:
+        from pace_lm.plots import plot_figure
+        text, paths = plot_figure(fig, opts["out_dir"], opts["plot_dir"])
+        print(text)
+        print(f"pace-figure: wrote {', '.join(paths)}")

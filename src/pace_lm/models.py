@@ -66,6 +66,7 @@ def build_model(cfg, tokenizer):
         path = cfg.pretrained
         if not path:
             raise PaceLMError(f"model {cfg.name!r}: model.pretrained (a hub id or a folder) is not set")
+        check_tokenizer(cfg, tokenizer)
         kwargs = {}
         if cfg.gguf_file and hasattr(transformers, "GgufConfig"):
             # dense, trainable, savable weights, even where a kernel could keep the GGUF blocks packed
@@ -83,6 +84,22 @@ def build_model(cfg, tokenizer):
     else:
         raise PaceLMError(f"unknown model.source={cfg.source!r}; known: scratch, pretrained")
     return model
+
+
+def check_tokenizer(cfg, tokenizer):
+    """The data must be in the pretrained model's own token ids (ChatML tokens may have been added).
+
+    Token ids of another tokenizer train without any error and mean nothing to the model, e.g. one
+    smoltalk folder prepared for SmolLM2 and reused for Qwen3: this turns that into a clear error.
+    """
+    own = load_tokenizer(cfg.pretrained, gguf_file=cfg.gguf_file, revision=cfg.revision).get_vocab()
+    data = tokenizer.get_vocab()
+    differ = sum(data.get(token) != i for token, i in own.items())
+    if differ:
+        raise PaceLMError(f"the data were tokenized with another tokenizer than the one of model {cfg.name!r} "
+                          f"({differ} of its {len(own)} tokens have other ids): prepare dataset.path with "
+                          f"`pace-data --tokenizer {cfg.pretrained}"
+                          f"{f' --gguf-file {cfg.gguf_file}' if cfg.gguf_file else ''} ...`")
 
 
 def _special_ids(arch, tokenizer):

@@ -29,8 +29,8 @@ def get_method(name):
     return OPTIMIZERS[name]
 
 
-def build_optimizer(cfg, model, device):
-    """PACE over the model's trainable parameters; weight decay on matrices only (not norms or biases)."""
+def optimizer_kwargs(cfg, device):
+    """pace.PACE's keyword arguments for the `optimizer` config; contradicting the method is an error."""
     for key, ok in get_method(cfg.name).items():
         if not ok(cfg[key]):
             raise PaceLMError(f"optimizer={cfg.name} does not allow optimizer.{key}={cfg[key]!r}")
@@ -40,6 +40,12 @@ def build_optimizer(cfg, model, device):
         kwargs["impl"] = None if device.type == "cuda" else "foreach"
     else:
         kwargs["impl"] = cfg.impl
+    return kwargs
+
+
+def build_optimizer(cfg, model, device):
+    """PACE over the model's trainable parameters; weight decay on matrices only (not norms or biases)."""
+    kwargs = optimizer_kwargs(cfg, device)
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
@@ -48,6 +54,11 @@ def build_optimizer(cfg, model, device):
         return PACE([g for g in groups if g["params"]], **kwargs)
     except ValueError as e:
         raise PaceLMError(str(e)) from e
+
+
+def check_optimizer(cfg):
+    """Every optimizer argument checked, as PACE checks them, before any model or data is loaded."""
+    build_optimizer(cfg, torch.nn.Linear(1, 1, bias=False), torch.device("cpu"))
 
 
 def returns_ema(cfg):

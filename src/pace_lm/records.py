@@ -1,7 +1,8 @@
 """Run records: one JSON file per run, written atomically, that says what ran, where, and how it ended.
 
 A record is `{status, error, config, data, summary, eval_logs, step_logs}`. `status` is "running" while
-the run goes (rewritten at every eval), then "complete" or "failed"; a record is only ever replaced
+the run goes (rewritten at every eval), then "complete", "diverged" (its loss went non-finite) or
+"failed" (anything else stopped it); a record is only ever replaced
 whole (write to a temporary file, fsync, rename), so a reader never sees half of one.
 """
 

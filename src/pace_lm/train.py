@@ -18,9 +18,13 @@ from omegaconf import OmegaConf
 from pace_lm import PaceLMError
 from pace_lm.data import IGNORE_INDEX, META, Batches, collate, load_prepared, prepare, subset
 from pace_lm.models import build_model
-from pace_lm.optim import (build_optimizer, check_schedule, get_method, grad_norm_clip, lr_factor,
+from pace_lm.optim import (build_optimizer, check_optimizer, check_schedule, grad_norm_clip, lr_factor,
                            returns_ema, set_lr)
 from pace_lm.records import RECORD, environment, read_record, write_json_atomic
+
+
+class Diverged(PaceLMError):
+    """The loss went non-finite: an outcome of the run (recorded as status "diverged"), not bad input."""
 
 
 def train(cfg):
@@ -49,7 +53,8 @@ def train(cfg):
                                                                  returns_ema(cfg.optimizer))
         record["status"] = "complete"
     except BaseException as e:  # the record says how the run ended, whatever ended it
-        record["status"], record["error"] = "failed", f"{type(e).__name__}: {e}"
+        record["status"] = "diverged" if isinstance(e, Diverged) else "failed"
+        record["error"] = f"{type(e).__name__}: {e}"
         raise
     finally:
         write_json_atomic(record_path, record)
@@ -107,7 +112,7 @@ def fit(cfg, model, opt, train_ds, val_ds, pad_id, seq_len, device, record, reco
         if (step + 1) % tc.log_interval == 0 or last:  # the only host syncs of the loop
             loss = window_loss.item() / max(1, window_tokens)
             if not math.isfinite(loss):
-                raise PaceLMError(f"non-finite train loss ({loss}) at step {step + 1}: "
+                raise Diverged(f"non-finite train loss ({loss}) at step {step + 1}: "
                                   f"lower optimizer.lr or set training.grad_clip")
             entry = dict(step=step + 1, loss=loss, lr=lr, grad_norm=float(grad_norm), tokens=tokens,
                          time_s=round(time.time() - t_start, 3))
@@ -162,7 +167,7 @@ def evaluate(model, val_batches, device, autocast):
     model.train(was_training)
     value = (total / count.clamp(min=1)).item()
     if not math.isfinite(value):
-        raise PaceLMError(f"non-finite validation loss ({value}): the run diverged")
+        raise Diverged(f"non-finite validation loss ({value}): the run diverged")
     return value
 
 
@@ -208,7 +213,7 @@ def check_config(cfg):
         raise PaceLMError(f"training.pad_to={tc.pad_to!r}; known: max_seq_len, longest")
     if tc.dtype not in ("auto", "fp32", "bf16"):
         raise PaceLMError(f"training.dtype={tc.dtype!r}; known: auto, fp32, bf16")
-    get_method(cfg.optimizer.name)
+    check_optimizer(cfg.optimizer)
     check_schedule(cfg.schedule)
     if not cfg.run_name or "/" in cfg.run_name or cfg.run_name in (".", ".."):
         raise PaceLMError(f"run_name={cfg.run_name!r} must be a plain folder name")

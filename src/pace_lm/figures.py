@@ -1,0 +1,237 @@
+"""Paper figures as sweeps of pace-train runs: the specs in conf/figures/, their commands, and running them.
+
+A spec states only what differs from pace-train's defaults:
+
+    description: one line for `pace-figure fig=list`
+    hardware:    what one run needs, in words
+    prepare:     [pace-data commands that make the data the runs read]
+    plot:        {x: the swept key on the x axis, logx: bool, line: [keys], panel: key or null,
+                  metric: a summary key (default final_val_loss)}
+    common:      {override key: value} for every run
+    runs:        [{override key: value or [values]}]: each entry is a grid, its lists swept (their product)
+
+Keys are pace-train override keys: a config group (`optimizer: pace`) or a dotted value
+(`optimizer.lr: 1e-3`). A list value is swept; a value that is itself a list is written nested
+(`optimizer.betas: [[0.9, 0.95]]`). Each run is named after its entry's values, e.g. `pace_lr0.003_c0.15`,
+and its record is `<out_dir>/<figure>/<run name>/record.json`.
+"""
+
+import fnmatch
+import itertools
+import os
+import shlex
+import time
+from dataclasses import dataclass, field
+
+from omegaconf import OmegaConf
+
+from pace_lm import PaceLMError
+from pace_lm.config import CONF_DIR, compose
+from pace_lm.records import RECORD, read_record
+
+FIG_DIR = os.path.join(CONF_DIR, "figures")
+GROUPS = ("model", "dataset", "optimizer", "schedule")  # pace-train's config groups
+SPEC_KEYS = {"description", "hardware", "prepare", "plot", "common", "runs"}
+PLOT_KEYS = {"x", "logx", "line", "panel", "metric"}
+SHORT = {"optimizer.lr": "lr", "optimizer.lambda_pullback": "c", "optimizer.ema_kappa": "kappa"}
+FINAL = ("complete", "diverged")  # the outcomes a resumed sweep keeps
+# keys of a record's config that may differ from the sweep's without it being another run
+NOT_COMPARED = ("training.progress", "training.overwrite", "logging.")
+
+
+@dataclass
+class Run:
+    name: str
+    values: dict        # this run's own keys (from its entry), in the entry's order
+    overrides: list     # pace-train overrides: the figure's common ones, then the run's
+
+
+@dataclass
+class Figure:
+    id: str
+    description: str
+    hardware: str
+    prepare: list
+    plot: dict
+    runs: list = field(default_factory=list)
+
+
+def list_figures():
+    return sorted(f[:-5] for f in os.listdir(FIG_DIR) if f.endswith(".yaml"))
+
+
+def load_figure(fig_id):
+    """The figure `fig_id` with its runs expanded; an unknown id or a malformed spec is an error."""
+    path = os.path.join(FIG_DIR, f"{fig_id}.yaml")
+    if not os.path.exists(path):
+        raise PaceLMError(f"unknown figure {fig_id!r}; known: {', '.join(list_figures())}")
+    spec = OmegaConf.to_container(OmegaConf.load(path))
+    where = f"figure spec {path}"
+    unknown = set(spec) - SPEC_KEYS
+    if unknown:
+        raise PaceLMError(f"{where}: unknown keys {sorted(unknown)}; known: {sorted(SPEC_KEYS)}")
+    plot = {**dict(logx=False, line=None, panel=None, metric="final_val_loss"), **(spec.get("plot") or {})}
+    if set(plot) - PLOT_KEYS or "x" not in plot:
+        raise PaceLMError(f"{where}: plot needs x and takes only {sorted(PLOT_KEYS)}")
+    common = [override(k, v) for k, v in (spec.get("common") or {}).items()]
+    runs = []
+    for entry in spec.get("runs") or []:
+        for values in expand(entry):
+            name = run_name(values)
+            runs.append(Run(name, values, common + [override(k, v) for k, v in values.items()]))
+    if not runs:
+        raise PaceLMError(f"{where}: no runs")
+    names = [r.name for r in runs]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise PaceLMError(f"{where}: runs with the same name {dupes}: two entries give the same values")
+    return Figure(fig_id, spec.get("description", ""), spec.get("hardware", ""), spec.get("prepare") or [],
+                  plot, runs)
+
+
+def expand(entry):
+    """The runs of one grid entry: the product of its list values, in the entry's key order."""
+    keys = list(entry)
+    axes = [v if isinstance(v, list) else [v] for v in entry.values()]
+    return [dict(zip(keys, combo)) for combo in itertools.product(*axes)]
+
+
+def override(key, value):
+    """`key=value` as Hydra parses it (a nested list is a list value)."""
+    return f"{key}={_hydra_value(value)}"
+
+
+def _hydra_value(v):
+    if isinstance(v, bool):
+        return str(v).lower()
+    if v is None:
+        return "null"
+    if isinstance(v, list):
+        return "[" + ",".join(_hydra_value(x) for x in v) + "]"
+    return str(v)
+
+
+def run_name(values):
+    """A folder name from a run's values: groups by their choice, other keys by a short name."""
+    parts = []
+    for key, v in values.items():
+        text = _hydra_value(v).replace("/", "-").replace(",", "-").strip("[]")
+        parts.append(text if key in GROUPS else f"{SHORT.get(key, key.rsplit('.', 1)[-1])}{text}")
+    return "_".join(parts)
+
+
+def run_overrides(fig, run, out_dir, data=None, extra=()):
+    """Every override of one run, ending with where its record goes."""
+    data_override = [f"dataset.path={data}"] if data else []
+    return [*run.overrides, *data_override, *extra, f"training.out_dir={os.path.join(out_dir, fig.id)}",
+            f"run_name={run.name}"]
+
+
+def command(overrides):
+    return " ".join(["pace-train", *(shlex.quote(o) for o in overrides)])
+
+
+def select(fig, only=None):
+    """The figure's runs whose name matches the glob `only` (all of them for None)."""
+    chosen = [r for r in fig.runs if only is None or fnmatch.fnmatchcase(r.name, only)]
+    if not chosen:
+        raise PaceLMError(f"only={only!r} matches none of the runs of {fig.id}: "
+                          f"{', '.join(r.name for r in fig.runs)}")
+    return chosen
+
+
+def check_data(fig, data):
+    """`data=` is every run's dataset.path: refused where the spec sets the path itself (one per model)."""
+    paths = sorted({o.split("=", 1)[1] for r in fig.runs for o in r.overrides if o.startswith("dataset.path=")})
+    if data and paths:
+        raise PaceLMError(f"{fig.id} reads its data from {', '.join(paths)} (prepare it there: pace-figure "
+                          f"fig={fig.id} lists how); data= would give every run the same data")
+
+
+def build_config(fig, run, out_dir, data=None, extra=()):
+    """The run's composed config, checked as pace-train checks it before doing any work."""
+    from pace_lm.train import check_config
+    cfg = compose(run_overrides(fig, run, out_dir, data, extra))
+    OmegaConf.resolve(cfg)
+    check_config(cfg)
+    return cfg
+
+
+def config_diff(recorded, cfg):
+    """Dotted keys whose values differ between a record's config and `cfg`.
+
+    Only keys both have are compared (a key added to pace-train after the record was written is not a
+    difference), and not the NOT_COMPARED ones, which change how a run is shown, not what it computes.
+    """
+    a, b = _flatten(recorded), _flatten(OmegaConf.to_container(cfg, resolve=True))
+    return sorted(k for k in set(a) & set(b) if a[k] != b[k] and not k.startswith(NOT_COMPARED))
+
+
+def _flatten(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def run_figure(fig, out_dir, data=None, extra=(), only=None, log=print):
+    """Train the figure's runs one after another; a run already complete (or diverged) is kept.
+
+    An interrupted sweep resumes: a record left "running" or "failed" is trained again from the start.
+    A run whose loss goes non-finite is recorded as "diverged" and the sweep goes on (high learning
+    rates are expected to); any other failure stops the sweep. Returns {run name: status}.
+    """
+    from pace_lm.train import Diverged, train
+    runs = select(fig, only=only)
+    check_data(fig, data)
+    status = {}
+    for i, run in enumerate(runs, 1):
+        cfg = build_config(fig, run, out_dir, data, extra)
+        head = f"[{i}/{len(runs)}] {fig.id}/{run.name}"
+        path = os.path.join(cfg.training.out_dir, cfg.run_name, RECORD)
+        old = _read(path)
+        if old and old.get("status") in FINAL:
+            diff = config_diff(old.get("config", {}), cfg)
+            if diff:
+                raise PaceLMError(f"{path} is a {old['status']} run of another config (differs in "
+                                  f"{', '.join(diff[:6])}{', ...' if len(diff) > 6 else ''}): remove it, "
+                                  f"or choose another out_dir")
+            status[run.name] = old["status"]
+            log(f"{head}: {old['status']}, kept{_result(old)}")
+            continue
+        log(f"{head}: training{' (again: the record was ' + old['status'] + ')' if old else ''}")
+        t0 = time.time()
+        try:
+            record = train(cfg)
+        except Diverged as e:
+            status[run.name] = "diverged"
+            log(f"{head}: diverged ({e})")
+            continue
+        finally:
+            _free_device_memory()
+        status[run.name] = record["status"]
+        log(f"{head}: complete{_result(record)} in {time.time() - t0:.0f} s")
+    return status
+
+
+def _read(path):
+    try:
+        return read_record(path)
+    except (OSError, ValueError):
+        return None
+
+
+def _result(record):
+    s = record.get("summary") or {}
+    return f", final_val_loss {s['final_val_loss']:.4f}" if "final_val_loss" in s else ""
+
+
+def _free_device_memory():
+    import gc
+    import torch
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -1,0 +1,190 @@
+"""A figure from its run records: the metric against the swept key, one line per method, and the same
+numbers as a markdown table. Reads records only; never trains (and never imports the training code).
+
+Every value shown comes from a record: x, line and panel from the run's resolved config, the metric
+from its summary. Runs that differ only in `seed` are averaged (the table gives mean ± std and n).
+"""
+
+import math
+import os
+import statistics
+
+from pace_lm import PaceLMError
+from pace_lm.figures import GROUPS, SHORT
+from pace_lm.records import RECORD, read_record
+
+MISSING = "–"
+
+
+def collect(fig, out_dir):
+    """One row per run of the figure: its record's status and value, and where it goes on the plot."""
+    p = fig.plot
+    rows = []
+    for run in fig.runs:
+        path = os.path.join(out_dir, fig.id, run.name, RECORD)
+        try:
+            record = read_record(path)
+        except FileNotFoundError:
+            record = dict(status="missing", config=None)
+        except ValueError as e:
+            raise PaceLMError(f"{path} is not a readable record: {e}") from e
+        config = record.get("config")
+        line_keys = [k for k in (p["line"] or run.values) if k in run.values and k not in (p["x"], p["panel"], "seed")]
+        row = dict(run=run.name, status=record["status"], reference=p["x"] not in run.values,
+                   x=_get(config, p["x"]) if config else run.values.get(p["x"]),
+                   panel=_get(config, p["panel"]) if config and p["panel"] else run.values.get(p["panel"]),
+                   line=" ".join(_label(k, _get(config, k) if config else run.values[k]) for k in line_keys),
+                   value=None)
+        if record["status"] == "complete":
+            value = (record.get("summary") or {}).get(p["metric"])
+            if value is None:
+                raise PaceLMError(f"{path} has no summary.{p['metric']} (plot.metric of {fig.id})")
+            row["value"] = value
+        rows.append(row)
+    return rows
+
+
+def _get(config, key):
+    """A value of a resolved config by override key; a group stands for its choice (`optimizer.name`)."""
+    if key in GROUPS:
+        key = f"{key}.name"
+    node = config
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _label(key, value):
+    return str(value) if key in GROUPS else f"{SHORT.get(key, key.rsplit('.', 1)[-1])}={value}"
+
+
+def _cells(rows):
+    """{(panel, line): {x: [rows]}} in the order the spec lists them."""
+    cells = {}
+    for r in rows:
+        cells.setdefault((r["panel"], r["line"]), {}).setdefault(r["x"], []).append(r)
+    return cells
+
+
+def _summary(rows):
+    """(mean, std or None, n complete, n diverged) of one cell."""
+    values = [r["value"] for r in rows if r["value"] is not None]
+    diverged = sum(r["status"] == "diverged" for r in rows)
+    if not values:
+        return None, None, 0, diverged
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None, len(values), diverged
+
+
+def _xs(rows, fig):
+    xs = list(dict.fromkeys(r["x"] for r in rows if not r["reference"]))
+    return sorted(xs) if all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in xs) else xs
+
+
+def table(fig, rows):
+    """The figure as markdown: per panel, one row per line, one column per x; the best of a column in bold."""
+    out = []
+    for panel in dict.fromkeys(r["panel"] for r in rows):
+        prow = [r for r in rows if r["panel"] == panel]
+        xs = _xs(prow, fig)
+        if panel is not None:
+            out.append(f"**{fig.plot['panel']} = {panel}**\n")
+        out.append(f"| {fig.plot['metric']} | " + " | ".join(f"{_short(fig.plot['x'])}={x}" for x in xs) + " |")
+        out.append("|---|" + "---|" * len(xs))
+        cells = {line: c for (p, line), c in _cells(prow).items() if p == panel}
+        best = {x: min((_summary(c[x])[0] for c in cells.values() if x in c and _summary(c[x])[0] is not None),
+                       default=None) for x in xs}
+        for line, c in cells.items():
+            if all(r["reference"] for rs in c.values() for r in rs):  # no x of its own: the same in every column
+                ref = next(iter(c.values()))
+                texts = [_fmt(ref, None)] * len(xs)
+            else:
+                texts = [_fmt(c.get(x, []), best[x]) for x in xs]
+            out.append(f"| {line} | " + " | ".join(texts) + " |")
+        out.append("")
+    done = sum(r["status"] == "complete" for r in rows)
+    out.append(f"{done} of {len(rows)} runs complete" + "".join(
+        f", {n} {s}" for s in ("diverged", "running", "failed", "missing")
+        if (n := sum(r["status"] == s for r in rows))) + ".")
+    return "\n".join(out)
+
+
+def _short(key):
+    return key if key in GROUPS else SHORT.get(key, key.rsplit(".", 1)[-1])
+
+
+def _fmt(rows, best):
+    mean, std, n, diverged = _summary(rows)
+    if mean is None:
+        return "diverged" if diverged else MISSING
+    text = f"{mean:.4f}" + (f" ± {std:.4f} (n={n})" if std is not None else "")
+    text += f" ({diverged} diverged)" if diverged else ""
+    return f"**{text}**" if best is not None and math.isclose(mean, best) else text
+
+
+def plot(fig, rows, stem):
+    """Write `stem`.png and `stem`.svg: one panel per panel value, the metric against x, a line per line."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = list(dict.fromkeys(r["panel"] for r in rows))
+    fig_, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        prow = [r for r in rows if r["panel"] == panel]
+        xs = _xs(prow, fig)
+        numeric = all(isinstance(x, (int, float)) for x in xs)
+        lines = {line: c for (p, line), c in _cells(prow).items() if p == panel}
+        for k, (line, c) in enumerate(lines.items()):
+            color = f"C{k}"
+            if all(r["reference"] for rs in c.values() for r in rs):  # e.g. AdamW in a sweep of kappa
+                mean = _summary(next(iter(c.values())))[0]
+                if mean is not None:
+                    ax.axhline(mean, color=color, ls="--", lw=1.2, label=f"{line} (no {_short(fig.plot['x'])})")
+                continue
+            pts = [(x, _summary(c[x])) for x in xs if x in c]
+            done = [(x, s[0], s[1] or 0.0) for x, s in pts if s[0] is not None]
+            pos = (lambda x: x) if numeric else (lambda x, k=k: xs.index(x) + 0.08 * (k - (len(lines) - 1) / 2))
+            if done:
+                ax.errorbar([pos(x) for x, _, _ in done], [m for _, m, _ in done], yerr=[s for _, _, s in done],
+                            color=color, marker="o", ms=5, lw=1.6 if numeric else 0, capsize=3,
+                            elinewidth=1, label=line)
+            div = [x for x, s in pts if s[0] is None and s[3]]
+            if div:  # a diverged run has no loss: marked at the top edge
+                ax.plot([pos(x) for x in div], [1.0] * len(div), "x", color=color, ms=8, mew=2, clip_on=False,
+                        transform=ax.get_xaxis_transform(), label=f"{line}: diverged")
+        if numeric and fig.plot["logx"]:
+            ax.set_xscale("log")
+        if numeric:
+            ax.set_xticks(xs, [f"{x:g}" for x in xs])
+            ax.minorticks_off()
+        else:
+            ax.set_xticks(range(len(xs)), [str(x) for x in xs])
+        ax.set_xlabel(fig.plot["x"])
+        ax.set_ylabel(fig.plot["metric"].replace("_", " "))
+        ax.set_title(f"{fig.id}" + (f": {fig.plot['panel']} = {panel}" if panel is not None else ""))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig_.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(stem)), exist_ok=True)
+    paths = []
+    for ext, meta in (("png", {"Software": None}), ("svg", {"Date": None})):
+        paths.append(f"{stem}.{ext}")
+        fig_.savefig(paths[-1], dpi=150, metadata=meta)
+    plt.close(fig_)
+    return paths
+
+
+def plot_figure(fig, out_dir, plot_dir=None):
+    """Read the figure's records under out_dir; write its PNG, SVG and markdown table; return the table."""
+    rows = collect(fig, out_dir)
+    if not any(r["value"] is not None or r["status"] == "diverged" for r in rows):
+        raise PaceLMError(f"no finished runs of {fig.id} under {os.path.join(out_dir, fig.id)}: "
+                          f"train them first (pace-figure fig={fig.id} run=true)")
+    stem = os.path.join(plot_dir or os.path.join(out_dir, fig.id), fig.id)
+    text = table(fig, rows)
+    paths = plot(fig, rows, stem)
+    with open(f"{stem}.md", "w") as f:
+        f.write(f"{fig.description}\n\n{text}\n")
+    return text, [*paths, f"{stem}.md"]

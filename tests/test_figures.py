@@ -1,0 +1,203 @@
+"""Figure specs and pace-figure: every shipped run composes, the commands it prints, run=true and resume."""
+
+import json
+import os
+import shlex
+
+import pytest
+from omegaconf import OmegaConf
+
+import pace_lm.figures as figures
+from conftest import run_cli
+from pace_lm import PaceLMError
+from pace_lm.config import compose
+from pace_lm.figures import build_config, expand, list_figures, load_figure, run_figure, run_name
+from pace_lm.plots import _get
+
+# training kept to a couple of steps of the tiny model: these tests check the sweep, not the loss
+QUICK = ["training.max_steps=2", "training.batch_size=4", "training.micro_batch_size=4", "training.eval_interval=2",
+         "training.eval_batches=1", "training.log_interval=1", "training.save_model=false",
+         "training.progress=false", "training.pad_to=longest", "training.device=cpu"]
+
+
+@pytest.mark.parametrize("fig_id", list_figures())
+def test_every_run_of_every_figure_composes_into_a_valid_config(fig_id, tmp_path):
+    """The paper-scale figures cannot train here; their configs are checked down to the resolved values."""
+    fig = load_figure(fig_id)
+    assert fig.description and fig.hardware and fig.runs
+    for run in fig.runs:
+        cfg = build_config(fig, run, str(tmp_path))  # composes, resolves and runs pace-train's checks
+        container = OmegaConf.to_container(cfg)
+        assert cfg.run_name == run.name and cfg.training.out_dir == os.path.join(str(tmp_path), fig_id)
+        for key, value in run.values.items():  # the run is what its name says
+            assert _get(container, key) == value, (run.name, key)
+        if cfg.model.source == "pretrained":
+            assert cfg.model.pretrained
+    # the plot's keys are swept: x by some run, a line key by some run, and the metric is a summary key
+    assert any(fig.plot["x"] in run.values for run in fig.runs)
+    assert all(any(k in run.values for run in fig.runs) for k in fig.plot["line"] or [])
+    assert fig.plot["metric"] == "final_val_loss"
+
+
+def test_fig1_is_the_papers_nine_runs():
+    fig = load_figure("fig1")
+    assert len(fig.runs) == 9
+    want = {"smollm2_1.7b": (1e-3, 0.15, 0.2), "qwen3_1.7b": (5e-4, 0.25, 0.5), "gemma3_1b": (1e-3, 0.15, 0.5)}
+    for model, (lr, c, kappa) in want.items():
+        cfgs = {r.values["optimizer"]: build_config(fig, r, "runs") for r in fig.runs if r.values["model"] == model}
+        assert set(cfgs) == {"adamw", "ema", "pace"}
+        pace, ema, adamw = cfgs["pace"].optimizer, cfgs["ema"].optimizer, cfgs["adamw"].optimizer
+        assert (pace.lr, pace.lambda_pullback, pace.ema_kappa) == (lr, c, kappa)
+        assert (ema.lr, ema.lambda_pullback, ema.ema_kappa, ema.use_ema_eval) == (lr, 0.0, kappa, True)
+        assert (adamw.lr, adamw.lambda_pullback, adamw.use_ema_eval) == (lr, 0.0, False)
+        for cfg in cfgs.values():
+            assert cfg.schedule.name == "cos" and cfg.dataset.name == "smoltalk"
+            assert cfg.dataset.path == f"data/smoltalk_{model}"  # each model reads its own token ids
+
+
+def test_grid_expansion_and_run_names():
+    runs = expand({"optimizer": ["ema", "pace"], "optimizer.lr": [1e-3, 3e-3], "optimizer.betas": [[0.9, 0.95]]})
+    assert [(r["optimizer"], r["optimizer.lr"]) for r in runs] == [("ema", 1e-3), ("ema", 3e-3), ("pace", 1e-3),
+                                                                   ("pace", 3e-3)]
+    assert all(r["optimizer.betas"] == [0.9, 0.95] for r in runs)  # a nested list is one value, not a sweep
+    assert run_name({"optimizer": "pace", "optimizer.lr": 0.003, "optimizer.lambda_pullback": 0.15,
+                     "optimizer.ema_kappa": 0.2, "seed": 1}) == "pace_lr0.003_c0.15_kappa0.2_seed1"
+    assert figures.override("optimizer.betas", [0.9, 0.95]) == "optimizer.betas=[0.9,0.95]"
+    assert figures.override("training.compile_model", True) == "training.compile_model=true"
+
+
+def test_pace_figure_list(tmp_path):
+    proc = run_cli(["pace-figure", "fig=list"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert [line.split()[0] for line in lines] == list_figures()
+    for line in lines:
+        fig = load_figure(line.split()[0])
+        assert f"{len(fig.runs)} runs" in line and fig.description in line
+    assert {"demo", "fig1", "fig3_135m_grid", "gpt2_lr", "gpt2_schedule", "robust_lr", "robust_schedule",
+            "robust_kappa", "robust_c"} <= set(list_figures())
+
+
+def test_printed_commands_are_exactly_the_runs(tmp_path):
+    """Each printed line, split as a shell would, composes into the config the figure trains."""
+    proc = run_cli(["pace-figure", "fig=fig1"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    commands = [line for line in proc.stdout.splitlines() if not line.startswith("#")]
+    fig = load_figure("fig1")
+    assert len(commands) == 9 and sum("pace-data --tokenizer" in line for line in proc.stdout.splitlines()) == 3
+    assert {cmd.split("model=")[1].split()[0] for cmd in commands} == {"smollm2_1.7b", "qwen3_1.7b", "gemma3_1b"}
+    for cmd, run in zip(commands, fig.runs):
+        argv = shlex.split(cmd)
+        assert argv[0] == "pace-train"
+        cfg = compose(argv[1:])
+        OmegaConf.resolve(cfg)
+        want = build_config(fig, run, "runs/figures")
+        assert OmegaConf.to_container(cfg) == OmegaConf.to_container(want)
+
+
+def _spec(tmp_path, monkeypatch, text, name="mini"):
+    """A figure spec of the test's own, in a figures folder of its own."""
+    folder = tmp_path / "figures"
+    folder.mkdir(exist_ok=True)
+    (folder / f"{name}.yaml").write_text(text)
+    monkeypatch.setattr(figures, "FIG_DIR", str(folder))
+    return name
+
+
+MINI = """
+description: three methods, two steps
+hardware: a CPU
+plot: {x: optimizer.lr, line: [optimizer]}
+runs:
+  - optimizer: [adamw, ema, pace]
+    optimizer.lr: 1e-3
+"""
+
+
+def test_run_trains_each_run_and_resumes(tmp_path, monkeypatch, offline_data):
+    fig = load_figure(_spec(tmp_path, monkeypatch, MINI))
+    out, logs = str(tmp_path / "runs"), []
+    status = run_figure(fig, out, data=str(offline_data), extra=QUICK, log=logs.append)
+    assert status == {"adamw_lr0.001": "complete", "ema_lr0.001": "complete", "pace_lr0.001": "complete"}
+    assert [line.split(": ", 1)[1].split(",")[0] for line in logs] == ["training", "complete"] * 3
+    paths = {r: os.path.join(out, "mini", r, "record.json") for r in status}
+    records = {r: json.loads(open(p).read()) for r, p in paths.items()}
+    assert all(rec["config"]["run_name"] == r and rec["summary"]["steps"] == 2 for r, rec in records.items())
+
+    # interrupted: the second run was still running, the third never started
+    kept_bytes = open(paths["adamw_lr0.001"], "rb").read()
+    records["ema_lr0.001"]["status"] = "running"
+    with open(paths["ema_lr0.001"], "w") as f:
+        json.dump(records["ema_lr0.001"], f)
+    os.remove(paths["pace_lr0.001"])
+    logs.clear()
+    status = run_figure(fig, out, data=str(offline_data), extra=QUICK, log=logs.append)
+    assert set(status.values()) == {"complete"}
+    assert logs[0] == "[1/3] mini/adamw_lr0.001: complete, kept, final_val_loss " \
+                      f"{records['adamw_lr0.001']['summary']['final_val_loss']:.4f}"
+    assert logs[1] == "[2/3] mini/ema_lr0.001: training (again: the record was running)"
+    assert logs[3] == "[3/3] mini/pace_lr0.001: training"
+    assert open(paths["adamw_lr0.001"], "rb").read() == kept_bytes  # a complete run is not touched
+    assert json.loads(open(paths["ema_lr0.001"]).read())["status"] == "complete"
+
+    # the same sweep with another config does not silently keep the old runs
+    with pytest.raises(PaceLMError, match=r"is a complete run of another config \(differs in training.max_steps\)"):
+        run_figure(fig, out, data=str(offline_data), extra=[*QUICK, "training.max_steps=3"], log=logs.append)
+
+
+def test_a_diverged_run_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch, offline_data):
+    fig = load_figure(_spec(tmp_path, monkeypatch, MINI.replace("optimizer.lr: 1e-3", "optimizer.lr: [1e-3, 1e6]")
+                            .replace("[adamw, ema, pace]", "pace")))
+    out, logs = str(tmp_path / "runs"), []
+    status = run_figure(fig, out, data=str(offline_data), extra=[*QUICK, "training.max_steps=4"], log=logs.append)
+    assert status == {"pace_lr0.001": "complete", "pace_lr1000000.0": "diverged"}
+    record = json.loads((tmp_path / "runs" / "mini" / "pace_lr1000000.0" / "record.json").read_text())
+    assert record["status"] == "diverged" and "non-finite" in record["error"]
+    logs.clear()
+    run_figure(fig, out, data=str(offline_data), extra=[*QUICK, "training.max_steps=4"], log=logs.append)
+    assert logs[0].startswith("[1/2] mini/pace_lr0.001: complete, kept")
+    assert logs[1] == "[2/2] mini/pace_lr1000000.0: diverged, kept"  # an outcome, not trained again
+
+
+@pytest.mark.parametrize("text, message", [
+    ("description: x\nhardware: y\nplot: {x: optimizer.lr}\nruns: []\n", "no runs"),
+    ("description: x\nhardware: y\nplot: {x: optimizer.lr}\nrun: [{optimizer: pace}]\n", "unknown keys \\['run'\\]"),
+    ("description: x\nhardware: y\nplot: {y: 1}\nruns: [{optimizer: pace}]\n", "plot needs x"),
+    ("description: x\nhardware: y\nplot: {x: optimizer.lr}\nruns: [{optimizer: pace}, {optimizer: pace}]\n",
+     "runs with the same name \\['pace'\\]"),
+])
+def test_malformed_specs_are_one_clear_error(tmp_path, monkeypatch, text, message):
+    with pytest.raises(PaceLMError, match=message):
+        load_figure(_spec(tmp_path, monkeypatch, text))
+
+
+def test_pace_figure_bad_input(tmp_path):
+    for args, message in [
+        (["fig=nope"], "unknown figure 'nope'; known: demo, fig1"),
+        (["fig=demo", "run=maybe"], "run='maybe' must be true or false"),
+        (["fig=demo", "oops"], "'oops' is not key=value"),
+        (["fig=demo", "run_name=x"], "run_name is set by pace-figure"),
+        (["fig=demo", "only=nothing*"], "only='nothing*' matches none of the runs of demo"),
+        (["fig=fig1", "data=somewhere"], "fig1 reads its data from data/smoltalk_${model.name}"),
+        (["fig=demo", "training.no_such_key=1"], "no_such_key"),
+        (["fig=demo", "plot=true"], "no finished runs of demo under runs/figures/demo"),
+    ]:
+        proc = run_cli(["pace-figure", *args], cwd=tmp_path)
+        assert proc.returncode == 2, (args, proc.stdout, proc.stderr)
+        assert proc.stderr.startswith("pace-figure: error: ") and message in proc.stderr, (args, proc.stderr)
+        assert "Traceback" not in proc.stderr
+    assert os.listdir(tmp_path) == []  # nothing written
+
+
+def test_pace_figure_run_and_plot_from_the_command_line(tmp_path, offline_data):
+    """run=true plot=true as a user types it: progress lines, records, then the plot files and table."""
+    proc = run_cli(["pace-figure", "fig=demo", "run=true", "plot=true", "only=*lr0.001", f"data={offline_data}",
+                    *QUICK], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for i, method in enumerate(["adamw", "ema", "pace"], 1):
+        assert f"[{i}/3] demo/{method}_lr0.001: training" in proc.stdout
+        assert (tmp_path / "runs" / "figures" / "demo" / f"{method}_lr0.001" / "record.json").exists()
+    assert "pace-figure: demo: 3 complete; records under runs/figures/demo" in proc.stdout
+    assert "3 of 9 runs complete, 6 missing." in proc.stdout
+    for ext in ("png", "svg", "md"):
+        assert (tmp_path / "runs" / "figures" / "demo" / f"demo.{ext}").stat().st_size > 0

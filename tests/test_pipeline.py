@@ -1,0 +1,70 @@
+"""The reproduction test: one cell of the offline demo figure, walked step by step by import, against the
+record this project committed (tests/fixtures/results/demo/, made by `pace-figure fig=demo run=true`).
+
+    prepare the data -> read the figure spec, pick the run -> build its config from the shipped yaml -> train
+
+Default: a few steps of that run, checked for a sane loss. With PACE_TEST_FULL=1: the whole run (about a
+minute on 2 CPU cores), whose final_val_loss must match the reference within PACE_REPRO_TOL (default 0:
+on CPU, with the same torch, the run reproduces exactly; on other hardware set a tolerance, e.g. 1e-3).
+"""
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+
+from pace_lm.figures import build_config, config_diff, load_figure
+from pace_lm.records import read_record, strip_timing
+from pace_lm.train import train
+
+FULL = os.environ.get("PACE_TEST_FULL") == "1"
+TOL = float(os.environ.get("PACE_REPRO_TOL", "0"))
+CELL = "pace_lr0.003"
+REFERENCE = Path(__file__).parent / "fixtures" / "results" / "demo" / CELL / "record.json"
+QUICK = {"training.max_steps": 8, "training.eval_interval": 4, "training.log_interval": 2}
+WHERE = {"dataset.path", "training.out_dir"}  # where things are on this machine: not part of the run
+
+
+def test_reproduce_a_cell_of_the_demo_figure(tmp_path, offline_data):
+    reference = read_record(REFERENCE)
+    assert reference["status"] == "complete"
+
+    # 1. the data, prepared by pace-data as the demo prepares them: the same corpus, split and tokens
+    meta = json.loads((offline_data / "meta.json").read_text())
+    for key in ("corpus_sha256", "counts", "vocab_size", "max_seq_len", "seed"):
+        assert meta[key] == reference["data"][key], f"the prepared data differ from the reference's in {key}"
+
+    # 2. the figure spec, and the run of it that the reference is
+    fig = load_figure("demo")
+    run = next(r for r in fig.runs if r.name == CELL)
+
+    # 3. its config, composed from the shipped yaml: the reference's, but for paths (and length, if quick)
+    extra = [] if FULL else [f"{k}={v}" for k, v in QUICK.items()]
+    cfg = build_config(fig, run, str(tmp_path), data=str(offline_data), extra=extra)
+    assert set(config_diff(reference["config"], cfg)) - WHERE == (set() if FULL else set(QUICK))
+
+    # 4. train it
+    record = train(cfg)
+    s, ref = record["summary"], reference["summary"]
+    assert record["status"] == "complete" and s["returned"] == "ema"
+    if not FULL:  # a few steps: an untrained model starts near ln(vocab) and the loss goes down
+        first, last = record["step_logs"][0]["loss"], record["step_logs"][-1]["loss"]
+        assert abs(first - math.log(meta["vocab_size"])) < 0.5, first
+        assert last < first and s["final_val_loss"] < first and math.isfinite(s["final_val_loss"])
+        return
+
+    diff = abs(s["final_val_loss"] - ref["final_val_loss"])
+    print(f"reproduced final_val_loss {s['final_val_loss']!r}, reference {ref['final_val_loss']!r}, "
+          f"difference {diff:.3g} (PACE_REPRO_TOL={TOL})")
+    assert diff <= TOL, (f"final_val_loss {s['final_val_loss']} differs from the reference "
+                         f"{ref['final_val_loss']} by {diff:.3g} > PACE_REPRO_TOL={TOL}")
+    assert [e["step"] for e in record["step_logs"]] == [e["step"] for e in reference["step_logs"]]
+    for mine, theirs in zip(record["step_logs"] + record["eval_logs"], reference["step_logs"] + reference["eval_logs"]):
+        for key in ("loss", "val_loss", "ema_val_loss", "vanilla_val_loss"):
+            if key in theirs:
+                assert abs(mine[key] - theirs[key]) <= TOL, (mine["step"], key, mine[key], theirs[key])
+    if TOL == 0:  # exact: every logged number, not just the last
+        keep = ("step_logs", "eval_logs")
+        assert strip_timing({k: record[k] for k in keep}) == strip_timing({k: reference[k] for k in keep})

@@ -1,0 +1,120 @@
+"""pace-figure plot=true: the figure and its table from run records alone (the committed demo records)."""
+
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import pace_lm.figures as figures
+from pace_lm import PaceLMError
+from pace_lm.figures import load_figure
+from pace_lm.plots import plot_figure
+from pace_lm.records import read_record
+
+FIXTURES = Path(__file__).parent / "fixtures" / "results"
+README = Path(__file__).parent.parent / "README.md"
+
+
+def table_cells(text):
+    """{line label: [cell texts]} of a markdown table (the first panel's)."""
+    rows = [r for r in text.splitlines() if r.startswith("| ") and not r.startswith("| final_val_loss")]
+    return {r.split(" | ")[0][2:]: [c.strip() for c in r.strip("| ").split(" | ")[1:]] for r in rows}
+
+
+def test_demo_figure_from_the_committed_records(tmp_path):
+    fig = load_figure("demo")
+    text, paths = plot_figure(fig, str(FIXTURES), str(tmp_path))
+    assert [os.path.basename(p) for p in paths] == ["demo.png", "demo.svg", "demo.md"]
+    assert (tmp_path / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "<svg" in (tmp_path / "demo.svg").read_text()
+    assert text in (tmp_path / "demo.md").read_text()
+    assert "9 of 9 runs complete." in text
+
+    lrs = sorted({r.values["optimizer.lr"] for r in fig.runs})
+    assert text.splitlines()[0] == "| final_val_loss | " + " | ".join(f"lr={lr}" for lr in lrs) + " |"
+    cells = table_cells(text)
+    assert list(cells) == ["adamw", "ema", "pace"]
+    values = {(r.values["optimizer"], r.values["optimizer.lr"]):
+              read_record(FIXTURES / "demo" / r.name / "record.json")["summary"]["final_val_loss"] for r in fig.runs}
+    for method, row in cells.items():
+        for lr, cell in zip(lrs, row):
+            value = values[method, lr]
+            best = min(v for (m, x), v in values.items() if x == lr)
+            assert cell == (f"**{value:.4f}**" if value == best else f"{value:.4f}"), (method, lr)
+
+
+def test_the_readme_shows_the_demo_table_as_the_command_prints_it(tmp_path):
+    text, _ = plot_figure(load_figure("demo"), str(FIXTURES), str(tmp_path))
+    assert text in README.read_text(), "README's demo table differs from `pace-figure fig=demo plot=true`"
+    assert "docs/figures/demo.png" in README.read_text() and (README.parent / "docs/figures/demo.png").exists()
+
+
+def test_plotting_never_loads_the_training_code(tmp_path):
+    code = ("import sys; from pace_lm.figures import load_figure; from pace_lm.plots import plot_figure; "
+            f"plot_figure(load_figure('demo'), {str(FIXTURES)!r}, {str(tmp_path)!r}); "
+            "print(sorted(m for m in ('pace_lm.train', 'transformers', 'datasets') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
+def test_missing_running_and_diverged_runs(tmp_path):
+    shutil.copytree(FIXTURES / "demo", tmp_path / "demo")
+    shutil.rmtree(tmp_path / "demo" / "adamw_lr0.01")
+    for run, status in (("ema_lr0.01", "diverged"), ("pace_lr0.01", "running")):
+        path = tmp_path / "demo" / run / "record.json"
+        record = json.loads(path.read_text())
+        record.update(status=status, summary={})
+        path.write_text(json.dumps(record))
+    text, _ = plot_figure(load_figure("demo"), str(tmp_path), str(tmp_path / "plot"))
+    cells = table_cells(text)
+    assert [cells[m][-1] for m in ("adamw", "ema", "pace")] == ["–", "diverged", "–"]
+    assert text.endswith("6 of 9 runs complete, 1 diverged, 1 running, 1 missing.")
+    assert (tmp_path / "plot" / "demo.png").exists()
+
+
+SEEDS = """
+description: seeds and a reference line
+hardware: none
+plot: {x: optimizer.ema_kappa, line: [optimizer]}
+runs:
+  - optimizer: adamw
+    seed: [0, 1]
+  - optimizer: pace
+    optimizer.ema_kappa: [0.2, 0.5]
+    seed: [0, 1, 2]
+"""
+
+
+def test_seeds_are_averaged_and_a_run_without_x_is_a_reference(tmp_path, monkeypatch):
+    (tmp_path / "figures").mkdir()
+    (tmp_path / "figures" / "seeds.yaml").write_text(SEEDS)
+    monkeypatch.setattr(figures, "FIG_DIR", str(tmp_path / "figures"))
+    fig = load_figure("seeds")
+    values = {}
+    for i, run in enumerate(fig.runs):  # records with just what a plot reads
+        kappa = run.values.get("optimizer.ema_kappa")
+        config = dict(seed=run.values["seed"], optimizer=dict(name=run.values["optimizer"], ema_kappa=kappa))
+        values[run.name] = 3.0 + 0.1 * i
+        (tmp_path / "runs" / "seeds" / run.name).mkdir(parents=True)
+        (tmp_path / "runs" / "seeds" / run.name / "record.json").write_text(json.dumps(
+            dict(status="complete", config=config, summary=dict(final_val_loss=values[run.name]))))
+    text, _ = plot_figure(fig, str(tmp_path / "runs"), str(tmp_path / "plot"))
+    cells = table_cells(text)
+    adamw = statistics.fmean([values["adamw_seed0"], values["adamw_seed1"]])
+    adamw_std = statistics.stdev([values["adamw_seed0"], values["adamw_seed1"]])
+    assert cells["adamw"] == [f"{adamw:.4f} ± {adamw_std:.4f} (n=2)"] * 2  # the same in every column
+    for kappa, cell in zip([0.2, 0.5], cells["pace"]):
+        vs = [values[f"pace_kappa{kappa}_seed{s}"] for s in range(3)]
+        assert cell.strip("*") == f"{statistics.fmean(vs):.4f} ± {statistics.stdev(vs):.4f} (n=3)"
+
+
+def test_no_records_is_a_clear_error(tmp_path):
+    with pytest.raises(PaceLMError, match="no finished runs of demo under .*: train them first"):
+        plot_figure(load_figure("demo"), str(tmp_path), str(tmp_path))
+    assert os.listdir(tmp_path) == []
