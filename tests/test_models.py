@@ -97,3 +97,28 @@ def test_sft_of_the_real_smollm2_from_gguf(tmp_path, offline_data):
 def test_missing_package_for_a_gguf_model_is_a_clear_error():
     with pytest.raises(PaceLMError, match="package 'no_such_package_xyz' is not installed"):
         package_dir("no_such_package_xyz")
+
+
+def test_a_pretrained_model_refuses_data_in_another_tokenizers_ids(offline_tokenizer, tmp_path):
+    """A local checkpoint (a tiny Llama saved with the offline tokenizer) against data of other ids."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    build_model(compose().model, offline_tokenizer).save_pretrained(tmp_path / "ckpt")
+    offline_tokenizer.save_pretrained(tmp_path / "ckpt")
+    cfg = compose(["model=smollm2_135m", f"model.pretrained={tmp_path}/ckpt"]).model
+    assert build_model(cfg, offline_tokenizer).get_input_embeddings().num_embeddings == len(offline_tokenizer)
+
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel()
+    bpe.train_from_iterator(["some other text, tokenized some other way"] * 10,
+                            trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>"]))
+    other = PreTrainedTokenizerFast(tokenizer_object=bpe)
+    with pytest.raises(PaceLMError, match="the data were tokenized with another tokenizer than the one of model "
+                                          "'smollm2_135m' .* prepare dataset.path with `pace-data --tokenizer"):
+        build_model(cfg, other)
+
+    for f in os.listdir(tmp_path / "ckpt"):  # weights saved without a tokenizer: nothing to check against
+        if f.startswith(("tokenizer", "special_tokens", "chat_template")):
+            os.remove(tmp_path / "ckpt" / f)
+    with pytest.warns(UserWarning, match="the data's token ids are not checked"):
+        build_model(cfg, offline_tokenizer)
