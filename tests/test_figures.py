@@ -64,6 +64,8 @@ def test_grid_expansion_and_run_names():
                      "optimizer.ema_kappa": 0.2, "seed": 1}) == "pace_lr0.003_c0.15_kappa0.2_seed1"
     assert figures.override("optimizer.betas", [0.9, 0.95]) == "optimizer.betas=[0.9,0.95]"
     assert figures.override("training.compile_model", True) == "training.compile_model=true"
+    for path in ("/data/my runs/x", "it's,odd", "a=b", "plain/path"):  # Hydra reads back the same string
+        assert compose([figures.override("dataset.path", path)]).dataset.path == path
 
 
 def test_pace_figure_list(tmp_path):
@@ -165,6 +167,8 @@ def test_a_diverged_run_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch,
     ("description: x\nhardware: y\nplot: {y: 1}\nruns: [{optimizer: pace}]\n", "plot needs x"),
     ("description: x\nhardware: y\nplot: {x: optimizer.lr}\nruns: [{optimizer: pace}, {optimizer: pace}]\n",
      "runs with the same name \\['pace'\\]"),
+    ("description: x\nplot: {x: optimizer.lr}\nruns: {optimizer: pace}\n", "runs a list of them"),
+    ("hardware: y\nplot: {x: optimizer.lr}\nruns: [{optimizer: pace}]\n", "no description"),
 ])
 def test_malformed_specs_are_one_clear_error(tmp_path, monkeypatch, text, message):
     with pytest.raises(PaceLMError, match=message):

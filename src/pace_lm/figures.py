@@ -19,6 +19,7 @@ and its record is `<out_dir>/<figure>/<run name>/record.json`.
 import fnmatch
 import itertools
 import os
+import re
 import shlex
 import time
 from dataclasses import dataclass, field
@@ -36,7 +37,7 @@ PLOT_KEYS = {"x", "logx", "line", "panel", "metric"}
 SHORT = {"optimizer.lr": "lr", "optimizer.lambda_pullback": "c", "optimizer.ema_kappa": "kappa"}
 FINAL = ("complete", "diverged")  # the outcomes a resumed sweep keeps
 # keys of a record's config that may differ from the sweep's without it being another run
-NOT_COMPARED = ("training.progress", "training.overwrite", "logging.")
+NOT_COMPARED = ("training.progress", "training.overwrite", "training.save_model", "logging.")
 
 
 @dataclass
@@ -70,12 +71,17 @@ def load_figure(fig_id):
     unknown = set(spec) - SPEC_KEYS
     if unknown:
         raise PaceLMError(f"{where}: unknown keys {sorted(unknown)}; known: {sorted(SPEC_KEYS)}")
+    if not spec.get("description"):
+        raise PaceLMError(f"{where}: no description (one line, for fig=list)")
     plot = {**dict(logx=False, line=None, panel=None, metric="final_val_loss"), **(spec.get("plot") or {})}
     if set(plot) - PLOT_KEYS or "x" not in plot:
         raise PaceLMError(f"{where}: plot needs x and takes only {sorted(PLOT_KEYS)}")
-    common = [override(k, v) for k, v in (spec.get("common") or {}).items()]
+    entries, common = spec.get("runs") or [], spec.get("common") or {}
+    if not isinstance(common, dict) or not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise PaceLMError(f"{where}: common must be a mapping of overrides and runs a list of them")
+    common = [override(k, v) for k, v in common.items()]
     runs = []
-    for entry in spec.get("runs") or []:
+    for entry in entries:
         for values in expand(entry):
             name = run_name(values)
             runs.append(Run(name, values, common + [override(k, v) for k, v in values.items()]))
@@ -85,7 +91,7 @@ def load_figure(fig_id):
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise PaceLMError(f"{where}: runs with the same name {dupes}: two entries give the same values")
-    return Figure(fig_id, spec.get("description", ""), spec.get("hardware", ""), spec.get("prepare") or [],
+    return Figure(fig_id, spec["description"], spec.get("hardware", "not stated"), spec.get("prepare") or [],
                   plot, runs)
 
 
@@ -108,6 +114,8 @@ def _hydra_value(v):
         return "null"
     if isinstance(v, list):
         return "[" + ",".join(_hydra_value(x) for x in v) + "]"
+    if isinstance(v, str) and "${" not in v and re.search(r"""[\s,\[\](){}='"\\]""", v):
+        return "'" + v.replace("\\", "\\\\").replace("'", "\\'") + "'"  # Hydra's quoted string
     return str(v)
 
 
@@ -115,14 +123,14 @@ def run_name(values):
     """A folder name from a run's values: groups by their choice, other keys by a short name."""
     parts = []
     for key, v in values.items():
-        text = _hydra_value(v).replace("/", "-").replace(",", "-").strip("[]")
+        text = re.sub(r"[^\w.+-]+", "-", _hydra_value(v)).strip("-")
         parts.append(text if key in GROUPS else f"{SHORT.get(key, key.rsplit('.', 1)[-1])}{text}")
     return "_".join(parts)
 
 
 def run_overrides(fig, run, out_dir, data=None, extra=()):
     """Every override of one run, ending with where its record goes."""
-    data_override = [f"dataset.path={data}"] if data else []
+    data_override = [override("dataset.path", data)] if data else []
     return [*run.overrides, *data_override, *extra, f"training.out_dir={os.path.join(out_dir, fig.id)}",
             f"run_name={run.name}"]
 
@@ -161,7 +169,7 @@ def config_diff(recorded, cfg):
     """Dotted keys whose values differ between a record's config and `cfg`.
 
     Only keys both have are compared (a key added to pace-train after the record was written is not a
-    difference), and not the NOT_COMPARED ones, which change how a run is shown, not what it computes.
+    difference), and not the NOT_COMPARED ones, which change how a run is shown or kept, not what it computes.
     """
     a, b = _flatten(recorded), _flatten(OmegaConf.to_container(cfg, resolve=True))
     return sorted(k for k in set(a) & set(b) if a[k] != b[k] and not k.startswith(NOT_COMPARED))
