@@ -71,6 +71,9 @@ def worker(rank, port, kind, impl, out):
         result = dict(params=[full(p.detach()) for p in params], emas=[full(e) for e in emas], returned=returned)
         if rank == 0:
             torch.save(result, out)
+        # every rank leaves its last collective before any rank tears gloo down: a rank that exits while
+        # its peer still has gloo work in flight can abort ("terminate called without an active exception")
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
