@@ -18,7 +18,7 @@ from pace_lm.train import batch_loss, evaluate, train
 
 SUMMARY_KEYS = {"final_val_loss", "val_loss", "ema_val_loss", "vanilla_val_loss", "final_train_loss", "returned",
                 "tokens_seen", "trained_tokens", "wall_time_s", "train_time_s", "tokens_per_s", "environment",
-                "first_step_time_s", "steady_tokens_per_s",
+                "first_step_time_s", "steady_tokens_per_s", "schedulefree_val_loss", "lawa_val_loss", "swa_val_loss",
                 "model_dir", "steps", "num_params"}
 
 

@@ -8,7 +8,8 @@ A spec states only what differs from pace-train's defaults:
     plot:        {x: the swept key on the x axis, logx: bool, line: [keys], panel: key or null,
                   metric: a summary key (default final_val_loss)}
     common:      {override key: value} for every run
-    runs:        [{override key: value or [values]}]: each entry is a grid, its lists swept (their product)
+    runs:        [{override key: value or [values]}]: each entry is a grid, its lists swept (their product);
+                 an entry's `with: {override key: value}` applies to its runs without naming them
 
 Keys are pace-train override keys: a config group (`optimizer: pace`) or a dotted value
 (`optimizer.lr: 1e-3`). A list value is swept; a value that is itself a list is written nested
@@ -33,7 +34,7 @@ from pace_lm.records import RECORD, read_record
 FIG_DIR = os.path.join(CONF_DIR, "figures")
 GROUPS = ("model", "dataset", "optimizer", "schedule")  # pace-train's config groups
 SPEC_KEYS = {"description", "hardware", "prepare", "plot", "common", "runs"}
-PLOT_KEYS = {"x", "logx", "line", "panel", "metric"}
+PLOT_KEYS = {"x", "logx", "line", "panel", "metric", "split"}
 SHORT = {"optimizer.lr": "lr", "optimizer.lambda_pullback": "c", "optimizer.ema_kappa": "kappa"}
 FINAL = ("complete", "diverged")  # the outcomes a resumed sweep keeps
 # keys of a record's config that may differ from the sweep's without it being another run
@@ -73,7 +74,7 @@ def load_figure(fig_id):
         raise PaceLMError(f"{where}: unknown keys {sorted(unknown)}; known: {sorted(SPEC_KEYS)}")
     if not spec.get("description"):
         raise PaceLMError(f"{where}: no description (one line, for fig=list)")
-    plot = {**dict(logx=False, line=None, panel=None, metric="final_val_loss"), **(spec.get("plot") or {})}
+    plot = {**dict(logx=False, line=None, panel=None, metric="final_val_loss", split={}), **(spec.get("plot") or {})}
     if set(plot) - PLOT_KEYS or "x" not in plot:
         raise PaceLMError(f"{where}: plot needs x and takes only {sorted(PLOT_KEYS)}")
     entries, common = spec.get("runs") or [], spec.get("common") or {}
@@ -82,9 +83,10 @@ def load_figure(fig_id):
     common = [override(k, v) for k, v in common.items()]
     runs = []
     for entry in entries:
+        fixed = [override(k, v) for k, v in (entry.pop("with", None) or {}).items()]
         for values in expand(entry):
             name = run_name(values)
-            runs.append(Run(name, values, common + [override(k, v) for k, v in values.items()]))
+            runs.append(Run(name, values, common + fixed + [override(k, v) for k, v in values.items()]))
     if not runs:
         raise PaceLMError(f"{where}: no runs")
     names = [r.name for r in runs]

@@ -1,12 +1,16 @@
-"""How the step is taken: the optimizer registry (adamw | ema | pace) and the lr schedules.
+"""How the step is taken: the optimizer registry and the lr schedules.
 
-All three methods are `pace.PACE` with different arguments, so they share one exact, tested update:
-  adamw  AdamW; the final iterate is returned            (lambda_pullback=0, use_ema_eval=False)
-  ema    AdamW; its EMA is returned (the EMA baseline)    (lambda_pullback=0, use_ema_eval=True)
-  pace   AdamW + pull toward the EMA; the EMA is returned (lambda_pullback>0, use_ema_eval=True)
+Five of the methods are `pace.PACE` with different arguments, so they share one exact, tested update;
+they differ in what it fixes and in the model the run returns:
+  adamw         AdamW; the final iterate is returned            (lambda_pullback=0, use_ema_eval=False)
+  ema           AdamW; its EMA is returned (the EMA baseline)    (lambda_pullback=0, use_ema_eval=True)
+  pace          AdamW + pull toward the EMA; the EMA is returned (lambda_pullback>0, use_ema_eval=True)
+  lawa, swa     AdamW; the LAWA / SWA average is returned        (as adamw; see pace_lm.averaging)
+  schedulefree  schedulefree.AdamWScheduleFree; its average (eval mode) is returned
 """
 
 import math
+from dataclasses import dataclass, field
 
 import torch
 
@@ -15,25 +19,42 @@ from pace_lm import PaceLMError
 
 PACE_ARGS = ("lr", "betas", "eps", "weight_decay", "lambda_pullback", "clamp_pullback", "beta_ema",
              "use_ema_eval", "ema_kappa", "ema_rho", "ema_gamma", "ema_update_freq", "log_stats", "ema_dtype")
-OPTIMIZERS = {  # name -> the arguments that define the method; an override that contradicts them is an error
-    "adamw": dict(lambda_pullback=lambda c: c == 0, use_ema_eval=lambda e: e is False),
-    "ema": dict(lambda_pullback=lambda c: c == 0, use_ema_eval=lambda e: e is True),
-    "pace": dict(lambda_pullback=lambda c: c > 0, use_ema_eval=lambda e: e is True),
+SCHEDULEFREE_ARGS = ("lr", "betas", "eps", "weight_decay", "warmup_steps", "r", "weight_lr_power")
+
+
+@dataclass(frozen=True)
+class Method:
+    returned: str              # final_iterate | ema | lawa | swa | schedulefree: what the run returns
+    fixed: dict = field(default_factory=dict)  # arguments the method fixes: an override against them errs
+
+
+_ADAMW = dict(lambda_pullback=lambda c: c == 0, use_ema_eval=lambda e: e is False)
+OPTIMIZERS = {
+    "adamw": Method("final_iterate", _ADAMW),
+    "ema": Method("ema", dict(lambda_pullback=lambda c: c == 0, use_ema_eval=lambda e: e is True)),
+    "pace": Method("ema", dict(lambda_pullback=lambda c: c > 0, use_ema_eval=lambda e: e is True)),
+    "lawa": Method("lawa", _ADAMW),
+    "swa": Method("swa", _ADAMW),
+    "schedulefree": Method("schedulefree"),
 }
 
 
 def get_method(name):
-    """The defining arguments of optimizer `name`; an unknown name is an error listing the known ones."""
+    """The method `name`; an unknown name is an error listing the known ones."""
     if name not in OPTIMIZERS:
         raise PaceLMError(f"unknown optimizer {name!r}; known: {', '.join(OPTIMIZERS)}")
     return OPTIMIZERS[name]
 
 
 def optimizer_kwargs(cfg, device):
-    """pace.PACE's keyword arguments for the `optimizer` config; contradicting the method is an error."""
-    for key, ok in get_method(cfg.name).items():
+    """The optimizer's keyword arguments for the `optimizer` config; contradicting the method is an error."""
+    for key, ok in get_method(cfg.name).fixed.items():
         if not ok(cfg[key]):
             raise PaceLMError(f"optimizer={cfg.name} does not allow optimizer.{key}={cfg[key]!r}")
+    if cfg.name == "schedulefree":
+        kwargs = {k: cfg[k] for k in SCHEDULEFREE_ARGS}
+        kwargs["betas"] = tuple(kwargs["betas"])
+        return kwargs
     kwargs = {k: cfg[k] for k in PACE_ARGS}
     kwargs["betas"] = tuple(kwargs["betas"])
     if cfg.impl == "auto":  # the compiled step on CUDA; on CPU a first-step compile costs more than it saves
@@ -44,16 +65,24 @@ def optimizer_kwargs(cfg, device):
 
 
 def build_optimizer(cfg, model, device):
-    """PACE over the model's trainable parameters; weight decay on matrices only (not norms or biases)."""
+    """The optimizer over the model's trainable parameters; weight decay on matrices only (not norms or biases)."""
     kwargs = optimizer_kwargs(cfg, device)
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
-    groups = [dict(params=decay), dict(params=no_decay, weight_decay=0.0)]
+    groups = [g for g in (dict(params=decay), dict(params=no_decay, weight_decay=0.0)) if g["params"]]
+    if cfg.name == "schedulefree":
+        try:
+            from schedulefree import AdamWScheduleFree
+        except ImportError as e:
+            raise PaceLMError("optimizer=schedulefree needs the schedulefree package (pip install schedulefree)") from e
+        cls = AdamWScheduleFree
+    else:
+        cls = PACE
     try:
-        return PACE([g for g in groups if g["params"]], **kwargs)
+        return cls(groups, **kwargs)
     except ValueError as e:
-        raise PaceLMError(str(e)) from e
+        raise PaceLMError(f"optimizer={cfg.name}: {e}") from e
 
 
 def check_optimizer(cfg):
@@ -61,9 +90,9 @@ def check_optimizer(cfg):
     build_optimizer(cfg, torch.nn.Linear(1, 1, bias=False), torch.device("cpu"))
 
 
-def returns_ema(cfg):
-    """Whether the returned model is the EMA (ema, pace) or the final iterate (adamw)."""
-    return bool(cfg.use_ema_eval)
+def returned_model(cfg):
+    """What a run with this `optimizer` config returns: final_iterate, ema, lawa, swa or schedulefree."""
+    return get_method(cfg.name).returned
 
 
 # ---- lr schedules: a factor of the base lr for 0-based step s of n ---------------------

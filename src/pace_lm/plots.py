@@ -3,6 +3,8 @@ numbers as a markdown table. Reads records only; never trains (and never imports
 
 Every value shown comes from a record: x, line and panel from the run's resolved config, the metric
 from its summary. Runs that differ only in `seed` are averaged (the table gives mean ± std and n).
+`plot.split: {line: {label: summary key}}` draws several lines from each run of one line: one AdamW run
+that keeps its EMA, LAWA and SWA gives four returned models, all from the same iterates.
 """
 
 import math
@@ -33,15 +35,19 @@ def collect(fig, out_dir):
         row = dict(run=run.name, status=record["status"], reference=p["x"] not in run.values,
                    x=_get(config, p["x"]) if config else run.values.get(p["x"]),
                    panel=_get(config, p["panel"]) if config and p["panel"] else run.values.get(p["panel"]),
-                   line=" ".join(_label(k, _get(config, k) if config else run.values[k]) for k in line_keys),
-                   value=None)
-        if record["status"] == "complete":
-            value = (record.get("summary") or {}).get(p["metric"])
-            if value is None:
-                raise PaceLMError(f"{path} has no summary.{p['metric']} (plot.metric of {fig.id})")
-            row["value"] = value
-        rows.append(row)
+                   line=" ".join(_label(k, _get(config, k) if config else run.values[k]) for k in line_keys))
+        for label, key in (p["split"].get(row["line"]) or {row["line"]: p["metric"]}).items():
+            rows.append(dict(row, line=label, value=_value(record, key, path, fig)))
     return rows
+
+
+def _value(record, key, path, fig):
+    if record["status"] != "complete":
+        return None
+    value = (record.get("summary") or {}).get(key)
+    if value is None:
+        raise PaceLMError(f"{path} has no summary.{key} (plot of {fig.id})")
+    return value
 
 
 def _get(config, key):
@@ -103,10 +109,9 @@ def table(fig, rows):
                 texts = [_fmt(c.get(x, []), best[x]) for x in xs]
             out.append(f"| {line} | " + " | ".join(texts) + " |")
         out.append("")
-    done = sum(r["status"] == "complete" for r in rows)
-    out.append(f"{done} of {len(rows)} runs complete" + "".join(
-        f", {n} {s}" for s in ("diverged", "running", "failed", "missing")
-        if (n := sum(r["status"] == s for r in rows))) + ".")
+    status = list({r["run"]: r["status"] for r in rows}.values())  # a split run has several rows
+    out.append(f"{status.count('complete')} of {len(status)} runs complete" + "".join(
+        f", {status.count(s)} {s}" for s in ("diverged", "running", "failed", "missing") if s in status) + ".")
     return "\n".join(out)
 
 

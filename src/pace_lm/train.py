@@ -1,8 +1,10 @@
 """train(cfg): one run, from config to record and returned model. The loop is one visible function.
 
-    setup (data, model, optimizer) -> fit (the loop: accumulate, clip, step, log, evaluate) -> save
-Every eval interval both the live iterate and the returned weights (the EMA, through opt.eval() /
-opt.train()) are scored on the same validation batches.
+    setup (data, model, optimizer, averagers) -> fit (the loop: accumulate, clip, step, average, log,
+    evaluate) -> save
+Every eval interval the live iterate and every kept average are scored on the same validation batches:
+the optimizer's own (PACE's EMA, schedule-free's average, through opt.eval() / opt.train()) and those of
+the averagers (LAWA, SWA). `val_loss` is the returned model's.
 """
 
 import contextlib
@@ -16,10 +18,11 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from pace_lm import PaceLMError
+from pace_lm import averaging
 from pace_lm.data import IGNORE_INDEX, META, Batches, collate, load_prepared, prepare, subset
 from pace_lm.models import build_model
 from pace_lm.optim import (build_optimizer, check_optimizer, check_schedule, grad_norm_clip, lr_factor,
-                           returns_ema, set_lr)
+                           returned_model, set_lr)
 from pace_lm.records import RECORD, environment, read_record, write_json_atomic
 
 
@@ -46,11 +49,14 @@ def train(cfg):
         torch.manual_seed(cfg.seed)
         model = build_model(cfg.model, tokenizer).to(device)
         opt = build_optimizer(cfg.optimizer, model, device)
-        record["summary"] = fit(cfg, model, opt, train_ds, val_ds, meta["pad_token_id"], seq_len,
+        returned = returned_model(cfg.optimizer)
+        averagers = averaging.build_averagers(cfg.averaging, averaging.enabled(cfg.averaging, returned),
+                                              model.parameters())
+        record["summary"] = fit(cfg, model, opt, averagers, train_ds, val_ds, meta["pad_token_id"], seq_len,
                                 device, record, record_path)
         if cfg.training.save_model:
-            record["summary"]["model_dir"] = save_returned_model(model, opt, tokenizer, run_dir,
-                                                                 returns_ema(cfg.optimizer))
+            with returned_weights(returned, opt, averagers):
+                record["summary"]["model_dir"] = save_model(model, tokenizer, run_dir)
         record["status"] = "complete"
     except BaseException as e:  # the record says how the run ended, whatever ended it
         record["status"] = "diverged" if isinstance(e, Diverged) else "failed"
@@ -61,12 +67,12 @@ def train(cfg):
     return record
 
 
-def fit(cfg, model, opt, train_ds, val_ds, pad_id, seq_len, device, record, record_path):
+def fit(cfg, model, opt, averagers, train_ds, val_ds, pad_id, seq_len, device, record, record_path):
     """The training loop; fills record's logs in place and returns the summary."""
     from tqdm.auto import tqdm
     tc = cfg.training
     accum = tc.batch_size // tc.micro_batch_size
-    ema = returns_ema(cfg.optimizer)
+    returned = returned_model(cfg.optimizer)
     autocast = get_autocast(tc.dtype, device)
     batches = Batches(len(train_ds), tc.micro_batch_size, cfg.seed)
     val_batches = [collate(val_ds[list(range(i, min(i + tc.eval_batch_size, len(val_ds))))], pad_id, seq_len,
@@ -81,6 +87,7 @@ def fit(cfg, model, opt, train_ds, val_ds, pad_id, seq_len, device, record, reco
     t_start, t_train, t_first = time.time(), 0.0, 0.0
     bar = tqdm(total=tc.max_steps, desc=cfg.run_name, disable=not tc.progress, dynamic_ncols=True)
     model.train()
+    opt.train()  # schedule-free must be in train mode to step; for PACE it is already
     for step in range(tc.max_steps):
         t0 = time.time()
         factor = lr_factor(step, tc.max_steps, cfg.schedule)
@@ -102,6 +109,8 @@ def fit(cfg, model, opt, train_ds, val_ds, pad_id, seq_len, device, record, reco
         grad_norm = grad_norm_clip(model, tc.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        for averager in averagers.values():
+            averager.update(step + 1)
         t_step = time.time() - t0
         t_train += t_step
         if step == 0:
@@ -122,11 +131,12 @@ def fit(cfg, model, opt, train_ds, val_ds, pad_id, seq_len, device, record, reco
             window_loss.zero_()
             window_tokens = 0
         if (step + 1) % tc.eval_interval == 0 or last:
-            entry = dict(step=step + 1, tokens=tokens, **evaluate_both(model, opt, ema, val_batches, device,
-                                                                        autocast))
+            entry = dict(step=step + 1, tokens=tokens, **evaluate_all(model, opt, averagers, returned,
+                                                                       val_batches, device, autocast))
             record["eval_logs"].append(entry)
-            bar.write(f"step {step + 1}: val_loss {entry['val_loss']:.4f} (final iterate "
-                      f"{entry['vanilla_val_loss']:.4f}{', EMA returned' if ema else ''})")
+            bar.write(f"step {step + 1}: " + ", ".join(
+                f"{k} {v:.4f}" for k, v in entry.items() if k.endswith("val_loss") and v is not None)
+                + f" ({returned} returned)")
             log_wandb(wandb_run, {f"eval/{k}": v for k, v in entry.items()}, step + 1)
             write_json_atomic(record_path, record)
     bar.close()
@@ -134,8 +144,7 @@ def fit(cfg, model, opt, train_ds, val_ds, pad_id, seq_len, device, record, reco
         wandb_run.finish()
 
     final = record["eval_logs"][-1]
-    return dict(final_val_loss=final["val_loss"], val_loss=final["val_loss"], ema_val_loss=final["ema_val_loss"],
-                vanilla_val_loss=final["vanilla_val_loss"], returned="ema" if ema else "final_iterate",
+    return dict(final_val_loss=final["val_loss"], **{k: final[k] for k in VAL_KEYS}, returned=returned,
                 final_train_loss=record["step_logs"][-1]["loss"], steps=tc.max_steps, tokens_seen=tokens,
                 trained_tokens=trained, num_params=sum(p.numel() for p in model.parameters()),
                 wall_time_s=round(time.time() - t_start, 3), train_time_s=round(t_train, 3),
@@ -171,26 +180,55 @@ def evaluate(model, val_batches, device, autocast):
     return value
 
 
-def evaluate_both(model, opt, ema, val_batches, device, autocast):
-    """Validation loss of the live iterate and of the returned weights (the EMA, swapped in by opt.eval())."""
-    vanilla = evaluate(model, val_batches, device, autocast)
-    ema_loss = None
-    if opt.param_groups[0]["use_ema_eval"]:
+VAL_KEYS = ("val_loss", "vanilla_val_loss", "ema_val_loss", "schedulefree_val_loss", "lawa_val_loss",
+            "swa_val_loss")
+
+
+def evaluate_all(model, opt, averagers, returned, val_batches, device, autocast):
+    """Validation loss of the live iterate and of every average the run keeps, and of the returned one.
+
+    An average with no weights yet (LAWA or SWA before its first) scores None.
+    """
+    out = dict.fromkeys(VAL_KEYS)
+    out["vanilla_val_loss"] = evaluate(model, val_batches, device, autocast)
+    own = "schedulefree" if returned == "schedulefree" else (
+        "ema" if opt.param_groups[0].get("use_ema_eval") else None)
+    if own:  # the optimizer's own average, put in the model by opt.eval()
         opt.eval()
         try:
-            ema_loss = evaluate(model, val_batches, device, autocast)
+            out[f"{own}_val_loss"] = evaluate(model, val_batches, device, autocast)
         finally:
             opt.train()
-    return dict(vanilla_val_loss=vanilla, ema_val_loss=ema_loss, val_loss=ema_loss if ema else vanilla)
+    for name, averager in averagers.items():
+        if averager.taken:
+            with averager.swapped_in():
+                out[f"{name}_val_loss"] = evaluate(model, val_batches, device, autocast)
+    out["val_loss"] = out["vanilla_val_loss" if returned == "final_iterate" else f"{returned}_val_loss"]
+    return out
 
 
-def save_returned_model(model, opt, tokenizer, run_dir, ema):
-    """save_pretrained (safetensors) of the returned weights and the tokenizer, moved into place whole."""
+@contextlib.contextmanager
+def returned_weights(returned, opt, averagers):
+    """The returned model's weights in the model for the `with` block (e.g. to save it)."""
+    if returned in averagers:
+        with averagers[returned].swapped_in():
+            yield
+    elif returned in ("ema", "schedulefree"):
+        opt.eval()
+        try:
+            yield
+        finally:
+            opt.train()
+    else:
+        yield
+
+
+def save_model(model, tokenizer, run_dir):
+    """save_pretrained (safetensors) of the model as it is, with the tokenizer, moved into place whole."""
     out = os.path.join(run_dir, "model")
     tmp = os.path.join(run_dir, ".model.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    with opt.ema_weights() if ema else contextlib.nullcontext():
-        model.save_pretrained(tmp, safe_serialization=True)
+    model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
@@ -214,6 +252,8 @@ def check_config(cfg):
     if tc.dtype not in ("auto", "fp32", "bf16"):
         raise PaceLMError(f"training.dtype={tc.dtype!r}; known: auto, fp32, bf16")
     check_optimizer(cfg.optimizer)
+    averaging.check_averaging(cfg.averaging, averaging.enabled(cfg.averaging, returned_model(cfg.optimizer)),
+                              tc.max_steps)
     check_schedule(cfg.schedule)
     if not cfg.run_name or "/" in cfg.run_name or cfg.run_name in (".", ".."):
         raise PaceLMError(f"run_name={cfg.run_name!r} must be a plain folder name")

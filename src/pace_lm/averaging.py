@@ -1,0 +1,158 @@
+"""Returned-model averagers that run beside any optimizer: LAWA and SWA.
+
+    LAWA  the uniform average of the k latest snapshots of the weights, taken `every` steps apart
+          (Sanyal et al., 2023, "Early Weight Averaging meets High Learning Rates for LLM Pre-training")
+    SWA   the uniform average of every `every`-th iterate (Izmailov et al., 2018), as a running mean
+          (torch.optim.swa_utils' update)
+
+Both see the weights after the optimizer step: after 1-based step t, an averager takes the weights when
+t > start and t % every == 0. `swapped_in()` puts the average into the parameters for evaluation or
+saving and puts the live weights back after, as PACE's `opt.eval()` / `opt.train()` does for its EMA.
+A run that enables neither builds neither: nothing is added to the step.
+"""
+
+import collections
+import contextlib
+
+import torch
+from torch.optim.swa_utils import get_swa_multi_avg_fn
+
+from pace_lm import PaceLMError
+
+
+class Averager:
+    """What LAWA and SWA share: when to take the weights, and swapping the average in."""
+
+    def __init__(self, params, every, start, device=None):
+        self.params = [p for p in params]
+        self.every, self.start, self.device = every, start, device
+        self.taken = 0  # weights taken so far
+
+    def due(self, step):
+        return step > self.start and step % self.every == 0
+
+    def update(self, step):
+        """Call after optimizer step `step` (1-based)."""
+        if self.due(step):
+            with torch.no_grad():
+                self._take([p.detach() for p in self.params])
+            self.taken += 1
+
+    def average(self):
+        """The averaged tensors, one per parameter, or None before the first weights are taken."""
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def swapped_in(self):
+        """The average in the parameters for the `with` block; the live weights back after, exactly."""
+        avg = self.average()
+        if avg is None:
+            raise PaceLMError(f"{type(self).__name__} has no weights yet (start={self.start}, every={self.every})")
+        with torch.no_grad():
+            live = [p.detach().clone() for p in self.params]
+            for p, a in zip(self.params, avg):
+                p.copy_(a)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, w in zip(self.params, live):
+                    p.copy_(w)
+
+
+class LAWA(Averager):
+    """The mean of the k latest snapshots: a first-in, first-out queue, on `device` (e.g. "cpu") if given."""
+
+    def __init__(self, params, k, every, start=0, device=None):
+        super().__init__(params, every, start, device)
+        self.k = k
+        self.snapshots = collections.deque(maxlen=k)  # each: one tensor per parameter
+
+    def _take(self, weights):
+        self.snapshots.append([w.to(self.device or w.device, copy=True) for w in weights])
+
+    def average(self):
+        if not self.snapshots:
+            return None
+        n = len(self.snapshots)
+        avg = [s.to(p.device, copy=True) for s, p in zip(self.snapshots[0], self.params)]
+        for snap in list(self.snapshots)[1:]:  # summed oldest first, then divided: the plain mean
+            for a, s in zip(avg, snap):
+                a.add_(s.to(a.device))
+        for a in avg:
+            a.div_(n)
+        return avg
+
+    def state_dict(self):
+        return dict(taken=self.taken, snapshots=[list(s) for s in self.snapshots])
+
+    def load_state_dict(self, state):
+        self.taken = state["taken"]
+        self.snapshots.clear()
+        for snap in state["snapshots"]:
+            self._take(snap)
+
+
+class SWA(Averager):
+    """The running mean of every taken iterate: avg += (w - avg) / (n + 1)."""
+
+    def __init__(self, params, every=1, start=0, device=None):
+        super().__init__(params, every, start, device)
+        self.avg = None
+        self._update = get_swa_multi_avg_fn()
+
+    def _take(self, weights):
+        weights = [w.to(self.device or w.device) for w in weights]
+        if self.avg is None:
+            self.avg = [w.clone() for w in weights]
+        else:
+            self._update(self.avg, weights, self.taken)
+
+    def average(self):
+        return None if self.avg is None else [a.to(p.device) for a, p in zip(self.avg, self.params)]
+
+    def state_dict(self):
+        return dict(taken=self.taken, avg=self.avg)
+
+    def load_state_dict(self, state):
+        self.taken, self.avg = state["taken"], state["avg"]
+
+
+AVERAGERS = {"lawa": LAWA, "swa": SWA}
+
+
+def enabled(cfg, returned):
+    """The averagers a run keeps: those enabled, and the one it returns (optimizer=lawa or swa)."""
+    unknown = set(cfg) - set(AVERAGERS)
+    if unknown:
+        raise PaceLMError(f"unknown averaging.{sorted(unknown)[0]}; known: {', '.join(AVERAGERS)}")
+    return [name for name in AVERAGERS if cfg[name].enabled or returned == name]
+
+
+def check_averaging(cfg, names, max_steps):
+    """The settings of the averagers in `names`, and that each takes weights before the run ends."""
+    for name in names:
+        a = cfg[name]
+        keys = ("k", "every", "start") if name == "lawa" else ("every", "start")
+        for key in keys:
+            if not isinstance(a[key], int) or a[key] < (0 if key == "start" else 1):
+                raise PaceLMError(f"averaging.{name}.{key}={a[key]!r} must be an integer >= "
+                                  f"{0 if key == 'start' else 1}")
+        if a.device not in (None, "cpu"):
+            raise PaceLMError(f"averaging.{name}.device={a.device!r} must be null (the parameters') or cpu")
+        if a.start >= max_steps:
+            raise PaceLMError(f"averaging.{name}.start={a.start} is not before training.max_steps={max_steps}")
+        if (max_steps // a.every) * a.every <= a.start:
+            raise PaceLMError(f"averaging.{name} takes no weights: no multiple of every={a.every} in "
+                              f"(start={a.start}, max_steps={max_steps}]")
+
+
+def build_averagers(cfg, names, params):
+    """{name: averager} for `names` (the enabled ones), over `params`."""
+    params = list(params)
+    out = {}
+    for name in names:
+        a = cfg[name]
+        kwargs = dict(every=a.every, start=a.start, device=a.device)
+        out[name] = LAWA(params, k=a.k, **kwargs) if name == "lawa" else SWA(params, **kwargs)
+    return out

@@ -1,0 +1,156 @@
+"""LAWA and SWA against hand computations; every returned model from one run; schedule-free's eval/train."""
+
+import sys
+
+import pytest
+import torch
+
+from pace_lm import PaceLMError
+from pace_lm.averaging import LAWA, SWA, check_averaging, enabled
+from pace_lm.config import compose
+from pace_lm.data import collate, load_prepared
+from pace_lm.train import evaluate, train
+from test_train import small_cfg
+
+
+def weights_at(step, shapes, dtype=torch.float32):
+    g = torch.Generator().manual_seed(step)
+    return [torch.randn(s, generator=g, dtype=dtype) for s in shapes]
+
+
+def drive(averager, params, steps, shapes, dtype=torch.float32):
+    """Set the parameters to weights_at(t) after each step t, as an optimizer would, and update."""
+    for t in range(1, steps + 1):
+        with torch.no_grad():
+            for p, w in zip(params, weights_at(t, shapes, dtype)):
+                p.copy_(w)
+        averager.update(t)
+
+
+SHAPES = [(3, 4), (5,), ()]
+
+
+@pytest.mark.parametrize("device", [None, "cpu"])
+def test_lawa_is_the_mean_of_the_k_latest_snapshots(device):
+    params = [torch.nn.Parameter(torch.zeros(s)) for s in SHAPES]
+    lawa = LAWA(params, k=3, every=2, start=3, device=device)
+    assert lawa.average() is None
+    drive(lawa, params, 11, SHAPES)
+    taken = [4, 6, 8, 10]  # t > start and t % every == 0
+    assert lawa.taken == len(taken)
+    for a, i in zip(lawa.average(), range(len(SHAPES))):
+        want = weights_at(6, SHAPES)[i].clone()  # the 3 latest, summed oldest first, then divided
+        want += weights_at(8, SHAPES)[i]
+        want += weights_at(10, SHAPES)[i]
+        assert torch.equal(a, want / 3)
+
+
+def test_swa_is_the_uniform_mean_of_the_taken_iterates():
+    params = [torch.nn.Parameter(torch.zeros(s, dtype=torch.float64)) for s in SHAPES]
+    swa = SWA(params, every=2, start=1)
+    drive(swa, params, 9, SHAPES, torch.float64)
+    taken = [2, 4, 6, 8]
+    assert swa.taken == len(taken)
+    for a, i in zip(swa.average(), range(len(SHAPES))):
+        want = torch.stack([weights_at(t, SHAPES, torch.float64)[i] for t in taken]).mean(0)
+        torch.testing.assert_close(a, want, rtol=1e-14, atol=1e-14)
+
+
+@pytest.mark.parametrize("cls, kwargs", [(LAWA, dict(k=2, every=1)), (SWA, dict(every=1))])
+def test_swapped_in_puts_the_live_weights_back_exactly(cls, kwargs):
+    params = [torch.nn.Parameter(torch.zeros(s)) for s in SHAPES]
+    averager = cls(params, **kwargs)
+    with pytest.raises(PaceLMError, match="has no weights yet"):
+        with averager.swapped_in():
+            pass
+    drive(averager, params, 3, SHAPES)
+    live = [p.detach().clone() for p in params]
+    with averager.swapped_in():
+        assert all(torch.equal(p, a) for p, a in zip(params, averager.average()))
+    assert all(torch.equal(p, w) for p, w in zip(params, live))
+
+
+@pytest.mark.parametrize("cls, kwargs", [(LAWA, dict(k=3, every=2, start=1)), (SWA, dict(every=2, start=1))])
+def test_state_dict_resumes_exactly(cls, kwargs, tmp_path):
+    params = [torch.nn.Parameter(torch.zeros(s)) for s in SHAPES]
+    straight = cls(params, **kwargs)
+    drive(straight, params, 12, SHAPES)
+    first = cls(params, **kwargs)
+    drive(first, params, 6, SHAPES)
+    torch.save(first.state_dict(), tmp_path / "avg.pt")
+    resumed = cls(params, **kwargs)
+    resumed.load_state_dict(torch.load(tmp_path / "avg.pt", weights_only=True))
+    for t in range(7, 13):
+        with torch.no_grad():
+            for p, w in zip(params, weights_at(t, SHAPES)):
+                p.copy_(w)
+        resumed.update(t)
+    assert resumed.taken == straight.taken
+    assert all(torch.equal(a, b) for a, b in zip(resumed.average(), straight.average()))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("averaging.lawa.k=0", r"averaging.lawa.k=0 must be an integer >= 1"),
+    ("averaging.lawa.every=0", r"averaging.lawa.every=0 must be an integer >= 1"),
+    ("averaging.lawa.start=20", r"averaging.lawa.start=20 is not before training.max_steps=20"),
+    ("averaging.lawa.every=30", r"averaging.lawa takes no weights: no multiple of every=30 in \(start=0"),
+    ("averaging.lawa.device=cuda", r"averaging.lawa.device='cuda' must be null"),
+])
+def test_bad_averaging_is_an_error_before_training(offline_data, tmp_path, override, message):
+    with pytest.raises(PaceLMError, match=message):
+        train(small_cfg(offline_data, tmp_path, "optimizer=lawa", override))
+    assert not (tmp_path / "r").exists()
+
+
+def test_disabled_averagers_are_not_built_and_not_checked():
+    cfg = compose(["averaging.lawa.k=0"]).averaging  # disabled: not in the way
+    assert enabled(cfg, "ema") == [] and enabled(cfg, "final_iterate") == []
+    check_averaging(cfg, enabled(cfg, "ema"), 20)
+    assert enabled(compose(["optimizer=swa"]).averaging, "swa") == ["swa"]
+
+
+def test_one_run_reports_every_returned_model(offline_data, tmp_path):
+    """AdamW iterates with their EMA, LAWA and SWA, all scored at every eval; the EMA stays returned."""
+    record = train(small_cfg(offline_data, tmp_path, "optimizer=ema", "averaging.lawa.enabled=true",
+                             "averaging.lawa.every=5", "averaging.lawa.k=2", "averaging.swa.enabled=true",
+                             "averaging.swa.start=10", "training.save_model=false"))
+    first, last = record["eval_logs"]
+    assert first["step"] == 10 and first["swa_val_loss"] is None  # SWA takes weights after step 10
+    for key in ("vanilla_val_loss", "ema_val_loss", "lawa_val_loss"):
+        assert first[key] is not None
+    s = record["summary"]
+    assert s["returned"] == "ema" and s["final_val_loss"] == s["ema_val_loss"] == last["ema_val_loss"]
+    assert len({s["vanilla_val_loss"], s["ema_val_loss"], s["lawa_val_loss"], s["swa_val_loss"]}) == 4
+
+
+@pytest.mark.parametrize("method", ["lawa", "swa"])
+def test_an_average_of_just_the_last_iterate_is_the_last_iterate(offline_data, tmp_path, method):
+    """LAWA with k=1 taken at the last step, or SWA from the last step: exactly the final iterate."""
+    override = ("averaging.lawa.k=1", "averaging.lawa.every=20") if method == "lawa" else ("averaging.swa.start=19",)
+    record = train(small_cfg(offline_data, tmp_path, f"optimizer={method}", *override))
+    s = record["summary"]
+    assert s["returned"] == method and s["final_val_loss"] == s[f"{method}_val_loss"] == s["vanilla_val_loss"]
+
+
+@pytest.mark.parametrize("method", ["lawa", "swa", "schedulefree"])
+def test_the_saved_model_is_the_returned_one(offline_data, tmp_path, method):
+    from transformers import AutoModelForCausalLM
+    record = train(small_cfg(offline_data, tmp_path, f"optimizer={method}", "averaging.swa.start=10",
+                             "averaging.lawa.every=5"))
+    s = record["summary"]
+    assert s["returned"] == method and s["final_val_loss"] == s[f"{method}_val_loss"]
+    assert s[f"{method}_val_loss"] != s["vanilla_val_loss"]  # an average, not the live weights
+    cfg = small_cfg(offline_data, tmp_path)
+    _, val, _, meta = load_prepared(str(offline_data))
+    n = cfg.training.eval_batch_size
+    batches = [collate(val[list(range(i, i + n))], meta["pad_token_id"], meta["max_seq_len"], "longest")
+               for i in range(0, cfg.training.eval_batches * n, n)]
+    saved = AutoModelForCausalLM.from_pretrained(s["model_dir"])
+    loss = evaluate(saved, batches, torch.device("cpu"), torch.autocast("cpu", enabled=False))
+    assert abs(loss - s["final_val_loss"]) < 1e-5, (loss, s["final_val_loss"])
+
+
+def test_schedulefree_missing_is_a_clear_error(offline_data, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "schedulefree", None)
+    with pytest.raises(PaceLMError, match="optimizer=schedulefree needs the schedulefree package"):
+        train(small_cfg(offline_data, tmp_path, "optimizer=schedulefree"))
