@@ -93,6 +93,7 @@ def test_state_dict_resumes_exactly(cls, kwargs, tmp_path):
     ("averaging.lawa.k=0", r"averaging.lawa.k=0 must be an integer >= 1"),
     ("averaging.lawa.every=0", r"averaging.lawa.every=0 must be an integer >= 1"),
     ("averaging.lawa.start=20", r"averaging.lawa.start=20 is not before training.max_steps=20"),
+    ("averaging.lawa.start=-1", r"averaging.lawa.start=-1 must be an integer >= 0"),
     ("averaging.lawa.every=30", r"averaging.lawa takes no weights: no multiple of every=30 in \(start=0"),
     ("averaging.lawa.device=cuda", r"averaging.lawa.device='cuda' must be null"),
 ])
@@ -112,10 +113,11 @@ def test_disabled_averagers_are_not_built_and_not_checked():
 def test_one_run_reports_every_returned_model(offline_data, tmp_path):
     """AdamW iterates with their EMA, LAWA and SWA, all scored at every eval; the EMA stays returned."""
     record = train(small_cfg(offline_data, tmp_path, "optimizer=ema", "averaging.lawa.enabled=true",
-                             "averaging.lawa.every=5", "averaging.lawa.k=2", "averaging.swa.enabled=true",
-                             "averaging.swa.start=10", "training.save_model=false"))
+                             "averaging.lawa.every=2", "averaging.lawa.k=2", "averaging.swa.enabled=true",
+                             "averaging.swa.start=5", "training.eval_interval=5", "training.save_model=false",
+                             steps=10))
     first, last = record["eval_logs"]
-    assert first["step"] == 10 and first["swa_val_loss"] is None  # SWA takes weights after step 10
+    assert first["step"] == 5 and first["swa_val_loss"] is None  # SWA takes weights after step 5
     for key in ("vanilla_val_loss", "ema_val_loss", "lawa_val_loss"):
         assert first[key] is not None
     s = record["summary"]
@@ -126,8 +128,9 @@ def test_one_run_reports_every_returned_model(offline_data, tmp_path):
 @pytest.mark.parametrize("method", ["lawa", "swa"])
 def test_an_average_of_just_the_last_iterate_is_the_last_iterate(offline_data, tmp_path, method):
     """LAWA with k=1 taken at the last step, or SWA from the last step: exactly the final iterate."""
-    override = ("averaging.lawa.k=1", "averaging.lawa.every=20") if method == "lawa" else ("averaging.swa.start=19",)
-    record = train(small_cfg(offline_data, tmp_path, f"optimizer={method}", *override))
+    override = ("averaging.lawa.k=1", "averaging.lawa.every=6") if method == "lawa" else ("averaging.swa.start=5",)
+    record = train(small_cfg(offline_data, tmp_path, f"optimizer={method}", "training.save_model=false",
+                             *override, steps=6))
     s = record["summary"]
     assert s["returned"] == method and s["final_val_loss"] == s[f"{method}_val_loss"] == s["vanilla_val_loss"]
 
@@ -135,8 +138,8 @@ def test_an_average_of_just_the_last_iterate_is_the_last_iterate(offline_data, t
 @pytest.mark.parametrize("method", ["lawa", "swa", "schedulefree"])
 def test_the_saved_model_is_the_returned_one(offline_data, tmp_path, method):
     from transformers import AutoModelForCausalLM
-    record = train(small_cfg(offline_data, tmp_path, f"optimizer={method}", "averaging.swa.start=10",
-                             "averaging.lawa.every=5"))
+    record = train(small_cfg(offline_data, tmp_path, f"optimizer={method}", "averaging.swa.start=5",
+                             "averaging.lawa.every=2", steps=10))
     s = record["summary"]
     assert s["returned"] == method and s["final_val_loss"] == s[f"{method}_val_loss"]
     assert s[f"{method}_val_loss"] != s["vanilla_val_loss"]  # an average, not the live weights

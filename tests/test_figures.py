@@ -77,7 +77,7 @@ def test_pace_figure_list(tmp_path):
         fig = load_figure(line.split()[0])
         assert f"{len(fig.runs)} runs" in line and fig.description in line
     assert {"demo", "fig1", "fig3_135m_grid", "gpt2_lr", "gpt2_schedule", "robust_lr", "robust_schedule",
-            "robust_kappa", "robust_c"} <= set(list_figures())
+            "robust_kappa", "robust_c", "lawa_high_lr"} <= set(list_figures())
 
 
 def test_printed_commands_are_exactly_the_runs(tmp_path):
@@ -114,6 +114,21 @@ runs:
   - optimizer: [adamw, ema, pace]
     optimizer.lr: 1e-3
 """
+
+
+def test_with_applies_to_an_entrys_runs_without_naming_them(tmp_path, monkeypatch):
+    fig = load_figure(_spec(tmp_path, monkeypatch, """
+description: x
+plot: {x: optimizer.lr}
+runs:
+  - optimizer: ema
+    optimizer.lr: [1e-3, 3e-3]
+    with: {averaging.lawa.enabled: true, averaging.lawa.k: 2}
+  - optimizer: pace
+"""))
+    assert [r.name for r in fig.runs] == ["ema_lr0.001", "ema_lr0.003", "pace"]
+    cfgs = [build_config(fig, r, str(tmp_path)) for r in fig.runs]
+    assert [(c.averaging.lawa.enabled, c.averaging.lawa.k) for c in cfgs] == [(True, 2), (True, 2), (False, 5)]
 
 
 def test_run_trains_each_run_and_resumes(tmp_path, monkeypatch, offline_data):
@@ -198,7 +213,7 @@ def test_pace_figure_run_and_plot_from_the_command_line(tmp_path, offline_data):
     proc = run_cli(["pace-figure", "fig=demo", "run=true", "plot=true", "only=*lr0.001", f"data={offline_data}",
                     *QUICK], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for i, method in enumerate(["adamw", "ema", "pace"], 1):
+    for i, method in enumerate(["ema", "pace", "schedulefree"], 1):
         assert f"[{i}/3] demo/{method}_lr0.001: training" in proc.stdout
         assert (tmp_path / "runs" / "figures" / "demo" / f"{method}_lr0.001" / "record.json").exists()
     assert "pace-figure: demo: 3 complete; records under runs/figures/demo" in proc.stdout

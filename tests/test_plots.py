@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import pace_lm.figures as figures
 from pace_lm import PaceLMError
@@ -26,6 +27,17 @@ def table_cells(text):
     return {r.split(" | ")[0][2:]: [c.strip() for c in r.strip("| ").split(" | ")[1:]] for r in rows}
 
 
+def expected_demo_values(fig):
+    """{(line, lr): final loss} read straight from the committed records, with the spec's split."""
+    values = {}
+    for r in fig.runs:
+        summary = read_record(FIXTURES / "demo" / r.name / "record.json")["summary"]
+        split = fig.plot["split"].get(r.values["optimizer"]) or {r.values["optimizer"]: "final_val_loss"}
+        for line, key in split.items():
+            values[line, r.values["optimizer.lr"]] = summary[key]
+    return values
+
+
 def test_demo_figure_from_the_committed_records(tmp_path):
     fig = load_figure("demo")
     text, paths = plot_figure(fig, str(FIXTURES), str(tmp_path))
@@ -38,20 +50,40 @@ def test_demo_figure_from_the_committed_records(tmp_path):
     lrs = sorted({r.values["optimizer.lr"] for r in fig.runs})
     assert text.splitlines()[0] == "| final_val_loss | " + " | ".join(f"lr={lr}" for lr in lrs) + " |"
     cells = table_cells(text)
-    assert list(cells) == ["adamw", "ema", "pace"]
-    values = {(r.values["optimizer"], r.values["optimizer.lr"]):
-              read_record(FIXTURES / "demo" / r.name / "record.json")["summary"]["final_val_loss"] for r in fig.runs}
-    for method, row in cells.items():
+    assert list(cells) == ["adamw", "ema", "lawa", "swa", "pace", "schedulefree"]
+    values = expected_demo_values(fig)
+    for line, row in cells.items():
         for lr, cell in zip(lrs, row):
-            value = values[method, lr]
+            value = values[line, lr]
             best = min(v for (m, x), v in values.items() if x == lr)
-            assert cell == (f"**{value:.4f}**" if value == best else f"{value:.4f}"), (method, lr)
+            assert cell == (f"**{value:.4f}**" if value == best else f"{value:.4f}"), (line, lr)
 
 
-def test_the_readme_shows_the_demo_table_as_the_command_prints_it(tmp_path):
-    text, _ = plot_figure(load_figure("demo"), str(FIXTURES), str(tmp_path))
-    assert text in README.read_text(), "README's demo table differs from `pace-figure fig=demo plot=true`"
-    assert "docs/figures/demo.png" in README.read_text() and (README.parent / "docs/figures/demo.png").exists()
+def test_the_adamw_lines_of_one_run_are_what_separate_runs_give(tmp_path):
+    """The split is sound: an ema run's final iterate is an adamw run's (the EMA changes no iterate)."""
+    from pace_lm.config import compose
+    from pace_lm.optim import build_optimizer
+    cfgs = [compose([f"optimizer={m}"]).optimizer for m in ("adamw", "ema")]
+    runs = []
+    for cfg in cfgs:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+        opt = build_optimizer(cfg, model, torch.device("cpu"))
+        for step in range(20):
+            x = torch.randn(16, 4, generator=torch.Generator().manual_seed(step))
+            model(x).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+        runs.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+@pytest.mark.parametrize("fig_id", ["demo", "lawa_high_lr"])
+def test_the_readme_shows_the_figure_as_the_command_prints_it(tmp_path, fig_id):
+    text, _ = plot_figure(load_figure(fig_id), str(FIXTURES), str(tmp_path))
+    assert text in README.read_text(), f"README's {fig_id} table differs from `pace-figure fig={fig_id} plot=true`"
+    png = f"docs/figures/{fig_id}.png"
+    assert png in README.read_text() and (README.parent / png).exists()
 
 
 def test_plotting_never_loads_the_training_code(tmp_path):
@@ -65,15 +97,16 @@ def test_plotting_never_loads_the_training_code(tmp_path):
 
 def test_missing_running_and_diverged_runs(tmp_path):
     shutil.copytree(FIXTURES / "demo", tmp_path / "demo")
-    shutil.rmtree(tmp_path / "demo" / "adamw_lr0.01")
-    for run, status in (("ema_lr0.01", "diverged"), ("pace_lr0.01", "running")):
+    shutil.rmtree(tmp_path / "demo" / "ema_lr0.01")  # its four lines lose their last point
+    for run, status in (("pace_lr0.01", "diverged"), ("schedulefree_lr0.01", "running")):
         path = tmp_path / "demo" / run / "record.json"
         record = json.loads(path.read_text())
         record.update(status=status, summary={})
         path.write_text(json.dumps(record))
     text, _ = plot_figure(load_figure("demo"), str(tmp_path), str(tmp_path / "plot"))
     cells = table_cells(text)
-    assert [cells[m][-1] for m in ("adamw", "ema", "pace")] == ["–", "diverged", "–"]
+    assert [cells[m][-1] for m in ("adamw", "ema", "lawa", "swa", "pace", "schedulefree")] == \
+        ["–", "–", "–", "–", "diverged", "–"]
     assert text.endswith("6 of 9 runs complete, 1 diverged, 1 running, 1 missing.")
     assert (tmp_path / "plot" / "demo.png").exists()
 

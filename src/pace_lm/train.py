@@ -17,8 +17,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from pace_lm import PaceLMError
-from pace_lm import averaging
+from pace_lm import PaceLMError, averaging
 from pace_lm.data import IGNORE_INDEX, META, Batches, collate, load_prepared, prepare, subset
 from pace_lm.models import build_model
 from pace_lm.optim import (build_optimizer, check_optimizer, check_schedule, grad_norm_clip, lr_factor,
