@@ -2,6 +2,7 @@
 
 import os
 import socket
+import warnings
 
 import pytest
 import torch
@@ -71,9 +72,9 @@ def worker(rank, port, kind, impl, out):
         result = dict(params=[full(p.detach()) for p in params], emas=[full(e) for e in emas], returned=returned)
         if rank == 0:
             torch.save(result, out)
-        # every rank leaves its last collective before any rank tears gloo down: a rank that exits while
-        # its peer still has gloo work in flight can abort ("terminate called without an active exception")
+        # every rank leaves its last collective before any rank tears gloo down
         dist.barrier()
+        open(f"{out}.done{rank}", "w").close()  # this rank's work, checks included, is over
     finally:
         dist.destroy_process_group()
 
@@ -87,7 +88,15 @@ def free_port():
 @pytest.mark.parametrize("kind, impl", [("ddp", None), ("fsdp", None), ("fsdp", "foreach")])
 def test_distributed_matches_single_process(kind, impl, tmp_path):
     out = tmp_path / "rank0.pt"
-    mp.spawn(worker, args=(free_port(), kind, impl, str(out)), nprocs=WORLD, join=True)
+    try:
+        mp.spawn(worker, args=(free_port(), kind, impl, str(out)), nprocs=WORLD, join=True)
+    except mp.ProcessExitedException as e:
+        # Rarely (twice in ~10 full-suite runs, never alone), a rank aborts at gloo's teardown with
+        # "terminate called without an active exception", after every collective and every check in the
+        # worker passed. Only that is tolerated: a rank that died before finishing fails the test.
+        if not all(os.path.exists(f"{out}.done{r}") for r in range(WORLD)):
+            raise
+        warnings.warn(f"a rank died after finishing its work (gloo teardown): {e}")
     got = torch.load(out, weights_only=True)
 
     model = make_model()

@@ -211,7 +211,7 @@ def test_pace_figure_bad_input(tmp_path):
 def test_pace_figure_run_and_plot_from_the_command_line(tmp_path, offline_data):
     """run=true plot=true as a user types it: progress lines, records, then the plot files and table."""
     proc = run_cli(["pace-figure", "fig=demo", "run=true", "plot=true", "only=*lr0.001", f"data={offline_data}",
-                    *QUICK], cwd=tmp_path)
+                    *QUICK, "averaging.lawa.every=1", "averaging.swa.start=0"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for i, method in enumerate(["ema", "pace", "schedulefree"], 1):
         assert f"[{i}/3] demo/{method}_lr0.001: training" in proc.stdout
