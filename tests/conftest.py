@@ -1,10 +1,13 @@
 """Shared fixtures: the offline data, prepared once per test session by the real `pace-data` command."""
 
+import json
 import os
 import subprocess
 import sys
 
 import pytest
+
+from pace_lm.records import strip_timing
 
 BIN = os.path.dirname(sys.executable)  # the venv's console scripts sit beside its python
 
@@ -14,6 +17,17 @@ def run_cli(args, cwd, timeout=600, env=None):
     full_env = dict(os.environ, HF_HUB_OFFLINE="1", **(env or {}))
     return subprocess.run([os.path.join(BIN, args[0]), *args[1:]], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env=full_env)
+
+
+def comparable(record):
+    """A record without what differs between two runs of one config: timings, where it ran, its resumes."""
+    record = strip_timing(json.loads(json.dumps(record)))
+    record.pop("resumed", None)
+    record["summary"].pop("environment", None)
+    record["summary"].pop("model_dir", None)
+    for key in ("out_dir", "resume"):
+        record["config"]["training"].pop(key)
+    return record
 
 
 @pytest.fixture(scope="session")

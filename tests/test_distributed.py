@@ -1,7 +1,13 @@
-"""PACE under DDP and FSDP2 (fully_shard), 2 CPU processes over gloo, against one process on the global batch."""
+"""Two CPU processes over gloo against one on the global batch: PACE under DDP and FSDP2 (fully_shard), then
+pace-train itself launched by torchrun, its checkpoints, and a run stopped by SIGTERM and resumed."""
 
+import json
 import os
+import signal
 import socket
+import subprocess
+import sys
+import time
 import warnings
 
 import pytest
@@ -107,3 +113,85 @@ def test_distributed_matches_single_process(kind, impl, tmp_path):
         torch.testing.assert_close(e, opt.state[p]["ema"], rtol=1e-5, atol=1e-6)
     for r, e in zip(got["returned"], got["emas"]):
         assert torch.equal(r, e)
+
+
+# ---- pace-train under torchrun -------------------------------------------------------------------------
+
+# micro-batches of 1 (2 a rank), 3 eval batches (dealt unevenly), the EMA and LAWA: everything that is split
+RUN = ["training.max_steps=12", "training.batch_size=4", "training.micro_batch_size=1", "training.max_seq_len=64",
+       "training.eval_interval=6", "training.eval_batches=3", "training.log_interval=3", "training.progress=false",
+       "training.device=cpu", "schedule=cos", "optimizer=pace", "averaging.lawa.enabled=true",
+       "averaging.lawa.every=3", "averaging.lawa.k=2", "training.checkpoint.interval=4", "run_name=r"]
+VAL = ("val_loss", "vanilla_val_loss", "ema_val_loss", "lawa_val_loss")
+
+
+def run_args(data, out, *extra):
+    return [f"dataset.path={data}", f"training.out_dir={out}", *RUN, *extra]
+
+
+def torchrun(args):
+    from conftest import BIN
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={WORLD}",
+           "--no-python", os.path.join(BIN, "pace-train"), *args]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"))
+
+
+@pytest.fixture(scope="module")
+def single(offline_data, tmp_path_factory):
+    from pace_lm.config import compose
+    from pace_lm.train import train
+    return train(compose(run_args(offline_data, tmp_path_factory.mktemp("single"))))
+
+
+def close(a, b, rtol=2e-5):
+    return abs(a - b) <= rtol * abs(b)
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_pace_train_under_torchrun_matches_one_process_and_resumes(parallel, single, offline_data, tmp_path):
+    from pace_lm import checkpoint
+    from safetensors.torch import load_file
+    from conftest import comparable
+
+    # uninterrupted: the single-process run up to float summation order (the ranks' losses and gradients
+    # are summed in another order), with only rank 0 writing
+    proc = torchrun(run_args(offline_data, tmp_path / "full", f"training.parallel={parallel}"))
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    assert out.count("pace-train: r: final_val_loss") == 1  # rank 0 speaks for the run
+    full = json.loads((tmp_path / "full" / "r" / "record.json").read_text())
+    assert full["status"] == "complete"
+    assert [e["step"] for e in full["step_logs"]] == [e["step"] for e in single["step_logs"]]
+    for a, b in zip(full["step_logs"], single["step_logs"]):
+        assert close(a["loss"], b["loss"]) and a["tokens"] == b["tokens"], (a, b)
+        assert close(a["grad_norm"], b["grad_norm"], 1e-3)  # a norm summed over shards in float32
+    for a, b in zip(full["eval_logs"], single["eval_logs"]):
+        assert all(close(a[k], b[k]) for k in VAL), (a, b)
+    assert full["summary"]["trained_tokens"] == single["summary"]["trained_tokens"]
+    assert full["summary"]["num_params"] == single["summary"]["num_params"]
+    saved, ref = (load_file(os.path.join(r["summary"]["model_dir"], "model.safetensors")) for r in (full, single))
+    assert saved.keys() == ref.keys() and all((saved[k] - ref[k]).abs().max() < 1e-5 for k in ref)
+    assert json.loads((tmp_path / "full/r/model/config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    last = tmp_path / "full/r/checkpoints/step_00000012"
+    assert (last / "rank0.pt").exists() and (last / "rank1.pt").exists()
+    assert (last / "dcp").is_dir() == (parallel == "fsdp")  # FSDP2: sharded with torch.distributed.checkpoint
+
+    # stopped by a SIGTERM to torchrun (it passes it on to the ranks), then resumed: the same record, exactly
+    ckpts = tmp_path / "cut" / "r" / "checkpoints"
+    proc = torchrun(run_args(offline_data, tmp_path / "cut", f"training.parallel={parallel}"))
+    start = time.time()
+    while not (ckpts / "step_00000004").is_dir():
+        assert proc.poll() is None and time.time() - start < 300, proc.communicate()[1][-3000:]
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=300)
+    cut = json.loads((tmp_path / "cut" / "r" / "record.json").read_text())
+    steps = [s for s, _ in checkpoint.list_checkpoints(str(ckpts))]
+    assert cut["status"] == "interrupted" and f"step_{steps[-1]:08d}" in cut["error"] and steps[-1] < 12
+    proc = torchrun(run_args(offline_data, tmp_path / "cut", f"training.parallel={parallel}", "training.resume=true"))
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    resumed = json.loads((tmp_path / "cut" / "r" / "record.json").read_text())
+    assert resumed["resumed"][0]["step"] == steps[-1]
+    assert comparable(resumed) == comparable(full)

@@ -5,7 +5,6 @@ import math
 import os
 
 import pytest
-import torch
 
 from pace_lm import PaceLMError
 from pace_lm.config import CONF_DIR, compose

@@ -13,7 +13,6 @@ import math
 import os
 from pathlib import Path
 
-import pytest
 
 from pace_lm.figures import build_config, config_diff, load_figure
 from pace_lm.records import read_record, strip_timing

@@ -42,6 +42,12 @@ class Averager:
         """The averaged tensors, one per parameter, or None before the first weights are taken."""
         raise NotImplementedError
 
+    def _like(self, p):
+        """An empty tensor shaped like parameter `p` where this averager keeps its tensors (a DTensor's
+        empty_like is sharded like it: what a sharded checkpoint is loaded into)."""
+        return torch.empty_like(p) if self.device is None else torch.empty(p.shape, dtype=p.dtype,
+                                                                           device=self.device)
+
     @contextlib.contextmanager
     def swapped_in(self):
         """The average in the parameters for the `with` block; the live weights back after, exactly."""
@@ -92,6 +98,10 @@ class LAWA(Averager):
         for snap in state["snapshots"]:
             self._take(snap)
 
+    def state_template(self, state):
+        """A state_dict shaped like `state` (with its tensors left out), to load tensors into."""
+        return dict(taken=state["taken"], snapshots=[[self._like(p) for p in self.params] for _ in state["snapshots"]])
+
 
 class SWA(Averager):
     """The running mean of every taken iterate: avg += (w - avg) / (n + 1)."""
@@ -115,7 +125,12 @@ class SWA(Averager):
         return dict(taken=self.taken, avg=self.avg)
 
     def load_state_dict(self, state):
-        self.taken, self.avg = state["taken"], state["avg"]
+        self.taken = state["taken"]
+        self.avg = None if state["avg"] is None else [
+            a.to(self.device or p.device, copy=True) for a, p in zip(state["avg"], self.params)]
+
+    def state_template(self, state):
+        return dict(taken=state["taken"], avg=None if state["avg"] is None else [self._like(p) for p in self.params])
 
 
 AVERAGERS = {"lawa": LAWA, "swa": SWA}

@@ -3,6 +3,7 @@ They parse and dispatch, nothing more."""
 
 import argparse
 import json
+import os
 import sys
 
 import hydra
@@ -16,12 +17,17 @@ from pace_lm.config import CONF_DIR  # importing it registers the ${pkgdir:...} 
 
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="train")
 def _train_app(cfg: DictConfig):
-    from pace_lm.train import train
+    from pace_lm.train import Interrupted, train
     try:
         record = train(cfg)
+    except Interrupted as e:  # checkpointed: exit as a process the signal ended would (128 + its number)
+        print(f"pace-train: {e}", file=sys.stderr)
+        sys.exit(128 + e.signum)
     except (PaceLMError, OmegaConfBaseException) as e:
         print(f"pace-train: error: {e}", file=sys.stderr)
         sys.exit(2)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for the run
+        return
     s = record["summary"]
     print(f"pace-train: {cfg.run_name}: final_val_loss {s['final_val_loss']:.4f} ({s['returned']} returned), "
           f"final iterate {s['vanilla_val_loss']:.4f}; record {cfg.training.out_dir}/{cfg.run_name}/record.json")
@@ -128,7 +134,10 @@ def figure_main(argv=None):
         return
     try:
         _figure(*_parse_figure_args(argv))
-    except (PaceLMError, HydraException, OmegaConfBaseException) as e:
+    except PaceLMError as e:
+        print(f"pace-figure: error: {e}", file=sys.stderr)
+        sys.exit(128 + e.signum if hasattr(e, "signum") else 2)  # train.Interrupted: as the signal would
+    except (HydraException, OmegaConfBaseException) as e:
         print(f"pace-figure: error: {e}", file=sys.stderr)
         sys.exit(2)
 

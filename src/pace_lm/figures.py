@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 from omegaconf import OmegaConf
 
-from pace_lm import PaceLMError
+from pace_lm import PaceLMError, records
 from pace_lm.config import CONF_DIR, compose
 from pace_lm.records import RECORD, read_record
 
@@ -38,7 +38,8 @@ PLOT_KEYS = {"x", "logx", "line", "panel", "metric", "split"}
 SHORT = {"optimizer.lr": "lr", "optimizer.lambda_pullback": "c", "optimizer.ema_kappa": "kappa"}
 FINAL = ("complete", "diverged")  # the outcomes a resumed sweep keeps
 # keys of a record's config that may differ from the sweep's without it being another run
-NOT_COMPARED = ("training.progress", "training.overwrite", "training.save_model", "logging.")
+NOT_COMPARED = ("training.progress", "training.overwrite", "training.save_model", "training.resume",
+                "training.checkpoint.", "logging.")
 
 
 @dataclass
@@ -131,10 +132,10 @@ def run_name(values):
 
 
 def run_overrides(fig, run, out_dir, data=None, extra=()):
-    """Every override of one run, ending with where its record goes."""
+    """Every override of one run, ending with where its record goes; a run with checkpoints goes on."""
     data_override = [override("dataset.path", data)] if data else []
-    return [*run.overrides, *data_override, *extra, f"training.out_dir={os.path.join(out_dir, fig.id)}",
-            f"run_name={run.name}"]
+    return [*run.overrides, *data_override, "training.resume=auto", *extra,
+            f"training.out_dir={os.path.join(out_dir, fig.id)}", f"run_name={run.name}"]
 
 
 def command(overrides):
@@ -168,33 +169,19 @@ def build_config(fig, run, out_dir, data=None, extra=()):
 
 
 def config_diff(recorded, cfg):
-    """Dotted keys whose values differ between a record's config and `cfg`.
-
-    Only keys both have are compared (a key added to pace-train after the record was written is not a
-    difference), and not the NOT_COMPARED ones, which change how a run is shown or kept, not what it computes.
-    """
-    a, b = _flatten(recorded), _flatten(OmegaConf.to_container(cfg, resolve=True))
-    return sorted(k for k in set(a) & set(b) if a[k] != b[k] and not k.startswith(NOT_COMPARED))
-
-
-def _flatten(d, prefix=""):
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
+    """Dotted keys whose values differ between a record's config and `cfg` (see records.config_diff)."""
+    return records.config_diff(recorded, OmegaConf.to_container(cfg, resolve=True), NOT_COMPARED)
 
 
 def run_figure(fig, out_dir, data=None, extra=(), only=None, log=print):
     """Train the figure's runs one after another; a run already complete (or diverged) is kept.
 
-    An interrupted sweep resumes: a record left "running" or "failed" is trained again from the start.
+    An interrupted sweep resumes: a run left "running", "interrupted" or "failed" goes on from its latest
+    checkpoint (training.checkpoint.interval, or the one a SIGTERM / SIGINT wrote), or starts again.
     A run whose loss goes non-finite is recorded as "diverged" and the sweep goes on (high learning
     rates are expected to); any other failure stops the sweep. Returns {run name: status}.
     """
-    from pace_lm.train import Diverged, train
+    from pace_lm.train import Diverged, Interrupted, train
     runs = select(fig, only=only)
     check_data(fig, data)
     status = {}
@@ -220,6 +207,9 @@ def run_figure(fig, out_dir, data=None, extra=(), only=None, log=print):
             status[run.name] = "diverged"
             log(f"{head}: diverged ({e})")
             continue
+        except Interrupted as e:
+            log(f"{head}: {e}; run the same pace-figure command to go on")
+            raise
         finally:
             _free_device_memory()
         status[run.name] = record["status"]

@@ -78,6 +78,26 @@ def _git_commit():
     return (commit + ("+dirty" if dirty else "")) if commit else None
 
 
+def config_diff(a, b, ignore=()):
+    """Dotted keys whose values differ between configs `a` and `b` (nested dicts).
+
+    Only keys both have are compared (a key added to pace-train after a record was written is not a
+    difference), and not those starting with one of `ignore`.
+    """
+    a, b = _flatten(a), _flatten(b)
+    return sorted(k for k in set(a) & set(b) if a[k] != b[k] and not k.startswith(tuple(ignore)))
+
+
+def _flatten(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def strip_timing(obj):
     """A copy of a record without the fields that differ between two identical runs (for comparing)."""
     if isinstance(obj, dict):

@@ -1,23 +1,30 @@
 """train(cfg): one run, from config to record and returned model. The loop is one visible function.
 
-    setup (data, model, optimizer, averagers) -> fit (the loop: accumulate, clip, step, average, log,
-    evaluate) -> save
+    setup (data, model, optimizer, averagers; or all of it from a checkpoint) -> fit (the loop: accumulate,
+    clip, step, average, log, evaluate, checkpoint) -> save
 Every eval interval the live iterate and every kept average are scored on the same validation batches:
 the optimizer's own (PACE's EMA, schedule-free's average, through opt.eval() / opt.train()) and those of
 the averagers (LAWA, SWA). `val_loss` is the returned model's.
+
+Under torchrun each rank trains its share of every global batch (pace_lm.distributed); the loss is
+normalized by the global number of trained tokens, so the run is the single-process run up to float
+summation order. A SIGTERM or SIGINT ends the run at the next step boundary with a checkpoint; a run
+resumed from a checkpoint (training.resume) writes the record the uninterrupted run would have.
 """
 
 import contextlib
 import math
 import os
 import shutil
+import signal
+import threading
 import time
 
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from pace_lm import PaceLMError, averaging
+from pace_lm import PaceLMError, averaging, checkpoint, distributed
 from pace_lm.data import IGNORE_INDEX, META, Batches, collate, load_prepared, prepare, subset
 from pace_lm.models import build_model
 from pace_lm.optim import (build_optimizer, check_optimizer, check_schedule, grad_norm_clip, lr_factor,
@@ -29,127 +36,239 @@ class Diverged(PaceLMError):
     """The loss went non-finite: an outcome of the run (recorded as status "diverged"), not bad input."""
 
 
+class Interrupted(PaceLMError):
+    """A SIGTERM or SIGINT stopped the run after a step, with a checkpoint (recorded as "interrupted")."""
+
+    def __init__(self, message, signum):
+        super().__init__(message)
+        self.signum = signum
+
+
 def train(cfg):
-    """Run `cfg` (a composed pace-train config); return its record. Raises PaceLMError on bad input."""
+    """Run `cfg` (a composed pace-train config); return its record.
+
+    Raises PaceLMError on bad input, Interrupted after a SIGTERM / SIGINT (a checkpoint was written first).
+    Under torchrun every rank calls it; rank 0 writes the record and the returned model.
+    """
     OmegaConf.resolve(cfg)
     check_config(cfg)
-    run_dir = os.path.join(cfg.training.out_dir, cfg.run_name)
-    record_path = os.path.join(run_dir, RECORD)
-    check_run_dir(record_path, cfg.training.overwrite)
-    device = get_device(cfg.training.device)
-    train_ds, val_ds, tokenizer, meta = load_data(cfg.dataset, cfg.seed)
-    seq_len = get_seq_len(cfg.training.max_seq_len, meta)
+    w, device = distributed.init(cfg.training.parallel, cfg.training.device)
+    clean = False
+    try:
+        record = run(cfg, w, device)
+        clean = True
+        return record
+    except Interrupted:
+        clean = True
+        raise
+    finally:
+        distributed.shutdown(w, clean)
 
-    record = dict(status="running", error=None, config=OmegaConf.to_container(cfg), data=meta,
-                  summary={}, eval_logs=[], step_logs=[])
-    shutil.rmtree(os.path.join(run_dir, "model"), ignore_errors=True)  # a stale returned model goes
-    write_json_atomic(record_path, record)
+
+def run(cfg, w, device):
+    """train() once the process group is up: the run directory, resume, setup, fit, save, the record."""
+    tc = cfg.training
+    if tc.batch_size % (tc.micro_batch_size * w.world):
+        raise PaceLMError(f"training.batch_size={tc.batch_size} is not a multiple of training.micro_batch_size"
+                          f" x ranks = {tc.micro_batch_size} x {w.world}")
+    run_dir = os.path.join(tc.out_dir, cfg.run_name)
+    record_path = os.path.join(run_dir, RECORD)
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    check_run_dir(record_path, tc.overwrite)
+    resume_from = checkpoint.find(tc.resume, ckpt_dir, tc.overwrite)
+    train_ds, val_ds, tokenizer, meta = load_data(cfg.dataset, cfg.seed, w)
+    seq_len = get_seq_len(tc.max_seq_len, meta)
+
+    state = own = None
+    if resume_from:
+        state, own = checkpoint.load(resume_from, w)
+        checkpoint.check_resumable(state, OmegaConf.to_container(cfg), meta, resume_from)
+        record = state["record"]
+        record.update(status="running", error=None)
+        record.setdefault("resumed", []).append(dict(step=state["loop"]["step"], checkpoint=resume_from))
+    else:
+        record = dict(status="running", error=None, config=OmegaConf.to_container(cfg), data=meta,
+                      summary={}, eval_logs=[], step_logs=[])
+    if w.main:
+        if tc.overwrite:
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
+        shutil.rmtree(os.path.join(run_dir, "model"), ignore_errors=True)  # a stale returned model goes
+        write_json_atomic(record_path, record)
     try:
         torch.manual_seed(cfg.seed)
         model = build_model(cfg.model, tokenizer).to(device)
+        step_model = distributed.wrap(model, w, device)  # under FSDP2, `model` itself is now sharded
         opt = build_optimizer(cfg.optimizer, model, device)
         returned = returned_model(cfg.optimizer)
         averagers = averaging.build_averagers(cfg.averaging, averaging.enabled(cfg.averaging, returned),
                                               model.parameters())
-        record["summary"] = fit(cfg, model, opt, averagers, train_ds, val_ds, meta["pad_token_id"], seq_len,
-                                device, record, record_path)
-        if cfg.training.save_model:
+        if state is not None:
+            checkpoint.restore(state, resume_from, model, opt, averagers, w)
+        record["summary"] = fit(cfg, model, step_model, opt, averagers, train_ds, val_ds, meta["pad_token_id"],
+                                seq_len, device, record, record_path, w, ckpt_dir, state, own)
+        if tc.save_model:
             with returned_weights(returned, opt, averagers):
-                record["summary"]["model_dir"] = save_model(model, tokenizer, run_dir)
+                model_dir = save_model(model, tokenizer, run_dir, w)
+            record["summary"]["model_dir"] = model_dir
         record["status"] = "complete"
     except BaseException as e:  # the record says how the run ended, whatever ended it
-        record["status"] = "diverged" if isinstance(e, Diverged) else "failed"
+        record["status"] = ("diverged" if isinstance(e, Diverged) else
+                            "interrupted" if isinstance(e, Interrupted) else "failed")
         record["error"] = f"{type(e).__name__}: {e}"
         raise
     finally:
-        write_json_atomic(record_path, record)
+        if w.main:
+            write_json_atomic(record_path, record)
     return record
 
 
-def fit(cfg, model, opt, averagers, train_ds, val_ds, pad_id, seq_len, device, record, record_path):
-    """The training loop; fills record's logs in place and returns the summary."""
+def fit(cfg, model, step_model, opt, averagers, train_ds, val_ds, pad_id, seq_len, device, record, record_path,
+        w, ckpt_dir, state=None, own=None):
+    """The training loop; fills record's logs in place and returns the summary.
+
+    `state` / `own`: a checkpoint's (the model and optimizer are already restored), to go on from.
+    """
     from tqdm.auto import tqdm
     tc = cfg.training
-    accum = tc.batch_size // tc.micro_batch_size
+    accum = tc.batch_size // (tc.micro_batch_size * w.world)  # micro-batches per rank per step
     returned = returned_model(cfg.optimizer)
     autocast = get_autocast(tc.dtype, device)
-    batches = Batches(len(train_ds), tc.micro_batch_size, cfg.seed)
+    batches = Batches(len(train_ds), tc.batch_size, cfg.seed)  # global batches; each rank takes its share
     val_batches = [collate(val_ds[list(range(i, min(i + tc.eval_batch_size, len(val_ds))))], pad_id, seq_len,
                            tc.pad_to) for i in range(0, min(len(val_ds), tc.eval_batches * tc.eval_batch_size),
                                                  tc.eval_batch_size)]
-    base_lrs = [g["lr"] for g in opt.param_groups]
-    wandb_run = start_wandb(cfg)
-    step_model = torch.compile(model) if tc.compile_model else model
+    compiled = torch.compile(step_model) if tc.compile_model else step_model
 
-    tokens = trained = tokens_after_first = 0
-    window_loss, window_tokens = torch.zeros((), device=device), 0  # loss summed on the device until a log
-    t_start, t_train, t_first = time.time(), 0.0, 0.0
-    bar = tqdm(total=tc.max_steps, desc=cfg.run_name, disable=not tc.progress, dynamic_ncols=True)
+    # the loop's counters: all a checkpoint needs besides the states (a restored optimizer's lr is the
+    # scheduled one of its last step: the base lrs come from the checkpoint)
+    c = dict(step=0, tokens=0, trained=0, tokens_after_first=0, window_tokens=0, t_train=0.0, t_first=0.0,
+             wall=0.0, wandb_id=None, base_lrs=[g["lr"] for g in opt.param_groups])
+    window_loss = torch.zeros((), device=device)  # this rank's loss summed on the device until a log
+    if state is not None:
+        c.update(state["loop"])
+        batches.load_state_dict(state["batches"])
+        if own["window_loss"] is not None:
+            window_loss = own["window_loss"].to(device)
+        checkpoint.set_rng_state(own["rng"])
+    wandb_run = start_wandb(cfg, c) if w.main else None
+    t_start = time.time() - c["wall"]
+    bar = tqdm(total=tc.max_steps, initial=c["step"], desc=cfg.run_name, disable=not (tc.progress and w.main),
+               dynamic_ncols=True)
+
+    def save_checkpoint(step):
+        c.update(step=step, wall=time.time() - t_start)
+        states, sharded = checkpoint.capture(model, opt, averagers, w)
+        shared = dict(config=record["config"], record=record, loop=dict(c), batches=batches.state_dict(),
+                      train=states)
+        mine = dict(rng=checkpoint.rng_state(), window_loss=window_loss.cpu(), world=w.world)
+        return checkpoint.save(ckpt_dir, step, shared, mine, w, sharded, keep=tc.checkpoint.keep)
+
     model.train()
     opt.train()  # schedule-free must be in train mode to step; for PACE it is already
-    for step in range(tc.max_steps):
-        t0 = time.time()
-        factor = lr_factor(step, tc.max_steps, cfg.schedule)
-        set_lr(opt, base_lrs, factor)
-        lr = cfg.optimizer.lr * factor
-        micro = [collate(train_ds[next(batches)], pad_id, seq_len, tc.pad_to) for _ in range(accum)]
-        # counted on the host, before the copy to the device: the loop does not sync
-        n_step = sum(int((m["labels"][:, 1:] != IGNORE_INDEX).sum()) for m in micro)
-        step_tokens = sum(int(m["attention_mask"].sum()) for m in micro)
-        tokens += step_tokens
-        tokens_after_first += step_tokens if step else 0
-        for m in micro:
-            with autocast:
-                loss_sum, _ = batch_loss(step_model, to_device(m, device))
-            (loss_sum / max(1, n_step)).backward()  # the step's loss is the mean over all its tokens
-            window_loss += loss_sum.detach()
-        window_tokens += n_step
-        trained += n_step
-        grad_norm = grad_norm_clip(model, tc.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        for averager in averagers.values():
-            averager.update(step + 1)
-        t_step = time.time() - t0
-        t_train += t_step
-        if step == 0:
-            t_first = t_step  # includes one-time costs: torch.compile of the step, allocator warm-up
-        bar.update(1)
+    with stop_signals() as signals:
+        for step in range(c["step"], tc.max_steps):
+            t0 = time.time()
+            factor = lr_factor(step, tc.max_steps, cfg.schedule)
+            set_lr(opt, c["base_lrs"], factor)
+            lr = cfg.optimizer.lr * factor
+            rows = next(batches)  # (batch_size,) row indices of the global batch
+            micro = [collate(train_ds[rows[i:i + tc.micro_batch_size]], pad_id, seq_len, tc.pad_to)
+                     for i in range(0, tc.batch_size, tc.micro_batch_size)]
+            # counted over the global batch on the host, before any copy to the device: no sync, no collective
+            n_step = sum(int((m["labels"][:, 1:] != IGNORE_INDEX).sum()) for m in micro)
+            step_tokens = sum(int(m["attention_mask"].sum()) for m in micro)
+            c["tokens"] += step_tokens
+            c["tokens_after_first"] += step_tokens if step else 0
+            mine = micro[w.rank * accum:(w.rank + 1) * accum]
+            for j, m in enumerate(mine):
+                with distributed.grad_sync(step_model, w, sync=j == accum - 1), autocast:
+                    loss_sum, _ = batch_loss(compiled, to_device(m, device))
+                # the step's loss is the mean over the global batch's tokens; DDP / FSDP average the
+                # ranks' gradients, hence the factor world
+                scale = max(1, n_step) if w.world == 1 else max(1, n_step) / w.world
+                (loss_sum / scale).backward()
+                window_loss += loss_sum.detach()
+            c["window_tokens"] += n_step
+            c["trained"] += n_step
+            grad_norm = grad_norm_clip(model, tc.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            for averager in averagers.values():
+                averager.update(step + 1)
+            t_step = time.time() - t0
+            c["t_train"] += t_step
+            if step == 0:
+                c["t_first"] = t_step  # includes one-time costs: torch.compile of the step, allocator warm-up
+            bar.update(1)
 
-        last = step + 1 == tc.max_steps
-        if (step + 1) % tc.log_interval == 0 or last:  # the only host syncs of the loop
-            loss = window_loss.item() / max(1, window_tokens)
-            if not math.isfinite(loss):
-                raise Diverged(f"non-finite train loss ({loss}) at step {step + 1}: "
-                                  f"lower optimizer.lr or set training.grad_clip")
-            entry = dict(step=step + 1, loss=loss, lr=lr, grad_norm=float(grad_norm), tokens=tokens,
-                         time_s=round(time.time() - t_start, 3))
-            record["step_logs"].append(entry)
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / max(t_train, 1e-9):.0f}")
-            log_wandb(wandb_run, entry, step + 1)
-            window_loss.zero_()
-            window_tokens = 0
-        if (step + 1) % tc.eval_interval == 0 or last:
-            entry = dict(step=step + 1, tokens=tokens, **evaluate_all(model, opt, averagers, returned,
-                                                                       val_batches, device, autocast))
-            record["eval_logs"].append(entry)
-            bar.write(f"step {step + 1}: " + ", ".join(
-                f"{k} {v:.4f}" for k, v in entry.items() if k.endswith("val_loss") and v is not None)
-                + f" ({returned} returned)")
-            log_wandb(wandb_run, {f"eval/{k}": v for k, v in entry.items()}, step + 1)
-            write_json_atomic(record_path, record)
+            last = step + 1 == tc.max_steps
+            if (step + 1) % tc.log_interval == 0 or last:  # the only host syncs of the loop
+                loss = distributed.all_sum(window_loss.clone(), w).item() / max(1, c["window_tokens"])
+                if not math.isfinite(loss):
+                    raise Diverged(f"non-finite train loss ({loss}) at step {step + 1}: "
+                                   f"lower optimizer.lr or set training.grad_clip")
+                entry = dict(step=step + 1, loss=loss, lr=lr, grad_norm=float(distributed.full_tensor(grad_norm)),
+                             tokens=c["tokens"], time_s=round(time.time() - t_start, 3))
+                record["step_logs"].append(entry)
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}",
+                                tok_s=f"{c['tokens'] / max(c['t_train'], 1e-9):.0f}")
+                log_wandb(wandb_run, entry, step + 1)
+                window_loss.zero_()
+                c["window_tokens"] = 0
+            if (step + 1) % tc.eval_interval == 0 or last:
+                entry = dict(step=step + 1, tokens=c["tokens"], **evaluate_all(
+                    model, opt, averagers, returned, val_batches, device, autocast, w))
+                record["eval_logs"].append(entry)
+                log_wandb(wandb_run, {f"eval/{k}": v for k, v in entry.items()}, step + 1)
+                if w.main:
+                    bar.write(f"step {step + 1}: " + ", ".join(
+                        f"{k} {v:.4f}" for k, v in entry.items() if k.endswith("val_loss") and v is not None)
+                        + f" ({returned} returned)")
+                    write_json_atomic(record_path, record)
+            stop = distributed.any_rank(bool(signals), w, device)
+            interval = tc.checkpoint.interval
+            if stop or (interval and (step + 1) % interval == 0) or (last and tc.checkpoint.at_end):
+                folder = save_checkpoint(step + 1)
+                if stop:
+                    name = signal.Signals(signals[0]).name if signals else "a signal on another rank"
+                    raise Interrupted(f"{name} after step {step + 1} of {tc.max_steps}: checkpoint {folder}; "
+                                      f"go on with training.resume=true", signals[0] if signals else signal.SIGTERM)
     bar.close()
     if wandb_run is not None:
         wandb_run.finish()
 
     final = record["eval_logs"][-1]
+    t_train, t_first = c["t_train"], c["t_first"]
     return dict(final_val_loss=final["val_loss"], **{k: final[k] for k in VAL_KEYS}, returned=returned,
-                final_train_loss=record["step_logs"][-1]["loss"], steps=tc.max_steps, tokens_seen=tokens,
-                trained_tokens=trained, num_params=sum(p.numel() for p in model.parameters()),
+                final_train_loss=record["step_logs"][-1]["loss"], steps=tc.max_steps, tokens_seen=c["tokens"],
+                trained_tokens=c["trained"], num_params=sum(p.numel() for p in model.parameters()),
                 wall_time_s=round(time.time() - t_start, 3), train_time_s=round(t_train, 3),
-                first_step_time_s=round(t_first, 3), tokens_per_s=round(tokens / max(t_train, 1e-9), 1),
-                steady_tokens_per_s=round(tokens_after_first / max(t_train - t_first, 1e-9), 1)
+                first_step_time_s=round(t_first, 3), tokens_per_s=round(c["tokens"] / max(t_train, 1e-9), 1),
+                steady_tokens_per_s=round(c["tokens_after_first"] / max(t_train - t_first, 1e-9), 1)
                 if tc.max_steps > 1 else None, environment=environment())
+
+
+@contextlib.contextmanager
+def stop_signals():
+    """A list that receives the first SIGTERM / SIGINT of the block (the loop stops at the next step
+    boundary, with a checkpoint); a second one acts as it would without this (stops at once)."""
+    got = []
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield got
+        return
+    old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def handler(signum, frame):
+        got.append(signum)
+        signal.signal(signum, old[signum])
+
+    for s in old:
+        signal.signal(s, handler)
+    try:
+        yield got
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 def batch_loss(model, batch):
@@ -162,17 +281,28 @@ def batch_loss(model, batch):
 
 
 @torch.no_grad()
-def evaluate(model, val_batches, device, autocast):
-    """Mean loss per trained token over the validation batches (not a mean of batch means)."""
+def evaluate(model, val_batches, device, autocast, w=distributed.World()):
+    """Mean loss per trained token over the validation batches (not a mean of batch means).
+
+    Under torchrun the batches are dealt round-robin to the ranks and the sums added up. Every rank runs
+    the same number of forward passes (FSDP2's forward is collective): one short of a batch runs batch 0
+    again and does not count it.
+    """
     was_training = model.training
     model.eval()
     total, count = torch.zeros((), device=device), torch.zeros((), device=device)
-    for batch in val_batches:
+    rounds = -(-len(val_batches) // w.world)
+    mine = val_batches[w.rank::w.world]
+    for i in range(rounds):
         with autocast:
-            loss, n = batch_loss(model, to_device(batch, device))
-        total += loss
-        count += n
+            loss, n = batch_loss(model, to_device(mine[i] if i < len(mine) else val_batches[0], device))
+        if i < len(mine):
+            total += loss
+            count += n
+    distributed.reshard(model)
     model.train(was_training)
+    if w.parallel:
+        total, count = distributed.all_sum(torch.stack([total, count]), w)
     value = (total / count.clamp(min=1)).item()
     if not math.isfinite(value):
         raise Diverged(f"non-finite validation loss ({value}): the run diverged")
@@ -183,25 +313,25 @@ VAL_KEYS = ("val_loss", "vanilla_val_loss", "ema_val_loss", "schedulefree_val_lo
             "swa_val_loss")
 
 
-def evaluate_all(model, opt, averagers, returned, val_batches, device, autocast):
+def evaluate_all(model, opt, averagers, returned, val_batches, device, autocast, w):
     """Validation loss of the live iterate and of every average the run keeps, and of the returned one.
 
     An average with no weights yet (LAWA or SWA before its first) scores None.
     """
     out = dict.fromkeys(VAL_KEYS)
-    out["vanilla_val_loss"] = evaluate(model, val_batches, device, autocast)
+    out["vanilla_val_loss"] = evaluate(model, val_batches, device, autocast, w)
     own = "schedulefree" if returned == "schedulefree" else (
         "ema" if opt.param_groups[0].get("use_ema_eval") else None)
     if own:  # the optimizer's own average, put in the model by opt.eval()
         opt.eval()
         try:
-            out[f"{own}_val_loss"] = evaluate(model, val_batches, device, autocast)
+            out[f"{own}_val_loss"] = evaluate(model, val_batches, device, autocast, w)
         finally:
             opt.train()
     for name, averager in averagers.items():
         if averager.taken:
             with averager.swapped_in():
-                out[f"{name}_val_loss"] = evaluate(model, val_batches, device, autocast)
+                out[f"{name}_val_loss"] = evaluate(model, val_batches, device, autocast, w)
     out["val_loss"] = out["vanilla_val_loss" if returned == "final_iterate" else f"{returned}_val_loss"]
     return out
 
@@ -222,15 +352,31 @@ def returned_weights(returned, opt, averagers):
         yield
 
 
-def save_model(model, tokenizer, run_dir):
-    """save_pretrained (safetensors) of the model as it is, with the tokenizer, moved into place whole."""
+def save_model(model, tokenizer, run_dir, w):
+    """save_pretrained (safetensors) of the model as it is, with the tokenizer, moved into place whole.
+
+    Every rank calls it; rank 0 writes. Under FSDP2 the full weights are gathered to rank 0's CPU first
+    and saved from a plain model of the same class.
+    """
     out = os.path.join(run_dir, "model")
     tmp = os.path.join(run_dir, ".model.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    to_save, state_dict = model, None
+    if w.parallel == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        state_dict = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if w.main:
+            with torch.device("meta"):
+                to_save = type(model).__mro__[2]._from_config(model.config)  # FSDP<Class> -> FSDPModule, Class
+            to_save.load_state_dict(state_dict, assign=True)
+            to_save.tie_weights()
+    if w.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        to_save.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+    if w.parallel:
+        torch.distributed.barrier()
     return out
 
 
@@ -250,6 +396,17 @@ def check_config(cfg):
         raise PaceLMError(f"training.pad_to={tc.pad_to!r}; known: max_seq_len, longest")
     if tc.dtype not in ("auto", "fp32", "bf16"):
         raise PaceLMError(f"training.dtype={tc.dtype!r}; known: auto, fp32, bf16")
+    if tc.parallel not in distributed.PARALLEL:
+        raise PaceLMError(f"training.parallel={tc.parallel!r}; known: {', '.join(distributed.PARALLEL)}")
+    if not (tc.resume in (True, False, "auto") or (isinstance(tc.resume, str) and tc.resume)):
+        raise PaceLMError(f"training.resume={tc.resume!r} must be false, true, auto or a checkpoint folder")
+    if tc.resume not in (False, "auto") and tc.overwrite:
+        raise PaceLMError(f"training.resume={tc.resume} and training.overwrite=true contradict each other")
+    ck = tc.checkpoint
+    if not isinstance(ck.interval, int) or ck.interval < 0:
+        raise PaceLMError(f"training.checkpoint.interval={ck.interval!r} must be an integer >= 0 (0: none)")
+    if not isinstance(ck.keep, int) or ck.keep < 1:
+        raise PaceLMError(f"training.checkpoint.keep={ck.keep!r} must be a positive integer")
     check_optimizer(cfg.optimizer)
     averaging.check_averaging(cfg.averaging, averaging.enabled(cfg.averaging, returned_model(cfg.optimizer)),
                               tc.max_steps)
@@ -269,15 +426,6 @@ def check_run_dir(record_path, overwrite):
                               f"training.overwrite=true")
 
 
-def get_device(name):
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise PaceLMError(f"training.device={name} but CUDA is not available")
-    return device
-
-
 def get_autocast(dtype, device):
     """bf16 autocast on CUDA for dtype=auto; fp32 (no autocast) on CPU unless dtype=bf16."""
     if dtype == "bf16" or (dtype == "auto" and device.type == "cuda"):
@@ -294,11 +442,13 @@ def get_seq_len(max_seq_len, meta):
     return max_seq_len
 
 
-def load_data(cfg, seed):
-    """(train, validation, tokenizer, meta); the offline dataset is prepared on first use."""
-    if cfg.prepare_if_missing and not os.path.exists(os.path.join(cfg.path, META)):
+def load_data(cfg, seed, w):
+    """(train, validation, tokenizer, meta); the offline dataset is prepared on first use (by rank 0)."""
+    if w.main and cfg.prepare_if_missing and not os.path.exists(os.path.join(cfg.path, META)):
         print(f"preparing {cfg.name} data in {cfg.path} (once, offline)", flush=True)
         prepare(cfg.path, source=cfg.prepare_if_missing, mode=cfg.mode, seed=0)
+    if w.parallel:
+        torch.distributed.barrier()
     train_ds, val_ds, tokenizer, meta = load_prepared(cfg.path)
     if meta["mode"] != cfg.mode:
         raise PaceLMError(f"dataset.path={cfg.path!r} holds {meta['mode']} data but dataset.mode={cfg.mode}")
@@ -309,15 +459,18 @@ def to_device(batch, device):
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def start_wandb(cfg):
+def start_wandb(cfg, counters):
+    """The wandb run, or None; a resumed run logs on into the same wandb run (its id is checkpointed)."""
     if not cfg.logging.wandb:
         return None
     try:
         import wandb
     except ImportError as e:
         raise PaceLMError("logging.wandb=true but wandb is not installed (pip install wandb)") from e
-    return wandb.init(project=cfg.logging.wandb_project, entity=cfg.logging.wandb_entity, name=cfg.run_name,
-                      config=OmegaConf.to_container(cfg))
+    run = wandb.init(project=cfg.logging.wandb_project, entity=cfg.logging.wandb_entity, name=cfg.run_name,
+                     config=OmegaConf.to_container(cfg), id=counters["wandb_id"], resume="allow")
+    counters["wandb_id"] = run.id
+    return run
 
 
 def log_wandb(run, entry, step):

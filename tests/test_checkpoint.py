@@ -1,0 +1,128 @@
+"""pace_lm.checkpoint: written whole or not at all, the latest K kept, and nothing but tensors read back."""
+
+import os
+import pickle
+import random
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+
+from pace_lm import PaceLMError, checkpoint
+from pace_lm.distributed import World
+
+W = World()
+
+
+class Evil:
+    """Unpickling it would create a file: the proof that a loader ran code from a checkpoint."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def save(ckpt_dir, step, keep=2):
+    state = dict(step=step, weights=torch.full((3,), float(step)), groups=[dict(betas=(0.9, 0.99), lr=1e-3)])
+    return checkpoint.save(str(ckpt_dir), step, state, dict(rng=checkpoint.rng_state()), W, keep=keep)
+
+
+def test_split_and_join_are_inverse():
+    tree = dict(model={"a.weight": torch.randn(2, 3)}, optimizer=dict(
+        state={0: dict(step=3, exp_avg=torch.zeros(2))}, param_groups=[dict(betas=(0.9, 0.95), lr=0.1, name=None)]))
+    tensors, rest = checkpoint.split_tensors(tree)
+    assert set(tensors) == {"model/a.weight", "optimizer/state/0/exp_avg"} == checkpoint.marked_keys(rest)
+    assert rest["optimizer"]["param_groups"] == [dict(betas=(0.9, 0.95), lr=0.1, name=None)]  # a tuple stays one
+    back = checkpoint.join_tensors(rest, tensors)
+    assert back["model"]["a.weight"] is tree["model"]["a.weight"] and back["optimizer"]["state"][0]["step"] == 3
+    assert checkpoint.marked_keys(tree) == set()
+
+
+def test_save_keeps_the_latest_k_and_loads_them(tmp_path):
+    for step in range(1, 6):
+        folder = save(tmp_path, step, keep=2)
+    assert [s for s, _ in checkpoint.list_checkpoints(str(tmp_path))] == [4, 5]
+    assert checkpoint.latest(str(tmp_path)) == folder == checkpoint.step_dir(str(tmp_path), 5)
+    state, own = checkpoint.load(folder, W)
+    assert state["step"] == 5 and torch.equal(state["weights"], torch.full((3,), 5.0))
+    assert state["groups"][0]["betas"] == (0.9, 0.99) and set(own["rng"]) >= {"torch", "python", "numpy"}
+    assert sorted(os.listdir(tmp_path)) == ["step_00000004", "step_00000005"]  # no temporary left
+
+
+def test_a_write_killed_midway_leaves_no_checkpoint_that_looks_complete(tmp_path, monkeypatch):
+    save(tmp_path, 4)
+    real = checkpoint._save_file
+
+    def dies_on_the_state(obj, path):
+        if path.endswith(checkpoint.STATE):
+            with open(path, "wb") as f:
+                f.write(b"PK\x03\x04 half a zip")  # what a writer killed mid-file leaves
+            raise KeyboardInterrupt
+        real(obj, path)
+
+    monkeypatch.setattr(checkpoint, "_save_file", dies_on_the_state)
+    with pytest.raises(KeyboardInterrupt):
+        save(tmp_path, 8)
+    assert checkpoint.latest(str(tmp_path)) == checkpoint.step_dir(str(tmp_path), 4)
+    assert ".step_00000008.tmp" in os.listdir(tmp_path)  # the remains, under a name nothing reads
+    monkeypatch.setattr(checkpoint, "_save_file", real)
+    save(tmp_path, 8)  # the next attempt at that step replaces the remains
+    assert [s for s, _ in checkpoint.list_checkpoints(str(tmp_path))] == [4, 8]
+    assert ".step_00000008.tmp" not in os.listdir(tmp_path)
+
+
+def test_saving_a_step_again_replaces_it(tmp_path):
+    save(tmp_path, 3)
+    save(tmp_path, 3)
+    assert os.listdir(tmp_path) == ["step_00000003"]
+
+
+def test_a_damaged_or_missing_checkpoint_is_a_clear_error(tmp_path):
+    folder = save(tmp_path, 2)
+    with pytest.raises(PaceLMError, match="is not a checkpoint"):
+        checkpoint.load(str(tmp_path / "nothing"), W)
+    path = os.path.join(folder, checkpoint.STATE)
+    data = open(path, "rb").read()
+    with open(path, "wb") as f:
+        f.write(data[: len(data) // 2])
+    with pytest.raises(PaceLMError, match=f"checkpoint file {path} cannot be read"):
+        checkpoint.load(folder, W)
+
+
+def test_loading_never_runs_pickled_code(tmp_path):
+    folder = save(tmp_path, 1)
+    proof = tmp_path / "ran"
+    torch.save(dict(step=1, x=Evil(str(proof))), os.path.join(folder, checkpoint.STATE))
+    with pytest.raises(PaceLMError, match="cannot be read"):
+        checkpoint.load(folder, W)
+    assert not proof.exists()
+
+
+def test_sharded_tensors_load_and_their_metadata_cannot_run_code(tmp_path):
+    saved = {"model/w": torch.randn(4, 3), "optimizer/state/w/exp_avg": torch.randn(4, 3),
+             "n": torch.tensor(7), "bf16": torch.randn(5).bfloat16()}
+    dcp.save(saved, storage_writer=dcp.FileSystemWriter(str(tmp_path / "dcp")))
+    template = {k: torch.zeros_like(v) for k, v in saved.items()}
+    checkpoint.load_sharded(str(tmp_path), template)
+    assert all(torch.equal(template[k], saved[k]) for k in saved)
+
+    proof = tmp_path / "ran"
+    with open(tmp_path / "dcp" / ".metadata", "wb") as f:
+        pickle.dump(Evil(str(proof)), f)
+    with pytest.raises(PaceLMError, match="is not allowed in a checkpoint's metadata"):
+        checkpoint.load_sharded(str(tmp_path), template)
+    assert not proof.exists()
+    with pytest.raises(PaceLMError, match="has no dcp/"):
+        checkpoint.load_sharded(str(tmp_path / "dcp"), template)
+
+
+def test_rng_state_round_trips_through_a_weights_only_file(tmp_path):
+    state = checkpoint.rng_state()
+    draws = (torch.rand(3), random.random(), np.random.rand())
+    torch.save(state, tmp_path / "rng.pt")
+    checkpoint.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    again = (torch.rand(3), random.random(), np.random.rand())
+    assert torch.equal(draws[0], again[0]) and draws[1:] == again[1:]

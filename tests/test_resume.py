@@ -1,0 +1,158 @@
+"""Checkpoint and resume in pace-train: a stopped run, resumed, writes the record the uninterrupted run wrote,
+bit for bit on CPU; real processes are killed (SIGTERM, and SIGKILL between checkpoints) and resumed."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import pytest
+
+import pace_lm.train as train_mod
+from pace_lm import PaceLMError, checkpoint
+from pace_lm.config import compose
+from pace_lm.train import Interrupted, train
+
+from conftest import BIN, comparable
+
+# a cosine schedule, micro-batches, averagers taking weights off the log and eval steps: state everywhere
+SMALL = ["training.max_steps=12", "training.batch_size=4", "training.micro_batch_size=2", "training.max_seq_len=64",
+         "training.eval_interval=4", "training.eval_batches=3", "training.log_interval=3", "training.progress=false",
+         "training.device=cpu", "schedule=cos", "averaging.lawa.enabled=true", "averaging.lawa.k=2",
+         "averaging.lawa.every=3", "averaging.swa.enabled=true", "averaging.swa.every=2", "averaging.swa.start=3"]
+
+
+def overrides(data, out, *extra):
+    return [f"dataset.path={data}", f"training.out_dir={out}", "run_name=r", *SMALL, *extra]
+
+
+@pytest.fixture(scope="module")
+def reference(offline_data, tmp_path_factory):
+    """The uninterrupted runs, by optimizer."""
+    out = tmp_path_factory.mktemp("reference")
+    return {opt: train(compose(overrides(offline_data, out / opt, f"optimizer={opt}")))
+            for opt in ("pace", "schedulefree")}
+
+
+def interrupt_at(monkeypatch, step):
+    """SIGTERM this process during training step `step` (1-based), as a scheduler would."""
+    calls = []
+    real = train_mod.grad_norm_clip
+
+    def clip(model, max_norm):
+        calls.append(1)
+        if len(calls) == step:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(model, max_norm)
+
+    monkeypatch.setattr(train_mod, "grad_norm_clip", clip)
+
+
+@pytest.mark.parametrize("opt", ["pace", "schedulefree"])
+def test_a_signal_checkpoints_and_resume_gives_the_same_record(opt, reference, offline_data, tmp_path, monkeypatch):
+    interrupt_at(monkeypatch, 5)
+    with pytest.raises(Interrupted, match="SIGTERM after step 5 of 12") as e:
+        train(compose(overrides(offline_data, tmp_path, f"optimizer={opt}")))
+    assert e.value.signum == signal.SIGTERM
+    record = json.loads((tmp_path / "r" / "record.json").read_text())
+    assert record["status"] == "interrupted" and "checkpoints/step_00000005" in record["error"]
+    assert [s for s, _ in checkpoint.list_checkpoints(str(tmp_path / "r" / "checkpoints"))] == [5]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone with the run
+    monkeypatch.undo()
+
+    resumed = train(compose(overrides(offline_data, tmp_path, f"optimizer={opt}", "training.resume=true")))
+    assert resumed["status"] == "complete"
+    assert resumed["resumed"] == [dict(step=5, checkpoint=str(tmp_path / "r" / "checkpoints" / "step_00000005"))]
+    assert comparable(resumed) == comparable(reference[opt])
+    assert json.loads((tmp_path / "r" / "record.json").read_text()) == json.loads(json.dumps(resumed))
+
+
+def test_resume_refuses_what_it_cannot_go_on_from(offline_data, tmp_path, monkeypatch):
+    def cfg(*extra):
+        return compose(overrides(offline_data, tmp_path, *extra))
+
+    with pytest.raises(PaceLMError, match="training.resume=true but .* has no checkpoint"):
+        train(cfg("training.resume=true"))
+    with pytest.raises(PaceLMError, match="no such checkpoint folder"):
+        train(cfg(f"training.resume={tmp_path}/nowhere"))
+    with pytest.raises(PaceLMError, match="contradict"):
+        train(cfg("training.resume=true", "training.overwrite=true"))
+    for bad, match in [("training.resume=maybe", "no such checkpoint folder"),
+                       ("training.checkpoint.keep=0", "keep=0 must be a positive integer"),
+                       ("training.checkpoint.interval=-1", "interval=-1 must be an integer >= 0"),
+                       ("training.parallel=tp", "training.parallel='tp'; known: ddp, fsdp")]:
+        with pytest.raises(PaceLMError, match=match):
+            train(cfg(bad))
+
+    interrupt_at(monkeypatch, 3)
+    with pytest.raises(Interrupted):
+        train(cfg())
+    monkeypatch.undo()
+    with pytest.raises(PaceLMError, match="holds checkpoints of an unfinished run .*training.resume=true"):
+        train(cfg())  # not started over silently
+    with pytest.raises(PaceLMError, match=r"another config \(differs in optimizer.lr\)"):
+        train(cfg("training.resume=true", "optimizer.lr=0.01"))
+
+    state = tmp_path / "r" / "checkpoints" / "step_00000003" / checkpoint.STATE
+    saved = state.read_bytes()
+    state.write_bytes(saved[:1000])
+    with pytest.raises(PaceLMError, match="cannot be read"):
+        train(cfg("training.resume=auto"))
+    assert json.loads((tmp_path / "r" / "record.json").read_text())["status"] == "interrupted"  # left as it was
+    state.write_bytes(saved)
+
+    record = train(cfg("training.resume=auto", "training.checkpoint.at_end=true", "training.checkpoint.keep=1"))
+    assert record["status"] == "complete" and record["resumed"][0]["step"] == 3
+    assert [s for s, _ in checkpoint.list_checkpoints(str(tmp_path / "r" / "checkpoints"))] == [12]
+    with pytest.raises(PaceLMError, match="is a complete run"):
+        train(cfg("training.resume=true"))
+    record = train(cfg("training.overwrite=true"))  # starts again: the old checkpoints go
+    assert "resumed" not in record and not (tmp_path / "r" / "checkpoints").exists()
+
+
+def launch(data, out, *extra):
+    cmd = [os.path.join(BIN, "pace-train"), *overrides(data, out, "optimizer=pace", "training.checkpoint.interval=4",
+                                                      *extra)]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, HF_HUB_OFFLINE="1"))
+
+
+def wait_for(path, proc, timeout=300):
+    start = time.time()
+    while not os.path.isdir(path):
+        assert proc.poll() is None, f"the run ended before {path}: {proc.communicate()[1][-2000:]}"
+        assert time.time() - start < timeout, f"no {path} after {timeout} s"
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_a_killed_process_resumes_to_the_same_record(sig, offline_data, tmp_path):
+    """SIGTERM: a checkpoint at the step it lands in. SIGKILL: nothing more is written; the run goes on
+    from its last periodic checkpoint, redoing the steps after it."""
+    ckpts = tmp_path / "r" / "checkpoints"
+    proc = launch(offline_data, tmp_path, "training.max_steps=24")
+    wait_for(ckpts / "step_00000004", proc)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == (128 + sig if sig == signal.SIGTERM else -sig), err[-2000:]
+    steps = [s for s, _ in checkpoint.list_checkpoints(str(ckpts))]
+    record = json.loads((tmp_path / "r" / "record.json").read_text())
+    if sig == signal.SIGTERM:
+        assert record["status"] == "interrupted" and f"checkpoints/step_{steps[-1]:08d}" in record["error"]
+        assert f"pace-train: SIGTERM after step {steps[-1]} of 24" in err
+    else:
+        assert record["status"] == "running" and all(s % 4 == 0 for s in steps)
+    assert 4 <= steps[-1] < 24
+
+    # the uninterrupted run of this config, and the resumed one
+    ref = train(compose(overrides(offline_data, tmp_path / "ref", "optimizer=pace", "training.max_steps=24",
+                                  "training.checkpoint.interval=4")))
+    proc = launch(offline_data, tmp_path, "training.max_steps=24", "training.resume=true")
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-2000:]
+    record = json.loads((tmp_path / "r" / "record.json").read_text())
+    assert record["resumed"] == [dict(step=steps[-1], checkpoint=str(ckpts / f"step_{steps[-1]:08d}"))]
+    assert comparable(record) == comparable(ref)
+    shutil.rmtree(tmp_path / "ref")
