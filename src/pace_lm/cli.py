@@ -149,9 +149,12 @@ def _figure(opts, extra):
         figs = [load_figure(f) for f in list_figures()]
         width = max(len(f.id) for f in figs)
         for f in figs:
-            print(f"{f.id:<{width}}  {len(f.runs):>3} runs  {f.description}  [{f.hardware}]")
+            runs = "theory" if f.theory is not None else f"{len(f.runs):>3} runs"
+            print(f"{f.id:<{width}}  {runs:>8}  {f.description}  [{f.hardware}]")
         return
     fig = load_figure(opts["fig"])
+    if fig.theory is not None:
+        return _theory_figure(fig, opts)
     if not (opts["run"] or opts["plot"]):
         check_data(fig, opts["data"])
         print(f"# {fig.id}: {fig.description}\n# hardware: {fig.hardware}")
@@ -169,5 +172,20 @@ def _figure(opts, extra):
     if opts["plot"]:
         from pace_lm.plots import plot_figure
         text, paths = plot_figure(fig, opts["out_dir"], opts["plot_dir"])
+        print(text)
+        print(f"pace-figure: wrote {', '.join(paths)}")
+
+
+def _theory_figure(fig, opts):
+    """fig=quadratic: no pace-train runs; its numbers are computed in-process (seconds) into one record."""
+    from pace_lm.quadratic import plot_quadratic, run_quadratic
+    if not (opts["run"] or opts["plot"]):
+        print(f"# {fig.id}: {fig.description}\n# hardware: {fig.hardware}\n"
+              f"pace-figure fig={fig.id} run=true plot=true")
+        return
+    if opts["run"]:
+        run_quadratic(fig.theory, opts["out_dir"], log=lambda m: print(m, flush=True))
+    if opts["plot"]:
+        text, paths = plot_quadratic(fig.theory, opts["out_dir"], opts["plot_dir"])
         print(text)
         print(f"pace-figure: wrote {', '.join(paths)}")

@@ -33,7 +33,7 @@ from pace_lm.records import RECORD, read_record
 
 FIG_DIR = os.path.join(CONF_DIR, "figures")
 GROUPS = ("model", "dataset", "optimizer", "schedule")  # pace-train's config groups
-SPEC_KEYS = {"description", "hardware", "prepare", "plot", "common", "runs"}
+SPEC_KEYS = {"description", "hardware", "prepare", "plot", "common", "runs", "theory"}
 PLOT_KEYS = {"x", "logx", "line", "panel", "metric", "split"}
 SHORT = {"optimizer.lr": "lr", "optimizer.lambda_pullback": "c", "optimizer.ema_kappa": "kappa"}
 FINAL = ("complete", "diverged")  # the outcomes a resumed sweep keeps
@@ -57,6 +57,7 @@ class Figure:
     prepare: list
     plot: dict
     runs: list = field(default_factory=list)
+    theory: dict | None = None  # a figure of pace.theory, computed by pace_lm.quadratic: no pace-train runs
 
 
 def list_figures():
@@ -75,6 +76,12 @@ def load_figure(fig_id):
         raise PaceLMError(f"{where}: unknown keys {sorted(unknown)}; known: {sorted(SPEC_KEYS)}")
     if not spec.get("description"):
         raise PaceLMError(f"{where}: no description (one line, for fig=list)")
+    if "theory" in spec:
+        missing = {"sde", "instances", "optimizer"} - set(spec["theory"] or {})
+        if missing or set(spec) - {"description", "hardware", "theory"}:
+            raise PaceLMError(f"{where}: a theory figure has description, hardware and theory "
+                              f"(sde, instances, optimizer){f'; theory lacks {sorted(missing)}' if missing else ''}")
+        return Figure(fig_id, spec["description"], spec.get("hardware", "not stated"), [], {}, [], spec["theory"])
     plot = {**dict(logx=False, line=None, panel=None, metric="final_val_loss", split={}), **(spec.get("plot") or {})}
     if set(plot) - PLOT_KEYS or "x" not in plot:
         raise PaceLMError(f"{where}: plot needs x and takes only {sorted(PLOT_KEYS)}")
