@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -28,6 +29,15 @@ def comparable(record):
     for key in ("out_dir", "resume"):
         record["config"]["training"].pop(key)
     return record
+
+
+def wait_for(path, proc, timeout=300):
+    """Poll until folder `path` exists (e.g. a checkpoint), failing if the process `proc` ends first."""
+    start = time.time()
+    while not os.path.isdir(path):
+        assert proc.poll() is None, f"the run ended before {path}: {proc.communicate()[1][-2000:]}"
+        assert time.time() - start < timeout, f"no {path} after {timeout} s"
+        time.sleep(0.01)
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import warnings
 
 import pytest
@@ -152,7 +151,7 @@ def close(a, b, rtol=2e-5):
 def test_pace_train_under_torchrun_matches_one_process_and_resumes(parallel, single, offline_data, tmp_path):
     from pace_lm import checkpoint
     from safetensors.torch import load_file
-    from conftest import comparable
+    from conftest import comparable, wait_for
 
     # uninterrupted: the single-process run up to float summation order (the ranks' losses and gradients
     # are summed in another order), with only rank 0 writing
@@ -180,10 +179,7 @@ def test_pace_train_under_torchrun_matches_one_process_and_resumes(parallel, sin
     # stopped by a SIGTERM to torchrun (it passes it on to the ranks), then resumed: the same record, exactly
     ckpts = tmp_path / "cut" / "r" / "checkpoints"
     proc = torchrun(run_args(offline_data, tmp_path / "cut", f"training.parallel={parallel}"))
-    start = time.time()
-    while not (ckpts / "step_00000004").is_dir():
-        assert proc.poll() is None and time.time() - start < 300, proc.communicate()[1][-3000:]
-        time.sleep(0.01)
+    wait_for(ckpts / "step_00000004", proc)
     proc.send_signal(signal.SIGTERM)
     proc.communicate(timeout=300)
     cut = json.loads((tmp_path / "cut" / "r" / "record.json").read_text())

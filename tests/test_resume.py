@@ -6,7 +6,6 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 
 import pytest
 
@@ -15,7 +14,7 @@ from pace_lm import PaceLMError, checkpoint
 from pace_lm.config import compose
 from pace_lm.train import Interrupted, train
 
-from conftest import BIN, comparable
+from conftest import BIN, comparable, wait_for
 
 # a cosine schedule, micro-batches, averagers taking weights off the log and eval steps: state everywhere
 SMALL = ["training.max_steps=12", "training.batch_size=4", "training.micro_batch_size=2", "training.max_seq_len=64",
@@ -117,14 +116,6 @@ def launch(data, out, *extra):
                                                       *extra)]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=dict(os.environ, HF_HUB_OFFLINE="1"))
-
-
-def wait_for(path, proc, timeout=300):
-    start = time.time()
-    while not os.path.isdir(path):
-        assert proc.poll() is None, f"the run ended before {path}: {proc.communicate()[1][-2000:]}"
-        assert time.time() - start < timeout, f"no {path} after {timeout} s"
-        time.sleep(0.01)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])

@@ -42,9 +42,9 @@ def launched():
 
 
 def init(parallel, device_name):
-    """(World, device): join the process group torchrun set up; a single process needs nothing."""
-    if parallel not in PARALLEL:
-        raise PaceLMError(f"training.parallel={parallel!r}; known: {', '.join(PARALLEL)}")
+    """(World, device): join the process group torchrun set up; a single process needs nothing.
+
+    `parallel` (ddp | fsdp) is checked with the rest of the config, before this."""
     if not launched():
         return World(), get_device(device_name)
     rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))

@@ -179,13 +179,13 @@ def fit(cfg, model, step_model, opt, averagers, train_ds, val_ds, pad_id, seq_le
             step_tokens = sum(int(m["attention_mask"].sum()) for m in micro)
             c["tokens"] += step_tokens
             c["tokens_after_first"] += step_tokens if step else 0
+            # the step's loss is the mean over the global batch's tokens; DDP / FSDP average the ranks'
+            # gradients, hence the factor world
+            scale = max(1, n_step) if w.world == 1 else max(1, n_step) / w.world
             mine = micro[w.rank * accum:(w.rank + 1) * accum]
             for j, m in enumerate(mine):
                 with distributed.grad_sync(step_model, w, sync=j == accum - 1), autocast:
                     loss_sum, _ = batch_loss(compiled, to_device(m, device))
-                # the step's loss is the mean over the global batch's tokens; DDP / FSDP average the
-                # ranks' gradients, hence the factor world
-                scale = max(1, n_step) if w.world == 1 else max(1, n_step) / w.world
                 (loss_sum / scale).backward()
                 window_loss += loss_sum.detach()
             c["window_tokens"] += n_step
@@ -299,7 +299,8 @@ def evaluate(model, val_batches, device, autocast, w=distributed.World()):
         if i < len(mine):
             total += loss
             count += n
-    distributed.reshard(model)
+    if w.parallel == "fsdp":
+        distributed.reshard(model)
     model.train(was_training)
     if w.parallel:
         total, count = distributed.all_sum(torch.stack([total, count]), w)
