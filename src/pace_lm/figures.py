@@ -10,6 +10,10 @@ A spec states only what differs from pace-train's defaults:
     common:      {override key: value} for every run
     runs:        [{override key: value or [values]}]: each entry is a grid, its lists swept (their product);
                  an entry's `with: {override key: value}` applies to its runs without naming them
+    seeds:       [seeds] (optional): every run above once per seed, named `<run>_seed<S>`. The seed sets the
+                 order of the training batches (and a model trained from scratch's initialization); the
+                 data, their split and the validation batches are the same for every seed. Plots and
+                 tables average over seeds (mean ± std) and pair runs of the same seed (plot.paired).
 
 Keys are pace-train override keys: a config group (`optimizer: pace`) or a dotted value
 (`optimizer.lr: 1e-3`). A list value is swept; a value that is itself a list is written nested
@@ -33,8 +37,8 @@ from pace_lm.records import RECORD, read_record
 
 FIG_DIR = os.path.join(CONF_DIR, "figures")
 GROUPS = ("model", "dataset", "optimizer", "schedule")  # pace-train's config groups
-SPEC_KEYS = {"description", "hardware", "prepare", "plot", "common", "runs", "theory"}
-PLOT_KEYS = {"x", "logx", "line", "panel", "metric", "split"}
+SPEC_KEYS = {"description", "hardware", "prepare", "plot", "common", "runs", "seeds", "theory"}
+PLOT_KEYS = {"x", "logx", "line", "panel", "metric", "split", "paired"}
 SHORT = {"optimizer.lr": "lr", "optimizer.lambda_pullback": "c", "optimizer.ema_kappa": "kappa"}
 FINAL = ("complete", "diverged")  # the outcomes a resumed sweep keeps
 # keys of a record's config that may differ from the sweep's without it being another run
@@ -82,7 +86,8 @@ def load_figure(fig_id):
             raise PaceLMError(f"{where}: a theory figure has description, hardware and theory "
                               f"(sde, instances, optimizer){f'; theory lacks {sorted(missing)}' if missing else ''}")
         return Figure(fig_id, spec["description"], spec.get("hardware", "not stated"), [], {}, [], spec["theory"])
-    plot = {**dict(logx=False, line=None, panel=None, metric="final_val_loss", split={}), **(spec.get("plot") or {})}
+    plot = {**dict(logx=False, line=None, panel=None, metric="final_val_loss", split={}, paired={}),
+            **(spec.get("plot") or {})}
     if set(plot) - PLOT_KEYS or "x" not in plot:
         raise PaceLMError(f"{where}: plot needs x and takes only {sorted(PLOT_KEYS)}")
     entries, common = spec.get("runs") or [], spec.get("common") or {}
@@ -97,12 +102,26 @@ def load_figure(fig_id):
             runs.append(Run(name, values, common + fixed + [override(k, v) for k, v in values.items()]))
     if not runs:
         raise PaceLMError(f"{where}: no runs")
+    runs = with_seeds(runs, spec.get("seeds"), where)
     names = [r.name for r in runs]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise PaceLMError(f"{where}: runs with the same name {dupes}: two entries give the same values")
     return Figure(fig_id, spec["description"], spec.get("hardware", "not stated"), spec.get("prepare") or [],
                   plot, runs)
+
+
+def with_seeds(runs, seeds, where):
+    """Each run once per seed (`seed` a value of the run, so its name ends in `_seed<S>`); None: as they are."""
+    if seeds is None:
+        return runs
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool)
+                                                             for s in seeds) or len(set(seeds)) < len(seeds):
+        raise PaceLMError(f"{where}: seeds must be a list of distinct integers, not {seeds!r}")
+    if any("seed" in r.values for r in runs):
+        raise PaceLMError(f"{where}: a run sets seed itself; with seeds: every run is run once per seed")
+    return [Run(run_name({**r.values, "seed": s}), {**r.values, "seed": s}, [*r.overrides, override("seed", s)])
+            for s in seeds for r in runs]  # a seed's runs together: a sweep cut short has whole seeds
 
 
 def expand(entry):

@@ -447,7 +447,8 @@ def load_data(cfg, seed, w):
     """(train, validation, tokenizer, meta); the offline dataset is prepared on first use (by rank 0)."""
     if w.main and cfg.prepare_if_missing and not os.path.exists(os.path.join(cfg.path, META)):
         print(f"preparing {cfg.name} data in {cfg.path} (once, offline)", flush=True)
-        prepare(cfg.path, source=cfg.prepare_if_missing, mode=cfg.mode, seed=0)
+        prepare(cfg.path, source=cfg.prepare_if_missing, mode=cfg.mode, tokenizer=cfg.get("tokenizer"),
+                gguf_file=cfg.get("gguf_file"), seed=0)
     if w.parallel:
         torch.distributed.barrier()
     train_ds, val_ds, tokenizer, meta = load_prepared(cfg.path)
