@@ -131,6 +131,36 @@ runs:
     assert [(c.averaging.lawa.enabled, c.averaging.lawa.k) for c in cfgs] == [(True, 2), (True, 2), (False, 5)]
 
 
+def test_seeds_run_every_run_once_per_seed(tmp_path, monkeypatch):
+    fig = load_figure(_spec(tmp_path, monkeypatch, """
+description: x
+plot: {x: optimizer.lr}
+seeds: [3, 7]
+runs:
+  - optimizer: [ema, pace]
+    optimizer.lr: 1e-3
+"""))
+    # a seed's runs together, each named and configured by its seed; nothing else differs between seeds
+    assert [r.name for r in fig.runs] == ["ema_lr0.001_seed3", "pace_lr0.001_seed3", "ema_lr0.001_seed7",
+                                          "pace_lr0.001_seed7"]
+    cfgs = {r.name: build_config(fig, r, str(tmp_path)) for r in fig.runs}
+    assert [c.seed for c in cfgs.values()] == [3, 3, 7, 7]
+    for method in ("ema", "pace"):
+        a, b = (OmegaConf.to_container(cfgs[f"{method}_lr0.001_seed{s}"]) for s in (3, 7))
+        assert {k for k in a if a[k] != b[k]} == {"seed", "run_name"}
+
+
+@pytest.mark.parametrize("seeds, message", [("[0, 0]", "distinct integers"), ("[]", "distinct integers"),
+                                            ("[0.5]", "distinct integers"), ("3", "distinct integers")])
+def test_bad_seeds_are_one_clear_error(tmp_path, monkeypatch, seeds, message):
+    with pytest.raises(PaceLMError, match=message):
+        load_figure(_spec(tmp_path, monkeypatch, f"description: x\nplot: {{x: optimizer.lr}}\nseeds: {seeds}\n"
+                                                 "runs: [{optimizer: pace}]\n"))
+    with pytest.raises(PaceLMError, match="a run sets seed itself"):
+        load_figure(_spec(tmp_path, monkeypatch, "description: x\nplot: {x: optimizer.lr}\nseeds: [0, 1]\n"
+                                                 "runs: [{optimizer: pace, seed: 2}]\n"))
+
+
 def test_run_trains_each_run_and_resumes(tmp_path, monkeypatch, offline_data):
     fig = load_figure(_spec(tmp_path, monkeypatch, MINI))
     out, logs = str(tmp_path / "runs"), []

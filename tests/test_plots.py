@@ -151,3 +151,63 @@ def test_no_records_is_a_clear_error(tmp_path):
     with pytest.raises(PaceLMError, match="no finished runs of demo under .*: train them first"):
         plot_figure(load_figure("demo"), str(tmp_path), str(tmp_path))
     assert os.listdir(tmp_path) == []
+
+
+PAIRED = """
+description: paired seeds
+hardware: none
+seeds: [0, 1, 2]
+plot: {x: optimizer.lr, line: [optimizer], paired: {pace: [ema, adamw]}}
+runs:
+  - optimizer: [adamw, ema, pace]
+    optimizer.lr: [1e-3, 3e-3]
+"""
+
+
+def test_paired_differences_are_per_seed(tmp_path, monkeypatch):
+    """The table's paired cells: the mean and std of the per-seed differences, not of the means."""
+    (tmp_path / "figures").mkdir()
+    (tmp_path / "figures" / "paired.yaml").write_text(PAIRED)
+    monkeypatch.setattr(figures, "FIG_DIR", str(tmp_path / "figures"))
+    fig = load_figure("paired")
+    # seed effects far larger than the method effect: only pairing on the seed shows pace below ema
+    seed_effect, method_effect = [0.0, 0.5, -0.4], {"adamw": 0.02, "ema": 0.0, "pace": -0.01}
+    values = {}
+    for run in fig.runs:
+        m, lr, seed = run.values["optimizer"], run.values["optimizer.lr"], run.values["seed"]
+        values[m, lr, seed] = 3.0 + seed_effect[seed] + method_effect[m] + (0.03 * seed if m == "pace" and lr == 3e-3
+                                                                            else 0.0)
+        if (m, lr, seed) == ("adamw", 3e-3, 2):
+            continue  # a missing run: its pair is left out, the others still count
+        folder = tmp_path / "runs" / "paired" / run.name
+        folder.mkdir(parents=True)
+        (folder / "record.json").write_text(json.dumps(dict(
+            status="complete", config=dict(seed=seed, optimizer=dict(name=m, lr=lr)),
+            summary=dict(final_val_loss=values[m, lr, seed]))))
+    text, _ = plot_figure(fig, str(tmp_path / "runs"), str(tmp_path / "plot"))
+    rows = {r.split(" | ")[0][2:]: [c.strip() for c in r.strip("| ").split(" | ")[1:]]
+            for r in text.splitlines() if " − " in r}
+    assert list(rows) == ["pace − ema", "pace − adamw"]
+
+    def cell(other, lr, seeds):
+        d = [values["pace", lr, s] - values[other, lr, s] for s in seeds]
+        return f"{statistics.fmean(d):+.4f} ± {statistics.stdev(d):.4f} ({sum(x < 0 for x in d)}/{len(d)} seeds < 0)"
+
+    assert rows["pace − ema"] == [cell("ema", 1e-3, range(3)), cell("ema", 3e-3, range(3))]
+    assert rows["pace − adamw"] == [cell("adamw", 1e-3, range(3)), cell("adamw", 3e-3, range(2))]
+    assert rows["pace − ema"][0].endswith("(3/3 seeds < 0)") and rows["pace − ema"][1].endswith("(1/3 seeds < 0)")
+
+
+def test_paired_lines_must_exist(tmp_path, monkeypatch):
+    (tmp_path / "figures").mkdir()
+    (tmp_path / "figures" / "paired.yaml").write_text(PAIRED.replace("[ema, adamw]", "[sgd]"))
+    monkeypatch.setattr(figures, "FIG_DIR", str(tmp_path / "figures"))
+    fig = load_figure("paired")
+    for run in fig.runs:
+        folder = tmp_path / "runs" / "paired" / run.name
+        folder.mkdir(parents=True)
+        (folder / "record.json").write_text(json.dumps(dict(status="complete", config=dict(
+            seed=run.values["seed"], optimizer=dict(name=run.values["optimizer"], lr=run.values["optimizer.lr"])),
+            summary=dict(final_val_loss=3.0))))
+    with pytest.raises(PaceLMError, match=r"plot.paired of paired names lines \['sgd'\]"):
+        plot_figure(fig, str(tmp_path / "runs"), str(tmp_path / "plot"))

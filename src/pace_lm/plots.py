@@ -4,7 +4,8 @@ numbers as a markdown table. Reads records only; never trains (and never imports
 Every value shown comes from a record: x, line and panel from the run's resolved config, the metric
 from its summary. Runs that differ only in `seed` are averaged (the table gives mean ± std and n).
 `plot.split: {line: {label: summary key}}` draws several lines from each run of one line: one AdamW run
-that keeps its EMA, LAWA and SWA gives four returned models, all from the same iterates.
+that keeps its EMA, LAWA and SWA gives four returned models, all from the same iterates. `plot.paired: {line: [other lines]}` adds a table of per-seed differences
+(line − other, paired on the seed), with the number of seeds whose difference is negative.
 """
 
 import math
@@ -33,6 +34,7 @@ def collect(fig, out_dir):
         config = record.get("config")
         line_keys = [k for k in (p["line"] or run.values) if k in run.values and k not in (p["x"], p["panel"], "seed")]
         row = dict(run=run.name, status=record["status"], reference=p["x"] not in run.values,
+                   seed=_get(config, "seed") if config else run.values.get("seed"),
                    x=_get(config, p["x"]) if config else run.values.get(p["x"]),
                    panel=_get(config, p["panel"]) if config and p["panel"] else run.values.get(p["panel"]),
                    line=" ".join(_label(k, _get(config, k) if config else run.values[k]) for k in line_keys))
@@ -109,10 +111,52 @@ def table(fig, rows):
                 texts = [_fmt(c.get(x, []), best[x]) for x in xs]
             out.append(f"| {line} | " + " | ".join(texts) + " |")
         out.append("")
+    if fig.plot["paired"]:
+        out.extend(paired_table(fig, rows))
     status = list({r["run"]: r["status"] for r in rows}.values())  # a split run has several rows
     out.append(f"{status.count('complete')} of {len(status)} runs complete" + "".join(
         f", {status.count(s)} {s}" for s in ("diverged", "running", "failed", "missing") if s in status) + ".")
     return "\n".join(out)
+
+
+def paired(rows, line, other):
+    """{(panel, x): [(seed, line's value − other's value)]} over the seeds where both runs are complete."""
+    by_key = {(r["panel"], r["x"], r["line"], r["seed"]): r["value"] for r in rows if r["value"] is not None}
+    out = {}
+    for (panel, x, name, seed), value in by_key.items():
+        theirs = by_key.get((panel, x, other, seed))
+        if name == line and theirs is not None:
+            out.setdefault((panel, x), []).append((seed, value - theirs))
+    return out
+
+
+def paired_table(fig, rows):
+    """Markdown rows: per pair and x, the mean ± std of the per-seed differences and how many are < 0."""
+    lines = set(r["line"] for r in rows)
+    pairs = [(a, b) for a, others in fig.plot["paired"].items() for b in others]
+    unknown = sorted({n for pair in pairs for n in pair} - lines)
+    if unknown:
+        raise PaceLMError(f"plot.paired of {fig.id} names lines {unknown}; its lines: {sorted(lines)}")
+    out = []
+    for panel in dict.fromkeys(r["panel"] for r in rows):
+        xs = _xs([r for r in rows if r["panel"] == panel], fig)
+        out.append(f"| paired difference (per seed) | " + " | ".join(f"{_short(fig.plot['x'])}={x}" for x in xs)
+                   + " |")
+        out.append("|---|" + "---|" * len(xs))
+        for a, b in pairs:
+            diffs = paired(rows, a, b)
+            out.append(f"| {a} − {b} | " + " | ".join(_fmt_diff(diffs.get((panel, x), [])) for x in xs) + " |")
+        out.append("")
+    return out
+
+
+def _fmt_diff(diffs):
+    """'mean ± std, k/n < 0' of one cell's per-seed differences."""
+    if not diffs:
+        return MISSING
+    values = [d for _, d in diffs]
+    std = f" ± {statistics.stdev(values):.4f}" if len(values) > 1 else ""
+    return f"{statistics.fmean(values):+.4f}{std} ({sum(v < 0 for v in values)}/{len(values)} seeds < 0)"
 
 
 def _short(key):
