@@ -1,5 +1,6 @@
 """pace_lm.checkpoint: written whole or not at all, the latest K kept, and nothing but tensors read back."""
 
+import json
 import os
 import pickle
 import random
@@ -88,6 +89,9 @@ def test_a_damaged_or_missing_checkpoint_is_a_clear_error(tmp_path):
     data = open(path, "rb").read()
     with open(path, "wb") as f:
         f.write(data[: len(data) // 2])
+    with pytest.raises(PaceLMError, match=f"checkpoint {folder} is damaged: state.pt does not match its sha256"):
+        checkpoint.load(folder, W)
+    checkpoint._write_manifest(folder)  # checksums that agree with the truncated file: torch's load fails
     with pytest.raises(PaceLMError, match=f"checkpoint file {path} cannot be read"):
         checkpoint.load(folder, W)
 
@@ -96,9 +100,57 @@ def test_loading_never_runs_pickled_code(tmp_path):
     folder = save(tmp_path, 1)
     proof = tmp_path / "ran"
     torch.save(dict(step=1, x=Evil(str(proof))), os.path.join(folder, checkpoint.STATE))
-    with pytest.raises(PaceLMError, match="cannot be read"):
+    with pytest.raises(PaceLMError, match="is damaged: state.pt does not match its sha256"):
         checkpoint.load(folder, W)
-    assert not proof.exists()
+    checkpoint._write_manifest(folder)  # whoever swapped the file rewrote the checksums too: the safe load refuses
+    with pytest.raises(PaceLMError) as e:
+        checkpoint.load(folder, W)
+    assert str(e.value) == (f"checkpoint file {os.path.join(folder, checkpoint.STATE)} holds objects that a safe "
+                            f"load (tensors and plain containers only) refuses, so it was not loaded: it was not "
+                            f"written by pace-train")
+    assert "weights_only" not in str(e.value) and not proof.exists()
+
+
+def test_every_file_is_checked_against_the_manifest(tmp_path):
+    folder = save(tmp_path, 1)
+    files = sorted(os.listdir(folder))
+    assert files == ["manifest.json", "rank0.pt", "state.pt"]
+    manifest = json.loads(open(os.path.join(folder, "manifest.json")).read())["files"]
+    assert set(manifest) == {"rank0.pt", "state.pt"}
+    checkpoint.verify(folder)
+    for name in ("rank0.pt", "state.pt"):  # one byte flipped anywhere is found, and named
+        path = os.path.join(folder, name)
+        data = bytearray(open(path, "rb").read())
+        i = random.Random(name).randrange(len(data))
+        data[i] ^= 0x10
+        open(path, "wb").write(bytes(data))
+        with pytest.raises(PaceLMError, match=f"is damaged: {name} does not match its sha256"):
+            checkpoint.verify(folder)
+        data[i] ^= 0x10
+        open(path, "wb").write(bytes(data))
+    open(os.path.join(folder, "extra.pt"), "wb").write(b"x")
+    with pytest.raises(PaceLMError, match="holds files its manifest.json does not list"):
+        checkpoint.verify(folder)
+    os.remove(os.path.join(folder, "extra.pt"))
+    os.remove(os.path.join(folder, "manifest.json"))
+    with pytest.raises(PaceLMError, match="has no manifest.json .* it is not loaded"):
+        checkpoint.load(folder, W)
+
+
+def test_resume_goes_on_from_the_newest_intact_checkpoint(tmp_path, capsys):
+    for step in (1, 2, 3):
+        save(tmp_path, step, keep=3)
+    newest = os.path.join(checkpoint.step_dir(str(tmp_path), 3), checkpoint.STATE)
+    open(newest, "r+b").write(b"\0" * 16)
+    assert checkpoint.find(True, str(tmp_path), False) == checkpoint.step_dir(str(tmp_path), 2)
+    assert "step_00000003 is damaged: state.pt does not match its sha256" in capsys.readouterr().err
+    assert checkpoint.find("auto", str(tmp_path), False) == checkpoint.step_dir(str(tmp_path), 2)
+    with pytest.raises(PaceLMError, match="step_00000003 is damaged"):  # a folder named: that one or nothing
+        checkpoint.find(checkpoint.step_dir(str(tmp_path), 3), str(tmp_path), False)
+    for step in (1, 2):
+        open(os.path.join(checkpoint.step_dir(str(tmp_path), step), "rank0.pt"), "ab").write(b"x")
+    with pytest.raises(PaceLMError, match="no intact checkpoint in"):
+        checkpoint.find("auto", str(tmp_path), False)
 
 
 def test_sharded_tensors_load_and_their_metadata_cannot_run_code(tmp_path):

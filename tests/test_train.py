@@ -172,10 +172,13 @@ def test_non_finite_loss_ends_the_run_as_diverged_and_says_so(offline_data, tmp_
         loss, n = batch_loss(model, batch)
         return loss * float("nan"), n
     monkeypatch.setattr(train_mod, "batch_loss", nan_loss)
-    with pytest.raises(train_mod.Diverged, match="non-finite train loss"):
+    with pytest.raises(train_mod.Diverged, match="non-finite train loss") as e:
         train(small_cfg(offline_data, tmp_path, steps=10))
+    assert "grad_clip" not in str(e.value)  # clipping is on: the hint is the lr alone
     record = json.loads((tmp_path / "r" / "record.json").read_text())
     assert record["status"] == "diverged" and "non-finite" in record["error"]
+    with pytest.raises(train_mod.Diverged, match="lower optimizer.lr or set training.grad_clip"):
+        train(small_cfg(offline_data, tmp_path / "noclip", "training.grad_clip=0", steps=10))
     assert issubclass(train_mod.Diverged, PaceLMError)  # pace-train: one error line, exit 2
     assert not (tmp_path / "r" / "model").exists()
 

@@ -11,17 +11,24 @@
 `capture` / `restore` take the model, optimizer and averager states out of a run and put them back (through
 torch.distributed.checkpoint.state_dict under FSDP2); `find` picks the checkpoint training.resume names.
 
+        manifest.json   the sha256 and size of every other file, written last (after their data are fsync-ed)
+
 Every file goes into `.step_00000120.tmp/`, is fsync-ed, and the folder is renamed once all ranks are done:
-a folder named step_* is whole, whatever killed the writer. The latest `keep` are kept. Files are read with
-torch.load(weights_only=True) (tensors and plain containers only); DCP's metadata file, which DCP pickles,
-with an unpickler that builds nothing but DCP's metadata classes.
+a folder named step_* is whole, whatever killed the writer. The latest `keep` are kept. Before anything is
+read, every file is checked against the manifest: a damaged checkpoint is never loaded. training.resume=true
+or auto goes on from the newest intact checkpoint, saying which damaged ones it passed over; a folder named
+explicitly must be intact. Files are read with torch.load(weights_only=True) (tensors and plain containers
+only); DCP's metadata file, which DCP pickles, with an unpickler that builds nothing but DCP's metadata classes.
 """
 
+import hashlib
+import json
 import os
 import pickle
 import random
 import re
 import shutil
+import sys
 
 import torch
 import torch.distributed as dist
@@ -38,6 +45,7 @@ RESUME_NOT_COMPARED = ("training.progress", "training.overwrite", "training.save
                        "training.checkpoint.", "training.device", "training.parallel",
                        "training.compile_model", "logging.")
 STATE = "state.pt"
+MANIFEST = "manifest.json"
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
@@ -78,6 +86,7 @@ def save(ckpt_dir, step, state, own, w, sharded=None, keep=2):
         _save_file(state, os.path.join(tmp, STATE))
     _barrier(w)
     if w.main:
+        _write_manifest(tmp)  # last: every file above is whole on disk by now
         _fsync_dir(tmp)
         if os.path.exists(final):  # the same step again (e.g. the last one, after a resume there)
             old = f"{tmp}.old"
@@ -91,6 +100,52 @@ def save(ckpt_dir, step, state, own, w, sharded=None, keep=2):
             shutil.rmtree(folder)
     _barrier(w)
     return final
+
+
+def _write_manifest(folder):
+    files = {rel: dict(sha256=_sha256(os.path.join(folder, rel)), bytes=os.path.getsize(os.path.join(folder, rel)))
+             for rel in _files(folder) if rel != MANIFEST}
+    with open(os.path.join(folder, MANIFEST), "w") as f:
+        json.dump(dict(format=1, files=files), f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    for sub in {os.path.dirname(rel) for rel in files if os.path.dirname(rel)}:
+        _fsync_dir(os.path.join(folder, sub))
+
+
+def _files(folder):
+    """Paths of every file under `folder`, relative to it, sorted."""
+    return sorted(os.path.relpath(os.path.join(root, f), folder) for root, _, names in os.walk(folder) for f in names)
+
+
+def _sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify(folder):
+    """Check every file of checkpoint `folder` against its manifest; a clear error naming the first bad file."""
+    path = os.path.join(folder, MANIFEST)
+    try:
+        with open(path) as f:
+            files = json.load(f)["files"]
+    except FileNotFoundError:
+        raise PaceLMError(f"checkpoint {folder} has no {MANIFEST} (its checksums): it cannot be verified, so it "
+                          f"is not loaded") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise PaceLMError(f"checkpoint {folder}: {MANIFEST} cannot be read ({type(e).__name__})") from e
+    for rel, want in files.items():
+        full = os.path.join(folder, rel)
+        if not os.path.isfile(full):
+            raise PaceLMError(f"checkpoint {folder} is damaged: {rel} is missing")
+        if os.path.getsize(full) != want["bytes"] or _sha256(full) != want["sha256"]:
+            raise PaceLMError(f"checkpoint {folder} is damaged: {rel} does not match its sha256 in {MANIFEST}")
+    extra = set(_files(folder)) - set(files) - {MANIFEST}
+    if extra:
+        raise PaceLMError(f"checkpoint {folder} holds files its {MANIFEST} does not list: {sorted(extra)[:3]}")
 
 
 def _save_file(obj, path):
@@ -115,10 +170,15 @@ def _barrier(w):
 
 # ---- reading --------------------------------------------------------------------
 
-def load(folder, w):
-    """(state, own) of checkpoint `folder` for this rank, on the CPU; a clear error if it is not one."""
+def load(folder, w, verified=False):
+    """(state, own) of checkpoint `folder` for this rank, on the CPU; a clear error if it is not one, or damaged.
+
+    verified: its files were just checked against the manifest (by find), so they are not hashed again.
+    """
     if not os.path.isfile(os.path.join(folder, STATE)):
         raise PaceLMError(f"{folder} is not a checkpoint (no {STATE})")
+    if not verified:
+        verify(folder)
     state = _load_file(os.path.join(folder, STATE))
     own_path = os.path.join(folder, f"rank{w.rank}.pt")
     # a checkpoint written by fewer ranks: this rank starts from rank 0's RNG (still deterministic)
@@ -131,6 +191,12 @@ def load(folder, w):
 def _load_file(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights_only" not in str(e):
+            raise PaceLMError(f"checkpoint file {path} cannot be read (UnpicklingError); resume from another "
+                              f"checkpoint (training.resume=<folder>)") from e
+        raise PaceLMError(f"checkpoint file {path} holds objects that a safe load (tensors and plain containers "
+                          f"only) refuses, so it was not loaded: it was not written by pace-train") from None
     except Exception as e:  # a truncated, corrupt or foreign file: say which, never start over silently
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise PaceLMError(f"checkpoint file {path} cannot be read ({type(e).__name__}: {msg[:300]}); "
@@ -254,20 +320,40 @@ def set_rng_state(state):
 # ---- a training run's checkpoint: which one, whether it fits, and its states -----------------------
 
 def find(resume, ckpt_dir, overwrite):
-    """The checkpoint folder to go on from, or None to start; refuses to start over a run's checkpoints."""
+    """The intact checkpoint folder to go on from, or None to start; refuses to start over a run's checkpoints.
+
+    true / auto: the newest checkpoint that verifies (each damaged one passed over is warned about); none
+    intact is an error. A folder: that one, which must verify.
+    """
     found = latest(ckpt_dir)
     if resume is False or resume == "auto":
         if found and resume is False and not overwrite:
             raise PaceLMError(f"{ckpt_dir} holds checkpoints of an unfinished run (latest {found}): go on with "
                               f"training.resume=true, or start again with training.overwrite=true")
-        return found if resume == "auto" else None
+        return newest_intact(ckpt_dir) if resume == "auto" and found else None
     if resume is True:
         if found is None:
             raise PaceLMError(f"training.resume=true but {ckpt_dir} has no checkpoint")
-        return found
+        return newest_intact(ckpt_dir)
     if not os.path.isdir(resume):
         raise PaceLMError(f"training.resume={resume!r}: no such checkpoint folder")
+    verify(resume)
     return resume
+
+
+def newest_intact(ckpt_dir):
+    """The newest checkpoint of `ckpt_dir` that verifies; a warning for each newer one that does not."""
+    damaged = []
+    for _, folder in reversed(list_checkpoints(ckpt_dir)):
+        try:
+            verify(folder)
+        except PaceLMError as e:
+            print(f"pace-train: warning: {e}; passing over it", file=sys.stderr, flush=True)
+            damaged.append(str(e))
+            continue
+        return folder
+    raise PaceLMError(f"no intact checkpoint in {ckpt_dir} ({'; '.join(damaged)}): start again with "
+                      f"training.overwrite=true")
 
 
 def check_resumable(state, cfg, meta, folder):

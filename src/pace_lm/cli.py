@@ -143,8 +143,8 @@ def figure_main(argv=None):
 
 
 def _figure(opts, extra):
-    from pace_lm.figures import build_config, check_data, command, list_figures, load_figure, run_figure, \
-        run_overrides, select
+    from pace_lm.figures import build_config, check_data, check_extra, command, list_figures, load_figure, \
+        run_figure, run_overrides, select
     if opts["fig"] == "list":
         figs = [load_figure(f) for f in list_figures()]
         width = max(len(f.id) for f in figs)
@@ -155,6 +155,7 @@ def _figure(opts, extra):
     fig = load_figure(opts["fig"])
     if fig.theory is not None:
         return _theory_figure(fig, opts)
+    check_extra(fig, extra)
     if not (opts["run"] or opts["plot"]):
         check_data(fig, opts["data"])
         print(f"# {fig.id}: {fig.description}\n# hardware: {fig.hardware}")

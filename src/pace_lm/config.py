@@ -22,3 +22,67 @@ def compose(overrides=(), config_name="train"):
 
 
 _register_resolvers()
+
+
+def shipped_value(cfg, group, key):
+    """`key` of config group `group` as the shipped yaml of its choice (`cfg.<group>.name`) sets it, resolved
+    against `cfg` (e.g. dataset.path `data/offline_${model.name}`); None for a choice that is not shipped."""
+    name = cfg[group].get("name")
+    path = os.path.join(CONF_DIR, group, f"{name}.yaml")
+    while name and os.path.isfile(path):
+        node = OmegaConf.load(path)
+        if key in node:
+            probe = OmegaConf.merge(cfg, {group: {key: node._get_node(key)._value()}})
+            return OmegaConf.select(probe, f"{group}.{key}")
+        parents = [d for d in node.get("defaults", []) if isinstance(d, str) and d != "_self_"]
+        if not parents:  # the key comes from no yaml of this group
+            return None
+        path = os.path.join(CONF_DIR, group, f"{parents[0]}.yaml")
+    return None
+
+
+GROUPS = ("model", "dataset", "optimizer", "schedule")  # pace-train's config groups
+FREE = ("model.config.",)  # free-form mappings: the architecture's own arguments
+
+
+def unknown_keys(cfg):
+    """Dotted keys of `cfg` that no shipped yaml defines (e.g. added with `+training.unknown=1`).
+
+    A group whose choice is not a shipped yaml (its name changed, say) is not checked.
+    """
+    schema = OmegaConf.load(os.path.join(CONF_DIR, "train.yaml"))
+    allowed = set(_dotted(OmegaConf.to_container(schema)) ) - {"defaults"}
+    allowed = {k for k in allowed if not k.startswith(("hydra.", "defaults"))}
+    unchecked = []
+    for group in GROUPS:
+        node = _group_yaml(group, cfg[group].get("name"))
+        if node is None:
+            unchecked.append(f"{group}.")
+        else:
+            allowed |= {f"{group}.{k}" for k in _dotted(node)}
+    return sorted(k for k in _dotted(OmegaConf.to_container(cfg))
+                  if k not in allowed and not k.startswith((*FREE, *unchecked)))
+
+
+def _group_yaml(group, name):
+    """The keys a shipped group option sets, its `defaults` parents merged in (a plain dict), or None."""
+    path = os.path.join(CONF_DIR, group, f"{name}.yaml")
+    if not name or not os.path.isfile(path):
+        return None
+    node = OmegaConf.to_container(OmegaConf.load(path))
+    merged = {}
+    for parent in node.pop("defaults", []):
+        if isinstance(parent, str) and parent != "_self_":
+            merged.update(_group_yaml(group, parent) or {})
+    merged.update(node)
+    return merged
+
+
+def _dotted(d, prefix=""):
+    out = []
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out += _dotted(v, f"{prefix}{k}.")
+        else:
+            out.append(f"{prefix}{k}")
+    return out

@@ -78,13 +78,16 @@ def ensure_chatml_tokens(tokenizer):
 
 
 def _tokenize_sft(ds, tokenizer, max_len, num_proc):
-    def fn(batch):
+    def fn(batch, rows):
         out = {k: [] for k in ("input_ids", "labels", "truncated", "n_tokens", "n_trained", "no_assistant")}
-        for messages in batch["messages"]:
+        for row, messages in zip(rows, batch["messages"]):
             no_assistant = not any(m.get("role") == "assistant" for m in messages)
             ids, labels, truncated = [], [], False
             if not no_assistant:
-                ids, labels, truncated = tokenize_conversation(tokenizer, messages, max_len)
+                try:
+                    ids, labels, truncated = tokenize_conversation(tokenizer, messages, max_len)
+                except PaceLMError as e:
+                    raise PaceLMError(f"conversation {row} of the split: {e}") from None
             out["input_ids"].append(ids)
             out["labels"].append(labels)
             out["truncated"].append(truncated)
@@ -92,7 +95,7 @@ def _tokenize_sft(ds, tokenizer, max_len, num_proc):
             out["n_trained"].append(sum(1 for y in labels if y != IGNORE_INDEX))
             out["no_assistant"].append(no_assistant)
         return out
-    return ds.map(fn, batched=True, num_proc=num_proc, remove_columns=ds.column_names,
+    return ds.map(fn, batched=True, with_indices=True, num_proc=num_proc, remove_columns=ds.column_names,
                   desc="tokenizing conversations")
 
 
@@ -146,7 +149,7 @@ def _is_streaming(ds):
 
 # ---- sources ------------------------------------------------------------------------
 
-def load_source(source, mode, name=None, split="train", revision=None, streaming=False):
+def load_source(source, mode, name=None, split="train", revision=None, streaming=False, text_field="text"):
     """A datasets Dataset from 'offline', a preset, local json/jsonl/parquet files, or a hub id."""
     import datasets
     if source == "offline":
@@ -156,6 +159,8 @@ def load_source(source, mode, name=None, split="train", revision=None, streaming
         name = name or PRESETS[source]["name"]
         source = PRESETS[source]["path"]
     files = _local_files(source)
+    if files is not None and LOCAL_FORMATS[os.path.splitext(files[0])[1]] == "json":
+        check_json_files(files, mode, text_field)
     try:
         if files is not None:
             fmt = LOCAL_FORMATS[os.path.splitext(files[0])[1]]
@@ -163,6 +168,56 @@ def load_source(source, mode, name=None, split="train", revision=None, streaming
         return datasets.load_dataset(source, name, split=split, revision=revision, streaming=streaming)
     except (OSError, ValueError, datasets.exceptions.DatasetNotFoundError) as e:
         raise PaceLMError(f"could not load dataset {source!r}: {type(e).__name__}: {str(e).splitlines()[0]}") from e
+
+
+def check_json_files(files, mode, text_field="text"):
+    """Each local .json / .jsonl file parses, and each row has what `mode` reads: one line naming the file
+    and line otherwise (datasets' own error is a long traceback with the row buried in it)."""
+    total = 0
+    for path in files:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        if path.endswith(".jsonl"):
+            rows = []
+            for lineno, line in enumerate(text.splitlines(), 1):
+                if line.strip():
+                    rows.append((lineno, _parse_json(line, path, lineno)))
+        else:
+            data = _parse_json(text, path, None)
+            rows = list(enumerate(data if isinstance(data, list) else [data], 1))
+        for where, row in rows:
+            _check_row(row, mode, text_field, f"{path}, {'line' if path.endswith('.jsonl') else 'row'} {where}")
+        total += len(rows)
+    if not total:
+        what = "conversations" if mode == "sft" else "documents"
+        raise PaceLMError(f"no {what} in {', '.join(files)}")
+
+
+def _parse_json(text, path, lineno):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        line = lineno or e.lineno
+        raise PaceLMError(f"{path}, line {line}: not valid JSON ({e.msg}, column {e.colno})") from None
+
+
+def _check_row(row, mode, text_field, where):
+    if not isinstance(row, dict):
+        raise PaceLMError(f"{where}: a row is a JSON object, not {type(row).__name__}")
+    if mode == "pretrain":
+        if not isinstance(row.get(text_field), str):
+            raise PaceLMError(f"{where}: no {text_field!r} string (pretraining reads --text-field)")
+        return
+    messages = row.get("messages")
+    if not isinstance(messages, list):
+        raise PaceLMError(f"{where}: no 'messages' list (SFT reads a list of {{role, content}})")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise PaceLMError(f"{where}: message {i} is {type(m).__name__}, not {{role, content}}")
+        try:
+            format_chatml([m])
+        except PaceLMError as e:
+            raise PaceLMError(f"{where}: {str(e).replace('message 0', f'message {i}', 1)}") from None
 
 
 def _local_files(source):
@@ -196,14 +251,15 @@ def prepare(out, source="offline", mode="sft", tokenizer=None, gguf_file=None, r
 
     if mode not in ("sft", "pretrain"):
         raise PaceLMError(f"unknown mode {mode!r}; known: sft, pretrain")
-    if os.path.exists(os.path.join(out, META)) and not overwrite:
-        raise PaceLMError(f"{out!r} already holds prepared data; pass --overwrite to replace it")
+    clean_stale(out)  # first: it may put back prepared data a killed run had moved aside
+    check_out(out, overwrite)
     streaming = max_tokens is not None
     if streaming and mode != "pretrain":
         raise PaceLMError("--max-tokens (streaming) is for pretraining mode only")
     if source != "offline" and tokenizer is None:
         raise PaceLMError(f"--tokenizer is needed for source {source!r} (a hub id or a folder)")
-    ds = load_source(source, mode, name=name, split=split, revision=revision, streaming=streaming)
+    ds = load_source(source, mode, name=name, split=split, revision=revision, streaming=streaming,
+                     text_field=text_field)
     if tokenizer is None:  # only for the offline corpus: a tokenizer trained on it
         tok, tokenizer_name = corpus.train_offline_tokenizer(), "offline-bpe"
     else:
@@ -249,11 +305,60 @@ def prepare(out, source="offline", mode="sft", tokenizer=None, gguf_file=None, r
     return meta
 
 
+def check_out(out, overwrite):
+    """pace-data writes into a new or empty folder, or replaces prepared data with overwrite: nothing else.
+
+    A folder of the user's own files is never removed, with or without --overwrite.
+    """
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise PaceLMError(f"{out!r} is a file, not a folder: choose another --out")
+    if not os.path.isdir(out) or not os.listdir(out):
+        return
+    if not os.path.exists(os.path.join(out, META)):
+        raise PaceLMError(f"{out!r} exists and is not prepared data (no {META}): pace-data replaces only a "
+                          f"folder it prepared, even with --overwrite; choose another --out")
+    if not overwrite:
+        raise PaceLMError(f"{out!r} already holds prepared data; pass --overwrite to replace it")
+
+
+def clean_stale(out):
+    """Remove what a killed pace-data left beside `out` (`out.tmp-PID`, `out.old-PID` of a dead PID).
+
+    An `out.old-PID` is the previous prepared data, moved aside just before the new folder took its place:
+    if the new one never arrived, it is put back instead.
+    """
+    base = out.rstrip("/")
+    parent, name = os.path.split(os.path.abspath(base))
+    if not os.path.isdir(parent):
+        return
+    for entry in os.listdir(parent):
+        m = re.fullmatch(re.escape(name) + r"\.(tmp|old)-(\d+)", entry)
+        if not m or _alive(int(m.group(2))):
+            continue
+        path = os.path.join(parent, entry)
+        if m.group(1) == "old" and not os.path.exists(base):
+            os.replace(path, base)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def _replace_dir(tmp, out):
-    """Move the finished folder into place; an older one is removed only after the new one is there."""
+    """Move the finished folder into place; older prepared data is removed only after the new one is there."""
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     old = None
-    if os.path.exists(out):
+    if os.path.isdir(out) and not os.listdir(out):
+        os.rmdir(out)  # an empty folder: nothing to keep
+    elif os.path.exists(out):  # prepared data, replaced with overwrite (check_out refused anything else)
         old = f"{out.rstrip('/')}.old-{os.getpid()}"
         os.replace(out, old)
     os.replace(tmp, out)
@@ -262,6 +367,19 @@ def _replace_dir(tmp, out):
 
 
 # ---- load (pace-train) --------------------------------------------------------------
+
+def prepare_command(cfg):
+    """The pace-data command that prepares `cfg` (the dataset config group) at cfg.path."""
+    source = cfg.get("prepare_if_missing") or (cfg.name if cfg.name in PRESETS else "YOUR_DATA")
+    parts = ["pace-data", "--source", source]
+    if cfg.mode != "sft":
+        parts += ["--mode", cfg.mode]
+    if cfg.get("tokenizer") or source != "offline":
+        parts += ["--tokenizer", cfg.get("tokenizer") or "MODEL"]
+    if cfg.get("gguf_file"):
+        parts += ["--gguf-file", cfg.gguf_file]
+    return " ".join([*parts, "--out", str(cfg.path)])
+
 
 def load_prepared(path):
     """(train, validation, tokenizer, meta) of a prepared folder, with a clear error if it is not one."""
@@ -272,8 +390,8 @@ def load_prepared(path):
         raise PaceLMError(f"dataset.path={path!r} does not exist: prepare it with "
                           f"`pace-data --out {path} ...` (or use dataset=offline)")
     if not os.path.exists(meta_path):
-        raise PaceLMError(f"dataset.path={path!r} has no {META}: not prepared data, or an interrupted "
-                          f"`pace-data`; prepare it again")
+        raise PaceLMError(f"dataset.path={path!r} has no {META}: it is not prepared data (prepare it with "
+                          f"`pace-data --out PATH ...` into a new folder, and set dataset.path=PATH)")
     with open(meta_path) as f:
         meta = json.load(f)
     train = load_from_disk(os.path.join(path, "train"))

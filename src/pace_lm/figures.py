@@ -32,11 +32,10 @@ from dataclasses import dataclass, field
 from omegaconf import OmegaConf
 
 from pace_lm import PaceLMError, records
-from pace_lm.config import CONF_DIR, compose
+from pace_lm.config import CONF_DIR, GROUPS, compose
 from pace_lm.records import RECORD, read_record
 
 FIG_DIR = os.path.join(CONF_DIR, "figures")
-GROUPS = ("model", "dataset", "optimizer", "schedule")  # pace-train's config groups
 SPEC_KEYS = {"description", "hardware", "prepare", "plot", "common", "runs", "seeds", "theory"}
 PLOT_KEYS = {"x", "logx", "line", "panel", "metric", "split", "paired"}
 SHORT = {"optimizer.lr": "lr", "optimizer.lambda_pullback": "c", "optimizer.ema_kappa": "kappa"}
@@ -177,6 +176,17 @@ def select(fig, only=None):
     return chosen
 
 
+def check_extra(fig, extra):
+    """Overrides given to pace-figure may not touch a key the figure sweeps: every run would get the same
+    value, while the run names still show the spec's."""
+    swept = {k for r in fig.runs for k in r.values}
+    for item in extra:
+        key = item.split("=", 1)[0].lstrip("+~")
+        if key in swept:
+            raise PaceLMError(f"{item!r}: {fig.id} sweeps {key} (its runs set it one by one); run another "
+                              f"figure, or pick runs with only=")
+
+
 def check_data(fig, data):
     """`data=` is every run's dataset.path: refused where the spec sets the path itself (one per model)."""
     paths = sorted({o.split("=", 1)[1] for r in fig.runs for o in r.overrides if o.startswith("dataset.path=")})
@@ -210,6 +220,7 @@ def run_figure(fig, out_dir, data=None, extra=(), only=None, log=print):
     from pace_lm.train import Diverged, Interrupted, train
     runs = select(fig, only=only)
     check_data(fig, data)
+    check_extra(fig, extra)
     status = {}
     for i, run in enumerate(runs, 1):
         cfg = build_config(fig, run, out_dir, data, extra)

@@ -27,6 +27,12 @@ def package_dir(name):
     return spec.submodule_search_locations[0]
 
 
+def _strict_errors():
+    """huggingface_hub's config validation error (its configs are strict dataclasses), if it has one."""
+    import huggingface_hub.errors as hub_errors
+    return getattr(hub_errors, "StrictDataclassError", ValueError)
+
+
 def _load_errors():
     import huggingface_hub.errors as hub_errors
     return (OSError, ValueError, hub_errors.HFValidationError)
@@ -61,8 +67,12 @@ def build_model(cfg, tokenizer):
             raise PaceLMError(f"unknown model.arch={cfg.arch!r}; known: {', '.join(ARCHS)}")
         vocab = _round_up(len(tokenizer), cfg.pad_vocab_to_multiple_of)
         config_cls = getattr(transformers, ARCHS[cfg.arch])
-        config = config_cls(vocab_size=vocab, **_special_ids(cfg.arch, tokenizer), **dict(cfg.config))
-        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+        try:  # transformers checks some sizes in the config, others only when it builds the layers
+            config = config_cls(vocab_size=vocab, **_special_ids(cfg.arch, tokenizer), **dict(cfg.config))
+            model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+        except (ValueError, TypeError, RuntimeError, ZeroDivisionError, _strict_errors()) as e:
+            raise PaceLMError(f"model.config={dict(cfg.config)} is not a valid {cfg.arch} config "
+                              f"({_first_line(e.__cause__ or e)})") from e
     elif cfg.source == "pretrained":
         path = cfg.pretrained
         if not path:

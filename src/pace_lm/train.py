@@ -25,10 +25,12 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from pace_lm import PaceLMError, averaging, checkpoint, distributed
-from pace_lm.data import IGNORE_INDEX, META, Batches, collate, load_prepared, prepare, subset
+from pace_lm.config import shipped_value, unknown_keys
+from pace_lm.data import IGNORE_INDEX, META, Batches, collate, load_prepared, prepare, prepare_command, subset
 from pace_lm.models import build_model
 from pace_lm.optim import (build_optimizer, check_optimizer, check_schedule, grad_norm_clip, lr_factor,
                            returned_model, set_lr)
+from pace_lm.lock import run_lock
 from pace_lm.records import RECORD, environment, read_record, write_json_atomic
 
 
@@ -72,16 +74,24 @@ def run(cfg, w, device):
         raise PaceLMError(f"training.batch_size={tc.batch_size} is not a multiple of training.micro_batch_size"
                           f" x ranks = {tc.micro_batch_size} x {w.world}")
     run_dir = os.path.join(tc.out_dir, cfg.run_name)
+    # one writer per run folder (rank 0 writes; the other ranks may be on other hosts)
+    with run_lock(run_dir) if w.main else contextlib.nullcontext():
+        return run_locked(cfg, w, device, run_dir)
+
+
+def run_locked(cfg, w, device, run_dir):
+    """run() holding the run folder's lock."""
+    tc = cfg.training
     record_path = os.path.join(run_dir, RECORD)
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     check_run_dir(record_path, tc.overwrite)
     resume_from = checkpoint.find(tc.resume, ckpt_dir, tc.overwrite)
-    train_ds, val_ds, tokenizer, meta = load_data(cfg.dataset, cfg.seed, w)
+    train_ds, val_ds, tokenizer, meta = load_data(cfg, w)
     seq_len = get_seq_len(tc.max_seq_len, meta)
 
     state = own = None
     if resume_from:
-        state, own = checkpoint.load(resume_from, w)
+        state, own = checkpoint.load(resume_from, w, verified=True)  # find() checked it against its manifest
         checkpoint.check_resumable(state, OmegaConf.to_container(cfg), meta, resume_from)
         record = state["record"]
         record.update(status="running", error=None)
@@ -89,14 +99,14 @@ def run(cfg, w, device):
     else:
         record = dict(status="running", error=None, config=OmegaConf.to_container(cfg), data=meta,
                       summary={}, eval_logs=[], step_logs=[])
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, tokenizer).to(device)  # a bad model config is an error before any record
     if w.main:
         if tc.overwrite:
             shutil.rmtree(ckpt_dir, ignore_errors=True)
         shutil.rmtree(os.path.join(run_dir, "model"), ignore_errors=True)  # a stale returned model goes
         write_json_atomic(record_path, record)
     try:
-        torch.manual_seed(cfg.seed)
-        model = build_model(cfg.model, tokenizer).to(device)
         step_model = distributed.wrap(model, w, device)  # under FSDP2, `model` itself is now sharded
         opt = build_optimizer(cfg.optimizer, model, device)
         returned = returned_model(cfg.optimizer)
@@ -115,6 +125,9 @@ def run(cfg, w, device):
         record["status"] = ("diverged" if isinstance(e, Diverged) else
                             "interrupted" if isinstance(e, Interrupted) else "failed")
         record["error"] = f"{type(e).__name__}: {e}"
+        if isinstance(e, Interrupted) and "checkpoint" not in str(e):
+            last = checkpoint.latest(ckpt_dir)
+            record["error"] += f"; the last checkpoint is {last}" if last else "; no checkpoint was written"
         raise
     finally:
         if w.main:
@@ -205,8 +218,8 @@ def fit(cfg, model, step_model, opt, averagers, train_ds, val_ds, pad_id, seq_le
             if (step + 1) % tc.log_interval == 0 or last:  # the only host syncs of the loop
                 loss = distributed.all_sum(window_loss.clone(), w).item() / max(1, c["window_tokens"])
                 if not math.isfinite(loss):
-                    raise Diverged(f"non-finite train loss ({loss}) at step {step + 1}: "
-                                   f"lower optimizer.lr or set training.grad_clip")
+                    raise Diverged(f"non-finite train loss ({loss}) at step {step + 1}: lower optimizer.lr"
+                                   + ("" if tc.grad_clip and tc.grad_clip > 0 else " or set training.grad_clip"))
                 entry = dict(step=step + 1, loss=loss, lr=lr, grad_norm=float(distributed.full_tensor(grad_norm)),
                              tokens=c["tokens"], time_s=round(time.time() - t_start, 3))
                 record["step_logs"].append(entry)
@@ -250,8 +263,9 @@ def fit(cfg, model, step_model, opt, averagers, train_ds, val_ds, pad_id, seq_le
 
 @contextlib.contextmanager
 def stop_signals():
-    """A list that receives the first SIGTERM / SIGINT of the block (the loop stops at the next step
-    boundary, with a checkpoint); a second one acts as it would without this (stops at once)."""
+    """A list that receives the SIGTERMs / SIGINTs of the block: after the first the loop stops at the next step
+    boundary, with a checkpoint; a second one stops at once (Interrupted, raised where the run is), and the
+    record still says how it ended."""
     got = []
     if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
         yield got
@@ -260,7 +274,8 @@ def stop_signals():
 
     def handler(signum, frame):
         got.append(signum)
-        signal.signal(signum, old[signum])
+        if len(got) > 1:
+            raise Interrupted(f"a second {signal.Signals(signum).name}: stopped at once, mid-step", signum)
 
     for s in old:
         signal.signal(s, handler)
@@ -408,6 +423,10 @@ def check_config(cfg):
         raise PaceLMError(f"training.checkpoint.interval={ck.interval!r} must be an integer >= 0 (0: none)")
     if not isinstance(ck.keep, int) or ck.keep < 1:
         raise PaceLMError(f"training.checkpoint.keep={ck.keep!r} must be a positive integer")
+    unknown = unknown_keys(cfg)
+    if unknown:
+        raise PaceLMError(f"unknown key{'s' * (len(unknown) > 1)} {', '.join(unknown)}: pace-train has no such key "
+                          f"(`pace-train --cfg job` prints them all)")
     check_optimizer(cfg.optimizer)
     averaging.check_averaging(cfg.averaging, averaging.enabled(cfg.averaging, returned_model(cfg.optimizer)),
                               tc.max_steps)
@@ -417,11 +436,13 @@ def check_config(cfg):
 
 
 def check_run_dir(record_path, overwrite):
+    """A complete run, or one whose record cannot be read (it may be complete), is replaced only with overwrite."""
     if os.path.exists(record_path) and not overwrite:
         try:
             status = read_record(record_path).get("status")
-        except ValueError:
-            status = None
+        except (OSError, ValueError, AttributeError) as e:
+            raise PaceLMError(f"{record_path} cannot be read ({type(e).__name__}), so the run may be complete: "
+                              f"choose another run_name, or set training.overwrite=true to replace it") from e
         if status == "complete":
             raise PaceLMError(f"{record_path} is a complete run: choose another run_name or set "
                               f"training.overwrite=true")
@@ -443,18 +464,31 @@ def get_seq_len(max_seq_len, meta):
     return max_seq_len
 
 
-def load_data(cfg, seed, w):
-    """(train, validation, tokenizer, meta); the offline dataset is prepared on first use (by rank 0)."""
-    if w.main and cfg.prepare_if_missing and not os.path.exists(os.path.join(cfg.path, META)):
-        print(f"preparing {cfg.name} data in {cfg.path} (once, offline)", flush=True)
-        prepare(cfg.path, source=cfg.prepare_if_missing, mode=cfg.mode, tokenizer=cfg.get("tokenizer"),
-                gguf_file=cfg.get("gguf_file"), seed=0)
+def load_data(cfg, w):
+    """(train, validation, tokenizer, meta) of dataset.path.
+
+    Only the dataset's own shipped location (e.g. data/offline) is prepared on first use, by rank 0, and only
+    while nothing is there: any other path must be prepared data, and no path is ever removed.
+    """
+    data = cfg.dataset
+    if not os.path.exists(os.path.join(data.path, META)):
+        own = shipped_value(cfg, "dataset", "path")
+        ours = own is not None and os.path.abspath(own) == os.path.abspath(data.path)
+        if not (data.prepare_if_missing and ours and not os.path.exists(data.path)):
+            what = ("does not exist" if not os.path.exists(data.path) else
+                    f"is not prepared data (no {META})")
+            raise PaceLMError(f"dataset.path={data.path!r} {what}: prepare it with `{prepare_command(data)}`, "
+                              f"or point dataset.path at prepared data")
+        if w.main:
+            print(f"preparing {data.name} data in {data.path} (once, offline)", flush=True)
+            prepare(data.path, source=data.prepare_if_missing, mode=data.mode, tokenizer=data.get("tokenizer"),
+                    gguf_file=data.get("gguf_file"), seed=0)
     if w.parallel:
         torch.distributed.barrier()
-    train_ds, val_ds, tokenizer, meta = load_prepared(cfg.path)
-    if meta["mode"] != cfg.mode:
-        raise PaceLMError(f"dataset.path={cfg.path!r} holds {meta['mode']} data but dataset.mode={cfg.mode}")
-    return subset(train_ds, cfg.subset_ratio, seed), val_ds, tokenizer, meta
+    train_ds, val_ds, tokenizer, meta = load_prepared(data.path)
+    if meta["mode"] != data.mode:
+        raise PaceLMError(f"dataset.path={data.path!r} holds {meta['mode']} data but dataset.mode={data.mode}")
+    return subset(train_ds, data.subset_ratio, cfg.seed), val_ds, tokenizer, meta
 
 
 def to_device(batch, device):
