@@ -55,13 +55,15 @@ def test_bad_override_is_one_error_and_no_run(tmp_path, offline_data):
 def test_pace_data_bad_input(tmp_path, offline_data):
     proc = run_cli(["pace-data", "--source", "missing.jsonl", "--tokenizer", "x", "--out", "o"], cwd=tmp_path)
     assert proc.returncode == 2 and "pace-data: error: data source 'missing.jsonl' does not exist" in proc.stderr
-    (tmp_path / "t.jsonl").write_text(json.dumps({"text": "no messages here"}) + "\n" +
-                                      json.dumps({"text": "still none"}) + "\n")
-    proc = run_cli(["pace-data", "--source", "t.jsonl", "--tokenizer", "nowhere-tokenizer", "--out", "o"],
+    chat = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    (tmp_path / "c.jsonl").write_text(json.dumps(chat) + "\n" + json.dumps(chat) + "\n")
+    proc = run_cli(["pace-data", "--source", "c.jsonl", "--tokenizer", "nowhere-tokenizer", "--out", "o"],
                    cwd=tmp_path)
     assert proc.returncode == 2 and "could not load tokenizer 'nowhere-tokenizer'" in proc.stderr
+    (tmp_path / "t.jsonl").write_text(json.dumps({"text": "no messages here"}) + "\n" +
+                                      json.dumps({"text": "still none"}) + "\n")
     proc = run_cli(["pace-data", "--source", "t.jsonl", "--tokenizer", str(offline_data / "tokenizer"),
                     "--out", "o", "--val-size", "1"], cwd=tmp_path)
-    assert proc.returncode == 2 and "dataset has no 'messages' column (columns: text)" in proc.stderr
+    assert proc.returncode == 2 and "t.jsonl, line 1: no 'messages' list" in proc.stderr
     assert "Traceback" not in proc.stderr
-    assert sorted(os.listdir(tmp_path)) == ["t.jsonl"]  # nothing half-written
+    assert sorted(os.listdir(tmp_path)) == ["c.jsonl", "t.jsonl"]  # nothing half-written

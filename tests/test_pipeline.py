@@ -106,6 +106,11 @@ def test_reproduce_a_cell_of_the_smollm2_sft_figure(tmp_path):
     for key in ("corpus_sha256", "counts", "vocab_size", "max_seq_len", "seed", "gguf_file", "added_tokens"):
         assert meta[key] == reference["data"][key], f"the prepared data differ from the reference's in {key}"
 
+    # the pretrained model before any step, on the same validation batches: the README's reference
+    pretrained = _pretrained_loss_module().pretrained_loss("smollm2_sft", SMOL_CELL, str(data))
+    committed = json.loads((FIXTURES / "smollm2_sft" / "pretrained.json").read_text())
+    assert abs(pretrained["val_loss"] - committed["val_loss"]) <= TOL, (pretrained, committed)
+
     record = train(cfg)
     assert record["status"] == "complete" and record["summary"]["returned"] == "ema"
     n = len(record["step_logs"])
@@ -124,3 +129,12 @@ def test_reproduce_a_cell_of_the_smollm2_sft_figure(tmp_path):
     if TOL == 0:
         assert mine == theirs
         assert strip_timing(record["eval_logs"]) == strip_timing(reference["eval_logs"])
+
+
+def _pretrained_loss_module():
+    import importlib.util
+    path = Path(__file__).parent.parent / "benchmarks" / "pretrained_loss.py"
+    spec = importlib.util.spec_from_file_location("pretrained_loss", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

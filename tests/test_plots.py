@@ -78,7 +78,7 @@ def test_the_adamw_lines_of_one_run_are_what_separate_runs_give(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 
-@pytest.mark.parametrize("fig_id", ["demo", "lawa_high_lr"])
+@pytest.mark.parametrize("fig_id", ["demo", "lawa_high_lr", "smollm2_sft"])
 def test_the_readme_shows_the_figure_as_the_command_prints_it(tmp_path, fig_id):
     text, _ = plot_figure(load_figure(fig_id), str(FIXTURES), str(tmp_path))
     assert text in README.read_text(), f"README's {fig_id} table differs from `pace-figure fig={fig_id} plot=true`"
@@ -211,3 +211,36 @@ def test_paired_lines_must_exist(tmp_path, monkeypatch):
             summary=dict(final_val_loss=3.0))))
     with pytest.raises(PaceLMError, match=r"plot.paired of paired names lines \['sgd'\]"):
         plot_figure(fig, str(tmp_path / "runs"), str(tmp_path / "plot"))
+
+
+def readme_section(title):
+    text = README.read_text()
+    start = text.index(f"## {title}\n")
+    return text[start:text.index("\n## ", start + 1)]
+
+
+def test_the_results_section_is_the_committed_records(tmp_path):
+    """Every table of the README's Results: the smollm2_sft figure whole, and the paired rows of the
+    from-scratch figures, as `pace-figure plot=true` prints them from the committed records."""
+    results = readme_section("Results")
+    text, _ = plot_figure(load_figure("smollm2_sft"), str(FIXTURES), str(tmp_path))
+    assert text in results
+    assert "27 of 27 runs complete." in text  # every run of the grid
+    pretrained = json.loads((FIXTURES / "smollm2_sft" / "pretrained.json").read_text())["val_loss"]
+    assert f"{pretrained:.4f}" in results  # the untrained model's loss, the reference the prose compares to
+    for fig_id in ("demo", "lawa_high_lr"):
+        text, _ = plot_figure(load_figure(fig_id), str(FIXTURES), str(tmp_path))
+        paired = [line for line in text.splitlines() if " − " in line]
+        assert len(paired) == 2 and all(line in results for line in paired), fig_id
+
+
+def test_smollm2_sft_is_three_seeds_of_every_cell():
+    fig = load_figure("smollm2_sft")
+    assert sorted({r.values["seed"] for r in fig.runs}) == [0, 1, 2]
+    cells = {(r.values["optimizer"], r.values["optimizer.lr"]) for r in fig.runs}
+    assert cells == {(m, lr) for m in ("ema", "pace", "schedulefree") for lr in (3e-4, 1e-3, 3e-3)}
+    for run in fig.runs:  # each record is the run of the spec, at the seed its name says
+        record = read_record(FIXTURES / "smollm2_sft" / run.name / "record.json")
+        assert record["status"] == "complete" and record["config"]["seed"] == run.values["seed"]
+        assert record["config"]["optimizer"].get("lambda_pullback", 0) == (0.15 if run.values["optimizer"] == "pace"
+                                                                              else 0)

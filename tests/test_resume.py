@@ -97,7 +97,7 @@ def test_resume_refuses_what_it_cannot_go_on_from(offline_data, tmp_path, monkey
     state = tmp_path / "r" / "checkpoints" / "step_00000003" / checkpoint.STATE
     saved = state.read_bytes()
     state.write_bytes(saved[:1000])
-    with pytest.raises(PaceLMError, match="no intact checkpoint .* step_00000003 is damaged: state.pt"):
+    with pytest.raises(PaceLMError, match="no intact checkpoint .*step_00000003 is damaged: state.pt"):
         train(cfg("training.resume=auto"))
     assert json.loads((tmp_path / "r" / "record.json").read_text())["status"] == "interrupted"  # left as it was
     state.write_bytes(saved)

