@@ -22,8 +22,9 @@ README = Path(__file__).parent.parent / "README.md"
 
 
 def table_cells(text):
-    """{line label: [cell texts]} of a markdown table (the first panel's)."""
-    rows = [r for r in text.splitlines() if r.startswith("| ") and not r.startswith("| final_val_loss")]
+    """{line label: [cell texts]} of a markdown table (the first panel's, up to the first blank line)."""
+    first = text.split("\n\n")[0]
+    rows = [r for r in first.splitlines() if r.startswith("| ") and not r.startswith("| final_val_loss")]
     return {r.split(" | ")[0][2:]: [c.strip() for c in r.strip("| ").split(" | ")[1:]] for r in rows}
 
 
