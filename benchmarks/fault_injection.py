@@ -29,6 +29,7 @@ import time
 BIN = os.path.dirname(sys.executable)
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 from conftest import comparable  # noqa: E402  (what differs between two runs of one config: nothing else)
+from pace_lm.records import sha256_file  # noqa: E402
 
 
 def train_args(data, out, steps):
@@ -51,12 +52,6 @@ def checkpoints(run_dir):
     return sorted(os.path.join(folder, n) for n in os.listdir(folder) if n.startswith("step_"))
 
 
-def file_hash(path):
-    import hashlib
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
-
-
 def damage(folder, rng):
     """Flip one random byte of a random file of checkpoint `folder`; return (file, its sha256 now)."""
     files = sorted(os.path.join(root, f) for root, _, names in os.walk(folder) for f in names)
@@ -68,14 +63,14 @@ def damage(folder, rng):
         byte = f.read(1)[0]
         f.seek(at)
         f.write(bytes([byte ^ (1 << rng.randrange(8))]))
-    return path, file_hash(path)
+    return path, sha256_file(path)
 
 
 def still_damaged(damaged):
     """The checkpoint folders whose damaged file is still as the damage left it (not rewritten since)."""
     return {os.path.dirname(path) if os.path.basename(os.path.dirname(path)) != "dcp" else
             os.path.dirname(os.path.dirname(path))
-            for path, digest in damaged.items() if os.path.exists(path) and file_hash(path) == digest}
+            for path, digest in damaged.items() if os.path.exists(path) and sha256_file(path) == digest}
 
 
 def same(record, reference):

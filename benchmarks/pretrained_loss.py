@@ -17,11 +17,10 @@ import torch
 
 def pretrained_loss(fig_id, run_name=None, data=None):
     """{"figure", "run", "val_loss", "val_batches", "model", "data"} of the figure's model before training."""
-    from pace_lm.data import collate
     from pace_lm.distributed import World
     from pace_lm.figures import build_config, load_figure
     from pace_lm.models import build_model
-    from pace_lm.train import evaluate, get_autocast, get_seq_len, load_data
+    from pace_lm.train import evaluate, get_autocast, get_seq_len, get_val_batches, load_data
 
     fig = load_figure(fig_id)
     run = next((r for r in fig.runs if r.name == run_name), None) if run_name else fig.runs[0]
@@ -31,9 +30,7 @@ def pretrained_loss(fig_id, run_name=None, data=None):
     tc = cfg.training
     _, val_ds, tokenizer, meta = load_data(cfg, World())
     seq_len = get_seq_len(tc.max_seq_len, meta)
-    n = min(len(val_ds), tc.eval_batches * tc.eval_batch_size)  # the batches fit() scores, as it builds them
-    batches = [collate(val_ds[list(range(i, min(i + tc.eval_batch_size, len(val_ds))))], meta["pad_token_id"],
-                       seq_len, tc.pad_to) for i in range(0, n, tc.eval_batch_size)]
+    batches = get_val_batches(val_ds, tc, meta["pad_token_id"], seq_len)  # the batches fit() scores
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, tokenizer)
     device = torch.device("cpu")

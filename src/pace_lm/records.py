@@ -6,6 +6,7 @@ the run goes (rewritten at every eval), then "complete", "diverged" (its loss we
 whole (write to a temporary file, fsync, rename), so a reader never sees half of one.
 """
 
+import hashlib
 import json
 import os
 import platform
@@ -34,6 +35,15 @@ def write_json_atomic(path, obj):
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def sha256_file(path):
+    """The sha256 of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def read_record(path):

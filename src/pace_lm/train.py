@@ -147,9 +147,7 @@ def fit(cfg, model, step_model, opt, averagers, train_ds, val_ds, pad_id, seq_le
     returned = returned_model(cfg.optimizer)
     autocast = get_autocast(tc.dtype, device)
     batches = Batches(len(train_ds), tc.batch_size, cfg.seed)  # global batches; each rank takes its share
-    val_batches = [collate(val_ds[list(range(i, min(i + tc.eval_batch_size, len(val_ds))))], pad_id, seq_len,
-                           tc.pad_to) for i in range(0, min(len(val_ds), tc.eval_batches * tc.eval_batch_size),
-                                                 tc.eval_batch_size)]
+    val_batches = get_val_batches(val_ds, tc, pad_id, seq_len)
     compiled = torch.compile(step_model) if tc.compile_model else step_model
 
     # the loop's counters: all a checkpoint needs besides the states (a restored optimizer's lr is the
@@ -489,6 +487,13 @@ def load_data(cfg, w):
     if meta["mode"] != data.mode:
         raise PaceLMError(f"dataset.path={data.path!r} holds {meta['mode']} data but dataset.mode={data.mode}")
     return subset(train_ds, data.subset_ratio, cfg.seed), val_ds, tokenizer, meta
+
+
+def get_val_batches(val_ds, tc, pad_id, seq_len):
+    """The validation batches every eval scores: the first eval_batches x eval_batch_size examples, in order."""
+    n = min(len(val_ds), tc.eval_batches * tc.eval_batch_size)
+    return [collate(val_ds[list(range(i, min(i + tc.eval_batch_size, len(val_ds))))], pad_id, seq_len, tc.pad_to)
+            for i in range(0, n, tc.eval_batch_size)]
 
 
 def to_device(batch, device):
