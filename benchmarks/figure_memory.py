@@ -53,7 +53,7 @@ def figure_shapes():
 def measure(name, micro, batch, seq, compile_model, opt_cfg, steps):
     cls, dims = ARCH[name]
     model = transformers.AutoModelForCausalLM.from_config(getattr(transformers, cls)(**dims)).cuda()
-    opt = build_optimizer(opt_cfg, model, torch.device("cuda"))
+    opt = build_optimizer(opt_cfg, model)
     step_model = torch.compile(model) if compile_model else model
     vocab = model.get_input_embeddings().num_embeddings
     ids = torch.randint(0, vocab, (micro, seq), device="cuda")

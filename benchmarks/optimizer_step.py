@@ -1,32 +1,61 @@
-"""Median optimizer-step time on a ~135M-parameter model, every method measured side by side in one run.
+"""PACE's step against torch's AdamW, measured side by side in one run: cold, warm, steady, and the pauses of
+what users do all the time (freeze, unfreeze, a new instance, a new param group, a changing set of grads).
 
-    python benchmarks/optimizer_step.py [--device cuda] [--steps 15]
+    python benchmarks/optimizer_step.py [--device cuda] [--dtype bfloat16] [--layouts gpt113,smollm2_135m]
 
-All optimizers share one set of parameters and gradients and are timed in interleaved rounds (each
-round steps every method once), so that a noisy machine slows them alike. The lr changes every step.
-The ratio column is time / torch AdamW(fused=True). Streaming-memory floor for PACE: 9/7 = 1.29x
-(AdamW reads p, g, m, v and writes p, m, v; PACE adds the EMA's read and write).
+Layouts (nothing downloaded; shapes only):
+    gpt113        GPT-like, ~134M parameters in 113 tensors
+    smollm2_135m  SmolLM2-135M built from its config (transformers' LlamaConfig): 272 tensors, 134.5M
+    smollm2_1.7b  SmolLM2-1.7B's layout (GPU only: 1.7B parameters)
+
+1. Cold: the first step in a new process with an empty cache directory (PACE_CACHE_DIR, and TRITON_CACHE_DIR
+   on CUDA): the kernel's build, state allocation, the step. 2. Warm: the same with the cache now filled.
+3. Steady: median step time over interleaved rounds (each round steps every method once, so that a noisy
+   machine slows them alike; the lr changes every round); ratio to torch AdamW(fused=True). Floor for PACE:
+   9/7 = 1.29x (AdamW reads p, g, m, v and writes p, m, v; PACE adds the EMA's read and write).
+4. Pauses: step time minus the steady median, for each event of a user's loop.
 """
 
 import argparse
+import json
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 
 import torch
-import torch._dynamo
 
 from pace import PACE
 
+SMOLLM2 = {  # from the models' config.json on the hub
+    "smollm2_135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
+    "smollm2_1.7b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24, num_attention_heads=32,
+                         num_key_value_heads=32, vocab_size=49152, tie_word_embeddings=True),
+}
 
-def build_params(device, dtype, d=960, layers=11, vocab=16384):
-    """GPT-like shapes: ~134M parameters in ~100 tensors."""
-    shapes = [(vocab, 768), (768, d)]
-    for _ in range(layers):
-        shapes += [(d, d)] * 4 + [(4 * d, d), (d, 4 * d)] + [(d,)] * 2 + [(4 * d,), (d,)]
-    shapes.append((d,))
-    params = [torch.nn.Parameter(torch.randn(s, device=device, dtype=dtype) * 0.02) for s in shapes]
+
+def layout(name):
+    """The parameter shapes of layout `name`, in the model's order."""
+    if name == "gpt113":
+        d, layers, vocab = 960, 11, 16384
+        shapes = [(vocab, 768), (768, d)]
+        for _ in range(layers):
+            shapes += [(d, d)] * 4 + [(4 * d, d), (d, 4 * d)] + [(d,)] * 2 + [(4 * d,), (d,)]
+        return shapes + [(d,)]
+    from transformers import LlamaConfig, LlamaForCausalLM
+    with torch.device("meta"):
+        model = LlamaForCausalLM(LlamaConfig(**SMOLLM2[name]))
+    return [tuple(p.shape) for p in model.parameters()]
+
+
+def build_params(shapes, device, dtype, seed=0):
+    gen = torch.Generator(device=device).manual_seed(seed)
+    params = [torch.nn.Parameter(torch.randn(s, device=device, dtype=dtype, generator=gen) * 0.02) for s in shapes]
     for p in params:
-        p.grad = torch.randn_like(p) * 1e-3
+        p.grad = torch.randn(p.shape, device=device, dtype=dtype, generator=gen) * 1e-3
     return params
 
 
@@ -37,12 +66,12 @@ class FusedAdamWPlusEMA:
         self.opt = torch.optim.AdamW(params, lr=lr, fused=True)
         self.param_groups = self.opt.param_groups
         self.params = list(params)
-        self.ema = [p.detach().clone() for p in self.params]
+        self.ema = [p.detach().float().clone() for p in self.params]
         self.decay = decay
 
     def step(self):
         self.opt.step()
-        torch._foreach_lerp_(self.ema, [p.detach() for p in self.params], self.decay)
+        torch._foreach_lerp_(self.ema, [p.detach().float() for p in self.params], self.decay)
 
 
 def sync(device):
@@ -50,61 +79,149 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def timed(device, fn):
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+PACE_KW = dict(lr=1e-4, lambda_pullback=0.15, ema_kappa=0.2, use_ema_eval=True)
+
+
+def first_step(args):
+    """(In a subprocess.) Build the layout, time PACE's first step; print it as JSON."""
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    params = build_params(layout(args.first_step), device, dtype)
+    opt = PACE(params, **PACE_KW)
+    t = timed(device, opt.step)
+    t2 = timed(device, opt.step)
+    print(json.dumps(dict(first=t, second=t2)))
+
+
+def cold_and_warm(name, args, cache):
+    """Cold (empty cache) and warm first steps of PACE on layout `name`, each in a new process."""
+    env = dict(os.environ, PACE_CACHE_DIR=cache, TRITON_CACHE_DIR=os.path.join(cache, "triton"))
+    cmd = [sys.executable, __file__, "--first-step", name, "--device", args.device, "--dtype", args.dtype]
+    out = {}
+    for kind in ("cold", "warm"):
+        run = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+        out[kind] = json.loads(run.stdout.strip().splitlines()[-1])
+    return out
+
+
+def steady(params, device, args):
+    lr = PACE_KW["lr"]
+    methods = {
+        "AdamW fused (torch)": torch.optim.AdamW(params, lr=lr, fused=True),
+        "AdamW foreach (torch)": torch.optim.AdamW(params, lr=lr, foreach=True),
+        "AdamW fused + foreach EMA": FusedAdamWPlusEMA(params, lr=lr),
+        "PACE fused (default)": PACE(params, **PACE_KW),
+        "PACE fused, c=0 no EMA (AdamW)": PACE(params, lr=lr),
+        "PACE foreach": PACE(params, impl="foreach", **PACE_KW),
+    }
+    if args.forloop:
+        methods["PACE forloop"] = PACE(params, impl="forloop", **PACE_KW)
+    times = {k: [] for k in methods}
+    for r in range(args.warmup + args.steps):
+        for name, opt in methods.items():
+            for group in opt.param_groups:
+                group["lr"] = lr * (1 + 0.5 * (r % 4))  # a new lr every step
+            t = timed(device, opt.step)
+            if r >= args.warmup:
+                times[name].append(t)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    base = med["AdamW fused (torch)"]
+    return {k: dict(median_ms=v * 1e3, ratio=v / base) for k, v in med.items()}
+
+
+def pauses(params, device, steady_s, adamw_s):
+    """Step times of PACE through a user's loop, minus the steady median: nothing should stand out but the
+    allocation of new state, which torch's fused AdamW pays too (its first step is shown for comparison)."""
+    adamw = torch.optim.AdamW(params, lr=PACE_KW["lr"], fused=True)
+    adamw_first = timed(device, adamw.step) - adamw_s
+    del adamw
+    opt = PACE(params, **PACE_KW)
+    opt.step()
+    opt.step()
+    frozen = params[1:1 + max(1, len(params) // 30)]  # about one decoder layer
+    grads = {p: p.grad for p in params}
+    events = []
+
+    def event(name, fn=None):
+        if fn:
+            fn()
+        events.append((name, timed(device, o.step) - steady_s))
+
+    o = opt
+    event("steady")
+    event("freeze a layer (grads None)", lambda: [setattr(p, "grad", None) for p in frozen])
+    event("unfreeze it", lambda: [setattr(p, "grad", grads[p]) for p in frozen])
+    o = PACE(params, **PACE_KW)  # a new instance (its first step allocates state)
+    event("new PACE instance (first step: state allocated)")
+    event("new PACE instance, second step")
+    o = PACE(params[: len(params) // 2], **PACE_KW)
+    o.step()
+    o.add_param_group(dict(params=params[len(params) // 2:], lr=3e-4))
+    event("add_param_group (its state allocated)")
+    gen = torch.Generator().manual_seed(0)
+    for i in range(3):  # MoE-like: a different subset of tensors has grads each step
+        keep = torch.rand(len(params), generator=gen) < 0.7
+        event(f"random 70% of tensors with grads ({i + 1})",
+              lambda keep=keep: [setattr(p, "grad", grads[p] if k else None) for p, k in zip(params, keep)])
+    for p in params:
+        p.grad = grads[p]
+    event("new lr", lambda: [g.__setitem__("lr", 5e-4) for g in o.param_groups])
+    events.append(("(torch AdamW fused: a new instance's first step)", adamw_first))
+    return events
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--layouts", default=None, help="comma-separated (default: gpt113,smollm2_135m; "
+                    "with CUDA also smollm2_1.7b)")
     ap.add_argument("--steps", type=int, default=15, help="timed rounds")
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--only", default="", help="comma-separated substrings: time only the methods matching one")
+    ap.add_argument("--forloop", action="store_true", help="also time impl='forloop' (slow)")
+    ap.add_argument("--json", help="also write the figures to this file")
+    ap.add_argument("--first-step", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.first_step:
+        return first_step(args)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-
-    params = build_params(device, dtype)
-    n = sum(p.numel() for p in params)
-    lr = 1e-4
-    pace_kw = dict(lr=lr, lambda_pullback=0.15, ema_kappa=0.2, use_ema_eval=True)
-    methods = {
-        "AdamW foreach (torch)": torch.optim.AdamW(params, lr=lr, foreach=True),
-        "AdamW fused (torch)": torch.optim.AdamW(params, lr=lr, fused=True),
-        "AdamW fused + foreach EMA": FusedAdamWPlusEMA(params, lr=lr),
-        "PACE compiled (default)": PACE(params, **pace_kw),
-        "PACE compiled_tensor": PACE(params, impl="compiled_tensor", **pace_kw),
-        "PACE foreach": PACE(params, impl="foreach", **pace_kw),
-        "PACE forloop": PACE(params, impl="forloop", **pace_kw),
-        "PACE compiled, c=0 (AdamW mode)": PACE(params, lr=lr),
-    }
-    if args.only:
-        methods = {k: v for k, v in methods.items() if any(w in k for w in args.only.split(","))}
-    print(f"device={device} dtype={dtype} params={n / 1e6:.1f}M tensors={len(params)} "
-          f"threads={torch.get_num_threads()} torch={torch.__version__}")
-
-    times = {k: [] for k in methods}
-    first = {}  # the first step's time: compilation, state allocation
-    graphs_after_warmup = None
-    for r in range(args.warmup + args.steps):
-        if r == args.warmup:
-            graphs_after_warmup = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-        for name, opt in methods.items():
-            for group in opt.param_groups:
-                group["lr"] = lr * (1 + 0.5 * (r % 4))  # a new lr every step: must not recompile
-            sync(device)
-            t0 = time.perf_counter()
-            opt.step()
-            sync(device)
-            if r == 0:
-                first[name] = time.perf_counter() - t0
-            if r >= args.warmup:
-                times[name].append(time.perf_counter() - t0)
-    recompiles = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_after_warmup
-
-    base = statistics.median(times["AdamW fused (torch)"])
-    print(f"{'method':34s} {'median ms':>10s} {'x fused AdamW':>14s} {'first step s':>13s}")
-    for name, ts in times.items():
-        med = statistics.median(ts)
-        print(f"{name:34s} {med * 1e3:10.1f} {med / base:14.2f} {first[name]:13.1f}")
-    print(f"graphs compiled after warm-up: {recompiles}")
-    print("floor for PACE (9 words / 7 words per parameter): 1.29x")
+    names = (args.layouts or ("gpt113,smollm2_135m" + (",smollm2_1.7b" if device.type == "cuda" else ""))).split(",")
+    print(f"device={device} ({torch.cuda.get_device_name() if device.type == 'cuda' else os.cpu_count()} "
+          f"{'' if device.type == 'cuda' else 'CPUs'}) dtype={dtype} threads={torch.get_num_threads()} "
+          f"torch={torch.__version__}")
+    results = {}
+    for name in names:
+        shapes = layout(name)
+        n = sum(torch.Size(s).numel() for s in shapes)
+        print(f"\n== {name}: {n / 1e6:.1f}M parameters in {len(shapes)} tensors")
+        with tempfile.TemporaryDirectory() as cache:
+            first = cold_and_warm(name, args, cache)
+        print(f"first step, new process, empty cache (cold): {first['cold']['first']:.2f} s; "
+              f"cache filled (warm): {first['warm']['first']:.2f} s; second step: {first['warm']['second']:.3f} s")
+        params = build_params(shapes, device, dtype)
+        table = steady(params, device, args)
+        print(f"{'method':34s} {'median ms':>10s} {'x fused AdamW':>14s}")
+        for method, row in table.items():
+            print(f"{method:34s} {row['median_ms']:10.2f} {row['ratio']:14.2f}")
+        steady_s = table["PACE fused (default)"]["median_ms"] / 1e3
+        events = pauses(params, device, steady_s, table["AdamW fused (torch)"]["median_ms"] / 1e3)
+        print(f"pauses (step time minus the steady {steady_s * 1e3:.1f} ms):")
+        for what, extra in events:
+            print(f"  {what:50s} {extra * 1e3:+9.1f} ms")
+        results[name] = dict(params=n, tensors=len(shapes), first_step=first, steady=table,
+                             pauses={k: v for k, v in events})
+        del params
+    print("\nfloor for PACE (9 words / 7 words per parameter): 1.29x")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(device=str(device), dtype=args.dtype, torch=torch.__version__, layouts=results), f, indent=1)
 
 
 if __name__ == "__main__":

@@ -41,15 +41,16 @@ def test_unknown_schedule():
 @pytest.mark.parametrize("name, pull, ema", [("adamw", 0.0, False), ("ema", 0.0, True), ("pace", 0.15, True)])
 def test_registry_builds_pace_with_the_method_arguments(name, pull, ema):
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
-    opt = build_optimizer(compose([f"optimizer={name}"]).optimizer, model, torch.device("cpu"))
+    opt = build_optimizer(compose([f"optimizer={name}"]).optimizer, model)
     assert isinstance(opt, PACE)
     decay, no_decay = opt.param_groups
     assert [p.dim() for p in decay["params"]] == [2] and decay["weight_decay"] == 0.1
     assert all(p.dim() == 1 for p in no_decay["params"]) and no_decay["weight_decay"] == 0.0
-    assert decay["lambda_pullback"] == pull and decay["use_ema_eval"] is ema and decay["impl"] == "foreach"
+    assert decay["lambda_pullback"] == pull and decay["use_ema_eval"] is ema
+    assert decay["impl"] is None  # impl=auto: PACE's default, the fused kernel, on every device
 
 
 def test_invalid_pace_argument_is_a_pipeline_error():
     model = torch.nn.Linear(2, 2)
     with pytest.raises(PaceLMError, match="invalid eps"):
-        build_optimizer(compose(["optimizer.eps=-1"]).optimizer, model, torch.device("cpu"))
+        build_optimizer(compose(["optimizer.eps=-1"]).optimizer, model)

@@ -69,7 +69,7 @@ def test_the_adamw_lines_of_one_run_are_what_separate_runs_give(tmp_path):
     for cfg in cfgs:
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
-        opt = build_optimizer(cfg, model, torch.device("cpu"))
+        opt = build_optimizer(cfg, model)
         for step in range(20):
             x = torch.randn(16, 4, generator=torch.Generator().manual_seed(step))
             model(x).pow(2).mean().backward()

@@ -1,4 +1,4 @@
-"""pace-train on CUDA: bf16 autocast, the compiled PACE step, and the returned model saved from the GPU."""
+"""pace-train on CUDA: bf16 autocast, PACE's default (fused) step, and the returned model saved from the GPU."""
 
 import json
 

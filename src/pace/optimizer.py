@@ -5,7 +5,7 @@ The float64 twin in paper notation is `pace.reference.PACEReference`.
 """
 
 import contextlib
-import types
+import numbers
 import warnings
 from collections import defaultdict
 
@@ -13,23 +13,36 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from pace.reference import ema_decay
+from pace import cpu_kernel, triton_kernel
 
 try:
     from torch.distributed.tensor import DTensor
 except ImportError:  # torch built without distributed
     DTensor = ()
 
-IMPLS = ("compiled", "compiled_tensor", "foreach", "forloop")
+IMPLS = ("fused", "triton", "foreach", "forloop")
+LEGACY_IMPLS = {"compiled": "fused", "compiled_tensor": "fused"}  # names of earlier versions (checkpoints keep them)
 STAT_NAMES = ("lambda_mean", "lambda_max", "frac_clipped", "update_norm", "pullback_norm", "dist_to_ema")
+MIN_DECAY = 1e-4  # floor on decay_t, so that a decaying EMA never freezes
+FOREACH_SLICE = 1 << 24  # elements per foreach pass: bounds its preallocated temporaries
+
+
+def ema_decay(t, beta_ema, kappa, rho, gamma):
+    """decay_t: the EMA's weight on the newest iterate at (1-based) step t."""
+    if kappa is None:
+        return beta_ema
+    return max((1.0 + gamma * max(0.0, t - rho)) ** (-kappa), MIN_DECAY)
 
 
 def _pace_update(p, g, m, v, ema, hp, pull: bool, update_ema: bool, stats: bool):
-    """One PACE step of one tensor, in place. Compiled, it is one pass: reads p, g, m, v, ema; writes p, m, v, ema.
+    """One PACE step of one tensor, in place, in torch ops: the forloop path, the path traced inside a user's
+    torch.compile, and the definition the kernels (csrc/pace_step.c, triton_kernel.py) follow op for op.
 
-    hp: (10,) hyperparameters in the compute dtype, a tensor so that a new lr never recompiles:
+    hp: (10,) hyperparameters in the compute dtype (float64 for float64 weights, else float32):
         [1 - lr*wd, lr/bc1, 1/sqrt(bc2), eps, 1 - beta1, beta2, 1 - beta2, lr*c*decay_t, decay_t, lambda_max]
         (lambda_max: 1 when clamp_pullback, else inf)
+    The 16-bit rule: arithmetic in float32, m and v stored in the weights' dtype, the EMA (float32 by
+    default) averages the weights as stored, i.e. theta_{t+1} rounded to the weights' dtype.
     Returns (6,) partial sums for get_step_stats() when stats, else None.
     """
     keep, step_size, inv_bc2_sqrt, eps, one_minus_beta1, beta2, one_minus_beta2, lam_scale, decay, lam_max = hp.unbind(0)
@@ -45,72 +58,28 @@ def _pace_update(p, g, m, v, ema, hp, pull: bool, update_ema: bool, stats: bool)
         lam = torch.minimum(lam_raw, lam_max)
         diff = ema.to(hp.dtype) - theta  # ema_{t-1} - theta_t
         new = adamw + lam * diff
+    partials = None
+    if stats:  # before p is written: theta may be p itself (p.to(its own dtype) is no copy)
+        zero = theta.new_zeros(())
+        upd_sq = (adamw - theta).square().sum()
+        partials = (torch.stack([lam.sum(), lam.max(), (lam_raw >= 1).sum().to(hp.dtype), upd_sq,
+                                 (lam * diff).square().sum(), diff.square().sum()]) if pull
+                    else torch.stack([zero, zero, zero, upd_sq, zero, zero]))
     p.copy_(new)
     m.copy_(m_new)
     v.copy_(v_new)
     if update_ema:
-        # in the EMA's own (for 16-bit weights, wider) dtype, of theta_{t+1} before rounding to p's dtype
-        ema.lerp_(new.to(ema.dtype), decay.to(ema.dtype))
-    if not stats:
-        return None
-    zero = theta.new_zeros(())
-    upd_sq = (adamw - theta).square().sum()
-    if not pull:
-        return torch.stack([zero, zero, zero, upd_sq, zero, zero])
-    return torch.stack([lam.sum(), lam.max(), (lam_raw >= 1).sum().to(hp.dtype), upd_sq,
-                        (lam * diff).square().sum(), diff.square().sum()])
+        ema.lerp_(p.to(ema.dtype), decay.to(ema.dtype))  # theta_{t+1} as stored
+    return partials
 
 
-_compiled = {}  # (pull, update_ema, stats) -> compiled _pace_update
-_compile_ok = {}  # device type -> whether torch.compile works there (probed once)
+_warned = set()
 
 
-def _get_compiled(pull, update_ema, stats):
-    """torch.compile of _pace_update for one combination of the flags.
-
-    Each combination gets its own copy of the code object: dynamo's recompile limit (8) counts per code
-    object, so the flags and the dtypes together would exhaust it. Dynamic shapes let one graph serve
-    every tensor size, and hp is a tensor, so a new lr each step never recompiles.
-    """
-    key = (pull, update_ema, stats)
-    if key not in _compiled:
-        name = f"_pace_update_{int(pull)}{int(update_ema)}{int(stats)}"
-        code = _pace_update.__code__.replace(co_name=name)
-        # dynamic_threads: parallelise every size (otherwise the first call's size decides it, once)
-        _compiled[key] = torch.compile(types.FunctionType(code, _pace_update.__globals__, name),
-                                       dynamic=True, fullgraph=True, options={"cpp.dynamic_threads": True})
-    return _compiled[key]
-
-
-def _bucket_update(tensors, hp, pull: bool, update_ema: bool, stats: bool):
-    """_pace_update over a list of [p, g, m, v, ema]: compiled whole, one host call steps a bucket."""
-    return [_pace_update(*x, hp, pull, update_ema, stats) for x in tensors]
-
-
-def _compile_bucket(flags):
-    """A fresh code object per bucket, so that buckets never share dynamo's recompile limit."""
-    name = "_bucket_update_" + "".join(str(int(f)) for f in flags)
-    code = _bucket_update.__code__.replace(co_name=name)
-    # static shapes: a parameter's shape never changes, so the graph never recompiles after its first step
-    return torch.compile(types.FunctionType(code, _bucket_update.__globals__, name), dynamic=False, fullgraph=True,
-                         options={"cpp.dynamic_threads": True})
-
-
-def _probe(x):
-    return x * 2 + 1
-
-
-def _can_compile(device):
-    """Probe torch.compile once per device type (the toolchain: a C++ compiler, Triton); else foreach."""
-    if device.type not in _compile_ok:
-        try:
-            torch.compile(_probe, fullgraph=True)(torch.zeros(4, device=device))
-            _compile_ok[device.type] = True
-        except Exception as e:  # no C++ compiler / triton, unsupported Python, ...
-            warnings.warn(f"PACE: torch.compile failed on {device.type} ({type(e).__name__}: {e}); "
-                          "using the foreach implementation", stacklevel=3)
-            _compile_ok[device.type] = False
-    return _compile_ok[device.type]
+def _warn_once(key, message):
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, stacklevel=4)
 
 
 def _local(t):
@@ -120,32 +89,51 @@ def _local(t):
     return torch.view_as_real(t) if t.is_complex() else t
 
 
+def _is_real(x):
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
 def _check_group(group):
-    """Raise a ValueError naming the bad hyperparameter and its value."""
+    """Raise a ValueError naming the bad hyperparameter and its value (at construction, and at every step,
+    so that values edited into param_groups later get the same message)."""
     def bad(name, why):
         raise ValueError(f"PACE: invalid {name}={group[name]!r}: {why}")
 
     lr = group["lr"]
-    if isinstance(lr, Tensor) and lr.numel() != 1:
-        bad("lr", "a tensor lr must have exactly one element")
+    if isinstance(lr, Tensor):
+        if lr.numel() != 1 or not lr.is_floating_point():
+            bad("lr", "a tensor lr must be a floating tensor with exactly one element")
+    elif not _is_real(lr):
+        bad("lr", "must be a number or a one-element tensor")
+    for name in ("eps", "weight_decay", "lambda_pullback", "ema_rho", "ema_gamma"):
+        if not _is_real(group[name]):
+            bad(name, "must be a number")
     for name in ("lr", "eps", "weight_decay", "lambda_pullback", "ema_rho", "ema_gamma"):
+        if isinstance(group[name], Tensor):  # a tensor lr: its value is on the device, not checked (no sync)
+            continue
         if not group[name] >= 0:  # also rejects NaN
             bad(name, "must be >= 0")
     betas = group["betas"]
-    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+    if (not isinstance(betas, (tuple, list)) or len(betas) != 2
+            or not all(_is_real(b) and 0.0 <= b < 1.0 for b in betas)):
         bad("betas", "need two values, each in [0, 1)")
-    if not 0.0 < group["beta_ema"] <= 1.0:
+    if not (_is_real(group["beta_ema"]) and 0.0 < group["beta_ema"] <= 1.0):
         bad("beta_ema", "must be in (0, 1]")
-    if group["ema_kappa"] is not None and not group["ema_kappa"] >= 0:
+    kappa = group["ema_kappa"]
+    if kappa is not None and not (_is_real(kappa) and kappa >= 0):
         bad("ema_kappa", "must be None or >= 0")
     freq = group["ema_update_freq"]
     if isinstance(freq, bool) or not isinstance(freq, int) or freq < 1:
         bad("ema_update_freq", "must be a positive int")
-    if group["impl"] is not None and group["impl"] not in IMPLS:
+    impl = group["impl"]
+    if impl is not None and impl not in IMPLS and impl not in LEGACY_IMPLS:
         bad("impl", f"must be None or one of {IMPLS}")
     ema_dtype = group["ema_dtype"]
     if ema_dtype is not None and not (isinstance(ema_dtype, torch.dtype) and ema_dtype.is_floating_point):
         bad("ema_dtype", "must be None or a floating torch.dtype")
+    for name in ("clamp_pullback", "use_ema_eval", "log_stats"):
+        if not isinstance(group[name], bool):
+            bad(name, "must be True or False")
 
 
 class PACE(Optimizer):
@@ -175,15 +163,18 @@ class PACE(Optimizer):
         ema_kappa, ema_rho, ema_gamma: the decaying EMA weight above (default None, 0, 1).
         ema_update_freq (int): update the EMA every this many steps (default 1).
         log_stats (bool): record per-step telemetry for get_step_stats() (default False).
-        impl (str or None): how the step runs; every choice computes the same update.
-            "compiled": torch.compile of the whole step of a bucket (parameters of one group, device, dtype and
-                step count) as one graph, one fused pass per tensor and one host call per bucket. Compiles
-                on the first step (once per model; cached on disk), never again as lr changes.
-            "compiled_tensor": one dynamic-shape graph called per tensor: compiles once for any model, but
-                costs ~0.1 ms of host time per tensor per step (matters on GPUs and small models).
-            "foreach": torch._foreach ops, no compiler needed (several passes over memory).
-            "forloop": the per-tensor update run eagerly; slowest, simplest.
-            None: "compiled" where torch.compile works on the device, else "foreach" (with a warning).
+        impl (str or None): how the step runs; every choice computes the same update, in the same
+            order of operations (results agree to a few units in the last place).
+            "fused": one multi-tensor kernel call per bucket (parameters of one group, device, dtype and step
+                count), one pass over memory. CPU: csrc/pace_step.c, C with OpenMP, built in about a second
+                once per machine (cached on disk). CUDA: a Triton kernel, one launch per bucket. Nothing is
+                specialised to the model: no build for a new model, instance, freeze or lr.
+            "triton": the Triton kernel on any device (CPU tensors run it under TRITON_INTERPRET=1).
+            "foreach": torch._foreach ops, no compiler needed (several passes over memory); 16-bit weights
+                step per tensor, so that their arithmetic is float32 as in the kernels.
+            "forloop": the per-tensor update in torch ops; slowest, simplest.
+            None: "fused" where its kernel is available, else "foreach" (with one warning).
+            Inside a user's torch.compile the step runs eagerly (one graph break, one warning).
         ema_dtype (torch.dtype or None): EMA dtype; None means float32 for 16-bit parameters
             (bf16 rounding would stall an EMA whose updates are decay*delta) and the parameter's dtype otherwise.
 
@@ -202,10 +193,17 @@ class PACE(Optimizer):
                         beta_ema=beta_ema, use_ema_eval=use_ema_eval, ema_kappa=ema_kappa,
                         ema_rho=ema_rho, ema_gamma=ema_gamma, ema_update_freq=ema_update_freq,
                         log_stats=log_stats, impl=impl, ema_dtype=ema_dtype, train_mode=True)
+        if isinstance(defaults["betas"], list):
+            defaults["betas"] = tuple(defaults["betas"])
         _check_group(defaults)
-        self._stats = None
-        self._bucket_fns = {}  # (flags, parameter ids) -> compiled _bucket_update
+        self._init_caches()
         super().__init__(params, defaults)
+
+    def _init_caches(self):
+        """What a step keeps between calls besides the state: never pickled, rebuilt on demand."""
+        self._stats = None
+        self._launcher = None  # triton_kernel.Launcher: device tables of the parameter sets seen
+        self._scratch = {}  # (device, dtype) -> flat temporaries of the foreach path
 
     def add_param_group(self, param_group):
         super().add_param_group(param_group)
@@ -214,11 +212,17 @@ class PACE(Optimizer):
         group["train_mode"] = self.param_groups[0]["train_mode"]  # a new group joins the current mode
 
     def __setstate__(self, state):
+        """Also what load_state_dict() ends with: a group saved by torch.optim.AdamW or an earlier PACE gets
+        every missing key from this optimizer's defaults, and a tensor step count (AdamW's) becomes an int."""
         super().__setstate__(state)
+        self._init_caches()
         for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
             group.setdefault("train_mode", True)
-            group.setdefault("impl", None)
-            group.setdefault("ema_dtype", None)
+        for st in self.state.values():
+            if isinstance(st.get("step"), Tensor):
+                st["step"] = int(st["step"].item())
 
     @property
     def training(self):
@@ -229,9 +233,22 @@ class PACE(Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         """One step; closure (optional) re-evaluates the model and returns the loss."""
+        if torch.compiler.is_compiling():
+            return self._step_eagerly(closure)
+        return self._step(closure)
+
+    @torch.compiler.disable
+    def _step_eagerly(self, closure):
+        _warn_once("compile", "PACE.step() inside torch.compile runs eagerly, with its fused kernel: one graph "
+                   "break at the step (compile the forward and backward, not the optimizer step)")
+        return self._step(closure)
+
+    def _step(self, closure):
         if not self.training:
             raise RuntimeError("PACE.step() called in eval mode: the EMA weights are in the model. "
                                "Call optimizer.train() before stepping.")
+        for group in self.param_groups:
+            _check_group(group)
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -266,40 +283,48 @@ class PACE(Optimizer):
 
         stats = group["log_stats"]
         pulled = 0
+        impl = group["impl"]
+        impl = LEGACY_IMPLS.get(impl, impl)
         for (device, dtype, t), params in buckets.items():
             update_ema = needs_ema and t % group["ema_update_freq"] == 0
             hp, consts = self._hyper(group, t, device, dtype)
             states = [self.state[p] for p in params]
-            # detached: the graph guards on requires_grad. Without an EMA its slot is None (never read)
             tensors = [[_local(x.detach()) for x in (p, p.grad, s["exp_avg"], s["exp_avg_sq"])]
-                       + [_local(s["ema"].detach()) if "ema" in s else None]
+                       + [_local(s["ema"].detach()) if "ema" in s else None]  # None without an EMA (never read)
                        for p, s in zip(params, states)]
-            impl = group["impl"] or "compiled"
-            if impl.startswith("compiled") and not _can_compile(device):
-                impl = "foreach"
+            ema_dtype = tensors[0][4].dtype if tensors[0][4] is not None else None
             flags = (pull, update_ema, stats)
-            if impl == "compiled":  # one graph for the bucket: one host call, no per-tensor overhead
-                key = (flags, tuple(id(p) for p in params))
-                if key not in self._bucket_fns:
-                    self._bucket_fns[key] = _compile_bucket(flags)
-                out = self._bucket_fns[key](tensors, hp, *flags)
-            elif impl == "foreach":
-                out = _foreach_update(tensors, hp, consts, group["clamp_pullback"], *flags)
-            else:
-                out = [self._update_one(x, hp, flags, impl == "compiled_tensor") for x in tensors]
+            out = self._run(impl, device, tensors, ema_dtype, hp, consts, group["clamp_pullback"], flags)
             if stats:
-                partials.extend(out)
+                partials.extend(x.reshape(-1, 6) for x in out)
                 pulled += sum(x[0].numel() for x in tensors) if pull else 0
         return pulled
 
-    @staticmethod
-    def _update_one(x, hp, flags, compiled):
-        # numel 1 would be a graph of its own (dynamo specialises sizes 0 and 1): eager is as fast there
-        if compiled and x[0].numel() > 1 and all(y is None or y.is_contiguous() for y in x):
-            # flattened, and not as views (dynamo would guard on each base's shape): one graph for all sizes
-            flat = [None if y is None else y.view(-1).detach() for y in x]
-            return _get_compiled(*flags)(*flat, hp, *flags)
-        return _pace_update(*x, hp, *flags)
+    def _run(self, impl, device, tensors, ema_dtype, hp, consts, clamp, flags):
+        """Step one bucket with `impl` (None: the fused kernel where it can); a list of (k, 6) partials when
+        stats, else anything."""
+        if impl in (None, "fused") and device.type == "cpu":
+            if cpu_kernel.load() is None:
+                _warn_once("cpu", f"PACE: the CPU kernel could not be built ({cpu_kernel.error()}); "
+                           "using the foreach implementation")
+            elif cpu_kernel.supports(tensors, ema_dtype):
+                return [cpu_kernel.step(tensors, hp, *flags)]
+            else:
+                _warn_once(("cpu", tensors[0][0].dtype), "PACE: the CPU kernel takes contiguous float32, "
+                           "float64 and bfloat16 tensors; stepping the others with the foreach implementation")
+        elif impl == "triton" or (impl in (None, "fused") and device.type == "cuda"):
+            if not triton_kernel.available():
+                _warn_once("triton", "PACE: Triton is not installed; using the foreach implementation")
+            elif triton_kernel.supports(tensors, ema_dtype):
+                if self._launcher is None:
+                    self._launcher = triton_kernel.Launcher()
+                return [self._launcher.step(tensors, hp, *flags)]
+            else:
+                _warn_once(("triton", tensors[0][0].dtype), "PACE: the Triton kernel takes contiguous float "
+                           "tensors; stepping the others with the foreach implementation")
+        if impl == "forloop":
+            return [_pace_update(*x, hp, *flags) for x in tensors]
+        return _foreach_update(tensors, hp, consts, clamp, *flags, scratch=self._scratch)
 
     @staticmethod
     def _ema_dtype(group, p):
@@ -341,7 +366,7 @@ class PACE(Optimizer):
         if self._stats is None:
             return {}
         partials, numel = self._stats
-        s = torch.stack([x.to(device="cpu", dtype=torch.float64) for x in partials])  # (n, 6)
+        s = torch.cat([x.to(device="cpu", dtype=torch.float64) for x in partials])  # (n, 6)
         sums, n = s.sum(0), max(numel, 1)
         return dict(zip(STAT_NAMES, (
             float(sums[0]) / n, float(s[:, 1].max()), float(sums[2]) / n,
@@ -405,52 +430,107 @@ class PACE(Optimizer):
     # ---- checkpoints ------------------------------------------------------------------
 
     def load_state_dict(self, state_dict):
-        # Optimizer.load_state_dict casts floating state to the parameter dtype; the EMA keeps its own
-        # (an fp32 EMA of bf16 weights must come back fp32).
-        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        emas = {i: state_dict["state"][i]["ema"] for i in saved_ids if "ema" in state_dict["state"].get(i, {})}
-        super().load_state_dict(state_dict)
-        params = [p for g in self.param_groups for p in g["params"]]
-        for i, p in zip(saved_ids, params):
-            if i in emas:
-                self.state[p]["ema"] = emas[i].to(device=p.device, copy=True)
+        """torch.optim's load, hooks included; also takes a torch.optim.AdamW state_dict (the EMA then starts
+        from the current weights at the next step). An AdamW with amsgrad or maximize is refused: PACE would
+        silently drop them. torch.optim casts floating state to the parameter's dtype; the EMA keeps its own
+        (an fp32 EMA of bf16 weights must come back fp32): it is taken after the user's pre-hooks have run,
+        and put back before any post-hook runs."""
+        for i, group in enumerate(state_dict["param_groups"]):
+            for key in ("amsgrad", "maximize"):
+                if group.get(key):
+                    raise ValueError(f"PACE cannot continue this state_dict: its param group {i} has {key}=True, "
+                                     "which PACE does not implement")
+        emas = {}
+
+        def take_emas(optimizer, loaded):  # the last pre-hook: sees the state_dict as the user's hooks left it
+            ids = [i for g in loaded["param_groups"] for i in g["params"]]
+            emas.update((pos, loaded["state"][i]["ema"]) for pos, i in enumerate(ids)
+                        if "ema" in loaded["state"].get(i, {}))
+
+        def restore_emas(optimizer):  # the first post-hook
+            params = [p for g in self.param_groups for p in g["params"]]
+            for pos, ema in emas.items():
+                self.state[params[pos]]["ema"] = ema.to(device=params[pos].device, copy=True)
+
+        hooks = (self.register_load_state_dict_pre_hook(take_emas),
+                 self.register_load_state_dict_post_hook(restore_emas, prepend=True))
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            for hook in hooks:
+                hook.remove()
 
 
-def _foreach_update(tensors, hp, consts, clamp, pull, update_ema, stats):
-    """The fallback: the same update with torch._foreach ops (several passes, at most three temporaries).
+def _scratch_views(scratch, key, like, count):
+    """`count` lists of temporaries shaped like the tensors `like`, views of one flat buffer per (device,
+    dtype) that grows to the largest slice and is kept: the foreach step allocates nothing once warm."""
+    sizes = [x.numel() for x in like]
+    need = count * sum(sizes)
+    buf = scratch.get(key)
+    if buf is None or buf.numel() < need:
+        buf = scratch[key] = torch.empty(need, dtype=like[0].dtype, device=like[0].device)
+    views, at = [], 0
+    for _ in range(count):
+        row = []
+        for x, n in zip(like, sizes):
+            row.append(buf[at:at + n].view(x.shape))
+            at += n
+        views.append(row)
+    return views
+
+
+def _slices(tensors):
+    """The bucket in runs of at most FOREACH_SLICE elements (a larger tensor is a run of its own)."""
+    run, size = [], 0
+    for x in tensors:
+        n = x[0].numel()
+        if run and size + n > FOREACH_SLICE:
+            yield run
+            run, size = [], 0
+        run.append(x)
+        size += n
+    if run:
+        yield run
+
+
+def _foreach_update(tensors, hp, consts, clamp, pull, update_ema, stats, scratch):
+    """The fallback: the same update with torch._foreach ops, several passes, in slices that reuse three
+    preallocated temporaries. 16-bit weights and telemetry step per tensor (_pace_update): their arithmetic
+    is float32, as in the kernels, and telemetry needs the per-tensor intermediates.
 
     consts: (beta1, beta2, sqrt(bc2), eps, decay_t) as Python floats; the lr-dependent terms come from hp.
     """
-    if stats:  # telemetry needs the per-tensor intermediates
-        return [_pace_update(*x, hp, pull, update_ema, True) for x in tensors]
-    p, g, m, v, ema = (list(x) for x in zip(*tensors))
+    p0, ema0 = tensors[0][0], tensors[0][4]
+    if stats or p0.dtype != hp.dtype or (ema0 is not None and ema0.dtype != p0.dtype):
+        return [_pace_update(*x, hp, pull, update_ema, stats) for x in tensors]
     beta1, beta2, bc2_sqrt, eps, decay = consts
     keep, step_size, lam_scale = hp[0], hp[1], hp[7]
-
-    def as_ema(xs):  # e.g. bf16 weights with an fp32 EMA
-        return [x.to(ema[0].dtype) for x in xs] if ema[0].dtype != p[0].dtype else xs
-
-    if pull:
-        pullback = torch._foreach_sub(ema, as_ema(p))  # ema_{t-1} - theta_t
-    torch._foreach_mul_(p, keep)
-    torch._foreach_lerp_(m, g, 1 - beta1)
-    torch._foreach_mul_(v, beta2)
-    torch._foreach_addcmul_(v, g, g, 1 - beta2)
-    inv_denom = torch._foreach_sqrt(v)
-    torch._foreach_div_(inv_denom, bc2_sqrt)
-    torch._foreach_add_(inv_denom, eps)
-    torch._foreach_reciprocal_(inv_denom)  # 1 / (sqrt(v_hat) + eps)
-    if pull:
-        lam = torch._foreach_mul(inv_denom, lam_scale)
-        if clamp:
-            torch._foreach_clamp_max_(lam, 1.0)
-        torch._foreach_mul_(pullback, as_ema(lam))
-        del lam
-    torch._foreach_mul_(inv_denom, m)  # now the Adam direction m_hat / (sqrt(v_hat) + eps), unscaled
-    torch._foreach_mul_(inv_denom, step_size)
-    torch._foreach_sub_(p, inv_denom)  # theta'
-    if pull:
-        torch._foreach_add_(p, [x.to(p[0].dtype) for x in pullback] if pullback[0].dtype != p[0].dtype else pullback)
-    if update_ema:
-        torch._foreach_lerp_(ema, as_ema(p), decay)
+    for run in _slices(tensors):
+        p, g, m, v, ema = (list(x) for x in zip(*run))
+        pullback, inv_denom, lam = _scratch_views(scratch, (p0.device, p0.dtype), p, 3)
+        if pull:
+            torch._foreach_copy_(pullback, ema)
+            torch._foreach_sub_(pullback, p)  # ema_{t-1} - theta_t
+        torch._foreach_mul_(p, keep)
+        torch._foreach_lerp_(m, g, 1 - beta1)
+        torch._foreach_mul_(v, beta2)
+        torch._foreach_addcmul_(v, g, g, 1 - beta2)
+        torch._foreach_copy_(inv_denom, v)
+        torch._foreach_sqrt_(inv_denom)
+        torch._foreach_div_(inv_denom, bc2_sqrt)
+        torch._foreach_add_(inv_denom, eps)
+        torch._foreach_reciprocal_(inv_denom)  # 1 / (sqrt(v_hat) + eps)
+        if pull:
+            torch._foreach_copy_(lam, inv_denom)
+            torch._foreach_mul_(lam, lam_scale)
+            if clamp:
+                torch._foreach_clamp_max_(lam, 1.0)
+            torch._foreach_mul_(pullback, lam)
+        torch._foreach_mul_(inv_denom, m)  # now the Adam direction m_hat / (sqrt(v_hat) + eps), unscaled
+        torch._foreach_mul_(inv_denom, step_size)
+        torch._foreach_sub_(p, inv_denom)  # theta'
+        if pull:
+            torch._foreach_add_(p, pullback)
+        if update_ema:
+            torch._foreach_lerp_(ema, p, decay)
     return None

@@ -42,7 +42,7 @@ from pace_lm.records import config_diff, sha256_file
 # keys a resumed run may change: how it is shown, kept, launched or placed, not what it computes
 RESUME_NOT_COMPARED = ("training.progress", "training.overwrite", "training.save_model", "training.resume",
                        "training.checkpoint.", "training.device", "training.parallel",
-                       "training.compile_model", "logging.")
+                       "training.compile_model", "optimizer.impl", "logging.")
 STATE = "state.pt"
 MANIFEST = "manifest.json"
 STEP_DIR = re.compile(r"^step_(\d{8})$")

@@ -46,7 +46,7 @@ def get_method(name):
     return OPTIMIZERS[name]
 
 
-def optimizer_kwargs(cfg, device):
+def optimizer_kwargs(cfg):
     """The optimizer's keyword arguments for the `optimizer` config; contradicting the method is an error."""
     for key, ok in get_method(cfg.name).fixed.items():
         if not ok(cfg[key]):
@@ -57,16 +57,13 @@ def optimizer_kwargs(cfg, device):
         return kwargs
     kwargs = {k: cfg[k] for k in PACE_ARGS}
     kwargs["betas"] = tuple(kwargs["betas"])
-    if cfg.impl == "auto":  # the compiled step on CUDA; on CPU a first-step compile costs more than it saves
-        kwargs["impl"] = None if device.type == "cuda" else "foreach"
-    else:
-        kwargs["impl"] = cfg.impl
+    kwargs["impl"] = None if cfg.impl == "auto" else cfg.impl  # auto: PACE's default, the fused kernel
     return kwargs
 
 
-def build_optimizer(cfg, model, device):
+def build_optimizer(cfg, model):
     """The optimizer over the model's trainable parameters; weight decay on matrices only (not norms or biases)."""
-    kwargs = optimizer_kwargs(cfg, device)
+    kwargs = optimizer_kwargs(cfg)
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
@@ -87,7 +84,7 @@ def build_optimizer(cfg, model, device):
 
 def check_optimizer(cfg):
     """Every optimizer argument checked, as PACE checks them, before any model or data is loaded."""
-    build_optimizer(cfg, torch.nn.Linear(1, 1, bias=False), torch.device("cpu"))
+    build_optimizer(cfg, torch.nn.Linear(1, 1, bias=False))
 
 
 def returned_model(cfg):

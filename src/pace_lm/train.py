@@ -108,7 +108,7 @@ def run_locked(cfg, w, device, run_dir):
         write_json_atomic(record_path, record)
     try:
         step_model = distributed.wrap(model, w, device)  # under FSDP2, `model` itself is now sharded
-        opt = build_optimizer(cfg.optimizer, model, device)
+        opt = build_optimizer(cfg.optimizer, model)
         returned = returned_model(cfg.optimizer)
         averagers = averaging.build_averagers(cfg.averaging, averaging.enabled(cfg.averaging, returned),
                                               model.parameters())

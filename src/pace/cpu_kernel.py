@@ -1,0 +1,149 @@
+"""The CPU kernel of PACE's fused step: csrc/pace_step.c, built once per machine and loaded with ctypes.
+
+Why not torch.compile or torch.utils.cpp_extension: a compiled graph is specialised to a model's tensors
+(minutes for a 135M model, and again after every freeze or new instance), and an extension that includes
+torch's headers takes a minute to build. The kernel is plain C with OpenMP and no torch headers: it builds
+in about a second with the system's C compiler, is cached on disk per machine (the key covers the source,
+the compiler, its flags and the CPU), and serves any model, dtype set and lr from then on.
+
+Cache directory: $PACE_CACHE_DIR, else $XDG_CACHE_HOME/pace-optimizer, else ~/.cache/pace-optimizer.
+Compiler: $CC, else cc, gcc or clang from PATH. Without one, `available()` is False and PACE falls back
+to its foreach step.
+"""
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import threading
+from importlib.resources import files
+
+import torch
+
+# no -ffast-math: IEEE arithmetic, and no contraction into FMAs, so that the kernel rounds as torch ops do
+FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-ffp-contract=off", "-fPIC", "-shared", "-fopenmp"]
+CHUNK = 32768  # elements per work item; the C source's CHUNK
+# (weights dtype, EMA dtype) -> the C function; the weights' dtype is also the grad's and the moments'
+KERNELS = {
+    (torch.float32, torch.float32): "pace_step_f32_f32",
+    (torch.float64, torch.float64): "pace_step_f64_f64",
+    (torch.float32, torch.float64): "pace_step_f32_f64",
+    (torch.bfloat16, torch.float32): "pace_step_bf16_f32",
+    (torch.bfloat16, torch.bfloat16): "pace_step_bf16_bf16",
+}
+
+_lib = None
+_error = None  # why the kernel could not be built (a string), once known
+_lock = threading.Lock()
+
+
+def cache_dir():
+    if os.environ.get("PACE_CACHE_DIR"):
+        return os.environ["PACE_CACHE_DIR"]
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(root, "pace-optimizer")
+
+
+def _compiler():
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _cpu_id():
+    """What -march=native depends on: the CPU's model and feature flags."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [line for line in f if line.startswith(("model name", "flags", "Features"))]
+        return "".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor() + platform.machine()
+
+
+def _build(path, cc, source):
+    """Compile `source` to `path` atomically (a unique temporary file, then rename): concurrent builders
+    (ranks of one job) each write their own and the last rename wins, with identical contents."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+    try:
+        for flags in (FLAGS, [f for f in FLAGS if f != "-fopenmp"]):  # e.g. Apple clang has no OpenMP
+            cmd = [cc, *flags, "-x", "c", "-", "-o", tmp, "-lm"]
+            out = subprocess.run(cmd, input=source, capture_output=True)
+            if out.returncode == 0:
+                os.replace(tmp, path)
+                return
+        raise RuntimeError(f"{' '.join(cmd)} failed: {out.stderr.decode(errors='replace')[-2000:]}")
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load():
+    """The loaded kernel library (built on first use), or None with the reason in `error()`."""
+    global _lib, _error
+    if _lib is not None or _error is not None:
+        return _lib
+    with _lock:
+        if _lib is None and _error is None:
+            try:
+                _lib = _load()
+            except Exception as e:  # no compiler, a failed build, a library that will not load
+                _error = f"{type(e).__name__}: {e}"
+    return _lib
+
+
+def _load():
+    cc = _compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler (set $CC, or install cc, gcc or clang)")
+    source = files("pace").joinpath("csrc/pace_step.c").read_bytes()
+    version = subprocess.run([cc, "--version"], capture_output=True).stdout
+    key = hashlib.sha256(b"\0".join([source, cc.encode(), version, " ".join(FLAGS).encode(),
+                                     _cpu_id().encode()])).hexdigest()[:20]
+    path = os.path.join(cache_dir(), f"pace_step_{key}.so")
+    if not os.path.exists(path):
+        _build(path, cc, source)
+    lib = ctypes.CDLL(path)
+    for name in KERNELS.values():
+        fn = getattr(lib, name)
+        fn.restype = None
+        fn.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
+                       ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
+    return lib
+
+
+def error():
+    return _error
+
+
+def supports(tensors, ema_dtype):
+    """Whether the kernel can step this bucket: CPU, contiguous, one dtype for p, g, m and v."""
+    p = tensors[0][0]
+    if (p.dtype, ema_dtype or p.dtype) not in KERNELS:
+        return False
+    return all(x is None or (x.device.type == "cpu" and x.is_contiguous() and x.dtype == (p.dtype if i < 4 else
+               ema_dtype)) for row in tensors for i, x in enumerate(row))
+
+
+def n_chunks(numels):
+    return sum(-(-n // CHUNK) for n in numels)
+
+
+def step(tensors, hp, pull, update_ema, stats):
+    """One PACE step of a bucket: tensors a list of [p, g, m, v, ema or None] (CPU, contiguous, checked by
+    supports()); hp the (10,) hyperparameters (see _pace_update). Returns (n_chunks, 6) float64 partial
+    sums when stats, else None."""
+    lib = _lib
+    p0, ema0 = tensors[0][0], tensors[0][4]
+    fn = getattr(lib, KERNELS[(p0.dtype, ema0.dtype if ema0 is not None else p0.dtype)])
+    ptrs = torch.tensor([0 if x is None else x.data_ptr() for row in tensors for x in row], dtype=torch.int64)
+    sizes = [row[0].numel() for row in tensors]
+    numels = torch.tensor(sizes, dtype=torch.int64)
+    hp = hp.to(device="cpu", dtype=torch.float64).contiguous()
+    out = torch.empty(n_chunks(sizes), 6, dtype=torch.float64) if stats else None
+    fn(len(tensors), ptrs.data_ptr(), numels.data_ptr(), hp.data_ptr(), int(pull), int(update_ema),
+       out.data_ptr() if stats else None, torch.get_num_threads())
+    return out

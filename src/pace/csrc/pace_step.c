@@ -1,0 +1,139 @@
+/* One PACE step over many tensors in one call: the CPU kernel of pace.PACE (impl="fused").
+ *
+ * Plain C with OpenMP, no torch headers, so that it builds in about a second, once per machine
+ * (pace/cpu_kernel.py compiles it with -O3 -march=native and loads it with ctypes). Each element is
+ * read once and written once: p, g, m, v, ema in; p, m, v, ema out (9 streams; AdamW is 7).
+ *
+ * The tensors of a call are cut into chunks of CHUNK elements; OpenMP shares the chunks of all tensors
+ * among the threads (one parallel region per call, whatever the number of tensors).
+ *
+ * Arithmetic is in C (float, or double for float64 weights), in the order of pace.optimizer._pace_update,
+ * so that every implementation agrees to a few units in the last place:
+ *   m'    = lerp(m, g, 1 - beta1)                   v' = v * beta2 + (1 - beta2) * g * g
+ *   inv   = 1 / (sqrt(v') * inv_bc2_sqrt + eps)     adamw = theta * keep - step_size * (m' * inv)
+ *   lam   = min(lam_scale * inv, lam_max)           new = adamw + lam * (ema - theta)
+ *   p     = new, rounded to p's dtype               ema = lerp(ema, p, decay)   (the weights as stored)
+ * lerp(a, b, w) is torch's: w < 0.5 ? a + w * (b - a) : b - (b - a) * (1 - w).
+ *
+ * hp (10 doubles): [keep, step_size, inv_bc2_sqrt, eps, 1 - beta1, beta2, 1 - beta2, lam_scale, decay, lam_max]
+ * ptrs (n x 5 int64): addresses of p, g, m, v, ema (ema 0 when the call has no EMA); numels (n int64).
+ * stats (NULL, or n_chunks x 6 doubles): per chunk [sum lam, max lam, #(lam_raw >= 1), sum (adamw - theta)^2,
+ * sum (lam * diff)^2, sum diff^2].
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define CHUNK 32768
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) { /* round to nearest even; NaN stays NaN */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    return (uint16_t)(((u & 0x7fffffffu) > 0x7f800000u) ? ((u >> 16) | 0x40u) : rounded);
+}
+
+#define CASE(NAME, k)                                                                                       \
+    case k: NAME##_chunk(p, g, m, v, ema, len, h, (k >> 3) & 1, (k >> 2) & 1, (k >> 1) & 1, k & 1, out); break;
+#define SQRT(x) _Generic((x), float: sqrtf, default: sqrt)(x) /* float stays float */
+#define LERP(a, b, w) ((w) < 0.5f ? (a) + (w) * ((b) - (a)) : (b) - ((b) - (a)) * (1 - (w)))
+
+/* BODY(NAME, P, E, C, EA, LOADP, STOREP, LOADE, STOREE): the chunk loop for weights/moments of type P, EMA of
+ * type E, arithmetic in C (the EMA's own update in EA). PULL, UPDATE_EMA and STATS are compile-time constants at each call site. */
+#define BODY(NAME, P, E, C, EA, LOADP, STOREP, LOADE, STOREE)                                                    \
+static inline __attribute__((always_inline)) void NAME##_chunk(                                             \
+        P *restrict p, const P *restrict g, P *restrict m, P *restrict v, E *restrict ema, int64_t n,       \
+        const C *h, const int PULL, const int UPDATE_EMA, const int STATS, const int EMA_LO, double *out) { \
+    const C keep = h[0], step_size = h[1], inv_bc2_sqrt = h[2], eps = h[3], omb1 = h[4], beta2 = h[5];      \
+    const C omb2 = h[6], lam_scale = h[7], decay = h[8], lam_max = h[9];                                    \
+    double s_lam = 0, m_lam = 0, s_clip = 0, s_upd = 0, s_pull = 0, s_diff = 0;                             \
+    _Pragma("omp simd reduction(+:s_lam,s_clip,s_upd,s_pull,s_diff) reduction(max:m_lam)")                 \
+    for (int64_t i = 0; i < n; i++) {                                                                       \
+        C theta = LOADP(p[i]), grad = LOADP(g[i]), mi = LOADP(m[i]), vi = LOADP(v[i]);                      \
+        C m_new = LERP(mi, grad, omb1);                                                                     \
+        C v_new = vi * beta2 + omb2 * grad * grad;                                                          \
+        C inv = 1 / (SQRT(v_new) * inv_bc2_sqrt + eps);                                                     \
+        C adamw = theta * keep - step_size * (m_new * inv);                                                 \
+        C new_theta = adamw;                                                                                \
+        C lam = 0, lam_raw = 0, diff = 0;                                                                   \
+        EA e_old = (PULL || UPDATE_EMA) ? (EA)LOADE(ema[i]) : 0; /* ema_{t-1}, read once */                 \
+        if (PULL) {                                                                                         \
+            lam_raw = lam_scale * inv;                                                                      \
+            lam = lam_raw < lam_max ? lam_raw : lam_max;                                                    \
+            diff = (C)e_old - theta;                                                                        \
+            new_theta = adamw + lam * diff;                                                                 \
+        }                                                                                                   \
+        P stored = STOREP(new_theta);                                                                       \
+        p[i] = stored;                                                                                      \
+        m[i] = STOREP(m_new);                                                                               \
+        v[i] = STOREP(v_new);                                                                               \
+        if (UPDATE_EMA) {                                                                                   \
+            EA target = (EA)LOADP(stored), w = (EA)decay; /* lerp, its branch chosen outside the loop */    \
+            ema[i] = STOREE(EMA_LO ? e_old + w * (target - e_old) : target - (target - e_old) * (1 - w));   \
+        }                                                                                                   \
+        if (STATS) {                                                                                        \
+            C upd = adamw - theta;                                                                          \
+            s_upd += upd * upd;                                                                             \
+            if (PULL) {                                                                                     \
+                C pb = lam * diff;                                                                          \
+                s_lam += lam; m_lam = lam > m_lam ? lam : m_lam; s_clip += lam_raw >= 1;                    \
+                s_pull += pb * pb; s_diff += diff * diff;                                                   \
+            }                                                                                               \
+        }                                                                                                   \
+    }                                                                                                       \
+    if (STATS) {                                                                                            \
+        out[0] = s_lam; out[1] = m_lam; out[2] = s_clip; out[3] = s_upd; out[4] = s_pull; out[5] = s_diff; \
+    }                                                                                                       \
+}                                                                                                           \
+                                                                                                            \
+void NAME(int64_t n_tensors, const int64_t *ptrs, const int64_t *numels, const double *hp, int pull,        \
+          int update_ema, double *stats, int n_threads) {                                                   \
+    C h[10];                                                                                                \
+    for (int k = 0; k < 10; k++) h[k] = (C)hp[k];                                                           \
+    int64_t *first = malloc((n_tensors + 1) * sizeof(int64_t)); /* first chunk of each tensor */            \
+    first[0] = 0;                                                                                           \
+    for (int64_t t = 0; t < n_tensors; t++) first[t + 1] = first[t] + (numels[t] + CHUNK - 1) / CHUNK;      \
+    int64_t n_chunks = first[n_tensors];                                                                    \
+    /* each flag a constant of its own copy of the loop. The last: which form of torch's lerp the EMA */    \
+    /* update takes (decay < 0.5), chosen here, since a second select inside the loop stops vectorising */  \
+    int flags = (pull ? 8 : 0) | (update_ema ? 4 : 0) | (stats ? 2 : 0) | (h[8] < 0.5f ? 1 : 0);            \
+    _Pragma("omp parallel for schedule(static) num_threads(n_threads)")                                     \
+    for (int64_t c = 0; c < n_chunks; c++) {                                                                \
+        int64_t lo = 0, hi = n_tensors - 1; /* the tensor holding chunk c: the last t with first[t] <= c */ \
+        while (lo < hi) {                                                                                   \
+            int64_t mid = (lo + hi + 1) / 2;                                                                \
+            if (first[mid] <= c) lo = mid; else hi = mid - 1;                                               \
+        }                                                                                                   \
+        int64_t t = lo, start = (c - first[t]) * CHUNK;                                                     \
+        int64_t len = numels[t] - start < CHUNK ? numels[t] - start : CHUNK;                                \
+        const int64_t *q = ptrs + 5 * t;                                                                    \
+        P *p = (P *)q[0] + start, *g = (P *)q[1] + start, *m = (P *)q[2] + start, *v = (P *)q[3] + start;   \
+        E *ema = q[4] ? (E *)q[4] + start : 0;                                                              \
+        double *out = stats ? stats + 6 * c : 0;                                                            \
+        switch (flags) {                                                                                    \
+            CASE(NAME, 0) CASE(NAME, 1) CASE(NAME, 2) CASE(NAME, 3) CASE(NAME, 4) CASE(NAME, 5)             \
+            CASE(NAME, 6) CASE(NAME, 7) CASE(NAME, 8) CASE(NAME, 9) CASE(NAME, 10) CASE(NAME, 11)           \
+            CASE(NAME, 12) CASE(NAME, 13) CASE(NAME, 14) CASE(NAME, 15)                                     \
+        }                                                                                                   \
+    }                                                                                                       \
+    free(first);                                                                                            \
+}
+
+#define SAME(x) (x)
+#define TO_F32(x) ((float)(x))
+#define TO_F64(x) ((double)(x))
+
+/* pace_step_<weights dtype>_<EMA dtype> */
+BODY(pace_step_f32_f32, float, float, float, float, SAME, TO_F32, SAME, TO_F32)
+BODY(pace_step_f64_f64, double, double, double, double, SAME, TO_F64, SAME, TO_F64)
+BODY(pace_step_f32_f64, float, double, float, double, SAME, TO_F32, SAME, TO_F64)
+BODY(pace_step_bf16_f32, uint16_t, float, float, float, bf16_to_f32, f32_to_bf16, SAME, TO_F32)
+BODY(pace_step_bf16_bf16, uint16_t, uint16_t, float, float, bf16_to_f32, f32_to_bf16, bf16_to_f32, f32_to_bf16)

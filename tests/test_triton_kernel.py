@@ -1,0 +1,100 @@
+"""The CUDA kernel (pace/triton_kernel.py) against the float64 reference, run on CPU tensors by Triton's
+interpreter: the same kernel source a GPU compiles, so its indexing, masking, chunk tables and arithmetic
+are checked in CI without a GPU (tests/test_cuda.py runs it compiled when one is present)."""
+
+import math
+import os
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from pace import PACE, PACEReference, triton_kernel  # noqa: E402
+from test_optimizer import SETTINGS, TOL, make_params, max_err, run_side_by_side, set_grads  # noqa: E402
+
+# Triton's own library functions are built as it is imported, so the interpreter must be chosen before
+# that: conftest.py sets TRITON_INTERPRET=1 on machines without CUDA (with CUDA, test_cuda.py runs the kernel)
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                reason="TRITON_INTERPRET=1 was not set before triton's import")
+
+BIG = [(6, 5), (11,), (1,), (0, 3), (20000,), (3, 2, 4)]  # 20000 elements: three chunks of one tensor
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("name", ["pace_kappa", "no_clamp", "ema_every_3", "ema_baseline", "adamw"])
+def test_matches_float64_reference(dtype, name):
+    run_side_by_side("triton", dtype, dict(SETTINGS[name], weight_decay=0.1), steps=6,
+                     lr_fn=lambda t: 0.05 * (1 + t % 3))
+
+
+def test_many_chunks_and_tensors_match_the_reference():
+    params, ref = make_params(shapes=BIG), make_params(torch.float64, shapes=BIG)
+    kw = dict(lr=0.02, lambda_pullback=3.0, beta_ema=0.2, use_ema_eval=True)
+    opt, ref_opt = PACE(params, impl="triton", **kw), PACEReference(ref, **kw)
+    for t in range(3):
+        set_grads(params, t)
+        set_grads(ref, t)
+        opt.step()
+        ref_opt.step()
+        assert max_err(params, ref) < TOL[torch.float32] * 10
+    assert triton_kernel.CHUNK < 20000 < 3 * triton_kernel.CHUNK
+
+
+def test_bf16_follows_the_rule_and_the_cpu_paths():
+    """Arithmetic in float32, m and v rounded to nearest even, the EMA of the weights as stored: the same
+    numbers as the per-tensor torch definition to one bf16 rounding."""
+    out = {}
+    for impl in ("triton", "forloop"):
+        params = make_params(torch.bfloat16, shapes=BIG)
+        opt = PACE(params, lr=0.01, lambda_pullback=2.0, beta_ema=0.1, use_ema_eval=True, impl=impl)
+        for t in range(4):
+            set_grads(params, t)
+            before = [opt.state[p]["ema"].clone() if p in opt.state else p.detach().float() for p in params]
+            opt.step()
+            for p, b in zip(params, before):
+                if p.numel():
+                    torch.testing.assert_close(opt.state[p]["ema"], b.lerp(p.detach().float(), 0.1))
+        out[impl] = (params, opt)
+    (tp, topt), (fp, fopt) = out["triton"], out["forloop"]
+    for p, q in zip(tp, fp):
+        if p.numel():
+            torch.testing.assert_close(p.float(), q.float(), rtol=2 ** -7, atol=1e-3)
+            torch.testing.assert_close(topt.state[p]["exp_avg_sq"].float(), fopt.state[q]["exp_avg_sq"].float(),
+                                       rtol=2 ** -7, atol=1e-6)
+
+
+def test_step_stats_match_the_torch_path():
+    stats = {}
+    for impl in ("triton", "forloop"):
+        params = make_params(shapes=BIG)
+        opt = PACE(params, lr=0.05, lambda_pullback=3.0, beta_ema=0.3, use_ema_eval=True, log_stats=True, impl=impl)
+        for t in range(3):
+            set_grads(params, t)
+            opt.step()
+        stats[impl] = opt.get_step_stats()
+    for key, value in stats["forloop"].items():
+        assert math.isclose(stats["triton"][key], value, rel_tol=1e-4, abs_tol=1e-7), key
+
+
+def test_tables_are_cached_and_a_tensor_lr_never_syncs(monkeypatch):
+    params = make_params(shapes=BIG)
+    opt = PACE(params, lr=torch.tensor(0.01), lambda_pullback=0.2, use_ema_eval=True, impl="triton")
+    set_grads(params, 0)
+    opt.step()
+    assert len(opt._launcher._tables) == 1
+
+    def forbidden(*a, **k):
+        raise AssertionError("host sync in the optimizer step")
+
+    for t in range(1, 3):
+        for p in params:  # new gradients in the same storage, as a training loop's zero_grad + backward mostly gives
+            p.grad.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(t)))
+        with monkeypatch.context() as m:
+            for name in ("item", "tolist", "cpu", "__float__", "__int__", "__bool__"):
+                m.setattr(torch.Tensor, name, forbidden)
+            opt.step()
+    assert len(opt._launcher._tables) == 1  # the same addresses: the same device tables
+    params[0].grad = None  # a frozen tensor: a new table, nothing compiled
+    opt.step()
+    assert len(opt._launcher._tables) == 2
