@@ -40,9 +40,9 @@ def max_err(params, ref_params):
                 for p, r in zip(params, ref_params) if p.numel()), default=0.0)
 
 
-def run_side_by_side(impl, dtype, kw, steps=25, lr_fn=lambda t: 0.05):
+def run_side_by_side(impl, dtype, kw, steps=25, lr_fn=lambda t: 0.05, shapes=SHAPES):
     """Step PACE and the float64 reference on the same gradients; assert agreement after every step."""
-    params, ref = make_params(dtype), make_params(torch.float64)
+    params, ref = make_params(dtype, shapes), make_params(torch.float64, shapes)
     opt = PACE(params, impl=impl, **kw)
     ref_opt = PACEReference(ref, **kw)
     for t in range(steps):
@@ -586,22 +586,26 @@ def test_cpu_kernel_is_built_once_per_machine(tmp_path, monkeypatch):
     assert cpu_kernel.load() is not None and len(builds) == 1
 
 
+def run_bf16_rule(impl, shapes=SHAPES, steps=10):
+    """bf16 weights stepped by `impl`; after every step, the float32 EMA must be the lerp toward the weights
+    as stored (rounded to bf16). Returns (params, opt)."""
+    params = make_params(torch.bfloat16, shapes=shapes)
+    opt = PACE(params, lr=0.01, lambda_pullback=2.0, beta_ema=0.1, use_ema_eval=True, impl=impl)
+    for t in range(steps):
+        set_grads(params, t)
+        ema_before = [opt.state[p]["ema"].clone() if p in opt.state else p.detach().float() for p in params]
+        opt.step()
+        for p, before in zip(params, ema_before):
+            if p.numel():
+                torch.testing.assert_close(opt.state[p]["ema"], before.lerp(p.detach().float(), 0.1),
+                                           rtol=1e-6, atol=1e-7)
+    return params, opt
+
+
 def test_bf16_every_path_follows_one_rule():
     """16-bit weights: arithmetic in float32, the float32 EMA averages the weights as stored (rounded to
     bf16), and every path agrees with the per-tensor definition to one bf16 rounding."""
-    results = {}
-    for impl in IMPLS:
-        params = make_params(torch.bfloat16)
-        opt = PACE(params, lr=0.01, lambda_pullback=2.0, beta_ema=0.1, use_ema_eval=True, impl=impl)
-        for t in range(10):
-            set_grads(params, t)
-            ema_before = [opt.state[p]["ema"].clone() if p in opt.state else p.detach().float() for p in params]
-            opt.step()
-            for p, before in zip(params, ema_before):
-                if p.numel():
-                    torch.testing.assert_close(opt.state[p]["ema"], before.lerp(p.detach().float(), 0.1),
-                                               rtol=1e-6, atol=1e-7)
-        results[impl] = (params, opt)
+    results = {impl: run_bf16_rule(impl) for impl in IMPLS}
     base, _ = results["forloop"]
     for impl, (params, _) in results.items():
         for p, q in zip(params, base):
@@ -669,8 +673,8 @@ def test_load_state_dict_pre_hook_edits_the_ema():
     saved = opt.state_dict()
 
     def zero_ema(optimizer, state_dict):
-        for st in state_dict["state"].values():
-            st["ema"] = torch.zeros_like(st["ema"])
+        for entry in state_dict["state"].values():
+            entry["ema"] = torch.zeros_like(entry["ema"])
         return state_dict
 
     fresh = PACE(params, lr=0.05, lambda_pullback=0.5, use_ema_eval=True)

@@ -10,8 +10,8 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from pace import PACE, PACEReference, triton_kernel  # noqa: E402
-from test_optimizer import SETTINGS, TOL, make_params, max_err, run_side_by_side, set_grads  # noqa: E402
+from pace import PACE, triton_kernel  # noqa: E402
+from test_optimizer import SETTINGS, make_params, run_bf16_rule, run_side_by_side, set_grads  # noqa: E402
 
 # Triton's own library functions are built as it is imported, so the interpreter must be chosen before
 # that: conftest.py sets TRITON_INTERPRET=1 on machines without CUDA (with CUDA, test_cuda.py runs the kernel)
@@ -29,33 +29,15 @@ def test_matches_float64_reference(dtype, name):
 
 
 def test_many_chunks_and_tensors_match_the_reference():
-    params, ref = make_params(shapes=BIG), make_params(torch.float64, shapes=BIG)
-    kw = dict(lr=0.02, lambda_pullback=3.0, beta_ema=0.2, use_ema_eval=True)
-    opt, ref_opt = PACE(params, impl="triton", **kw), PACEReference(ref, **kw)
-    for t in range(3):
-        set_grads(params, t)
-        set_grads(ref, t)
-        opt.step()
-        ref_opt.step()
-        assert max_err(params, ref) < TOL[torch.float32] * 10
     assert triton_kernel.CHUNK < 20000 < 3 * triton_kernel.CHUNK
+    run_side_by_side("triton", torch.float32, dict(lambda_pullback=3.0, beta_ema=0.2, use_ema_eval=True), steps=3,
+                     lr_fn=lambda t: 0.02, shapes=BIG)
 
 
 def test_bf16_follows_the_rule_and_the_cpu_paths():
     """Arithmetic in float32, m and v rounded to nearest even, the EMA of the weights as stored: the same
     numbers as the per-tensor torch definition to one bf16 rounding."""
-    out = {}
-    for impl in ("triton", "forloop"):
-        params = make_params(torch.bfloat16, shapes=BIG)
-        opt = PACE(params, lr=0.01, lambda_pullback=2.0, beta_ema=0.1, use_ema_eval=True, impl=impl)
-        for t in range(4):
-            set_grads(params, t)
-            before = [opt.state[p]["ema"].clone() if p in opt.state else p.detach().float() for p in params]
-            opt.step()
-            for p, b in zip(params, before):
-                if p.numel():
-                    torch.testing.assert_close(opt.state[p]["ema"], b.lerp(p.detach().float(), 0.1))
-        out[impl] = (params, opt)
+    out = {impl: run_bf16_rule(impl, shapes=BIG, steps=4) for impl in ("triton", "forloop")}
     (tp, topt), (fp, fopt) = out["triton"], out["forloop"]
     for p, q in zip(tp, fp):
         if p.numel():
