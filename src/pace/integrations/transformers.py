@@ -1,0 +1,77 @@
+"""PACE under the Hugging Face Trainer: which weights are evaluated, checkpointed and saved, made certain.
+
+    from pace import PACE
+    from pace.integrations.transformers import PACECallback
+
+    opt = PACE(model.parameters(), lr=1e-3, lambda_pullback=0.15, use_ema_eval=True, ema_kappa=0.2)
+    trainer = Trainer(model, args, train_dataset=..., eval_dataset=..., optimizers=(opt, None))
+    PACECallback.attach(trainer)        # first among the callbacks, so its telemetry reaches the reporters
+    trainer.train()                     # resume: trainer.train(resume_from_checkpoint=...) is exact
+    trainer.save_model(out_dir)         # the returned model (the EMA), loadable with from_pretrained
+
+What Trainer does by itself, since it drives schedule-free optimizers the same way: optimizer.eval()
+before each evaluation (the EMA goes into the model) and optimizer.train() at each training step. What it
+leaves to chance, and this callback fixes:
+- a checkpoint saved right after an evaluation would hold the EMA in its model files (and the live
+  weights in the optimizer state): the callback puts the live weights back after every evaluation, so
+  every checkpoint holds the live weights in the model and the EMA in the optimizer state, in train mode;
+- after trainer.train(), the model holds whatever the last event left: the callback ends training in
+  eval mode, so the model, and trainer.save_model(), hold the returned model (the EMA);
+- telemetry: with telemetry=True the callback turns PACE's log_stats on for the steps that log (no cost
+  on the others) and adds get_step_stats() to Trainer's logs as pace/<name>, for every reporter.
+"""
+
+from transformers import TrainerCallback
+
+from pace.optimizer import PACE
+
+
+def find_pace(optimizer):
+    """The PACE instance inside Trainer's optimizer (accelerate wraps it), or None."""
+    while optimizer is not None and not isinstance(optimizer, PACE):
+        optimizer = getattr(optimizer, "optimizer", None)
+    return optimizer
+
+
+class PACECallback(TrainerCallback):
+    def __init__(self, telemetry=True):
+        self.telemetry = telemetry
+
+    @classmethod
+    def attach(cls, trainer, **kwargs):
+        """Add a PACECallback to `trainer` ahead of its other callbacks (the reporters read the logs it
+        extends); returns the callback."""
+        callback = cls(**kwargs)
+        trainer.callback_handler.callbacks.insert(0, callback)
+        return callback
+
+    @staticmethod
+    def _pace(kwargs):
+        opt = find_pace(kwargs.get("optimizer"))
+        if opt is None:
+            raise TypeError("PACECallback: the Trainer's optimizer is not pace.PACE: pass "
+                            "optimizers=(PACE(...), None) to the Trainer")
+        return opt
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._pace(kwargs).train()
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.telemetry:
+            logs = args.logging_steps and (state.global_step + 1) % args.logging_steps == 0
+            for group in self._pace(kwargs).param_groups:
+                group["log_stats"] = bool(logs)
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        self._pace(kwargs).train()  # the live weights back before any checkpoint
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not self.telemetry or logs is None or "loss" not in logs:
+            return
+        stats = {f"pace/{k}": v for k, v in self._pace(kwargs).get_step_stats().items()}
+        logs.update(stats)
+        if state.log_history:
+            state.log_history[-1].update(stats)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._pace(kwargs).eval()  # the model now holds the returned model, for trainer.save_model()

@@ -1,0 +1,134 @@
+"""pace.integrations.transformers under the real Hugging Face Trainer, offline on CPU: a tiny Llama built
+from a config. The checkpoints must hold the live weights and the optimizer's EMA, with evaluation on or
+off; trainer.save_model() must write the EMA; resuming must equal the uninterrupted run bit for bit."""
+
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+from safetensors.torch import load_file  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
+
+from pace import PACE  # noqa: E402
+from pace.integrations.transformers import PACECallback  # noqa: E402
+
+STEPS, SAVE_AT = 8, 4
+KW = dict(lr=3e-3, lambda_pullback=0.5, beta_ema=0.2, use_ema_eval=True, weight_decay=0.0)
+
+
+class Tokens(torch.utils.data.Dataset):
+    def __init__(self, n, seed):
+        gen = torch.Generator().manual_seed(seed)
+        self.ids = torch.randint(0, 64, (n, 12), generator=gen)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return dict(input_ids=self.ids[i], labels=self.ids[i])
+
+
+class LiveWeights(TrainerCallback):
+    """The model's weights at the end of step SAVE_AT, as the optimizer's training weights."""
+
+    def __init__(self):
+        self.at_save = None
+
+    def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if state.global_step == SAVE_AT:
+            self.at_save = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def make_trainer(out, evaluate, callback=True):
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32))
+    opt = PACE(model.parameters(), **KW)
+    args = TrainingArguments(output_dir=str(out), max_steps=STEPS, per_device_train_batch_size=4,
+                             per_device_eval_batch_size=4, logging_steps=2, save_steps=SAVE_AT, save_strategy="steps",
+                             eval_strategy="steps" if evaluate else "no", eval_steps=SAVE_AT, seed=0, report_to="none",
+                             use_cpu=True, dataloader_num_workers=0, disable_tqdm=True, lr_scheduler_type="constant")
+    trainer = Trainer(model=model, args=args, train_dataset=Tokens(64, 1), eval_dataset=Tokens(8, 2),
+                      optimizers=(opt, None))
+    if callback:
+        PACECallback.attach(trainer)
+    return trainer, model, opt
+
+
+@pytest.mark.parametrize("evaluate", [False, True])
+def test_checkpoints_hold_live_weights_and_save_model_the_ema(tmp_path, evaluate):
+    trainer, model, opt = make_trainer(tmp_path / "run", evaluate)
+    live = LiveWeights()
+    trainer.add_callback(live)
+    trainer.train()
+    ckpt = tmp_path / "run" / f"checkpoint-{SAVE_AT}"
+    saved = load_file(str(ckpt / "model.safetensors"))
+    for name, value in saved.items():  # the live weights of step 4, whether or not an evaluation just ran
+        assert torch.equal(value, live.at_save[name]), name
+    saved_opt = torch.load(ckpt / "optimizer.pt", weights_only=True)
+    assert all(g["train_mode"] for g in saved_opt["param_groups"])
+    assert all("ema" in s and "train_weights" not in s for s in saved_opt["state"].values())
+
+    assert not opt.training  # training ended with the returned model in place
+    trainer.save_model(str(tmp_path / "returned"))
+    returned = LlamaForCausalLM.from_pretrained(str(tmp_path / "returned"))
+    emas = {p: opt.state[p]["ema"] for p in model.parameters()}
+    for (name, value), p in zip(returned.named_parameters(), model.parameters()):
+        assert torch.equal(value, emas[p]), name
+    if evaluate:
+        logged = [h for h in trainer.state.log_history if "eval_loss" in h]
+        assert len(logged) == 2
+
+
+def test_fails_without_the_callback_when_evaluation_runs(tmp_path):
+    """What the callback is for: without it, the checkpoint after an evaluation holds the EMA."""
+    trainer, model, opt = make_trainer(tmp_path / "run", evaluate=True, callback=False)
+    live = LiveWeights()
+    trainer.add_callback(live)
+    trainer.train()
+    saved = load_file(str(tmp_path / "run" / f"checkpoint-{SAVE_AT}" / "model.safetensors"))
+    assert any(not torch.equal(v, live.at_save[k]) for k, v in saved.items())
+
+
+@pytest.mark.parametrize("evaluate", [False, True])
+def test_resume_is_bitwise(tmp_path, evaluate):
+    straight, model, opt = make_trainer(tmp_path / "straight", evaluate)
+    straight.train()
+    first, _, _ = make_trainer(tmp_path / "cut", evaluate)
+    first.args.max_steps = SAVE_AT
+    first.train()
+    resumed, model2, opt2 = make_trainer(tmp_path / "cut", evaluate)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "cut" / f"checkpoint-{SAVE_AT}"))
+    for (name, a), b in zip(model.named_parameters(), model2.parameters()):
+        assert torch.equal(a, b), name  # both in eval mode: the EMA
+        assert torch.equal(opt.state[a]["train_weights"], opt2.state[b]["train_weights"]), name
+
+
+class StatsOn(TrainerCallback):
+    def __init__(self):
+        self.steps = {}
+
+    def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+        self.steps[state.global_step] = optimizer.param_groups[0]["log_stats"]
+
+
+def test_telemetry_reaches_the_logs_on_log_steps_only(tmp_path):
+    trainer, model, opt = make_trainer(tmp_path / "run", evaluate=False)
+    stats_on = StatsOn()
+    trainer.add_callback(stats_on)
+    trainer.train()
+    assert stats_on.steps == {t: t % 2 == 0 for t in range(1, STEPS + 1)}  # logging_steps=2
+    train_logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(train_logs) == STEPS // 2
+    for h in train_logs:
+        assert 0 < h["pace/lambda_mean"] <= h["pace/lambda_max"] <= 1 and h["pace/update_norm"] > 0
+
+
+def test_needs_a_pace_optimizer(tmp_path):
+    trainer, model, opt = make_trainer(tmp_path / "run", evaluate=False, callback=False)
+    trainer.optimizer = None
+    trainer.create_optimizer()  # Trainer's own AdamW
+    PACECallback.attach(trainer)
+    with pytest.raises(TypeError, match="not pace.PACE"):
+        trainer.train()
