@@ -119,6 +119,7 @@ def steady(params, device, args):
         "AdamW fused + foreach EMA": FusedAdamWPlusEMA(params, lr=lr),
         "PACE fused (default)": PACE(params, **PACE_KW),
         "PACE fused, c=0 no EMA (AdamW)": PACE(params, lr=lr),
+        "PACE fused + telemetry (log_stats)": PACE(params, log_stats=True, **PACE_KW),
         "PACE foreach": PACE(params, impl="foreach", **PACE_KW),
     }
     if args.forloop:

@@ -103,6 +103,20 @@ def test_same_seed_same_record(offline_data, tmp_path):
     assert other["summary"]["final_val_loss"] != records[0]["summary"]["final_val_loss"]
 
 
+def test_telemetry_is_logged_at_log_steps_and_changes_nothing(offline_data, tmp_path):
+    """optimizer.log_stats=true: PACE's statistics in every step log (computed on those steps only), and
+    the run otherwise the same as without them."""
+    from pace.optimizer import STAT_NAMES
+    plain = train(small_cfg(offline_data, tmp_path / "plain", "optimizer=pace", steps=10))
+    stats = train(small_cfg(offline_data, tmp_path / "stats", "optimizer=pace", "optimizer.log_stats=true", steps=10))
+    assert [e["step"] for e in stats["step_logs"]] == [5, 10]
+    for a, b in zip(strip_timing(plain["step_logs"]), strip_timing(stats["step_logs"])):
+        assert {k: b[k] for k in a} == a
+        assert set(b) == set(a) | set(STAT_NAMES)
+        assert 0 < b["lambda_mean"] <= b["lambda_max"] <= 1 and b["update_norm"] > 0 and b["dist_to_ema"] > 0
+    assert plain["summary"]["final_val_loss"] == stats["summary"]["final_val_loss"]
+
+
 def test_gradient_accumulation_matches_one_big_batch(offline_data, tmp_path):
     """4 micro-batches of 2 give the same run as one batch of 8: the loss is a mean over all tokens."""
     whole = train(small_cfg(offline_data, tmp_path / "w", "optimizer=pace", steps=6))

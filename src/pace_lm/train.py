@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
+from pace import PACE
 from pace_lm import PaceLMError, averaging, checkpoint, distributed
 from pace_lm.config import shipped_value, unknown_keys
 from pace_lm.data import IGNORE_INDEX, META, Batches, collate, load_prepared, prepare, prepare_command, subset
@@ -149,6 +150,7 @@ def fit(cfg, model, step_model, opt, averagers, train_ds, val_ds, pad_id, seq_le
     batches = Batches(len(train_ds), tc.batch_size, cfg.seed)  # global batches; each rank takes its share
     val_batches = get_val_batches(val_ds, tc, pad_id, seq_len)
     compiled = torch.compile(step_model) if tc.compile_model else step_model
+    telemetry = isinstance(opt, PACE) and cfg.optimizer.log_stats
 
     # the loop's counters: all a checkpoint needs besides the states (a restored optimizer's lr is the
     # scheduled one of its last step: the base lrs come from the checkpoint)
@@ -202,6 +204,11 @@ def fit(cfg, model, step_model, opt, averagers, train_ds, val_ds, pad_id, seq_le
             c["window_tokens"] += n_step
             c["trained"] += n_step
             grad_norm = grad_norm_clip(model, tc.grad_clip)
+            last = step + 1 == tc.max_steps
+            logs = (step + 1) % tc.log_interval == 0 or last
+            if telemetry:  # PACE's statistics on the steps that log, and only there (they cost a pass)
+                for group in opt.param_groups:
+                    group["log_stats"] = logs
             opt.step()
             opt.zero_grad(set_to_none=True)
             for averager in averagers.values():
@@ -212,14 +219,15 @@ def fit(cfg, model, step_model, opt, averagers, train_ds, val_ds, pad_id, seq_le
                 c["t_first"] = t_step  # includes one-time costs: torch.compile of the step, allocator warm-up
             bar.update(1)
 
-            last = step + 1 == tc.max_steps
-            if (step + 1) % tc.log_interval == 0 or last:  # the only host syncs of the loop
+            if logs:  # the only host syncs of the loop
                 loss = distributed.all_sum(window_loss.clone(), w).item() / max(1, c["window_tokens"])
                 if not math.isfinite(loss):
                     raise Diverged(f"non-finite train loss ({loss}) at step {step + 1}: lower optimizer.lr"
                                    + ("" if tc.grad_clip and tc.grad_clip > 0 else " or set training.grad_clip"))
                 entry = dict(step=step + 1, loss=loss, lr=lr, grad_norm=float(distributed.full_tensor(grad_norm)),
                              tokens=c["tokens"], time_s=round(time.time() - t_start, 3))
+                if telemetry:
+                    entry.update(opt.get_step_stats())  # under FSDP: this rank's shard
                 record["step_logs"].append(entry)
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}",
                                 tok_s=f"{c['tokens'] / max(c['t_train'], 1e-9):.0f}")
