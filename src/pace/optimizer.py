@@ -4,14 +4,18 @@ Au & Block (2026), "Training for the Model You Return", arXiv:2606.25086.
 The float64 twin in paper notation is `pace.reference.PACEReference`.
 """
 
+from __future__ import annotations
+
 import contextlib
 import numbers
 import warnings
 from collections import defaultdict
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
+from torch.optim.optimizer import ParamsT
 
 from pace import cpu_kernel, triton_kernel
 
@@ -184,10 +188,12 @@ class PACE(Optimizer):
     state_dict holds the EMA: save and load both together, and the pair restores to the same eval mode.
     """
 
-    def __init__(self, params, lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01,
-                 lambda_pullback=0.0, clamp_pullback=True, beta_ema=0.01, use_ema_eval=False,
-                 ema_kappa=None, ema_rho=0.0, ema_gamma=1.0, ema_update_freq=1, log_stats=False,
-                 impl=None, ema_dtype=None):
+    def __init__(self, params: ParamsT, lr: float | Tensor = 1e-4, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.01, lambda_pullback: float = 0.0,
+                 clamp_pullback: bool = True, beta_ema: float = 0.01, use_ema_eval: bool = False,
+                 ema_kappa: float | None = None, ema_rho: float = 0.0, ema_gamma: float = 1.0,
+                 ema_update_freq: int = 1, log_stats: bool = False, impl: str | None = None,
+                 ema_dtype: torch.dtype | None = None) -> None:
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         lambda_pullback=lambda_pullback, clamp_pullback=clamp_pullback,
                         beta_ema=beta_ema, use_ema_eval=use_ema_eval, ema_kappa=ema_kappa,
@@ -225,13 +231,13 @@ class PACE(Optimizer):
                 st["step"] = int(st["step"].item())
 
     @property
-    def training(self):
+    def training(self) -> bool:
         return self.param_groups[0]["train_mode"]
 
     # ---- the step ----------------------------------------------------------------
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
         """One step; closure (optional) re-evaluates the model and returns the loss."""
         if torch.compiler.is_compiling():
             return self._step_eagerly(closure)
@@ -356,7 +362,7 @@ class PACE(Optimizer):
 
     # ---- telemetry ---------------------------------------------------------------
 
-    def get_step_stats(self):
+    def get_step_stats(self) -> dict[str, float]:
         """Telemetry of the last step of groups with log_stats=True (this call syncs with the device).
 
         lambda_mean / lambda_max / frac_clipped: over pulled coordinates; update_norm: ||theta' - theta_t||
@@ -375,7 +381,7 @@ class PACE(Optimizer):
     # ---- the returned model --------------------------------------------------------
 
     @torch.no_grad()
-    def eval(self):
+    def eval(self) -> "PACE":
         """Put the EMA into the parameters of groups with use_ema_eval; idempotent; returns self."""
         if self.training:
             for group in self.param_groups:
@@ -386,7 +392,7 @@ class PACE(Optimizer):
         return self
 
     @torch.no_grad()
-    def train(self):
+    def train(self) -> "PACE":
         """Put the training weights back; idempotent; returns self."""
         if not self.training:
             for group in self.param_groups:
@@ -397,7 +403,7 @@ class PACE(Optimizer):
         return self
 
     @contextlib.contextmanager
-    def ema_weights(self):
+    def ema_weights(self) -> Iterator["PACE"]:
         """`with opt.ema_weights(): validate(model)` evaluates the returned model, then restores the mode."""
         was_training = self.training
         self.eval()
@@ -415,7 +421,7 @@ class PACE(Optimizer):
                     yield p, state
 
     @torch.no_grad()
-    def returned_state_dict(self, model):
+    def returned_state_dict(self, model: torch.nn.Module) -> dict[str, Tensor]:
         """model.state_dict() with the returned weights (the EMA, in the parameter's dtype), without touching the model.
 
         Parameters of groups without use_ema_eval, parameters never stepped, and buffers come as they are.
