@@ -1,0 +1,112 @@
+"""pace.integrations.lightning with a real Lightning Trainer on CPU: validation scores the EMA, the
+checkpoint holds the EMA as its state_dict and the live weights beside it, training ends with the EMA in
+the module, a resume equals the uninterrupted run bit for bit, and the telemetry reaches the logger."""
+
+import csv
+
+import pytest
+import torch
+
+L = pytest.importorskip("lightning.pytorch")
+
+from pace import PACE  # noqa: E402
+from pace.integrations.lightning import PACECallback  # noqa: E402
+
+STEPS, SAVE_AT = 8, 4
+KW = dict(lr=0.05, lambda_pullback=0.5, beta_ema=0.2, use_ema_eval=True, weight_decay=0.0)
+
+
+def loader(n, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 6, generator=gen)
+    y = x @ torch.randn(6, 2, generator=gen)
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4, shuffle=False)
+
+
+class Module(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+        self.validated_with_ema = []
+        self.live = {}
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return torch.nn.functional.mse_loss(self.net(x), y)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        self.live[self.trainer.global_step] = {k: v.detach().clone() for k, v in self.state_dict().items()}
+
+    def validation_step(self, batch, batch_idx):
+        opt = self.trainer.optimizers[0]
+        self.validated_with_ema.append(all(torch.equal(p, opt.state[p]["ema"]) for p in self.parameters()))
+        x, y = batch
+        self.log("val_loss", torch.nn.functional.mse_loss(self.net(x), y))
+
+    def configure_optimizers(self):
+        return PACE(self.parameters(), **KW)
+
+
+def fit(tmp_path, name, max_steps=STEPS, ckpt_path=None, telemetry=True):
+    module = Module()
+    every = L.callbacks.ModelCheckpoint(dirpath=tmp_path / name, every_n_train_steps=SAVE_AT, save_top_k=-1,
+                                        filename="{step}")
+    trainer = L.Trainer(max_steps=max_steps, accelerator="cpu", devices=1, val_check_interval=SAVE_AT,
+                        limit_val_batches=2, check_val_every_n_epoch=None, log_every_n_steps=2,
+                        num_sanity_val_steps=0,
+                        callbacks=[PACECallback(telemetry=telemetry), every],
+                        logger=L.loggers.CSVLogger(tmp_path / f"{name}_logs", name=""),
+                        enable_progress_bar=False, enable_model_summary=False, deterministic=True)
+    trainer.fit(module, loader(16, 1), loader(8, 2), ckpt_path=ckpt_path)  # an epoch: 4 steps
+    return trainer, module
+
+
+def test_validation_checkpoints_and_the_returned_model(tmp_path):
+    trainer, module = fit(tmp_path, "run")
+    opt = trainer.optimizers[0]
+    assert module.validated_with_ema and all(module.validated_with_ema)
+    ckpt = torch.load(tmp_path / "run" / f"step={SAVE_AT}.ckpt", weights_only=False)
+    live = module.live[SAVE_AT]
+    saved_opt = ckpt["optimizer_states"][0]
+    for k, v in ckpt["current_model_state"].items():
+        assert torch.equal(v, live[k]), k
+    emas = [s["ema"] for s in saved_opt["state"].values()]
+    for v, ema in zip(ckpt["state_dict"].values(), emas):  # the returned model: the EMA of step 4
+        assert torch.equal(v, ema)
+    assert all(g["train_mode"] for g in saved_opt["param_groups"])
+    assert not opt.training  # after fit the module holds the returned model
+    for p in module.parameters():
+        assert torch.equal(p, opt.state[p]["ema"])
+    loaded = Module.load_from_checkpoint(tmp_path / "run" / f"step={SAVE_AT}.ckpt")
+    for a, v in zip(loaded.parameters(), ckpt["state_dict"].values()):
+        assert torch.equal(a, v)
+
+
+def test_resume_is_bitwise(tmp_path):
+    straight, module = fit(tmp_path, "straight")
+    fit(tmp_path, "cut", max_steps=SAVE_AT)
+    resumed, module2 = fit(tmp_path, "cut", ckpt_path=tmp_path / "cut" / f"step={SAVE_AT}.ckpt")
+    opt, opt2 = straight.optimizers[0], resumed.optimizers[0]
+    for p, q in zip(module.parameters(), module2.parameters()):
+        assert torch.equal(p, q)  # the EMA, in both
+        assert torch.equal(opt.state[p]["train_weights"], opt2.state[q]["train_weights"])
+
+
+def test_telemetry_is_logged_on_log_steps(tmp_path):
+    fit(tmp_path, "run")
+    rows = list(csv.DictReader(open(next((tmp_path / "run_logs").rglob("metrics.csv")))))
+    logged = [r for r in rows if r.get("pace/lambda_mean")]
+    assert [int(r["step"]) for r in logged] == [1, 3, 5, 7]  # 0-based steps 1, 3, ...: every 2nd step
+    assert all(0 < float(r["pace/lambda_mean"]) <= float(r["pace/lambda_max"]) <= 1 for r in logged)
+
+
+def test_needs_a_pace_optimizer(tmp_path):
+    class AdamModule(Module):
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters())
+
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", callbacks=[PACECallback()], logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(TypeError, match="one pace.PACE optimizer"):
+        trainer.fit(AdamModule(), loader(16, 1))
