@@ -245,3 +245,33 @@ def test_smollm2_sft_is_three_seeds_of_every_cell():
         assert record["status"] == "complete" and record["config"]["seed"] == run.values["seed"]
         assert record["config"]["optimizer"].get("lambda_pullback", 0) == (0.15 if run.values["optimizer"] == "pace"
                                                                               else 0)
+
+
+def test_step_log_keys_plot_over_steps_averaged_over_seeds(tmp_path, monkeypatch):
+    """pace-figure ... plot=true steps=lambda_mean: step-log keys against the step, a line per run (the
+    mean of its seeds), from the records; a key no record logged is a clear error."""
+    from pace_lm.plots import plot_steps, step_series
+    (tmp_path / "figures").mkdir()
+    (tmp_path / "figures" / "paired.yaml").write_text(PAIRED)
+    monkeypatch.setattr(figures, "FIG_DIR", str(tmp_path / "figures"))
+    fig = load_figure("paired")
+    for i, run in enumerate(fig.runs):
+        seed = run.values["seed"]
+        logs = [dict(step=t, loss=1.0, lambda_mean=0.1 * i + 0.01 * seed + 0.001 * t) for t in (5, 10)]
+        if run.name.startswith("adamw"):
+            logs = [dict(step=t, loss=1.0) for t in (5, 10)]  # no telemetry: no line
+        (tmp_path / "runs" / "paired" / run.name).mkdir(parents=True)
+        (tmp_path / "runs" / "paired" / run.name / "record.json").write_text(json.dumps(
+            dict(status="complete", config={}, summary={}, step_logs=logs)))
+    series = step_series(fig, str(tmp_path / "runs"), "lambda_mean")
+    names = [r.name for r in fig.runs]
+    assert set(series) == {"ema_lr0.001", "ema_lr0.003", "pace_lr0.001", "pace_lr0.003"}
+    seeds = [names.index(f"pace_lr0.003_seed{s}") for s in range(3)]
+    expected = [(t, statistics.fmean(0.1 * i + 0.01 * s + 0.001 * t for i, s in zip(seeds, range(3)))) for t in (5, 10)]
+    assert [t for t, _ in series["pace_lr0.003"]] == [5, 10]
+    assert [v for _, v in series["pace_lr0.003"]] == pytest.approx([v for _, v in expected])
+    paths = plot_steps(fig, str(tmp_path / "runs"), ["lambda_mean"], str(tmp_path / "plot" / "paired_steps"))
+    assert [os.path.basename(p) for p in paths] == ["paired_steps.png", "paired_steps.svg"]
+    assert all(os.path.getsize(p) > 1000 for p in paths)
+    with pytest.raises(PaceLMError, match="step logs of frac_clipped .*optimizer.log_stats=true"):
+        plot_steps(fig, str(tmp_path / "runs"), ["frac_clipped"], str(tmp_path / "plot" / "x"))

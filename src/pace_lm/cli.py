@@ -90,9 +90,10 @@ def data_main(argv=None):
           f"{meta['trained_token_fraction']:.3f}")
 
 
-FIGURE_ARGS = dict(fig=None, run=False, plot=False, data=None, out_dir="runs/figures", plot_dir=None, only=None)
+FIGURE_ARGS = dict(fig=None, run=False, plot=False, data=None, out_dir="runs/figures", plot_dir=None, only=None,
+                   steps=None)
 FIGURE_USAGE = """usage: pace-figure fig=ID|list [run=true] [plot=true] [data=PATH] [out_dir=runs/figures]
-                   [plot_dir=PATH] [only=GLOB] [pace-train overrides ...]
+                   [plot_dir=PATH] [only=GLOB] [steps=KEY,...] [pace-train overrides ...]
 
   fig=list            the figures: id, number of runs, what each shows, the hardware a run needs
   fig=ID              print the figure's pace-train commands, one per line (nothing runs)
@@ -102,6 +103,8 @@ FIGURE_USAGE = """usage: pace-figure fig=ID|list [run=true] [plot=true] [data=PA
   out_dir=DIR         records go to DIR/ID/<run>/record.json (default: runs/figures)
   plot_dir=DIR        where the plot files go (default: the figure's folder under out_dir)
   only=GLOB           just the runs whose name matches, e.g. only='pace_*'
+  steps=KEY,...       with plot=true, also ID_steps.png/.svg: step-log keys against the step, a line per
+                      run (mean over seeds), e.g. steps=lambda_mean,frac_clipped (optimizer.log_stats=true)
   other key=value     a pace-train override added to every run, e.g. training.device=cuda"""
 
 
@@ -173,6 +176,10 @@ def _figure(opts, extra):
     if opts["plot"]:
         from pace_lm.plots import plot_figure
         text, paths = plot_figure(fig, opts["out_dir"], opts["plot_dir"])
+        if opts["steps"]:
+            from pace_lm.plots import plot_steps
+            stem = os.path.join(opts["plot_dir"] or os.path.join(opts["out_dir"], fig.id), f"{fig.id}_steps")
+            paths += plot_steps(fig, opts["out_dir"], opts["steps"].split(","), stem)
         print(text)
         print(f"pace-figure: wrote {', '.join(paths)}")
 

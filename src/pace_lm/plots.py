@@ -10,6 +10,7 @@ that keeps its EMA, LAWA and SWA gives four returned models, all from the same i
 
 import math
 import os
+import re
 import statistics
 
 from pace_lm import PaceLMError
@@ -215,6 +216,12 @@ def plot(fig, rows, stem):
         ax.set_title(f"{fig.id}" + (f": {fig.plot['panel']} = {panel}" if panel is not None else ""))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+    return _save(fig_, stem)
+
+
+def _save(fig_, stem):
+    """`stem`.png and `stem`.svg of a matplotlib figure, without dates, so that a redraw is byte-identical."""
+    import matplotlib.pyplot as plt
     fig_.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(stem)), exist_ok=True)
     paths = []
@@ -223,6 +230,48 @@ def plot(fig, rows, stem):
         fig_.savefig(paths[-1], dpi=150, metadata=meta)
     plt.close(fig_)
     return paths
+
+
+def step_series(fig, out_dir, key):
+    """{run name without its seed: [(step, mean over seeds)]} of step-log `key` (e.g. lambda_mean, which
+    pace-train logs with optimizer.log_stats=true), over the steps every seed of that run logged it."""
+    series = {}
+    for run in fig.runs:
+        path = os.path.join(out_dir, fig.id, run.name, RECORD)
+        if not os.path.exists(path):
+            continue
+        logs = [e for e in read_record(path).get("step_logs", []) if key in e]
+        label = re.sub(r"_seed\d+$", "", run.name)
+        series.setdefault(label, []).append({e["step"]: e[key] for e in logs})
+    out = {}
+    for label, per_seed in series.items():
+        steps = sorted(set.intersection(*(set(s) for s in per_seed)))
+        if steps:
+            out[label] = [(t, statistics.fmean(s[t] for s in per_seed)) for t in steps]
+    return out
+
+
+def plot_steps(fig, out_dir, keys, stem):
+    """Write `stem`.png and .svg: one panel per step-log key, the key against the step, a line per run."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    found = {key: step_series(fig, out_dir, key) for key in keys}
+    missing = [key for key, series in found.items() if not series]
+    if missing:
+        raise PaceLMError(f"no record of {fig.id} under {os.path.join(out_dir, fig.id)} has step logs of "
+                          f"{', '.join(missing)} (PACE's statistics need optimizer.log_stats=true)")
+    fig_, axes = plt.subplots(1, len(keys), figsize=(5.2 * len(keys), 4), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        for label, points in found[key].items():
+            ax.plot([t for t, _ in points], [v for _, v in points], marker=".", label=label)
+        ax.set_xlabel("step")
+        ax.set_ylabel(key.replace("_", " "))
+        ax.set_title(f"{fig.id}: {key}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return _save(fig_, stem)
 
 
 def plot_figure(fig, out_dir, plot_dir=None):
