@@ -19,6 +19,7 @@ from pace_lm.records import read_record
 
 FIXTURES = Path(__file__).parent / "fixtures" / "results"
 README = Path(__file__).parent.parent / "README.md"
+FIGURES_DOC = README.parent / "docs" / "figures.md"
 
 
 def table_cells(text):
@@ -79,12 +80,13 @@ def test_the_adamw_lines_of_one_run_are_what_separate_runs_give(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 
-@pytest.mark.parametrize("fig_id", ["demo", "lawa_high_lr", "smollm2_sft"])
-def test_the_readme_shows_the_figure_as_the_command_prints_it(tmp_path, fig_id):
+@pytest.mark.parametrize("fig_id, page", [("demo", FIGURES_DOC), ("lawa_high_lr", FIGURES_DOC),
+                                          ("smollm2_sft", README)])
+def test_the_docs_show_the_figure_as_the_command_prints_it(tmp_path, fig_id, page):
     text, _ = plot_figure(load_figure(fig_id), str(FIXTURES), str(tmp_path))
-    assert text in README.read_text(), f"README's {fig_id} table differs from `pace-figure fig={fig_id} plot=true`"
-    png = f"docs/figures/{fig_id}.png"
-    assert png in README.read_text() and (README.parent / png).exists()
+    assert text in page.read_text(), f"{page.name}'s {fig_id} table differs from `pace-figure fig={fig_id} plot=true`"
+    png = f"figures/{fig_id}.png" if page == FIGURES_DOC else f"docs/figures/{fig_id}.png"  # relative to the page
+    assert f"]({png})" in page.read_text() and (page.parent / png).exists()
 
 
 def test_plotting_never_loads_the_training_code(tmp_path):
