@@ -18,7 +18,7 @@
  * hp (10 doubles): [keep, step_size, inv_bc2_sqrt, eps, 1 - beta1, beta2, 1 - beta2, lam_scale, decay, lam_max]
  * ptrs (n x 5 int64): addresses of p, g, m, v, ema (ema 0 when the call has no EMA); numels (n int64).
  * stats (NULL, or n_chunks x 6 doubles): per chunk [sum lam, max lam, #(lam_raw >= 1), sum (adamw - theta)^2,
- * sum (lam * diff)^2, sum diff^2].
+ * sum (lam * diff)^2, sum diff^2], summed within a chunk in the compute type (so that the loop vectorises).
  */
 #include <math.h>
 #include <stdint.h>
@@ -34,31 +34,35 @@ static inline float bf16_to_f32(uint16_t h) {
     return f;
 }
 
-static inline uint16_t f32_to_bf16(float f) { /* round to nearest even; NaN stays NaN */
+static inline uint16_t f32_to_bf16(float f) { /* round to nearest even; NaN stays NaN; no branch */
     uint32_t u;
     memcpy(&u, &f, 4);
     uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-    return (uint16_t)(((u & 0x7fffffffu) > 0x7f800000u) ? ((u >> 16) | 0x40u) : rounded);
+    uint32_t nan = 0u - (uint32_t)((u & 0x7fffffffu) > 0x7f800000u); /* all ones for NaN */
+    return (uint16_t)((rounded & ~nan) | (((u >> 16) | 0x40u) & nan));
 }
 
 #define CASE(NAME, k)                                                                                       \
-    case k: NAME##_chunk(p, g, m, v, ema, len, h, (k >> 3) & 1, (k >> 2) & 1, (k >> 1) & 1, k & 1, out); break;
+    case k: NAME##_chunk(p, g, m, v, ema, len, h, ((k) >> 4) & 1, ((k) >> 3) & 1, ((k) >> 2) & 1,             \
+                         ((k) >> 1) & 1, (k) & 1, out); break;
+#define CASE8(NAME, k) CASE(NAME, k) CASE(NAME, k + 1) CASE(NAME, k + 2) CASE(NAME, k + 3) CASE(NAME, k + 4) \
+    CASE(NAME, k + 5) CASE(NAME, k + 6) CASE(NAME, k + 7)
 #define SQRT(x) _Generic((x), float: sqrtf, default: sqrt)(x) /* float stays float */
-#define LERP(a, b, w) ((w) < 0.5f ? (a) + (w) * ((b) - (a)) : (b) - ((b) - (a)) * (1 - (w)))
 
 /* BODY(NAME, P, E, C, EA, LOADP, STOREP, LOADE, STOREE): the chunk loop for weights/moments of type P, EMA of
  * type E, arithmetic in C (the EMA's own update in EA). PULL, UPDATE_EMA and STATS are compile-time constants at each call site. */
 #define BODY(NAME, P, E, C, EA, LOADP, STOREP, LOADE, STOREE)                                                    \
 static inline __attribute__((always_inline)) void NAME##_chunk(                                             \
         P *restrict p, const P *restrict g, P *restrict m, P *restrict v, E *restrict ema, int64_t n,       \
-        const C *h, const int PULL, const int UPDATE_EMA, const int STATS, const int EMA_LO, double *out) { \
+        const C *h, const int PULL, const int UPDATE_EMA, const int STATS, const int EMA_LO, const int M_LO,           \
+        double *out) {                                                                                      \
     const C keep = h[0], step_size = h[1], inv_bc2_sqrt = h[2], eps = h[3], omb1 = h[4], beta2 = h[5];      \
     const C omb2 = h[6], lam_scale = h[7], decay = h[8], lam_max = h[9];                                    \
-    double s_lam = 0, m_lam = 0, s_clip = 0, s_upd = 0, s_pull = 0, s_diff = 0;                             \
+    C s_lam = 0, m_lam = 0, s_clip = 0, s_upd = 0, s_pull = 0, s_diff = 0; /* per chunk, in C: vectorises */ \
     _Pragma("omp simd reduction(+:s_lam,s_clip,s_upd,s_pull,s_diff) reduction(max:m_lam)")                 \
     for (int64_t i = 0; i < n; i++) {                                                                       \
         C theta = LOADP(p[i]), grad = LOADP(g[i]), mi = LOADP(m[i]), vi = LOADP(v[i]);                      \
-        C m_new = LERP(mi, grad, omb1);                                                                     \
+        C m_new = M_LO ? mi + omb1 * (grad - mi) : grad - (grad - mi) * (1 - omb1); /* torch's lerp */      \
         C v_new = vi * beta2 + omb2 * grad * grad;                                                          \
         C inv = 1 / (SQRT(v_new) * inv_bc2_sqrt + eps);                                                     \
         C adamw = theta * keep - step_size * (m_new * inv);                                                 \
@@ -84,7 +88,7 @@ static inline __attribute__((always_inline)) void NAME##_chunk(                 
             s_upd += upd * upd;                                                                             \
             if (PULL) {                                                                                     \
                 C pb = lam * diff;                                                                          \
-                s_lam += lam; m_lam = lam > m_lam ? lam : m_lam; s_clip += lam_raw >= 1;                    \
+                s_lam += lam; m_lam = lam > m_lam ? lam : m_lam; s_clip += (C)(lam_raw >= 1);               \
                 s_pull += pb * pb; s_diff += diff * diff;                                                   \
             }                                                                                               \
         }                                                                                                   \
@@ -102,9 +106,11 @@ void NAME(int64_t n_tensors, const int64_t *ptrs, const int64_t *numels, const d
     first[0] = 0;                                                                                           \
     for (int64_t t = 0; t < n_tensors; t++) first[t + 1] = first[t] + (numels[t] + CHUNK - 1) / CHUNK;      \
     int64_t n_chunks = first[n_tensors];                                                                    \
-    /* each flag a constant of its own copy of the loop. The last: which form of torch's lerp the EMA */    \
-    /* update takes (decay < 0.5), chosen here, since a second select inside the loop stops vectorising */  \
-    int flags = (pull ? 8 : 0) | (update_ema ? 4 : 0) | (stats ? 2 : 0) | (h[8] < 0.5f ? 1 : 0);            \
+    /* each flag a constant of its own copy of the loop. The last two: which form of torch's lerp the */    \
+    /* EMA update (decay < 0.5) and m (1 - beta1 < 0.5) take, chosen here: selects in the loop stop gcc */  \
+    /* vectorising it */                                                                                    \
+    int flags = (pull ? 16 : 0) | (update_ema ? 8 : 0) | (stats ? 4 : 0) | (h[8] < 0.5f ? 2 : 0)           \
+                | (h[4] < 0.5f ? 1 : 0);                                                                    \
     _Pragma("omp parallel for schedule(static) num_threads(n_threads)")                                     \
     for (int64_t c = 0; c < n_chunks; c++) {                                                                \
         int64_t lo = 0, hi = n_tensors - 1; /* the tensor holding chunk c: the last t with first[t] <= c */ \
@@ -119,9 +125,7 @@ void NAME(int64_t n_tensors, const int64_t *ptrs, const int64_t *numels, const d
         E *ema = q[4] ? (E *)q[4] + start : 0;                                                              \
         double *out = stats ? stats + 6 * c : 0;                                                            \
         switch (flags) {                                                                                    \
-            CASE(NAME, 0) CASE(NAME, 1) CASE(NAME, 2) CASE(NAME, 3) CASE(NAME, 4) CASE(NAME, 5)             \
-            CASE(NAME, 6) CASE(NAME, 7) CASE(NAME, 8) CASE(NAME, 9) CASE(NAME, 10) CASE(NAME, 11)           \
-            CASE(NAME, 12) CASE(NAME, 13) CASE(NAME, 14) CASE(NAME, 15)                                     \
+            CASE8(NAME, 0) CASE8(NAME, 8) CASE8(NAME, 16) CASE8(NAME, 24)                                   \
         }                                                                                                   \
     }                                                                                                       \
     free(first);                                                                                            \

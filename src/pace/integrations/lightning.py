@@ -22,12 +22,14 @@ optimizer and trains toward it, instead of a second model updated after each ste
   only there, as pace/<name> through self.log, to every logger.
 """
 
+from __future__ import annotations
+
 import lightning.pytorch as pl
 
 from pace.optimizer import PACE
 
 
-def find_pace(trainer):
+def find_pace(trainer: pl.Trainer) -> PACE:
     """The PACE optimizer of a Lightning trainer (there must be exactly one)."""
     found = [o for o in trainer.optimizers if isinstance(o, PACE)]
     found += [o.optimizer for o in trainer.optimizers if isinstance(getattr(o, "optimizer", None), PACE)]
@@ -38,9 +40,9 @@ def find_pace(trainer):
 
 
 class PACECallback(pl.Callback):
-    def __init__(self, telemetry=True):
+    def __init__(self, telemetry: bool = True) -> None:
         self.telemetry = telemetry
-        self._was_training = None
+        self._was_training: bool | None = None
 
     # ---- evaluation scores the returned model -------------------------------------------------
     def _eval_start(self, trainer):

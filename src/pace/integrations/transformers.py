@@ -21,12 +21,14 @@ leaves to chance, and this callback fixes:
   on the others) and adds get_step_stats() to Trainer's logs as pace/<name>, for every reporter.
 """
 
-from transformers import TrainerCallback
+from __future__ import annotations
+
+from transformers import Trainer, TrainerCallback
 
 from pace.optimizer import PACE
 
 
-def find_pace(optimizer):
+def find_pace(optimizer: object) -> PACE | None:
     """The PACE instance inside Trainer's optimizer (accelerate wraps it), or None."""
     while optimizer is not None and not isinstance(optimizer, PACE):
         optimizer = getattr(optimizer, "optimizer", None)
@@ -34,11 +36,11 @@ def find_pace(optimizer):
 
 
 class PACECallback(TrainerCallback):
-    def __init__(self, telemetry=True):
+    def __init__(self, telemetry: bool = True) -> None:
         self.telemetry = telemetry
 
     @classmethod
-    def attach(cls, trainer, **kwargs):
+    def attach(cls, trainer: Trainer, **kwargs) -> PACECallback:
         """Add a PACECallback to `trainer` ahead of its other callbacks (the reporters read the logs it
         extends); returns the callback."""
         callback = cls(**kwargs)
