@@ -97,12 +97,27 @@ def test_matches_reference_property(lr, c, wd, beta1, beta2, eps, kappa, rho, ga
     run_side_by_side(impl, torch.float64, kw, steps=12, lr_fn=lambda t: lr)
 
 
-def test_ema_decay_schedule():
-    assert ema_decay(7, 0.05, None, 0, 1) == 0.05
-    assert math.isclose(ema_decay(1, 0.05, 0.5, 0.0, 1.0), 2 ** -0.5)
-    assert ema_decay(3, 0.05, 0.5, 5.0, 1.0) == 1.0  # before rho: no decay yet, the EMA tracks theta
-    assert math.isclose(ema_decay(10, 0.05, 1.0, 2.0, 0.5), 1 / 5)
-    assert ema_decay(10 ** 9, 0.05, 2.0, 0.0, 1.0) == 1e-4  # the floor
+@pytest.mark.parametrize("decay", [ema_decay, pace_optimizer.ema_decay], ids=["reference", "optimizer"])
+def test_ema_decay_schedule(decay):
+    """The oracle and the fast path each write decay_t in their own code (neither imports the other's);
+    both are held to hand-computed values, so that one mistake cannot hide in both."""
+    assert decay(7, 0.05, None, 0, 1) == 0.05
+    assert math.isclose(decay(1, 0.05, 0.5, 0.0, 1.0), 2 ** -0.5)
+    assert decay(3, 0.05, 0.5, 5.0, 1.0) == 1.0  # before rho: no decay yet, the EMA tracks theta
+    assert math.isclose(decay(10, 0.05, 1.0, 2.0, 0.5), 1 / 5)
+    assert decay(10 ** 9, 0.05, 2.0, 0.0, 1.0) == 1e-4  # the floor
+
+
+def test_the_oracle_and_the_fast_path_import_nothing_from_each_other():
+    import ast
+    import pathlib
+    src = pathlib.Path(pace_optimizer.__file__).parent
+    for name, other in (("optimizer.py", "reference"), ("reference.py", "optimizer")):
+        tree = ast.parse((src / name).read_text())
+        imported = {f"{n.module or ''}.{a.name}" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
+                    for a in n.names}  # pace.reference.ema_decay, pace.cpu_kernel, ...
+        imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        assert not any(module.startswith(("pace.", ".")) and other in module for module in imported), (name, imported)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -521,6 +536,45 @@ def test_step_stats(impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+def test_step_stats_against_a_hand_computation(impl):
+    """Each of the six statistics from the update rule written out in float64, on a step where some
+    coordinates are clipped (tiny gradients: small v_hat) and the others are not."""
+    lr, c, wd, (b1, b2), eps, beta_ema = 0.05, 0.5, 0.1, (0.9, 0.99), 1e-8, 0.3
+    params = make_params(torch.float64)
+    opt = PACE(params, lr=lr, lambda_pullback=c, weight_decay=wd, betas=(b1, b2), eps=eps, beta_ema=beta_ema,
+               use_ema_eval=True, log_stats=True, impl=impl)
+    for t in range(1, 4):
+        set_grads(params, t)
+        for p in params:  # a third of the coordinates get tiny gradients: lambda clipped at 1 there
+            p.grad.view(-1)[::3] *= 1e-4
+        live = [p for p in params if p.numel()]
+        before = {p: {k: opt.state[p][k].clone() for k in ("exp_avg", "exp_avg_sq", "ema")} if p in opt.state
+                  else dict(exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p), ema=p.detach().clone())
+                  for p in live}
+        theta = {p: p.detach().clone() for p in live}
+        opt.step()
+        lam, lam_raw, upd, diff = [], [], [], []
+        for p in live:
+            g, st = p.grad, before[p]
+            m = b1 * st["exp_avg"] + (1 - b1) * g
+            v = b2 * st["exp_avg_sq"] + (1 - b2) * g * g
+            inv = 1 / ((v / (1 - b2 ** t)).sqrt() + eps)
+            adamw = theta[p] * (1 - lr * wd) - lr * m / (1 - b1 ** t) * inv
+            raw = lr * c * beta_ema * inv
+            lam.append(raw.clamp(max=1).flatten())
+            lam_raw.append(raw.flatten())
+            upd.append((adamw - theta[p]).flatten())
+            diff.append((st["ema"] - theta[p]).flatten())
+        lam, lam_raw, upd, diff = (torch.cat(x) for x in (lam, lam_raw, upd, diff))
+        want = dict(lambda_mean=lam.mean(), lambda_max=lam.max(), frac_clipped=(lam_raw >= 1).double().mean(),
+                    update_norm=upd.norm(), pullback_norm=(lam * diff).norm(), dist_to_ema=diff.norm())
+        got = opt.get_step_stats()
+        assert 0 < want["frac_clipped"] < 1 and want["lambda_mean"] < want["lambda_max"] == 1
+        for key, value in want.items():
+            assert math.isclose(got[key], float(value), rel_tol=1e-9, abs_tol=1e-12), (t, key, got[key], float(value))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_no_host_sync_in_step(impl, monkeypatch):
     """With log_stats=False the step never reads a tensor value back to the host."""
     params = make_params()
@@ -557,21 +611,21 @@ def test_fused_step_is_the_cpu_kernel(monkeypatch):
 
 
 def test_cpu_kernel_is_built_once_per_machine(tmp_path, monkeypatch):
-    """One build into the cache directory; nothing again for new models, instances, dtypes, freezes, groups
-    or lrs; a new process finds the library on disk."""
+    """One build per dtype pair into the cache directory, when first needed; nothing again for new models,
+    instances, freezes, groups or lrs; a new process finds the libraries on disk."""
     monkeypatch.setenv("PACE_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(cpu_kernel, "_lib", None)
-    monkeypatch.setattr(cpu_kernel, "_error", None)
+    monkeypatch.setattr(cpu_kernel, "_fns", {})
+    monkeypatch.setattr(cpu_kernel, "_errors", {})
     builds = []
     real_build = cpu_kernel._build
-    monkeypatch.setattr(cpu_kernel, "_build", lambda *a: builds.append(a) or real_build(*a))
+    monkeypatch.setattr(cpu_kernel, "_build", lambda *a: builds.append(a[-1]) or real_build(*a))
 
     params = make_params()
     opt = PACE(params, lr=0.01, lambda_pullback=0.3, use_ema_eval=True)
     set_grads(params, 0)
     opt.step()
-    assert len(builds) == 1 and len(os.listdir(tmp_path)) == 1 and os.listdir(tmp_path)[0].endswith(".so")
-    for t, dtype in enumerate((torch.float32, torch.bfloat16, torch.float64), start=1):
+    assert builds == ["pace_step_f32_f32"] and [f.endswith(".so") for f in os.listdir(tmp_path)] == [True]
+    for t, dtype in enumerate((torch.float32, torch.bfloat16, torch.float64) * 2, start=1):
         other = make_params(dtype, shapes=[(7 * t, 3), (5,)])
         opt2 = PACE(other[:1], lr=0.01 * t, lambda_pullback=0.5, use_ema_eval=True)
         opt2.add_param_group(dict(params=other[1:], lr=0.1))
@@ -581,9 +635,9 @@ def test_cpu_kernel_is_built_once_per_machine(tmp_path, monkeypatch):
                 other[0].grad = None  # frozen for a step
             opt2.param_groups[0]["lr"] = 0.01 * (step + 1)
             opt2.step()
-    assert len(builds) == 1
-    monkeypatch.setattr(cpu_kernel, "_lib", None)  # as in a new process
-    assert cpu_kernel.load() is not None and len(builds) == 1
+    assert builds == ["pace_step_f32_f32", "pace_step_bf16_f32", "pace_step_f64_f64"]
+    monkeypatch.setattr(cpu_kernel, "_fns", {})  # as in a new process
+    assert cpu_kernel.load("pace_step_bf16_f32") is not None and len(builds) == 3 and len(os.listdir(tmp_path)) == 3
 
 
 def run_bf16_rule(impl, shapes=SHAPES, steps=10):

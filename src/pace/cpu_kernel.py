@@ -4,7 +4,8 @@ Why not torch.compile or torch.utils.cpp_extension: a compiled graph is speciali
 (minutes for a 135M model, and again after every freeze or new instance), and an extension that includes
 torch's headers takes a minute to build. The kernel is plain C with OpenMP and no torch headers: it builds
 in about a second with the system's C compiler, is cached on disk per machine (the key covers the source,
-the compiler, its flags and the CPU), and serves any model, dtype set and lr from then on.
+the compiler, its flags and the CPU; one library per dtype pair, built when first needed), and serves any
+model and lr from then on.
 
 Cache directory: $PACE_CACHE_DIR, else $XDG_CACHE_HOME/pace-optimizer, else ~/.cache/pace-optimizer.
 Compiler: $CC, else cc, gcc or clang from PATH. Without one, `available()` is False and PACE falls back
@@ -34,8 +35,10 @@ KERNELS = {
     (torch.bfloat16, torch.bfloat16): "pace_step_bf16_bf16",
 }
 
-_lib = None
-_error = None  # why the kernel could not be built (a string), once known
+DEFAULT = KERNELS[(torch.float32, torch.float32)]
+
+_fns = {}  # kernel name -> its loaded ctypes function
+_errors = {}  # kernel name -> why it could not be built (a string)
 _lock = threading.Lock()
 
 
@@ -63,14 +66,15 @@ def _cpu_id():
         return platform.processor() + platform.machine()
 
 
-def _build(path, cc, source):
-    """Compile `source` to `path` atomically (a unique temporary file, then rename): concurrent builders
-    (ranks of one job) each write their own and the last rename wins, with identical contents."""
+def _build(path, cc, source, name):
+    """Compile kernel `name` of `source` to `path` atomically (a unique temporary file, then rename):
+    concurrent builders (ranks of one job) each write their own and the last rename wins, with identical
+    contents."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
     try:
         for flags in (FLAGS, [f for f in FLAGS if f != "-fopenmp"]):  # e.g. Apple clang has no OpenMP
-            cmd = [cc, *flags, "-x", "c", "-", "-o", tmp, "-lm"]
+            cmd = [cc, *flags, f"-DPACE_KERNEL_{name}", "-x", "c", "-", "-o", tmp, "-lm"]
             out = subprocess.run(cmd, input=source, capture_output=True)
             if out.returncode == 0:
                 os.replace(tmp, path)
@@ -81,69 +85,65 @@ def _build(path, cc, source):
             os.remove(tmp)
 
 
-def load():
-    """The loaded kernel library (built on first use), or None with the reason in `error()`."""
-    global _lib, _error
-    if _lib is not None or _error is not None:
-        return _lib
+def load(name=DEFAULT):
+    """Kernel `name` (a value of KERNELS), built on its first use on this machine, loaded on its first use in
+    this process; None if it cannot be built, with the reason in error(name)."""
+    if name in _fns or name in _errors:
+        return _fns.get(name)
     with _lock:
-        if _lib is None and _error is None:
+        if name not in _fns and name not in _errors:
             try:
-                _lib = _load()
+                _fns[name] = _load(name)
             except Exception as e:  # no compiler, a failed build, a library that will not load
-                _error = f"{type(e).__name__}: {e}"
-    return _lib
+                _errors[name] = f"{type(e).__name__}: {e}"
+    return _fns.get(name)
 
 
-def _load():
+def _load(name):
     cc = _compiler()
     if cc is None:
         raise RuntimeError("no C compiler (set $CC, or install cc, gcc or clang)")
     source = files("pace").joinpath("csrc/pace_step.c").read_bytes()
     version = subprocess.run([cc, "--version"], capture_output=True).stdout
-    key = hashlib.sha256(b"\0".join([source, cc.encode(), version, " ".join(FLAGS).encode(),
+    key = hashlib.sha256(b"\0".join([source, name.encode(), cc.encode(), version, " ".join(FLAGS).encode(),
                                      _cpu_id().encode()])).hexdigest()[:20]
-    path = os.path.join(cache_dir(), f"pace_step_{key}.so")
+    path = os.path.join(cache_dir(), f"{name}_{key}.so")
     if not os.path.exists(path):
-        _build(path, cc, source)
-    lib = ctypes.CDLL(path)
-    for name in KERNELS.values():
-        fn = getattr(lib, name)
-        fn.restype = None
-        fn.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
-                       ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
-    return lib
+        _build(path, cc, source, name)
+    fn = getattr(ctypes.CDLL(path), name)
+    fn.restype = None
+    fn.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
+                   ctypes.c_void_p, ctypes.c_int]
+    return fn
 
 
-def error():
-    return _error
+def error(name=DEFAULT):
+    return _errors.get(name)
 
 
 def supports(tensors, ema_dtype):
-    """Whether the kernel can step this bucket: CPU, contiguous, one dtype for p, g, m and v."""
+    """The kernel's name for this bucket, or None if no kernel takes it: CPU, contiguous, one dtype for p,
+    g, m and v, a (weights, EMA) dtype pair of KERNELS."""
     p = tensors[0][0]
-    if (p.dtype, ema_dtype or p.dtype) not in KERNELS:
-        return False
-    return all(x is None or (x.device.type == "cpu" and x.is_contiguous() and x.dtype == (p.dtype if i < 4 else
-               ema_dtype)) for row in tensors for i, x in enumerate(row))
+    name = KERNELS.get((p.dtype, ema_dtype or p.dtype))
+    ok = name and all(x is None or (x.device.type == "cpu" and x.is_contiguous() and x.dtype == (p.dtype if i < 4
+                      else ema_dtype)) for row in tensors for i, x in enumerate(row))
+    return name if ok else None
 
 
 def n_chunks(numels):
     return sum(-(-n // CHUNK) for n in numels)
 
 
-def step(tensors, hp, pull, update_ema, stats):
-    """One PACE step of a bucket: tensors a list of [p, g, m, v, ema or None] (CPU, contiguous, checked by
-    supports()); hp the (10,) hyperparameters (see _pace_update). Returns (n_chunks, 6) float64 partial
-    sums when stats, else None."""
-    lib = _lib
-    p0, ema0 = tensors[0][0], tensors[0][4]
-    fn = getattr(lib, KERNELS[(p0.dtype, ema0.dtype if ema0 is not None else p0.dtype)])
+def step(name, tensors, hp, pull, update_ema, stats):
+    """One PACE step of a bucket with kernel `name` (from supports(), loaded): tensors a list of
+    [p, g, m, v, ema or None]; hp the (10,) hyperparameters (see _pace_update). Returns (n_chunks, 6)
+    float64 partial sums when stats, else None."""
     ptrs = torch.tensor([0 if x is None else x.data_ptr() for row in tensors for x in row], dtype=torch.int64)
     sizes = [row[0].numel() for row in tensors]
     numels = torch.tensor(sizes, dtype=torch.int64)
     hp = hp.to(device="cpu", dtype=torch.float64).contiguous()
     out = torch.empty(n_chunks(sizes), 6, dtype=torch.float64) if stats else None
-    fn(len(tensors), ptrs.data_ptr(), numels.data_ptr(), hp.data_ptr(), int(pull), int(update_ema),
-       out.data_ptr() if stats else None, torch.get_num_threads())
+    _fns[name](len(tensors), ptrs.data_ptr(), numels.data_ptr(), hp.data_ptr(), int(pull), int(update_ema),
+               out.data_ptr() if stats else None, torch.get_num_threads())
     return out

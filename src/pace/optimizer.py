@@ -310,14 +310,15 @@ class PACE(Optimizer):
         """Step one bucket with `impl` (None: the fused kernel where it can); a list of (k, 6) partials when
         stats, else anything."""
         if impl in (None, "fused") and device.type == "cpu":
-            if cpu_kernel.load() is None:
-                _warn_once("cpu", f"PACE: the CPU kernel could not be built ({cpu_kernel.error()}); "
-                           "using the foreach implementation")
-            elif cpu_kernel.supports(tensors, ema_dtype):
-                return [cpu_kernel.step(tensors, hp, *flags)]
-            else:
+            name = cpu_kernel.supports(tensors, ema_dtype)
+            if name is None:
                 _warn_once(("cpu", tensors[0][0].dtype), "PACE: the CPU kernel takes contiguous float32, "
                            "float64 and bfloat16 tensors; stepping the others with the foreach implementation")
+            elif cpu_kernel.load(name) is None:
+                _warn_once("cpu", f"PACE: the CPU kernel could not be built ({cpu_kernel.error(name)}); "
+                           "using the foreach implementation")
+            else:
+                return [cpu_kernel.step(name, tensors, hp, *flags)]
         elif impl == "triton" or (impl in (None, "fused") and device.type == "cuda"):
             if not triton_kernel.available():
                 _warn_once("triton", "PACE: Triton is not installed; using the foreach implementation")

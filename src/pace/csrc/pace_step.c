@@ -1,7 +1,7 @@
 /* One PACE step over many tensors in one call: the CPU kernel of pace.PACE (impl="fused").
  *
  * Plain C with OpenMP, no torch headers, so that it builds in about a second, once per machine
- * (pace/cpu_kernel.py compiles it with -O3 -march=native and loads it with ctypes). Each element is
+ * (pace/cpu_kernel.py compiles it with -O3 -march=native, one dtype pair per library, and loads it with ctypes). Each element is
  * read once and written once: p, g, m, v, ema in; p, m, v, ema out (9 streams; AdamW is 7).
  *
  * The tensors of a call are cut into chunks of CHUNK elements; OpenMP shares the chunks of all tensors
@@ -135,9 +135,20 @@ void NAME(int64_t n_tensors, const int64_t *ptrs, const int64_t *numels, const d
 #define TO_F32(x) ((float)(x))
 #define TO_F64(x) ((double)(x))
 
-/* pace_step_<weights dtype>_<EMA dtype> */
+/* pace_step_<weights dtype>_<EMA dtype>; one per build (-DPACE_KERNEL_<name>), so that a machine builds only
+ * the dtypes it trains, each in about a second */
+#ifdef PACE_KERNEL_pace_step_f32_f32
 BODY(pace_step_f32_f32, float, float, float, float, SAME, TO_F32, SAME, TO_F32)
+#endif
+#ifdef PACE_KERNEL_pace_step_f64_f64
 BODY(pace_step_f64_f64, double, double, double, double, SAME, TO_F64, SAME, TO_F64)
+#endif
+#ifdef PACE_KERNEL_pace_step_f32_f64
 BODY(pace_step_f32_f64, float, double, float, double, SAME, TO_F32, SAME, TO_F64)
+#endif
+#ifdef PACE_KERNEL_pace_step_bf16_f32
 BODY(pace_step_bf16_f32, uint16_t, float, float, float, bf16_to_f32, f32_to_bf16, SAME, TO_F32)
+#endif
+#ifdef PACE_KERNEL_pace_step_bf16_bf16
 BODY(pace_step_bf16_bf16, uint16_t, uint16_t, float, float, bf16_to_f32, f32_to_bf16, bf16_to_f32, f32_to_bf16)
+#endif
