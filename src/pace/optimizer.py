@@ -170,7 +170,7 @@ class PACE(Optimizer):
         impl (str or None): how the step runs; every choice computes the same update, in the same
             order of operations (results agree to a few units in the last place).
             "fused": one multi-tensor kernel call per bucket (parameters of one group, device, dtype and step
-                count), one pass over memory. CPU: csrc/pace_step.c, C with OpenMP, built in about a second
+                count), one pass over memory. CPU: csrc/pace_step.c, C with OpenMP, built in about 1.5 s
                 once per machine (cached on disk). CUDA: a Triton kernel, one launch per bucket. Nothing is
                 specialised to the model: no build for a new model, instance, freeze or lr.
             "triton": the Triton kernel on any device (CPU tensors run it under TRITON_INTERPRET=1).
