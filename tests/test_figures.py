@@ -254,11 +254,27 @@ def test_pace_figure_run_and_plot_from_the_command_line(tmp_path, offline_data):
 
 def test_the_main_job_is_two_cells_of_the_smollm2_figure(tmp_path):
     """smollm2_quick's numbers are the committed smollm2_sft records': the same runs, key for key."""
-    from pace_lm.records import config_diff
+    from pace_lm.records import NOT_COMPARED, config_diff
     quick, full = load_figure("smollm2_quick"), load_figure("smollm2_sft")
     assert [r.name for r in quick.runs] == ["ema_lr0.001_seed0", "pace_lr0.001_seed0"]
     for run in quick.runs:
         twin = next(r for r in full.runs if r.name == run.name)
         a, b = (OmegaConf.to_container(build_config(f, r, str(tmp_path))) for f, r in ((quick, run), (full, twin)))
-        assert config_diff(a, b, (*figures.NOT_COMPARED, "training.out_dir")) == []
+        assert config_diff(a, b, (*NOT_COMPARED, "training.out_dir")) == []
         assert a["training"]["save_model"] and not b["training"]["save_model"]  # the main job keeps its models
+
+
+def test_one_rule_for_what_makes_another_run():
+    """Sweeps and resumes share records.NOT_COMPARED: where a run ran and how its step was computed
+    (device, parallel, compile, optimizer.impl) do not make it another run; what it computes does."""
+    from pace_lm import checkpoint
+    from pace_lm.figures import config_diff
+    from pace_lm.records import NOT_COMPARED
+    cfg = compose(["optimizer=pace"])
+    recorded = OmegaConf.to_container(cfg, resolve=True)
+    recorded["training"].update(device="cuda:1", parallel="ddp", compile_model=True)
+    recorded["optimizer"]["impl"] = "foreach"
+    assert config_diff(recorded, cfg) == []
+    recorded["optimizer"]["lr"] = 123.0
+    assert config_diff(recorded, cfg) == ["optimizer.lr"]
+    assert not hasattr(checkpoint, "RESUME_NOT_COMPARED") and "optimizer.impl" in NOT_COMPARED

@@ -171,3 +171,52 @@ def build_averagers(cfg, names, params):
         kwargs = dict(every=a.every, start=a.start, device=a.device)
         out[name] = LAWA(params, k=a.k, **kwargs) if name == "lawa" else SWA(params, **kwargs)
     return out
+
+
+# ---- the models a run keeps: one protocol -------------------------------------------------------------
+# Each is an object with `taken` (whether it has weights yet) and `swapped_in()`, a context manager that
+# puts its weights in the model and the live ones back after. Evaluation, saving and the record iterate
+# over kept_models(); a new kind of returned model is one entry here.
+
+
+class FinalIterate:
+    """The live weights: nothing to swap."""
+    taken = True
+
+    def swapped_in(self):
+        return contextlib.nullcontext()
+
+
+class OptimizerAverage:
+    """An average the optimizer keeps itself and swaps in with eval() / train(): PACE's EMA (groups with
+    use_ema_eval) and schedule-free's average."""
+    taken = True
+
+    def __init__(self, opt):
+        self.opt = opt
+
+    @contextlib.contextmanager
+    def swapped_in(self):
+        self.opt.eval()
+        try:
+            yield
+        finally:
+            self.opt.train()
+
+
+def kept_models(opt, averagers, returned):
+    """{key: model} of every model a run keeps, in evaluation order: "vanilla" (the live iterate), the
+    optimizer's own average ("ema" or "schedulefree"), then the averagers. `returned` (the method's
+    returned model: final_iterate | ema | schedulefree | lawa | swa) is returned_key(returned) of them."""
+    models = {"vanilla": FinalIterate()}
+    if returned == "schedulefree":
+        models["schedulefree"] = OptimizerAverage(opt)
+    elif opt.param_groups[0].get("use_ema_eval"):
+        models["ema"] = OptimizerAverage(opt)
+    models.update(averagers)
+    return models
+
+
+def returned_key(returned):
+    """The key in kept_models() of a method's returned model (the final iterate is "vanilla")."""
+    return "vanilla" if returned == "final_iterate" else returned

@@ -37,12 +37,8 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import StorageMeta
 
 from pace_lm import PaceLMError
-from pace_lm.records import config_diff, sha256_file
+from pace_lm.records import NOT_COMPARED, config_diff, sha256_file
 
-# keys a resumed run may change: how it is shown, kept, launched or placed, not what it computes
-RESUME_NOT_COMPARED = ("training.progress", "training.overwrite", "training.save_model", "training.resume",
-                       "training.checkpoint.", "training.device", "training.parallel",
-                       "training.compile_model", "optimizer.impl", "logging.")
 STATE = "state.pt"
 MANIFEST = "manifest.json"
 STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -68,23 +64,23 @@ def latest(ckpt_dir):
 
 # ---- writing --------------------------------------------------------------------
 
-def save(ckpt_dir, step, state, own, w, sharded=None, keep=2):
-    """Write checkpoint `step`: `state` (rank 0's), `own` (every rank's), `sharded` tensors (DCP, every rank).
+def save(ckpt_dir, step, state, rank_state, world, sharded=None, keep=2):
+    """Write checkpoint `step`: `state` (rank 0's), `rank_state` (every rank's), `sharded` tensors (DCP, every rank).
 
     Every rank calls it. Returns the folder.
     """
     final, tmp = step_dir(ckpt_dir, step), os.path.join(ckpt_dir, f".step_{step:08d}.tmp")
-    if w.main:
+    if world.main:
         shutil.rmtree(tmp, ignore_errors=True)  # left by a writer that was killed
         os.makedirs(tmp)
-    _barrier(w)
-    _save_file(own, os.path.join(tmp, f"rank{w.rank}.pt"))
+    _barrier(world)
+    _save_file(rank_state, os.path.join(tmp, f"rank{world.rank}.pt"))
     if sharded is not None:
         dcp.save(sharded, storage_writer=dcp.FileSystemWriter(os.path.join(tmp, "dcp"), sync_files=True))
-    if w.main:
+    if world.main:
         _save_file(state, os.path.join(tmp, STATE))
-    _barrier(w)
-    if w.main:
+    _barrier(world)
+    if world.main:
         _write_manifest(tmp)  # last: every file above is whole on disk by now
         _fsync_dir(tmp)
         if os.path.exists(final):  # the same step again (e.g. the last one, after a resume there)
@@ -97,7 +93,7 @@ def save(ckpt_dir, step, state, own, w, sharded=None, keep=2):
         _fsync_dir(ckpt_dir)
         for _, folder in list_checkpoints(ckpt_dir)[:-keep]:
             shutil.rmtree(folder)
-    _barrier(w)
+    _barrier(world)
     return final
 
 
@@ -154,15 +150,15 @@ def _fsync_dir(path):
         os.close(fd)
 
 
-def _barrier(w):
-    if w.parallel:
+def _barrier(world):
+    if world.parallel:
         dist.barrier()
 
 
 # ---- reading --------------------------------------------------------------------
 
-def load(folder, w, verified=False):
-    """(state, own) of checkpoint `folder` for this rank, on the CPU; a clear error if it is not one, or damaged.
+def load(folder, world, verified=False):
+    """(state, rank_state) of checkpoint `folder` for this rank, on the CPU; a clear error if it is not one, or damaged.
 
     verified: its files were just checked against the manifest (by find), so they are not hashed again.
     """
@@ -171,12 +167,12 @@ def load(folder, w, verified=False):
     if not verified:
         verify(folder)
     state = _load_file(os.path.join(folder, STATE))
-    own_path = os.path.join(folder, f"rank{w.rank}.pt")
+    rank_path = os.path.join(folder, f"rank{world.rank}.pt")
     # a checkpoint written by fewer ranks: this rank starts from rank 0's RNG (still deterministic)
-    own = _load_file(own_path if os.path.exists(own_path) else os.path.join(folder, "rank0.pt"))
-    if own.get("world", 1) != w.world:
-        own = dict(own, window_loss=None)  # rank-local partial sums mean nothing on another world size
-    return state, own
+    rank_state = _load_file(rank_path if os.path.exists(rank_path) else os.path.join(folder, "rank0.pt"))
+    if rank_state.get("world", 1) != world.size:
+        rank_state = dict(rank_state, window_loss=None)  # rank-local partial sums mean nothing on another world size
+    return state, rank_state
 
 
 def _load_file(path):
@@ -349,7 +345,7 @@ def newest_intact(ckpt_dir):
 
 def check_resumable(state, cfg, meta, folder):
     """A checkpoint goes on only with the config (a dict) and data it was written with."""
-    diff = config_diff(state["config"], cfg, RESUME_NOT_COMPARED)
+    diff = config_diff(state["config"], cfg, NOT_COMPARED)
     if diff:
         raise PaceLMError(f"checkpoint {folder} is of another config (differs in {', '.join(diff[:6])}"
                           f"{', ...' if len(diff) > 6 else ''}): resume with the run's own settings")
@@ -358,10 +354,10 @@ def check_resumable(state, cfg, meta, folder):
                           f"holds now")
 
 
-def capture(model, opt, averagers, w):
+def capture(model, opt, averagers, world):
     """(model, optimizer and averager states, sharded tensors): under FSDP2 the tensors go to DCP apart."""
     states = dict(averagers={name: a.state_dict() for name, a in averagers.items()})
-    if w.parallel != "fsdp":
+    if world.parallel != "fsdp":
         return dict(states, model=model.state_dict(), optimizer=opt.state_dict()), None
     from torch.distributed.checkpoint.state_dict import get_state_dict
     states["model"], states["optimizer"] = get_state_dict(model, opt)  # keyed by parameter name, sharded
@@ -369,7 +365,7 @@ def capture(model, opt, averagers, w):
     return states, sharded
 
 
-def restore(state, folder, model, opt, averagers, w):
+def restore(state, folder, model, opt, averagers, world):
     """Put a checkpoint's model, optimizer (EMA and mode included) and averager states in place."""
     states = state["train"]
     saved = marked_keys(states)  # tensors in dcp/, marked {"dcp": key} in state.pt
@@ -388,7 +384,7 @@ def restore(state, folder, model, opt, averagers, w):
             load_sharded(folder, tensors)
             states = join_tensors(states, tensors)
             set_state_dict(model, opt, model_state_dict=states["model"], optim_state_dict=states["optimizer"])
-        elif w.parallel == "fsdp":
+        elif world.parallel == "fsdp":
             raise PaceLMError(f"checkpoint {folder} was written without FSDP: resume it with training.parallel=ddp")
         else:
             model.load_state_dict(states["model"])

@@ -24,9 +24,9 @@ PARALLEL = ("ddp", "fsdp")
 
 @dataclass(frozen=True)
 class World:
-    """Where this process stands: rank of world; `parallel` is None for a single process."""
+    """Where this process stands: its rank among `size` processes; `parallel` is None for a single process."""
     rank: int = 0
-    world: int = 1
+    size: int = 1
     parallel: str | None = None
     owns_group: bool = False  # this process group was made here (a caller's own group is left alone)
 
@@ -63,9 +63,9 @@ def init(parallel, device_name):
     return World(rank, world, parallel, owns), device
 
 
-def shutdown(w, clean=True):
+def shutdown(world, clean=True):
     """Leave the process group made by init(). `clean`: every rank got here (none failed on its own)."""
-    if w.owns_group and dist.is_initialized():
+    if world.owns_group and dist.is_initialized():
         if clean:
             dist.barrier()  # no rank tears the group down while another is still in a collective
         dist.destroy_process_group()
@@ -80,16 +80,16 @@ def get_device(name):
     return device
 
 
-def wrap(model, w, device):
+def wrap(model, world, device):
     """The module the training step runs: the model itself, DDP around it, or it fully_shard-ed in place."""
-    if w.parallel is None:
+    if world.parallel is None:
         return model
-    if w.parallel == "ddp":
+    if world.parallel == "ddp":
         return torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
-    mesh = init_device_mesh(device.type, (w.world,))
+    mesh = init_device_mesh(device.type, (world.size,))
     blocks = set(getattr(model, "_no_split_modules", None) or ())  # transformers' names for its blocks
     for module in model.modules():
         if type(module).__name__ in blocks:
@@ -98,13 +98,13 @@ def wrap(model, w, device):
 
 
 @contextlib.contextmanager
-def grad_sync(step_model, w, sync):
+def grad_sync(step_model, world, sync):
     """Gradients of the backward passes in the block are reduced across ranks only when `sync` (the
     last micro-batch of a step): accumulation without a collective per micro-batch."""
-    if w.parallel == "ddp" and not sync:
+    if world.parallel == "ddp" and not sync:
         with step_model.no_sync():
             yield
-    elif w.parallel == "fsdp":
+    elif world.parallel == "fsdp":
         step_model.set_requires_gradient_sync(sync)
         yield
     else:
@@ -121,16 +121,16 @@ def reshard(model):
             module.reshard()
 
 
-def all_sum(t, w):
+def all_sum(t, world):
     """`t` summed over ranks, in place (a no-op for one process)."""
-    if w.parallel:
+    if world.parallel:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
 
 
-def any_rank(flag, w, device):
+def any_rank(flag, world, device):
     """Whether `flag` is true on any rank: every rank gets the same answer, so all stop together."""
-    if not w.parallel:
+    if not world.parallel:
         return flag
     t = torch.tensor(float(flag), device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)

@@ -40,9 +40,6 @@ SPEC_KEYS = {"description", "hardware", "prepare", "plot", "common", "runs", "se
 PLOT_KEYS = {"x", "logx", "line", "panel", "metric", "split", "paired"}
 SHORT = {"optimizer.lr": "lr", "optimizer.lambda_pullback": "c", "optimizer.ema_kappa": "kappa"}
 FINAL = ("complete", "diverged")  # the outcomes a resumed sweep keeps
-# keys of a record's config that may differ from the sweep's without it being another run
-NOT_COMPARED = ("training.progress", "training.overwrite", "training.save_model", "training.resume",
-                "training.checkpoint.", "logging.")
 
 
 @dataclass
@@ -206,7 +203,7 @@ def build_config(fig, run, out_dir, data=None, extra=()):
 
 def config_diff(recorded, cfg):
     """Dotted keys whose values differ between a record's config and `cfg` (see records.config_diff)."""
-    return records.config_diff(recorded, OmegaConf.to_container(cfg, resolve=True), NOT_COMPARED)
+    return records.config_diff(recorded, OmegaConf.to_container(cfg, resolve=True), records.NOT_COMPARED)
 
 
 def run_figure(fig, out_dir, data=None, extra=(), only=None, log=print):

@@ -88,6 +88,13 @@ def _git_commit():
     return (commit + ("+dirty" if dirty else "")) if commit else None
 
 
+# Keys that say how a run is shown, kept, launched or placed, not what it computes: a record or checkpoint
+# whose config differs from another only in these is the same run (a sweep keeps it; a resume goes on).
+NOT_COMPARED = ("training.progress", "training.overwrite", "training.save_model", "training.resume",
+                "training.checkpoint.", "training.device", "training.parallel", "training.compile_model",
+                "optimizer.impl", "logging.")
+
+
 def config_diff(a, b, ignore=()):
     """Dotted keys whose values differ between configs `a` and `b` (nested dicts).
 

@@ -55,44 +55,44 @@ def train(cfg):
     """
     OmegaConf.resolve(cfg)
     check_config(cfg)
-    w, device = distributed.init(cfg.training.parallel, cfg.training.device)
+    world, device = distributed.init(cfg.training.parallel, cfg.training.device)
     clean = False
     try:
-        record = run(cfg, w, device)
+        record = run(cfg, world, device)
         clean = True
         return record
     except Interrupted:
         clean = True
         raise
     finally:
-        distributed.shutdown(w, clean)
+        distributed.shutdown(world, clean)
 
 
-def run(cfg, w, device):
+def run(cfg, world, device):
     """train() once the process group is up: the run directory, resume, setup, fit, save, the record."""
     tc = cfg.training
-    if tc.batch_size % (tc.micro_batch_size * w.world):
+    if tc.batch_size % (tc.micro_batch_size * world.size):
         raise PaceLMError(f"training.batch_size={tc.batch_size} is not a multiple of training.micro_batch_size"
-                          f" x ranks = {tc.micro_batch_size} x {w.world}")
+                          f" x ranks = {tc.micro_batch_size} x {world.size}")
     run_dir = os.path.join(tc.out_dir, cfg.run_name)
     # one writer per run folder (rank 0 writes; the other ranks may be on other hosts)
-    with run_lock(run_dir) if w.main else contextlib.nullcontext():
-        return run_locked(cfg, w, device, run_dir)
+    with run_lock(run_dir) if world.main else contextlib.nullcontext():
+        return run_locked(cfg, world, device, run_dir)
 
 
-def run_locked(cfg, w, device, run_dir):
+def run_locked(cfg, world, device, run_dir):
     """run() holding the run folder's lock."""
     tc = cfg.training
     record_path = os.path.join(run_dir, RECORD)
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     check_run_dir(record_path, tc.overwrite)
     resume_from = checkpoint.find(tc.resume, ckpt_dir, tc.overwrite)
-    train_ds, val_ds, tokenizer, meta = load_data(cfg, w)
+    train_ds, val_ds, tokenizer, meta = load_data(cfg, world)
     seq_len = get_seq_len(tc.max_seq_len, meta)
 
-    state = own = None
+    state = rank_state = None
     if resume_from:
-        state, own = checkpoint.load(resume_from, w, verified=True)  # find() checked it against its manifest
+        state, rank_state = checkpoint.load(resume_from, world, verified=True)  # find() checked it against its manifest
         checkpoint.check_resumable(state, OmegaConf.to_container(cfg), meta, resume_from)
         record = state["record"]
         record.update(status="running", error=None)
@@ -102,24 +102,24 @@ def run_locked(cfg, w, device, run_dir):
                       summary={}, eval_logs=[], step_logs=[])
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, tokenizer).to(device)  # a bad model config is an error before any record
-    if w.main:
+    if world.main:
         if tc.overwrite:
             shutil.rmtree(ckpt_dir, ignore_errors=True)
         shutil.rmtree(os.path.join(run_dir, "model"), ignore_errors=True)  # a stale returned model goes
         write_json_atomic(record_path, record)
     try:
-        step_model = distributed.wrap(model, w, device)  # under FSDP2, `model` itself is now sharded
+        step_model = distributed.wrap(model, world, device)  # under FSDP2, `model` itself is now sharded
         opt = build_optimizer(cfg.optimizer, model)
         returned = returned_model(cfg.optimizer)
         averagers = averaging.build_averagers(cfg.averaging, averaging.enabled(cfg.averaging, returned),
                                               model.parameters())
         if state is not None:
-            checkpoint.restore(state, resume_from, model, opt, averagers, w)
+            checkpoint.restore(state, resume_from, model, opt, averagers, world)
         record["summary"] = fit(cfg, model, step_model, opt, averagers, train_ds, val_ds, meta["pad_token_id"],
-                                seq_len, device, record, record_path, w, ckpt_dir, state, own)
+                                seq_len, device, record, record_path, world, ckpt_dir, state, rank_state)
         if tc.save_model:
             with returned_weights(returned, opt, averagers):
-                model_dir = save_model(model, tokenizer, run_dir, w)
+                model_dir = save_model(model, tokenizer, run_dir, world)
             record["summary"]["model_dir"] = model_dir
         record["status"] = "complete"
     except BaseException as e:  # the record says how the run ended, whatever ended it
@@ -131,20 +131,21 @@ def run_locked(cfg, w, device, run_dir):
             record["error"] += f"; the last checkpoint is {last}" if last else "; no checkpoint was written"
         raise
     finally:
-        if w.main:
+        if world.main:
             write_json_atomic(record_path, record)
     return record
 
 
 def fit(cfg, model, step_model, opt, averagers, train_ds, val_ds, pad_id, seq_len, device, record, record_path,
-        w, ckpt_dir, state=None, own=None):
+        world, ckpt_dir, state=None, rank_state=None):
     """The training loop; fills record's logs in place and returns the summary.
 
-    `state` / `own`: a checkpoint's (the model and optimizer are already restored), to go on from.
+    `state` / `rank_state`: a checkpoint's shared and this rank's parts (the model and optimizer are already
+    restored), to go on from.
     """
     from tqdm.auto import tqdm
     tc = cfg.training
-    accum = tc.batch_size // (tc.micro_batch_size * w.world)  # micro-batches per rank per step
+    accum = tc.batch_size // (tc.micro_batch_size * world.size)  # micro-batches per rank per step
     returned = returned_model(cfg.optimizer)
     autocast = get_autocast(tc.dtype, device)
     batches = Batches(len(train_ds), tc.batch_size, cfg.seed)  # global batches; each rank takes its share
@@ -154,35 +155,35 @@ def fit(cfg, model, step_model, opt, averagers, train_ds, val_ds, pad_id, seq_le
 
     # the loop's counters: all a checkpoint needs besides the states (a restored optimizer's lr is the
     # scheduled one of its last step: the base lrs come from the checkpoint)
-    c = dict(step=0, tokens=0, trained=0, tokens_after_first=0, window_tokens=0, t_train=0.0, t_first=0.0,
+    counters = dict(step=0, tokens=0, trained=0, tokens_after_first=0, window_tokens=0, t_train=0.0, t_first=0.0,
              wall=0.0, wandb_id=None, base_lrs=[g["lr"] for g in opt.param_groups])
     window_loss = torch.zeros((), device=device)  # this rank's loss summed on the device until a log
     if state is not None:
-        c.update(state["loop"])
+        counters.update(state["loop"])
         batches.load_state_dict(state["batches"])
-        if own["window_loss"] is not None:
-            window_loss = own["window_loss"].to(device)
-        checkpoint.set_rng_state(own["rng"])
-    wandb_run = start_wandb(cfg, c) if w.main else None
-    t_start = time.time() - c["wall"]
-    bar = tqdm(total=tc.max_steps, initial=c["step"], desc=cfg.run_name, disable=not (tc.progress and w.main),
+        if rank_state["window_loss"] is not None:
+            window_loss = rank_state["window_loss"].to(device)
+        checkpoint.set_rng_state(rank_state["rng"])
+    wandb_run = start_wandb(cfg, counters) if world.main else None
+    t_start = time.time() - counters["wall"]
+    bar = tqdm(total=tc.max_steps, initial=counters["step"], desc=cfg.run_name, disable=not (tc.progress and world.main),
                dynamic_ncols=True)
 
     def save_checkpoint(step):
-        c.update(step=step, wall=time.time() - t_start)
-        states, sharded = checkpoint.capture(model, opt, averagers, w)
-        shared = dict(config=record["config"], record=record, loop=dict(c), batches=batches.state_dict(),
+        counters.update(step=step, wall=time.time() - t_start)
+        states, sharded = checkpoint.capture(model, opt, averagers, world)
+        shared = dict(config=record["config"], record=record, loop=dict(counters), batches=batches.state_dict(),
                       train=states)
-        mine = dict(rng=checkpoint.rng_state(), window_loss=window_loss.cpu(), world=w.world)
-        return checkpoint.save(ckpt_dir, step, shared, mine, w, sharded, keep=tc.checkpoint.keep)
+        rank_part = dict(rng=checkpoint.rng_state(), window_loss=window_loss.cpu(), world=world.size)
+        return checkpoint.save(ckpt_dir, step, shared, rank_part, world, sharded, keep=tc.checkpoint.keep)
 
     model.train()
     opt.train()  # schedule-free must be in train mode to step; for PACE it is already
     with stop_signals() as signals:
-        for step in range(c["step"], tc.max_steps):
+        for step in range(counters["step"], tc.max_steps):
             t0 = time.time()
             factor = lr_factor(step, tc.max_steps, cfg.schedule)
-            set_lr(opt, c["base_lrs"], factor)
+            set_lr(opt, counters["base_lrs"], factor)
             lr = cfg.optimizer.lr * factor
             rows = next(batches)  # (batch_size,) row indices of the global batch
             micro = [collate(train_ds[rows[i:i + tc.micro_batch_size]], pad_id, seq_len, tc.pad_to)
@@ -190,19 +191,19 @@ def fit(cfg, model, step_model, opt, averagers, train_ds, val_ds, pad_id, seq_le
             # counted over the global batch on the host, before any copy to the device: no sync, no collective
             n_step = sum(int((m["labels"][:, 1:] != IGNORE_INDEX).sum()) for m in micro)
             step_tokens = sum(int(m["attention_mask"].sum()) for m in micro)
-            c["tokens"] += step_tokens
-            c["tokens_after_first"] += step_tokens if step else 0
+            counters["tokens"] += step_tokens
+            counters["tokens_after_first"] += step_tokens if step else 0
             # the step's loss is the mean over the global batch's tokens; DDP / FSDP average the ranks'
             # gradients, hence the factor world
-            scale = max(1, n_step) if w.world == 1 else max(1, n_step) / w.world
-            mine = micro[w.rank * accum:(w.rank + 1) * accum]
+            scale = max(1, n_step) if world.size == 1 else max(1, n_step) / world.size
+            mine = micro[world.rank * accum:(world.rank + 1) * accum]
             for j, m in enumerate(mine):
-                with distributed.grad_sync(step_model, w, sync=j == accum - 1), autocast:
+                with distributed.grad_sync(step_model, world, sync=j == accum - 1), autocast:
                     loss_sum, _ = batch_loss(compiled, to_device(m, device))
                 (loss_sum / scale).backward()
                 window_loss += loss_sum.detach()
-            c["window_tokens"] += n_step
-            c["trained"] += n_step
+            counters["window_tokens"] += n_step
+            counters["trained"] += n_step
             grad_norm = grad_norm_clip(model, tc.grad_clip)
             last = step + 1 == tc.max_steps
             logs = (step + 1) % tc.log_interval == 0 or last
@@ -214,37 +215,37 @@ def fit(cfg, model, step_model, opt, averagers, train_ds, val_ds, pad_id, seq_le
             for averager in averagers.values():
                 averager.update(step + 1)
             t_step = time.time() - t0
-            c["t_train"] += t_step
+            counters["t_train"] += t_step
             if step == 0:
-                c["t_first"] = t_step  # includes one-time costs: torch.compile of the step, allocator warm-up
+                counters["t_first"] = t_step  # includes one-time costs: torch.compile of the step, allocator warm-up
             bar.update(1)
 
-            if logs:  # the only host syncs of the loop
-                loss = distributed.all_sum(window_loss.clone(), w).item() / max(1, c["window_tokens"])
+            if logs:  # the loop's host syncs, with any_rank's below under torchrun
+                loss = distributed.all_sum(window_loss.clone(), world).item() / max(1, counters["window_tokens"])
                 if not math.isfinite(loss):
                     raise Diverged(f"non-finite train loss ({loss}) at step {step + 1}: lower optimizer.lr"
                                    + ("" if tc.grad_clip and tc.grad_clip > 0 else " or set training.grad_clip"))
                 entry = dict(step=step + 1, loss=loss, lr=lr, grad_norm=float(distributed.full_tensor(grad_norm)),
-                             tokens=c["tokens"], time_s=round(time.time() - t_start, 3))
+                             tokens=counters["tokens"], time_s=round(time.time() - t_start, 3))
                 if telemetry:
                     entry.update(opt.get_step_stats())  # under FSDP: this rank's shard
                 record["step_logs"].append(entry)
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}",
-                                tok_s=f"{c['tokens'] / max(c['t_train'], 1e-9):.0f}")
+                                tok_s=f"{counters['tokens'] / max(counters['t_train'], 1e-9):.0f}")
                 log_wandb(wandb_run, entry, step + 1)
                 window_loss.zero_()
-                c["window_tokens"] = 0
+                counters["window_tokens"] = 0
             if (step + 1) % tc.eval_interval == 0 or last:
-                entry = dict(step=step + 1, tokens=c["tokens"], **evaluate_all(
-                    model, opt, averagers, returned, val_batches, device, autocast, w))
+                entry = dict(step=step + 1, tokens=counters["tokens"], **evaluate_all(
+                    model, opt, averagers, returned, val_batches, device, autocast, world))
                 record["eval_logs"].append(entry)
                 log_wandb(wandb_run, {f"eval/{k}": v for k, v in entry.items()}, step + 1)
-                if w.main:
+                if world.main:
                     bar.write(f"step {step + 1}: " + ", ".join(
                         f"{k} {v:.4f}" for k, v in entry.items() if k.endswith("val_loss") and v is not None)
                         + f" ({returned} returned)")
                     write_json_atomic(record_path, record)
-            stop = distributed.any_rank(bool(signals), w, device)
+            stop = distributed.any_rank(bool(signals), world, device)
             interval = tc.checkpoint.interval
             if stop or (interval and (step + 1) % interval == 0) or (last and tc.checkpoint.at_end):
                 folder = save_checkpoint(step + 1)
@@ -257,13 +258,13 @@ def fit(cfg, model, step_model, opt, averagers, train_ds, val_ds, pad_id, seq_le
         wandb_run.finish()
 
     final = record["eval_logs"][-1]
-    t_train, t_first = c["t_train"], c["t_first"]
+    t_train, t_first = counters["t_train"], counters["t_first"]
     return dict(final_val_loss=final["val_loss"], **{k: final[k] for k in VAL_KEYS}, returned=returned,
-                final_train_loss=record["step_logs"][-1]["loss"], steps=tc.max_steps, tokens_seen=c["tokens"],
-                trained_tokens=c["trained"], num_params=sum(p.numel() for p in model.parameters()),
+                final_train_loss=record["step_logs"][-1]["loss"], steps=tc.max_steps, tokens_seen=counters["tokens"],
+                trained_tokens=counters["trained"], num_params=sum(p.numel() for p in model.parameters()),
                 wall_time_s=round(time.time() - t_start, 3), train_time_s=round(t_train, 3),
-                first_step_time_s=round(t_first, 3), tokens_per_s=round(c["tokens"] / max(t_train, 1e-9), 1),
-                steady_tokens_per_s=round(c["tokens_after_first"] / max(t_train - t_first, 1e-9), 1)
+                first_step_time_s=round(t_first, 3), tokens_per_s=round(counters["tokens"] / max(t_train, 1e-9), 1),
+                steady_tokens_per_s=round(counters["tokens_after_first"] / max(t_train - t_first, 1e-9), 1)
                 if tc.max_steps > 1 else None, environment=environment())
 
 
@@ -302,7 +303,7 @@ def batch_loss(model, batch):
 
 
 @torch.no_grad()
-def evaluate(model, val_batches, device, autocast, w=distributed.World()):
+def evaluate(model, val_batches, device, autocast, world=distributed.World()):
     """Mean loss per trained token over the validation batches (not a mean of batch means).
 
     Under torchrun the batches are dealt round-robin to the ranks and the sums added up. Every rank runs
@@ -312,19 +313,19 @@ def evaluate(model, val_batches, device, autocast, w=distributed.World()):
     was_training = model.training
     model.eval()
     total, count = torch.zeros((), device=device), torch.zeros((), device=device)
-    rounds = -(-len(val_batches) // w.world)
-    mine = val_batches[w.rank::w.world]
+    rounds = -(-len(val_batches) // world.size)
+    mine = val_batches[world.rank::world.size]
     for i in range(rounds):
         with autocast:
             loss, n = batch_loss(model, to_device(mine[i] if i < len(mine) else val_batches[0], device))
         if i < len(mine):
             total += loss
             count += n
-    if w.parallel == "fsdp":
+    if world.parallel == "fsdp":
         distributed.reshard(model)
     model.train(was_training)
-    if w.parallel:
-        total, count = distributed.all_sum(torch.stack([total, count]), w)
+    if world.parallel:
+        total, count = distributed.all_sum(torch.stack([total, count]), world)
     value = (total / count.clamp(min=1)).item()
     if not math.isfinite(value):
         raise Diverged(f"non-finite validation loss ({value}): the run diverged")
@@ -335,46 +336,24 @@ VAL_KEYS = ("val_loss", "vanilla_val_loss", "ema_val_loss", "schedulefree_val_lo
             "swa_val_loss")
 
 
-def evaluate_all(model, opt, averagers, returned, val_batches, device, autocast, w):
-    """Validation loss of the live iterate and of every average the run keeps, and of the returned one.
-
-    An average with no weights yet (LAWA or SWA before its first) scores None.
-    """
+def evaluate_all(model, opt, averagers, returned, val_batches, device, autocast, world):
+    """Validation loss of every model the run keeps (averaging.kept_models: the live iterate, the optimizer's
+    average, the averagers), and `val_loss`, the returned one's. One with no weights yet scores None."""
     out = dict.fromkeys(VAL_KEYS)
-    out["vanilla_val_loss"] = evaluate(model, val_batches, device, autocast, w)
-    own = "schedulefree" if returned == "schedulefree" else (
-        "ema" if opt.param_groups[0].get("use_ema_eval") else None)
-    if own:  # the optimizer's own average, put in the model by opt.eval()
-        opt.eval()
-        try:
-            out[f"{own}_val_loss"] = evaluate(model, val_batches, device, autocast, w)
-        finally:
-            opt.train()
-    for name, averager in averagers.items():
-        if averager.taken:
-            with averager.swapped_in():
-                out[f"{name}_val_loss"] = evaluate(model, val_batches, device, autocast, w)
-    out["val_loss"] = out["vanilla_val_loss" if returned == "final_iterate" else f"{returned}_val_loss"]
+    for key, kept in averaging.kept_models(opt, averagers, returned).items():
+        if kept.taken:
+            with kept.swapped_in():
+                out[f"{key}_val_loss"] = evaluate(model, val_batches, device, autocast, world)
+    out["val_loss"] = out[f"{averaging.returned_key(returned)}_val_loss"]
     return out
 
 
-@contextlib.contextmanager
 def returned_weights(returned, opt, averagers):
     """The returned model's weights in the model for the `with` block (e.g. to save it)."""
-    if returned in averagers:
-        with averagers[returned].swapped_in():
-            yield
-    elif returned in ("ema", "schedulefree"):
-        opt.eval()
-        try:
-            yield
-        finally:
-            opt.train()
-    else:
-        yield
+    return averaging.kept_models(opt, averagers, returned)[averaging.returned_key(returned)].swapped_in()
 
 
-def save_model(model, tokenizer, run_dir, w):
+def save_model(model, tokenizer, run_dir, world):
     """save_pretrained (safetensors) of the model as it is, with the tokenizer, moved into place whole.
 
     Every rank calls it; rank 0 writes. Under FSDP2 the full weights are gathered to rank 0's CPU first
@@ -383,21 +362,24 @@ def save_model(model, tokenizer, run_dir, w):
     out = os.path.join(run_dir, "model")
     tmp = os.path.join(run_dir, ".model.tmp")
     to_save, state_dict = model, None
-    if w.parallel == "fsdp":
+    if world.parallel == "fsdp":
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
         state_dict = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if w.main:
+        if world.main:
+            from torch.distributed.fsdp import FSDPModule
+            # fully_shard made the model's class FSDP<Class>(FSDPModule, Class): a plain Class to save from
+            cls = next(c for c in type(model).__mro__ if c is not FSDPModule and not issubclass(c, FSDPModule))
             with torch.device("meta"):
-                to_save = type(model).__mro__[2]._from_config(model.config)  # FSDP<Class> -> FSDPModule, Class
+                to_save = cls._from_config(model.config)
             to_save.load_state_dict(state_dict, assign=True)
             to_save.tie_weights()
-    if w.main:
+    if world.main:
         shutil.rmtree(tmp, ignore_errors=True)
         to_save.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)
-    if w.parallel:
+    if world.parallel:
         torch.distributed.barrier()
     return out
 
@@ -470,7 +452,7 @@ def get_seq_len(max_seq_len, meta):
     return max_seq_len
 
 
-def load_data(cfg, w):
+def load_data(cfg, world):
     """(train, validation, tokenizer, meta) of dataset.path.
 
     Only the dataset's own shipped location (e.g. data/offline) is prepared on first use, by rank 0, and only
@@ -478,18 +460,18 @@ def load_data(cfg, w):
     """
     data = cfg.dataset
     if not os.path.exists(os.path.join(data.path, META)):
-        own = shipped_value(cfg, "dataset", "path")
-        ours = own is not None and os.path.abspath(own) == os.path.abspath(data.path)
+        shipped = shipped_value(cfg, "dataset", "path")
+        ours = shipped is not None and os.path.abspath(shipped) == os.path.abspath(data.path)
         if not (data.prepare_if_missing and ours and not os.path.exists(data.path)):
             what = ("does not exist" if not os.path.exists(data.path) else
                     f"is not prepared data (no {META})")
             raise PaceLMError(f"dataset.path={data.path!r} {what}: prepare it with `{prepare_command(data)}`, "
                               f"or point dataset.path at prepared data")
-        if w.main:
+        if world.main:
             print(f"preparing {data.name} data in {data.path} (once, offline)", flush=True)
             prepare(data.path, source=data.prepare_if_missing, mode=data.mode, tokenizer=data.get("tokenizer"),
                     gguf_file=data.get("gguf_file"), seed=0)
-    if w.parallel:
+    if world.parallel:
         torch.distributed.barrier()
     train_ds, val_ds, tokenizer, meta = load_prepared(data.path)
     if meta["mode"] != data.mode:
