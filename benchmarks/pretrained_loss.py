@@ -20,19 +20,21 @@ def pretrained_loss(fig_id, run_name=None, data=None):
     from pace_lm.distributed import World
     from pace_lm.figures import build_config, load_figure
     from pace_lm.models import build_model
-    from pace_lm.train import evaluate, get_autocast, get_seq_len, get_val_batches, load_data
+    from pace_lm.evaluation import evaluate, get_autocast, get_val_batches
+    from pace_lm.schema import validate
+    from pace_lm.train import load_data
 
     fig = load_figure(fig_id)
     run = next((r for r in fig.runs if r.name == run_name), None) if run_name else fig.runs[0]
     if run is None:
         raise SystemExit(f"no run {run_name!r} in {fig_id}")
     cfg = build_config(fig, run, "runs/figures", data=data)
-    tc = cfg.training
-    _, val_ds, tokenizer, meta = load_data(cfg, World())
-    seq_len = get_seq_len(tc.max_seq_len, meta)
-    batches = get_val_batches(val_ds, tc, meta["pad_token_id"], seq_len)  # the batches fit() scores
+    spec = validate(cfg)
+    tc = spec.training
+    loaded = load_data(cfg, spec, World())
+    batches = get_val_batches(loaded.val, tc, loaded.pad_id, loaded.seq_len)  # the batches every eval scores
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, tokenizer)
+    model = build_model(spec.model, loaded.tokenizer)
     device = torch.device("cpu")
     loss = evaluate(model, batches, device, get_autocast(tc.dtype, device))
     return dict(figure=fig.id, run=run.name, val_loss=loss, val_batches=len(batches), model=cfg.model.name,

@@ -178,3 +178,27 @@ def test_rng_state_round_trips_through_a_weights_only_file(tmp_path):
     checkpoint.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
     again = (torch.rand(3), random.random(), np.random.rand())
     assert torch.equal(draws[0], again[0]) and draws[1:] == again[1:]
+
+
+def test_a_train_checkpoint_is_one_typed_layout_for_saving_and_resuming(tmp_path):
+    """TrainCheckpoint writes state.pt (shared) and rank0.pt (this rank's) and gives back what it wrote."""
+    loop = checkpoint.LoopState(step=7, tokens=700, trained=650, window_tokens=30, t_train=1.5, base_lrs=[1e-3, 1e-3])
+    ckpt = checkpoint.TrainCheckpoint(config=dict(seed=0), record=dict(status="running"), loop=loop,
+                                      batches=dict(epoch=1, offset=3), train=dict(model={"w": torch.ones(2)}),
+                                      rng=checkpoint.rng_state(), window_loss=torch.tensor(2.5), world=1)
+    folder = ckpt.save(str(tmp_path), W)
+    assert folder == checkpoint.step_dir(str(tmp_path), 7)
+    state, rank_part = checkpoint.load(folder, W)
+    assert set(state) == {"config", "record", "loop", "batches", "train"}
+    assert set(rank_part) == {"rng", "window_loss", "world"}
+    back = checkpoint.TrainCheckpoint.load(folder, W)
+    assert back.loop == loop and back.batches == ckpt.batches and back.config == ckpt.config
+    assert torch.equal(back.train["model"]["w"], torch.ones(2)) and back.window_loss.item() == 2.5
+    with pytest.raises(PaceLMError, match="is of another config"):
+        back.check_fits(dict(seed=1), None, folder)
+
+
+def test_a_checkpoint_that_is_not_a_train_checkpoint_is_named(tmp_path):
+    folder = save(tmp_path, 3)  # a checkpoint of other state (no loop, no config)
+    with pytest.raises(PaceLMError, match="is not a pace-train checkpoint"):
+        checkpoint.TrainCheckpoint.load(folder, W)

@@ -4,6 +4,8 @@ import json
 import os
 import time
 
+import pytest
+
 from conftest import run_cli
 
 
@@ -14,6 +16,7 @@ def _with_data(tmp_path, offline_data):
     return tmp_path
 
 
+@pytest.mark.slow
 def test_pace_train_40_steps_as_in_the_issue(tmp_path, offline_data):
     cwd = _with_data(tmp_path, offline_data)
     t0 = time.time()
@@ -36,6 +39,7 @@ def test_pace_data_without_source_is_offline(offline_data):
     assert (offline_data / "tokenizer" / "tokenizer.json").exists()
 
 
+@pytest.mark.slow
 def test_bad_override_is_one_error_and_no_run(tmp_path, offline_data):
     cwd = _with_data(tmp_path, offline_data)
     for args, message in [
@@ -52,6 +56,7 @@ def test_bad_override_is_one_error_and_no_run(tmp_path, offline_data):
     assert not (cwd / "out").exists()
 
 
+@pytest.mark.slow
 def test_pace_data_bad_input(tmp_path, offline_data):
     proc = run_cli(["pace-data", "--source", "missing.jsonl", "--tokenizer", "x", "--out", "o"], cwd=tmp_path)
     assert proc.returncode == 2 and "pace-data: error: data source 'missing.jsonl' does not exist" in proc.stderr

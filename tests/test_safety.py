@@ -13,6 +13,9 @@ import pytest
 
 from conftest import BIN, run_cli, wait_for
 
+# Every test here runs the real commands in subprocesses (about 2 minutes in all): out of the quick loop
+pytestmark = pytest.mark.slow
+
 TINY = ["training.max_steps=4", "training.batch_size=4", "training.micro_batch_size=4", "training.max_seq_len=64",
         "training.eval_interval=2", "training.eval_batches=1", "training.log_interval=1",
         "training.progress=false", "training.device=cpu"]

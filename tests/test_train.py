@@ -14,7 +14,8 @@ from pace_lm.config import compose
 from pace_lm.data import collate, load_prepared
 from pace_lm.optim import lr_factor
 from pace_lm.records import strip_timing
-from pace_lm.train import batch_loss, evaluate, train
+from pace_lm.evaluation import batch_loss, evaluate
+from pace_lm.train import train
 
 SUMMARY_KEYS = {"final_val_loss", "val_loss", "ema_val_loss", "vanilla_val_loss", "final_train_loss", "returned",
                 "tokens_seen", "trained_tokens", "wall_time_s", "train_time_s", "tokens_per_s", "environment",
@@ -90,6 +91,7 @@ def test_adamw_returns_the_final_iterate(offline_data, tmp_path):
     assert loss == pytest.approx(s["vanilla_val_loss"], abs=1e-5)
 
 
+@pytest.mark.slow
 def test_same_seed_same_record(offline_data, tmp_path):
     """Two runs with one seed on one machine: identical records but for timings and the output folder."""
     records = []

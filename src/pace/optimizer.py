@@ -7,10 +7,12 @@ The float64 twin in paper notation is `pace.reference.PACEReference`.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import numbers
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -199,11 +201,21 @@ class PACE(Optimizer):
                         beta_ema=beta_ema, use_ema_eval=use_ema_eval, ema_kappa=ema_kappa,
                         ema_rho=ema_rho, ema_gamma=ema_gamma, ema_update_freq=ema_update_freq,
                         log_stats=log_stats, impl=impl, ema_dtype=ema_dtype, train_mode=True)
-        if isinstance(defaults["betas"], list):
-            defaults["betas"] = tuple(defaults["betas"])
         _check_group(defaults)
         self._init_caches()
         super().__init__(params, defaults)
+
+    _init_signature = inspect.signature(__init__)
+
+    @classmethod
+    def check_args(cls, **kwargs: Any) -> None:
+        """Raise the error the constructor would raise for these keyword arguments, with nothing built: a
+        TypeError for an unknown one, a ValueError naming a bad value (e.g. to check a config up front)."""
+        bound = cls._init_signature.bind(None, (), **kwargs)
+        bound.apply_defaults()
+        group = {k: v for k, v in bound.arguments.items() if k not in ("self", "params")}
+        betas = group["betas"]
+        _check_group(dict(group, betas=tuple(betas) if isinstance(betas, (list, tuple)) else betas))
 
     def _init_caches(self):
         """What a step keeps between calls besides the state: never pickled, rebuilt on demand."""

@@ -82,8 +82,8 @@ def objective(h, sigma, beta, k, rho):
 
 def optimal_gain(h, beta, rho):
     """k* = argmin_k J(k) (sigma scales J, not its minimiser); rho > 0."""
-    c = h + beta
-    return math.sqrt(c * c + beta / rho) - c
+    total = h + beta
+    return math.sqrt(total * total + beta / rho) - total
 
 
 def improvement(h, beta, rho):

@@ -22,6 +22,7 @@ from pace_lm import PaceLMError
 
 class Averager:
     """What LAWA and SWA share: when to take the weights, and swapping the average in."""
+    name = None  # the kept model's name: lawa, swa
 
     def __init__(self, params, every, start, device=None):
         self.params = [p for p in params]
@@ -68,6 +69,7 @@ class Averager:
 
 class LAWA(Averager):
     """The mean of the k latest snapshots: a first-in, first-out queue, on `device` (e.g. "cpu") if given."""
+    name = "lawa"
 
     def __init__(self, params, k, every, start=0, device=None):
         super().__init__(params, every, start, device)
@@ -105,6 +107,7 @@ class LAWA(Averager):
 
 class SWA(Averager):
     """The running mean of every taken iterate: avg += (w - avg) / (n + 1)."""
+    name = "swa"
 
     def __init__(self, params, every=1, start=0, device=None):
         super().__init__(params, every, start, device)
@@ -136,51 +139,32 @@ class SWA(Averager):
 AVERAGERS = {"lawa": LAWA, "swa": SWA}
 
 
-def enabled(cfg, returned):
-    """The averagers a run keeps: those enabled, and the one it returns (optimizer=lawa or swa)."""
-    unknown = set(cfg) - set(AVERAGERS)
-    if unknown:
-        raise PaceLMError(f"unknown averaging.{sorted(unknown)[0]}; known: {', '.join(AVERAGERS)}")
-    return [name for name in AVERAGERS if cfg[name].enabled or returned == name]
-
-
-def check_averaging(cfg, names, max_steps):
-    """The settings of the averagers in `names`, and that each takes weights before the run ends."""
-    for name in names:
-        a = cfg[name]
-        keys = ("k", "every", "start") if name == "lawa" else ("every", "start")
-        for key in keys:
-            if not isinstance(a[key], int) or a[key] < (0 if key == "start" else 1):
-                raise PaceLMError(f"averaging.{name}.{key}={a[key]!r} must be an integer >= "
-                                  f"{0 if key == 'start' else 1}")
-        if a.device not in (None, "cpu"):
-            raise PaceLMError(f"averaging.{name}.device={a.device!r} must be null (the parameters') or cpu")
-        if a.start >= max_steps:
-            raise PaceLMError(f"averaging.{name}.start={a.start} is not before training.max_steps={max_steps}")
-        if (max_steps // a.every) * a.every <= a.start:
-            raise PaceLMError(f"averaging.{name} takes no weights: no multiple of every={a.every} in "
-                              f"(start={a.start}, max_steps={max_steps}]")
-
-
 def build_averagers(cfg, names, params):
-    """{name: averager} for `names` (the enabled ones), over `params`."""
+    """{name: averager} for `names` (the ones a run keeps: schema.enabled_averagers), over `params`.
+
+    cfg: the validated `averaging` settings (schema.Averaging)."""
     params = list(params)
     out = {}
     for name in names:
-        a = cfg[name]
+        a = getattr(cfg, name)
         kwargs = dict(every=a.every, start=a.start, device=a.device)
         out[name] = LAWA(params, k=a.k, **kwargs) if name == "lawa" else SWA(params, **kwargs)
     return out
 
 
 # ---- the models a run keeps: one protocol -------------------------------------------------------------
-# Each is an object with `taken` (whether it has weights yet) and `swapped_in()`, a context manager that
-# puts its weights in the model and the live ones back after. Evaluation, saving and the record iterate
-# over kept_models(); a new kind of returned model is one entry here.
+# Each has a `name` (its validation loss is recorded as <name>_val_loss), `taken` (whether it has weights
+# yet) and `swapped_in()`, a context manager that puts its weights in the model and the live ones back
+# after. Evaluation, saving and the record iterate over kept_models(); the method registry
+# (pace_lm.optim.OPTIMIZERS) says which one a method returns. A new kind of returned model is one class and
+# one registration: in AVERAGERS for an averager beside the optimizer, as a Method's own_average for one the
+# optimizer keeps itself.
 
 
 class FinalIterate:
-    """The live weights: nothing to swap."""
+    """The live weights: nothing to swap. Recorded as "vanilla" (vanilla_val_loss), returned as
+    "final_iterate" (summary.returned): the names the records have always used."""
+    name = "vanilla"
     taken = True
 
     def swapped_in(self):
@@ -192,8 +176,8 @@ class OptimizerAverage:
     use_ema_eval) and schedule-free's average."""
     taken = True
 
-    def __init__(self, opt):
-        self.opt = opt
+    def __init__(self, name, opt):
+        self.name, self.opt = name, opt
 
     @contextlib.contextmanager
     def swapped_in(self):
@@ -204,19 +188,12 @@ class OptimizerAverage:
             self.opt.train()
 
 
-def kept_models(opt, averagers, returned):
-    """{key: model} of every model a run keeps, in evaluation order: "vanilla" (the live iterate), the
-    optimizer's own average ("ema" or "schedulefree"), then the averagers. `returned` (the method's
-    returned model: final_iterate | ema | schedulefree | lawa | swa) is returned_key(returned) of them."""
-    models = {"vanilla": FinalIterate()}
-    if returned == "schedulefree":
-        models["schedulefree"] = OptimizerAverage(opt)
-    elif opt.param_groups[0].get("use_ema_eval"):
-        models["ema"] = OptimizerAverage(opt)
+def kept_models(method, opt, averagers):
+    """{returned name: model} of every model a run of `method` (an optim.Method) keeps, in evaluation order:
+    the final iterate, the optimizer's own average (PACE's EMA or schedule-free's), then the averagers
+    (already named by what they return). `method.returns` is the key of the returned one."""
+    models = {"final_iterate": FinalIterate()}
+    if method.own_average:
+        models[method.own_average] = OptimizerAverage(method.own_average, opt)
     models.update(averagers)
     return models
-
-
-def returned_key(returned):
-    """The key in kept_models() of a method's returned model (the final iterate is "vanilla")."""
-    return "vanilla" if returned == "final_iterate" else returned

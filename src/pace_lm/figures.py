@@ -32,13 +32,12 @@ from dataclasses import dataclass, field
 from omegaconf import OmegaConf
 
 from pace_lm import PaceLMError, records
-from pace_lm.config import CONF_DIR, GROUPS, compose
+from pace_lm.config import CONF_DIR, GROUPS, SHORT, compose
 from pace_lm.records import RECORD, read_record
 
 FIG_DIR = os.path.join(CONF_DIR, "figures")
 SPEC_KEYS = {"description", "hardware", "prepare", "plot", "common", "runs", "seeds", "theory"}
 PLOT_KEYS = {"x", "logx", "line", "panel", "metric", "split", "paired"}
-SHORT = {"optimizer.lr": "lr", "optimizer.lambda_pullback": "c", "optimizer.ema_kappa": "kappa"}
 FINAL = ("complete", "diverged")  # the outcomes a resumed sweep keeps
 
 
@@ -194,10 +193,10 @@ def check_data(fig, data):
 
 def build_config(fig, run, out_dir, data=None, extra=()):
     """The run's composed config, checked as pace-train checks it before doing any work."""
-    from pace_lm.train import check_config
+    from pace_lm.schema import validate
     cfg = compose(run_overrides(fig, run, out_dir, data, extra))
     OmegaConf.resolve(cfg)
-    check_config(cfg)
+    validate(cfg)
     return cfg
 
 

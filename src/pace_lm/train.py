@@ -1,10 +1,17 @@
-"""train(cfg): one run, from config to record and returned model. The loop is one visible function.
+"""train(cfg): one run, from config to record and returned model.
 
-    setup (data, model, optimizer, averagers; or all of it from a checkpoint) -> fit (the loop: accumulate,
-    clip, step, average, log, evaluate, checkpoint) -> save
-Every eval interval the live iterate and every kept average are scored on the same validation batches:
-the optimizer's own (PACE's EMA, schedule-free's average, through opt.eval() / opt.train()) and those of
-the averagers (LAWA, SWA). `val_loss` is the returned model's.
+    train: schema.validate (every rule, before any work) -> the process group -> the run folder's lock ->
+    run_locked: data, model, optimizer and averagers (or all of it from a checkpoint) -> Loop.run -> the
+    returned model saved -> the record, which says how the run ended whatever ended it
+
+The loop is one visible `for` loop (Loop.run) over named parts: `train_step` (accumulate, clip, step,
+average), `log`, `evaluate`, `should_stop` and `checkpoint`. Loop holds the loop's state: the counters
+(checkpoint.LoopState), the data position and the loss window; checkpoint.TrainCheckpoint is the one layout
+that saving and resuming both use.
+
+Every eval interval the live iterate and every kept model are scored on the same validation batches
+(averaging.kept_models: the optimizer's own average, PACE's EMA or schedule-free's, and the averagers, LAWA
+and SWA); `val_loss` is the returned model's.
 
 Under torchrun each rank trains its share of every global batch (pace_lm.distributed); the loss is
 normalized by the global number of trained tokens, so the run is the single-process run up to float
@@ -19,24 +26,21 @@ import shutil
 import signal
 import threading
 import time
+from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from pace import PACE
-from pace_lm import PaceLMError, averaging, checkpoint, distributed
-from pace_lm.config import shipped_value, unknown_keys
+from pace_lm import PaceLMError, averaging, checkpoint, distributed, schema
+from pace_lm.config import shipped_value
 from pace_lm.data import IGNORE_INDEX, META, Batches, collate, load_prepared, prepare, prepare_command, subset
-from pace_lm.models import build_model
-from pace_lm.optim import (build_optimizer, check_optimizer, check_schedule, grad_norm_clip, lr_factor,
-                           returned_model, set_lr)
+from pace_lm.evaluation import (VAL_KEYS, Diverged, batch_loss, evaluate_all, get_autocast, get_val_batches,
+                                to_device)
 from pace_lm.lock import run_lock
+from pace_lm.models import build_model, save_model
+from pace_lm.optim import build_optimizer, grad_norm_clip, lr_factor, set_lr
 from pace_lm.records import RECORD, environment, read_record, write_json_atomic
-
-
-class Diverged(PaceLMError):
-    """The loss went non-finite: an outcome of the run (recorded as status "diverged"), not bad input."""
 
 
 class Interrupted(PaceLMError):
@@ -54,11 +58,14 @@ def train(cfg):
     Under torchrun every rank calls it; rank 0 writes the record and the returned model.
     """
     OmegaConf.resolve(cfg)
-    check_config(cfg)
-    world, device = distributed.init(cfg.training.parallel, cfg.training.device)
+    spec = schema.validate(cfg)
+    world, device = distributed.init(spec.training.parallel, spec.training.device)
     clean = False
     try:
-        record = run(cfg, world, device)
+        run_dir = os.path.join(spec.training.out_dir, spec.run_name)
+        # one writer per run folder (rank 0 writes; the other ranks may be on other hosts)
+        with run_lock(run_dir) if world.main else contextlib.nullcontext():
+            record = run_locked(cfg, spec, world, device, RunPaths(run_dir))
         clean = True
         return record
     except Interrupted:
@@ -68,204 +75,287 @@ def train(cfg):
         distributed.shutdown(world, clean)
 
 
-def run(cfg, world, device):
-    """train() once the process group is up: the run directory, resume, setup, fit, save, the record."""
-    tc = cfg.training
-    if tc.batch_size % (tc.micro_batch_size * world.size):
-        raise PaceLMError(f"training.batch_size={tc.batch_size} is not a multiple of training.micro_batch_size"
-                          f" x ranks = {tc.micro_batch_size} x {world.size}")
-    run_dir = os.path.join(tc.out_dir, cfg.run_name)
-    # one writer per run folder (rank 0 writes; the other ranks may be on other hosts)
-    with run_lock(run_dir) if world.main else contextlib.nullcontext():
-        return run_locked(cfg, world, device, run_dir)
+@dataclass(frozen=True)
+class RunPaths:
+    """What a run writes, under <out_dir>/<run_name>/."""
+    dir: str
+
+    @property
+    def record(self):
+        return os.path.join(self.dir, RECORD)
+
+    @property
+    def checkpoints(self):
+        return os.path.join(self.dir, "checkpoints")
+
+    @property
+    def model(self):
+        return os.path.join(self.dir, "model")
 
 
-def run_locked(cfg, world, device, run_dir):
-    """run() holding the run folder's lock."""
-    tc = cfg.training
-    record_path = os.path.join(run_dir, RECORD)
-    ckpt_dir = os.path.join(run_dir, "checkpoints")
-    check_run_dir(record_path, tc.overwrite)
-    resume_from = checkpoint.find(tc.resume, ckpt_dir, tc.overwrite)
-    train_ds, val_ds, tokenizer, meta = load_data(cfg, world)
-    seq_len = get_seq_len(tc.max_seq_len, meta)
+@dataclass
+class Data:
+    """The prepared data a run trains and scores on."""
+    train: object              # datasets.Dataset of tokenized examples (subset_ratio applied)
+    val: object
+    tokenizer: object
+    meta: dict                 # the prepared folder's meta.json
+    seq_len: int               # the length batches are cut / padded to
 
-    state = rank_state = None
-    if resume_from:
-        state, rank_state = checkpoint.load(resume_from, world, verified=True)  # find() checked it against its manifest
-        checkpoint.check_resumable(state, OmegaConf.to_container(cfg), meta, resume_from)
-        record = state["record"]
-        record.update(status="running", error=None)
-        record.setdefault("resumed", []).append(dict(step=state["loop"]["step"], checkpoint=resume_from))
-    else:
-        record = dict(status="running", error=None, config=OmegaConf.to_container(cfg), data=meta,
-                      summary={}, eval_logs=[], step_logs=[])
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, tokenizer).to(device)  # a bad model config is an error before any record
+    @property
+    def pad_id(self):
+        return self.meta["pad_token_id"]
+
+
+@dataclass
+class Parts:
+    """What a run trains and scores: built once, before the loop (and restored from a checkpoint)."""
+    model: torch.nn.Module     # the model whose weights are trained, scored and saved
+    step_model: torch.nn.Module  # what forward/backward run through: `model` wrapped for DDP / FSDP2
+    opt: torch.optim.Optimizer
+    averagers: dict            # {name: averaging.Averager} beside the optimizer
+    kept: dict                 # {returned name: kept model}: averaging.kept_models
+    returns: str               # the key in `kept` of the model the run returns
+    device: torch.device
+
+
+def run_locked(cfg, spec, world, device, paths):
+    """The run, holding its folder's lock: set up, train, save the returned model, write the record."""
+    tc = spec.training
+    check_run_dir(paths.record, tc.overwrite)
+    resume_from = checkpoint.find(tc.resume, paths.checkpoints, tc.overwrite)
+    data = load_data(cfg, spec, world)
+    resumed = None
+    if resume_from:  # find() checked its files against the manifest
+        resumed = checkpoint.TrainCheckpoint.load(resume_from, world, verified=True)
+        resumed.check_fits(OmegaConf.to_container(cfg), data.meta, resume_from)
+    record = start_record(OmegaConf.to_container(cfg), data.meta, resumed, resume_from)
+    torch.manual_seed(spec.seed)
+    model = build_model(spec.model, data.tokenizer).to(device)  # a bad model config errs before any record
     if world.main:
         if tc.overwrite:
-            shutil.rmtree(ckpt_dir, ignore_errors=True)
-        shutil.rmtree(os.path.join(run_dir, "model"), ignore_errors=True)  # a stale returned model goes
-        write_json_atomic(record_path, record)
+            shutil.rmtree(paths.checkpoints, ignore_errors=True)
+        shutil.rmtree(paths.model, ignore_errors=True)  # a stale returned model goes
+        write_json_atomic(paths.record, record)
     try:
-        step_model = distributed.wrap(model, world, device)  # under FSDP2, `model` itself is now sharded
-        opt = build_optimizer(cfg.optimizer, model)
-        returned = returned_model(cfg.optimizer)
-        averagers = averaging.build_averagers(cfg.averaging, averaging.enabled(cfg.averaging, returned),
-                                              model.parameters())
-        if state is not None:
-            checkpoint.restore(state, resume_from, model, opt, averagers, world)
-        record["summary"] = fit(cfg, model, step_model, opt, averagers, train_ds, val_ds, meta["pad_token_id"],
-                                seq_len, device, record, record_path, world, ckpt_dir, state, rank_state)
+        parts = build_parts(spec, model, world, device)
+        if resumed is not None:
+            checkpoint.restore(resumed.train, resume_from, model, parts.opt, parts.averagers, world)
+        loop = Loop(spec, parts, data, record, paths, world)
+        if resumed is not None:
+            loop.resume(resumed)
+        record["summary"] = loop.run()
         if tc.save_model:
-            with returned_weights(returned, opt, averagers):
-                model_dir = save_model(model, tokenizer, run_dir, world)
-            record["summary"]["model_dir"] = model_dir
+            with parts.kept[parts.returns].swapped_in():
+                record["summary"]["model_dir"] = save_model(model, data.tokenizer, paths.model, world)
         record["status"] = "complete"
     except BaseException as e:  # the record says how the run ended, whatever ended it
-        record["status"] = ("diverged" if isinstance(e, Diverged) else
-                            "interrupted" if isinstance(e, Interrupted) else "failed")
-        record["error"] = f"{type(e).__name__}: {e}"
-        if isinstance(e, Interrupted) and "checkpoint" not in str(e):
-            last = checkpoint.latest(ckpt_dir)
-            record["error"] += f"; the last checkpoint is {last}" if last else "; no checkpoint was written"
+        end_record(record, e, paths)
         raise
     finally:
         if world.main:
-            write_json_atomic(record_path, record)
+            write_json_atomic(paths.record, record)
     return record
 
 
-def fit(cfg, model, step_model, opt, averagers, train_ds, val_ds, pad_id, seq_len, device, record, record_path,
-        world, ckpt_dir, state=None, rank_state=None):
-    """The training loop; fills record's logs in place and returns the summary.
+def start_record(config, meta, resumed, folder):
+    """A new run's record, or the checkpoint's record going on (its resume noted)."""
+    if resumed is None:
+        return dict(status="running", error=None, config=config, data=meta, summary={}, eval_logs=[],
+                    step_logs=[])
+    record = resumed.record
+    record.update(status="running", error=None)
+    record.setdefault("resumed", []).append(dict(step=resumed.loop.step, checkpoint=folder))
+    return record
 
-    `state` / `rank_state`: a checkpoint's shared and this rank's parts (the model and optimizer are already
-    restored), to go on from.
+
+def end_record(record, error, paths):
+    """The record of a run that `error` ended: diverged, interrupted or failed, and why."""
+    record["status"] = ("diverged" if isinstance(error, Diverged) else
+                        "interrupted" if isinstance(error, Interrupted) else "failed")
+    record["error"] = f"{type(error).__name__}: {error}"
+    if isinstance(error, Interrupted) and "checkpoint" not in str(error):
+        last = checkpoint.latest(paths.checkpoints)
+        record["error"] += f"; the last checkpoint is {last}" if last else "; no checkpoint was written"
+
+
+def build_parts(spec, model, world, device):
+    """The wrapped model, the optimizer (built once, from the validated config), the averagers and the kept
+    models."""
+    step_model = distributed.wrap(model, world, device)  # under FSDP2, `model` itself is now sharded
+    opt = build_optimizer(spec.optimizer, model)
+    method = spec.optimizer.method
+    averagers = averaging.build_averagers(spec.averaging, schema.enabled_averagers(spec.averaging, method.returns),
+                                          model.parameters())
+    return Parts(model, step_model, opt, averagers, averaging.kept_models(method, opt, averagers), method.returns,
+                 device)
+
+
+class Loop:
+    """The training loop: its state (counters, data position, loss window) and its named parts.
+
+    `run()` is the loop; the record's step and eval logs are filled in place as it goes.
     """
-    from tqdm.auto import tqdm
-    tc = cfg.training
-    accum = tc.batch_size // (tc.micro_batch_size * world.size)  # micro-batches per rank per step
-    returned = returned_model(cfg.optimizer)
-    autocast = get_autocast(tc.dtype, device)
-    batches = Batches(len(train_ds), tc.batch_size, cfg.seed)  # global batches; each rank takes its share
-    val_batches = get_val_batches(val_ds, tc, pad_id, seq_len)
-    compiled = torch.compile(step_model) if tc.compile_model else step_model
-    telemetry = isinstance(opt, PACE) and cfg.optimizer.log_stats
 
-    # the loop's counters: all a checkpoint needs besides the states (a restored optimizer's lr is the
-    # scheduled one of its last step: the base lrs come from the checkpoint)
-    counters = dict(step=0, tokens=0, trained=0, tokens_after_first=0, window_tokens=0, t_train=0.0, t_first=0.0,
-             wall=0.0, wandb_id=None, base_lrs=[g["lr"] for g in opt.param_groups])
-    window_loss = torch.zeros((), device=device)  # this rank's loss summed on the device until a log
-    if state is not None:
-        counters.update(state["loop"])
-        batches.load_state_dict(state["batches"])
-        if rank_state["window_loss"] is not None:
-            window_loss = rank_state["window_loss"].to(device)
-        checkpoint.set_rng_state(rank_state["rng"])
-    wandb_run = start_wandb(cfg, counters) if world.main else None
-    t_start = time.time() - counters["wall"]
-    bar = tqdm(total=tc.max_steps, initial=counters["step"], desc=cfg.run_name, disable=not (tc.progress and world.main),
-               dynamic_ncols=True)
+    def __init__(self, spec, parts, data, record, paths, world):
+        tc = self.tc = spec.training
+        self.spec, self.parts, self.data, self.record, self.paths, self.world = spec, parts, data, record, paths, world
+        self.accum = tc.batch_size // (tc.micro_batch_size * world.size)  # micro-batches per rank per step
+        self.autocast = get_autocast(tc.dtype, parts.device)
+        self.batches = Batches(len(data.train), tc.batch_size, spec.seed)  # global batches; each rank takes its share
+        self.val_batches = get_val_batches(data.val, tc, data.pad_id, data.seq_len)
+        self.forward = torch.compile(parts.step_model) if tc.compile_model else parts.step_model
+        self.telemetry = isinstance(parts.opt, PACE) and spec.optimizer.args["log_stats"]
+        self.state = checkpoint.LoopState(base_lrs=[g["lr"] for g in parts.opt.param_groups])
+        self.window_loss = torch.zeros((), device=parts.device)  # this rank's loss summed on the device until a log
+        self.lr = None          # the step's scheduled lr
+        self.t_start = None
+        self.wandb = self.bar = None
 
-    def save_checkpoint(step):
-        counters.update(step=step, wall=time.time() - t_start)
-        states, sharded = checkpoint.capture(model, opt, averagers, world)
-        shared = dict(config=record["config"], record=record, loop=dict(counters), batches=batches.state_dict(),
-                      train=states)
-        rank_part = dict(rng=checkpoint.rng_state(), window_loss=window_loss.cpu(), world=world.size)
-        return checkpoint.save(ckpt_dir, step, shared, rank_part, world, sharded, keep=tc.checkpoint.keep)
+    def resume(self, ckpt):
+        """Go on from checkpoint.TrainCheckpoint `ckpt` (the model, optimizer and averagers already restored)."""
+        self.state = ckpt.loop
+        self.batches.load_state_dict(ckpt.batches)
+        if ckpt.window_loss is not None:
+            self.window_loss = ckpt.window_loss.to(self.parts.device)
+        checkpoint.set_rng_state(ckpt.rng)
 
-    model.train()
-    opt.train()  # schedule-free must be in train mode to step; for PACE it is already
-    with stop_signals() as signals:
-        for step in range(counters["step"], tc.max_steps):
-            t0 = time.time()
-            factor = lr_factor(step, tc.max_steps, cfg.schedule)
-            set_lr(opt, counters["base_lrs"], factor)
-            lr = cfg.optimizer.lr * factor
-            rows = next(batches)  # (batch_size,) row indices of the global batch
-            micro = [collate(train_ds[rows[i:i + tc.micro_batch_size]], pad_id, seq_len, tc.pad_to)
-                     for i in range(0, tc.batch_size, tc.micro_batch_size)]
-            # counted over the global batch on the host, before any copy to the device: no sync, no collective
-            n_step = sum(int((m["labels"][:, 1:] != IGNORE_INDEX).sum()) for m in micro)
-            step_tokens = sum(int(m["attention_mask"].sum()) for m in micro)
-            counters["tokens"] += step_tokens
-            counters["tokens_after_first"] += step_tokens if step else 0
-            # the step's loss is the mean over the global batch's tokens; DDP / FSDP average the ranks'
-            # gradients, hence the factor world
-            scale = max(1, n_step) if world.size == 1 else max(1, n_step) / world.size
-            mine = micro[world.rank * accum:(world.rank + 1) * accum]
-            for j, m in enumerate(mine):
-                with distributed.grad_sync(step_model, world, sync=j == accum - 1), autocast:
-                    loss_sum, _ = batch_loss(compiled, to_device(m, device))
-                (loss_sum / scale).backward()
-                window_loss += loss_sum.detach()
-            counters["window_tokens"] += n_step
-            counters["trained"] += n_step
-            grad_norm = grad_norm_clip(model, tc.grad_clip)
-            last = step + 1 == tc.max_steps
-            logs = (step + 1) % tc.log_interval == 0 or last
-            if telemetry:  # PACE's statistics on the steps that log, and only there (they cost a pass)
-                for group in opt.param_groups:
-                    group["log_stats"] = logs
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            for averager in averagers.values():
-                averager.update(step + 1)
-            t_step = time.time() - t0
-            counters["t_train"] += t_step
-            if step == 0:
-                counters["t_first"] = t_step  # includes one-time costs: torch.compile of the step, allocator warm-up
-            bar.update(1)
+    def run(self):
+        """Train from state.step to max_steps; return the summary."""
+        from tqdm.auto import tqdm
+        tc, spec = self.tc, self.spec
+        self.wandb = start_wandb(spec, self.record["config"], self.state) if self.world.main else None
+        self.t_start = time.time() - self.state.wall
+        self.bar = tqdm(total=tc.max_steps, initial=self.state.step, desc=spec.run_name, dynamic_ncols=True,
+                        disable=not (tc.progress and self.world.main))
+        self.parts.model.train()
+        self.parts.opt.train()  # schedule-free must be in train mode to step; for PACE it is already
+        with stop_signals() as signals:
+            for step in range(self.state.step, tc.max_steps):
+                done = step + 1  # steps taken once this one is
+                last = done == tc.max_steps
+                logs = done % tc.log_interval == 0 or last
+                grad_norm = self.train_step(step, stats=logs)
+                if logs:
+                    self.log(done, grad_norm)
+                if done % tc.eval_interval == 0 or last:
+                    self.evaluate(done)
+                if self.should_stop(signals):
+                    raise self.interrupted(signals, self.checkpoint(done))
+                if (tc.checkpoint.interval and done % tc.checkpoint.interval == 0) or (last and tc.checkpoint.at_end):
+                    self.checkpoint(done)
+        self.bar.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+        return self.summary()
 
-            if logs:  # the loop's host syncs, with any_rank's below under torchrun
-                loss = distributed.all_sum(window_loss.clone(), world).item() / max(1, counters["window_tokens"])
-                if not math.isfinite(loss):
-                    raise Diverged(f"non-finite train loss ({loss}) at step {step + 1}: lower optimizer.lr"
-                                   + ("" if tc.grad_clip and tc.grad_clip > 0 else " or set training.grad_clip"))
-                entry = dict(step=step + 1, loss=loss, lr=lr, grad_norm=float(distributed.full_tensor(grad_norm)),
-                             tokens=counters["tokens"], time_s=round(time.time() - t_start, 3))
-                if telemetry:
-                    entry.update(opt.get_step_stats())  # under FSDP: this rank's shard
-                record["step_logs"].append(entry)
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}",
-                                tok_s=f"{counters['tokens'] / max(counters['t_train'], 1e-9):.0f}")
-                log_wandb(wandb_run, entry, step + 1)
-                window_loss.zero_()
-                counters["window_tokens"] = 0
-            if (step + 1) % tc.eval_interval == 0 or last:
-                entry = dict(step=step + 1, tokens=counters["tokens"], **evaluate_all(
-                    model, opt, averagers, returned, val_batches, device, autocast, world))
-                record["eval_logs"].append(entry)
-                log_wandb(wandb_run, {f"eval/{k}": v for k, v in entry.items()}, step + 1)
-                if world.main:
-                    bar.write(f"step {step + 1}: " + ", ".join(
-                        f"{k} {v:.4f}" for k, v in entry.items() if k.endswith("val_loss") and v is not None)
-                        + f" ({returned} returned)")
-                    write_json_atomic(record_path, record)
-            stop = distributed.any_rank(bool(signals), world, device)
-            interval = tc.checkpoint.interval
-            if stop or (interval and (step + 1) % interval == 0) or (last and tc.checkpoint.at_end):
-                folder = save_checkpoint(step + 1)
-                if stop:
-                    name = signal.Signals(signals[0]).name if signals else "a signal on another rank"
-                    raise Interrupted(f"{name} after step {step + 1} of {tc.max_steps}: checkpoint {folder}; "
-                                      f"go on with training.resume=true", signals[0] if signals else signal.SIGTERM)
-    bar.close()
-    if wandb_run is not None:
-        wandb_run.finish()
+    def train_step(self, step, stats):
+        """Optimizer step `step` (0-based) on its global batch: this rank's micro-batches accumulated, the
+        gradient clipped, the step taken (with PACE's statistics if `stats`), the averagers updated. Returns
+        the gradient norm before clipping (a device tensor: no sync)."""
+        tc, state, parts, world = self.tc, self.state, self.parts, self.world
+        t0 = time.time()
+        factor = lr_factor(step, tc.max_steps, self.spec.schedule)
+        set_lr(parts.opt, state.base_lrs, factor)
+        self.lr = self.spec.optimizer.args["lr"] * factor
+        rows = next(self.batches)  # (batch_size,) row indices of the global batch
+        micro = [collate(self.data.train[rows[i:i + tc.micro_batch_size]], self.data.pad_id, self.data.seq_len,
+                         tc.pad_to) for i in range(0, tc.batch_size, tc.micro_batch_size)]
+        # counted over the global batch on the host, before any copy to the device: no sync, no collective
+        n_step = sum(int((m["labels"][:, 1:] != IGNORE_INDEX).sum()) for m in micro)
+        step_tokens = sum(int(m["attention_mask"].sum()) for m in micro)
+        state.tokens += step_tokens
+        state.tokens_after_first += step_tokens if step else 0
+        # the step's loss is the mean over the global batch's tokens; DDP / FSDP average the ranks' gradients,
+        # hence the factor world.size
+        scale = max(1, n_step) if world.size == 1 else max(1, n_step) / world.size
+        mine = micro[world.rank * self.accum:(world.rank + 1) * self.accum]
+        for j, m in enumerate(mine):
+            with distributed.grad_sync(parts.step_model, world, sync=j == self.accum - 1), self.autocast:
+                loss_sum, _ = batch_loss(self.forward, to_device(m, parts.device))
+            (loss_sum / scale).backward()
+            self.window_loss += loss_sum.detach()
+        state.window_tokens += n_step
+        state.trained += n_step
+        grad_norm = grad_norm_clip(parts.model, tc.grad_clip)
+        if self.telemetry:  # PACE's statistics on the steps that log, and only there (they cost a pass)
+            for group in parts.opt.param_groups:
+                group["log_stats"] = stats
+        parts.opt.step()
+        parts.opt.zero_grad(set_to_none=True)
+        for averager in parts.averagers.values():
+            averager.update(step + 1)
+        t_step = time.time() - t0
+        state.t_train += t_step
+        if step == 0:
+            state.t_first = t_step  # includes one-time costs: torch.compile of the step, allocator warm-up
+        self.bar.update(1)
+        return grad_norm
 
-    final = record["eval_logs"][-1]
-    t_train, t_first = counters["t_train"], counters["t_first"]
-    return dict(final_val_loss=final["val_loss"], **{k: final[k] for k in VAL_KEYS}, returned=returned,
-                final_train_loss=record["step_logs"][-1]["loss"], steps=tc.max_steps, tokens_seen=counters["tokens"],
-                trained_tokens=counters["trained"], num_params=sum(p.numel() for p in model.parameters()),
-                wall_time_s=round(time.time() - t_start, 3), train_time_s=round(t_train, 3),
-                first_step_time_s=round(t_first, 3), tokens_per_s=round(counters["tokens"] / max(t_train, 1e-9), 1),
-                steady_tokens_per_s=round(counters["tokens_after_first"] / max(t_train - t_first, 1e-9), 1)
-                if tc.max_steps > 1 else None, environment=environment())
+    def log(self, done, grad_norm):
+        """A step log: the train loss since the last one (the loop's host sync, with should_stop's under
+        torchrun), the lr, the gradient norm, and PACE's statistics if on."""
+        state = self.state
+        loss = distributed.all_sum(self.window_loss.clone(), self.world).item() / max(1, state.window_tokens)
+        if not math.isfinite(loss):
+            clips = self.tc.grad_clip and self.tc.grad_clip > 0
+            raise Diverged(f"non-finite train loss ({loss}) at step {done}: lower optimizer.lr"
+                           + ("" if clips else " or set training.grad_clip"))
+        entry = dict(step=done, loss=loss, lr=self.lr, grad_norm=float(distributed.full_tensor(grad_norm)),
+                     tokens=state.tokens, time_s=round(time.time() - self.t_start, 3))
+        if self.telemetry:
+            entry.update(self.parts.opt.get_step_stats())  # under FSDP: this rank's shard
+        self.record["step_logs"].append(entry)
+        self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.lr:.2e}",
+                             tok_s=f"{state.tokens / max(state.t_train, 1e-9):.0f}")
+        log_wandb(self.wandb, entry, done)
+        self.window_loss.zero_()
+        state.window_tokens = 0
+
+    def evaluate(self, done):
+        """Score every kept model on the validation batches; rank 0 writes the record so far."""
+        entry = dict(step=done, tokens=self.state.tokens,
+                     **evaluate_all(self.parts, self.val_batches, self.autocast, self.world))
+        self.record["eval_logs"].append(entry)
+        log_wandb(self.wandb, {f"eval/{k}": v for k, v in entry.items()}, done)
+        if self.world.main:
+            self.bar.write(f"step {done}: " + ", ".join(
+                f"{k} {v:.4f}" for k, v in entry.items() if k.endswith("val_loss") and v is not None)
+                + f" ({self.parts.returns} returned)")
+            write_json_atomic(self.paths.record, self.record)
+
+    def should_stop(self, signals):
+        """Whether a SIGTERM / SIGINT reached any rank (under torchrun: one collective per step)."""
+        return distributed.any_rank(bool(signals), self.world, self.parts.device)
+
+    def checkpoint(self, done):
+        """Write checkpoint `done` (every rank calls it); returns its folder."""
+        self.state.step, self.state.wall = done, time.time() - self.t_start
+        parts = self.parts
+        states, sharded = checkpoint.capture(parts.model, parts.opt, parts.averagers, self.world)
+        ckpt = checkpoint.TrainCheckpoint(
+            config=self.record["config"], record=self.record, loop=self.state, batches=self.batches.state_dict(),
+            train=states, rng=checkpoint.rng_state(), window_loss=self.window_loss.cpu(), world=self.world.size)
+        return ckpt.save(self.paths.checkpoints, self.world, sharded, keep=self.tc.checkpoint.keep)
+
+    def interrupted(self, signals, folder):
+        name = signal.Signals(signals[0]).name if signals else "a signal on another rank"
+        return Interrupted(f"{name} after step {self.state.step} of {self.tc.max_steps}: checkpoint {folder}; "
+                           f"go on with training.resume=true", signals[0] if signals else signal.SIGTERM)
+
+    def summary(self):
+        """The record's summary: the last eval's losses, what was returned, counts and timings."""
+        state, tc = self.state, self.tc
+        final = self.record["eval_logs"][-1]
+        t_train, t_first = state.t_train, state.t_first
+        return dict(final_val_loss=final["val_loss"], **{k: final[k] for k in VAL_KEYS}, returned=self.parts.returns,
+                    final_train_loss=self.record["step_logs"][-1]["loss"], steps=tc.max_steps,
+                    tokens_seen=state.tokens, trained_tokens=state.trained,
+                    num_params=sum(p.numel() for p in self.parts.model.parameters()),
+                    wall_time_s=round(time.time() - self.t_start, 3), train_time_s=round(t_train, 3),
+                    first_step_time_s=round(t_first, 3), tokens_per_s=round(state.tokens / max(t_train, 1e-9), 1),
+                    steady_tokens_per_s=round(state.tokens_after_first / max(t_train - t_first, 1e-9), 1)
+                    if tc.max_steps > 1 else None, environment=environment())
 
 
 @contextlib.contextmanager
@@ -293,135 +383,7 @@ def stop_signals():
             signal.signal(s, h)
 
 
-def batch_loss(model, batch):
-    """(summed next-token cross-entropy over the trained positions, their count) of a (B, T) batch."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
-    labels = batch["labels"][:, 1:]                                                               # (B, T-1)
-    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
-    return loss, (labels != IGNORE_INDEX).sum()
-
-
-@torch.no_grad()
-def evaluate(model, val_batches, device, autocast, world=distributed.World()):
-    """Mean loss per trained token over the validation batches (not a mean of batch means).
-
-    Under torchrun the batches are dealt round-robin to the ranks and the sums added up. Every rank runs
-    the same number of forward passes (FSDP2's forward is collective): one short of a batch runs batch 0
-    again and does not count it.
-    """
-    was_training = model.training
-    model.eval()
-    total, count = torch.zeros((), device=device), torch.zeros((), device=device)
-    rounds = -(-len(val_batches) // world.size)
-    mine = val_batches[world.rank::world.size]
-    for i in range(rounds):
-        with autocast:
-            loss, n = batch_loss(model, to_device(mine[i] if i < len(mine) else val_batches[0], device))
-        if i < len(mine):
-            total += loss
-            count += n
-    if world.parallel == "fsdp":
-        distributed.reshard(model)
-    model.train(was_training)
-    if world.parallel:
-        total, count = distributed.all_sum(torch.stack([total, count]), world)
-    value = (total / count.clamp(min=1)).item()
-    if not math.isfinite(value):
-        raise Diverged(f"non-finite validation loss ({value}): the run diverged")
-    return value
-
-
-VAL_KEYS = ("val_loss", "vanilla_val_loss", "ema_val_loss", "schedulefree_val_loss", "lawa_val_loss",
-            "swa_val_loss")
-
-
-def evaluate_all(model, opt, averagers, returned, val_batches, device, autocast, world):
-    """Validation loss of every model the run keeps (averaging.kept_models: the live iterate, the optimizer's
-    average, the averagers), and `val_loss`, the returned one's. One with no weights yet scores None."""
-    out = dict.fromkeys(VAL_KEYS)
-    for key, kept in averaging.kept_models(opt, averagers, returned).items():
-        if kept.taken:
-            with kept.swapped_in():
-                out[f"{key}_val_loss"] = evaluate(model, val_batches, device, autocast, world)
-    out["val_loss"] = out[f"{averaging.returned_key(returned)}_val_loss"]
-    return out
-
-
-def returned_weights(returned, opt, averagers):
-    """The returned model's weights in the model for the `with` block (e.g. to save it)."""
-    return averaging.kept_models(opt, averagers, returned)[averaging.returned_key(returned)].swapped_in()
-
-
-def save_model(model, tokenizer, run_dir, world):
-    """save_pretrained (safetensors) of the model as it is, with the tokenizer, moved into place whole.
-
-    Every rank calls it; rank 0 writes. Under FSDP2 the full weights are gathered to rank 0's CPU first
-    and saved from a plain model of the same class.
-    """
-    out = os.path.join(run_dir, "model")
-    tmp = os.path.join(run_dir, ".model.tmp")
-    to_save, state_dict = model, None
-    if world.parallel == "fsdp":
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-        state_dict = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if world.main:
-            from torch.distributed.fsdp import FSDPModule
-            # fully_shard made the model's class FSDP<Class>(FSDPModule, Class): a plain Class to save from
-            cls = next(c for c in type(model).__mro__ if c is not FSDPModule and not issubclass(c, FSDPModule))
-            with torch.device("meta"):
-                to_save = cls._from_config(model.config)
-            to_save.load_state_dict(state_dict, assign=True)
-            to_save.tie_weights()
-    if world.main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        to_save.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        shutil.rmtree(out, ignore_errors=True)
-        os.replace(tmp, out)
-    if world.parallel:
-        torch.distributed.barrier()
-    return out
-
-
 # ---- setup helpers ------------------------------------------------------------------
-
-def check_config(cfg):
-    """Everything that can be checked before any work, with one clear message each."""
-    tc = cfg.training
-    for key in ("max_steps", "batch_size", "micro_batch_size", "eval_interval", "eval_batches",
-                "eval_batch_size", "log_interval"):
-        if not isinstance(tc[key], int) or tc[key] < 1:
-            raise PaceLMError(f"training.{key}={tc[key]!r} must be a positive integer")
-    if tc.batch_size % tc.micro_batch_size:
-        raise PaceLMError(f"training.batch_size={tc.batch_size} is not a multiple of "
-                          f"training.micro_batch_size={tc.micro_batch_size}")
-    if tc.pad_to not in ("max_seq_len", "longest"):
-        raise PaceLMError(f"training.pad_to={tc.pad_to!r}; known: max_seq_len, longest")
-    if tc.dtype not in ("auto", "fp32", "bf16"):
-        raise PaceLMError(f"training.dtype={tc.dtype!r}; known: auto, fp32, bf16")
-    if tc.parallel not in distributed.PARALLEL:
-        raise PaceLMError(f"training.parallel={tc.parallel!r}; known: {', '.join(distributed.PARALLEL)}")
-    if not (tc.resume in (True, False, "auto") or (isinstance(tc.resume, str) and tc.resume)):
-        raise PaceLMError(f"training.resume={tc.resume!r} must be false, true, auto or a checkpoint folder")
-    if tc.resume not in (False, "auto") and tc.overwrite:
-        raise PaceLMError(f"training.resume={tc.resume} and training.overwrite=true contradict each other")
-    ck = tc.checkpoint
-    if not isinstance(ck.interval, int) or ck.interval < 0:
-        raise PaceLMError(f"training.checkpoint.interval={ck.interval!r} must be an integer >= 0 (0: none)")
-    if not isinstance(ck.keep, int) or ck.keep < 1:
-        raise PaceLMError(f"training.checkpoint.keep={ck.keep!r} must be a positive integer")
-    unknown = unknown_keys(cfg)
-    if unknown:
-        raise PaceLMError(f"unknown key{'s' * (len(unknown) > 1)} {', '.join(unknown)}: pace-train has no such key "
-                          f"(`pace-train --cfg job` prints them all)")
-    check_optimizer(cfg.optimizer)
-    averaging.check_averaging(cfg.averaging, averaging.enabled(cfg.averaging, returned_model(cfg.optimizer)),
-                              tc.max_steps)
-    check_schedule(cfg.schedule)
-    if not cfg.run_name or "/" in cfg.run_name or cfg.run_name in (".", ".."):
-        raise PaceLMError(f"run_name={cfg.run_name!r} must be a plain folder name")
-
 
 def check_run_dir(record_path, overwrite):
     """A complete run, or one whose record cannot be read (it may be complete), is replaced only with overwrite."""
@@ -436,29 +398,13 @@ def check_run_dir(record_path, overwrite):
                               f"training.overwrite=true")
 
 
-def get_autocast(dtype, device):
-    """bf16 autocast on CUDA for dtype=auto; fp32 (no autocast) on CPU unless dtype=bf16."""
-    if dtype == "bf16" or (dtype == "auto" and device.type == "cuda"):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def get_seq_len(max_seq_len, meta):
-    if max_seq_len is None:
-        return meta["max_seq_len"]
-    if not isinstance(max_seq_len, int) or not 2 <= max_seq_len <= meta["max_seq_len"]:
-        raise PaceLMError(f"training.max_seq_len={max_seq_len!r} must be an integer in [2, "
-                          f"{meta['max_seq_len']}] (the prepared data's length)")
-    return max_seq_len
-
-
-def load_data(cfg, world):
-    """(train, validation, tokenizer, meta) of dataset.path.
+def load_data(cfg, spec, world):
+    """The `Data` of dataset.path (`cfg`: the composed config, `spec`: it validated).
 
     Only the dataset's own shipped location (e.g. data/offline) is prepared on first use, by rank 0, and only
     while nothing is there: any other path must be prepared data, and no path is ever removed.
     """
-    data = cfg.dataset
+    data = spec.dataset
     if not os.path.exists(os.path.join(data.path, META)):
         shipped = shipped_value(cfg, "dataset", "path")
         ours = shipped is not None and os.path.abspath(shipped) == os.path.abspath(data.path)
@@ -469,38 +415,27 @@ def load_data(cfg, world):
                               f"or point dataset.path at prepared data")
         if world.main:
             print(f"preparing {data.name} data in {data.path} (once, offline)", flush=True)
-            prepare(data.path, source=data.prepare_if_missing, mode=data.mode, tokenizer=data.get("tokenizer"),
-                    gguf_file=data.get("gguf_file"), seed=0)
+            prepare(data.path, source=data.prepare_if_missing, mode=data.mode, tokenizer=data.tokenizer,
+                    gguf_file=data.gguf_file, seed=0)
     if world.parallel:
         torch.distributed.barrier()
     train_ds, val_ds, tokenizer, meta = load_prepared(data.path)
-    if meta["mode"] != data.mode:
-        raise PaceLMError(f"dataset.path={data.path!r} holds {meta['mode']} data but dataset.mode={data.mode}")
-    return subset(train_ds, data.subset_ratio, cfg.seed), val_ds, tokenizer, meta
+    schema.check_data_mode(data, meta)
+    return Data(subset(train_ds, data.subset_ratio, spec.seed), val_ds, tokenizer, meta,
+                schema.check_seq_len(spec.training.max_seq_len, meta["max_seq_len"]))
 
 
-def get_val_batches(val_ds, tc, pad_id, seq_len):
-    """The validation batches every eval scores: the first eval_batches x eval_batch_size examples, in order."""
-    n = min(len(val_ds), tc.eval_batches * tc.eval_batch_size)
-    return [collate(val_ds[list(range(i, min(i + tc.eval_batch_size, len(val_ds))))], pad_id, seq_len, tc.pad_to)
-            for i in range(0, n, tc.eval_batch_size)]
-
-
-def to_device(batch, device):
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
-def start_wandb(cfg, counters):
-    """The wandb run, or None; a resumed run logs on into the same wandb run (its id is checkpointed)."""
-    if not cfg.logging.wandb:
+def start_wandb(spec, config, state):
+    """The wandb run, or None; a resumed run logs on into the same wandb run (its id is in `state`)."""
+    if not spec.logging.wandb:
         return None
     try:
         import wandb
     except ImportError as e:
         raise PaceLMError("logging.wandb=true but wandb is not installed (pip install wandb)") from e
-    run = wandb.init(project=cfg.logging.wandb_project, entity=cfg.logging.wandb_entity, name=cfg.run_name,
-                     config=OmegaConf.to_container(cfg), id=counters["wandb_id"], resume="allow")
-    counters["wandb_id"] = run.id
+    run = wandb.init(project=spec.logging.wandb_project, entity=spec.logging.wandb_entity, name=spec.run_name,
+                     config=config, id=state.wandb_id, resume="allow")
+    state.wandb_id = run.id
     return run
 
 

@@ -1,0 +1,403 @@
+"""The config schema: every key pace-train takes, its type, and every rule on its value, in one place.
+
+Hydra composes the YAML files (the defaults live there, in conf/train.yaml and its groups, and nowhere
+else); `validate(cfg)` turns the composed config into `Config`, typed dataclasses the code reads, or raises
+one PaceLMError naming the key. It runs before any data, model or record exists, in pace-train and for every
+run of a figure. A key that no dataclass declares is an error, whether a YAML or `+key=` added it; the one
+free-form mapping is model.config, the architecture's own arguments, which transformers checks.
+
+Two rules need what only the run knows and live here too: `check_seq_len` (the prepared data's length) and
+`check_data_mode` (the mode the data were prepared in).
+"""
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any, Optional, Union
+
+from pace import PACE
+from pace_lm import PaceLMError
+
+
+@dataclass(frozen=True)
+class Checkpointing:
+    interval: int              # steps between checkpoints; 0: none but a signal's (and at_end's)
+    keep: int
+    at_end: bool
+
+
+@dataclass(frozen=True)
+class Training:
+    max_steps: int
+    out_dir: str
+    batch_size: int
+    micro_batch_size: int
+    max_seq_len: Optional[int]
+    pad_to: str
+    grad_clip: Optional[float]
+    eval_interval: int
+    eval_batches: int
+    eval_batch_size: int
+    log_interval: int
+    device: str
+    dtype: str
+    compile_model: bool
+    save_model: bool
+    overwrite: bool
+    resume: Union[bool, str]
+    checkpoint: Checkpointing
+    parallel: str
+    progress: bool
+
+
+@dataclass(frozen=True)
+class Averager:
+    enabled: bool
+    every: int
+    start: int
+    device: Optional[str]
+    k: Optional[int] = None    # LAWA's window
+
+
+@dataclass(frozen=True)
+class Averaging:
+    lawa: Averager
+    swa: Averager
+
+
+@dataclass(frozen=True)
+class Logging:
+    wandb: bool
+    wandb_project: str
+    wandb_entity: Optional[str]
+
+
+@dataclass(frozen=True)
+class Schedule:
+    name: str
+    warmup_fraction: float
+    final_lr_ratio: Optional[float] = None   # cos, wsd
+    decay_fraction: Optional[float] = None   # wsd
+
+
+@dataclass(frozen=True)
+class Optimizer:
+    """`name` (a method of pace_lm.optim.OPTIMIZERS), `args` (the keyword arguments of the method's optimizer
+    class the config sets: pace.PACE's or schedule-free's) and `impl` (PACE's step; auto: its default)."""
+    name: str
+    args: dict
+    impl: Optional[str] = None
+
+    @property
+    def method(self):
+        from pace_lm.optim import get_method
+        return get_method(self.name)
+
+    def kwargs(self):
+        """The optimizer class's keyword arguments."""
+        kwargs = dict(self.args, betas=tuple(self.args["betas"]))
+        if self.method.optimizer == "pace":
+            from pace_lm.models import DTYPES
+            kwargs["impl"] = None if self.impl == "auto" else self.impl
+            kwargs["ema_dtype"] = DTYPES[kwargs["ema_dtype"]] if kwargs["ema_dtype"] else None
+        return kwargs
+
+
+@dataclass(frozen=True)
+class Model:
+    name: str
+    source: str
+    arch: Optional[str]
+    pretrained: Optional[str]
+    revision: Optional[str]
+    gguf_file: Optional[str]
+    dtype: str
+    attn_implementation: Optional[str]
+    pad_vocab_to_multiple_of: int
+    config: dict               # free-form: the architecture's own arguments (transformers checks them)
+
+
+@dataclass(frozen=True)
+class Dataset:
+    name: str
+    path: str
+    prepare_if_missing: Optional[str]
+    mode: str
+    subset_ratio: float
+    tokenizer: Optional[str] = None
+    gguf_file: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class Config:
+    """A validated pace-train config. The record keeps the composed config itself (every key as given)."""
+    run_name: str
+    seed: int
+    training: Training
+    averaging: Averaging
+    logging: Logging
+    schedule: Schedule
+    optimizer: Optimizer
+    model: Model
+    dataset: Dataset
+
+
+# ---- the rules on values ----------------------------------------------------------------------------------
+
+def validate(cfg, ranks=None):
+    """`cfg` (a composed, resolved pace-train config: DictConfig or dict) as a `Config`; a PaceLMError naming
+    the first key that is unknown, missing, of the wrong type or out of range. `ranks`: the processes the run
+    will have (default: torchrun's WORLD_SIZE, else 1)."""
+    raw = _plain(cfg)
+    raw.pop("hydra", None)
+    optimizer = validate_optimizer(raw.get("optimizer"))
+    spec = _build(Config, dict(raw, optimizer=dict(name=optimizer.name, args={})), "")
+    spec = dataclasses.replace(spec, optimizer=optimizer)
+    _check_model(spec.model)
+    _check_training(spec.training, int(os.environ.get("WORLD_SIZE", "1")) if ranks is None else ranks)
+    _check_averaging(spec.averaging, optimizer.method.returns, spec.training.max_steps)
+    _check_schedule(spec.schedule)
+    if not 0 < spec.dataset.subset_ratio <= 1:
+        raise PaceLMError(f"dataset.subset_ratio={spec.dataset.subset_ratio} must be in (0, 1]")
+    _choice("dataset.mode", spec.dataset.mode, ("sft", "pretrain"))
+    if not spec.run_name or "/" in spec.run_name or spec.run_name in (".", ".."):
+        raise PaceLMError(f"run_name={spec.run_name!r} must be a plain folder name")
+    return spec
+
+
+def validate_optimizer(cfg):
+    """The `optimizer` group (a mapping) as an `Optimizer`: its method's arguments and no others, the ones the
+    method fixes, and every value as its optimizer class checks them (PACE's own check, with nothing built)."""
+    from pace_lm.optim import get_method
+    raw = _plain(cfg)
+    if not isinstance(raw, dict) or "name" not in raw:
+        raise PaceLMError("optimizer.name is missing: choose optimizer=<name>")
+    method = get_method(raw["name"])
+    pace = method.optimizer == "pace"
+    impl = raw.pop("impl", None) if pace else None
+    if pace and impl is None:
+        raise PaceLMError("optimizer.impl is missing: auto, fused, triton, foreach or forloop")
+    args = {k: v for k, v in raw.items() if k != "name"}
+    _build(_PACEArgs if pace else _ScheduleFreeArgs, args, "optimizer.")  # unknown, missing or mistyped
+    opt = Optimizer(raw["name"], args, impl)
+    for key, ok in method.fixed.items():
+        if not ok(args[key]):
+            raise PaceLMError(f"optimizer={opt.name} does not allow optimizer.{key}={args[key]!r}")
+    if not pace:
+        for key in ("lr", "eps", "weight_decay", "warmup_steps", "r", "weight_lr_power"):
+            if not args[key] >= 0:
+                raise PaceLMError(f"optimizer={opt.name}: invalid {key}={args[key]!r}: must be >= 0")
+        if len(args["betas"]) != 2 or not all(_accepts(b, float) and 0 <= b < 1 for b in args["betas"]):
+            raise PaceLMError(f"optimizer={opt.name}: invalid betas={args['betas']!r}: need two values, each "
+                              f"in [0, 1)")
+        return opt
+    if args["ema_dtype"] is not None:
+        from pace_lm.models import DTYPES
+        _choice("optimizer.ema_dtype", args["ema_dtype"], DTYPES)
+    try:
+        PACE.check_args(**opt.kwargs())
+    except (ValueError, TypeError) as e:
+        raise PaceLMError(f"optimizer={opt.name}: {e}") from e
+    return opt
+
+
+def _plain(cfg):
+    """A DictConfig as a plain, resolved container (anything else as it is, a dict copied)."""
+    from omegaconf import DictConfig, OmegaConf
+    if isinstance(cfg, DictConfig):
+        return OmegaConf.to_container(cfg, resolve=True)
+    return dict(cfg) if isinstance(cfg, dict) else cfg
+
+
+def _check_training(tc, ranks):
+    for key in ("max_steps", "batch_size", "micro_batch_size", "eval_interval", "eval_batches",
+                "eval_batch_size", "log_interval"):
+        if getattr(tc, key) < 1:
+            raise PaceLMError(f"training.{key}={getattr(tc, key)!r} must be a positive integer")
+    if tc.batch_size % tc.micro_batch_size:
+        raise PaceLMError(f"training.batch_size={tc.batch_size} is not a multiple of "
+                          f"training.micro_batch_size={tc.micro_batch_size}")
+    if tc.batch_size % (tc.micro_batch_size * ranks):
+        raise PaceLMError(f"training.batch_size={tc.batch_size} is not a multiple of training.micro_batch_size"
+                          f" x ranks = {tc.micro_batch_size} x {ranks}")
+    _choice("training.pad_to", tc.pad_to, ("max_seq_len", "longest"))
+    _choice("training.dtype", tc.dtype, ("auto", "fp32", "bf16"))
+    from pace_lm.distributed import PARALLEL
+    _choice("training.parallel", tc.parallel, PARALLEL)
+    if isinstance(tc.resume, str) and (tc.resume == "" or tc.resume.lower() in ("true", "false")):
+        raise PaceLMError(f"training.resume={tc.resume!r} must be false, true, auto or a checkpoint folder")
+    if tc.resume not in (False, "auto") and tc.overwrite:
+        raise PaceLMError(f"training.resume={tc.resume} and training.overwrite=true contradict each other")
+    if tc.grad_clip is not None and not tc.grad_clip >= 0:
+        raise PaceLMError(f"training.grad_clip={tc.grad_clip} must be >= 0 (0 or null: no clipping)")
+    if tc.checkpoint.interval < 0:
+        raise PaceLMError(f"training.checkpoint.interval={tc.checkpoint.interval!r} must be an integer >= 0 "
+                          f"(0: none)")
+    if tc.checkpoint.keep < 1:
+        raise PaceLMError(f"training.checkpoint.keep={tc.checkpoint.keep!r} must be a positive integer")
+
+
+def enabled_averagers(averaging, returns):
+    """The averagers a run keeps: those enabled, and the one it returns (optimizer=lawa or swa)."""
+    return [name for name in ("lawa", "swa") if getattr(averaging, name).enabled or returns == name]
+
+
+def _check_averaging(averaging, returns, max_steps):
+    """The settings of the averagers a run keeps (a disabled one is not in the way), and that each takes
+    weights before the run ends."""
+    for name in enabled_averagers(averaging, returns):
+        a = getattr(averaging, name)
+        for key in ("k", "every", "start") if name == "lawa" else ("every", "start"):
+            value, least = getattr(a, key), 0 if key == "start" else 1
+            if not isinstance(value, int) or value < least:
+                raise PaceLMError(f"averaging.{name}.{key}={value!r} must be an integer >= {least}")
+        if a.device not in (None, "cpu"):
+            raise PaceLMError(f"averaging.{name}.device={a.device!r} must be null (the parameters') or cpu")
+        if a.start >= max_steps:
+            raise PaceLMError(f"averaging.{name}.start={a.start} is not before training.max_steps={max_steps}")
+        if (max_steps // a.every) * a.every <= a.start:
+            raise PaceLMError(f"averaging.{name} takes no weights: no multiple of every={a.every} in "
+                              f"(start={a.start}, max_steps={max_steps}]")
+
+
+def _check_schedule(s):
+    from pace_lm.optim import get_schedule
+    get_schedule(s.name)
+    if not 0 <= s.warmup_fraction < 1:
+        raise PaceLMError(f"schedule.warmup_fraction={s.warmup_fraction} must be in [0, 1)")
+    for key in ("final_lr_ratio", "decay_fraction"):
+        value = getattr(s, key)
+        if value is not None and not 0 <= value <= 1:
+            raise PaceLMError(f"schedule.{key}={value} must be in [0, 1]")
+    if s.name in ("cos", "wsd") and s.final_lr_ratio is None or s.name == "wsd" and s.decay_fraction is None:
+        raise PaceLMError(f"schedule={s.name} needs schedule.final_lr_ratio"
+                          + (" and schedule.decay_fraction" if s.name == "wsd" else ""))
+
+
+def validate_model(cfg):
+    """The `model` group (a mapping) as a `Model`."""
+    m = _build(Model, _plain(cfg), "model.")
+    _check_model(m)
+    return m
+
+
+def _check_model(m):
+    from pace_lm.models import ARCHS, DTYPES
+    _choice("model.source", m.source, ("scratch", "pretrained"))
+    _choice("model.dtype", m.dtype, DTYPES)
+    if m.source == "scratch":
+        _choice("model.arch", m.arch, ARCHS)
+    elif not m.pretrained:
+        raise PaceLMError(f"model {m.name!r}: model.pretrained (a hub id or a folder) is not set")
+    if m.pad_vocab_to_multiple_of < 1:
+        raise PaceLMError(f"model.pad_vocab_to_multiple_of={m.pad_vocab_to_multiple_of} must be a positive integer")
+
+
+def check_seq_len(max_seq_len, data_len):
+    """The sequence length a run trains at: training.max_seq_len, at most the prepared data's (null: theirs)."""
+    if max_seq_len is None:
+        return data_len
+    if not 2 <= max_seq_len <= data_len:
+        raise PaceLMError(f"training.max_seq_len={max_seq_len!r} must be an integer in [2, {data_len}] (the "
+                          f"prepared data's length)")
+    return max_seq_len
+
+
+def check_data_mode(dataset, meta):
+    if meta["mode"] != dataset.mode:
+        raise PaceLMError(f"dataset.path={dataset.path!r} holds {meta['mode']} data but dataset.mode={dataset.mode}")
+
+
+def _choice(key, value, known):
+    if value not in known:
+        raise PaceLMError(f"unknown {key}={value!r}; known: {', '.join(known)}")
+
+
+# ---- the optimizer classes' arguments, as typed fields ----------------------------------------------------
+
+@dataclass(frozen=True)
+class _PACEArgs:  # pace.PACE's keyword arguments the pipeline sets (impl is Optimizer.impl)
+    lr: float
+    betas: list
+    eps: float
+    weight_decay: float
+    lambda_pullback: float
+    clamp_pullback: bool
+    beta_ema: float
+    use_ema_eval: bool
+    ema_kappa: Optional[float]
+    ema_rho: float
+    ema_gamma: float
+    ema_update_freq: int
+    log_stats: bool
+    ema_dtype: Optional[str]
+
+
+@dataclass(frozen=True)
+class _ScheduleFreeArgs:  # schedulefree.AdamWScheduleFree's
+    lr: float
+    betas: list
+    eps: float
+    weight_decay: float
+    warmup_steps: int
+    r: float
+    weight_lr_power: float
+
+
+# ---- building typed objects from plain dicts: unknown keys, missing keys and types ----------------------------
+
+def _build(cls, raw, prefix):
+    """`cls` from the dict `raw`; `prefix` is the dotted path of `raw` for messages."""
+    if not isinstance(raw, dict):
+        raise PaceLMError(f"{prefix.rstrip('.') or 'the config'} must be a mapping, not {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(f"{prefix}{k}" for k in raw if k not in fields)
+    if unknown:
+        raise PaceLMError(f"unknown key{'s' * (len(unknown) > 1)} {', '.join(unknown)}: pace-train has no such "
+                          f"key (`pace-train --cfg job` prints them all)")
+    values = {}
+    for name, f in fields.items():
+        key = f"{prefix}{name}"
+        if name not in raw:
+            if f.default is dataclasses.MISSING:
+                raise PaceLMError(f"{key} is missing: every pace-train key has a default in the shipped YAML "
+                                  f"(`pace-train --cfg job` prints them all)")
+            continue
+        values[name] = _typed(raw[name], hints[name], key)
+    return cls(**values)
+
+
+def _typed(value, hint, key):
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, f"{key}.")
+    if _accepts(value, hint):
+        return value
+    raise PaceLMError(f"{key}={value!r} must be {_describe(hint)}")
+
+
+def _accepts(value, hint):
+    if typing.get_origin(hint) in (Union, types.UnionType):
+        return any(_accepts(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is Any:
+        return True
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _describe(hint):
+    if typing.get_origin(hint) in (Union, types.UnionType):
+        return " or ".join(_describe(h) for h in typing.get_args(hint))
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: "a list",
+            dict: "a mapping", type(None): "null"}.get(hint, getattr(hint, "__name__", str(hint)))
+
+

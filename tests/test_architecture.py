@@ -1,0 +1,86 @@
+"""What docs/architecture.md promises about the layout: which module imports which, and the loop as small parts."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).parent.parent / "src"
+
+
+def imported(path):
+    """Every module `path` imports, at the top or inside a function; relative imports are not used here."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            out.add(node.module)
+            out |= {f"{node.module}.{a.name}" for a in node.names}
+    return out
+
+
+def ours(names):
+    return {n for n in names if n.split(".")[0] == "pace_lm" and n.count(".") == 1}
+
+
+def test_the_optimizer_never_imports_the_pipeline():
+    for path in (SRC / "pace").rglob("*.py"):
+        assert not {n for n in imported(path) if n.startswith("pace_lm")}, path
+
+
+@pytest.mark.parametrize("module, allowed", [
+    ("plots", {"pace_lm.config", "pace_lm.records", "pace_lm.PaceLMError"}),   # records only, no training code
+    ("config", {"pace_lm.packages"}),                                          # no model code, no torch
+    ("packages", {"pace_lm.PaceLMError", "pace_lm.records"}),
+    ("records", set()),
+])
+def test_low_modules_import_only_what_they_own(module, allowed):
+    names = imported(SRC / "pace_lm" / f"{module}.py")
+    assert ours(names) <= allowed | {"pace_lm.PaceLMError"}, ours(names) - allowed
+    if module in ("plots", "config", "packages"):
+        assert "torch" not in names and "transformers" not in names
+
+
+def test_nothing_imports_the_training_loop_but_the_commands_and_sweeps():
+    for path in (SRC / "pace_lm").glob("*.py"):
+        if "pace_lm.train" in imported(path):
+            assert path.name in ("cli.py", "figures.py"), path
+
+
+def _functions(path):
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.FunctionDef):
+            params = [a.arg for a in node.args.args + node.args.kwonlyargs if a.arg not in ("self", "cls")]
+            yield node.name, node.end_lineno - node.lineno + 1, params
+
+
+@pytest.mark.parametrize("module", ["train", "evaluation", "checkpoint", "schema", "optim", "averaging"])
+def test_the_loop_and_its_parts_are_small_functions(module):
+    """No function over 60 lines or taking more than 6 parameters (checkpoint.save's file layer takes 7)."""
+    for name, lines, params in _functions(SRC / "pace_lm" / f"{module}.py"):
+        assert lines <= 60, f"{module}.{name} has {lines} lines"
+        assert len(params) <= (7 if (module, name) == ("checkpoint", "save") else 6), f"{module}.{name}: {params}"
+
+
+def test_the_loop_has_its_named_parts():
+    from pace_lm.train import Loop
+    for part in ("run", "train_step", "log", "evaluate", "should_stop", "checkpoint", "resume", "summary"):
+        assert callable(getattr(Loop, part)), part
+
+
+def test_ci_runs_the_readme_set_up_and_the_whole_suite():
+    """The README's test command is what .ci/run does, step for step, and neither leaves the slow tests out."""
+    root = SRC.parent
+    readme = [line for line in (root / "README.md").read_text().splitlines()
+              if line.startswith("python3 -m venv") and "pytest" in line]
+    assert len(readme) == 1
+    steps = [s.strip() for s in readme[0].split("&&")][2:]  # after making and activating the venv
+
+    def plain(line):
+        return " ".join(w for w in line.split("#")[0].split() if w != "-q").removeprefix("python -m ")
+
+    ci = [plain(line) for line in (root / ".ci" / "run").read_text().splitlines()
+          if line.startswith(("python -m pip install", "python -m pytest"))]
+    assert [plain(s) for s in steps] == ci
+    assert ci[-1] == "pytest"  # the whole suite: `-m "not slow"` is the quick local loop

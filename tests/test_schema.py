@@ -1,0 +1,118 @@
+"""The config schema (pace_lm.schema): unknown keys, types and rules, all before any work; the optimizer built once."""
+
+import dataclasses
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+import pace
+from pace_lm import PaceLMError, schema
+from pace_lm.config import compose
+from pace_lm.train import train
+
+
+@pytest.mark.parametrize("override, key", [
+    ("+training.unknown=1", "training.unknown"),
+    ("+unknown=1", "unknown"),
+    ("+optimizer.foo=1", "optimizer.foo"),
+    ("+model.foo=1", "model.foo"),
+    ("+dataset.foo=1", "dataset.foo"),
+    ("+schedule.decay=1", "schedule.decay"),
+    ("+averaging.lawa.window=3", "averaging.lawa.window"),
+    ("+training.checkpoint.every=3", "training.checkpoint.every"),
+    ("+logging.wandb_key=x", "logging.wandb_key"),
+])
+def test_an_unknown_key_is_refused_wherever_it_is(override, key):
+    with pytest.raises(PaceLMError, match=f"unknown key {key}: pace-train has no such key"):
+        schema.validate(compose([override]))
+
+
+def test_unknown_keys_are_refused_under_a_choice_that_is_not_shipped():
+    """The keys come from the schema, not from the shipped YAML of the group's choice."""
+    with pytest.raises(PaceLMError, match="unknown key model.foo"):
+        schema.validate(compose(["model.name=mine", "+model.foo=1"]))
+    with pytest.raises(PaceLMError, match="unknown key optimizer.impl"):  # schedule-free has no impl
+        schema.validate(compose(["optimizer=schedulefree", "+optimizer.impl=fused"]))
+
+
+def test_the_architecture_arguments_are_free_form():
+    spec = schema.validate(compose(["+model.config.rope_theta=500000"]))
+    assert spec.model.config["rope_theta"] == 500000
+
+
+@pytest.mark.parametrize("override, message", [
+    ("training.max_steps=abc", "training.max_steps='abc' must be an integer"),
+    ("training.max_steps=2.5", "training.max_steps=2.5 must be an integer"),
+    ("training.compile_model=3", "training.compile_model=3 must be true or false"),
+    ("training.max_seq_len=long", "training.max_seq_len='long' must be an integer or null"),
+    ("optimizer.lambda_pullback=abc", "optimizer.lambda_pullback='abc' must be a number"),
+    ("optimizer.clamp_pullback=1", "optimizer.clamp_pullback=1 must be true or false"),
+    ("optimizer.ema_update_freq=0", "optimizer=pace: PACE: invalid ema_update_freq=0"),
+    ("optimizer.ema_dtype=int8", "unknown optimizer.ema_dtype='int8'"),
+    ("optimizer.impl=fast", "PACE: invalid impl='fast'"),
+    ("optimizer.lambda_pullback=-0.1", "optimizer=pace does not allow optimizer.lambda_pullback=-0.1"),
+    ("schedule.warmup_fraction=1.5", "schedule.warmup_fraction=1.5 must be in"),
+    ("schedule=cos schedule.final_lr_ratio=2", "schedule.final_lr_ratio=2 must be in"),
+    ("training.resume=yes training.overwrite=true", "contradict"),
+    ("training.grad_clip=-1", "training.grad_clip=-1 must be >= 0"),
+    ("model.dtype=float8", "unknown model.dtype='float8'"),
+    ("model=smollm2_135m model.pretrained=null", "model.pretrained .* is not set"),
+    ("dataset.mode=chat", "unknown dataset.mode='chat'"),
+    ("dataset.subset_ratio=0", "dataset.subset_ratio=0 must be in"),
+    ("training.batch_size=12 training.micro_batch_size=8", "not a multiple"),
+    ("seed=one", "seed='one' must be an integer"),
+])
+def test_each_rule_is_one_clear_error(override, message):
+    with pytest.raises(PaceLMError, match=message):
+        schema.validate(compose(override.split()))
+
+
+def test_a_missing_key_is_named():
+    raw = OmegaConf.to_container(compose([]), resolve=True)
+    del raw["training"]["log_interval"]
+    with pytest.raises(PaceLMError, match="training.log_interval is missing"):
+        schema.validate(raw)
+
+
+def test_the_batch_must_split_over_the_ranks():
+    cfg = compose(["training.batch_size=16", "training.micro_batch_size=8"])
+    schema.validate(cfg, ranks=2)
+    with pytest.raises(PaceLMError, match="micro_batch_size x ranks = 8 x 3"):
+        schema.validate(cfg, ranks=3)
+
+
+def test_validate_gives_typed_settings():
+    spec = schema.validate(compose(["optimizer=pace", "optimizer.ema_dtype=bfloat16"]))
+    assert isinstance(spec, schema.Config) and isinstance(spec.training, schema.Training)
+    assert isinstance(spec.training.checkpoint, schema.Checkpointing) and spec.training.checkpoint.keep == 2
+    assert spec.optimizer.method.returns == "ema" and spec.optimizer.method.own_average == "ema"
+    kwargs = spec.optimizer.kwargs()
+    assert kwargs["lambda_pullback"] == 0.15 and kwargs["betas"] == (0.9, 0.95) and kwargs["impl"] is None
+    assert kwargs["ema_dtype"] is torch.bfloat16
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.training.max_steps = 3
+
+
+def test_every_rule_is_checked_without_building_an_optimizer(monkeypatch):
+    def no(*args, **kwargs):
+        raise AssertionError("validate built an optimizer")
+    monkeypatch.setattr(pace.PACE, "__init__", no)
+    schema.validate(compose(["optimizer=pace"]))
+    with pytest.raises(PaceLMError, match="invalid eps"):
+        schema.validate(compose(["optimizer.eps=-1"]))
+
+
+def test_a_run_builds_its_optimizer_once(offline_data, tmp_path, monkeypatch):
+    built = []
+    real = pace.PACE.__init__
+
+    def counted(self, *args, **kwargs):
+        built.append(kwargs["lambda_pullback"])
+        real(self, *args, **kwargs)
+    monkeypatch.setattr(pace.PACE, "__init__", counted)
+    train(compose([f"dataset.path={offline_data}", f"training.out_dir={tmp_path}", "training.max_steps=2",
+                   "training.batch_size=4", "training.micro_batch_size=4", "training.eval_batches=1",
+                   "training.progress=false", "training.save_model=false", "training.device=cpu", "run_name=r",
+                   "optimizer.lambda_pullback=0.2"]))
+    assert built == [0.2]
