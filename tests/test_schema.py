@@ -20,6 +20,7 @@ from pace_lm.train import train
     ("+dataset.foo=1", "dataset.foo"),
     ("+schedule.decay=1", "schedule.decay"),
     ("+averaging.lawa.window=3", "averaging.lawa.window"),
+    ("+averaging.swa.k=3", "averaging.swa.k"),
     ("+training.checkpoint.every=3", "training.checkpoint.every"),
     ("+logging.wandb_key=x", "logging.wandb_key"),
 ])

@@ -53,18 +53,22 @@ class Training:
 
 
 @dataclass(frozen=True)
-class Averager:
-    enabled: bool
+class AveragerSettings:        # SWA's, and what LAWA's add to
+    enabled: bool              # (always on when the method returns it)
     every: int
     start: int
-    device: Optional[str]
-    k: Optional[int] = None    # LAWA's window
+    device: Optional[str]      # null (the parameters' device) or cpu
 
 
 @dataclass(frozen=True)
-class Averaging:
-    lawa: Averager
-    swa: Averager
+class LAWASettings(AveragerSettings):
+    k: int                     # the window: the k latest snapshots
+
+
+@dataclass(frozen=True)
+class Averaging:               # one field per averager of averaging.AVERAGERS
+    lawa: LAWASettings
+    swa: AveragerSettings
 
 
 @dataclass(frozen=True)
@@ -241,7 +245,7 @@ def _check_training(tc, ranks):
 
 def enabled_averagers(averaging, returns):
     """The averagers a run keeps: those enabled, and the one it returns (optimizer=lawa or swa)."""
-    return [name for name in ("lawa", "swa") if getattr(averaging, name).enabled or returns == name]
+    return [f.name for f in dataclasses.fields(averaging) if getattr(averaging, f.name).enabled or returns == f.name]
 
 
 def _check_averaging(averaging, returns, max_steps):
@@ -251,7 +255,7 @@ def _check_averaging(averaging, returns, max_steps):
         a = getattr(averaging, name)
         for key in ("k", "every", "start") if name == "lawa" else ("every", "start"):
             value, least = getattr(a, key), 0 if key == "start" else 1
-            if not isinstance(value, int) or value < least:
+            if value < least:
                 raise PaceLMError(f"averaging.{name}.{key}={value!r} must be an integer >= {least}")
         if a.device not in (None, "cpu"):
             raise PaceLMError(f"averaging.{name}.device={a.device!r} must be null (the parameters') or cpu")
