@@ -156,12 +156,11 @@ def validate(cfg, ranks=None):
     will have (default: torchrun's WORLD_SIZE, else 1)."""
     raw = _plain(cfg)
     raw.pop("hydra", None)
-    optimizer = validate_optimizer(raw.get("optimizer"))
-    spec = _build(Config, dict(raw, optimizer=dict(name=optimizer.name, args={})), "")
-    spec = dataclasses.replace(spec, optimizer=optimizer)
-    _check_model(spec.model)
+    # the two sections with rules of their own first; _build takes them as the typed objects they are then
+    raw.update(optimizer=validate_optimizer(raw.get("optimizer")), model=validate_model(raw.get("model", {})))
+    spec = _build(Config, raw, "")
     _check_training(spec.training, int(os.environ.get("WORLD_SIZE", "1")) if ranks is None else ranks)
-    _check_averaging(spec.averaging, optimizer.method.returns, spec.training.max_steps)
+    _check_averaging(spec.averaging, spec.optimizer.method.returns, spec.training.max_steps)
     _check_schedule(spec.schedule)
     if not 0 < spec.dataset.subset_ratio <= 1:
         raise PaceLMError(f"dataset.subset_ratio={spec.dataset.subset_ratio} must be in (0, 1]")
@@ -298,13 +297,8 @@ def _check_schedule(s):
 
 def validate_model(cfg):
     """The `model` group (a mapping) as a `Model`."""
-    m = _build(Model, _plain(cfg), "model.")
-    _check_model(m)
-    return m
-
-
-def _check_model(m):
     from pace_lm.models import ARCHS, DTYPES
+    m = _build(Model, _plain(cfg), "model.")
     _choice("model.source", m.source, ("scratch", "pretrained"))
     _choice("model.dtype", m.dtype, DTYPES)
     if m.source == "scratch":
@@ -313,6 +307,7 @@ def _check_model(m):
         raise PaceLMError(f"model {m.name!r}: model.pretrained (a hub id or a folder) is not set")
     if m.pad_vocab_to_multiple_of < 1:
         raise PaceLMError(f"model.pad_vocab_to_multiple_of={m.pad_vocab_to_multiple_of} must be a positive integer")
+    return m
 
 
 def check_seq_len(max_seq_len, data_len):
@@ -392,7 +387,7 @@ def _build(cls, raw, prefix):
 
 def _typed(value, hint, key):
     if dataclasses.is_dataclass(hint):
-        return _build(hint, value, f"{key}.")
+        return value if isinstance(value, hint) else _build(hint, value, f"{key}.")
     if _accepts(value, hint):
         return value
     raise PaceLMError(f"{key}={value!r} must be {_describe(hint)}")
