@@ -14,6 +14,14 @@ Layouts (nothing downloaded; shapes only):
    machine slows them alike; the lr changes every round); ratio to torch AdamW(fused=True). Floor for PACE:
    9/7 = 1.29x (AdamW reads p, g, m, v and writes p, m, v; PACE adds the EMA's read and write).
 4. Pauses: step time minus the steady median, for each event of a user's loop.
+
+    python benchmarks/optimizer_step.py --host-time [--layouts ...]
+
+The host side of the fused CUDA step, measured on any machine: PACE(impl="triton") on as many CPU tensors
+as the layout has (one element each: the host work depends on the count, not the sizes) with the kernel
+launch replaced by nothing, so that what is timed is the Python work of a step: validation, the step counts, reading the grads'
+addresses, the hyperparameters, the tables. Two loops: new grad tensors at every step (what
+zero_grad(set_to_none=True) gives) and the same grads. Median over interleaved rounds.
 """
 
 import argparse
@@ -79,10 +87,14 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def timed(device, fn):
+def timed(device, fn, host=None):
+    """Seconds from an idle device to fn's work done; host (a list), if given, gets the seconds until fn
+    returned (its host side: the device runs the work asynchronously)."""
     sync(device)
     t0 = time.perf_counter()
     fn()
+    if host is not None:
+        host.append(time.perf_counter() - t0)
     sync(device)
     return time.perf_counter() - t0
 
@@ -125,16 +137,20 @@ def steady(params, device, args):
     if args.forloop:
         methods["PACE forloop"] = PACE(params, impl="forloop", **PACE_KW)
     times = {k: [] for k in methods}
+    hosts = {k: [] for k in methods}
     for r in range(args.warmup + args.steps):
         for name, opt in methods.items():
             for group in opt.param_groups:
                 group["lr"] = lr * (1 + 0.5 * (r % 4))  # a new lr every step
-            t = timed(device, opt.step)
+            host = []
+            t = timed(device, opt.step, host)
             if r >= args.warmup:
                 times[name].append(t)
+                hosts[name].append(host[0])
     med = {k: statistics.median(v) for k, v in times.items()}
     base = med["AdamW fused (torch)"]
-    return {k: dict(median_ms=v * 1e3, ratio=v / base) for k, v in med.items()}
+    return {k: dict(median_ms=v * 1e3, ratio=v / base, host_ms=statistics.median(hosts[k]) * 1e3)
+            for k, v in med.items()}
 
 
 def pauses(params, device, steady_s, adamw_s):
@@ -178,6 +194,41 @@ def pauses(params, device, steady_s, adamw_s):
     return events
 
 
+class _NoLaunch:
+    """Stands for the compiled kernel: kernel[grid](...) does nothing."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+def host_time(names, rounds=30, per_round=20):
+    """{layout: {"new grads": ms, "same grads": ms}}: the fused CUDA step's host work per step."""
+    from pace import triton_kernel
+
+    types = dict.fromkeys(triton_kernel.DTYPES)
+    real, triton_kernel._kernels = triton_kernel._kernels, lambda: (_NoLaunch(), _NoLaunch(), types)
+    try:
+        out = {}
+        for name in names:
+            params = [torch.nn.Parameter(torch.zeros(1)) for _ in layout(name)]
+            opt = PACE(params, impl="triton", **PACE_KW)
+            times = {"new grads": [], "same grads": []}
+            for r in range(rounds):
+                for kind, ts in times.items():
+                    for _ in range(per_round):
+                        if kind == "new grads":
+                            for p in params:
+                                p.grad = torch.zeros_like(p)
+                        t0 = time.perf_counter()
+                        opt.step()
+                        if r > 2:
+                            ts.append(time.perf_counter() - t0)
+            out[name] = dict(tensors=len(params), **{k: statistics.median(v) * 1e3 for k, v in times.items()})
+        return out
+    finally:
+        triton_kernel._kernels = real
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -188,10 +239,23 @@ def main():
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--forloop", action="store_true", help="also time impl='forloop' (slow)")
     ap.add_argument("--json", help="also write the figures to this file")
+    ap.add_argument("--host-time", action="store_true", help="time only the host side of the fused CUDA step")
     ap.add_argument("--first-step", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.first_step:
         return first_step(args)
+    if args.host_time:
+        names = (args.layouts or "gpt113,smollm2_135m,smollm2_1.7b").split(",")
+        table = host_time(names)
+        print(f"host side of PACE's fused CUDA step (kernel launch replaced by nothing), torch={torch.__version__}, "
+              f"{os.cpu_count()} CPUs")
+        print(f"{'layout':14s} {'tensors':>8s} {'new grads ms':>13s} {'same grads ms':>14s}")
+        for name, row in table.items():
+            print(f"{name:14s} {row['tensors']:8d} {row['new grads']:13.3f} {row['same grads']:14.3f}")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(dict(torch=torch.__version__, host_time=table), f, indent=1)
+        return
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     names = (args.layouts or ("gpt113,smollm2_135m" + (",smollm2_1.7b" if device.type == "cuda" else ""))).split(",")
     print(f"device={device} ({torch.cuda.get_device_name() if device.type == 'cuda' else os.cpu_count()} "
@@ -208,9 +272,9 @@ def main():
               f"cache filled (warm): {first['warm']['first']:.2f} s; second step: {first['warm']['second']:.3f} s")
         params = build_params(shapes, device, dtype)
         table = steady(params, device, args)
-        print(f"{'method':34s} {'median ms':>10s} {'x fused AdamW':>14s}")
+        print(f"{'method':34s} {'median ms':>10s} {'x fused AdamW':>14s} {'host ms':>8s}")
         for method, row in table.items():
-            print(f"{method:34s} {row['median_ms']:10.2f} {row['ratio']:14.2f}")
+            print(f"{method:34s} {row['median_ms']:10.2f} {row['ratio']:14.2f} {row['host_ms']:8.2f}")
         steady_s = table["PACE fused (default)"]["median_ms"] / 1e3
         events = pauses(params, device, steady_s, table["AdamW fused (torch)"]["median_ms"] / 1e3)
         print(f"pauses (step time minus the steady {steady_s * 1e3:.1f} ms):")

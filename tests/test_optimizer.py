@@ -817,3 +817,76 @@ def test_step_inside_torch_compile_runs_eagerly_with_one_warning(monkeypatch):
     for p, q in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(p, q)
         torch.testing.assert_close(opt.state[p]["ema"], opt_twin.state[q]["ema"])
+
+
+def test_the_hyperparameter_layout_is_one_in_python_c_and_triton():
+    """pace.hyper.Layout is the only definition of the slots: the C kernel's enum names every slot at the
+    same position, and the Triton kernel reads every slot by its name, once."""
+    import re
+    from importlib.resources import files
+
+    from pace.hyper import HP, SIZE
+
+    c_source = files("pace").joinpath("csrc/pace_step.c").read_text()
+    enum = dict(re.findall(r"\bHP_([A-Z0-9_]+) = (\d+)", c_source))
+    assert {k.lower(): int(v) for k, v in enum.items()} == dict(HP._asdict(), size=SIZE)
+    triton_source = files("pace").joinpath("triton_source.py").read_text()
+    constants = dict(re.findall(r"^([A-Z0-9_]+) = tl\.constexpr\(HP\.(\w+)\)", triton_source, re.M))
+    assert sorted(constants.values()) == sorted(HP._fields)
+    reads = re.findall(r"tl\.load\(hp \+ ([A-Z0-9_]+)\)", triton_source)
+    assert sorted(constants[name] for name in reads) == sorted(HP._fields)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("lr", [0.03, "tensor"])
+def test_capturable_steps_give_the_same_bits(impl, lr):
+    """capturable=True (step count on the device, hyperparameters computed there) changes where the
+    numbers are computed, not the numbers: the same weights, moments and EMA as the default step. (foreach
+    steps capturable groups per tensor: its constants would be host floats; so its twin is forloop.)"""
+    out = []
+    for capturable in (False, True):
+        params = make_params()
+        rate = torch.tensor(0.03) if lr == "tensor" else lr
+        opt = PACE(params, lr=rate, lambda_pullback=0.5, ema_kappa=0.3, ema_rho=2.0, use_ema_eval=True,
+                   weight_decay=0.1, impl="forloop" if impl == "foreach" and not capturable else impl,
+                   capturable=capturable)
+        for t in range(6):
+            set_grads(params, t)
+            opt.step()
+        out.append([(p, opt.state[p]["exp_avg"], opt.state[p]["exp_avg_sq"], opt.state[p]["ema"]) for p in params])
+        if capturable:
+            steps = [opt.state[p]["step"] for p in params]
+            assert all(isinstance(s, torch.Tensor) and s.dtype == torch.float32 and s.item() == 6 for s in steps)
+    for row, other in zip(*out):
+        for x, y in zip(row, other):
+            assert torch.equal(x.detach(), y.detach())
+
+
+def test_capturable_step_counts_follow_the_group():
+    """Tensor step counts in a capturable group, ints otherwise, whichever form a loaded state_dict had or
+    the flag is switched to: converted when loaded, and at the next step after a switch."""
+    params = make_params()
+    opt = PACE(params, lr=0.01, lambda_pullback=0.5, use_ema_eval=True, capturable=True)
+    for t in range(3):
+        set_grads(params, t)
+        opt.step()
+    twin = PACE(params, lr=0.01, lambda_pullback=0.5, use_ema_eval=True, capturable=True)
+    twin.load_state_dict(opt.state_dict())
+    assert all(isinstance(twin.state[p]["step"], torch.Tensor) and twin.state[p]["step"].item() == 3 for p in params)
+    set_grads(params, 3)
+    twin.step()  # a plan built
+    twin.param_groups[0]["capturable"] = False
+    twin.step()
+    assert all(twin.state[p]["step"] == 5 and isinstance(twin.state[p]["step"], int) for p in params)
+    again = PACE(params, lr=0.01, lambda_pullback=0.5, use_ema_eval=True)
+    again.load_state_dict(twin.state_dict())
+    again.param_groups[0]["capturable"] = True
+    again.step()
+    assert all(isinstance(again.state[p]["step"], torch.Tensor) and again.state[p]["step"].item() == 6 for p in params)
+
+
+def test_capturable_needs_an_ema_updated_every_step():
+    with pytest.raises(ValueError, match="ema_update_freq.*capturable"):
+        PACE(make_params(), capturable=True, ema_update_freq=2)
+    with pytest.raises(ValueError, match="capturable"):
+        PACE(make_params(), capturable="yes")

@@ -10,7 +10,7 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from pace import PACE, triton_kernel  # noqa: E402
+from pace import PACE, PACEReference, triton_kernel  # noqa: E402
 from test_optimizer import SETTINGS, make_params, run_bf16_rule, run_side_by_side, set_grads  # noqa: E402
 
 # Triton's own library functions are built as it is imported, so the interpreter must be chosen before
@@ -77,6 +77,86 @@ def test_tables_are_cached_and_a_tensor_lr_never_syncs(monkeypatch):
                 m.setattr(torch.Tensor, name, forbidden)
             opt.step()
     assert len(opt._launcher._tables) == 1  # the same addresses: the same device tables
+    for t in range(3, 5):  # new grad tensors (zero_grad(set_to_none=True)): the tables stay, their grads follow
+        set_grads(params, t)
+        opt.step()
+        tables = next(iter(opt._launcher._tables.values()))
+        assert tables.grads.tolist() == [p.grad.data_ptr() for p in params if p.numel()]
+    assert len(opt._launcher._tables) == 1
     params[0].grad = None  # a frozen tensor: a new table, nothing compiled
     opt.step()
     assert len(opt._launcher._tables) == 2
+
+
+def test_interior_tail_and_misaligned_chunks_match_the_reference():
+    """Whole chunks (the unmasked 128-bit path), a tensor's last partial chunk (the masked path) and views
+    that start 4 bytes into their storage (misaligned: every chunk masked) against the float64 reference."""
+    chunk = triton_kernel.CHUNK
+    shapes = [(chunk,), (2 * chunk + 7,), (3, chunk // 3 + 1), (5,)]
+    kw = dict(lr=0.05, lambda_pullback=3.0, beta_ema=0.2, use_ema_eval=True, weight_decay=0.1)
+    gen = torch.Generator().manual_seed(0)
+    init = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+    flat = torch.empty(sum(x.numel() + 8 for x in init), dtype=torch.float32)
+    views, at = [], 1
+    for x in init:
+        views.append(flat[at:at + x.numel()].view(x.shape))
+        views[-1].copy_(x)
+        at += -(-x.numel() // 4) * 4 + 4  # the next view starts 4 bytes after a 16-byte boundary too
+    params = [torch.nn.Parameter(x.float()) for x in init] + [torch.nn.Parameter(v) for v in views]
+    assert all(p.data_ptr() % 16 == 4 for p in params[len(init):])
+    ref = [torch.nn.Parameter(x.clone()) for x in init + init]
+    opt, ref_opt = PACE(params, impl="triton", **kw), PACEReference(ref, **kw)
+    for t in range(4):
+        set_grads(params, t)
+        set_grads(ref, t)
+        opt.step()
+        ref_opt.step()
+        for p, r in zip(params, ref):
+            torch.testing.assert_close(p.detach().double(), r.detach(), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(opt.state[p]["ema"].double(), ref_opt.ema(r), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_triton_and_c_kernels_give_the_same_bits(dtype):
+    """No FMA contraction, IEEE sqrt and division, one bf16 rounding: the CUDA kernel's arithmetic is the
+    C kernel's, operation for operation, so the two agree to the bit (weights, moments, EMA)."""
+    from pace import cpu_kernel
+
+    if cpu_kernel.load(cpu_kernel.KERNELS[(dtype, torch.float32)]) is None:
+        pytest.skip("no C compiler")
+    shapes = BIG + [(triton_kernel.CHUNK + 3,)]
+    out = {}
+    for impl in ("triton", "fused"):
+        params = make_params(dtype, shapes=shapes)
+        opt = PACE(params, lambda_pullback=2.0, ema_kappa=0.4, use_ema_eval=True, weight_decay=0.1, impl=impl)
+        for t in range(5):
+            for group in opt.param_groups:
+                group["lr"] = 0.01 * (1 + t % 3)
+            set_grads(params, t)
+            opt.step()
+        out[impl] = [(p, *(opt.state[p][k] for k in ("exp_avg", "exp_avg_sq", "ema"))) for p in params if p.numel()]
+    for row, other in zip(out["triton"], out["fused"]):
+        for x, y in zip(row, other):
+            assert torch.equal(x.detach(), y.detach())
+
+
+def test_capturable_triton_steps_give_the_same_bits():
+    """The Triton path with the hyperparameters computed on the device from a device step count."""
+    out = []
+    for capturable in (False, True):
+        params = make_params(shapes=BIG)
+        opt = PACE(params, lr=torch.tensor(0.02), lambda_pullback=1.0, ema_kappa=0.3, use_ema_eval=True,
+                   impl="triton", capturable=capturable)
+        for t in range(4):
+            set_grads(params, t)
+            opt.step()
+        out.append([x for p in params for x in (p.detach(), opt.state[p]["ema"], opt.state[p]["exp_avg_sq"])])
+    assert all(torch.equal(x, y) for x, y in zip(*out))
+
+
+def test_captured_address_writer():
+    """What a captured step uses to point the kernel at new grads: the addresses as kernel arguments."""
+    dst = torch.zeros(37, dtype=torch.int64)
+    values = [(1 << 40) + 16 * i for i in range(37)]
+    triton_kernel._write_captured(values, dst)
+    assert dst.tolist() == values

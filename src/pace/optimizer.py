@@ -9,8 +9,8 @@ from __future__ import annotations
 import contextlib
 import inspect
 import numbers
+import operator
 import warnings
-from collections import defaultdict
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -20,6 +20,7 @@ from torch.optim import Optimizer
 from torch.optim.optimizer import ParamsT
 
 from pace import cpu_kernel, triton_kernel
+from pace.hyper import HP, SIZE as HP_SIZE
 
 try:
     from torch.distributed.tensor import DTensor
@@ -44,13 +45,14 @@ def _pace_update(p, g, m, v, ema, hp, pull: bool, update_ema: bool, stats: bool)
     """One PACE step of one tensor, in place, in torch ops: the forloop path, the path traced inside a user's
     torch.compile, and the definition the kernels (csrc/pace_step.c, triton_kernel.py) follow op for op.
 
-    hp: (10,) hyperparameters in the compute dtype (float64 for float64 weights, else float32):
-        [1 - lr*wd, lr/bc1, 1/sqrt(bc2), eps, 1 - beta1, beta2, 1 - beta2, lr*c*decay_t, decay_t, lambda_max]
-        (lambda_max: 1 when clamp_pullback, else inf)
+    hp: the hyperparameter vector (pace.hyper.Layout) in the compute dtype (float64 for float64 weights,
+        else float32): 1 - lr*wd, lr/bc1, 1/sqrt(bc2), eps, 1 - beta1, beta2, 1 - beta2, lr*c*decay_t, decay_t,
+        lambda_max (1 when clamp_pullback, else inf)
     The 16-bit rule: arithmetic in float32, m and v stored in the weights' dtype, the EMA (float32 by
     default) averages the weights as stored, i.e. theta_{t+1} rounded to the weights' dtype.
     Returns (6,) partial sums for get_step_stats() when stats, else None.
     """
+    # the slots of pace.hyper.Layout, in its order
     keep, step_size, inv_bc2_sqrt, eps, one_minus_beta1, beta2, one_minus_beta2, lam_scale, decay, lam_max = hp.unbind(0)
     theta = p.to(hp.dtype)  # theta_t, the weights before this step
     grad = g.to(hp.dtype)
@@ -137,9 +139,11 @@ def _check_group(group):
     ema_dtype = group["ema_dtype"]
     if ema_dtype is not None and not (isinstance(ema_dtype, torch.dtype) and ema_dtype.is_floating_point):
         bad("ema_dtype", "must be None or a floating torch.dtype")
-    for name in ("clamp_pullback", "use_ema_eval", "log_stats"):
+    for name in ("clamp_pullback", "use_ema_eval", "log_stats", "capturable"):
         if not isinstance(group[name], bool):
             bad(name, "must be True or False")
+    if group["capturable"] and freq != 1:
+        bad("ema_update_freq", "must be 1 with capturable=True (which steps update the EMA is decided on the host)")
 
 
 class PACE(Optimizer):
@@ -183,6 +187,11 @@ class PACE(Optimizer):
             Inside a user's torch.compile the step runs eagerly (one graph break, one warning).
         ema_dtype (torch.dtype or None): EMA dtype; None means float32 for 16-bit parameters
             (bf16 rounding would stall an EMA whose updates are decay*delta) and the parameter's dtype otherwise.
+        capturable (bool): the step can be captured in a CUDA graph and replayed (default False). As in
+            torch.optim: the step count is a device tensor, the bias corrections and decay_t are computed on
+            the device, and nothing is copied from the host; a tensor lr can change between replays. Capture
+            a step after at least one eager step with the same parameters with grads (its first step reads
+            the step counts back once, to bucket the parameters). Needs ema_update_freq=1.
 
     Modes: the optimizer starts in train mode. eval() copies the EMA into the parameters of groups with
     use_ema_eval and keeps the training weights in state["train_weights"]; train() puts them back. A
@@ -195,12 +204,13 @@ class PACE(Optimizer):
                  clamp_pullback: bool = True, beta_ema: float = 0.01, use_ema_eval: bool = False,
                  ema_kappa: float | None = None, ema_rho: float = 0.0, ema_gamma: float = 1.0,
                  ema_update_freq: int = 1, log_stats: bool = False, impl: str | None = None,
-                 ema_dtype: torch.dtype | None = None) -> None:
+                 ema_dtype: torch.dtype | None = None, capturable: bool = False) -> None:
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         lambda_pullback=lambda_pullback, clamp_pullback=clamp_pullback,
                         beta_ema=beta_ema, use_ema_eval=use_ema_eval, ema_kappa=ema_kappa,
                         ema_rho=ema_rho, ema_gamma=ema_gamma, ema_update_freq=ema_update_freq,
-                        log_stats=log_stats, impl=impl, ema_dtype=ema_dtype, train_mode=True)
+                        log_stats=log_stats, impl=impl, ema_dtype=ema_dtype, capturable=capturable,
+                        train_mode=True)
         _check_group(defaults)
         self._init_caches()
         super().__init__(params, defaults)
@@ -222,6 +232,7 @@ class PACE(Optimizer):
         self._stats = None
         self._launcher = None  # triton_kernel.Launcher: device tables of the parameter sets seen
         self._scratch = {}  # (device, dtype) -> flat temporaries of the foreach path
+        self._plans = {}  # id(group) -> _Plan: what the group's last step read, reused while it holds
 
     def add_param_group(self, param_group):
         super().add_param_group(param_group)
@@ -231,16 +242,16 @@ class PACE(Optimizer):
 
     def __setstate__(self, state):
         """Also what load_state_dict() ends with: a group saved by torch.optim.AdamW or an earlier PACE gets
-        every missing key from this optimizer's defaults, and a tensor step count (AdamW's) becomes an int."""
+        every missing key from this optimizer's defaults, and the step count takes the group's form: an int,
+        or a float32 tensor on the parameter's device with capturable=True."""
         super().__setstate__(state)
         self._init_caches()
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
             group.setdefault("train_mode", True)
-        for st in self.state.values():
-            if isinstance(st.get("step"), Tensor):
-                st["step"] = int(st["step"].item())
+            for p in group["params"]:
+                _step_form(self.state.get(p), p, group["capturable"])
 
     @property
     def training(self) -> bool:
@@ -267,6 +278,8 @@ class PACE(Optimizer):
                                "Call optimizer.train() before stepping.")
         for group in self.param_groups:
             _check_group(group)
+            if not group["capturable"] and _capturing():
+                raise RuntimeError("PACE: step() inside CUDA graph capture needs PACE(..., capturable=True)")
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -282,68 +295,110 @@ class PACE(Optimizer):
         """Update every parameter of the group that has a grad; return the number of pulled coordinates."""
         pull = group["lambda_pullback"] > 0
         needs_ema = pull or group["use_ema_eval"]
-        buckets = defaultdict(list)  # (device, dtype, t): parameters stepped together
-        for p in group["params"]:
-            if p.grad is None:
+        params = group["params"]
+        grads = [p.grad for p in params]
+        has_grad = [g is not None for g in grads]
+        plan = self._plans.get(id(group))
+        if plan is not None and plan.fits(group, params, has_grad, needs_ema, self.state):
+            plan.advance()
+        else:
+            plan = self._plans[id(group)] = self._plan(group, params, grads, has_grad, needs_ema)
+        stats = group["log_stats"]
+        for bucket in plan.buckets:
+            update_ema = needs_ema and bucket.t % group["ema_update_freq"] == 0
+            if group["capturable"]:
+                hp, consts = _hyper_on_device(group, bucket.step, bucket.dtype), None
+            else:
+                hp, consts = self._hyper(group, bucket.t, bucket.device, bucket.dtype)
+            flags = (pull, update_ema, stats)
+            bucket_grads = grads if bucket.index is None else [grads[i] for i in bucket.index]
+            out = self._run(bucket, bucket_grads, hp, consts, group["clamp_pullback"], flags)
+            if stats:
+                partials.extend(x.reshape(-1, 6) for x in out)
+        return plan.numel if pull and stats else 0
+
+    def _plan(self, group, params, grads, has_grad, needs_ema):
+        """Create the state of parameters stepped for the first time, advance every step count, and sort
+        the parameters with grads into buckets (device, dtype, step count), each with the path that steps it."""
+        impl = LEGACY_IMPLS.get(group["impl"], group["impl"])
+        capturable = group["capturable"]
+        if capturable and _capturing():
+            raise RuntimeError("PACE: the parameters with grads changed inside CUDA graph capture; capture a step "
+                               "only after an eager step with the same parameters with grads")
+        stepped = []
+        for i, (p, g) in enumerate(zip(params, grads)):
+            if g is None:
                 continue
-            if p.grad.is_sparse:
+            if g.is_sparse:
                 raise RuntimeError("PACE does not support sparse gradients")
             state = self.state[p]
+            _step_form(state, p, capturable)  # the flag may have been switched since the count was made
             if not state:
-                state["step"] = 0
+                state["step"] = _step_tensor(0, p.device) if capturable else 0
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             if needs_ema and "ema" not in state:
                 state["ema"] = p.detach().to(self._ema_dtype(group, p), copy=True)  # ema_0
-            state["step"] += 1
+            stepped.append((i, p, state))
+        states = [state for _, _, state in stepped]
+        if capturable:
+            torch._foreach_add_([st["step"] for st in states], 1)
+            counts = _read_counts([st["step"] for st in states])  # the one sync: a plan is built eagerly
+        else:
+            for st in states:
+                st["step"] += 1
+            counts = [st["step"] for st in states]
+        buckets = {}
+        for (i, p, state), t in zip(stepped, counts):
             if p.numel() > 0:
-                buckets[(p.device, p.dtype, state["step"])].append(p)
+                key = (p.device, p.dtype, t)
+                if key not in buckets:
+                    buckets[key] = _Bucket(*key)
+                buckets[key].add(i, p, state)
+        for bucket in buckets.values():
+            bucket.path = self._path(impl, bucket, capturable)
+            if bucket.index == list(range(len(params))):
+                bucket.index = None  # every parameter of the group: its grads are the group's, in order
+        return _Plan(group, params, has_grad, needs_ema, self.state, states, list(buckets.values()))
 
-        stats = group["log_stats"]
-        pulled = 0
-        impl = group["impl"]
-        impl = LEGACY_IMPLS.get(impl, impl)
-        for (device, dtype, t), params in buckets.items():
-            update_ema = needs_ema and t % group["ema_update_freq"] == 0
-            hp, consts = self._hyper(group, t, device, dtype)
-            states = [self.state[p] for p in params]
-            tensors = [[_local(x.detach()) for x in (p, p.grad, s["exp_avg"], s["exp_avg_sq"])]
-                       + [_local(s["ema"].detach()) if "ema" in s else None]  # None without an EMA (never read)
-                       for p, s in zip(params, states)]
-            ema_dtype = tensors[0][4].dtype if tensors[0][4] is not None else None
-            flags = (pull, update_ema, stats)
-            out = self._run(impl, device, tensors, ema_dtype, hp, consts, group["clamp_pullback"], flags)
-            if stats:
-                partials.extend(x.reshape(-1, 6) for x in out)
-                pulled += sum(x[0].numel() for x in tensors) if pull else 0
-        return pulled
-
-    def _run(self, impl, device, tensors, ema_dtype, hp, consts, clamp, flags):
-        """Step one bucket with `impl` (None: the fused kernel where it can); a list of (k, 6) partials when
-        stats, else anything."""
+    def _path(self, impl, bucket, capturable):
+        """Which implementation steps this bucket: ("cpu", kernel name), ("triton", tables), ("forloop",) or
+        ("foreach",); a fused request that cannot run warns once and falls back to foreach."""
+        rows, device, ema_dtype = bucket.rows, bucket.device, bucket.ema_dtype
         if impl in (None, "fused") and device.type == "cpu":
-            name = cpu_kernel.supports(tensors, ema_dtype)
+            name = cpu_kernel.supports(rows, ema_dtype)
             if name is None:
-                _warn_once(("cpu", tensors[0][0].dtype), "PACE: the CPU kernel takes contiguous float32, "
+                _warn_once(("cpu", bucket.dtype), "PACE: the CPU kernel takes contiguous float32, "
                            "float64 and bfloat16 tensors; stepping the others with the foreach implementation")
             elif cpu_kernel.load(name) is None:
                 _warn_once("cpu", f"PACE: the CPU kernel could not be built ({cpu_kernel.error(name)}); "
                            "using the foreach implementation")
             else:
-                return [cpu_kernel.step(name, tensors, hp, *flags)]
+                return ("cpu", name)
         elif impl == "triton" or (impl in (None, "fused") and device.type == "cuda"):
             if not triton_kernel.available():
                 _warn_once("triton", "PACE: Triton is not installed; using the foreach implementation")
-            elif triton_kernel.supports(tensors, ema_dtype):
+            elif triton_kernel.supports(rows, ema_dtype):
                 if self._launcher is None:
                     self._launcher = triton_kernel.Launcher()
-                return [self._launcher.step(tensors, hp, *flags)]
+                return ("triton", self._launcher.tables(rows, device, capturable))
             else:
-                _warn_once(("triton", tensors[0][0].dtype), "PACE: the Triton kernel takes contiguous float "
+                _warn_once(("triton", bucket.dtype), "PACE: the Triton kernel takes contiguous float "
                            "tensors; stepping the others with the foreach implementation")
-        if impl == "forloop":
-            return [_pace_update(*x, hp, *flags) for x in tensors]
-        return _foreach_update(tensors, hp, consts, clamp, *flags, scratch=self._scratch)
+        return ("forloop",) if impl == "forloop" else ("foreach",)
+
+    def _run(self, bucket, grads, hp, consts, clamp, flags):
+        """Step one bucket with its grads; a list of (k, 6) partials when stats, else anything."""
+        kind = bucket.path[0]
+        if kind == "triton":
+            ptrs = [g.data_ptr() for g in grads] if bucket.plain else [_local(g).data_ptr() for g in grads]
+            return [self._launcher.step(bucket.path[1], ptrs, (bucket.dtype, bucket.ema_dtype), hp, flags)]
+        rows = [[p, _local(g), m, v, ema] for (p, _, m, v, ema), g in zip(bucket.rows, grads)]
+        if kind == "cpu":
+            return [cpu_kernel.step(bucket.path[1], rows, hp, *flags)]
+        if kind == "forloop" or consts is None:  # capturable: foreach's constants would be host floats
+            return [_pace_update(*x, hp, *flags) for x in rows]
+        return _foreach_update(rows, hp, consts, clamp, *flags, scratch=self._scratch)
 
     @staticmethod
     def _ema_dtype(group, p):
@@ -353,25 +408,34 @@ class PACE(Optimizer):
 
     @staticmethod
     def _hyper(group, t, device, dtype):
-        """(hp, consts): the (10,) hyperparameter tensor of _pace_update for step t on device (no host sync),
-        and the same step's Python-float constants for _foreach_update."""
+        """(hp, consts): the hyperparameter vector (pace.hyper) of _pace_update for step t on device, in the
+        compute dtype, with no host sync; and the same step's Python-float constants for _foreach_update."""
         beta1, beta2 = group["betas"]
         bc1, bc2 = 1 - beta1 ** t, 1 - beta2 ** t
         decay = ema_decay(t, group["beta_ema"], group["ema_kappa"], group["ema_rho"], group["ema_gamma"])
         lr = group["lr"]
         lam_max = 1.0 if group["clamp_pullback"] else float("inf")
-        # hp = base + lr * scale, made on the host and copied without blocking; with a tensor lr the
-        # product runs where lr lives, so that its value never comes back to the host
-        base = torch.tensor([1.0, 0.0, bc2 ** -0.5, group["eps"], 1 - beta1, beta2, 1 - beta2, 0.0, decay, lam_max],
-                            dtype=torch.float64)
-        scale = torch.tensor([-group["weight_decay"], 1 / bc1, 0, 0, 0, 0, 0, group["lambda_pullback"] * decay, 0, 0],
-                             dtype=torch.float64)
-        if isinstance(lr, Tensor):
-            base, scale = (x.to(lr.device, non_blocking=True) for x in (base, scale))
-        hp = base + lr * scale  # (10,) float64; a Python lr multiplies exactly as in double arithmetic
+        # hp = base + lr * scale in float64; a Python lr is multiplied here, exactly as in double arithmetic;
+        # a tensor lr where it lives, so that its value never comes back to the host
+        base = [0.0] * HP_SIZE
+        scale = [0.0] * HP_SIZE
+        base[HP.keep], scale[HP.keep] = 1.0, -group["weight_decay"]
+        scale[HP.step_size] = 1 / bc1
+        base[HP.inv_bc2_sqrt] = bc2 ** -0.5
+        base[HP.eps] = group["eps"]
+        base[HP.one_minus_beta1], base[HP.beta2], base[HP.one_minus_beta2] = 1 - beta1, beta2, 1 - beta2
+        scale[HP.lam_scale] = group["lambda_pullback"] * decay
+        base[HP.decay] = decay
+        base[HP.lam_max] = lam_max
         compute = torch.float64 if dtype in (torch.float64, torch.complex128) else torch.float32
         consts = (beta1, beta2, bc2 ** 0.5, group["eps"], decay)  # the foreach path's Python scalars
-        return hp.to(device=device, dtype=compute, non_blocking=True), consts
+        if isinstance(lr, Tensor):
+            both = _to_device(torch.tensor([base, scale], dtype=torch.float64), lr.device)
+            hp = (both[0] + lr * both[1]).to(device=device, dtype=compute, non_blocking=True)
+        else:
+            hp = _to_device(torch.tensor([b + lr * s for b, s in zip(base, scale)], dtype=torch.float64).to(compute),
+                            device)
+        return hp, consts
 
     # ---- telemetry ---------------------------------------------------------------
 
@@ -480,6 +544,139 @@ class PACE(Optimizer):
                 hook.remove()
 
 
+def _capturing():
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def _step_tensor(count, device):
+    """A capturable step count: float32 on the parameter's device, as torch.optim keeps it."""
+    return torch.tensor(float(count), dtype=torch.float32, device=device)
+
+
+def _step_form(state, p, capturable):
+    """Give the step count in `state` the group's form: a device tensor when capturable, else an int."""
+    if not state or "step" not in state:
+        return
+    if capturable and not isinstance(state["step"], Tensor):
+        state["step"] = _step_tensor(state["step"], p.device)
+    elif not capturable and isinstance(state["step"], Tensor):
+        state["step"] = int(state["step"].item())
+
+
+def _read_counts(steps):
+    """The step counts' values (one sync per device)."""
+    by_device = {}
+    for i, st in enumerate(steps):
+        by_device.setdefault(st.device, []).append(i)
+    counts = [0] * len(steps)
+    for index in by_device.values():
+        for i, value in zip(index, torch.stack([steps[i] for i in index]).tolist()):
+            counts[i] = int(value)
+    return counts
+
+
+def _hyper_on_device(group, step, dtype):
+    """PACE._hyper's vector computed on the device from the step count `step` (a device tensor), with no
+    copy from the host: what a captured CUDA graph replays. The same formulas in the same order, in float64."""
+    beta1, beta2 = group["betas"]
+    t = step.to(torch.float64)
+    bc1, bc2 = 1 - torch.pow(beta1, t), 1 - torch.pow(beta2, t)
+    if group["ema_kappa"] is None:
+        decay = torch.full_like(t, group["beta_ema"])
+    else:
+        decay = ((t - group["ema_rho"]).clamp(min=0.0) * group["ema_gamma"] + 1.0).pow(-group["ema_kappa"])
+        decay = decay.clamp(min=MIN_DECAY)
+    lr = group["lr"]
+    lr = lr.to(device=t.device, dtype=torch.float64) if isinstance(lr, Tensor) else torch.full_like(t, lr)
+    hp = torch.empty(HP_SIZE, dtype=torch.float64, device=t.device)
+    hp[HP.keep] = 1.0 + lr * -group["weight_decay"]
+    hp[HP.step_size] = lr * (1 / bc1)
+    hp[HP.inv_bc2_sqrt] = bc2.pow(-0.5)
+    hp[HP.eps] = group["eps"]
+    hp[HP.one_minus_beta1], hp[HP.beta2], hp[HP.one_minus_beta2] = 1 - beta1, beta2, 1 - beta2
+    hp[HP.lam_scale] = lr * (group["lambda_pullback"] * decay)
+    hp[HP.decay] = decay
+    hp[HP.lam_max] = 1.0 if group["clamp_pullback"] else float("inf")
+    compute = torch.float64 if dtype in (torch.float64, torch.complex128) else torch.float32
+    return hp.to(compute)
+
+
+def _to_device(host, device):
+    """A small host tensor on `device` with no sync: through pinned memory on CUDA (the caching host
+    allocator keeps the block until the copy has run)."""
+    if device.type == "cpu":
+        return host
+    if device.type == "cuda":
+        host = host.pin_memory()
+    return host.to(device, non_blocking=True)
+
+
+class _Bucket:
+    """Parameters of one group stepped together: one device, dtype and step count t. rows holds, per
+    parameter, the tensors its step writes, [p, None, m, v, ema or None] (local shards; the grad is the
+    step's own); path the implementation that steps them (PACE._path)."""
+
+    __slots__ = ("device", "dtype", "t", "index", "rows", "ema_dtype", "plain", "path", "step")
+    # index: the parameters' positions in the group's params, None when they are all of them
+
+    def __init__(self, device, dtype, t):
+        self.device, self.dtype, self.t = device, dtype, t
+        self.index = []  # positions in the group's params
+        self.rows = []
+        self.ema_dtype = None
+        self.plain = True  # no DTensor, no complex: a grad's address is its own data_ptr()
+        self.path = None
+        self.step = None  # capturable: the first parameter's step count, a device tensor (all are equal)
+
+    def add(self, i, p, state):
+        ema = state.get("ema")
+        self.index.append(i)
+        self.rows.append([_local(p.detach()), None, _local(state["exp_avg"]), _local(state["exp_avg_sq"]),
+                          None if ema is None else _local(ema.detach())])
+        if len(self.rows) == 1:
+            self.ema_dtype = None if ema is None else self.rows[0][4].dtype
+            self.step = state["step"] if isinstance(state["step"], Tensor) else None
+        self.plain = self.plain and not (isinstance(p, DTensor) or p.is_complex())
+
+
+class _Plan:
+    """A group's step as the last call made it: which parameters had grads, their buckets, the weights'
+    addresses. A steady loop reuses it, so that a step does no per-parameter work but advancing the step
+    counts and reading the grads' addresses; a freeze, a new parameter, a new EMA, replaced weights
+    (p.data = ...) or a loaded state_dict builds a new one."""
+
+    __slots__ = ("group", "params", "has_grad", "needs_ema", "capturable", "state", "states", "buckets", "stepped",
+                 "plain", "addresses", "numel")
+
+    def __init__(self, group, params, has_grad, needs_ema, state, states, buckets):
+        self.group, self.params, self.has_grad, self.needs_ema = group, list(params), has_grad, needs_ema
+        self.capturable = group["capturable"]
+        self.state, self.states, self.buckets = state, states, buckets
+        self.stepped = [p for p, h in zip(params, has_grad) if h]
+        self.plain = all(b.plain for b in buckets)
+        self.addresses = self._addresses()
+        self.numel = sum(row[0].numel() for b in buckets for row in b.rows)
+
+    def _addresses(self):
+        if self.plain:
+            return [p.data_ptr() for p in self.stepped]
+        return [_local(p.detach()).data_ptr() for p in self.stepped]
+
+    def fits(self, group, params, has_grad, needs_ema, state):
+        return (self.group is group and self.state is state and self.needs_ema == needs_ema
+                and self.capturable == group["capturable"] and self.has_grad == has_grad and len(params) == len(self.params)
+                and all(map(operator.is_, params, self.params)) and self._addresses() == self.addresses)
+
+    def advance(self):
+        if self.capturable:  # the counts on the device: one launch
+            torch._foreach_add_([st["step"] for st in self.states], 1)
+        else:
+            for st in self.states:
+                st["step"] += 1
+        for bucket in self.buckets:
+            bucket.t += 1
+
+
 def _scratch_views(scratch, key, like, count):
     """`count` lists of temporaries shaped like the tensors `like`, views of one flat buffer per (device,
     dtype) that grows to the largest slice and is kept: the foreach step allocates nothing once warm."""
@@ -523,7 +720,7 @@ def _foreach_update(tensors, hp, consts, clamp, pull, update_ema, stats, scratch
     if stats or p0.dtype != hp.dtype or (ema0 is not None and ema0.dtype != p0.dtype):
         return [_pace_update(*x, hp, pull, update_ema, stats) for x in tensors]
     beta1, beta2, bc2_sqrt, eps, decay = consts
-    keep, step_size, lam_scale = hp[0], hp[1], hp[7]
+    keep, step_size, lam_scale = hp[HP.keep], hp[HP.step_size], hp[HP.lam_scale]
     for run in _slices(tensors):
         p, g, m, v, ema = (list(x) for x in zip(*run))
         pullback, inv_denom, lam = _scratch_views(scratch, (p0.device, p0.dtype), p, 3)

@@ -15,7 +15,8 @@
  *   p     = new, rounded to p's dtype               ema = lerp(ema, p, decay)   (the weights as stored)
  * lerp(a, b, w) is torch's: w < 0.5 ? a + w * (b - a) : b - (b - a) * (1 - w).
  *
- * hp (10 doubles): [keep, step_size, inv_bc2_sqrt, eps, 1 - beta1, beta2, 1 - beta2, lam_scale, decay, lam_max]
+ * hp (HP_SIZE doubles, the slots below): keep, step_size, inv_bc2_sqrt, eps, 1 - beta1, beta2, 1 - beta2,
+ *   lam_scale, decay, lam_max
  * ptrs (n x 5 int64): addresses of p, g, m, v, ema (ema 0 when the call has no EMA); numels (n int64).
  * stats (NULL, or n_chunks x 6 doubles): per chunk [sum lam, max lam, #(lam_raw >= 1), sum (adamw - theta)^2,
  * sum (lam * diff)^2, sum diff^2], summed within a chunk in the compute type (so that the loop vectorises).
@@ -26,6 +27,10 @@
 #include <string.h>
 
 #define CHUNK 32768
+
+/* the slots of hp: pace/hyper.py's Layout (tests/test_optimizer.py holds the two together) */
+enum { HP_KEEP = 0, HP_STEP_SIZE = 1, HP_INV_BC2_SQRT = 2, HP_EPS = 3, HP_ONE_MINUS_BETA1 = 4, HP_BETA2 = 5,
+       HP_ONE_MINUS_BETA2 = 6, HP_LAM_SCALE = 7, HP_DECAY = 8, HP_LAM_MAX = 9, HP_SIZE = 10 };
 
 static inline float bf16_to_f32(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
@@ -56,8 +61,10 @@ static inline __attribute__((always_inline)) void NAME##_chunk(                 
         P *restrict p, const P *restrict g, P *restrict m, P *restrict v, E *restrict ema, int64_t n,       \
         const C *h, const int PULL, const int UPDATE_EMA, const int STATS, const int EMA_LO, const int M_LO,           \
         double *out) {                                                                                      \
-    const C keep = h[0], step_size = h[1], inv_bc2_sqrt = h[2], eps = h[3], omb1 = h[4], beta2 = h[5];      \
-    const C omb2 = h[6], lam_scale = h[7], decay = h[8], lam_max = h[9];                                    \
+    const C keep = h[HP_KEEP], step_size = h[HP_STEP_SIZE], inv_bc2_sqrt = h[HP_INV_BC2_SQRT];              \
+    const C eps = h[HP_EPS], omb1 = h[HP_ONE_MINUS_BETA1], beta2 = h[HP_BETA2];                              \
+    const C omb2 = h[HP_ONE_MINUS_BETA2], lam_scale = h[HP_LAM_SCALE], decay = h[HP_DECAY];                  \
+    const C lam_max = h[HP_LAM_MAX];                                                                        \
     C s_lam = 0, m_lam = 0, s_clip = 0, s_upd = 0, s_pull = 0, s_diff = 0; /* per chunk, in C: vectorises */ \
     _Pragma("omp simd reduction(+:s_lam,s_clip,s_upd,s_pull,s_diff) reduction(max:m_lam)")                 \
     for (int64_t i = 0; i < n; i++) {                                                                       \
@@ -100,8 +107,8 @@ static inline __attribute__((always_inline)) void NAME##_chunk(                 
                                                                                                             \
 void NAME(int64_t n_tensors, const int64_t *ptrs, const int64_t *numels, const double *hp, int pull,        \
           int update_ema, double *stats, int n_threads) {                                                   \
-    C h[10];                                                                                                \
-    for (int k = 0; k < 10; k++) h[k] = (C)hp[k];                                                           \
+    C h[HP_SIZE];                                                                                                \
+    for (int k = 0; k < HP_SIZE; k++) h[k] = (C)hp[k];                                                           \
     int64_t *first = malloc((n_tensors + 1) * sizeof(int64_t)); /* first chunk of each tensor */            \
     first[0] = 0;                                                                                           \
     for (int64_t t = 0; t < n_tensors; t++) first[t + 1] = first[t] + (numels[t] + CHUNK - 1) / CHUNK;      \
@@ -109,8 +116,8 @@ void NAME(int64_t n_tensors, const int64_t *ptrs, const int64_t *numels, const d
     /* each flag a constant of its own copy of the loop. The last two: which form of torch's lerp the */    \
     /* EMA update (decay < 0.5) and m (1 - beta1 < 0.5) take, chosen here: selects in the loop stop gcc */  \
     /* vectorising it */                                                                                    \
-    int flags = (pull ? 16 : 0) | (update_ema ? 8 : 0) | (stats ? 4 : 0) | (h[8] < 0.5f ? 2 : 0)           \
-                | (h[4] < 0.5f ? 1 : 0);                                                                    \
+    int flags = (pull ? 16 : 0) | (update_ema ? 8 : 0) | (stats ? 4 : 0) | (h[HP_DECAY] < 0.5f ? 2 : 0)           \
+                | (h[HP_ONE_MINUS_BETA1] < 0.5f ? 1 : 0);                                                                    \
     _Pragma("omp parallel for schedule(static) num_threads(n_threads)")                                     \
     for (int64_t c = 0; c < n_chunks; c++) {                                                                \
         int64_t lo = 0, hi = n_tensors - 1; /* the tensor holding chunk c: the last t with first[t] <= c */ \
