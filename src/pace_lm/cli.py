@@ -91,13 +91,18 @@ def data_main(argv=None):
 
 
 FIGURE_ARGS = dict(fig=None, run=False, plot=False, data=None, out_dir="runs/figures", plot_dir=None, only=None,
-                   steps=None)
-FIGURE_USAGE = """usage: pace-figure fig=ID|list [run=true] [plot=true] [data=PATH] [out_dir=runs/figures]
-                   [plot_dir=PATH] [only=GLOB] [steps=KEY,...] [pace-train overrides ...]
+                   steps=None, jobs=None, devices=None)
+FIGURE_USAGE = """usage: pace-figure fig=ID|list [run=true [jobs=N [devices=D,...]]] [plot=true] [data=PATH]
+                   [out_dir=runs/figures] [plot_dir=PATH] [only=GLOB] [steps=KEY,...] [pace-train overrides ...]
 
   fig=list            the figures: id, number of runs, what each shows, the hardware a run needs
   fig=ID              print the figure's pace-train commands, one per line (nothing runs)
   run=true            train them one after another; runs already complete are kept (a sweep resumes)
+  jobs=N              with run=true: N runs at a time, each a pace-train process (its output in its run
+                      folder's train.log); the data are prepared first; SIGTERM / SIGINT stops them all
+                      with checkpoints, and the same command resumes them
+  devices=D,...       with jobs: the runs go round-robin over these devices (training.device), e.g.
+                      devices=cuda:0,cuda:1; by default every run uses its own training.device
   plot=true           read the records; write ID.png, ID.svg and ID.md (a table) and print the table
   data=PATH           prepared data for every run (dataset.path), for figures that do not set it
   out_dir=DIR         records go to DIR/ID/<run>/record.json (default: runs/figures)
@@ -148,6 +153,7 @@ def figure_main(argv=None):
 def _figure(opts, extra):
     from pace_lm.figures import build_config, check_data, check_extra, command, list_figures, load_figure, \
         run_figure, run_overrides, select
+    from pace_lm.jobs import check_jobs
     if opts["fig"] == "list":
         figs = [load_figure(f) for f in list_figures()]
         width = max(len(f.id) for f in figs)
@@ -159,6 +165,7 @@ def _figure(opts, extra):
     if fig.theory is not None:
         return _theory_figure(fig, opts)
     check_extra(fig, extra)
+    check_jobs(opts, extra)
     if not (opts["run"] or opts["plot"]):
         check_data(fig, opts["data"])
         print(f"# {fig.id}: {fig.description}\n# hardware: {fig.hardware}")
@@ -168,11 +175,19 @@ def _figure(opts, extra):
             build_config(fig, run, opts["out_dir"], opts["data"], extra)  # every printed command composes
             print(command(run_overrides(fig, run, opts["out_dir"], opts["data"], extra)))
         return
-    if opts["run"]:
+    if opts["run"] and opts["jobs"]:
+        from pace_lm.jobs import run_jobs
+        status = run_jobs(fig, opts, extra, log=lambda m: print(m, flush=True))
+    elif opts["run"]:
         status = run_figure(fig, opts["out_dir"], opts["data"], extra, opts["only"], log=lambda m: print(m, flush=True))
+    if opts["run"]:
         counts = {s: list(status.values()).count(s) for s in dict.fromkeys(status.values())}
         print(f"pace-figure: {fig.id}: " + ", ".join(f"{n} {s}" for s, n in counts.items())
               + f"; records under {opts['out_dir']}/{fig.id}")
+        failed = [name for name, s in status.items() if s == "failed"]
+        if failed:  # jobs=N goes on past a failed run; the sweep as a whole did not succeed
+            raise PaceLMError(f"{len(failed)} run(s) failed ({', '.join(failed)}): their records and train.log "
+                              f"say why; run the same command to resume them")
     if opts["plot"]:
         from pace_lm.plots import plot_figure
         text, paths = plot_figure(fig, opts["out_dir"], opts["plot_dir"])

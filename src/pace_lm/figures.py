@@ -221,16 +221,10 @@ def run_figure(fig, out_dir, data=None, extra=(), only=None, log=print):
     for i, run in enumerate(runs, 1):
         cfg = build_config(fig, run, out_dir, data, extra)
         head = f"[{i}/{len(runs)}] {fig.id}/{run.name}"
-        path = os.path.join(cfg.training.out_dir, cfg.run_name, RECORD)
-        old = _read(path)
+        old = kept_record(cfg)
         if old and old.get("status") in FINAL:
-            diff = config_diff(old.get("config", {}), cfg)
-            if diff:
-                raise PaceLMError(f"{path} is a {old['status']} run of another config (differs in "
-                                  f"{', '.join(diff[:6])}{', ...' if len(diff) > 6 else ''}): remove it, "
-                                  f"or choose another out_dir")
             status[run.name] = old["status"]
-            log(f"{head}: {old['status']}, kept{_result(old)}")
+            log(f"{head}: {old['status']}, kept{result_text(old)}")
             continue
         log(f"{head}: training{' (again: the record was ' + old['status'] + ')' if old else ''}")
         t0 = time.time()
@@ -246,8 +240,22 @@ def run_figure(fig, out_dir, data=None, extra=(), only=None, log=print):
         finally:
             _free_device_memory()
         status[run.name] = record["status"]
-        log(f"{head}: complete{_result(record)} in {time.time() - t0:.0f} s")
+        log(f"{head}: complete{result_text(record)} in {time.time() - t0:.0f} s")
     return status
+
+
+def kept_record(cfg):
+    """The record already at the run's place (None if none can be read); a complete or diverged one of
+    another config is refused: the sweep would mix two configs under one name."""
+    path = os.path.join(cfg.training.out_dir, cfg.run_name, RECORD)
+    old = _read(path)
+    if old and old.get("status") in FINAL:
+        diff = config_diff(old.get("config", {}), cfg)
+        if diff:
+            raise PaceLMError(f"{path} is a {old['status']} run of another config (differs in "
+                              f"{', '.join(diff[:6])}{', ...' if len(diff) > 6 else ''}): remove it, "
+                              f"or choose another out_dir")
+    return old
 
 
 def _read(path):
@@ -257,7 +265,7 @@ def _read(path):
         return None
 
 
-def _result(record):
+def result_text(record):
     s = record.get("summary") or {}
     return f", final_val_loss {s['final_val_loss']:.4f}" if "final_val_loss" in s else ""
 

@@ -398,6 +398,24 @@ def check_run_dir(record_path, overwrite):
                               f"training.overwrite=true")
 
 
+def ensure_data(cfg, spec, main=True):
+    """Prepare dataset.path if it is the dataset's own shipped location with nothing there yet (by the main
+    process, `main`); refuse any other path that is not prepared data. No path is ever removed."""
+    data = spec.dataset
+    if os.path.exists(os.path.join(data.path, META)):
+        return
+    shipped = shipped_value(cfg, "dataset", "path")
+    ours = shipped is not None and os.path.abspath(shipped) == os.path.abspath(data.path)
+    if not (data.prepare_if_missing and ours and not os.path.exists(data.path)):
+        what = "does not exist" if not os.path.exists(data.path) else f"is not prepared data (no {META})"
+        raise PaceLMError(f"dataset.path={data.path!r} {what}: prepare it with `{prepare_command(data)}`, "
+                          f"or point dataset.path at prepared data")
+    if main:
+        print(f"preparing {data.name} data in {data.path} (once, offline)", flush=True)
+        prepare(data.path, source=data.prepare_if_missing, mode=data.mode, tokenizer=data.tokenizer,
+                gguf_file=data.gguf_file, seed=0)
+
+
 def load_data(cfg, spec, world):
     """The `Data` of dataset.path (`cfg`: the composed config, `spec`: it validated).
 
@@ -405,18 +423,7 @@ def load_data(cfg, spec, world):
     while nothing is there: any other path must be prepared data, and no path is ever removed.
     """
     data = spec.dataset
-    if not os.path.exists(os.path.join(data.path, META)):
-        shipped = shipped_value(cfg, "dataset", "path")
-        ours = shipped is not None and os.path.abspath(shipped) == os.path.abspath(data.path)
-        if not (data.prepare_if_missing and ours and not os.path.exists(data.path)):
-            what = ("does not exist" if not os.path.exists(data.path) else
-                    f"is not prepared data (no {META})")
-            raise PaceLMError(f"dataset.path={data.path!r} {what}: prepare it with `{prepare_command(data)}`, "
-                              f"or point dataset.path at prepared data")
-        if world.main:
-            print(f"preparing {data.name} data in {data.path} (once, offline)", flush=True)
-            prepare(data.path, source=data.prepare_if_missing, mode=data.mode, tokenizer=data.tokenizer,
-                    gguf_file=data.gguf_file, seed=0)
+    ensure_data(cfg, spec, world.main)
     if world.parallel:
         torch.distributed.barrier()
     train_ds, val_ds, tokenizer, meta = load_prepared(data.path)
