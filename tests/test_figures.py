@@ -242,14 +242,14 @@ def test_pace_figure_bad_input(tmp_path):
 @pytest.mark.slow
 def test_pace_figure_run_and_plot_from_the_command_line(tmp_path, offline_data):
     """run=true plot=true as a user types it: progress lines, records, then the plot files and table."""
-    proc = run_cli(["pace-figure", "fig=demo", "run=true", "plot=true", "only=*lr0.001", f"data={offline_data}",
+    proc = run_cli(["pace-figure", "fig=demo", "run=true", "plot=true", "only=*lr0.001_seed0", f"data={offline_data}",
                     *QUICK, "averaging.lawa.every=1", "averaging.swa.start=0"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for i, method in enumerate(["ema", "pace", "schedulefree"], 1):
-        assert f"[{i}/3] demo/{method}_lr0.001: training" in proc.stdout
-        assert (tmp_path / "runs" / "figures" / "demo" / f"{method}_lr0.001" / "record.json").exists()
+        assert f"[{i}/3] demo/{method}_lr0.001_seed0: training" in proc.stdout
+        assert (tmp_path / "runs" / "figures" / "demo" / f"{method}_lr0.001_seed0" / "record.json").exists()
     assert "pace-figure: demo: 3 complete; records under runs/figures/demo" in proc.stdout
-    assert "3 of 9 runs complete, 6 missing." in proc.stdout
+    assert "3 of 27 runs complete, 24 missing." in proc.stdout
     for ext in ("png", "svg", "md"):
         assert (tmp_path / "runs" / "figures" / "demo" / f"demo.{ext}").stat().st_size > 0
 

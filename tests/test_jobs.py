@@ -40,17 +40,17 @@ def test_jobs_without_run_is_refused(tmp_path):
 
 @pytest.mark.slow
 def test_two_runs_at_once_each_a_pace_train(tmp_path, offline_data):
-    proc = run_cli(figure(tmp_path, offline_data, "jobs=2", "only=pace_*", *FAST), cwd=tmp_path)
+    proc = run_cli(figure(tmp_path, offline_data, "jobs=2", "only=pace_*_seed0", *FAST), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     ends = [i for i, line in enumerate(lines) if ": complete, final_val_loss" in line]
     starts = [i for i, line in enumerate(lines) if ": started (pid" in line]
     assert len(ends) == 3 and len(starts) == 3
     assert starts[1] < ends[0]  # two children ran at once
-    for name in ("pace_lr0.001", "pace_lr0.003", "pace_lr0.01"):
+    for name in ("pace_lr0.001_seed0", "pace_lr0.003_seed0", "pace_lr0.01_seed0"):
         assert record(tmp_path, name)["status"] == "complete"
         assert "pace-train: pace_" in (tmp_path / "runs" / "demo" / name / "train.log").read_text()
-    again = run_cli(figure(tmp_path, offline_data, "jobs=2", "only=pace_*", *FAST), cwd=tmp_path)
+    again = run_cli(figure(tmp_path, offline_data, "jobs=2", "only=pace_*_seed0", *FAST), cwd=tmp_path)
     assert again.returncode == 0 and again.stdout.count("complete, kept") == 3, again.stdout
 
 
@@ -72,7 +72,7 @@ def child_pid(tmp_path, name, proc, timeout=240):
 
 
 LONG = ["training.max_steps=80", "training.checkpoint.interval=5", "training.eval_interval=80",
-        "only=pace_lr0.00[13]"]
+        "only=pace_lr0.00[13]_seed0"]
 
 
 @pytest.mark.slow
@@ -80,33 +80,33 @@ def test_a_killed_child_is_reported_recorded_and_resumed(tmp_path, offline_data)
     """SIGKILL, as the OOM killer sends it: the child writes nothing; the parent says so, in one line and in
     the record, and the other run goes on. The same command then resumes the killed run."""
     parent = start(tmp_path, offline_data, "jobs=2", *LONG)
-    os.kill(child_pid(tmp_path, "pace_lr0.001", parent), signal.SIGKILL)
+    os.kill(child_pid(tmp_path, "pace_lr0.001_seed0", parent), signal.SIGKILL)
     out, err = parent.communicate(timeout=600)
-    assert parent.returncode == 2 and "1 run(s) failed (pace_lr0.001)" in err, err
-    line = next(line for line in out.splitlines() if line.startswith("demo/pace_lr0.001: failed"))
+    assert parent.returncode == 2 and "1 run(s) failed (pace_lr0.001_seed0)" in err, err
+    line = next(line for line in out.splitlines() if line.startswith("demo/pace_lr0.001_seed0: failed"))
     assert "killed by SIGKILL" in line and "to resume from" in line, line
-    killed = record(tmp_path, "pace_lr0.001")
+    killed = record(tmp_path, "pace_lr0.001_seed0")
     assert killed["status"] == "failed" and "killed by SIGKILL" in killed["error"]
-    assert record(tmp_path, "pace_lr0.003")["status"] == "complete"
+    assert record(tmp_path, "pace_lr0.003_seed0")["status"] == "complete"
     again = run_cli(figure(tmp_path, offline_data, "jobs=2", *LONG), cwd=tmp_path, timeout=600)
     assert again.returncode == 0, again.stderr
-    resumed = record(tmp_path, "pace_lr0.001")
+    resumed = record(tmp_path, "pace_lr0.001_seed0")
     assert resumed["status"] == "complete" and resumed["resumed"][0]["step"] > 0
 
 
 @pytest.mark.slow
 def test_sigterm_stops_every_child_with_a_checkpoint(tmp_path, offline_data):
     parent = start(tmp_path, offline_data, "jobs=2", *LONG)
-    for name in ("pace_lr0.001", "pace_lr0.003"):
+    for name in ("pace_lr0.001_seed0", "pace_lr0.003_seed0"):
         child_pid(tmp_path, name, parent)
     parent.send_signal(signal.SIGTERM)
     out, err = parent.communicate(timeout=300)
     assert parent.returncode == 128 + signal.SIGTERM, err
     assert "run the same command to go on" in err
-    for name in ("pace_lr0.001", "pace_lr0.003"):
+    for name in ("pace_lr0.001_seed0", "pace_lr0.003_seed0"):
         stopped = record(tmp_path, name)
         assert stopped["status"] == "interrupted" and "checkpoint" in stopped["error"], stopped["error"]
     again = run_cli(figure(tmp_path, offline_data, "jobs=2", *LONG), cwd=tmp_path, timeout=600)
     assert again.returncode == 0, again.stderr
     assert all(record(tmp_path, n)["status"] == "complete" and record(tmp_path, n)["resumed"]
-               for n in ("pace_lr0.001", "pace_lr0.003"))
+               for n in ("pace_lr0.001_seed0", "pace_lr0.003_seed0"))

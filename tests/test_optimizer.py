@@ -890,3 +890,28 @@ def test_capturable_needs_an_ema_updated_every_step():
         PACE(make_params(), capturable=True, ema_update_freq=2)
     with pytest.raises(ValueError, match="capturable"):
         PACE(make_params(), capturable="yes")
+
+
+def test_an_impossible_fused_request_raises_and_the_default_says_why(monkeypatch):
+    """impl="fused" where the kernel cannot run raises (as torch.optim's fused=True); impl=None steps with
+    foreach, saying once why; foreach says once when it steps per tensor."""
+    monkeypatch.setattr(pace_optimizer, "_warned", set())
+    p = torch.nn.Parameter(torch.randn(8, dtype=torch.float16))  # no CPU kernel takes float16
+    p.grad = torch.randn(8, dtype=torch.float16)
+    with pytest.raises(RuntimeError, match=r"impl='fused' cannot run: the CPU kernel takes .*float16"):
+        PACE([p], impl="fused").step()
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        opt = PACE([p], lr=0.01)
+        for _ in range(3):
+            opt.step()
+    said = [str(x.message) for x in w if "PACE" in str(x.message)]
+    assert len(said) == 2, said  # once each: no fused kernel here, and foreach's per-tensor float16 step
+    assert "stepping these parameters with the foreach implementation" in said[0]
+    assert "one tensor at a time: torch.float16 weights take float32 arithmetic" in said[1]
+    monkeypatch.setattr(cpu_kernel, "load", lambda name: None)
+    monkeypatch.setattr(cpu_kernel, "_errors", {"pace_step_f32_f32": "RuntimeError: no C compiler"})
+    q = torch.nn.Parameter(torch.randn(8))
+    q.grad = torch.randn(8)
+    with pytest.raises(RuntimeError, match=r"the CPU kernel could not be built \(RuntimeError: no C compiler\)"):
+        PACE([q], impl="fused").step()

@@ -277,3 +277,49 @@ def test_step_log_keys_plot_over_steps_averaged_over_seeds(tmp_path, monkeypatch
     assert all(os.path.getsize(p) > 1000 for p in paths)
     with pytest.raises(PaceLMError, match="step logs of frac_clipped .*optimizer.log_stats=true"):
         plot_steps(fig, str(tmp_path / "runs"), ["frac_clipped"], str(tmp_path / "plot" / "x"))
+
+
+CURVES = """
+description: curves
+hardware: none
+seeds: [0, 1]
+plot: {x: optimizer.lr, line: [optimizer], curves: true, split: {ema: {adamw: vanilla_val_loss, ema: ema_val_loss}}}
+runs:
+  - optimizer: [ema, pace]
+    optimizer.lr: [1e-3]
+"""
+
+
+def test_curves_and_the_lowest_over_the_evaluations(tmp_path, monkeypatch):
+    """plot.curves: the lowest value of each returned model over the evaluations (the same evaluations for
+    every method), mean over seeds, beside the final one; and the curves' plot."""
+    (tmp_path / "figures").mkdir()
+    (tmp_path / "figures" / "curves.yaml").write_text(CURVES)
+    monkeypatch.setattr(figures, "FIG_DIR", str(tmp_path / "figures"))
+    fig = load_figure("curves")
+    lowest = {}
+    for run in fig.runs:
+        m, seed = run.values["optimizer"], run.values["seed"]
+        # the loss falls, then rises: the lowest is at step 20, not at the end
+        logs = [dict(step=t, val_loss=3.0 - seed + abs(t - 20) / 100, vanilla_val_loss=3.5 - seed + abs(t - 20) / 50,
+                     ema_val_loss=3.0 - seed + abs(t - 20) / 100) for t in (10, 20, 30)]
+        if m == "pace":
+            for e in logs:
+                e.pop("vanilla_val_loss")
+        for line, key in ({"adamw": "vanilla_val_loss", "ema": "ema_val_loss"} if m == "ema" else {m: "val_loss"}).items():
+            lowest.setdefault(line, []).append(min(e[key] for e in logs))
+        summary = dict(final_val_loss=logs[-1]["val_loss"], ema_val_loss=logs[-1]["val_loss"])
+        if m == "ema":
+            summary["vanilla_val_loss"] = logs[-1]["vanilla_val_loss"]
+        folder = tmp_path / "runs" / "curves" / run.name
+        folder.mkdir(parents=True)
+        (folder / "record.json").write_text(json.dumps(dict(
+            status="complete", config=dict(seed=seed, optimizer=dict(name=m, lr=1e-3)), summary=summary,
+            eval_logs=logs)))
+    text, paths = plot_figure(fig, str(tmp_path / "runs"), str(tmp_path / "plot"))
+    assert (tmp_path / "plot" / "curves_curves.png").read_bytes()[:4] == b"\x89PNG"
+    low = text[text.index("| lowest val_loss over the evaluations"):]
+    cells = table_cells(low.split("\n", 2)[2])
+    for line in ("adamw", "ema", "pace"):
+        vs = lowest[line]
+        assert cells[line][0].strip("*") == f"{statistics.fmean(vs):.4f} ± {statistics.stdev(vs):.4f} (n=2)", line

@@ -178,12 +178,15 @@ class PACE(Optimizer):
             "fused": one multi-tensor kernel call per bucket (parameters of one group, device, dtype and step
                 count), one pass over memory. CPU: csrc/pace_step.c, C with OpenMP, built in about 1.5 s
                 once per machine (cached on disk). CUDA: a Triton kernel, one launch per bucket. Nothing is
-                specialised to the model: no build for a new model, instance, freeze or lr.
+                specialised to the model: no build for a new model, instance, freeze or lr. Where it
+                cannot run (no C compiler, a layout or device it does not take) the step raises.
             "triton": the Triton kernel on any device (CPU tensors run it under TRITON_INTERPRET=1).
-            "foreach": torch._foreach ops, no compiler needed (several passes over memory); 16-bit weights
-                step per tensor, so that their arithmetic is float32 as in the kernels.
+            "foreach": torch._foreach ops, no compiler needed (several passes over memory); 16-bit weights,
+                a mixed-dtype EMA and telemetry step per tensor (said once), so that their arithmetic is
+                float32 as in the kernels.
             "forloop": the per-tensor update in torch ops; slowest, simplest.
-            None: "fused" where its kernel is available, else "foreach" (with one warning).
+            None: "fused" where its kernel can run, else "foreach", with one warning saying why (MPS, XPU,
+                float16 on the CPU, no C compiler, no Triton).
             Inside a user's torch.compile the step runs eagerly (one graph break, one warning).
         ema_dtype (torch.dtype or None): EMA dtype; None means float32 for 16-bit parameters
             (bf16 rounding would stall an EMA whose updates are decay*delta) and the parameter's dtype otherwise.
@@ -363,29 +366,32 @@ class PACE(Optimizer):
 
     def _path(self, impl, bucket, capturable):
         """Which implementation steps this bucket: ("cpu", kernel name), ("triton", tables), ("forloop",) or
-        ("foreach",); a fused request that cannot run warns once and falls back to foreach."""
+        ("foreach",). impl=None takes the fused kernel where it can run, and says once why it cannot where it
+        cannot; an explicit "fused" or "triton" that cannot run raises, as torch.optim's fused=True does."""
+        if impl in ("foreach", "forloop"):
+            return (impl,)
         rows, device, ema_dtype = bucket.rows, bucket.device, bucket.ema_dtype
-        if impl in (None, "fused") and device.type == "cpu":
+        if impl != "triton" and device.type == "cpu":
             name = cpu_kernel.supports(rows, ema_dtype)
-            if name is None:
-                _warn_once(("cpu", bucket.dtype), "PACE: the CPU kernel takes contiguous float32, "
-                           "float64 and bfloat16 tensors; stepping the others with the foreach implementation")
-            elif cpu_kernel.load(name) is None:
-                _warn_once("cpu", f"PACE: the CPU kernel could not be built ({cpu_kernel.error(name)}); "
-                           "using the foreach implementation")
-            else:
+            if name is not None and cpu_kernel.load(name) is not None:
                 return ("cpu", name)
-        elif impl == "triton" or (impl in (None, "fused") and device.type == "cuda"):
-            if not triton_kernel.available():
-                _warn_once("triton", "PACE: Triton is not installed; using the foreach implementation")
-            elif triton_kernel.supports(rows, ema_dtype):
+            why = (f"the CPU kernel could not be built ({cpu_kernel.error(name)})" if name is not None else
+                   f"the CPU kernel takes contiguous float32, float64 and bfloat16 tensors (not {bucket.dtype})")
+        elif impl == "triton" or device.type == "cuda":
+            if triton_kernel.available() and triton_kernel.supports(rows, ema_dtype):
                 if self._launcher is None:
                     self._launcher = triton_kernel.Launcher()
                 return ("triton", self._launcher.tables(rows, device, capturable))
-            else:
-                _warn_once(("triton", bucket.dtype), "PACE: the Triton kernel takes contiguous float "
-                           "tensors; stepping the others with the foreach implementation")
-        return ("forloop",) if impl == "forloop" else ("foreach",)
+            why = ("Triton is not installed" if not triton_kernel.available() else
+                   f"the Triton kernel takes contiguous float tensors on one device (not these {bucket.dtype} ones)")
+        else:
+            why = f"no fused kernel runs on {device.type} (the CPU's C kernel and CUDA's Triton kernel)"
+        if impl is not None:
+            raise RuntimeError(f"PACE: impl={impl!r} cannot run: {why}; impl=None steps with the fused kernel "
+                               "where it can and with foreach elsewhere")
+        _warn_once(("fused", device.type, bucket.dtype, why), f"PACE: {why}; stepping these parameters with "
+                   "the foreach implementation")
+        return ("foreach",)
 
     def _run(self, bucket, grads, hp, consts, clamp, flags):
         """Step one bucket with its grads; a list of (k, 6) partials when stats, else anything."""
@@ -718,6 +724,10 @@ def _foreach_update(tensors, hp, consts, clamp, pull, update_ema, stats, scratch
     """
     p0, ema0 = tensors[0][0], tensors[0][4]
     if stats or p0.dtype != hp.dtype or (ema0 is not None and ema0.dtype != p0.dtype):
+        why = ("telemetry (log_stats) needs each tensor's intermediates" if stats else
+               f"{p0.dtype} weights take float32 arithmetic" if p0.dtype != hp.dtype else
+               f"the EMA's dtype ({ema0.dtype}) is not the weights' ({p0.dtype})")
+        _warn_once(("foreach", why), f"PACE: foreach steps these parameters one tensor at a time: {why}")
         return [_pace_update(*x, hp, pull, update_ema, stats) for x in tensors]
     beta1, beta2, bc2_sqrt, eps, decay = consts
     keep, step_size, lam_scale = hp[HP.keep], hp[HP.step_size], hp[HP.lam_scale]

@@ -6,7 +6,9 @@ A spec states only what differs from pace-train's defaults:
     hardware:    what one run needs, in words
     prepare:     [pace-data commands that make the data the runs read]
     plot:        {x: the swept key on the x axis, logx: bool, line: [keys], panel: key or null,
-                  metric: a summary key (default final_val_loss)}
+                  metric: a summary key (default final_val_loss), curves: bool (also each returned
+                  model's validation loss against the step, and a table of its lowest over the
+                  evaluations beside the final one)}
     common:      {override key: value} for every run
     runs:        [{override key: value or [values]}]: each entry is a grid, its lists swept (their product);
                  an entry's `with: {override key: value}` applies to its runs without naming them
@@ -37,7 +39,7 @@ from pace_lm.records import RECORD, read_record
 
 FIG_DIR = os.path.join(CONF_DIR, "figures")
 SPEC_KEYS = {"description", "hardware", "prepare", "plot", "common", "runs", "seeds", "theory"}
-PLOT_KEYS = {"x", "logx", "line", "panel", "metric", "split", "paired"}
+PLOT_KEYS = {"x", "logx", "line", "panel", "metric", "split", "paired", "curves"}
 FINAL = ("complete", "diverged")  # the outcomes a resumed sweep keeps
 
 
@@ -81,7 +83,7 @@ def load_figure(fig_id):
             raise PaceLMError(f"{where}: a theory figure has description, hardware and theory "
                               f"(sde, instances, optimizer){f'; theory lacks {sorted(missing)}' if missing else ''}")
         return Figure(fig_id, spec["description"], spec.get("hardware", "not stated"), [], {}, [], spec["theory"])
-    plot = {**dict(logx=False, line=None, panel=None, metric="final_val_loss", split={}, paired={}),
+    plot = {**dict(logx=False, line=None, panel=None, metric="final_val_loss", split={}, paired={}, curves=False),
             **(spec.get("plot") or {})}
     if set(plot) - PLOT_KEYS or "x" not in plot:
         raise PaceLMError(f"{where}: plot needs x and takes only {sorted(PLOT_KEYS)}")

@@ -6,6 +6,9 @@ from its summary. Runs that differ only in `seed` are averaged (the table gives 
 `plot.split: {line: {label: summary key}}` draws several lines from each run of one line: one AdamW run
 that keeps its EMA, LAWA and SWA gives four returned models, all from the same iterates. `plot.paired: {line: [other lines]}` adds a table of per-seed differences
 (line − other, paired on the seed), with the number of seeds whose difference is negative.
+`plot.curves: true` adds, from the same records' eval logs, each returned model's validation loss against
+the step (`<id>_curves.png`, a panel per x, mean over seeds) and a table of the lowest value over the
+evaluations beside the final one: the same evaluations for every method, no stopping step chosen for one.
 """
 
 import math
@@ -40,8 +43,22 @@ def collect(fig, out_dir):
                    panel=_get(config, p["panel"]) if config and p["panel"] else run.values.get(p["panel"]),
                    line=" ".join(_label(k, _get(config, k) if config else run.values[k]) for k in line_keys))
         for label, key in (p["split"].get(row["line"]) or {row["line"]: p["metric"]}).items():
-            rows.append(dict(row, line=label, value=_value(record, key, path, fig)))
+            curve = _curve(record, key)
+            rows.append(dict(row, line=label, value=_value(record, key, path, fig), curve=curve,
+                             lowest=min((v for _, v in curve), default=None) if record["status"] == "complete"
+                             else None))
     return rows
+
+
+def eval_key(summary_key):
+    """The eval-log key of a summary key: the returned model's final_val_loss is logged as val_loss."""
+    return "val_loss" if summary_key == "final_val_loss" else summary_key
+
+
+def _curve(record, key):
+    """[(step, value)] of summary key `key` over the record's evaluations."""
+    logged = eval_key(key)
+    return [(e["step"], e[logged]) for e in record.get("eval_logs") or [] if e.get(logged) is not None]
 
 
 def _value(record, key, path, fig):
@@ -77,9 +94,9 @@ def _cells(rows):
     return cells
 
 
-def _summary(rows):
-    """(mean, std or None, n complete, n diverged) of one cell."""
-    values = [r["value"] for r in rows if r["value"] is not None]
+def _summary(rows, field="value"):
+    """(mean, std or None, n complete, n diverged) of one cell's `field` (value: the final; lowest)."""
+    values = [r[field] for r in rows if r[field] is not None]
     diverged = sum(r["status"] == "diverged" for r in rows)
     if not values:
         return None, None, 0, diverged
@@ -91,27 +108,31 @@ def _xs(rows, fig):
     return sorted(xs) if all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in xs) else xs
 
 
-def table(fig, rows):
-    """The figure as markdown: per panel, one row per line, one column per x; the best of a column in bold."""
+def table(fig, rows, field="value"):
+    """The figure as markdown: per panel, one row per line, one column per x; the best of a column in bold.
+    field="lowest": the lowest over the evaluations instead of the final value (no paired table, no count)."""
+    metric = fig.plot["metric"] if field == "value" else f"lowest {eval_key(fig.plot['metric'])} over the evaluations"
     out = []
     for panel in dict.fromkeys(r["panel"] for r in rows):
         prow = [r for r in rows if r["panel"] == panel]
         xs = _xs(prow, fig)
         if panel is not None:
             out.append(f"**{fig.plot['panel']} = {panel}**\n")
-        out.append(f"| {fig.plot['metric']} | " + " | ".join(f"{_short(fig.plot['x'])}={x}" for x in xs) + " |")
+        out.append(f"| {metric} | " + " | ".join(f"{_short(fig.plot['x'])}={x}" for x in xs) + " |")
         out.append("|---|" + "---|" * len(xs))
         cells = {line: c for (p, line), c in _cells(prow).items() if p == panel}
-        best = {x: min((_summary(c[x])[0] for c in cells.values() if x in c and _summary(c[x])[0] is not None),
-                       default=None) for x in xs}
+        best = {x: min((_summary(c[x], field)[0] for c in cells.values()
+                        if x in c and _summary(c[x], field)[0] is not None), default=None) for x in xs}
         for line, c in cells.items():
             if all(r["reference"] for rs in c.values() for r in rs):  # no x of its own: the same in every column
                 ref = next(iter(c.values()))
-                texts = [_fmt(ref, None)] * len(xs)
+                texts = [_fmt(ref, None, field)] * len(xs)
             else:
-                texts = [_fmt(c.get(x, []), best[x]) for x in xs]
+                texts = [_fmt(c.get(x, []), best[x], field) for x in xs]
             out.append(f"| {line} | " + " | ".join(texts) + " |")
         out.append("")
+    if field != "value":
+        return "\n".join(out)
     if fig.plot["paired"]:
         out.extend(paired_table(fig, rows))
     status = list({r["run"]: r["status"] for r in rows}.values())  # a split run has several rows
@@ -164,8 +185,8 @@ def _short(key):
     return key if key in GROUPS else SHORT.get(key, key.rsplit(".", 1)[-1])
 
 
-def _fmt(rows, best):
-    mean, std, n, diverged = _summary(rows)
+def _fmt(rows, best, field="value"):
+    mean, std, n, diverged = _summary(rows, field)
     if mean is None:
         return "diverged" if diverged else MISSING
     text = f"{mean:.4f}" + (f" ± {std:.4f} (n={n})" if std is not None else "")
@@ -274,6 +295,32 @@ def plot_steps(fig, out_dir, keys, stem):
     return _save(fig_, stem)
 
 
+def plot_curves(fig, rows, stem):
+    """Write `stem`.png and .svg: per x (and panel), each line's value over the evaluations, mean over seeds
+    (the steps every seed evaluated)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [(panel, x) for panel in dict.fromkeys(r["panel"] for r in rows)
+            for x in _xs([r for r in rows if r["panel"] == panel], fig)]
+    fig_, axes = plt.subplots(1, len(keys), figsize=(4.6 * len(keys), 4), squeeze=False)
+    for ax, (panel, x) in zip(axes[0], keys):
+        cells = {line: c.get(x, []) for (p, line), c in _cells([r for r in rows if r["panel"] == panel]).items()}
+        for k, (line, cell) in enumerate(cells.items()):
+            curves = [dict(r["curve"]) for r in cell if r["status"] == "complete" and r["curve"]]
+            steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+            if steps:
+                ax.plot(steps, [statistics.fmean(c[t] for c in curves) for t in steps], color=f"C{k}", marker=".",
+                        label=f"{line} (n={len(curves)})")
+        ax.set_xlabel("step")
+        ax.set_ylabel(eval_key(fig.plot["metric"]).replace("_", " "))
+        ax.set_title(f"{_short(fig.plot['x'])}={x}" + (f", {fig.plot['panel']} = {panel}" if panel is not None else ""))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return _save(fig_, stem)
+
+
 def plot_figure(fig, out_dir, plot_dir=None):
     """Read the figure's records under out_dir; write its PNG, SVG and markdown table; return the table."""
     rows = collect(fig, out_dir)
@@ -283,6 +330,9 @@ def plot_figure(fig, out_dir, plot_dir=None):
     stem = os.path.join(plot_dir or os.path.join(out_dir, fig.id), fig.id)
     text = table(fig, rows)
     paths = plot(fig, rows, stem)
+    if fig.plot["curves"]:
+        text += "\n\n" + table(fig, rows, "lowest")
+        paths += plot_curves(fig, rows, f"{stem}_curves")
     with open(f"{stem}.md", "w") as f:
         f.write(f"{fig.description}\n\n{text}\n")
     return text, [*paths, f"{stem}.md"]
