@@ -84,3 +84,25 @@ def test_ci_runs_the_readme_set_up_and_the_whole_suite():
           if line.startswith(("python -m pip install", "python -m pytest"))]
     assert [plain(s) for s in steps] == ci
     assert ci[-1] == "pytest"  # the whole suite: `-m "not slow"` is the quick local loop
+
+
+def test_the_module_graph_has_no_cycle():
+    """No pace_lm module imports, at the top or inside a function, one that imports it back, however far
+    round: registries live in the leaf pace_lm.registry, which the schema and the builders both import."""
+    modules = {p.stem: p for p in (SRC / "pace_lm").glob("*.py") if p.stem != "__init__"}
+    graph = {m: {n.split(".")[1] for n in ours(imported(p))} & set(modules) - {m} for m, p in modules.items()}
+    state = {}
+
+    def visit(module, path):
+        state[module] = "open"
+        for nxt in sorted(graph[module]):
+            assert state.get(nxt) != "open", f"import cycle: {' -> '.join(path + [nxt])}"
+            if nxt not in state:
+                visit(nxt, path + [nxt])
+        state[module] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+    assert graph["registry"] == set()
+    assert not graph["schema"] & {"optim", "models", "distributed", "train"}

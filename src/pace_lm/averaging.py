@@ -156,7 +156,7 @@ def build_averagers(cfg, names, params):
 # Each has a `name` (its validation loss is recorded as <name>_val_loss), `taken` (whether it has weights
 # yet) and `swapped_in()`, a context manager that puts its weights in the model and the live ones back
 # after. Evaluation, saving and the record iterate over kept_models(); the method registry
-# (pace_lm.optim.OPTIMIZERS) says which one a method returns. A new kind of returned model is one class and
+# (pace_lm.registry.OPTIMIZERS) says which one a method returns. A new kind of returned model is one class and
 # one registration: in AVERAGERS for an averager beside the optimizer, as a Method's own_average for one the
 # optimizer keeps itself.
 
@@ -189,7 +189,7 @@ class OptimizerAverage:
 
 
 def kept_models(method, opt, averagers):
-    """{returned name: model} of every model a run of `method` (an optim.Method) keeps, in evaluation order:
+    """{returned name: model} of every model a run of `method` (a registry.Method) keeps, in evaluation order:
     the final iterate, the optimizer's own average (PACE's EMA or schedule-free's), then the averagers
     (already named by what they return). `method.returns` is the key of the returned one."""
     models = {"final_iterate": FinalIterate()}

@@ -19,7 +19,6 @@ import torch.distributed as dist
 
 from pace_lm import PaceLMError
 
-PARALLEL = ("ddp", "fsdp")
 
 
 @dataclass(frozen=True)

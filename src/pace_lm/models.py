@@ -11,12 +11,8 @@ import warnings
 import torch
 
 from pace_lm import PaceLMError
+from pace_lm.registry import ARCHS, DTYPES
 
-ARCHS = {  # model.arch for model.source=scratch -> transformers config class name
-    "llama": "LlamaConfig",
-    "gpt2": "GPT2Config",
-}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _strict_errors():

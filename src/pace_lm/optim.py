@@ -1,7 +1,7 @@
 """How the step is taken: the optimizer registry and the lr schedules.
 
 Five of the methods are `pace.PACE` with different arguments, so they share one exact, tested update;
-they differ in what it fixes and in the model the run returns (one registration each, in OPTIMIZERS):
+they differ in what it fixes and in the model the run returns (one registration each, in registry.OPTIMIZERS):
   adamw         AdamW; the final iterate is returned            (lambda_pullback=0, use_ema_eval=False)
   ema           AdamW; its EMA is returned (the EMA baseline)    (lambda_pullback=0, use_ema_eval=True)
   pace          AdamW + pull toward the EMA; the EMA is returned (lambda_pullback>0, use_ema_eval=True)
@@ -10,40 +10,12 @@ they differ in what it fixes and in the model the run returns (one registration 
 """
 
 import math
-from dataclasses import dataclass, field
 
 import torch
 
 from pace import PACE
 from pace_lm import PaceLMError
-
-
-@dataclass(frozen=True)
-class Method:
-    returns: str                # the kept model the run returns (a key of averaging.kept_models): final_iterate
-                                # | ema | schedulefree | lawa | swa
-    optimizer: str = "pace"     # its optimizer class: pace (pace.PACE) | schedulefree
-    own_average: str | None = None  # the average the optimizer keeps itself (swapped in by eval() / train())
-    fixed: dict = field(default_factory=dict)  # arguments the method fixes: an override against them errs
-
-
-_ADAMW = dict(lambda_pullback=lambda x: x == 0, use_ema_eval=lambda x: x is False)
-_EMA = dict(lambda_pullback=lambda x: x == 0, use_ema_eval=lambda x: x is True)
-OPTIMIZERS = {
-    "adamw": Method("final_iterate", fixed=_ADAMW),
-    "ema": Method("ema", own_average="ema", fixed=_EMA),
-    "pace": Method("ema", own_average="ema", fixed=dict(_EMA, lambda_pullback=lambda x: x > 0)),
-    "lawa": Method("lawa", fixed=_ADAMW),
-    "swa": Method("swa", fixed=_ADAMW),
-    "schedulefree": Method("schedulefree", optimizer="schedulefree", own_average="schedulefree"),
-}
-
-
-def get_method(name):
-    """The method `name`; an unknown name is an error listing the known ones."""
-    if name not in OPTIMIZERS:
-        raise PaceLMError(f"unknown optimizer {name!r}; known: {', '.join(OPTIMIZERS)}")
-    return OPTIMIZERS[name]
+from pace_lm.registry import SCHEDULES, get_schedule_name
 
 
 def build_optimizer(cfg, model):
@@ -84,13 +56,12 @@ def _wsd(s, n, cfg):
     return 1 + (cfg.final_lr_ratio - 1) * progress
 
 
-SCHEDULES = {"const": _const, "cos": _cos, "wsd": _wsd}
+LR_FACTORS = {"const": _const, "cos": _cos, "wsd": _wsd}  # one per registry.SCHEDULES
+assert tuple(LR_FACTORS) == SCHEDULES
 
 
 def get_schedule(name):
-    if name not in SCHEDULES:
-        raise PaceLMError(f"unknown schedule {name!r}; known: {', '.join(SCHEDULES)}")
-    return SCHEDULES[name]
+    return LR_FACTORS[get_schedule_name(name)]
 
 
 def lr_factor(step, max_steps, cfg):

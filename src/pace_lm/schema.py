@@ -19,6 +19,7 @@ from typing import Any, Optional, Union
 
 from pace import PACE
 from pace_lm import PaceLMError
+from pace_lm.registry import ARCHS, DTYPES, PARALLEL, get_method, get_schedule_name
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,7 @@ class Schedule:
 
 @dataclass(frozen=True)
 class Optimizer:
-    """`name` (a method of pace_lm.optim.OPTIMIZERS), `args` (the keyword arguments of the method's optimizer
+    """`name` (a method of pace_lm.registry.OPTIMIZERS), `args` (the keyword arguments of the method's optimizer
     class the config sets: pace.PACE's or schedule-free's) and `impl` (PACE's step; auto: its default)."""
     name: str
     args: dict
@@ -96,14 +97,12 @@ class Optimizer:
 
     @property
     def method(self):
-        from pace_lm.optim import get_method
         return get_method(self.name)
 
     def kwargs(self):
         """The optimizer class's keyword arguments."""
         kwargs = dict(self.args, betas=tuple(self.args["betas"]))
         if self.method.optimizer == "pace":
-            from pace_lm.models import DTYPES
             kwargs["impl"] = None if self.impl == "auto" else self.impl
             kwargs["ema_dtype"] = DTYPES[kwargs["ema_dtype"]] if kwargs["ema_dtype"] else None
         return kwargs
@@ -173,7 +172,6 @@ def validate(cfg, ranks=None):
 def validate_optimizer(cfg):
     """The `optimizer` group (a mapping) as an `Optimizer`: its method's arguments and no others, the ones the
     method fixes, and every value as its optimizer class checks them (PACE's own check, with nothing built)."""
-    from pace_lm.optim import get_method
     raw = _plain(cfg)
     if not isinstance(raw, dict) or "name" not in raw:
         raise PaceLMError("optimizer.name is missing: choose optimizer=<name>")
@@ -197,7 +195,6 @@ def validate_optimizer(cfg):
                               f"in [0, 1)")
         return opt
     if args["ema_dtype"] is not None:
-        from pace_lm.models import DTYPES
         _choice("optimizer.ema_dtype", args["ema_dtype"], DTYPES)
     try:
         PACE.check_args(**opt.kwargs())
@@ -243,7 +240,6 @@ def _check_training(tc, ranks):
                           f" x ranks = {tc.micro_batch_size} x {ranks}")
     _choice("training.pad_to", tc.pad_to, ("max_seq_len", "longest"))
     _choice("training.dtype", tc.dtype, ("auto", "fp32", "bf16"))
-    from pace_lm.distributed import PARALLEL
     _choice("training.parallel", tc.parallel, PARALLEL)
     if isinstance(tc.resume, str) and (tc.resume == "" or tc.resume.lower() in ("true", "false")):
         raise PaceLMError(f"training.resume={tc.resume!r} must be false, true, auto or a checkpoint folder")
@@ -282,8 +278,7 @@ def _check_averaging(averaging, returns, max_steps):
 
 
 def _check_schedule(s):
-    from pace_lm.optim import get_schedule
-    get_schedule(s.name)
+    get_schedule_name(s.name)
     if not 0 <= s.warmup_fraction < 1:
         raise PaceLMError(f"schedule.warmup_fraction={s.warmup_fraction} must be in [0, 1)")
     for key in ("final_lr_ratio", "decay_fraction"):
@@ -297,7 +292,6 @@ def _check_schedule(s):
 
 def validate_model(cfg):
     """The `model` group (a mapping) as a `Model`."""
-    from pace_lm.models import ARCHS, DTYPES
     m = _build(Model, _plain(cfg), "model.")
     _choice("model.source", m.source, ("scratch", "pretrained"))
     _choice("model.dtype", m.dtype, DTYPES)
