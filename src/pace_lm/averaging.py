@@ -13,11 +13,13 @@ A run that enables neither builds neither: nothing is added to the step.
 
 import collections
 import contextlib
+import dataclasses
 
 import torch
 from torch.optim.swa_utils import get_swa_multi_avg_fn
 
 from pace_lm import PaceLMError
+from pace_lm.registry import OPTIMIZERS
 
 
 class Averager:
@@ -146,9 +148,9 @@ def build_averagers(cfg, names, params):
     params = list(params)
     out = {}
     for name in names:
-        a = getattr(cfg, name)
-        kwargs = dict(every=a.every, start=a.start, device=a.device)
-        out[name] = LAWA(params, k=a.k, **kwargs) if name == "lawa" else SWA(params, **kwargs)
+        settings = getattr(cfg, name)  # its dataclass: the class's keyword arguments, and `enabled`
+        kwargs = {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings) if f.name != "enabled"}
+        out[name] = AVERAGERS[name](params, **kwargs)
     return out
 
 
@@ -197,3 +199,10 @@ def kept_models(method, opt, averagers):
         models[method.own_average] = OptimizerAverage(method.own_average, opt)
     models.update(averagers)
     return models
+
+
+def kept_names():
+    """Every name a kept model can have, in evaluation order: the final iterate's, each optimizer's own
+    average (registry.OPTIMIZERS), each averager's (AVERAGERS). The record's <name>_val_loss keys."""
+    own = [m.own_average for m in OPTIMIZERS.values() if m.own_average]
+    return tuple(dict.fromkeys([FinalIterate.name, *own, *(cls.name for cls in AVERAGERS.values())]))

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from pace_lm import PaceLMError, distributed
+from pace_lm.averaging import kept_names
 from pace_lm.data import IGNORE_INDEX, collate
 
 
@@ -58,8 +59,8 @@ def evaluate(model, val_batches, device, autocast, world=distributed.World()):
     return value
 
 
-VAL_KEYS = ("val_loss", "vanilla_val_loss", "ema_val_loss", "schedulefree_val_loss", "lawa_val_loss",
-            "swa_val_loss")
+# every eval log has the same keys: the returned model's val_loss, then each kept model's (None when not kept)
+VAL_KEYS = ("val_loss", *(f"{name}_val_loss" for name in kept_names()))
 
 
 def evaluate_all(parts, val_batches, autocast, world):

@@ -264,7 +264,8 @@ def _check_averaging(averaging, returns, max_steps):
     weights before the run ends."""
     for name in enabled_averagers(averaging, returns):
         a = getattr(averaging, name)
-        for key in ("k", "every", "start") if name == "lawa" else ("every", "start"):
+        counts = [f.name for f in dataclasses.fields(a) if f.type in (int, "int")]  # every, start, LAWA's k
+        for key in counts:
             value, least = getattr(a, key), 0 if key == "start" else 1
             if value < least:
                 raise PaceLMError(f"averaging.{name}.{key}={value!r} must be an integer >= {least}")
