@@ -915,3 +915,15 @@ def test_an_impossible_fused_request_raises_and_the_default_says_why(monkeypatch
     q.grad = torch.randn(8)
     with pytest.raises(RuntimeError, match=r"the CPU kernel could not be built \(RuntimeError: no C compiler\)"):
         PACE([q], impl="fused").step()
+
+
+def test_a_cpu_kernel_that_cannot_allocate_raises(monkeypatch):
+    """The C kernel returns 1 where malloc fails; the step says so instead of writing through NULL."""
+    params = make_params()
+    set_grads(params, 0)
+    opt = PACE(params, lr=0.01, impl="fused")
+    opt.step()  # built and loaded
+    name = cpu_kernel.KERNELS[(torch.float32, torch.float32)]
+    monkeypatch.setitem(cpu_kernel._fns, name, lambda *args: 1)
+    with pytest.raises(MemoryError, match="could not allocate its table"):
+        opt.step()

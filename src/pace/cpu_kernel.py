@@ -111,7 +111,7 @@ def _load(name):
     if not os.path.exists(path):
         _build(path, cc, source, name)
     fn = getattr(ctypes.CDLL(path), name)
-    fn.restype = None
+    fn.restype = ctypes.c_int  # 0, or 1 where the kernel cannot allocate its chunk table
     fn.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
                    ctypes.c_void_p, ctypes.c_int]
     return fn
@@ -144,6 +144,8 @@ def step(name, tensors, hp, pull, update_ema, stats):
     numels = torch.tensor(sizes, dtype=torch.int64)
     hp = hp.to(device="cpu", dtype=torch.float64).contiguous()
     out = torch.empty(n_chunks(sizes), 6, dtype=torch.float64) if stats else None
-    _fns[name](len(tensors), ptrs.data_ptr(), numels.data_ptr(), hp.data_ptr(), int(pull), int(update_ema),
-               out.data_ptr() if stats else None, torch.get_num_threads())
+    failed = _fns[name](len(tensors), ptrs.data_ptr(), numels.data_ptr(), hp.data_ptr(), int(pull),
+                        int(update_ema), out.data_ptr() if stats else None, torch.get_num_threads())
+    if failed:
+        raise MemoryError(f"PACE: the CPU kernel could not allocate its table of {len(tensors)} tensors")
     return out

@@ -28,7 +28,6 @@ except ImportError:  # torch built without distributed
     DTensor = ()
 
 IMPLS = ("fused", "triton", "foreach", "forloop")
-LEGACY_IMPLS = {"compiled": "fused", "compiled_tensor": "fused"}  # names of earlier versions (checkpoints keep them)
 STAT_NAMES = ("lambda_mean", "lambda_max", "frac_clipped", "update_norm", "pullback_norm", "dist_to_ema")
 MIN_DECAY = 1e-4  # floor on decay_t, so that a decaying EMA never freezes
 FOREACH_SLICE = 1 << 24  # elements per foreach pass: bounds its preallocated temporaries
@@ -134,7 +133,7 @@ def _check_group(group):
     if isinstance(freq, bool) or not isinstance(freq, int) or freq < 1:
         bad("ema_update_freq", "must be a positive int")
     impl = group["impl"]
-    if impl is not None and impl not in IMPLS and impl not in LEGACY_IMPLS:
+    if impl is not None and impl not in IMPLS:
         bad("impl", f"must be None or one of {IMPLS}")
     ema_dtype = group["ema_dtype"]
     if ema_dtype is not None and not (isinstance(ema_dtype, torch.dtype) and ema_dtype.is_floating_point):
@@ -323,7 +322,7 @@ class PACE(Optimizer):
     def _plan(self, group, params, grads, has_grad, needs_ema):
         """Create the state of parameters stepped for the first time, advance every step count, and sort
         the parameters with grads into buckets (device, dtype, step count), each with the path that steps it."""
-        impl = LEGACY_IMPLS.get(group["impl"], group["impl"])
+        impl = group["impl"]
         capturable = group["capturable"]
         if capturable and _capturing():
             raise RuntimeError("PACE: the parameters with grads changed inside CUDA graph capture; capture a step "
@@ -444,6 +443,12 @@ class PACE(Optimizer):
         return hp, consts
 
     # ---- telemetry ---------------------------------------------------------------
+
+    def set_log_stats(self, on: bool) -> None:
+        """Record telemetry at the next steps (every group's log_stats), e.g. on the steps a loop logs: a
+        step with it costs one more pass of reductions, and only those steps pay it."""
+        for group in self.param_groups:
+            group["log_stats"] = bool(on)
 
     def get_step_stats(self) -> dict[str, float]:
         """Telemetry of the last step of groups with log_stats=True (this call syncs with the device).

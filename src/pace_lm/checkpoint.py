@@ -88,7 +88,7 @@ class TrainCheckpoint:
         try:
             return cls(config=state["config"], record=state["record"], loop=LoopState(**state["loop"]),
                        batches=state["batches"], train=state["train"], rng=rank_part["rng"],
-                       window_loss=rank_part["window_loss"], world=rank_part.get("world", 1))
+                       window_loss=rank_part["window_loss"], world=rank_part["world"])
         except (KeyError, TypeError) as e:
             raise PaceLMError(f"{folder} is not a pace-train checkpoint ({type(e).__name__}: {e})") from e
 
@@ -229,7 +229,7 @@ def load(folder, world, verified=False):
     rank_path = os.path.join(folder, f"rank{world.rank}.pt")
     # a checkpoint written by fewer ranks: this rank starts from rank 0's RNG (still deterministic)
     rank_state = _load_file(rank_path if os.path.exists(rank_path) else os.path.join(folder, "rank0.pt"))
-    if rank_state.get("world", 1) != world.size:
+    if rank_state["world"] != world.size:
         rank_state = dict(rank_state, window_loss=None)  # rank-local partial sums mean nothing on another world size
     return state, rank_state
 

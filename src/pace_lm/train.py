@@ -279,8 +279,7 @@ class Loop:
         state.trained += n_step
         grad_norm = grad_norm_clip(parts.model, tc.grad_clip)
         if self.telemetry:  # PACE's statistics on the steps that log, and only there (they cost a pass)
-            for group in parts.opt.param_groups:
-                group["log_stats"] = stats
+            parts.opt.set_log_stats(stats)
         parts.opt.step()
         parts.opt.zero_grad(set_to_none=True)
         for averager in parts.averagers.values():

@@ -105,11 +105,12 @@ static inline __attribute__((always_inline)) void NAME##_chunk(                 
     }                                                                                                       \
 }                                                                                                           \
                                                                                                             \
-void NAME(int64_t n_tensors, const int64_t *ptrs, const int64_t *numels, const double *hp, int pull,        \
-          int update_ema, double *stats, int n_threads) {                                                   \
+int NAME(int64_t n_tensors, const int64_t *ptrs, const int64_t *numels, const double *hp, int pull,         \
+         int update_ema, double *stats, int n_threads) { /* 0, or 1 where its table cannot be allocated */ \
     C h[HP_SIZE];                                                                                                \
     for (int k = 0; k < HP_SIZE; k++) h[k] = (C)hp[k];                                                           \
     int64_t *first = malloc((n_tensors + 1) * sizeof(int64_t)); /* first chunk of each tensor */            \
+    if (first == NULL) return 1;                                                                            \
     first[0] = 0;                                                                                           \
     for (int64_t t = 0; t < n_tensors; t++) first[t + 1] = first[t] + (numels[t] + CHUNK - 1) / CHUNK;      \
     int64_t n_chunks = first[n_tensors];                                                                    \
@@ -136,6 +137,7 @@ void NAME(int64_t n_tensors, const int64_t *ptrs, const int64_t *numels, const d
         }                                                                                                   \
     }                                                                                                       \
     free(first);                                                                                            \
+    return 0;                                                                                               \
 }
 
 #define SAME(x) (x)

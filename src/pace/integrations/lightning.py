@@ -96,8 +96,7 @@ class PACECallback(pl.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if self.telemetry:
             logs = (trainer.global_step + 1) % max(1, trainer.log_every_n_steps) == 0
-            for group in find_pace(trainer).param_groups:
-                group["log_stats"] = logs
+            find_pace(trainer).set_log_stats(logs)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if self.telemetry:

@@ -61,8 +61,7 @@ class PACECallback(TrainerCallback):
     def on_step_begin(self, args, state, control, **kwargs):
         if self.telemetry:
             logs = args.logging_steps and (state.global_step + 1) % args.logging_steps == 0
-            for group in self._pace(kwargs).param_groups:
-                group["log_stats"] = bool(logs)
+            self._pace(kwargs).set_log_stats(bool(logs))
 
     def on_evaluate(self, args, state, control, **kwargs):
         self._pace(kwargs).train()  # the live weights back before any checkpoint
