@@ -185,7 +185,7 @@ def test_a_train_checkpoint_is_one_typed_layout_for_saving_and_resuming(tmp_path
     loop = checkpoint.LoopState(step=7, tokens=700, trained=650, window_tokens=30, t_train=1.5, base_lrs=[1e-3, 1e-3])
     ckpt = checkpoint.TrainCheckpoint(config=dict(seed=0), record=dict(status="running"), loop=loop,
                                       batches=dict(epoch=1, offset=3), train=dict(model={"w": torch.ones(2)}),
-                                      rng=checkpoint.rng_state(), window_loss=torch.tensor(2.5), world=1)
+                                      rng=checkpoint.rng_state(), window_loss=torch.tensor(2.5), world_size=1)
     folder = ckpt.save(str(tmp_path), W)
     assert folder == checkpoint.step_dir(str(tmp_path), 7)
     state, rank_part = checkpoint.load(folder, W)

@@ -17,7 +17,7 @@ def _with_data(tmp_path, offline_data):
 
 
 @pytest.mark.slow
-def test_pace_train_40_steps_as_in_the_issue(tmp_path, offline_data):
+def test_pace_train_40_steps_from_the_command_line(tmp_path, offline_data):
     cwd = _with_data(tmp_path, offline_data)
     t0 = time.time()
     proc = run_cli(["pace-train", "optimizer=pace", "training.max_steps=40", "training.out_dir=out",

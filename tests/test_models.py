@@ -36,7 +36,7 @@ def test_every_dataset_and_schedule_config_composes(group):
         assert cfg[group].name == option
 
 
-def test_the_issue_example_composes():
+def test_a_paper_scale_pace_config_composes():
     cfg = compose(["model=smollm2_1.7b", "optimizer=pace", "schedule=const", "optimizer.lr=1e-3",
                    "optimizer.lambda_pullback=0.15", "optimizer.ema_kappa=0.2", "dataset.path=data/smoltalk"])
     assert cfg.model.pretrained == "HuggingFaceTB/SmolLM2-1.7B" and cfg.training.out_dir == "runs"

@@ -121,7 +121,7 @@ def error(name=DEFAULT):
     return _errors.get(name)
 
 
-def supports(tensors, ema_dtype):
+def kernel_for(tensors, ema_dtype):
     """The kernel's name for this bucket, or None if no kernel takes it: CPU, contiguous, one dtype for p,
     g, m and v, a (weights, EMA) dtype pair of KERNELS."""
     p = tensors[0][0]
@@ -136,7 +136,7 @@ def n_chunks(numels):
 
 
 def step(name, tensors, hp, pull, update_ema, stats):
-    """One PACE step of a bucket with kernel `name` (from supports(), loaded): tensors a list of
+    """One PACE step of a bucket with kernel `name` (from kernel_for(), loaded): tensors a list of
     [p, g, m, v, ema or None]; hp the (10,) hyperparameters (see _pace_update). Returns (n_chunks, 6)
     float64 partial sums when stats, else None."""
     ptrs = torch.tensor([0 if x is None else x.data_ptr() for row in tensors for x in row], dtype=torch.int64)

@@ -371,7 +371,7 @@ class PACE(Optimizer):
             return (impl,)
         rows, device, ema_dtype = bucket.rows, bucket.device, bucket.ema_dtype
         if impl != "triton" and device.type == "cpu":
-            name = cpu_kernel.supports(rows, ema_dtype)
+            name = cpu_kernel.kernel_for(rows, ema_dtype)
             if name is not None and cpu_kernel.load(name) is not None:
                 return ("cpu", name)
             why = (f"the CPU kernel could not be built ({cpu_kernel.error(name)})" if name is not None else

@@ -74,21 +74,22 @@ class TrainCheckpoint:
     # rank{r}.pt, each rank's own
     rng: dict                    # rng_state()
     window_loss: torch.Tensor | None  # this rank's loss summed since the last log; None on another world size
-    world: int                   # ranks that wrote it
+    world_size: int              # ranks that wrote it (the file's key: world)
 
     def save(self, ckpt_dir, world, sharded=None, keep=2):
         shared = dict(config=self.config, record=self.record, loop=dataclasses.asdict(self.loop),
                       batches=self.batches, train=self.train)
-        rank_part = dict(rng=self.rng, window_loss=self.window_loss, world=self.world)
+        rank_part = dict(rng=self.rng, window_loss=self.window_loss, world=self.world_size)
         return save(ckpt_dir, self.loop.step, shared, rank_part, world, sharded, keep=keep)
 
     @classmethod
     def load(cls, folder, world, verified=False):
         state, rank_part = load(folder, world, verified)
         try:
+            same_world = rank_part["world"] == world.size  # else rank-local partial sums mean nothing
             return cls(config=state["config"], record=state["record"], loop=LoopState(**state["loop"]),
                        batches=state["batches"], train=state["train"], rng=rank_part["rng"],
-                       window_loss=rank_part["window_loss"], world=rank_part["world"])
+                       window_loss=rank_part["window_loss"] if same_world else None, world_size=rank_part["world"])
         except (KeyError, TypeError) as e:
             raise PaceLMError(f"{folder} is not a pace-train checkpoint ({type(e).__name__}: {e})") from e
 
@@ -229,8 +230,6 @@ def load(folder, world, verified=False):
     rank_path = os.path.join(folder, f"rank{world.rank}.pt")
     # a checkpoint written by fewer ranks: this rank starts from rank 0's RNG (still deterministic)
     rank_state = _load_file(rank_path if os.path.exists(rank_path) else os.path.join(folder, "rank0.pt"))
-    if rank_state["world"] != world.size:
-        rank_state = dict(rank_state, window_loss=None)  # rank-local partial sums mean nothing on another world size
     return state, rank_state
 
 

@@ -334,7 +334,7 @@ class Loop:
         states, sharded = checkpoint.capture(parts.model, parts.opt, parts.averagers, self.world)
         ckpt = checkpoint.TrainCheckpoint(
             config=self.record["config"], record=self.record, loop=self.state, batches=self.batches.state_dict(),
-            train=states, rng=checkpoint.rng_state(), window_loss=self.window_loss.cpu(), world=self.world.size)
+            train=states, rng=checkpoint.rng_state(), window_loss=self.window_loss.cpu(), world_size=self.world.size)
         return ckpt.save(self.paths.checkpoints, self.world, sharded, keep=self.tc.checkpoint.keep)
 
     def interrupted(self, signals, folder):
