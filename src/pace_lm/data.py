@@ -386,12 +386,8 @@ def load_prepared(path):
     from datasets import load_from_disk
     from pace_lm.models import load_tokenizer
     meta_path = os.path.join(path, META)
-    if not os.path.isdir(path):
-        raise PaceLMError(f"dataset.path={path!r} does not exist: prepare it with "
-                          f"`pace-data --out {path} ...` (or use dataset=offline)")
     if not os.path.exists(meta_path):
-        raise PaceLMError(f"dataset.path={path!r} has no {META}: it is not prepared data (prepare it with "
-                          f"`pace-data --out PATH ...` into a new folder, and set dataset.path=PATH)")
+        raise not_prepared(path, f"pace-data --out {path} ...")
     with open(meta_path) as f:
         meta = json.load(f)
     train = load_from_disk(os.path.join(path, "train"))
@@ -400,10 +396,16 @@ def load_prepared(path):
     return train, val, tok, meta
 
 
+def not_prepared(path, command):
+    """The error for a dataset.path that is not prepared data: it does not exist, or has no meta.json
+    (`command`: how to prepare it)."""
+    what = "does not exist" if not os.path.exists(path) else f"is not prepared data (no {META})"
+    return PaceLMError(f"dataset.path={path!r} {what}: prepare it with `{command}` (a folder of its own), or "
+                       f"point dataset.path at prepared data")
+
+
 def subset(ds, ratio, seed):
-    """A seeded sample of `ratio` of the examples (the whole dataset for ratio=1)."""
-    if not 0 < ratio <= 1:
-        raise PaceLMError(f"dataset.subset_ratio={ratio} must be in (0, 1]")
+    """A seeded sample of `ratio` (in (0, 1]: schema.validate checks it) of the examples (all for ratio=1)."""
     if ratio == 1:
         return ds
     k = max(1, int(len(ds) * ratio))

@@ -162,7 +162,7 @@ def paired_table(fig, rows):
     out = []
     for panel in dict.fromkeys(r["panel"] for r in rows):
         xs = _xs([r for r in rows if r["panel"] == panel], fig)
-        out.append(f"| paired difference (per seed) | " + " | ".join(f"{_short(fig.plot['x'])}={x}" for x in xs)
+        out.append("| paired difference (per seed) | " + " | ".join(f"{_short(fig.plot['x'])}={x}" for x in xs)
                    + " |")
         out.append("|---|" + "---|" * len(xs))
         for a, b in pairs:
@@ -237,10 +237,10 @@ def plot(fig, rows, stem):
         ax.set_title(f"{fig.id}" + (f": {fig.plot['panel']} = {panel}" if panel is not None else ""))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    return _save(fig_, stem)
+    return save_plot(fig_, stem)
 
 
-def _save(fig_, stem):
+def save_plot(fig_, stem, dpi=150):
     """`stem`.png and `stem`.svg of a matplotlib figure, without dates, so that a redraw is byte-identical."""
     import matplotlib.pyplot as plt
     fig_.tight_layout()
@@ -248,7 +248,7 @@ def _save(fig_, stem):
     paths = []
     for ext, meta in (("png", {"Software": None}), ("svg", {"Date": None})):
         paths.append(f"{stem}.{ext}")
-        fig_.savefig(paths[-1], dpi=150, metadata=meta)
+        fig_.savefig(paths[-1], dpi=dpi, metadata=meta)
     plt.close(fig_)
     return paths
 
@@ -292,7 +292,7 @@ def plot_steps(fig, out_dir, keys, stem):
         ax.set_title(f"{fig.id}: {key}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    return _save(fig_, stem)
+    return save_plot(fig_, stem)
 
 
 def plot_curves(fig, rows, stem):
@@ -318,7 +318,7 @@ def plot_curves(fig, rows, stem):
         ax.set_title(f"{_short(fig.plot['x'])}={x}" + (f", {fig.plot['panel']} = {panel}" if panel is not None else ""))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    return _save(fig_, stem)
+    return save_plot(fig_, stem)
 
 
 def plot_figure(fig, out_dir, plot_dir=None):

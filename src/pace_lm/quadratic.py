@@ -19,6 +19,7 @@ import numpy as np
 
 from pace import theory
 from pace_lm import PaceLMError
+from pace_lm.plots import save_plot
 from pace_lm.records import RECORD, environment, read_record, write_json_atomic
 
 FIG_ID = "quadratic"
@@ -72,56 +73,13 @@ def plot_quadratic(spec, out_dir, plot_dir=None):
     if record.get("config") != spec:
         raise PaceLMError(f"{path} was computed from another spec: run pace-figure fig={FIG_ID} run=true again")
     r, sde = record["results"], spec["sde"]
-    h, sigma, beta, rho = sde["h"], sde["sigma"], sde["beta"], sde["rho"]
-
     fig, ax = plt.subplots(2, 2, figsize=(11, 8.5))
-    a = ax[0, 0]
-    grid = np.linspace(0, max(sde["gains"]), 200)
-    a.plot(grid, [theory.avg_error(h, sigma, beta, k) for k in grid], label=r"closed form $h\,E[\bar\theta^2]$")
-    a.errorbar(r["sde"]["gains"], r["sde"]["simulated"], yerr=2 * np.array(r["sde"]["simulated_se"]), fmt="o",
-               ms=4, capsize=3, label="SDE simulated (± 2 s.e.)")
-    a.plot(grid, [theory.objective(h, sigma, beta, k, rho) for k in grid], "--",
-           label=rf"$J = h\,E[\bar\theta^2] + \rho\,E[u^2]$ ($\rho$={rho:g})")
-    a.plot([r["sde"]["k_star"]], [r["sde"]["objective_k_star"]], "k*", ms=10, label=f"k* = {r['sde']['k_star']:.2f}")
-    a.set(xlabel="gain k of the pull u = k (average - iterate)", ylabel="limiting error of the average",
-          title=f"(a) one coordinate: h={h:g}, sigma={sigma:g}, beta={beta:g}")
-    a.legend(fontsize=8)
-
-    b = ax[0, 1]
-    eps = np.array(r["instances"]["eps"])
-    b.loglog(eps, r["instances"]["improvement"], "o-", label="J(0) / J(k*)")
-    b.loglog(eps, 1 / (4 * eps), "--", label="1 / (4 eps)")
-    b.invert_xaxis()
-    b.set(xlabel="eps (instances h = beta = rho = eps)", ylabel="improvement over the EMA",
-          title="(b) the optimal pull's gain grows without bound")
-    b.legend(fontsize=8)
-
-    c = ax[1, 0]
-    st = r["stationary"]["stationary"]
-    cs = [x for x in spec["optimizer"]["c"] if x > 0]
-    c.semilogx(cs, [st[f"pace_c{x:g}"] for x in cs], "o-", label="PACE's returned EMA")
-    c.axhline(st["ema"], color="C1", ls="--", label="EMA baseline (c = 0)")
-    c.axhline(st["adamw"], color="C2", ls=":", label="AdamW, last iterate")
-    c.set(xlabel="pullback strength c (optimizer.lambda_pullback)", ylabel="stationary excess loss f(returned)",
-          title=f"(c) pace.PACE on a noisy quadratic (dim {spec['optimizer']['dim']})")
-    c.legend(fontsize=8)
-
-    d = ax[1, 1]
-    tr = r["transient"]
-    for name, values in tr["curves"].items():
-        d.semilogy(tr["steps"], values, label=_label(name))
-    d.set(xlabel="step", ylabel="excess loss f(returned)",
-          title=f"(d) from a far start (theta_0 = {spec['optimizer']['far_start']:g}): the pull's bias")
-    d.legend(fontsize=8)
-    fig.tight_layout()
-
+    _panel_gain(ax[0, 0], r["sde"], sde)
+    _panel_instances(ax[0, 1], r["instances"])
+    _panel_stationary(ax[1, 0], r["stationary"]["stationary"], spec["optimizer"])
+    _panel_transient(ax[1, 1], r["transient"], spec["optimizer"])
     stem = os.path.join(plot_dir or os.path.join(out_dir, FIG_ID), FIG_ID)
-    os.makedirs(os.path.dirname(stem), exist_ok=True)
-    paths = []
-    for ext in ("png", "svg"):
-        fig.savefig(f"{stem}.{ext}", dpi=110)
-        paths.append(f"{stem}.{ext}")
-    plt.close(fig)
+    paths = save_plot(fig, stem, dpi=110)
     text = table(spec, record)
     with open(f"{stem}.md", "w") as f:
         f.write(f"{text}\n")
@@ -144,3 +102,49 @@ def table(spec, record):
     lines += [f"| {k:g} | {cf:.5f} | {sim:.5f} ± {se:.5f} |"
               for k, cf, sim, se in zip(s["gains"], s["closed_form"], s["simulated"], s["simulated_se"])]
     return "\n".join(lines)
+
+
+def _panel_gain(a, r, sde):
+    """(a) one coordinate: the closed form against the simulated SDE over the gain k, and k*."""
+    h, sigma, beta, rho = sde["h"], sde["sigma"], sde["beta"], sde["rho"]
+    grid = np.linspace(0, max(sde["gains"]), 200)
+    a.plot(grid, [theory.avg_error(h, sigma, beta, k) for k in grid], label=r"closed form $h\,E[\bar\theta^2]$")
+    a.errorbar(r["gains"], r["simulated"], yerr=2 * np.array(r["simulated_se"]), fmt="o",
+               ms=4, capsize=3, label="SDE simulated (± 2 s.e.)")
+    a.plot(grid, [theory.objective(h, sigma, beta, k, rho) for k in grid], "--",
+           label=rf"$J = h\,E[\bar\theta^2] + \rho\,E[u^2]$ ($\rho$={rho:g})")
+    a.plot([r["k_star"]], [r["objective_k_star"]], "k*", ms=10, label=f"k* = {r['k_star']:.2f}")
+    a.set(xlabel="gain k of the pull u = k (average - iterate)", ylabel="limiting error of the average",
+          title=f"(a) one coordinate: h={h:g}, sigma={sigma:g}, beta={beta:g}")
+    a.legend(fontsize=8)
+
+
+def _panel_instances(b, r):
+    """(b) the optimal pull's improvement over the EMA as the instances sharpen."""
+    eps = np.array(r["eps"])
+    b.loglog(eps, r["improvement"], "o-", label="J(0) / J(k*)")
+    b.loglog(eps, 1 / (4 * eps), "--", label="1 / (4 eps)")
+    b.invert_xaxis()
+    b.set(xlabel="eps (instances h = beta = rho = eps)", ylabel="improvement over the EMA",
+          title="(b) the optimal pull's gain grows without bound")
+    b.legend(fontsize=8)
+
+
+def _panel_stationary(c, st, opt):
+    """(c) pace.PACE on a noisy quadratic: the stationary loss of each returned model against c."""
+    cs = [x for x in opt["c"] if x > 0]
+    c.semilogx(cs, [st[f"pace_c{x:g}"] for x in cs], "o-", label="PACE's returned EMA")
+    c.axhline(st["ema"], color="C1", ls="--", label="EMA baseline (c = 0)")
+    c.axhline(st["adamw"], color="C2", ls=":", label="AdamW, last iterate")
+    c.set(xlabel="pullback strength c (optimizer.lambda_pullback)", ylabel="stationary excess loss f(returned)",
+          title=f"(c) pace.PACE on a noisy quadratic (dim {opt['dim']})")
+    c.legend(fontsize=8)
+
+
+def _panel_transient(d, tr, opt):
+    """(d) from a far start: the pull's bias early in a run."""
+    for name, values in tr["curves"].items():
+        d.semilogy(tr["steps"], values, label=_label(name))
+    d.set(xlabel="step", ylabel="excess loss f(returned)",
+          title=f"(d) from a far start (theta_0 = {opt['far_start']:g}): the pull's bias")
+    d.legend(fontsize=8)

@@ -34,7 +34,8 @@ from omegaconf import OmegaConf
 from pace import PACE
 from pace_lm import PaceLMError, averaging, checkpoint, distributed, schema
 from pace_lm.config import shipped_value
-from pace_lm.data import IGNORE_INDEX, META, Batches, collate, load_prepared, prepare, prepare_command, subset
+from pace_lm.data import IGNORE_INDEX, META, Batches, collate, load_prepared, not_prepared, prepare, prepare_command, \
+    subset
 from pace_lm.evaluation import (VAL_KEYS, Diverged, batch_loss, evaluate_all, get_autocast, get_val_batches,
                                 to_device)
 from pace_lm.lock import run_lock
@@ -406,9 +407,7 @@ def ensure_data(cfg, spec, main=True):
     shipped = shipped_value(cfg, "dataset", "path")
     ours = shipped is not None and os.path.abspath(shipped) == os.path.abspath(data.path)
     if not (data.prepare_if_missing and ours and not os.path.exists(data.path)):
-        what = "does not exist" if not os.path.exists(data.path) else f"is not prepared data (no {META})"
-        raise PaceLMError(f"dataset.path={data.path!r} {what}: prepare it with `{prepare_command(data)}`, "
-                          f"or point dataset.path at prepared data")
+        raise not_prepared(data.path, prepare_command(data))
     if main:
         print(f"preparing {data.name} data in {data.path} (once, offline)", flush=True)
         prepare(data.path, source=data.prepare_if_missing, mode=data.mode, tokenizer=data.tokenizer,
