@@ -28,6 +28,7 @@ def comparable(record):
     """A record without what differs between two runs of one config: timings, where it ran, its resumes."""
     record = strip_timing(json.loads(json.dumps(record)))
     record.pop("resumed", None)
+    record.pop("ends", None)  # how the earlier starts ended
     record["summary"].pop("environment", None)
     record["summary"].pop("model_dir", None)
     for key in ("out_dir", "resume"):

@@ -52,16 +52,16 @@ def same_logs(mine, theirs, rel=TINY):
                 assert close(a[key], value, rel), (b.get("step"), key, a[key], value)
             else:
                 assert a[key] == value, (b.get("step"), key, a[key], value)
-CELL = "pace_lr0.003"
+CELL = "pace_lr0.003_seed0"
 FIXTURES = Path(__file__).parent / "fixtures" / "results"
 REFERENCE = FIXTURES / "demo" / CELL / "record.json"
 # the first 20 steps of the 200-step run: its warm-up is 5% of 200 = 10 steps, so 50% of 20 keeps it, and the
 # constant lr after it does not depend on the length; the reference logs every 10 steps
 QUICK = {"training.max_steps": 20, "schedule.warmup_fraction": 0.5, "training.eval_interval": 20}
 WHERE = {"dataset.path", "training.out_dir"}  # where things are on this machine: not part of the run
-# The committed records were made by the foreach step (what impl=auto ran on the CPU before the fused
-# kernel); the same update to a few ulps, but bit-for-bit reproduction needs the same step
-AS_MADE = {"optimizer.impl": "foreach"}
+# The demo's records were made by PACE's default (fused) step; smollm2_sft's by the foreach step (what
+# impl=auto ran on the CPU before the fused kernel): the same update to a few ulps, reproduced with that step
+SMOL_AS_MADE = {"optimizer.impl": "foreach"}  # smollm2_sft's records were made by the foreach step
 
 
 def test_reproduce_a_cell_of_the_demo_figure(tmp_path, offline_data):
@@ -78,7 +78,7 @@ def test_reproduce_a_cell_of_the_demo_figure(tmp_path, offline_data):
     run = next(r for r in fig.runs if r.name == CELL)
 
     # 3. its config, composed from the shipped yaml: the reference's, but for paths (and length, if quick)
-    extra = [f"{k}={v}" for k, v in ({} if FULL else QUICK).items() | AS_MADE.items()]
+    extra = [f"{k}={v}" for k, v in ({} if FULL else QUICK).items()]  # the records: PACE's default step
     cfg = build_config(fig, run, str(tmp_path), data=str(offline_data), extra=extra)
     assert set(config_diff(reference["config"], cfg)) - WHERE == (set() if FULL else set(QUICK))  # impl: how, not what
 
@@ -125,7 +125,7 @@ def test_reproduce_a_cell_of_the_smollm2_sft_figure(tmp_path):
     fig = load_figure("smollm2_sft")
     run = next(r for r in fig.runs if r.name == SMOL_CELL)
     quick = {"training.max_steps": SMOL_QUICK_STEPS}
-    extra = [f"{k}={v}" for k, v in ({} if FULL else quick).items() | AS_MADE.items()]
+    extra = [f"{k}={v}" for k, v in ({} if FULL else quick).items() | SMOL_AS_MADE.items()]
     data = tmp_path / "data"
     cfg = build_config(fig, run, str(tmp_path), data=str(data), extra=extra)
     where = WHERE | {"model.pretrained", "dataset.tokenizer"}  # the installed package's folder

@@ -30,13 +30,13 @@ def table_cells(text):
 
 
 def expected_demo_values(fig):
-    """{(line, lr): final loss} read straight from the committed records, with the spec's split."""
+    """{(line, lr): [final loss of each seed]} read straight from the committed records, with the spec's split."""
     values = {}
     for r in fig.runs:
         summary = read_record(FIXTURES / "demo" / r.name / "record.json")["summary"]
         split = fig.plot["split"].get(r.values["optimizer"]) or {r.values["optimizer"]: "final_val_loss"}
         for line, key in split.items():
-            values[line, r.values["optimizer.lr"]] = summary[key]
+            values.setdefault((line, r.values["optimizer.lr"]), []).append(summary[key])
     return values
 
 
@@ -47,7 +47,7 @@ def test_demo_figure_from_the_committed_records(tmp_path):
     assert (tmp_path / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "<svg" in (tmp_path / "demo.svg").read_text()
     assert text in (tmp_path / "demo.md").read_text()
-    assert "9 of 9 runs complete." in text
+    assert "27 of 27 runs complete." in text  # 3 lrs x 3 seeds x 3 runs
 
     lrs = sorted({r.values["optimizer.lr"] for r in fig.runs})
     assert text.splitlines()[0] == "| final_val_loss | " + " | ".join(f"lr={lr}" for lr in lrs) + " |"
@@ -56,9 +56,12 @@ def test_demo_figure_from_the_committed_records(tmp_path):
     values = expected_demo_values(fig)
     for line, row in cells.items():
         for lr, cell in zip(lrs, row):
-            value = values[line, lr]
-            best = min(v for (m, x), v in values.items() if x == lr)
-            assert cell == (f"**{value:.4f}**" if value == best else f"{value:.4f}"), (line, lr)
+            vs = values[line, lr]
+            assert len(vs) == 3
+            mean = statistics.fmean(vs)
+            best = min(statistics.fmean(v) for (m, x), v in values.items() if x == lr)
+            text_ = f"{mean:.4f} ± {statistics.stdev(vs):.4f} (n=3)"
+            assert cell == (f"**{text_}**" if mean == best else text_), (line, lr)
 
 
 def test_the_adamw_lines_of_one_run_are_what_separate_runs_give(tmp_path):
@@ -100,8 +103,10 @@ def test_plotting_never_loads_the_training_code(tmp_path):
 
 def test_missing_running_and_diverged_runs(tmp_path):
     shutil.copytree(FIXTURES / "demo", tmp_path / "demo")
-    shutil.rmtree(tmp_path / "demo" / "ema_lr0.01")  # its four lines lose their last point
-    for run, status in (("pace_lr0.01", "diverged"), ("schedulefree_lr0.01", "running")):
+    for seed in range(3):  # its four lines lose their last point
+        shutil.rmtree(tmp_path / "demo" / f"ema_lr0.01_seed{seed}")
+    for run, status in [(f"pace_lr0.01_seed{s}", "diverged") for s in range(3)] + \
+                       [(f"schedulefree_lr0.01_seed{s}", "running") for s in range(3)]:
         path = tmp_path / "demo" / run / "record.json"
         record = json.loads(path.read_text())
         record.update(status=status, summary={})
@@ -110,7 +115,7 @@ def test_missing_running_and_diverged_runs(tmp_path):
     cells = table_cells(text)
     assert [cells[m][-1] for m in ("adamw", "ema", "lawa", "swa", "pace", "schedulefree")] == \
         ["–", "–", "–", "–", "diverged", "–"]
-    assert text.endswith("6 of 9 runs complete, 1 diverged, 1 running, 1 missing.")
+    assert text.endswith("18 of 27 runs complete, 3 diverged, 3 running, 3 missing.")
     assert (tmp_path / "plot" / "demo.png").exists()
 
 

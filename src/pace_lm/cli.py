@@ -91,8 +91,8 @@ def data_main(argv=None):
 
 
 FIGURE_ARGS = dict(fig=None, run=False, plot=False, data=None, out_dir="runs/figures", plot_dir=None, only=None,
-                   steps=None, jobs=None, devices=None)
-FIGURE_USAGE = """usage: pace-figure fig=ID|list [run=true [jobs=N [devices=D,...]]] [plot=true] [data=PATH]
+                   steps=None, jobs=None, devices=None, status=False)
+FIGURE_USAGE = """usage: pace-figure fig=ID|list [run=true [jobs=N [devices=D,...]]] [plot=true] [status=true] [data=PATH]
                    [out_dir=runs/figures] [plot_dir=PATH] [only=GLOB] [steps=KEY,...] [pace-train overrides ...]
 
   fig=list            the figures: id, number of runs, what each shows, the hardware a run needs
@@ -104,6 +104,8 @@ FIGURE_USAGE = """usage: pace-figure fig=ID|list [run=true [jobs=N [devices=D,..
   devices=D,...       with jobs: the runs go round-robin over these devices (training.device), e.g.
                       devices=cuda:0,cuda:1; by default every run uses its own training.device
   plot=true           read the records; write ID.png, ID.svg and ID.md (a table) and print the table
+  status=true         a line per run from its record and lock (not started, running, complete, interrupted,
+                      failed, diverged, died), then the totals; safe while the sweep runs
   data=PATH           prepared data for every run (dataset.path), for figures that do not set it
   out_dir=DIR         records go to DIR/ID/<run>/record.json (default: runs/figures)
   plot_dir=DIR        where the plot files go (default: the figure's folder under out_dir)
@@ -119,7 +121,7 @@ def _parse_figure_args(argv):
         key, eq, value = arg.partition("=")
         if not eq:
             raise PaceLMError(f"{arg!r} is not key=value\n{FIGURE_USAGE}")
-        if key in ("run", "plot"):
+        if key in ("run", "plot", "status"):
             if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
                 raise PaceLMError(f"{key}={value!r} must be true or false")
             opts[key] = value.lower() in ("true", "1", "yes")
@@ -166,6 +168,8 @@ def _figure(opts, extra):
         return _theory_figure(fig, opts)
     check_extra(fig, extra)
     check_jobs(opts, extra)
+    if opts["status"]:
+        return _status(fig, opts, extra)
     if not (opts["run"] or opts["plot"]):
         check_data(fig, opts["data"])
         print(f"# {fig.id}: {fig.description}\n# hardware: {fig.hardware}")
@@ -197,6 +201,21 @@ def _figure(opts, extra):
             paths += plot_steps(fig, opts["out_dir"], opts["steps"].split(","), stem)
         print(text)
         print(f"pace-figure: wrote {', '.join(paths)}")
+
+
+def _status(fig, opts, extra):
+    """status=true: a line per run of the figure (only=GLOB: some), then the totals."""
+    from pace_lm.figures import select
+    from pace_lm.status import STATES, run_state
+    if opts["run"] or opts["plot"] or extra:
+        raise PaceLMError("status=true only reads the records: give it with fig=, out_dir= and only= alone")
+    counts = dict.fromkeys(STATES, 0)
+    for run in select(fig, opts["only"]):
+        state, detail = run_state(os.path.join(opts["out_dir"], fig.id, run.name))
+        counts[state] += 1
+        print(f"{fig.id}/{run.name}: {state}" + (f": {detail}" if detail else ""))
+    print(f"pace-figure: {fig.id}: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n)
+          + f" ({sum(counts.values())} runs under {opts['out_dir']}/{fig.id})")
 
 
 def _theory_figure(fig, opts):

@@ -58,3 +58,25 @@ def _missing(folder):
             break
         folder = parent
     return out[::-1]
+
+
+def holder(run_dir):
+    """The pid of the process that holds `run_dir`'s lock, or None when none does (a run that died drops it:
+    the kernel releases a lock with its process). Reads the lock without taking it for longer than a probe:
+    a shared lock, released at once, so that a pace-train starting then is not kept out (it would be told
+    the folder is in use only within that instant)."""
+    path = os.path.join(run_dir, LOCK)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            return int(text) if text.isdigit() else -1  # held; -1: by a process that wrote no pid yet
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)

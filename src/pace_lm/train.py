@@ -24,6 +24,7 @@ import math
 import os
 import shutil
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ from pace_lm.lock import run_lock
 from pace_lm.models import build_model, save_model
 from pace_lm.optim import build_optimizer, grad_norm_clip, lr_factor, set_lr
 from pace_lm.records import RECORD, environment, read_record, write_json_atomic
+from pace_lm.status import previous_end
 
 
 class Interrupted(PaceLMError):
@@ -124,13 +126,20 @@ def run_locked(cfg, spec, world, device, paths):
     """The run, holding its folder's lock: set up, train, save the returned model, write the record."""
     tc = spec.training
     check_run_dir(paths.record, tc.overwrite)
+    before = previous_end(paths.dir) if world.main else None  # how the last start of this run ended
     resume_from = checkpoint.find(tc.resume, paths.checkpoints, tc.overwrite)
+    if before and before["end"]["status"] == "died":
+        print(f"pace-train: {spec.run_name} died after step {before['end']['step']} logged (its record said "
+              f"running; no process held it): {'resuming from ' + resume_from if resume_from else 'starting again'}",
+              file=sys.stderr, flush=True)
     data = load_data(cfg, spec, world)
     resumed = None
     if resume_from:  # find() checked its files against the manifest
         resumed = checkpoint.TrainCheckpoint.load(resume_from, world, verified=True)
         resumed.check_fits(OmegaConf.to_container(cfg), data.meta, resume_from)
     record = start_record(OmegaConf.to_container(cfg), data.meta, resumed, resume_from)
+    if before:  # the history of the run's earlier ends, the latest last
+        record["ends"] = before["ends"] + [before["end"]]
     torch.manual_seed(spec.seed)
     model = build_model(spec.model, data.tokenizer).to(device)  # a bad model config errs before any record
     if world.main:
@@ -336,7 +345,10 @@ class Loop:
         ckpt = checkpoint.TrainCheckpoint(
             config=self.record["config"], record=self.record, loop=self.state, batches=self.batches.state_dict(),
             train=states, rng=checkpoint.rng_state(), window_loss=self.window_loss.cpu(), world_size=self.world.size)
-        return ckpt.save(self.paths.checkpoints, self.world, sharded, keep=self.tc.checkpoint.keep)
+        folder = ckpt.save(self.paths.checkpoints, self.world, sharded, keep=self.tc.checkpoint.keep)
+        if self.world.main:  # the record on disk as far as the checkpoint: what a run that dies later leaves
+            write_json_atomic(self.paths.record, self.record)
+        return folder
 
     def interrupted(self, signals, folder):
         name = signal.Signals(signals[0]).name if signals else "a signal on another rank"
