@@ -39,7 +39,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import StorageMeta
 
 from pace_lm import PaceLMError
-from pace_lm.records import NOT_COMPARED, config_diff, sha256_file
+from pace_lm.records import NOT_COMPARED, config_diff, folder_bytes, os_error, sha256_file, write_failed
 
 STATE = "state.pt"
 MANIFEST = "manifest.json"
@@ -130,6 +130,20 @@ def save(ckpt_dir, step, state, rank_state, world, sharded=None, keep=2):
     Every rank calls it. Returns the folder.
     """
     final, tmp = step_dir(ckpt_dir, step), os.path.join(ckpt_dir, f".step_{step:08d}.tmp")
+    try:
+        return _save(ckpt_dir, final, tmp, (state, rank_state, sharded), world, keep)
+    except Exception as e:  # a full disk, a read-only folder, a quota: the partial copy goes first, so that
+        cause = os_error(e)  # the record can still be written; the checkpoints before it stay as they were
+        if cause is None:
+            raise
+        if world.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        latest_ok = latest(ckpt_dir)
+        raise write_failed("checkpoint", final, cause, folder_bytes(latest_ok) if latest_ok else None) from e
+
+
+def _save(ckpt_dir, final, tmp, contents, world, keep):
+    state, rank_state, sharded = contents
     if world.main:
         shutil.rmtree(tmp, ignore_errors=True)  # left by a writer that was killed
         os.makedirs(tmp)

@@ -13,7 +13,7 @@ import time
 import torch
 
 from pace_lm import PaceLMError, corpus
-from pace_lm.records import environment, write_json_atomic
+from pace_lm.records import environment, write_failed, write_json_atomic
 
 IGNORE_INDEX = -100  # label of a position that is not trained (F.cross_entropy's ignore_index)
 ROLES = ("system", "user", "assistant")
@@ -297,10 +297,14 @@ def prepare(out, source="offline", mode="sft", tokenizer=None, gguf_file=None, r
                 seconds=round(time.time() - t0, 1), environment=environment())
     tmp = f"{out.rstrip('/')}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    train.save_to_disk(os.path.join(tmp, "train"))
-    val.save_to_disk(os.path.join(tmp, "validation"))
-    tok.save_pretrained(os.path.join(tmp, "tokenizer"))
-    write_json_atomic(os.path.join(tmp, META), meta)
+    try:
+        train.save_to_disk(os.path.join(tmp, "train"))
+        val.save_to_disk(os.path.join(tmp, "validation"))
+        tok.save_pretrained(os.path.join(tmp, "tokenizer"))
+        write_json_atomic(os.path.join(tmp, META), meta)
+    except OSError as e:  # a full disk, a read-only folder: the partial copy goes; `out` is as it was
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise write_failed("prepared data", out, e) from e
     _replace_dir(tmp, out)
     return meta
 

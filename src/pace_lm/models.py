@@ -11,6 +11,7 @@ import warnings
 import torch
 
 from pace_lm import PaceLMError
+from pace_lm.records import os_error, write_failed
 from pace_lm.registry import ARCHS, DTYPES
 
 
@@ -137,8 +138,16 @@ def save_model(model, tokenizer, out, world):
             to_save.tie_weights()
     if world.main:
         shutil.rmtree(tmp, ignore_errors=True)
-        to_save.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        try:
+            to_save.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+        except Exception as e:  # a full disk, a read-only folder: no partial model is left looking whole
+            cause = os_error(e)
+            if cause is None:
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+            needed = sum(p.numel() * p.element_size() for p in to_save.state_dict().values())
+            raise write_failed("the returned model", out, cause, needed) from e
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)
     if world.parallel:

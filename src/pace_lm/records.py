@@ -13,9 +13,46 @@ import platform
 import subprocess
 import tempfile
 
+from pace_lm import PaceLMError
+
 RECORD = "record.json"
 TIMING_KEYS = ("wall_time_s", "train_time_s", "first_step_time_s", "tokens_per_s", "steady_tokens_per_s",
                "time_s")  # differ between identical runs
+
+
+def os_error(error):
+    """The OSError behind a failed write, or None: the error itself, the OSError torch's zip writer reports
+    as the context of its RuntimeError, or the "(os error N)" that safetensors' error carries in its text."""
+    import re
+    if isinstance(error, OSError):
+        return error
+    if isinstance(error.__context__, OSError):
+        return error.__context__
+    found = re.search(r"\(os error (\d+)\)", str(error))
+    return OSError(int(found.group(1)), os.strerror(int(found.group(1)))) if found else None
+
+
+def write_failed(what, path, error, needed=None):
+    """The one-line error for a write that failed (a full disk, a read-only folder, a quota): what failed
+    to write and where, why, how much space it needed (`needed`, bytes, where known) and how much is free."""
+    import errno as errnos
+    import shutil
+    code = errnos.errorcode.get(error.errno, "") if isinstance(error, OSError) else ""
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(folder) and os.path.dirname(folder) != folder:
+        folder = os.path.dirname(folder)
+    try:
+        free = f"{shutil.disk_usage(folder).free / 2**20:.1f} MB free"
+    except OSError:
+        free = "free space unknown"
+    need = f"it needs about {needed / 2**20:.1f} MB, " if needed else ""
+    why = getattr(error, "strerror", None) or str(error)
+    return PaceLMError(f"cannot write {what} {path}: {why}{f' ({code})' if code else ''}; {need}{free} on {folder}")
+
+
+def folder_bytes(folder):
+    """The bytes of every file under `folder` (0 if it does not exist)."""
+    return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(folder) for f in files)
 
 
 def write_json_atomic(path, obj):

@@ -42,7 +42,7 @@ from pace_lm.evaluation import (VAL_KEYS, Diverged, batch_loss, evaluate_all, ge
 from pace_lm.lock import run_lock
 from pace_lm.models import build_model, save_model
 from pace_lm.optim import build_optimizer, grad_norm_clip, lr_factor, set_lr
-from pace_lm.records import RECORD, environment, read_record, write_json_atomic
+from pace_lm.records import RECORD, environment, read_record, write_failed, write_json_atomic
 from pace_lm.status import previous_end
 
 
@@ -164,8 +164,16 @@ def run_locked(cfg, spec, world, device, paths):
         raise
     finally:
         if world.main:
-            write_json_atomic(paths.record, record)
+            write_record(paths.record, record)
     return record
+
+
+def write_record(path, record):
+    """Write the run's record; a full disk (or another write failure) is one line naming it."""
+    try:
+        write_json_atomic(path, record)
+    except OSError as e:
+        raise write_failed("the run's record", path, e) from e
 
 
 def start_record(config, meta, resumed, folder):
@@ -347,7 +355,7 @@ class Loop:
             train=states, rng=checkpoint.rng_state(), window_loss=self.window_loss.cpu(), world_size=self.world.size)
         folder = ckpt.save(self.paths.checkpoints, self.world, sharded, keep=self.tc.checkpoint.keep)
         if self.world.main:  # the record on disk as far as the checkpoint: what a run that dies later leaves
-            write_json_atomic(self.paths.record, self.record)
+            write_record(self.paths.record, self.record)
         return folder
 
     def interrupted(self, signals, folder):
