@@ -205,6 +205,8 @@ def test_subset_ratio_is_a_seeded_sample():
     a, b, c = subset(ds, 0.3, seed=0), subset(ds, 0.3, seed=0), subset(ds, 0.3, seed=1)
     assert len(a) == 30 and a["x"] == b["x"] != c["x"] and a["x"] == sorted(set(a["x"]))
     assert subset(ds, 1.0, seed=0) is ds
-    for bad in (0, 1.5):
-        with pytest.raises(PaceLMError, match="subset_ratio"):
-            subset(ds, bad, seed=0)
+    from pace_lm.config import compose
+    from pace_lm.schema import validate
+    for bad in (0, 1.5):  # the schema's rule, checked before any data is read
+        with pytest.raises(PaceLMError, match=f"dataset.subset_ratio={bad} must be in"):
+            validate(compose([f"dataset.subset_ratio={bad}"]))

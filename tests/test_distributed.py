@@ -176,7 +176,9 @@ def test_pace_train_under_torchrun_matches_one_process_and_resumes(parallel, sin
     assert full["summary"]["trained_tokens"] == single["summary"]["trained_tokens"]
     assert full["summary"]["num_params"] == single["summary"]["num_params"]
     saved, ref = (load_file(os.path.join(r["summary"]["model_dir"], "model.safetensors")) for r in (full, single))
-    assert saved.keys() == ref.keys() and all((saved[k] - ref[k]).abs().max() < 1e-5 for k in ref)
+    # weights of size up to 1, after 12 steps: 1.8e-5 apart at most on an AVX-512 CPU (ranks and vector width
+    # change the order of float32 sums), so 1e-4; a wrong update or a rank's lost gradient moves them far more
+    assert saved.keys() == ref.keys() and all((saved[k] - ref[k]).abs().max() < 1e-4 for k in ref)
     assert json.loads((tmp_path / "full/r/model/config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
     last = tmp_path / "full/r/checkpoints/step_00000012"
     assert (last / "rank0.pt").exists() and (last / "rank1.pt").exists()

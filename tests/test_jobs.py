@@ -97,8 +97,12 @@ def test_a_killed_child_is_reported_recorded_and_resumed(tmp_path, offline_data)
 @pytest.mark.slow
 def test_sigterm_stops_every_child_with_a_checkpoint(tmp_path, offline_data):
     parent = start(tmp_path, offline_data, "jobs=2", *LONG)
-    for name in ("pace_lr0.001_seed0", "pace_lr0.003_seed0"):
-        child_pid(tmp_path, name, parent)
+    pids = {name: child_pid(tmp_path, name, parent) for name in ("pace_lr0.001_seed0", "pace_lr0.003_seed0")}
+    status = run_cli(["pace-figure", "fig=demo", "status=true", f"out_dir={tmp_path / 'runs'}",
+                      "only=pace_lr0.00[13]_seed0"], cwd=tmp_path)
+    assert status.returncode == 0, status.stderr  # while the sweep runs: it only reads
+    for name, pid in pids.items():
+        assert f"demo/{name}: running: pid {pid}, step" in status.stdout, status.stdout
     parent.send_signal(signal.SIGTERM)
     out, err = parent.communicate(timeout=300)
     assert parent.returncode == 128 + signal.SIGTERM, err

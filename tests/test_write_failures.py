@@ -31,7 +31,7 @@ def test_a_full_disk_at_a_checkpoint(tmp_path, offline_data, monkeypatch):
         real(obj, path)
 
     monkeypatch.setattr(checkpoint, "_save_file", save_file)
-    cfg = small_cfg(offline_data, tmp_path, "training.checkpoint.interval=10", steps=30)
+    cfg = small_cfg(offline_data, tmp_path, "training.checkpoint.interval=10", steps=20)
     with pytest.raises(PaceLMError) as e:
         train(cfg)
     message = str(e.value)

@@ -27,6 +27,7 @@ from pace_lm import PaceLMError
 from pace_lm.figures import FINAL, build_config, kept_record, result_text, run_overrides, select
 from pace_lm.lock import run_lock
 from pace_lm.records import RECORD, read_record, write_json_atomic
+from pace_lm.status import run_state
 
 LOG = "train.log"  # a child's output, in its run folder
 POLL = 0.2  # seconds between looks at the children
@@ -59,8 +60,12 @@ def run_jobs(fig, opts, extra, log=print):
             status[run.name] = old["status"]
             log(f"[{i}/{len(runs)}] {fig.id}/{run.name}: {old['status']}, kept{result_text(old)}")
             continue
-        pending.append(Job(run.name, os.path.join(cfg.training.out_dir, cfg.run_name),
-                           run_overrides(fig, run, opts["out_dir"], opts["data"], extra)))
+        job = Job(run.name, os.path.join(cfg.training.out_dir, cfg.run_name),
+                  run_overrides(fig, run, opts["out_dir"], opts["data"], extra))
+        state, detail = run_state(job.run_dir)
+        if state == "died":  # its pace-train says so in its log too, and goes on from the checkpoint
+            log(f"[{i}/{len(runs)}] {fig.id}/{run.name}: died {detail}")
+        pending.append(job)
         configs.setdefault(cfg.dataset.path, cfg)
     for cfg in configs.values():  # the data every child reads, prepared here, once
         ensure_data(cfg, validate(cfg))
