@@ -20,6 +20,7 @@ def full_disk(*args, **kwargs):
     raise OSError(errno.ENOSPC, "No space left on device")
 
 
+@pytest.mark.slow
 def test_a_full_disk_at_a_checkpoint(tmp_path, offline_data, monkeypatch):
     real = checkpoint._save_file
     calls = []
@@ -45,6 +46,7 @@ def test_a_full_disk_at_a_checkpoint(tmp_path, offline_data, monkeypatch):
     assert record["status"] == "failed" and "No space left on device" in record["error"]
 
 
+@pytest.mark.slow
 def test_a_full_disk_when_the_returned_model_is_saved(tmp_path, offline_data, monkeypatch):
     import transformers
     monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", full_disk)
