@@ -280,8 +280,8 @@ class PACE(Optimizer):
                                "Call optimizer.train() before stepping.")
         for group in self.param_groups:
             _check_group(group)
-            if not group["capturable"] and _capturing():
-                raise RuntimeError("PACE: step() inside CUDA graph capture needs PACE(..., capturable=True)")
+        if not all(group["capturable"] for group in self.param_groups) and _capturing():
+            raise RuntimeError("PACE: step() inside CUDA graph capture needs PACE(..., capturable=True)")
         loss = None
         if closure is not None:
             with torch.enable_grad():

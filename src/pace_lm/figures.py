@@ -35,7 +35,7 @@ from omegaconf import OmegaConf
 
 from pace_lm import PaceLMError, records
 from pace_lm.config import CONF_DIR, GROUPS, SHORT, compose
-from pace_lm.records import RECORD, read_record
+from pace_lm.records import RECORD, read_record_or_none
 
 FIG_DIR = os.path.join(CONF_DIR, "figures")
 SPEC_KEYS = {"description", "hardware", "prepare", "plot", "common", "runs", "seeds", "theory"}
@@ -250,7 +250,7 @@ def kept_record(cfg):
     """The record already at the run's place (None if none can be read); a complete or diverged one of
     another config is refused: the sweep would mix two configs under one name."""
     path = os.path.join(cfg.training.out_dir, cfg.run_name, RECORD)
-    old = _read(path)
+    old = read_record_or_none(path)
     if old and old.get("status") in FINAL:
         diff = config_diff(old.get("config", {}), cfg)
         if diff:
@@ -258,13 +258,6 @@ def kept_record(cfg):
                               f"{', '.join(diff[:6])}{', ...' if len(diff) > 6 else ''}): remove it, "
                               f"or choose another out_dir")
     return old
-
-
-def _read(path):
-    try:
-        return read_record(path)
-    except (OSError, ValueError):
-        return None
 
 
 def result_text(record):

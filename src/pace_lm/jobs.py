@@ -26,8 +26,8 @@ from omegaconf import OmegaConf
 from pace_lm import PaceLMError
 from pace_lm.figures import FINAL, build_config, kept_record, result_text, run_overrides, select
 from pace_lm.lock import run_lock
-from pace_lm.records import RECORD, read_record, write_json_atomic
-from pace_lm.status import run_state
+from pace_lm.records import RECORD, read_record_or_none, write_json_atomic
+from pace_lm.status import last_step, run_state
 
 LOG = "train.log"  # a child's output, in its run folder
 POLL = 0.2  # seconds between looks at the children
@@ -118,7 +118,7 @@ def _ended(job):
     code = job.proc.returncode
     how = (f"killed by {signal.Signals(-code).name}" if code < 0 and -code in signal.valid_signals()
            else f"exit {code}")
-    record = _read(os.path.join(job.run_dir, RECORD))
+    record = read_record_or_none(os.path.join(job.run_dir, RECORD))
     took = f" in {time.time() - job.started:.0f} s"
     if record is not None and record.get("status") != "running":
         status = record["status"]
@@ -141,11 +141,10 @@ def _record_end(job, record, how):
         if record is None:
             cfg = OmegaConf.to_container(compose(job.overrides), resolve=False)
             record = dict(status="running", error=None, config=cfg, data={}, summary={}, eval_logs=[], step_logs=[])
-        steps = record.get("step_logs") or []
         last = checkpoint.latest(os.path.join(job.run_dir, "checkpoints"))
         said = _last_line(os.path.join(job.run_dir, LOG))
         record["status"] = "failed"
-        record["error"] = (f"the pace-train process ended ({how}) after step {steps[-1]['step'] if steps else 0} "
+        record["error"] = (f"the pace-train process ended ({how}) after step {last_step(record)} "
                            f"logged, {'checkpoint ' + last + ' to resume from' if last else 'no checkpoint'}"
                            + (f"; its last output: {said}" if said else "; it wrote nothing"))
         write_json_atomic(os.path.join(job.run_dir, RECORD), record)
@@ -160,13 +159,6 @@ def _last_line(path):
     except OSError:
         return None
     return lines[-1][-300:] if lines else None
-
-
-def _read(path):
-    try:
-        return read_record(path)
-    except (OSError, ValueError):
-        return None
 
 
 class _ForwardSignals:

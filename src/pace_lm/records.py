@@ -6,10 +6,13 @@ the run goes (rewritten at every eval), then "complete", "diverged" (its loss we
 whole (write to a temporary file, fsync, rename), so a reader never sees half of one.
 """
 
+import errno
 import hashlib
 import json
 import os
 import platform
+import re
+import shutil
 import subprocess
 import tempfile
 
@@ -23,7 +26,6 @@ TIMING_KEYS = ("wall_time_s", "train_time_s", "first_step_time_s", "tokens_per_s
 def os_error(error):
     """The OSError behind a failed write, or None: the error itself, the OSError torch's zip writer reports
     as the context of its RuntimeError, or the "(os error N)" that safetensors' error carries in its text."""
-    import re
     if isinstance(error, OSError):
         return error
     if isinstance(error.__context__, OSError):
@@ -35,9 +37,7 @@ def os_error(error):
 def write_failed(what, path, error, needed=None):
     """The one-line error for a write that failed (a full disk, a read-only folder, a quota): what failed
     to write and where, why, how much space it needed (`needed`, bytes, where known) and how much is free."""
-    import errno as errnos
-    import shutil
-    code = errnos.errorcode.get(error.errno, "") if isinstance(error, OSError) else ""
+    code = errno.errorcode.get(error.errno, "") if isinstance(error, OSError) else ""
     folder = os.path.dirname(os.path.abspath(path))
     while not os.path.exists(folder) and os.path.dirname(folder) != folder:
         folder = os.path.dirname(folder)
@@ -86,6 +86,14 @@ def sha256_file(path):
 def read_record(path):
     with open(path) as f:
         return json.load(f)
+
+
+def read_record_or_none(path):
+    """The record at `path`, or None where there is none or it cannot be read."""
+    try:
+        return read_record(path)
+    except (OSError, ValueError):
+        return None
 
 
 def environment():

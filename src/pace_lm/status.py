@@ -9,7 +9,7 @@ so such a run could not write its end.
 import os
 
 from pace_lm.lock import holder
-from pace_lm.records import RECORD, read_record
+from pace_lm.records import RECORD, read_record, read_record_or_none
 
 STATES = ("not started", "running", "complete", "interrupted", "failed", "diverged", "died", "unreadable")
 
@@ -50,11 +50,8 @@ def previous_end(run_dir):
     """How the run in `run_dir` ended before this start, as the record's history keeps it: {status, step,
     error} ("died" for a record left running: the caller holds the lock), or None for a new or complete
     run."""
-    try:
-        record = read_record(os.path.join(run_dir, RECORD))
-    except (OSError, ValueError):
-        return None
-    status = record.get("status")
+    record = read_record_or_none(os.path.join(run_dir, RECORD))
+    status = record and record.get("status")
     if status not in ("running", "interrupted", "failed"):
         return None
     end = dict(status="died" if status == "running" else status, step=last_step(record), error=record.get("error"))
