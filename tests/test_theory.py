@@ -6,27 +6,36 @@ import math
 import subprocess
 import sys
 
-import numpy as np
 import pytest
+import torch
 
 from pace import theory
 
-RNG = np.random.default_rng(0)
-INSTANCES = [(h, s, b) for h, s, b in zip(10 ** RNG.uniform(-3, 2, 40), 10 ** RNG.uniform(-1, 1, 40),
-                                          10 ** RNG.uniform(-3, 1, 40))]
+_U = torch.rand(3, 40, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+_LOG10 = torch.tensor([[-3.0], [-1.0], [-3.0]]) + torch.tensor([[5.0], [2.0], [4.0]]) * _U  # h, sigma, beta
+INSTANCES = [tuple(x) for x in (10 ** _LOG10).T.tolist()]  # 40 of (h, sigma, beta), log-uniform
+
+
+def allclose(actual, expected, rtol, atol=0.0):
+    torch.testing.assert_close(torch.as_tensor(actual, dtype=torch.float64),
+                               torch.as_tensor(expected, dtype=torch.float64).expand_as(torch.as_tensor(actual)),
+                               rtol=rtol, atol=atol)
+
+
+def noise(sigma):
+    return torch.diag(torch.tensor([sigma ** 2, 0.0], dtype=torch.float64))
 
 
 def test_the_closed_form_solves_the_lyapunov_equation():
     for h, sigma, beta in INSTANCES:
         for k in (0.0, 0.01, 1.0, 37.0):
-            A, Q = theory.drift(h, beta, k), np.diag([sigma ** 2, 0.0])
+            A, Q = theory.drift(h, beta, k), noise(sigma)
             P = theory.stationary_cov(h, sigma, beta, k)
-            np.testing.assert_allclose(A @ P + P @ A.T + Q, 0, atol=1e-9 * sigma ** 2)
-            np.testing.assert_allclose(theory.lyapunov(A, Q), P, rtol=1e-7, atol=1e-12 * P[0, 0])
-            np.testing.assert_allclose(h * P[1, 1], theory.avg_error(h, sigma, beta, k), rtol=1e-12)
-            diff = np.array([1.0, -1.0])  # u = k (bar - theta): E[u^2] = k^2 (P11 - 2 P12 + P22)
-            np.testing.assert_allclose(k ** 2 * diff @ P @ diff, theory.control_cost(h, sigma, beta, k),
-                                       rtol=1e-9, atol=1e-15)
+            allclose(A @ P + P @ A.T + Q, 0.0, rtol=0, atol=1e-9 * sigma ** 2)
+            allclose(theory.lyapunov(A, Q), P, rtol=1e-7, atol=1e-12 * P[0, 0].item())
+            allclose(h * P[1, 1], theory.avg_error(h, sigma, beta, k), rtol=1e-12)
+            diff = torch.tensor([1.0, -1.0], dtype=torch.float64)  # u = k (bar - theta): E[u^2] = k^2 (P11 - 2 P12 + P22)
+            allclose(k ** 2 * diff @ P @ diff, theory.control_cost(h, sigma, beta, k), rtol=1e-9, atol=1e-15)
 
 
 @pytest.mark.parametrize("k", [0.0, 1.0, 4.0])
@@ -37,14 +46,14 @@ def test_the_closed_form_agrees_with_a_long_simulation_of_the_sde(k):
     bias = (h + beta + k) * dt / 2 * exact  # Euler-Maruyama's, a bound on its size
     assert abs(sim["avg_error"] - exact) < 4 * sim["avg_error_se"] + bias, (sim, exact)
     assert sim["avg_error_se"] < 0.02 * exact  # the check has teeth: a 5% error would fail it
-    np.testing.assert_allclose(sim["control_cost"], theory.control_cost(h, sigma, beta, k), rtol=0.05, atol=1e-12)
+    allclose(sim["control_cost"], theory.control_cost(h, sigma, beta, k), rtol=0.05, atol=1e-12)
 
 
 def test_the_pull_strictly_lowers_the_averages_limiting_error_for_every_gain():
     """Solved numerically (not from the closed form): E[bar^2] under any k > 0 is below the EMA's, and falls in k."""
-    gains = np.concatenate([[0.0], np.logspace(-4, 3, 30)])
+    gains = [0.0] + torch.logspace(-4, 3, 30, dtype=torch.float64).tolist()
     for h, sigma, beta in INSTANCES:
-        err = [h * theory.lyapunov(theory.drift(h, beta, k), np.diag([sigma ** 2, 0.0]))[1, 1] for k in gains]
+        err = [h * theory.lyapunov(theory.drift(h, beta, k), noise(sigma))[1, 1].item() for k in gains]
         assert all(b < a * (1 - 1e-9) for a, b in zip(err, err[1:])), (h, sigma, beta)
 
 
@@ -52,11 +61,11 @@ def test_the_optimal_gain_minimises_the_penalised_objective():
     for h, sigma, beta in INSTANCES[:10]:
         for rho in (1e-3, 0.1, 10.0):
             k_star = theory.optimal_gain(h, beta, rho)
-            grid = np.linspace(0, 4 * k_star + 1, 20001)
+            grid = torch.linspace(0, 4 * k_star + 1, 20001, dtype=torch.float64)
             j = theory.objective(h, sigma, beta, grid, rho)
             assert k_star > 0
             assert theory.objective(h, sigma, beta, k_star, rho) <= j.min() * (1 + 1e-9)
-            assert abs(grid[j.argmin()] - k_star) <= 2 * (grid[1] - grid[0])
+            assert abs(grid[j.argmin()].item() - k_star) <= 2 * (grid[1] - grid[0]).item()
 
 
 def test_the_improvement_grows_without_bound():
@@ -103,9 +112,9 @@ def test_pace_figure_quadratic_computes_plots_and_keeps_its_record(tmp_path):
         plot_quadratic(spec, str(tmp_path))
 
 
-def test_the_theory_module_needs_numpy_only():
-    """Loaded with torch made unimportable (the pace package itself imports torch, for the optimizer)."""
-    code = ("import importlib.util, sys; sys.modules['torch'] = None; "
+def test_the_theory_module_needs_torch_alone():
+    """Loaded with numpy made unimportable: pace depends on torch alone, its theory included."""
+    code = ("import importlib.util, sys; sys.modules['numpy'] = None; "
             f"spec = importlib.util.spec_from_file_location('theory', {theory.__file__!r}); "
             "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); print(m.avg_error(1, 1, 1, 0))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

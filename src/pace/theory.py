@@ -33,35 +33,35 @@ PACE itself is a clipped, Adam-scaled version of this feedback: lambda = min(lr 
 per coordinate and step. `simulate_optimizer` runs the real `pace.PACE` on a noisy quadratic to compare its
 returned EMA with the EMA baseline (c = 0) and AdamW's last iterate: at stationarity and from a far start.
 
-Imports numpy only; `simulate_optimizer` imports torch when called.
+Imports torch alone, like the rest of `pace`: the matrices and the simulations are float64 tensors.
 """
 
 import math
 
-import numpy as np
+import torch
 
 
 # ---- closed form ---------------------------------------------------------------------------------------
 
 def drift(h, beta, k):
-    """A, the (2, 2) drift matrix of x = (theta, thetabar) under gain k."""
-    return np.array([[-(h + k), k], [beta, -beta]], dtype=float)
+    """A, the (2, 2) drift matrix of x = (theta, thetabar) under gain k (float64)."""
+    return torch.tensor([[-(h + k), k], [beta, -beta]], dtype=torch.float64)
 
 
 def stationary_cov(h, sigma, beta, k):
-    """P = stationary Cov(theta, thetabar) under gain k (closed form; h, beta > 0, k >= 0)."""
+    """P = stationary Cov(theta, thetabar) under gain k (closed form; h, beta > 0, k >= 0; float64)."""
     s = sigma ** 2 / (2 * h * (h + beta + k))
-    return np.array([[s * (h + beta), s * beta], [s * beta, s * beta]])
+    return torch.tensor([[s * (h + beta), s * beta], [s * beta, s * beta]], dtype=torch.float64)
 
 
 def lyapunov(A, Q):
     """P with A P + P A^T + Q = 0, by a linear solve (vec(AP + PA^T) = (I (x) A + A (x) I) vec(P)).
 
-    The numerical check of `stationary_cov` (tests), and the general case for any stable A.
+    The numerical check of `stationary_cov` (tests), and the general case for any stable A (float64 tensors).
     """
     n = A.shape[0]
-    eye = np.eye(n)
-    P = np.linalg.solve(np.kron(eye, A) + np.kron(A, eye), -Q.reshape(-1)).reshape(n, n)
+    eye = torch.eye(n, dtype=A.dtype)
+    P = torch.linalg.solve(torch.kron(eye, A) + torch.kron(A, eye), -Q.reshape(-1)).reshape(n, n)
     return (P + P.T) / 2
 
 
@@ -100,18 +100,18 @@ def simulate_sde(h, sigma, beta, k, dt, burn_in, steps, paths=20_000, seed=0):
     dict(avg_error, avg_error_se, control_cost): the standard error from the spread of the per-path time
     averages (the paths are independent). Its O(dt) discretization bias is ~ (h + beta + k) dt / 2, relative.
     """
-    rng = np.random.default_rng(seed)
-    theta, bar = np.zeros(paths), np.zeros(paths)
-    err, cost = np.zeros(paths), np.zeros(paths)
+    gen = torch.Generator().manual_seed(seed)
+    theta, bar, err, cost = torch.zeros(4, paths, dtype=torch.float64)  # (paths,) each
     noise = sigma * math.sqrt(dt)
     for t in range(burn_in + steps):
         u = k * (bar - theta)
-        theta, bar = theta + (-h * theta + u) * dt + noise * rng.standard_normal(paths), bar + beta * (theta - bar) * dt
+        dw = torch.randn(paths, generator=gen, dtype=torch.float64)
+        theta, bar = theta + (-h * theta + u) * dt + noise * dw, bar + beta * (theta - bar) * dt
         if t >= burn_in:
             err += h * bar * bar
             cost += u * u
     err /= steps
-    return dict(avg_error=float(err.mean()), avg_error_se=float(err.std(ddof=1) / math.sqrt(paths)),
+    return dict(avg_error=float(err.mean()), avg_error_se=float(err.std(correction=1) / math.sqrt(paths)),
                 control_cost=float(cost.mean() / steps))
 
 
@@ -127,8 +127,6 @@ def simulate_optimizer(c_values, dim=1000, h_range=(0.1, 10.0), sigma=1.0, start
     iterate (the live weights of the c = 0 run) is reported as "adamw". Means over `seeds`.
     Returns dict(steps, curves={name: [f at each logged step]}, stationary={name: float}).
     """
-    import torch
-
     from pace.optimizer import PACE
     h = torch.logspace(math.log10(h_range[0]), math.log10(h_range[1]), dim, dtype=torch.float64)
 
@@ -154,7 +152,7 @@ def simulate_optimizer(c_values, dim=1000, h_range=(0.1, 10.0), sigma=1.0, start
             for name, values in zip(runs, (f_avg, f_live)):
                 runs[name].append(values)
         for name, values in runs.items():
-            curves[name] = np.mean(np.array(values), axis=0).tolist()
+            curves[name] = torch.tensor(values, dtype=torch.float64).mean(0).tolist()  # over the seeds
     first = int(len(logged) * (1 - tail))
-    stationary = {name: float(np.mean(v[first:])) for name, v in curves.items()}
+    stationary = {name: sum(v[first:]) / len(v[first:]) for name, v in curves.items()}
     return dict(steps=logged, curves=curves, stationary=stationary)
