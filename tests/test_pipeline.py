@@ -59,9 +59,9 @@ REFERENCE = FIXTURES / "demo" / CELL / "record.json"
 # constant lr after it does not depend on the length; the reference logs every 10 steps
 QUICK = {"training.max_steps": 20, "schedule.warmup_fraction": 0.5, "training.eval_interval": 20}
 WHERE = {"dataset.path", "training.out_dir"}  # where things are on this machine: not part of the run
-# The demo's records were made by PACE's default (fused) step; smollm2_sft's by the foreach step (what
-# impl=auto ran on the CPU before the fused kernel): the same update to a few ulps, reproduced with that step
-SMOL_AS_MADE = {"optimizer.impl": "foreach"}  # smollm2_sft's records were made by the foreach step
+# The demo's records were made by PACE's default (fused) step. smollm2_sft's were made by the foreach step
+# (the same update, to a few ulps, as the fused one); its test runs the default step, and so shows that the
+# default reproduces those records within REAL.
 
 
 def test_reproduce_a_cell_of_the_demo_figure(tmp_path, offline_data):
@@ -113,7 +113,7 @@ SMOL_QUICK_STEPS = 5  # the reference logs every 5 steps
 def test_reproduce_a_cell_of_the_smollm2_sft_figure(tmp_path):
     """Real SmolLM2-135M-Instruct (GGUF) fine-tuned on the offline corpus in its own token ids."""
     pytest.importorskip("gguf")
-    from pace_lm.data import prepare
+    from pace_lm.prepare import Request, prepare
     from pace_lm.packages import package_dir
     from pace_lm import PaceLMError
     try:
@@ -125,15 +125,15 @@ def test_reproduce_a_cell_of_the_smollm2_sft_figure(tmp_path):
     fig = load_figure("smollm2_sft")
     run = next(r for r in fig.runs if r.name == SMOL_CELL)
     quick = {"training.max_steps": SMOL_QUICK_STEPS}
-    extra = [f"{k}={v}" for k, v in ({} if FULL else quick).items() | SMOL_AS_MADE.items()]
+    extra = [f"{k}={v}" for k, v in ({} if FULL else quick).items()]  # the default step
     data = tmp_path / "data"
     cfg = build_config(fig, run, str(tmp_path), data=str(data), extra=extra)
     where = WHERE | {"model.pretrained", "dataset.tokenizer"}  # the installed package's folder
     assert set(config_diff(reference["config"], cfg)) - where == (set() if FULL else set(quick))
 
     # the data as dataset=offline_model prepares them on first use: the model's own tokenizer
-    meta = prepare(str(data), source=cfg.dataset.prepare_if_missing, mode=cfg.dataset.mode,
-                   tokenizer=cfg.dataset.tokenizer, gguf_file=cfg.dataset.gguf_file, seed=0)
+    meta = prepare(str(data), Request(source=cfg.dataset.prepare_if_missing, mode=cfg.dataset.mode,
+                                      tokenizer=cfg.dataset.tokenizer, gguf_file=cfg.dataset.gguf_file))
     for key in ("corpus_sha256", "counts", "vocab_size", "max_seq_len", "seed", "gguf_file", "added_tokens"):
         assert meta[key] == reference["data"][key], f"the prepared data differ from the reference's in {key}"
 

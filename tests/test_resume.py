@@ -10,7 +10,7 @@ import subprocess
 import pytest
 
 import pace_lm.train as train_mod
-from pace_lm import PaceLMError, checkpoint
+from pace_lm import PaceLMError, checkpoint_files
 from pace_lm.config import compose
 from pace_lm.train import Interrupted, train
 
@@ -57,7 +57,7 @@ def test_a_signal_checkpoints_and_resume_gives_the_same_record(opt, reference, o
     assert e.value.signum == signal.SIGTERM
     record = json.loads((tmp_path / "r" / "record.json").read_text())
     assert record["status"] == "interrupted" and "checkpoints/step_00000005" in record["error"]
-    assert [s for s, _ in checkpoint.list_checkpoints(str(tmp_path / "r" / "checkpoints"))] == [5]
+    assert [s for s, _ in checkpoint_files.list_checkpoints(str(tmp_path / "r" / "checkpoints"))] == [5]
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone with the run
     monkeypatch.undo()
 
@@ -94,7 +94,7 @@ def test_resume_refuses_what_it_cannot_go_on_from(offline_data, tmp_path, monkey
     with pytest.raises(PaceLMError, match=r"another config \(differs in optimizer.lr\)"):
         train(cfg("training.resume=true", "optimizer.lr=0.01"))
 
-    state = tmp_path / "r" / "checkpoints" / "step_00000003" / checkpoint.STATE
+    state = tmp_path / "r" / "checkpoints" / "step_00000003" / checkpoint_files.STATE
     saved = state.read_bytes()
     state.write_bytes(saved[:1000])
     with pytest.raises(PaceLMError, match="no intact checkpoint .*step_00000003 is damaged: state.pt"):
@@ -104,7 +104,7 @@ def test_resume_refuses_what_it_cannot_go_on_from(offline_data, tmp_path, monkey
 
     record = train(cfg("training.resume=auto", "training.checkpoint.at_end=true", "training.checkpoint.keep=1"))
     assert record["status"] == "complete" and record["resumed"][0]["step"] == 3
-    assert [s for s, _ in checkpoint.list_checkpoints(str(tmp_path / "r" / "checkpoints"))] == [12]
+    assert [s for s, _ in checkpoint_files.list_checkpoints(str(tmp_path / "r" / "checkpoints"))] == [12]
     with pytest.raises(PaceLMError, match="is a complete run"):
         train(cfg("training.resume=true"))
     record = train(cfg("training.overwrite=true"))  # starts again: the old checkpoints go
@@ -129,7 +129,7 @@ def test_a_killed_process_resumes_to_the_same_record(sig, offline_data, tmp_path
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == (128 + sig if sig == signal.SIGTERM else -sig), err[-2000:]
-    steps = [s for s, _ in checkpoint.list_checkpoints(str(ckpts))]
+    steps = [s for s, _ in checkpoint_files.list_checkpoints(str(ckpts))]
     record = json.loads((tmp_path / "r" / "record.json").read_text())
     if sig == signal.SIGTERM:
         assert record["status"] == "interrupted" and f"checkpoints/step_{steps[-1]:08d}" in record["error"]

@@ -76,7 +76,7 @@ def test_pace_train_never_prepares_or_removes_a_path_the_user_gave(tmp_path):
 
 
 def test_pace_data_replaces_only_prepared_data(tmp_path, offline_data):
-    mine = user_folder(tmp_path / "mine")
+    user_folder(tmp_path / "mine")
     (tmp_path / "a_file").write_text("mine too")
     before = snapshot(tmp_path)
     for extra in ([], ["--overwrite"]):
@@ -137,7 +137,7 @@ def test_an_unreadable_record_is_never_started_over(tmp_path, offline_data):
     before = snapshot(tmp_path / "out")
     assert "r/model/model.safetensors" in before
     proc = run_cli(run_args(offline_data), cwd=tmp_path)
-    refused(proc, "pace-train", f"out/r/record.json cannot be read", "training.overwrite=true")
+    refused(proc, "pace-train", "out/r/record.json cannot be read", "training.overwrite=true")
     assert snapshot(tmp_path / "out") == before
     proc = run_cli(run_args(offline_data, "training.overwrite=true"), cwd=tmp_path)
     assert proc.returncode == 0 and json.loads(record.read_text())["status"] == "complete"
@@ -206,7 +206,7 @@ def test_a_damaged_checkpoint_is_never_loaded(tmp_path, offline_data):
 
 
 def test_an_unsafe_pickle_is_refused_in_our_words(tmp_path, offline_data):
-    from pace_lm import checkpoint
+    from pace_lm import checkpoint_files
     args = run_args(offline_data, "training.checkpoint.at_end=true", "training.save_model=false")
     assert run_cli(args, cwd=tmp_path).returncode == 0
     as_if_killed(tmp_path / "out" / "r" / "record.json")
@@ -215,7 +215,7 @@ def test_an_unsafe_pickle_is_refused_in_our_words(tmp_path, offline_data):
     evil = ("import torch, sys\nclass Evil:\n    def __reduce__(self):\n        return (open, (sys.argv[2], 'w'))\n"
             "torch.save({'x': Evil()}, sys.argv[1])\n")
     subprocess.run([os.path.join(BIN, "python"), "-c", evil, str(folder / "state.pt"), str(proof)], check=True)
-    checkpoint._write_manifest(str(folder))  # checksums rewritten to match: only the safe load stands
+    checkpoint_files._write_manifest(str(folder))  # checksums rewritten to match: only the safe load stands
     proc = run_cli(args + [f"training.resume={folder}"], cwd=tmp_path)
     said = proc.stderr.splitlines()
     assert said[0].startswith("pace-train: r died after step 4 logged")  # as_if_killed: told, then refused

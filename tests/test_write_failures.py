@@ -11,7 +11,7 @@ import subprocess
 import pytest
 
 from conftest import run_cli
-from pace_lm import PaceLMError, checkpoint
+from pace_lm import PaceLMError, checkpoint_files
 from pace_lm.train import train
 from test_train import small_cfg
 
@@ -22,7 +22,7 @@ def full_disk(*args, **kwargs):
 
 @pytest.mark.slow
 def test_a_full_disk_at_a_checkpoint(tmp_path, offline_data, monkeypatch):
-    real = checkpoint._save_file
+    real = checkpoint_files._save_file
     calls = []
 
     def save_file(obj, path):  # the second checkpoint's first file hits a full disk
@@ -31,7 +31,7 @@ def test_a_full_disk_at_a_checkpoint(tmp_path, offline_data, monkeypatch):
             full_disk()
         real(obj, path)
 
-    monkeypatch.setattr(checkpoint, "_save_file", save_file)
+    monkeypatch.setattr(checkpoint_files, "_save_file", save_file)
     cfg = small_cfg(offline_data, tmp_path, "training.checkpoint.interval=10", steps=20)
     with pytest.raises(PaceLMError) as e:
         train(cfg)
@@ -41,7 +41,7 @@ def test_a_full_disk_at_a_checkpoint(tmp_path, offline_data, monkeypatch):
     assert "MB free on" in message and "\n" not in message
     ckpts = tmp_path / "r" / "checkpoints"
     assert sorted(os.listdir(ckpts)) == ["step_00000010"]  # the partial copy removed, the earlier one kept
-    checkpoint.verify(str(ckpts / "step_00000010"))
+    checkpoint_files.verify(str(ckpts / "step_00000010"))
     record = json.loads((tmp_path / "r" / "record.json").read_text())
     assert record["status"] == "failed" and "No space left on device" in record["error"]
 
@@ -60,7 +60,7 @@ def test_a_full_disk_when_the_returned_model_is_saved(tmp_path, offline_data, mo
 
 def test_a_full_disk_while_preparing_data(tmp_path, monkeypatch):
     import datasets
-    from pace_lm.data import prepare
+    from pace_lm.prepare import prepare
     monkeypatch.setattr(datasets.Dataset, "save_to_disk", full_disk)
     with pytest.raises(PaceLMError, match=r"cannot write prepared data .*/mine: No space left on device \(ENOSPC\)"):
         prepare(str(tmp_path / "mine"))

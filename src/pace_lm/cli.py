@@ -40,7 +40,7 @@ def train_main():
 
 def data_main(argv=None):
     """pace-data: tokenize a dataset once into a folder pace-train reads (dataset.path)."""
-    from pace_lm.data import DEFAULT_SEQ_LEN, PRESETS, prepare
+    from pace_lm.prepare import DEFAULT_SEQ_LEN, PRESETS, Request, prepare
     p = argparse.ArgumentParser(
         prog="pace-data",
         description="Prepare a tokenized dataset for pace-train. With no --source and no --tokenizer: "
@@ -79,10 +79,11 @@ def data_main(argv=None):
     if out is None:
         p.error("--out is required for this --source")
     try:
-        meta = prepare(out, source=source, mode=args.mode, tokenizer=args.tokenizer, gguf_file=args.gguf_file,
-                       revision=args.revision, name=args.name, split=args.split, max_seq_len=args.max_seq_len,
-                       val_size=args.val_size, seed=args.seed, num_proc=args.num_proc,
-                       max_tokens=args.max_tokens, text_field=args.text_field, overwrite=args.overwrite)
+        request = Request(source=source, mode=args.mode, tokenizer=args.tokenizer, gguf_file=args.gguf_file,
+                          revision=args.revision, name=args.name, split=args.split, max_seq_len=args.max_seq_len,
+                          val_size=args.val_size, seed=args.seed, max_tokens=args.max_tokens,
+                          text_field=args.text_field)
+        meta = prepare(out, request, num_proc=args.num_proc, overwrite=args.overwrite)
     except PaceLMError as e:
         print(f"pace-data: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -135,13 +135,13 @@ def _record_end(job, record, how):
     """Write the end of a child that ended without writing it (killed, crashed, or refused before its
     record): status failed, the exit status, the last step logged, whether a checkpoint is there to
     resume from, and the child's last line of output."""
-    from pace_lm import checkpoint
+    from pace_lm import checkpoint_files
     from pace_lm.config import compose
     with run_lock(job.run_dir):  # the child is gone; no other writer may start meanwhile
         if record is None:
             cfg = OmegaConf.to_container(compose(job.overrides), resolve=False)
             record = dict(status="running", error=None, config=cfg, data={}, summary={}, eval_logs=[], step_logs=[])
-        last = checkpoint.latest(os.path.join(job.run_dir, "checkpoints"))
+        last = checkpoint_files.latest(os.path.join(job.run_dir, "checkpoints"))
         said = _last_line(os.path.join(job.run_dir, LOG))
         record["status"] = "failed"
         record["error"] = (f"the pace-train process ended ({how}) after step {last_step(record)} "

@@ -22,7 +22,7 @@ def last_step(record):
 
 def run_state(run_dir):
     """(state, detail): one of STATES, and a few words (the pid, the loss, the last step and checkpoint)."""
-    from pace_lm.checkpoint import latest
+    from pace_lm.checkpoint_files import latest
     path = os.path.join(run_dir, RECORD)
     pid = holder(run_dir)
     if not os.path.exists(path):

@@ -33,13 +33,13 @@ import torch
 from omegaconf import OmegaConf
 
 from pace import PACE
-from pace_lm import PaceLMError, averaging, checkpoint, distributed, schema
+from pace_lm import PaceLMError, averaging, checkpoint, checkpoint_files, distributed, rng, schema
 from pace_lm.config import shipped_value
-from pace_lm.data import IGNORE_INDEX, META, Batches, collate, load_prepared, not_prepared, prepare, prepare_command, \
-    subset
+from pace_lm.data import IGNORE_INDEX, META, Batches, collate, load_prepared, not_prepared, subset
 from pace_lm.evaluation import (VAL_KEYS, Diverged, batch_loss, evaluate_all, get_autocast, get_val_batches,
                                 to_device)
 from pace_lm.lock import run_lock
+from pace_lm.prepare import Request, prepare, prepare_command
 from pace_lm.models import build_model, save_model
 from pace_lm.optim import build_optimizer, grad_norm_clip, lr_factor, set_lr
 from pace_lm.records import RECORD, environment, read_record, write_failed, write_json_atomic
@@ -193,7 +193,7 @@ def end_record(record, error, paths):
                         "interrupted" if isinstance(error, Interrupted) else "failed")
     record["error"] = f"{type(error).__name__}: {error}"
     if isinstance(error, Interrupted) and "checkpoint" not in str(error):
-        last = checkpoint.latest(paths.checkpoints)
+        last = checkpoint_files.latest(paths.checkpoints)
         record["error"] += f"; the last checkpoint is {last}" if last else "; no checkpoint was written"
 
 
@@ -236,7 +236,7 @@ class Loop:
         self.batches.load_state_dict(ckpt.batches)
         if ckpt.window_loss is not None:
             self.window_loss = ckpt.window_loss.to(self.parts.device)
-        checkpoint.set_rng_state(ckpt.rng)
+        rng.set_rng_state(ckpt.rng)
 
     def run(self):
         """Train from state.step to max_steps; return the summary."""
@@ -352,7 +352,7 @@ class Loop:
         states, sharded = checkpoint.capture(parts.model, parts.opt, parts.averagers, self.world)
         ckpt = checkpoint.TrainCheckpoint(
             config=self.record["config"], record=self.record, loop=self.state, batches=self.batches.state_dict(),
-            train=states, rng=checkpoint.rng_state(), window_loss=self.window_loss.cpu(), world_size=self.world.size)
+            train=states, rng=rng.rng_state(), window_loss=self.window_loss.cpu(), world_size=self.world.size)
         folder = ckpt.save(self.paths.checkpoints, self.world, sharded, keep=self.tc.checkpoint.keep)
         if self.world.main:  # the record on disk as far as the checkpoint: what a run that dies later leaves
             write_record(self.paths.record, self.record)
@@ -430,8 +430,8 @@ def ensure_data(cfg, spec, main=True):
         raise not_prepared(data.path, prepare_command(data))
     if main:
         print(f"preparing {data.name} data in {data.path} (once, offline)", flush=True)
-        prepare(data.path, source=data.prepare_if_missing, mode=data.mode, tokenizer=data.tokenizer,
-                gguf_file=data.gguf_file, seed=0)
+        prepare(data.path, Request(source=data.prepare_if_missing, mode=data.mode, tokenizer=data.tokenizer,
+                                   gguf_file=data.gguf_file))
 
 
 def load_data(cfg, spec, world):

@@ -1,0 +1,419 @@
+"""pace-data: a dataset tokenized once into the prepared folder that pace-train reads (its layout: `data`).
+
+SFT examples are ChatML conversations with only the assistant replies trained; pretraining documents are
+tokenized with an EOS after each and packed into blocks. The folder appears complete or not at all: it is
+written beside `out` and moved into place, and prepared data it replaces are removed only after.
+"""
+
+import json
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+from pace_lm import PaceLMError, corpus
+from pace_lm.data import IGNORE_INDEX, META, SPLITS, TOKENIZER
+from pace_lm.records import environment, write_failed, write_json_atomic
+
+ROLES = ("system", "user", "assistant")
+IM_START, IM_END = corpus.IM_START, corpus.IM_END
+PRESETS = {  # --source shortcuts: hub dataset, config name, and the text/messages column
+    "smoltalk": dict(path="HuggingFaceTB/smoltalk", name="all", mode="sft"),
+    "fineweb": dict(path="HuggingFaceFW/fineweb", name="sample-10BT", mode="pretrain"),
+}
+DEFAULT_SEQ_LEN = {"sft": 1280, "pretrain": 1024, "offline": 256}
+LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+@dataclass(frozen=True)
+class Request:
+    """What pace-data is asked to prepare: its flags, and the keys of meta.json that say what was made."""
+    source: str = "offline"             # 'offline', a PRESETS key, a hub id, or local json/jsonl/parquet
+    mode: str = "sft"                   # sft | pretrain
+    tokenizer: Optional[str] = None     # hub id or folder; None: a BPE tokenizer trained on the offline corpus
+    gguf_file: Optional[str] = None     # the tokenizer from this GGUF file in the tokenizer folder
+    revision: Optional[str] = None      # the hub dataset's revision
+    name: Optional[str] = None          # the hub dataset's config name
+    split: str = "train"
+    max_seq_len: Optional[int] = None   # truncation (sft) or block length (pretrain); None: DEFAULT_SEQ_LEN
+    val_size: Optional[int] = None      # held-out examples (documents when streaming)
+    seed: int = 0                       # of the train/validation split
+    max_tokens: Optional[int] = None    # pretrain: stream the source, stop after this many training tokens
+    text_field: str = "text"            # pretrain: the text column
+
+    @property
+    def streaming(self):
+        return self.max_tokens is not None
+
+
+# ---- SFT: ChatML with only the assistant replies trained -----------------------------
+
+def format_chatml(messages):
+    """ChatML text of a conversation and the character spans that are trained.
+
+    Each turn is `<|im_start|>{role}\\n{content}<|im_end|>\\n`. A trained span is an assistant's
+    content with its `<|im_end|>`; the role header, the newline after `<|im_end|>` and every system
+    and user turn are masked.
+    """
+    text, spans = "", []
+    for i, m in enumerate(messages):
+        role, content = m.get("role"), m.get("content")
+        if role not in ROLES or not isinstance(content, str):
+            raise PaceLMError(f"message {i} has role={role!r} and content of type {type(content).__name__}: "
+                              f"expected a role in {ROLES} and a string")
+        text += f"{IM_START}{role}\n"
+        if role == "assistant":
+            spans.append((len(text), len(text) + len(content) + len(IM_END)))
+        text += f"{content}{IM_END}\n"
+    return text, spans
+
+
+def tokenize_conversation(tokenizer, messages, max_len):
+    """(input_ids, labels, truncated) of one conversation; labels are IGNORE_INDEX outside the replies.
+
+    The text is tokenized once and a token is trained when its first character lies in a reply span,
+    so the masks follow the tokenizer's own segmentation exactly (special tokens such as a BOS the
+    tokenizer adds have empty offsets and stay masked).
+    """
+    text, spans = format_chatml(messages)
+    enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=True)
+    ids, labels = list(enc["input_ids"]), []
+    for tok, (start, end) in zip(ids, enc["offset_mapping"]):
+        trained = end > start and any(a <= start < b for a, b in spans)
+        labels.append(tok if trained else IGNORE_INDEX)
+    truncated = len(ids) > max_len
+    return ids[:max_len], labels[:max_len], truncated
+
+
+def ensure_chatml_tokens(tokenizer):
+    """Add `<|im_start|>` / `<|im_end|>` as special tokens when the tokenizer lacks them (e.g. Gemma)."""
+    from tokenizers import AddedToken
+    vocab = tokenizer.get_vocab()
+    missing = [t for t in (IM_START, IM_END) if t not in vocab]
+    if missing:
+        tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in missing],
+                             special_tokens=True)
+    return missing
+
+
+def _tokenize_sft(ds, tokenizer, max_len, num_proc):
+    def fn(batch, rows):
+        out = {k: [] for k in ("input_ids", "labels", "truncated", "n_tokens", "n_trained", "no_assistant")}
+        for row, messages in zip(rows, batch["messages"]):
+            no_assistant = not any(m.get("role") == "assistant" for m in messages)
+            ids, labels, truncated = [], [], False
+            if not no_assistant:
+                try:
+                    ids, labels, truncated = tokenize_conversation(tokenizer, messages, max_len)
+                except PaceLMError as e:
+                    raise PaceLMError(f"conversation {row} of the split: {e}") from None
+            out["input_ids"].append(ids)
+            out["labels"].append(labels)
+            out["truncated"].append(truncated)
+            out["n_tokens"].append(len(ids))
+            out["n_trained"].append(sum(1 for y in labels if y != IGNORE_INDEX))
+            out["no_assistant"].append(no_assistant)
+        return out
+    return ds.map(fn, batched=True, with_indices=True, num_proc=num_proc, remove_columns=ds.column_names,
+                  desc="tokenizing conversations")
+
+
+def _sft_split(ds, tokenizer, max_len, num_proc):
+    """Tokenize a split; drop (and count) conversations with no assistant turn or no trained token left."""
+    if "messages" not in ds.column_names:
+        raise PaceLMError(f"dataset has no 'messages' column (columns: {', '.join(ds.column_names)}); "
+                          f"SFT needs a list of {{role, content}} per example")
+    tok = _tokenize_sft(ds, tokenizer, max_len, num_proc)
+    kept = tok.filter(lambda n: n > 0, input_columns="n_trained", num_proc=num_proc)
+    no_assistant = sum(tok["no_assistant"])
+    counts = dict(conversations=len(ds), examples=len(kept), skipped_no_assistant=no_assistant,
+                  skipped_no_trained_token=len(ds) - no_assistant - len(kept),
+                  truncated=sum(kept["truncated"]), tokens=sum(kept["n_tokens"]),
+                  trained_tokens=sum(kept["n_trained"]))
+    return kept.select_columns(["input_ids", "labels"]), counts
+
+
+# ---- pretraining: documents + EOS, packed into blocks --------------------------------
+
+def _pretrain_split(docs, tokenizer, block_size, text_field, num_proc, max_blocks=None):
+    if text_field not in docs.column_names:
+        raise PaceLMError(f"dataset has no {text_field!r} column (columns: {', '.join(docs.column_names)}); "
+                          f"pretraining needs a text column (--text-field)")
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise PaceLMError("the tokenizer has no EOS token to separate documents")
+
+    def tokenize(batch):
+        return {"ids": [ids + [eos] for ids in tokenizer(batch[text_field], add_special_tokens=False)["input_ids"]]}
+
+    def pack(batch):  # the documents of a batch as one stream, cut into full blocks; the tail is dropped
+        stream = [t for ids in batch["ids"] for t in ids]
+        n = len(stream) // block_size * block_size
+        return {"input_ids": [stream[i:i + block_size] for i in range(0, n, block_size)]}
+
+    kw = dict(num_proc=num_proc) if num_proc and not _is_streaming(docs) else {}
+    toks = docs.map(tokenize, batched=True, remove_columns=docs.column_names, **kw)
+    blocks = toks.map(pack, batched=True, batch_size=1000, remove_columns=["ids"], **kw)
+    if _is_streaming(docs):
+        from datasets import Dataset
+        blocks = Dataset.from_list(list(blocks.take(max_blocks)))
+    counts = dict(examples=len(blocks), tokens=len(blocks) * block_size, trained_tokens=len(blocks) * block_size)
+    return blocks, counts
+
+
+def _is_streaming(ds):
+    from datasets import IterableDataset
+    return isinstance(ds, IterableDataset)
+
+
+# ---- sources ------------------------------------------------------------------------
+
+def load_source(request):
+    """A datasets Dataset from 'offline', a preset, local json/jsonl/parquet files, or a hub id (`request`:
+    a Request; streamed when it has max_tokens)."""
+    import datasets
+    source, name, mode = request.source, request.name, request.mode
+    if source == "offline":
+        rows = corpus.offline_conversations() if mode == "sft" else [{"text": d} for d in corpus.offline_documents()]
+        return datasets.Dataset.from_list(rows)
+    if source in PRESETS:
+        name = name or PRESETS[source]["name"]
+        source = PRESETS[source]["path"]
+    files = _local_files(source)
+    if files is not None and LOCAL_FORMATS[os.path.splitext(files[0])[1]] == "json":
+        check_json_files(files, mode, request.text_field)
+    try:
+        if files is not None:
+            fmt = LOCAL_FORMATS[os.path.splitext(files[0])[1]]
+            return datasets.load_dataset(fmt, data_files=files, split="train", streaming=request.streaming)
+        return datasets.load_dataset(source, name, split=request.split, revision=request.revision,
+                                     streaming=request.streaming)
+    except (OSError, ValueError, datasets.exceptions.DatasetNotFoundError) as e:
+        raise PaceLMError(f"could not load dataset {source!r}: {type(e).__name__}: {str(e).splitlines()[0]}") from e
+
+
+def check_json_files(files, mode, text_field="text"):
+    """Each local .json / .jsonl file parses, and each row has what `mode` reads: one line naming the file
+    and line otherwise (datasets' own error is a long traceback with the row buried in it)."""
+    total = 0
+    for path in files:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        if path.endswith(".jsonl"):
+            rows = []
+            for lineno, line in enumerate(text.splitlines(), 1):
+                if line.strip():
+                    rows.append((lineno, _parse_json(line, path, lineno)))
+        else:
+            data = _parse_json(text, path, None)
+            rows = list(enumerate(data if isinstance(data, list) else [data], 1))
+        for where, row in rows:
+            _check_row(row, mode, text_field, f"{path}, {'line' if path.endswith('.jsonl') else 'row'} {where}")
+        total += len(rows)
+    if not total:
+        what = "conversations" if mode == "sft" else "documents"
+        raise PaceLMError(f"no {what} in {', '.join(files)}")
+
+
+def _parse_json(text, path, lineno):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        line = lineno or e.lineno
+        raise PaceLMError(f"{path}, line {line}: not valid JSON ({e.msg}, column {e.colno})") from None
+
+
+def _check_row(row, mode, text_field, where):
+    if not isinstance(row, dict):
+        raise PaceLMError(f"{where}: a row is a JSON object, not {type(row).__name__}")
+    if mode == "pretrain":
+        if not isinstance(row.get(text_field), str):
+            raise PaceLMError(f"{where}: no {text_field!r} string (pretraining reads --text-field)")
+        return
+    messages = row.get("messages")
+    if not isinstance(messages, list):
+        raise PaceLMError(f"{where}: no 'messages' list (SFT reads a list of {{role, content}})")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise PaceLMError(f"{where}: message {i} is {type(m).__name__}, not {{role, content}}")
+        try:
+            format_chatml([m])
+        except PaceLMError as e:
+            raise PaceLMError(f"{where}: {str(e).replace('message 0', f'message {i}', 1)}") from None
+
+
+def _local_files(source):
+    """Sorted data files of a local source, or None when source names a hub dataset."""
+    if os.path.isdir(source):
+        files = sorted(os.path.join(source, f) for f in os.listdir(source) if os.path.splitext(f)[1] in LOCAL_FORMATS)
+        if not files:
+            raise PaceLMError(f"folder {source!r} has no .json, .jsonl or .parquet files")
+        kinds = {LOCAL_FORMATS[os.path.splitext(f)[1]] for f in files}
+        if len(kinds) > 1:
+            raise PaceLMError(f"folder {source!r} mixes json and parquet files")
+        return files
+    if os.path.isfile(source):
+        if os.path.splitext(source)[1] not in LOCAL_FORMATS:
+            raise PaceLMError(f"{source!r}: expected a .json, .jsonl or .parquet file")
+        return [source]
+    looks_local = source.startswith((".", "/", "~")) or os.path.splitext(source)[1] in LOCAL_FORMATS
+    if looks_local or not re.fullmatch(r"[\w.-]+/[\w.-]+", source):
+        raise PaceLMError(f"data source {source!r} does not exist (a local file or folder, a hub id "
+                          f"'owner/name', 'offline', or one of {', '.join(PRESETS)})")
+    return None
+
+
+# ---- prepare (pace-data) ------------------------------------------------------------
+
+def prepare(out, request=Request(), num_proc=None, overwrite=False):
+    """Tokenize the dataset `request` names once into `out`; return its metadata (meta.json).
+
+    The folder appears complete or not at all; `overwrite` lets it replace prepared data (nothing else).
+    """
+    if request.mode not in ("sft", "pretrain"):
+        raise PaceLMError(f"unknown mode {request.mode!r}; known: sft, pretrain")
+    clean_stale(out)  # first: it may put back prepared data a killed run had moved aside
+    check_out(out, overwrite)
+    if request.streaming and request.mode != "pretrain":
+        raise PaceLMError("--max-tokens (streaming) is for pretraining mode only")
+    if request.source != "offline" and request.tokenizer is None:
+        raise PaceLMError(f"--tokenizer is needed for source {request.source!r} (a hub id or a folder)")
+    ds = load_source(request)
+    tok, added = _tokenizer(request)
+    max_len = request.max_seq_len or DEFAULT_SEQ_LEN["offline" if request.source == "offline" else request.mode]
+    t0 = time.time()
+    (train, train_counts), (val, val_counts) = _splits(ds, tok, max_len, request, num_proc)
+    if len(train) == 0 or len(val) == 0:
+        raise PaceLMError(f"no usable examples after tokenization (train {len(train)}, validation {len(val)}): "
+                          f"{train_counts}")
+    meta = dict(format=1, mode=request.mode, source=request.source, name=request.name, split=request.split,
+                revision=request.revision, tokenizer=request.tokenizer or "offline-bpe",
+                gguf_file=request.gguf_file, added_tokens=added, max_seq_len=max_len,
+                pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+                vocab_size=len(tok), seed=request.seed, counts=dict(train=train_counts, validation=val_counts),
+                trained_token_fraction=train_counts["trained_tokens"] / max(1, train_counts["tokens"]),
+                corpus_sha256=corpus.corpus_sha256() if request.source == "offline" else None,
+                seconds=round(time.time() - t0, 1), environment=environment())
+    _write(out, (train, val), tok, meta)
+    return meta
+
+
+def _tokenizer(request):
+    """(tokenizer, the ChatML tokens added to it): the request's, or for the offline corpus one trained on it."""
+    from pace_lm.models import load_tokenizer
+    if request.tokenizer is None:
+        tok = corpus.train_offline_tokenizer()
+    else:
+        tok = load_tokenizer(request.tokenizer, gguf_file=request.gguf_file)
+    return tok, ensure_chatml_tokens(tok) if request.mode == "sft" else []
+
+
+def _splits(ds, tok, max_len, request, num_proc):
+    """((train, counts), (validation, counts)), tokenized: a seeded held-out split, or when streaming the
+    first val_size documents held out and the rest packed up to the token budget."""
+    text_field = request.text_field
+    if request.streaming:
+        n_val = request.val_size or 1000
+        val_docs, train_docs = ds.take(n_val), ds.skip(n_val)
+        return (_pretrain_split(train_docs, tok, max_len, text_field, None, request.max_tokens // max_len),
+                _pretrain_split(val_docs, tok, max_len, text_field, None, None))
+    if len(ds) < 2:
+        raise PaceLMError(f"dataset {request.source!r} has {len(ds)} examples: need at least 2 (train and validation)")
+    n_val = request.val_size or min(1000, max(1, len(ds) // 10))
+    if not 1 <= n_val < len(ds):
+        raise PaceLMError(f"--val-size={n_val} must be between 1 and {len(ds) - 1} for {len(ds)} examples")
+    parts = ds.train_test_split(test_size=n_val, seed=request.seed, shuffle=True)
+    if request.mode == "sft":
+        return tuple(_sft_split(parts[k], tok, max_len, num_proc) for k in ("train", "test"))
+    return tuple(_pretrain_split(parts[k], tok, max_len, text_field, num_proc) for k in ("train", "test"))
+
+
+def _write(out, splits, tok, meta):
+    """The prepared folder, written beside `out` and moved into place; meta.json last."""
+    tmp = f"{out.rstrip('/')}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        for name, ds in zip(SPLITS, splits):
+            ds.save_to_disk(os.path.join(tmp, name))
+        tok.save_pretrained(os.path.join(tmp, TOKENIZER))
+        write_json_atomic(os.path.join(tmp, META), meta)
+    except OSError as e:  # a full disk, a read-only folder: the partial copy goes; `out` is as it was
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise write_failed("prepared data", out, e) from e
+    _replace_dir(tmp, out)
+
+
+def check_out(out, overwrite):
+    """pace-data writes into a new or empty folder, or replaces prepared data with overwrite: nothing else.
+
+    A folder of the user's own files is never removed, with or without --overwrite.
+    """
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise PaceLMError(f"{out!r} is a file, not a folder: choose another --out")
+    if not os.path.isdir(out) or not os.listdir(out):
+        return
+    if not os.path.exists(os.path.join(out, META)):
+        raise PaceLMError(f"{out!r} exists and is not prepared data (no {META}): pace-data replaces only a "
+                          f"folder it prepared, even with --overwrite; choose another --out")
+    if not overwrite:
+        raise PaceLMError(f"{out!r} already holds prepared data; pass --overwrite to replace it")
+
+
+def clean_stale(out):
+    """Remove what a killed pace-data left beside `out` (`out.tmp-PID`, `out.old-PID` of a dead PID).
+
+    An `out.old-PID` is the previous prepared data, moved aside just before the new folder took its place:
+    if the new one never arrived, it is put back instead.
+    """
+    base = out.rstrip("/")
+    parent, name = os.path.split(os.path.abspath(base))
+    if not os.path.isdir(parent):
+        return
+    for entry in os.listdir(parent):
+        m = re.fullmatch(re.escape(name) + r"\.(tmp|old)-(\d+)", entry)
+        if not m or _alive(int(m.group(2))):
+            continue
+        path = os.path.join(parent, entry)
+        if m.group(1) == "old" and not os.path.exists(base):
+            os.replace(path, base)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _replace_dir(tmp, out):
+    """Move the finished folder into place; older prepared data is removed only after the new one is there."""
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    old = None
+    if os.path.isdir(out) and not os.listdir(out):
+        os.rmdir(out)  # an empty folder: nothing to keep
+    elif os.path.exists(out):  # prepared data, replaced with overwrite (check_out refused anything else)
+        old = f"{out.rstrip('/')}.old-{os.getpid()}"
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old:
+        shutil.rmtree(old)
+
+
+def prepare_command(cfg):
+    """The pace-data command that prepares `cfg` (the validated dataset settings, schema.Dataset) at cfg.path."""
+    source = cfg.prepare_if_missing or (cfg.name if cfg.name in PRESETS else "YOUR_DATA")
+    parts = ["pace-data", "--source", source]
+    if cfg.mode != "sft":
+        parts += ["--mode", cfg.mode]
+    if cfg.tokenizer or source != "offline":
+        parts += ["--tokenizer", cfg.tokenizer or "MODEL"]
+    if cfg.gguf_file:
+        parts += ["--gguf-file", cfg.gguf_file]
+    return " ".join([*parts, "--out", str(cfg.path)])
