@@ -70,16 +70,16 @@ def build_params(shapes, device, dtype, seed=0):
 class FusedAdamWPlusEMA:
     """What users do today: fused AdamW, then a separate foreach EMA update of the weights."""
 
-    def __init__(self, params, lr, decay=0.01):
+    def __init__(self, params, lr, ema_weight=0.01):
         self.opt = torch.optim.AdamW(params, lr=lr, fused=True)
         self.param_groups = self.opt.param_groups
         self.params = list(params)
         self.ema = [p.detach().float().clone() for p in self.params]
-        self.decay = decay
+        self.ema_weight = ema_weight
 
     def step(self):
         self.opt.step()
-        torch._foreach_lerp_(self.ema, [p.detach().float() for p in self.params], self.decay)
+        torch._foreach_lerp_(self.ema, [p.detach().float() for p in self.params], self.ema_weight)
 
 
 def sync(device):

@@ -107,7 +107,7 @@ def test_bad_averaging_is_an_error_before_training(offline_data, tmp_path, overr
 
 def test_disabled_averagers_are_not_built_and_not_checked():
     cfg = validate(compose(["averaging.lawa.k=0"])).averaging  # disabled: not in the way
-    assert enabled_averagers(cfg, "ema") == [] and enabled_averagers(cfg, "final_iterate") == []
+    assert enabled_averagers(cfg, "ema") == [] and enabled_averagers(cfg, "vanilla") == []
     assert enabled_averagers(validate(compose(["optimizer=swa"])).averaging, "swa") == ["swa"]
 
 

@@ -183,7 +183,7 @@ def test_rng_state_round_trips_through_a_weights_only_file(tmp_path):
 
 def test_a_train_checkpoint_is_one_typed_layout_for_saving_and_resuming(tmp_path):
     """TrainCheckpoint writes state.pt (shared) and rank0.pt (this rank's) and gives back what it wrote."""
-    loop = checkpoint.LoopState(step=7, tokens=700, trained=650, window_tokens=30, t_train=1.5, base_lrs=[1e-3, 1e-3])
+    loop = checkpoint.LoopState(step=7, tokens=700, trained=650, window_trained=30, t_train=1.5, base_lrs=[1e-3, 1e-3])
     ckpt = checkpoint.TrainCheckpoint(config=dict(seed=0), record=dict(status="running"), loop=loop,
                                       batches=dict(epoch=1, offset=3), train=dict(model={"w": torch.ones(2)}),
                                       rng=rng.rng_state(), window_loss=torch.tensor(2.5), world_size=1)

@@ -133,13 +133,13 @@ def test_cuda_fused_gives_the_c_kernels_bits(dtype):
 def test_cuda_bf16_fused_and_torch_ops_within_one_ulp():
     """Against the per-tensor torch ops on CUDA, the tolerance is one bf16 unit in the last place of the
     weights: torch's CUDA lerp may contract a + w * (b - a) into an FMA (nvcc's default), so m can differ by
-    a float32 ulp and, rarely, round to the neighbouring bf16 weight. The EMA then differs by decay times
+    a float32 ulp and, rarely, round to the neighbouring bf16 weight. The EMA then differs by ema_weight times
     that ulp, plus float32 rounding."""
     out = {}
-    decay = 0.1
+    ema_weight = 0.1
     for impl in ("fused", "forloop"):
         params, _ = pair(torch.bfloat16)
-        opt = PACE(params, lr=0.01, lambda_pullback=2.0, beta_ema=decay, use_ema_eval=True, impl=impl)
+        opt = PACE(params, lr=0.01, lambda_pullback=2.0, beta_ema=ema_weight, use_ema_eval=True, impl=impl)
         for t in range(10):
             grads(params, t, "cuda")
             opt.step()
@@ -148,7 +148,7 @@ def test_cuda_bf16_fused_and_torch_ops_within_one_ulp():
         ulp = 2.0 ** (torch.floor(torch.log2(q.detach().float().abs().clamp(min=1e-30))) - 7)  # one bf16 ulp at q
         assert ((p.float() - q.float()).abs() <= ulp).all()
         e, f = out["fused"][1].state[p]["ema"], out["forloop"][1].state[q]["ema"]
-        assert ((e - f).abs() <= 10 * decay * ulp + 2.0 ** -20 * f.abs()).all()
+        assert ((e - f).abs() <= 10 * ema_weight * ulp + 2.0 ** -20 * f.abs()).all()
 
 
 def test_cuda_new_grad_tensors_reuse_the_tables(monkeypatch):

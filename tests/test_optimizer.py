@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 import pace.optimizer as pace_optimizer
 from pace import cpu_kernel
 from pace import PACE, PACEReference
-from pace.reference import ema_decay
+from pace.reference import ema_weight_at
 
 IMPLS = ["fused", "foreach", "forloop"]  # "triton" on CPU tensors: tests/test_triton_kernel.py
 SHAPES = [(6, 5), (11,), (3, 2, 4), (1,), (0, 3)]
@@ -97,15 +97,15 @@ def test_matches_reference_property(lr, c, wd, beta1, beta2, eps, kappa, rho, ga
     run_side_by_side(impl, torch.float64, kw, steps=12, lr_fn=lambda t: lr)
 
 
-@pytest.mark.parametrize("decay", [ema_decay, pace_optimizer.ema_decay], ids=["reference", "optimizer"])
-def test_ema_decay_schedule(decay):
-    """The oracle and the fast path each write decay_t in their own code (neither imports the other's);
+@pytest.mark.parametrize("ema_weight", [ema_weight_at, pace_optimizer.ema_weight_at], ids=["reference", "optimizer"])
+def test_the_ema_weight_schedule(ema_weight):
+    """The oracle and the fast path each write w_t in their own code (neither imports the other's);
     both are held to hand-computed values, so that one mistake cannot hide in both."""
-    assert decay(7, 0.05, None, 0, 1) == 0.05
-    assert math.isclose(decay(1, 0.05, 0.5, 0.0, 1.0), 2 ** -0.5)
-    assert decay(3, 0.05, 0.5, 5.0, 1.0) == 1.0  # before rho: no decay yet, the EMA tracks theta
-    assert math.isclose(decay(10, 0.05, 1.0, 2.0, 0.5), 1 / 5)
-    assert decay(10 ** 9, 0.05, 2.0, 0.0, 1.0) == 1e-4  # the floor
+    assert ema_weight(7, 0.05, None, 0, 1) == 0.05
+    assert math.isclose(ema_weight(1, 0.05, 0.5, 0.0, 1.0), 2 ** -0.5)
+    assert ema_weight(3, 0.05, 0.5, 5.0, 1.0) == 1.0  # before rho: no ema_weight yet, the EMA tracks theta
+    assert math.isclose(ema_weight(10, 0.05, 1.0, 2.0, 0.5), 1 / 5)
+    assert ema_weight(10 ** 9, 0.05, 2.0, 0.0, 1.0) == 1e-4  # the floor
 
 
 def test_the_oracle_and_the_fast_path_import_nothing_from_each_other():
@@ -115,7 +115,7 @@ def test_the_oracle_and_the_fast_path_import_nothing_from_each_other():
     for name, other in (("optimizer.py", "reference"), ("reference.py", "optimizer")):
         tree = ast.parse((src / name).read_text())
         imported = {f"{n.module or ''}.{a.name}" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
-                    for a in n.names}  # pace.reference.ema_decay, pace.cpu_kernel, ...
+                    for a in n.names}  # pace.reference.ema_weight_at, pace.cpu_kernel, ...
         imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         assert not any(module.startswith(("pace.", ".")) and other in module for module in imported), (name, imported)
 
@@ -355,7 +355,7 @@ def test_state_dict_is_deterministic():
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_bf16_ema_moves_and_survives_checkpoint(impl):
-    """bf16 weights keep an fp32 EMA: its updates decay*delta would vanish in bf16 rounding."""
+    """bf16 weights keep an fp32 EMA: its updates ema_weight*delta would vanish in bf16 rounding."""
     def run(**kw):
         p = torch.nn.Parameter(torch.full((64,), 1.0, dtype=torch.bfloat16))
         opt = PACE([p], lr=0.01, beta_ema=1e-3, use_ema_eval=True, lambda_pullback=0.1, impl=impl, **kw)

@@ -58,6 +58,7 @@ def test_the_architecture_arguments_are_free_form():
     ("training.resume=yes training.overwrite=true", "contradict"),
     ("training.grad_clip=-1", "training.grad_clip=-1 must be >= 0"),
     ("model.dtype=float8", "unknown model.dtype='float8'"),
+    ("training.dtype=bf16", "unknown training.dtype='bf16'; known: auto, float32, bfloat16"),  # one spelling
     ("model=smollm2_135m model.pretrained=null", "model.pretrained .* is not set"),
     ("dataset.mode=chat", "unknown dataset.mode='chat'"),
     ("dataset.subset_ratio=0", "dataset.subset_ratio=0 must be in"),
@@ -135,3 +136,13 @@ def test_checking_a_config_needs_no_model_package():
             OmegaConf.resolve(cfg)
     finally:
         OmegaConf.register_new_resolver("ggufdir", assembled_gguf, replace=True)
+
+
+@pytest.mark.parametrize("dtype, device, autocast", [
+    ("auto", "cpu", None), ("auto", "cuda", torch.bfloat16), ("bfloat16", "cpu", torch.bfloat16),
+    ("float32", "cuda", None)])
+def test_training_dtype_is_the_autocast_it_names(dtype, device, autocast):
+    from pace_lm.evaluation import get_autocast
+    schema.validate(compose([f"training.dtype={dtype}"]))  # the spellings of model.dtype and optimizer.ema_dtype
+    ctx = get_autocast(dtype, torch.device(device))
+    assert (ctx.fast_dtype if isinstance(ctx, torch.autocast) else None) == autocast

@@ -16,8 +16,8 @@ class Layout(NamedTuple):
     one_minus_beta1: int = 4
     beta2: int = 5
     one_minus_beta2: int = 6
-    lam_scale: int = 7  # lr * c * decay_t: lambda before the 1 / (sqrt(v_hat) + eps) factor
-    decay: int = 8  # decay_t, the EMA's weight on the newest iterate
+    lam_scale: int = 7  # lr * c * w_t: lambda before the 1 / (sqrt(v_hat) + eps) factor
+    ema_weight: int = 8  # w_t, the EMA's weight on the newest iterate
     lam_max: int = 9  # 1 when clamp_pullback, else inf
 
 

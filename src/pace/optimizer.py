@@ -29,15 +29,15 @@ except ImportError:  # torch built without distributed
 
 IMPLS = ("fused", "triton", "foreach", "forloop")
 STAT_NAMES = ("lambda_mean", "lambda_max", "frac_clipped", "update_norm", "pullback_norm", "dist_to_ema")
-MIN_DECAY = 1e-4  # floor on decay_t, so that a decaying EMA never freezes
+MIN_EMA_WEIGHT = 1e-4  # floor on w_t, so that a decaying EMA never freezes
 FOREACH_SLICE = 1 << 24  # elements per foreach pass: bounds its preallocated temporaries
 
 
-def ema_decay(t, beta_ema, kappa, rho, gamma):
-    """decay_t: the EMA's weight on the newest iterate at (1-based) step t."""
+def ema_weight_at(t, beta_ema, kappa, rho, gamma):
+    """w_t: the EMA's weight on the newest iterate at (1-based) step t."""
     if kappa is None:
         return beta_ema
-    return max((1.0 + gamma * max(0.0, t - rho)) ** (-kappa), MIN_DECAY)
+    return max((1.0 + gamma * max(0.0, t - rho)) ** (-kappa), MIN_EMA_WEIGHT)
 
 
 def _pace_update(p, g, m, v, ema, hp, pull: bool, update_ema: bool, stats: bool):
@@ -45,14 +45,15 @@ def _pace_update(p, g, m, v, ema, hp, pull: bool, update_ema: bool, stats: bool)
     torch.compile, and the definition the kernels (csrc/pace_step.c, triton_kernel.py) follow op for op.
 
     hp: the hyperparameter vector (pace.hyper.Layout) in the compute dtype (float64 for float64 weights,
-        else float32): 1 - lr*wd, lr/bc1, 1/sqrt(bc2), eps, 1 - beta1, beta2, 1 - beta2, lr*c*decay_t, decay_t,
+        else float32): 1 - lr*wd, lr/bc1, 1/sqrt(bc2), eps, 1 - beta1, beta2, 1 - beta2, lr*c*w_t, w_t,
         lambda_max (1 when clamp_pullback, else inf)
     The 16-bit rule: arithmetic in float32, m and v stored in the weights' dtype, the EMA (float32 by
     default) averages the weights as stored, i.e. theta_{t+1} rounded to the weights' dtype.
     Returns (6,) partial sums for get_step_stats() when stats, else None.
     """
     # the slots of pace.hyper.Layout, in its order
-    keep, step_size, inv_bc2_sqrt, eps, one_minus_beta1, beta2, one_minus_beta2, lam_scale, decay, lam_max = hp.unbind(0)
+    (keep, step_size, inv_bc2_sqrt, eps, one_minus_beta1, beta2, one_minus_beta2, lam_scale, ema_weight,
+     lam_max) = hp.unbind(0)
     theta = p.to(hp.dtype)  # theta_t, the weights before this step
     grad = g.to(hp.dtype)
     m_new = m.to(hp.dtype).lerp(grad, one_minus_beta1)
@@ -76,7 +77,7 @@ def _pace_update(p, g, m, v, ema, hp, pull: bool, update_ema: bool, stats: bool)
     m.copy_(m_new)
     v.copy_(v_new)
     if update_ema:
-        ema.lerp_(p.to(ema.dtype), decay.to(ema.dtype))  # theta_{t+1} as stored
+        ema.lerp_(p.to(ema.dtype), ema_weight.to(ema.dtype))  # theta_{t+1} as stored
     return partials
 
 
@@ -151,11 +152,13 @@ class PACE(Optimizer):
     Per parameter, at its 1-based step t (the count Adam's bias correction uses)::
 
         theta'      = AdamW step of theta_t   (torch.optim.AdamW: theta *= 1 - lr*wd, bias-corrected moments)
-        decay_t     = max((1 + gamma*max(0, t - rho))^(-kappa), 1e-4)      (ema_kappa=None: decay_t = beta_ema)
-        lambda_t,i  = min(lr * c * decay_t / (sqrt(v_hat_i) + eps), 1)      (no min if clamp_pullback=False)
+        w_t         = max((1 + gamma*max(0, t - rho))^(-kappa), 1e-4)  (ema_kappa=None: w_t = beta_ema)
+        lambda_t,i  = min(lr * c * w_t / (sqrt(v_hat_i) + eps), 1)      (no min if clamp_pullback=False)
         theta_{t+1} = theta' + lambda_t,i * (ema_{t-1} - theta_t)
-        ema_t       = (1 - decay_t) * ema_{t-1} + decay_t * theta_{t+1}    (only when t % ema_update_freq == 0)
+        ema_t       = (1 - w_t) * ema_{t-1} + w_t * theta_{t+1}            (only when t % ema_update_freq == 0)
 
+    w_t is the EMA's weight on the newest iterate: `ema_weight` in the code (the hyperparameter vector's slot
+    HP.ema_weight, the C kernel's HP_EMA_WEIGHT); `weight_decay` and an lr schedule's decay are other things.
     v_hat is Adam's bias-corrected second moment after this step's update, lr the group's current lr
     (schedulers act on the pullback too), ema_0 a copy of the parameter before its first step.
 
@@ -167,7 +170,7 @@ class PACE(Optimizer):
         betas, eps, weight_decay: as torch.optim.AdamW (default (0.9, 0.999), 1e-8, 0.01).
         lambda_pullback (float): c, the pullback strength (default 0: no pullback).
         clamp_pullback (bool): clamp lambda at 1 per coordinate (default True).
-        beta_ema (float): fixed EMA weight decay_t when ema_kappa is None, in (0, 1] (default 0.01).
+        beta_ema (float): fixed EMA weight w_t when ema_kappa is None, in (0, 1] (default 0.01).
         use_ema_eval (bool): eval() puts the EMA into the model (default False).
         ema_kappa, ema_rho, ema_gamma: the decaying EMA weight above (default None, 0, 1).
         ema_update_freq (int): update the EMA every this many steps (default 1).
@@ -188,9 +191,9 @@ class PACE(Optimizer):
                 float16 on the CPU, no C compiler, no Triton).
             Inside a user's torch.compile the step runs eagerly (one graph break, one warning).
         ema_dtype (torch.dtype or None): EMA dtype; None means float32 for 16-bit parameters
-            (bf16 rounding would stall an EMA whose updates are decay*delta) and the parameter's dtype otherwise.
+            (bf16 rounding would stall an EMA whose updates are ema_weight*delta) and the parameter's dtype otherwise.
         capturable (bool): the step can be captured in a CUDA graph and replayed (default False). As in
-            torch.optim: the step count is a device tensor, the bias corrections and decay_t are computed on
+            torch.optim: the step count is a device tensor, the bias corrections and w_t are computed on
             the device, and nothing is copied from the host; a tensor lr can change between replays. Capture
             a step after at least one eager step with the same parameters with grads (its first step reads
             the step counts back once, to bucket the parameters). Needs ema_update_freq=1.
@@ -417,7 +420,7 @@ class PACE(Optimizer):
         compute dtype, with no host sync; and the same step's Python-float constants for _foreach_update."""
         beta1, beta2 = group["betas"]
         bc1, bc2 = 1 - beta1 ** t, 1 - beta2 ** t
-        decay = ema_decay(t, group["beta_ema"], group["ema_kappa"], group["ema_rho"], group["ema_gamma"])
+        ema_weight = ema_weight_at(t, group["beta_ema"], group["ema_kappa"], group["ema_rho"], group["ema_gamma"])
         lr = group["lr"]
         lam_max = 1.0 if group["clamp_pullback"] else float("inf")
         # hp = base + lr * scale in float64; a Python lr is multiplied here, exactly as in double arithmetic;
@@ -429,11 +432,11 @@ class PACE(Optimizer):
         base[HP.inv_bc2_sqrt] = bc2 ** -0.5
         base[HP.eps] = group["eps"]
         base[HP.one_minus_beta1], base[HP.beta2], base[HP.one_minus_beta2] = 1 - beta1, beta2, 1 - beta2
-        scale[HP.lam_scale] = group["lambda_pullback"] * decay
-        base[HP.decay] = decay
+        scale[HP.lam_scale] = group["lambda_pullback"] * ema_weight
+        base[HP.ema_weight] = ema_weight
         base[HP.lam_max] = lam_max
         compute = torch.float64 if dtype in (torch.float64, torch.complex128) else torch.float32
-        consts = (beta1, beta2, bc2 ** 0.5, group["eps"], decay)  # the foreach path's Python scalars
+        consts = (beta1, beta2, bc2 ** 0.5, group["eps"], ema_weight)  # the foreach path's Python scalars
         if isinstance(lr, Tensor):
             both = _to_device(torch.tensor([base, scale], dtype=torch.float64), lr.device)
             hp = (both[0] + lr * both[1]).to(device=device, dtype=compute, non_blocking=True)
@@ -593,10 +596,10 @@ def _hyper_on_device(group, step, dtype):
     t = step.to(torch.float64)
     bc1, bc2 = 1 - torch.pow(beta1, t), 1 - torch.pow(beta2, t)
     if group["ema_kappa"] is None:
-        decay = torch.full_like(t, group["beta_ema"])
+        ema_weight = torch.full_like(t, group["beta_ema"])
     else:
-        decay = ((t - group["ema_rho"]).clamp(min=0.0) * group["ema_gamma"] + 1.0).pow(-group["ema_kappa"])
-        decay = decay.clamp(min=MIN_DECAY)
+        ema_weight = ((t - group["ema_rho"]).clamp(min=0.0) * group["ema_gamma"] + 1.0).pow(-group["ema_kappa"])
+        ema_weight = ema_weight.clamp(min=MIN_EMA_WEIGHT)
     lr = group["lr"]
     lr = lr.to(device=t.device, dtype=torch.float64) if isinstance(lr, Tensor) else torch.full_like(t, lr)
     hp = torch.empty(HP_SIZE, dtype=torch.float64, device=t.device)
@@ -605,8 +608,8 @@ def _hyper_on_device(group, step, dtype):
     hp[HP.inv_bc2_sqrt] = bc2.pow(-0.5)
     hp[HP.eps] = group["eps"]
     hp[HP.one_minus_beta1], hp[HP.beta2], hp[HP.one_minus_beta2] = 1 - beta1, beta2, 1 - beta2
-    hp[HP.lam_scale] = lr * (group["lambda_pullback"] * decay)
-    hp[HP.decay] = decay
+    hp[HP.lam_scale] = lr * (group["lambda_pullback"] * ema_weight)
+    hp[HP.ema_weight] = ema_weight
     hp[HP.lam_max] = 1.0 if group["clamp_pullback"] else float("inf")
     compute = torch.float64 if dtype in (torch.float64, torch.complex128) else torch.float32
     return hp.to(compute)
@@ -725,7 +728,7 @@ def _foreach_update(tensors, hp, consts, clamp, pull, update_ema, stats, scratch
     preallocated temporaries. 16-bit weights and telemetry step per tensor (_pace_update): their arithmetic
     is float32, as in the kernels, and telemetry needs the per-tensor intermediates.
 
-    consts: (beta1, beta2, sqrt(bc2), eps, decay_t) as Python floats; the lr-dependent terms come from hp.
+    consts: (beta1, beta2, sqrt(bc2), eps, w_t) as Python floats; the lr-dependent terms come from hp.
     """
     p0, ema0 = tensors[0][0], tensors[0][4]
     if stats or p0.dtype != hp.dtype or (ema0 is not None and ema0.dtype != p0.dtype):
@@ -734,7 +737,7 @@ def _foreach_update(tensors, hp, consts, clamp, pull, update_ema, stats, scratch
                f"the EMA's dtype ({ema0.dtype}) is not the weights' ({p0.dtype})")
         _warn_once(("foreach", why), f"PACE: foreach steps these parameters one tensor at a time: {why}")
         return [_pace_update(*x, hp, pull, update_ema, stats) for x in tensors]
-    beta1, beta2, bc2_sqrt, eps, decay = consts
+    beta1, beta2, bc2_sqrt, eps, ema_weight = consts
     keep, step_size, lam_scale = hp[HP.keep], hp[HP.step_size], hp[HP.lam_scale]
     for run in _slices(tensors):
         p, g, m, v, ema = (list(x) for x in zip(*run))
@@ -763,5 +766,5 @@ def _foreach_update(tensors, hp, consts, clamp, pull, update_ema, stats, scratch
         if pull:
             torch._foreach_add_(p, pullback)
         if update_ema:
-            torch._foreach_lerp_(ema, p, decay)
+            torch._foreach_lerp_(ema, p, ema_weight)
     return None

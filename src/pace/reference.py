@@ -6,24 +6,24 @@ parameter's dtype never enters the comparison; the parameter is overwritten with
 theta_{t+1} after every step. Nothing here is tuned for speed.
 
     theta'      = theta_t * (1 - lr*wd) - lr * m_hat / (sqrt(v_hat) + eps)       AdamW
-    decay_t     = beta_ema                                     if kappa is None
-                = max((1 + gamma*max(0, t - rho))^(-kappa), 1e-4)   otherwise
-    lambda_t    = min(lr * c * decay_t / (sqrt(v_hat) + eps), 1)    (no min if not clamped)
+    w_t         = beta_ema                                     if kappa is None
+                = max((1 + gamma*max(0, t - rho))^(-kappa), 1e-4)   otherwise   (the EMA's weight on the newest iterate)
+    lambda_t    = min(lr * c * w_t / (sqrt(v_hat) + eps), 1)    (no min if not clamped)
     theta_{t+1} = theta' + lambda_t * (ema_{t-1} - theta_t)
-    ema_t       = (1 - decay_t) * ema_{t-1} + decay_t * theta_{t+1}   if t % ema_update_freq == 0
+    ema_t       = (1 - w_t) * ema_{t-1} + w_t * theta_{t+1}   if t % ema_update_freq == 0
 """
 
 import torch
 from torch.optim import Optimizer
 
-MIN_DECAY = 1e-4  # floor on decay_t, so that a decaying EMA never freezes
+MIN_EMA_WEIGHT = 1e-4  # floor on w_t, so that a decaying EMA never freezes
 
 
-def ema_decay(t, beta_ema, kappa, rho, gamma):
-    """decay_t: the EMA's weight on the newest iterate at (1-based) step t."""
+def ema_weight_at(t, beta_ema, kappa, rho, gamma):
+    """w_t: the EMA's weight on the newest iterate at (1-based) step t."""
     if kappa is None:
         return beta_ema
-    return max((1.0 + gamma * max(0.0, t - rho)) ** (-kappa), MIN_DECAY)
+    return max((1.0 + gamma * max(0.0, t - rho)) ** (-kappa), MIN_EMA_WEIGHT)
 
 
 class PACEReference(Optimizer):
@@ -69,14 +69,14 @@ class PACEReference(Optimizer):
                 v_hat = v / (1 - beta2 ** t)
                 theta_prime = theta * (1 - lr * wd) - lr * m_hat / (v_hat.sqrt() + eps)
 
-                decay = ema_decay(t, group["beta_ema"], group["ema_kappa"],
+                ema_weight = ema_weight_at(t, group["beta_ema"], group["ema_kappa"],
                                   group["ema_rho"], group["ema_gamma"])
-                lam = lr * c * decay / (v_hat.sqrt() + eps)
+                lam = lr * c * ema_weight / (v_hat.sqrt() + eps)
                 if group["clamp_pullback"]:
                     lam = lam.clamp(max=1.0)
                 theta_next = theta_prime + lam * (ema - theta)
                 if t % group["ema_update_freq"] == 0:
-                    ema = (1 - decay) * ema + decay * theta_next
+                    ema = (1 - ema_weight) * ema + ema_weight * theta_next
 
                 state.update(m=m, v=v, theta=theta_next, ema=ema)
                 p.copy_(theta_next)

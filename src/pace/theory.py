@@ -29,7 +29,7 @@ carries less of the noise. Pulling is not free: its size E[u^2] grows like k. Ch
 and the gain over the EMA baseline, J(0) / J(k*), is unbounded: on the instances h = beta = rho = eps it
 grows like 1 / (4 eps) as eps -> 0 (slow curvature, slow averaging, cheap control).
 
-PACE itself is a clipped, Adam-scaled version of this feedback: lambda = min(lr c decay / (sqrt(v_hat) + eps), 1)
+PACE itself is a clipped, Adam-scaled version of this feedback: lambda = min(lr c ema_weight / (sqrt(v_hat) + eps), 1)
 per coordinate and step. `simulate_optimizer` runs the real `pace.PACE` on a noisy quadratic to compare its
 returned EMA with the EMA baseline (c = 0) and AdamW's last iterate: at stationarity and from a far start.
 

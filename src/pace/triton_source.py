@@ -30,7 +30,7 @@ ONE_MINUS_BETA1 = tl.constexpr(HP.one_minus_beta1)
 BETA2 = tl.constexpr(HP.beta2)
 ONE_MINUS_BETA2 = tl.constexpr(HP.one_minus_beta2)
 LAM_SCALE = tl.constexpr(HP.lam_scale)
-DECAY = tl.constexpr(HP.decay)
+EMA_WEIGHT = tl.constexpr(HP.ema_weight)
 LAM_MAX = tl.constexpr(HP.lam_max)
 
 
@@ -75,12 +75,12 @@ def _zero_masked(x, mask, MASKED: tl.constexpr):
 
 
 @triton.jit
-def _block(p, g, m, v, e, offs, mask, keep, step_size, inv_bc2_sqrt, eps, omb1, beta2, omb2, lam_scale, decay, lam_max,
-           s_lam, m_lam, s_clip, s_upd, s_pull, s_diff,
+def _block(p, g, m, v, e, offs, mask, keep, step_size, inv_bc2_sqrt, eps, omb1, beta2, omb2, lam_scale, ema_weight,
+           lam_max, s_lam, m_lam, s_clip, s_upd, s_pull, s_diff,
            C_TYPE: tl.constexpr, EA_TYPE: tl.constexpr, P_TYPE: tl.constexpr, E_TYPE: tl.constexpr,
            FP64: tl.constexpr, P_BF16: tl.constexpr, E_BF16: tl.constexpr, PULL: tl.constexpr,
            UPDATE_EMA: tl.constexpr, STATS: tl.constexpr, MASKED: tl.constexpr):
-    """Step the elements `offs` of one tensor (the hyperparameters in the compute dtype, decay in the EMA's);
+    """Step the elements `offs` of one tensor (the hyperparameters in the compute dtype, ema_weight in the EMA's);
     returns the telemetry accumulators, updated when STATS."""
     theta = _load(p + offs, mask, C_TYPE, MASKED)
     grad = _load(g + offs, mask, C_TYPE, MASKED)
@@ -104,7 +104,7 @@ def _block(p, g, m, v, e, offs, mask, keep, step_size, inv_bc2_sqrt, eps, omb1, 
     stored = _bf16(new) if P_BF16 else new.to(P_TYPE)  # theta_{t+1} as stored: what the EMA averages
     _store(p + offs, stored, mask, P_TYPE, False, MASKED)
     if UPDATE_EMA:
-        ema = _lerp(e_old, stored.to(EA_TYPE), decay)
+        ema = _lerp(e_old, stored.to(EA_TYPE), ema_weight)
         _store(e + offs, ema, mask, E_TYPE, E_BF16, MASKED)
     if STATS:
         upd = _zero_masked(adamw - theta, mask, MASKED)
@@ -158,7 +158,7 @@ def pace_kernel(addrs, grads, numels, chunk_tensor, chunk_index, hp, stats,
     beta2 = tl.load(hp + BETA2).to(C_TYPE)
     omb2 = tl.load(hp + ONE_MINUS_BETA2).to(C_TYPE)
     lam_scale = tl.load(hp + LAM_SCALE).to(C_TYPE)
-    decay = tl.load(hp + DECAY).to(EA_TYPE)
+    ema_weight = tl.load(hp + EMA_WEIGHT).to(EA_TYPE)
     lam_max = tl.load(hp + LAM_MAX).to(C_TYPE)
     aligned = ((p_addr | g_addr | m_addr | v_addr | e_addr) & 15) == 0
     if aligned & (start + BLOCK * BLOCKS_PER_CHUNK <= n):  # interior: no mask, 128-bit accesses
@@ -170,15 +170,15 @@ def pace_kernel(addrs, grads, numels, chunk_tensor, chunk_index, hp, stats,
         for b in range(BLOCKS_PER_CHUNK):
             offs = start + b * BLOCK + tl.arange(0, BLOCK)
             s_lam, m_lam, s_clip, s_upd, s_pull, s_diff = _block(
-                pa, ga, ma, va, ea, offs, None, keep, step_size, inv_bc2_sqrt, eps, omb1, beta2, omb2, lam_scale, decay,
-                lam_max, s_lam, m_lam, s_clip, s_upd, s_pull, s_diff, C_TYPE, EA_TYPE,
+                pa, ga, ma, va, ea, offs, None, keep, step_size, inv_bc2_sqrt, eps, omb1, beta2, omb2, lam_scale,
+                ema_weight, lam_max, s_lam, m_lam, s_clip, s_upd, s_pull, s_diff, C_TYPE, EA_TYPE,
                 P_TYPE, E_TYPE, FP64, P_BF16, E_BF16, PULL, UPDATE_EMA, STATS, False)
     else:  # a tensor's last chunk, or a misaligned view: masked, scalar accesses
         for b in range(BLOCKS_PER_CHUNK):
             offs = start + b * BLOCK + tl.arange(0, BLOCK)
             s_lam, m_lam, s_clip, s_upd, s_pull, s_diff = _block(
-                p, g, m, v, e, offs, offs < n, keep, step_size, inv_bc2_sqrt, eps, omb1, beta2, omb2, lam_scale, decay,
-                lam_max, s_lam, m_lam, s_clip, s_upd, s_pull, s_diff, C_TYPE, EA_TYPE,
+                p, g, m, v, e, offs, offs < n, keep, step_size, inv_bc2_sqrt, eps, omb1, beta2, omb2, lam_scale,
+                ema_weight, lam_max, s_lam, m_lam, s_clip, s_upd, s_pull, s_diff, C_TYPE, EA_TYPE,
                 P_TYPE, E_TYPE, FP64, P_BF16, E_BF16, PULL, UPDATE_EMA, STATS, True)
     if STATS:
         out = stats + 6 * pid

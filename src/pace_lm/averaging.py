@@ -164,8 +164,8 @@ def build_averagers(cfg, names, params):
 
 
 class FinalIterate:
-    """The live weights: nothing to swap. Recorded as "vanilla" (vanilla_val_loss), returned as
-    "final_iterate" (summary.returned): the names the records have always used."""
+    """The final iterate, the live weights: nothing to swap. Its name is the paper code's, "vanilla": its loss
+    is the record's vanilla_val_loss, and summary.returned is "vanilla" for a run that returns it (adamw)."""
     name = "vanilla"
     taken = True
 
@@ -194,7 +194,7 @@ def kept_models(method, opt, averagers):
     """{returned name: model} of every model a run of `method` (a registry.Method) keeps, in evaluation order:
     the final iterate, the optimizer's own average (PACE's EMA or schedule-free's), then the averagers
     (already named by what they return). `method.returns` is the key of the returned one."""
-    models = {"final_iterate": FinalIterate()}
+    models = {FinalIterate.name: FinalIterate()}
     if method.own_average:
         models[method.own_average] = OptimizerAverage(method.own_average, opt)
     models.update(averagers)

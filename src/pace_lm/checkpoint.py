@@ -38,7 +38,7 @@ class LoopState:
     tokens: int = 0              # tokens seen (attention mask), all ranks
     trained: int = 0             # tokens trained on (labels), all ranks
     tokens_after_first: int = 0  # tokens seen after step 1 (for the steady throughput)
-    window_tokens: int = 0       # trained tokens since the last log
+    window_trained: int = 0      # tokens trained on (labels) since the last log, all ranks
     t_train: float = 0.0         # seconds in steps
     t_first: float = 0.0         # seconds of step 1 (one-time costs included)
     wall: float = 0.0            # seconds since the run began, at the checkpoint

@@ -76,8 +76,9 @@ def evaluate_all(parts, val_batches, autocast, world):
 
 
 def get_autocast(dtype, device):
-    """bf16 autocast on CUDA for dtype=auto; fp32 (no autocast) on CPU unless dtype=bf16."""
-    if dtype == "bf16" or (dtype == "auto" and device.type == "cuda"):
+    """training.dtype's compute: bfloat16 autocast on CUDA for auto, or anywhere for bfloat16; float32 (no autocast)
+    otherwise."""
+    if dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda"):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 

@@ -11,8 +11,8 @@ from pace_lm import PaceLMError
 
 @dataclass(frozen=True)
 class Method:
-    returns: str                # the kept model the run returns (a key of averaging.kept_models): final_iterate
-                                # | ema | schedulefree | lawa | swa
+    returns: str                # the kept model the run returns (a key of averaging.kept_models): vanilla (the
+                                # final iterate) | ema | schedulefree | lawa | swa
     optimizer: str = "pace"     # its optimizer class: pace (pace.PACE) | schedulefree
     own_average: str | None = None  # the average the optimizer keeps itself (swapped in by eval() / train())
     fixed: dict = field(default_factory=dict)  # arguments the method fixes: an override against them errs
@@ -21,7 +21,7 @@ class Method:
 _ADAMW = dict(lambda_pullback=lambda x: x == 0, use_ema_eval=lambda x: x is False)
 _EMA = dict(lambda_pullback=lambda x: x == 0, use_ema_eval=lambda x: x is True)
 OPTIMIZERS = {
-    "adamw": Method("final_iterate", fixed=_ADAMW),
+    "adamw": Method("vanilla", fixed=_ADAMW),
     "ema": Method("ema", own_average="ema", fixed=_EMA),
     "pace": Method("ema", own_average="ema", fixed=dict(_EMA, lambda_pullback=lambda x: x > 0)),
     "lawa": Method("lawa", fixed=_ADAMW),

@@ -239,7 +239,7 @@ def _check_training(tc, ranks):
         raise PaceLMError(f"training.batch_size={tc.batch_size} is not a multiple of training.micro_batch_size"
                           f" x ranks = {tc.micro_batch_size} x {ranks}")
     _choice("training.pad_to", tc.pad_to, ("max_seq_len", "longest"))
-    _choice("training.dtype", tc.dtype, ("auto", "fp32", "bf16"))
+    _choice("training.dtype", tc.dtype, ("auto", "float32", "bfloat16"))  # DTYPES' spellings
     _choice("training.parallel", tc.parallel, PARALLEL)
     if isinstance(tc.resume, str) and (tc.resume == "" or tc.resume.lower() in ("true", "false")):
         raise PaceLMError(f"training.resume={tc.resume!r} must be false, true, auto or a checkpoint folder")

@@ -293,7 +293,7 @@ class Loop:
                 loss_sum, _ = batch_loss(self.forward, to_device(m, parts.device))
             (loss_sum / scale).backward()
             self.window_loss += loss_sum.detach()
-        state.window_tokens += n_step
+        state.window_trained += n_step
         state.trained += n_step
         grad_norm = grad_norm_clip(parts.model, tc.grad_clip)
         if self.telemetry:  # PACE's statistics on the steps that log, and only there (they cost a pass)
@@ -313,7 +313,7 @@ class Loop:
         """A step log: the train loss since the last one (the loop's host sync, with should_stop's under
         torchrun), the lr, the gradient norm, and PACE's statistics if on."""
         state = self.state
-        loss = distributed.all_sum(self.window_loss.clone(), self.world).item() / max(1, state.window_tokens)
+        loss = distributed.all_sum(self.window_loss.clone(), self.world).item() / max(1, state.window_trained)
         if not math.isfinite(loss):
             clips = self.tc.grad_clip and self.tc.grad_clip > 0
             raise Diverged(f"non-finite train loss ({loss}) at step {done}: lower optimizer.lr"
@@ -327,7 +327,7 @@ class Loop:
                              tok_s=f"{state.tokens / max(state.t_train, 1e-9):.0f}")
         log_wandb(self.wandb, entry, done)
         self.window_loss.zero_()
-        state.window_tokens = 0
+        state.window_trained = 0
 
     def evaluate(self, done):
         """Score every kept model on the validation batches; rank 0 writes the record so far."""

@@ -12,11 +12,11 @@
  *   m'    = lerp(m, g, 1 - beta1)                   v' = v * beta2 + (1 - beta2) * g * g
  *   inv   = 1 / (sqrt(v') * inv_bc2_sqrt + eps)     adamw = theta * keep - step_size * (m' * inv)
  *   lam   = min(lam_scale * inv, lam_max)           new = adamw + lam * (ema - theta)
- *   p     = new, rounded to p's dtype               ema = lerp(ema, p, decay)   (the weights as stored)
+ *   p     = new, rounded to p's dtype               ema = lerp(ema, p, ema_weight)   (the weights as stored)
  * lerp(a, b, w) is torch's: w < 0.5 ? a + w * (b - a) : b - (b - a) * (1 - w).
  *
  * hp (HP_SIZE doubles, the slots below): keep, step_size, inv_bc2_sqrt, eps, 1 - beta1, beta2, 1 - beta2,
- *   lam_scale, decay, lam_max
+ *   lam_scale, ema_weight, lam_max
  * ptrs (n x 5 int64): addresses of p, g, m, v, ema (ema 0 when the call has no EMA); numels (n int64).
  * stats (NULL, or n_chunks x 6 doubles): per chunk [sum lam, max lam, #(lam_raw >= 1), sum (adamw - theta)^2,
  * sum (lam * diff)^2, sum diff^2], summed within a chunk in the compute type (so that the loop vectorises).
@@ -30,7 +30,7 @@
 
 /* the slots of hp: pace/hyper.py's Layout (tests/test_optimizer.py holds the two together) */
 enum { HP_KEEP = 0, HP_STEP_SIZE = 1, HP_INV_BC2_SQRT = 2, HP_EPS = 3, HP_ONE_MINUS_BETA1 = 4, HP_BETA2 = 5,
-       HP_ONE_MINUS_BETA2 = 6, HP_LAM_SCALE = 7, HP_DECAY = 8, HP_LAM_MAX = 9, HP_SIZE = 10 };
+       HP_ONE_MINUS_BETA2 = 6, HP_LAM_SCALE = 7, HP_EMA_WEIGHT = 8, HP_LAM_MAX = 9, HP_SIZE = 10 };
 
 static inline float bf16_to_f32(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
@@ -48,7 +48,7 @@ static inline uint16_t f32_to_bf16(float f) { /* round to nearest even; NaN stay
 }
 
 #define CASE(NAME, k)                                                                                       \
-    case k: NAME##_chunk(p, g, m, v, ema, len, h, ((k) >> 4) & 1, ((k) >> 3) & 1, ((k) >> 2) & 1,             \
+    case k: NAME##_chunk(p, g, m, v, ema, len, h, ((k) >> 4) & 1, ((k) >> 3) & 1, ((k) >> 2) & 1,           \
                          ((k) >> 1) & 1, (k) & 1, out); break;
 #define CASE8(NAME, k) CASE(NAME, k) CASE(NAME, k + 1) CASE(NAME, k + 2) CASE(NAME, k + 3) CASE(NAME, k + 4) \
     CASE(NAME, k + 5) CASE(NAME, k + 6) CASE(NAME, k + 7)
@@ -56,17 +56,17 @@ static inline uint16_t f32_to_bf16(float f) { /* round to nearest even; NaN stay
 
 /* BODY(NAME, P, E, C, EA, LOADP, STOREP, LOADE, STOREE): the chunk loop for weights/moments of type P, EMA of
  * type E, arithmetic in C (the EMA's own update in EA). PULL, UPDATE_EMA and STATS are compile-time constants at each call site. */
-#define BODY(NAME, P, E, C, EA, LOADP, STOREP, LOADE, STOREE)                                                    \
+#define BODY(NAME, P, E, C, EA, LOADP, STOREP, LOADE, STOREE)                                               \
 static inline __attribute__((always_inline)) void NAME##_chunk(                                             \
         P *restrict p, const P *restrict g, P *restrict m, P *restrict v, E *restrict ema, int64_t n,       \
         const C *h, const int PULL, const int UPDATE_EMA, const int STATS, const int EMA_LO, const int M_LO,           \
         double *out) {                                                                                      \
     const C keep = h[HP_KEEP], step_size = h[HP_STEP_SIZE], inv_bc2_sqrt = h[HP_INV_BC2_SQRT];              \
-    const C eps = h[HP_EPS], omb1 = h[HP_ONE_MINUS_BETA1], beta2 = h[HP_BETA2];                              \
-    const C omb2 = h[HP_ONE_MINUS_BETA2], lam_scale = h[HP_LAM_SCALE], decay = h[HP_DECAY];                  \
+    const C eps = h[HP_EPS], omb1 = h[HP_ONE_MINUS_BETA1], beta2 = h[HP_BETA2];                             \
+    const C omb2 = h[HP_ONE_MINUS_BETA2], lam_scale = h[HP_LAM_SCALE], ema_weight = h[HP_EMA_WEIGHT];       \
     const C lam_max = h[HP_LAM_MAX];                                                                        \
     C s_lam = 0, m_lam = 0, s_clip = 0, s_upd = 0, s_pull = 0, s_diff = 0; /* per chunk, in C: vectorises */ \
-    _Pragma("omp simd reduction(+:s_lam,s_clip,s_upd,s_pull,s_diff) reduction(max:m_lam)")                 \
+    _Pragma("omp simd reduction(+:s_lam,s_clip,s_upd,s_pull,s_diff) reduction(max:m_lam)")                  \
     for (int64_t i = 0; i < n; i++) {                                                                       \
         C theta = LOADP(p[i]), grad = LOADP(g[i]), mi = LOADP(m[i]), vi = LOADP(v[i]);                      \
         C m_new = M_LO ? mi + omb1 * (grad - mi) : grad - (grad - mi) * (1 - omb1); /* torch's lerp */      \
@@ -87,7 +87,7 @@ static inline __attribute__((always_inline)) void NAME##_chunk(                 
         m[i] = STOREP(m_new);                                                                               \
         v[i] = STOREP(v_new);                                                                               \
         if (UPDATE_EMA) {                                                                                   \
-            EA target = (EA)LOADP(stored), w = (EA)decay; /* lerp, its branch chosen outside the loop */    \
+            EA target = (EA)LOADP(stored), w = (EA)ema_weight; /* lerp, its branch chosen outside the loop */    \
             ema[i] = STOREE(EMA_LO ? e_old + w * (target - e_old) : target - (target - e_old) * (1 - w));   \
         }                                                                                                   \
         if (STATS) {                                                                                        \
@@ -101,24 +101,24 @@ static inline __attribute__((always_inline)) void NAME##_chunk(                 
         }                                                                                                   \
     }                                                                                                       \
     if (STATS) {                                                                                            \
-        out[0] = s_lam; out[1] = m_lam; out[2] = s_clip; out[3] = s_upd; out[4] = s_pull; out[5] = s_diff; \
+        out[0] = s_lam; out[1] = m_lam; out[2] = s_clip; out[3] = s_upd; out[4] = s_pull; out[5] = s_diff;  \
     }                                                                                                       \
 }                                                                                                           \
                                                                                                             \
 int NAME(int64_t n_tensors, const int64_t *ptrs, const int64_t *numels, const double *hp, int pull,         \
-         int update_ema, double *stats, int n_threads) { /* 0, or 1 where its table cannot be allocated */ \
-    C h[HP_SIZE];                                                                                                \
-    for (int k = 0; k < HP_SIZE; k++) h[k] = (C)hp[k];                                                           \
+         int update_ema, double *stats, int n_threads) { /* 0, or 1 where its table cannot be allocated */  \
+    C h[HP_SIZE];                                                                                           \
+    for (int k = 0; k < HP_SIZE; k++) h[k] = (C)hp[k];                                                      \
     int64_t *first = malloc((n_tensors + 1) * sizeof(int64_t)); /* first chunk of each tensor */            \
     if (first == NULL) return 1;                                                                            \
     first[0] = 0;                                                                                           \
     for (int64_t t = 0; t < n_tensors; t++) first[t + 1] = first[t] + (numels[t] + CHUNK - 1) / CHUNK;      \
     int64_t n_chunks = first[n_tensors];                                                                    \
     /* each flag a constant of its own copy of the loop. The last two: which form of torch's lerp the */    \
-    /* EMA update (decay < 0.5) and m (1 - beta1 < 0.5) take, chosen here: selects in the loop stop gcc */  \
+    /* EMA update (ema_weight < 0.5) and m (1 - beta1 < 0.5) take, chosen here: selects in the loop stop gcc */  \
     /* vectorising it */                                                                                    \
-    int flags = (pull ? 16 : 0) | (update_ema ? 8 : 0) | (stats ? 4 : 0) | (h[HP_DECAY] < 0.5f ? 2 : 0)           \
-                | (h[HP_ONE_MINUS_BETA1] < 0.5f ? 1 : 0);                                                                    \
+    int flags = (pull ? 16 : 0) | (update_ema ? 8 : 0) | (stats ? 4 : 0) | (h[HP_EMA_WEIGHT] < 0.5f ? 2 : 0)           \
+                | (h[HP_ONE_MINUS_BETA1] < 0.5f ? 1 : 0);                                                   \
     _Pragma("omp parallel for schedule(static) num_threads(n_threads)")                                     \
     for (int64_t c = 0; c < n_chunks; c++) {                                                                \
         int64_t lo = 0, hi = n_tensors - 1; /* the tensor holding chunk c: the last t with first[t] <= c */ \
