@@ -52,6 +52,10 @@ def test_the_architecture_arguments_are_free_form():
     ("optimizer.ema_update_freq=0", "optimizer=pace: PACE: invalid ema_update_freq=0"),
     ("optimizer.ema_dtype=int8", "unknown optimizer.ema_dtype='int8'"),
     ("optimizer.impl=fast", "PACE: invalid impl='fast'"),
+    # schedule-free's lr, eps, weight_decay and betas: AdamW's rules, pace.optimizer.check_adam_args
+    ("optimizer=schedulefree optimizer.betas=[0.9,1.0]", r"optimizer=schedulefree: invalid betas=\[0.9, 1.0\]: need two"),
+    ("optimizer=schedulefree optimizer.eps=-1", "optimizer=schedulefree: invalid eps=-1: must be >= 0"),
+    ("optimizer=schedulefree optimizer.r=-1", "optimizer=schedulefree: invalid r=-1: must be >= 0"),
     ("optimizer.lambda_pullback=-0.1", "optimizer=pace does not allow optimizer.lambda_pullback=-0.1"),
     ("schedule.warmup_fraction=1.5", "schedule.warmup_fraction=1.5 must be in"),
     ("schedule=cos schedule.final_lr_ratio=2", "schedule.final_lr_ratio=2 must be in"),

@@ -101,11 +101,12 @@ def _is_real(x):
     return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
-def _check_group(group):
-    """Raise a ValueError naming the bad hyperparameter and its value (at construction, and at every step,
-    so that values edited into param_groups later get the same message)."""
+def check_adam_args(group, who="PACE"):
+    """AdamW's rules on lr, betas, eps and weight_decay (a mapping holding them): a ValueError
+    "<who>: invalid <name>=<value>: <why>" for the first bad one. PACE checks its groups with it, and pace_lm's
+    schema checks schedule-free's arguments with it: one rule for every Adam-style optimizer here."""
     def bad(name, why):
-        raise ValueError(f"PACE: invalid {name}={group[name]!r}: {why}")
+        raise ValueError(f"{who}: invalid {name}={group[name]!r}: {why}")
 
     lr = group["lr"]
     if isinstance(lr, Tensor):
@@ -113,18 +114,31 @@ def _check_group(group):
             bad("lr", "a tensor lr must be a floating tensor with exactly one element")
     elif not _is_real(lr):
         bad("lr", "must be a number or a one-element tensor")
-    for name in ("eps", "weight_decay", "lambda_pullback", "ema_rho", "ema_gamma"):
-        if not _is_real(group[name]):
-            bad(name, "must be a number")
-    for name in ("lr", "eps", "weight_decay", "lambda_pullback", "ema_rho", "ema_gamma"):
-        if isinstance(group[name], Tensor):  # a tensor lr: its value is on the device, not checked (no sync)
-            continue
-        if not group[name] >= 0:  # also rejects NaN
-            bad(name, "must be >= 0")
+    _check_nonnegative(group, ("lr", "eps", "weight_decay"), bad)
     betas = group["betas"]
     if (not isinstance(betas, (tuple, list)) or len(betas) != 2
             or not all(_is_real(b) and 0.0 <= b < 1.0 for b in betas)):
         bad("betas", "need two values, each in [0, 1)")
+
+
+def _check_nonnegative(group, names, bad):
+    for name in names:
+        if isinstance(group[name], Tensor):  # a tensor lr: its value is on the device, not checked (no sync)
+            continue
+        if not _is_real(group[name]):
+            bad(name, "must be a number")
+        if not group[name] >= 0:  # also rejects NaN
+            bad(name, "must be >= 0")
+
+
+def _check_group(group):
+    """Raise a ValueError naming the bad hyperparameter and its value (at construction, and at every step,
+    so that values edited into param_groups later get the same message)."""
+    def bad(name, why):
+        raise ValueError(f"PACE: invalid {name}={group[name]!r}: {why}")
+
+    check_adam_args(group)
+    _check_nonnegative(group, ("lambda_pullback", "ema_rho", "ema_gamma"), bad)
     if not (_is_real(group["beta_ema"]) and 0.0 < group["beta_ema"] <= 1.0):
         bad("beta_ema", "must be in (0, 1]")
     kappa = group["ema_kappa"]

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 from pace import PACE
+from pace.optimizer import check_adam_args
 from pace_lm import PaceLMError
 from pace_lm.registry import ARCHS, DTYPES, PARALLEL, get_method, get_schedule_name
 
@@ -90,9 +91,9 @@ class Schedule:
 @dataclass(frozen=True)
 class Optimizer:
     """`name` (a method of pace_lm.registry.OPTIMIZERS), `args` (the keyword arguments of the method's optimizer
-    class the config sets: pace.PACE's or schedule-free's) and `impl` (PACE's step; auto: its default)."""
+    class the config sets, typed: PACEArgs or ScheduleFreeArgs) and `impl` (PACE's step; auto: its default)."""
     name: str
-    args: dict
+    args: "PACEArgs | ScheduleFreeArgs"
     impl: Optional[str] = None
 
     @property
@@ -101,7 +102,7 @@ class Optimizer:
 
     def kwargs(self):
         """The optimizer class's keyword arguments."""
-        kwargs = dict(self.args, betas=tuple(self.args["betas"]))
+        kwargs = dict(dataclasses.asdict(self.args), betas=tuple(self.args.betas))
         if self.method.optimizer == "pace":
             kwargs["impl"] = None if self.impl == "auto" else self.impl
             kwargs["ema_dtype"] = DTYPES[kwargs["ema_dtype"]] if kwargs["ema_dtype"] else None
@@ -181,18 +182,18 @@ def validate_optimizer(cfg):
     if pace and impl is None:
         raise PaceLMError("optimizer.impl is missing: auto, fused, triton, foreach or forloop")
     args = {k: v for k, v in raw.items() if k != "name"}
-    _build(_PACEArgs if pace else _ScheduleFreeArgs, args, "optimizer.")  # unknown, missing or mistyped
-    opt = Optimizer(raw["name"], args, impl)
+    opt = Optimizer(raw["name"], _build(PACEArgs if pace else ScheduleFreeArgs, args, "optimizer."), impl)
     for key, ok in method.fixed.items():
         if not ok(args[key]):
             raise PaceLMError(f"optimizer={opt.name} does not allow optimizer.{key}={args[key]!r}")
     if not pace:
-        for key in ("lr", "eps", "weight_decay", "warmup_steps", "r", "weight_lr_power"):
+        try:
+            check_adam_args(args, who=f"optimizer={opt.name}")  # AdamW's rules: pace.PACE's own
+        except ValueError as e:
+            raise PaceLMError(str(e)) from None
+        for key in ("warmup_steps", "r", "weight_lr_power"):  # schedule-free's own
             if not args[key] >= 0:
                 raise PaceLMError(f"optimizer={opt.name}: invalid {key}={args[key]!r}: must be >= 0")
-        if len(args["betas"]) != 2 or not all(_accepts(b, float) and 0 <= b < 1 for b in args["betas"]):
-            raise PaceLMError(f"optimizer={opt.name}: invalid betas={args['betas']!r}: need two values, each "
-                              f"in [0, 1)")
         return opt
     if args["ema_dtype"] is not None:
         _choice("optimizer.ema_dtype", args["ema_dtype"], DTYPES)
@@ -328,7 +329,7 @@ def _choice(key, value, known):
 # ---- the optimizer classes' arguments, as typed fields ----------------------------------------------------
 
 @dataclass(frozen=True)
-class _PACEArgs:  # pace.PACE's keyword arguments the pipeline sets (impl is Optimizer.impl)
+class PACEArgs:  # pace.PACE's keyword arguments the pipeline sets (impl is Optimizer.impl)
     lr: float
     betas: list
     eps: float
@@ -346,7 +347,7 @@ class _PACEArgs:  # pace.PACE's keyword arguments the pipeline sets (impl is Opt
 
 
 @dataclass(frozen=True)
-class _ScheduleFreeArgs:  # schedulefree.AdamWScheduleFree's
+class ScheduleFreeArgs:  # schedulefree.AdamWScheduleFree's
     lr: float
     betas: list
     eps: float

@@ -223,7 +223,7 @@ class Loop:
         self.batches = Batches(len(data.train), tc.batch_size, spec.seed)  # global batches; each rank takes its share
         self.val_batches = get_val_batches(data.val, tc, data.pad_id, data.seq_len)
         self.forward = torch.compile(parts.step_model) if tc.compile_model else parts.step_model
-        self.telemetry = isinstance(parts.opt, PACE) and spec.optimizer.args["log_stats"]
+        self.telemetry = isinstance(parts.opt, PACE) and spec.optimizer.args.log_stats
         self.state = checkpoint.LoopState(base_lrs=[g["lr"] for g in parts.opt.param_groups])
         self.window_loss = torch.zeros((), device=parts.device)  # this rank's loss summed on the device until a log
         self.lr = None          # the step's scheduled lr
@@ -275,7 +275,7 @@ class Loop:
         t0 = time.time()
         factor = lr_factor(step, tc.max_steps, self.spec.schedule)
         set_lr(parts.opt, state.base_lrs, factor)
-        self.lr = self.spec.optimizer.args["lr"] * factor
+        self.lr = parts.opt.param_groups[0]["lr"]  # logged: the lr applied (the first group's; they share it)
         rows = next(self.batches)  # (batch_size,) row indices of the global batch
         micro = [collate(self.data.train[rows[i:i + tc.micro_batch_size]], self.data.pad_id, self.data.seq_len,
                          tc.pad_to) for i in range(0, tc.batch_size, tc.micro_batch_size)]
