@@ -27,7 +27,7 @@ import torch
 
 from pace_lm import PaceLMError
 from pace_lm.checkpoint_files import Contents, latest, list_checkpoints, load, save, verify
-from pace_lm.records import NOT_COMPARED, config_diff
+from pace_lm.records import NOT_COMPARED, RunRecord, config_diff
 from pace_lm.sharded import join_tensors, load_sharded, marked_keys, split_tensors
 
 
@@ -51,7 +51,7 @@ class TrainCheckpoint:
     """A pace-train checkpoint: what `save` writes and `load` gives back (the files are the module docstring's)."""
     # state.pt, rank 0's
     config: dict                 # the run's composed config: a resume must match it (records.NOT_COMPARED aside)
-    record: dict                 # the record so far
+    record: RunRecord            # the record so far
     loop: LoopState
     batches: dict                # data.Batches.state_dict(): the position in the global batch order
     train: dict                  # model, optimizer and averager states (capture / restore)
@@ -61,7 +61,7 @@ class TrainCheckpoint:
     world_size: int              # ranks that wrote it (the file's key: world)
 
     def save(self, ckpt_dir, world, sharded=None, keep=2):
-        shared = dict(config=self.config, record=self.record, loop=dataclasses.asdict(self.loop),
+        shared = dict(config=self.config, record=self.record.to_json(), loop=dataclasses.asdict(self.loop),
                       batches=self.batches, train=self.train)
         rank_part = dict(rng=self.rng, window_loss=self.window_loss, world=self.world_size)
         return save(ckpt_dir, self.loop.step, Contents(shared, rank_part, sharded), world, keep=keep)
@@ -71,10 +71,10 @@ class TrainCheckpoint:
         state, rank_part = load(folder, world, verified)
         try:
             same_world = rank_part["world"] == world.size  # else rank-local partial sums mean nothing
-            return cls(config=state["config"], record=state["record"], loop=LoopState(**state["loop"]),
-                       batches=state["batches"], train=state["train"], rng=rank_part["rng"],
+            return cls(config=state["config"], record=RunRecord.from_json(state["record"]),
+                       loop=LoopState(**state["loop"]), batches=state["batches"], train=state["train"], rng=rank_part["rng"],
                        window_loss=rank_part["window_loss"] if same_world else None, world_size=rank_part["world"])
-        except (KeyError, TypeError) as e:
+        except (KeyError, TypeError, PaceLMError) as e:
             raise PaceLMError(f"{folder} is not a pace-train checkpoint ({type(e).__name__}: {e})") from e
 
     def check_fits(self, cfg, meta, folder):
@@ -83,7 +83,7 @@ class TrainCheckpoint:
         if diff:
             raise PaceLMError(f"checkpoint {folder} is of another config (differs in {', '.join(diff[:6])}"
                               f"{', ...' if len(diff) > 6 else ''}): resume with the run's own settings")
-        if self.record.get("data") != meta:
+        if self.record.data != meta:
             raise PaceLMError(f"checkpoint {folder} was trained on other data than dataset.path="
                               f"{cfg['dataset']['path']!r} holds now")
 

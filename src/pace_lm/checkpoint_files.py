@@ -22,6 +22,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from pace_lm import PaceLMError
+from pace_lm.atomic import fsync_dir, replace_folder
 from pace_lm.records import folder_bytes, os_error, sha256_file, write_failed
 
 STATE = "state.pt"
@@ -89,15 +90,7 @@ def _save(ckpt_dir, final, tmp, contents, world, keep):
     _barrier(world)
     if world.main:
         _write_manifest(tmp)  # last: every file above is whole on disk by now
-        _fsync_dir(tmp)
-        if os.path.exists(final):  # the same step again (e.g. the last one, after a resume there)
-            old = f"{tmp}.old"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, final)
-        _fsync_dir(ckpt_dir)
+        replace_folder(tmp, final, f"{tmp}.old")  # final exists when the same step is saved again after a resume
         for _, folder in list_checkpoints(ckpt_dir)[:-keep]:
             shutil.rmtree(folder)
     _barrier(world)
@@ -112,7 +105,7 @@ def _write_manifest(folder):
         f.flush()
         os.fsync(f.fileno())
     for sub in {os.path.dirname(rel) for rel in files if os.path.dirname(rel)}:
-        _fsync_dir(os.path.join(folder, sub))
+        fsync_dir(os.path.join(folder, sub))
 
 
 def _files(folder):
@@ -147,14 +140,6 @@ def _save_file(obj, path):
         torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
-
-
-def _fsync_dir(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _barrier(world):

@@ -26,7 +26,7 @@ from omegaconf import OmegaConf
 from pace_lm import PaceLMError
 from pace_lm.figures import FINAL, build_config, kept_record, result_text, run_overrides, select
 from pace_lm.lock import run_lock
-from pace_lm.records import RECORD, read_record_or_none, write_json_atomic
+from pace_lm.records import RECORD, RunRecord, read_record_or_none
 from pace_lm.status import last_step, run_state
 
 LOG = "train.log"  # a child's output, in its run folder
@@ -139,16 +139,16 @@ def _record_end(job, record, how):
     from pace_lm.config import compose
     with run_lock(job.run_dir):  # the child is gone; no other writer may start meanwhile
         if record is None:
-            cfg = OmegaConf.to_container(compose(job.overrides), resolve=False)
-            record = dict(status="running", error=None, config=cfg, data={}, summary={}, eval_logs=[], step_logs=[])
+            record = RunRecord(config=OmegaConf.to_container(compose(job.overrides), resolve=False), data={})
+        else:
+            record = RunRecord.from_json(record)
         last = checkpoint_files.latest(os.path.join(job.run_dir, "checkpoints"))
         said = _last_line(os.path.join(job.run_dir, LOG))
-        record["status"] = "failed"
-        record["error"] = (f"the pace-train process ended ({how}) after step {last_step(record)} "
-                           f"logged, {'checkpoint ' + last + ' to resume from' if last else 'no checkpoint'}"
-                           + (f"; its last output: {said}" if said else "; it wrote nothing"))
-        write_json_atomic(os.path.join(job.run_dir, RECORD), record)
-    return record
+        record.end("failed", f"the pace-train process ended ({how}) after step {last_step(record.to_json())} "
+                             f"logged, {'checkpoint ' + last + ' to resume from' if last else 'no checkpoint'}"
+                             + (f"; its last output: {said}" if said else "; it wrote nothing"))
+        record.write(os.path.join(job.run_dir, RECORD))
+    return record.to_json()
 
 
 def _last_line(path):

@@ -11,6 +11,7 @@ import warnings
 import torch
 
 from pace_lm import PaceLMError
+from pace_lm.atomic import replace_folder
 from pace_lm.records import os_error, write_failed
 from pace_lm.registry import ARCHS, DTYPES
 
@@ -148,8 +149,7 @@ def save_model(model, tokenizer, out, world):
             shutil.rmtree(tmp, ignore_errors=True)
             needed = sum(p.numel() * p.element_size() for p in to_save.state_dict().values())
             raise write_failed("the returned model", out, cause, needed) from e
-        shutil.rmtree(out, ignore_errors=True)
-        os.replace(tmp, out)
+        replace_folder(tmp, out, os.path.join(os.path.dirname(out), ".model.old"))
     if world.parallel:
         torch.distributed.barrier()
     return out

@@ -15,7 +15,8 @@ from typing import Optional
 
 from pace_lm import PaceLMError, corpus
 from pace_lm.data import IGNORE_INDEX, META, SPLITS, TOKENIZER
-from pace_lm.records import environment, write_failed, write_json_atomic
+from pace_lm.atomic import replace_folder, write_json_atomic
+from pace_lm.records import environment, write_failed
 
 ROLES = ("system", "user", "assistant")
 IM_START, IM_END = corpus.IM_START, corpus.IM_END
@@ -342,7 +343,8 @@ def _write(out, splits, tok, meta):
     except OSError as e:  # a full disk, a read-only folder: the partial copy goes; `out` is as it was
         shutil.rmtree(tmp, ignore_errors=True)
         raise write_failed("prepared data", out, e) from e
-    _replace_dir(tmp, out)
+    # prepared data replaced with overwrite (check_out refused anything else) go aside as out.old-PID
+    replace_folder(tmp, out, f"{out.rstrip('/')}.old-{os.getpid()}")
 
 
 def check_out(out, overwrite):
@@ -390,20 +392,6 @@ def _alive(pid):
     except PermissionError:  # another user's process
         return True
     return True
-
-
-def _replace_dir(tmp, out):
-    """Move the finished folder into place; older prepared data is removed only after the new one is there."""
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    old = None
-    if os.path.isdir(out) and not os.listdir(out):
-        os.rmdir(out)  # an empty folder: nothing to keep
-    elif os.path.exists(out):  # prepared data, replaced with overwrite (check_out refused anything else)
-        old = f"{out.rstrip('/')}.old-{os.getpid()}"
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old:
-        shutil.rmtree(old)
 
 
 def prepare_command(cfg):

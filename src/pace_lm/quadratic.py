@@ -20,7 +20,8 @@ import numpy as np
 from pace import theory
 from pace_lm import PaceLMError
 from pace_lm.plots import save_plot
-from pace_lm.records import RECORD, environment, read_record, write_json_atomic
+from pace_lm.atomic import write_json_atomic
+from pace_lm.records import RECORD, environment, read_record
 
 FIG_ID = "quadratic"
 

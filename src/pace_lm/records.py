@@ -1,9 +1,8 @@
 """Run records: one JSON file per run, written atomically, that says what ran, where, and how it ended.
 
-A record is `{status, error, config, data, summary, eval_logs, step_logs}`. `status` is "running" while
-the run goes (rewritten at every eval), then "complete", "diverged" (its loss went non-finite) or
-"failed" (anything else stopped it); a record is only ever replaced
-whole (write to a temporary file, fsync, rename), so a reader never sees half of one.
+`RunRecord` is its shape and the only code that changes a record's status; readers (figures, plots, status)
+read the JSON. A record is only ever replaced whole (write to a temporary file, fsync, rename), so a reader
+never sees half of one.
 """
 
 import errno
@@ -14,9 +13,11 @@ import platform
 import re
 import shutil
 import subprocess
-import tempfile
+from dataclasses import dataclass, field
+from typing import Optional
 
 from pace_lm import PaceLMError
+from pace_lm.atomic import write_json_atomic
 
 RECORD = "record.json"
 TIMING_KEYS = ("wall_time_s", "train_time_s", "first_step_time_s", "tokens_per_s", "steady_tokens_per_s",
@@ -55,25 +56,6 @@ def folder_bytes(folder):
     return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(folder) for f in files)
 
 
-def write_json_atomic(path, obj):
-    """Write `obj` as JSON to `path` so that `path` holds either the old file or the whole new one."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.fchmod(fd, 0o666 & ~umask)  # mkstemp's 0600 would hide records from the rest of a team
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1, allow_nan=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def sha256_file(path):
     """The sha256 of a file's bytes, read in 1 MiB blocks."""
     h = hashlib.sha256()
@@ -81,6 +63,57 @@ def sha256_file(path):
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+STATUSES = ("running", "complete", "interrupted", "diverged", "failed")
+
+
+@dataclass
+class RunRecord:
+    """A pace-train run's record.json. While the run goes it is rewritten at every evaluation and checkpoint.
+
+    summary (Loop.summary, once complete): final_val_loss (the returned model's: the reported metric) and
+    val_loss (the same), <name>_val_loss for every model a run can keep (averaging.kept_names: vanilla is the
+    final iterate; null where the run keeps no such model), returned (its name), final_train_loss, steps,
+    tokens_seen, trained_tokens, num_params, the timings (TIMING_KEYS), environment(), and model_dir when the
+    returned model was saved.
+    """
+    config: dict                  # the composed config, every key as given
+    data: dict                    # the prepared data's meta.json
+    status: str = "running"       # STATUSES: interrupted = stopped by a signal, with a checkpoint; diverged = a
+    #                               non-finite loss; failed = anything else (a killed pace-figure job included)
+    error: Optional[str] = None   # why it ended, when it did not complete
+    summary: dict = field(default_factory=dict)
+    eval_logs: list = field(default_factory=list)  # per evaluation: step, <name>_val_loss of each kept model, ...
+    step_logs: list = field(default_factory=list)  # per training.log_interval: step, loss, lr, grad_norm, ...
+    resumed: list = field(default_factory=list)    # per resume: {step, checkpoint}
+    ends: list = field(default_factory=list)       # how each earlier start ended: {status, step, error}
+
+    def to_json(self):
+        """The record as written: the keys in this order; resumed and ends only when there are any."""
+        out = dict(status=self.status, error=self.error, config=self.config, data=self.data, summary=self.summary,
+                   eval_logs=self.eval_logs, step_logs=self.step_logs)
+        out.update({k: v for k, v in (("resumed", self.resumed), ("ends", self.ends)) if v})
+        return out
+
+    @classmethod
+    def from_json(cls, obj):
+        try:
+            return cls(**obj)
+        except TypeError as e:
+            raise PaceLMError(f"not a run record ({e})") from None
+
+    def end(self, status, error=None):
+        if status not in STATUSES:
+            raise ValueError(f"unknown record status {status!r}; known: {', '.join(STATUSES)}")
+        self.status, self.error = status, error
+
+    def write(self, path):
+        """Write it whole; a full disk (or another write failure) is one line naming it."""
+        try:
+            write_json_atomic(path, self.to_json())
+        except OSError as e:
+            raise write_failed("the run's record", path, e) from e
 
 
 def read_record(path):

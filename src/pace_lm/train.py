@@ -42,7 +42,7 @@ from pace_lm.lock import run_lock
 from pace_lm.prepare import Request, prepare, prepare_command
 from pace_lm.models import build_model, save_model
 from pace_lm.optim import build_optimizer, grad_norm_clip, lr_factor, set_lr
-from pace_lm.records import RECORD, environment, read_record, write_failed, write_json_atomic
+from pace_lm.records import RECORD, RunRecord, environment, read_record
 from pace_lm.status import previous_end
 
 
@@ -139,14 +139,14 @@ def run_locked(cfg, spec, world, device, paths):
         resumed.check_fits(OmegaConf.to_container(cfg), data.meta, resume_from)
     record = start_record(OmegaConf.to_container(cfg), data.meta, resumed, resume_from)
     if before:  # the history of the run's earlier ends, the latest last
-        record["ends"] = before["ends"] + [before["end"]]
+        record.ends = before["ends"] + [before["end"]]
     torch.manual_seed(spec.seed)
     model = build_model(spec.model, data.tokenizer).to(device)  # a bad model config errs before any record
     if world.main:
         if tc.overwrite:
             shutil.rmtree(paths.checkpoints, ignore_errors=True)
         shutil.rmtree(paths.model, ignore_errors=True)  # a stale returned model goes
-        write_json_atomic(paths.record, record)
+        record.write(paths.record)
     try:
         parts = build_parts(spec, model, world, device)
         if resumed is not None:
@@ -154,47 +154,38 @@ def run_locked(cfg, spec, world, device, paths):
         loop = Loop(spec, parts, data, record, paths, world)
         if resumed is not None:
             loop.resume(resumed)
-        record["summary"] = loop.run()
+        record.summary = loop.run()
         if tc.save_model:
             with parts.kept[parts.returns].swapped_in():
-                record["summary"]["model_dir"] = save_model(model, data.tokenizer, paths.model, world)
-        record["status"] = "complete"
+                record.summary["model_dir"] = save_model(model, data.tokenizer, paths.model, world)
+        record.end("complete")
     except BaseException as e:  # the record says how the run ended, whatever ended it
         end_record(record, e, paths)
         raise
     finally:
         if world.main:
-            write_record(paths.record, record)
-    return record
-
-
-def write_record(path, record):
-    """Write the run's record; a full disk (or another write failure) is one line naming it."""
-    try:
-        write_json_atomic(path, record)
-    except OSError as e:
-        raise write_failed("the run's record", path, e) from e
+            record.write(paths.record)
+    return record.to_json()
 
 
 def start_record(config, meta, resumed, folder):
-    """A new run's record, or the checkpoint's record going on (its resume noted)."""
+    """A new run's RunRecord, or the checkpoint's going on (its resume noted)."""
     if resumed is None:
-        return dict(status="running", error=None, config=config, data=meta, summary={}, eval_logs=[],
-                    step_logs=[])
+        return RunRecord(config=config, data=meta)
     record = resumed.record
-    record.update(status="running", error=None)
-    record.setdefault("resumed", []).append(dict(step=resumed.loop.step, checkpoint=folder))
+    record.end("running")
+    record.resumed.append(dict(step=resumed.loop.step, checkpoint=folder))
     return record
 
 
 def end_record(record, error, paths):
     """The record of a run that `error` ended: diverged, interrupted or failed, and why."""
-    record["status"] = ("diverged" if isinstance(error, Diverged) else
-                        "interrupted" if isinstance(error, Interrupted) else "failed")
-    record["error"] = f"{type(error).__name__}: {error}"
+    why = f"{type(error).__name__}: {error}"
     if isinstance(error, Interrupted) and "checkpoint" not in str(error):
         last = checkpoint_files.latest(paths.checkpoints)
-        record["error"] += f"; the last checkpoint is {last}" if last else "; no checkpoint was written"
+        why += f"; the last checkpoint is {last}" if last else "; no checkpoint was written"
+    record.end("diverged" if isinstance(error, Diverged) else
+               "interrupted" if isinstance(error, Interrupted) else "failed", why)
 
 
 def build_parts(spec, model, world, device):
@@ -242,7 +233,7 @@ class Loop:
         """Train from state.step to max_steps; return the summary."""
         from tqdm.auto import tqdm
         tc, spec = self.tc, self.spec
-        self.wandb = start_wandb(spec, self.record["config"], self.state) if self.world.main else None
+        self.wandb = start_wandb(spec, self.record.config, self.state) if self.world.main else None
         self.t_start = time.time() - self.state.wall
         self.bar = tqdm(total=tc.max_steps, initial=self.state.step, desc=spec.run_name, dynamic_ncols=True,
                         disable=not (tc.progress and self.world.main))
@@ -322,7 +313,7 @@ class Loop:
                      tokens=state.tokens, time_s=round(time.time() - self.t_start, 3))
         if self.telemetry:
             entry.update(self.parts.opt.get_step_stats())  # under FSDP: this rank's shard
-        self.record["step_logs"].append(entry)
+        self.record.step_logs.append(entry)
         self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.lr:.2e}",
                              tok_s=f"{state.tokens / max(state.t_train, 1e-9):.0f}")
         log_wandb(self.wandb, entry, done)
@@ -333,13 +324,13 @@ class Loop:
         """Score every kept model on the validation batches; rank 0 writes the record so far."""
         entry = dict(step=done, tokens=self.state.tokens,
                      **evaluate_all(self.parts, self.val_batches, self.autocast, self.world))
-        self.record["eval_logs"].append(entry)
+        self.record.eval_logs.append(entry)
         log_wandb(self.wandb, {f"eval/{k}": v for k, v in entry.items()}, done)
         if self.world.main:
             self.bar.write(f"step {done}: " + ", ".join(
                 f"{k} {v:.4f}" for k, v in entry.items() if k.endswith("val_loss") and v is not None)
                 + f" ({self.parts.returns} returned)")
-            write_json_atomic(self.paths.record, self.record)
+            self.record.write(self.paths.record)
 
     def should_stop(self, signals):
         """Whether a SIGTERM / SIGINT reached any rank (under torchrun: one collective per step)."""
@@ -351,11 +342,11 @@ class Loop:
         parts = self.parts
         states, sharded = checkpoint.capture(parts.model, parts.opt, parts.averagers, self.world)
         ckpt = checkpoint.TrainCheckpoint(
-            config=self.record["config"], record=self.record, loop=self.state, batches=self.batches.state_dict(),
+            config=self.record.config, record=self.record, loop=self.state, batches=self.batches.state_dict(),
             train=states, rng=rng.rng_state(), window_loss=self.window_loss.cpu(), world_size=self.world.size)
         folder = ckpt.save(self.paths.checkpoints, self.world, sharded, keep=self.tc.checkpoint.keep)
         if self.world.main:  # the record on disk as far as the checkpoint: what a run that dies later leaves
-            write_record(self.paths.record, self.record)
+            self.record.write(self.paths.record)
         return folder
 
     def interrupted(self, signals, folder):
@@ -366,10 +357,10 @@ class Loop:
     def summary(self):
         """The record's summary: the last eval's losses, what was returned, counts and timings."""
         state, tc = self.state, self.tc
-        final = self.record["eval_logs"][-1]
+        final = self.record.eval_logs[-1]
         t_train, t_first = state.t_train, state.t_first
         return dict(final_val_loss=final["val_loss"], **{k: final[k] for k in VAL_KEYS}, returned=self.parts.returns,
-                    final_train_loss=self.record["step_logs"][-1]["loss"], steps=tc.max_steps,
+                    final_train_loss=self.record.step_logs[-1]["loss"], steps=tc.max_steps,
                     tokens_seen=state.tokens, trained_tokens=state.trained,
                     num_params=sum(p.numel() for p in self.parts.model.parameters()),
                     wall_time_s=round(time.time() - self.t_start, 3), train_time_s=round(t_train, 3),

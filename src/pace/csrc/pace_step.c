@@ -54,9 +54,30 @@ static inline uint16_t f32_to_bf16(float f) { /* round to nearest even; NaN stay
     CASE(NAME, k + 5) CASE(NAME, k + 6) CASE(NAME, k + 7)
 #define SQRT(x) _Generic((x), float: sqrtf, default: sqrt)(x) /* float stays float */
 
-/* BODY(NAME, P, E, C, EA, LOADP, STOREP, LOADE, STOREE): the chunk loop for weights/moments of type P, EMA of
- * type E, arithmetic in C (the EMA's own update in EA). PULL, UPDATE_EMA and STATS are compile-time constants at each call site. */
-#define BODY(NAME, P, E, C, EA, LOADP, STOREP, LOADE, STOREE)                                               \
+/* first[t]: the first chunk of tensor t, first[n_tensors]: the number of chunks; NULL where it cannot be
+ * allocated */
+static int64_t *chunk_table(int64_t n_tensors, const int64_t *numels) {
+    int64_t *first = malloc((n_tensors + 1) * sizeof(int64_t));
+    if (first == NULL) return NULL;
+    first[0] = 0;
+    for (int64_t t = 0; t < n_tensors; t++) first[t + 1] = first[t] + (numels[t] + CHUNK - 1) / CHUNK;
+    return first;
+}
+
+/* the tensor holding chunk c: the last t with first[t] <= c */
+static inline int64_t tensor_of(const int64_t *first, int64_t n_tensors, int64_t c) {
+    int64_t lo = 0, hi = n_tensors - 1;
+    while (lo < hi) {
+        int64_t mid = (lo + hi + 1) / 2;
+        if (first[mid] <= c) lo = mid; else hi = mid - 1;
+    }
+    return lo;
+}
+
+/* CHUNK_LOOP(NAME, P, E, C, EA, LOADP, STOREP, LOADE, STOREE): NAME_chunk, the loop over one chunk for
+ * weights/moments of type P, EMA of type E, arithmetic in C (the EMA's own update in EA). PULL, UPDATE_EMA,
+ * STATS, EMA_LO and M_LO are compile-time constants at each call site (STEP's switch). */
+#define CHUNK_LOOP(NAME, P, E, C, EA, LOADP, STOREP, LOADE, STOREE)                                         \
 static inline __attribute__((always_inline)) void NAME##_chunk(                                             \
         P *restrict p, const P *restrict g, P *restrict m, P *restrict v, E *restrict ema, int64_t n,       \
         const C *h, const int PULL, const int UPDATE_EMA, const int STATS, const int EMA_LO, const int M_LO,           \
@@ -103,16 +124,17 @@ static inline __attribute__((always_inline)) void NAME##_chunk(                 
     if (STATS) {                                                                                            \
         out[0] = s_lam; out[1] = m_lam; out[2] = s_clip; out[3] = s_upd; out[4] = s_pull; out[5] = s_diff;  \
     }                                                                                                       \
-}                                                                                                           \
-                                                                                                            \
+}
+
+/* STEP(NAME, P, E, C): the exported step: every chunk of every tensor, in parallel, each through the copy of
+ * NAME_chunk its flags choose */
+#define STEP(NAME, P, E, C)                                                                                 \
 int NAME(int64_t n_tensors, const int64_t *ptrs, const int64_t *numels, const double *hp, int pull,         \
          int update_ema, double *stats, int n_threads) { /* 0, or 1 where its table cannot be allocated */  \
     C h[HP_SIZE];                                                                                           \
     for (int k = 0; k < HP_SIZE; k++) h[k] = (C)hp[k];                                                      \
-    int64_t *first = malloc((n_tensors + 1) * sizeof(int64_t)); /* first chunk of each tensor */            \
+    int64_t *first = chunk_table(n_tensors, numels);                                                        \
     if (first == NULL) return 1;                                                                            \
-    first[0] = 0;                                                                                           \
-    for (int64_t t = 0; t < n_tensors; t++) first[t + 1] = first[t] + (numels[t] + CHUNK - 1) / CHUNK;      \
     int64_t n_chunks = first[n_tensors];                                                                    \
     /* each flag a constant of its own copy of the loop. The last two: which form of torch's lerp the */    \
     /* EMA update (ema_weight < 0.5) and m (1 - beta1 < 0.5) take, chosen here: selects in the loop stop gcc */  \
@@ -121,12 +143,7 @@ int NAME(int64_t n_tensors, const int64_t *ptrs, const int64_t *numels, const do
                 | (h[HP_ONE_MINUS_BETA1] < 0.5f ? 1 : 0);                                                   \
     _Pragma("omp parallel for schedule(static) num_threads(n_threads)")                                     \
     for (int64_t c = 0; c < n_chunks; c++) {                                                                \
-        int64_t lo = 0, hi = n_tensors - 1; /* the tensor holding chunk c: the last t with first[t] <= c */ \
-        while (lo < hi) {                                                                                   \
-            int64_t mid = (lo + hi + 1) / 2;                                                                \
-            if (first[mid] <= c) lo = mid; else hi = mid - 1;                                               \
-        }                                                                                                   \
-        int64_t t = lo, start = (c - first[t]) * CHUNK;                                                     \
+        int64_t t = tensor_of(first, n_tensors, c), start = (c - first[t]) * CHUNK;                         \
         int64_t len = numels[t] - start < CHUNK ? numels[t] - start : CHUNK;                                \
         const int64_t *q = ptrs + 5 * t;                                                                    \
         P *p = (P *)q[0] + start, *g = (P *)q[1] + start, *m = (P *)q[2] + start, *v = (P *)q[3] + start;   \
@@ -139,6 +156,10 @@ int NAME(int64_t n_tensors, const int64_t *ptrs, const int64_t *numels, const do
     free(first);                                                                                            \
     return 0;                                                                                               \
 }
+
+#define BODY(NAME, P, E, C, EA, LOADP, STOREP, LOADE, STOREE)                                               \
+    CHUNK_LOOP(NAME, P, E, C, EA, LOADP, STOREP, LOADE, STOREE)                                             \
+    STEP(NAME, P, E, C)
 
 #define SAME(x) (x)
 #define TO_F32(x) ((float)(x))

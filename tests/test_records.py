@@ -1,0 +1,41 @@
+"""The run record's shape (pace_lm.records.RunRecord): every committed record has it, it is written in one key
+order, and nothing else changes a record's status."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pace_lm import PaceLMError
+from pace_lm.records import STATUSES, RunRecord, read_record
+
+FIXTURES = Path(__file__).parent / "fixtures" / "results"
+RUNS = sorted(p for p in FIXTURES.glob("*/*/record.json"))  # pace-train runs (quadratic's record is one level up)
+
+
+def test_every_committed_run_record_has_the_shape():
+    assert len(RUNS) > 50
+    for path in RUNS:
+        raw = read_record(path)
+        record = RunRecord.from_json(raw)
+        assert record.to_json() == raw and list(record.to_json()) == list(raw), path  # the same keys, in order
+        assert record.status in STATUSES
+
+
+def test_written_in_one_order_with_resumes_and_ends_only_when_there_are_any(tmp_path):
+    record = RunRecord(config={"seed": 0}, data={"vocab_size": 10})
+    assert list(record.to_json()) == ["status", "error", "config", "data", "summary", "eval_logs", "step_logs"]
+    record.resumed.append(dict(step=4, checkpoint="c"))
+    record.end("interrupted", "Interrupted: SIGTERM")
+    record.write(tmp_path / "record.json")
+    back = json.loads((tmp_path / "record.json").read_text())
+    assert back["status"] == "interrupted" and back["resumed"] == [dict(step=4, checkpoint="c")] and "ends" not in back
+    assert RunRecord.from_json(back) == record
+
+
+def test_an_unknown_status_or_key_is_refused():
+    record = RunRecord(config={}, data={})
+    with pytest.raises(ValueError, match="unknown record status 'done'"):
+        record.end("done")
+    with pytest.raises(PaceLMError, match="not a run record"):
+        RunRecord.from_json(dict(record.to_json(), extra=1))
