@@ -242,14 +242,23 @@ def test_the_results_section_is_the_committed_records(tmp_path):
         assert len(paired) == 2 and all(line in results for line in paired), fig_id
 
 
-def test_smollm2_sft_is_three_seeds_of_every_cell():
-    fig = load_figure("smollm2_sft")
+@pytest.mark.parametrize("fig_id, methods, lrs", [
+    ("smollm2_sft", ("ema", "pace", "schedulefree"), (3e-4, 1e-3, 3e-3)),
+    ("smollm2_sft_low_lr", ("ema", "pace", "schedulefree"), (1e-4, 2e-4, 4e-4)),
+    ("gemma3_sft_cell", ("ema", "pace"), (1e-4,)),
+])
+def test_the_real_model_figures_are_three_seeds_of_every_cell(fig_id, methods, lrs):
+    """Every run of the grid fixed in the spec is committed, complete, and is the run its name says."""
+    fig = load_figure(fig_id)
     assert sorted({r.values["seed"] for r in fig.runs}) == [0, 1, 2]
     cells = {(r.values["optimizer"], r.values["optimizer.lr"]) for r in fig.runs}
-    assert cells == {(m, lr) for m in ("ema", "pace", "schedulefree") for lr in (3e-4, 1e-3, 3e-3)}
+    assert cells == {(m, lr) for m in methods for lr in lrs}
+    committed = {p.parent.name for p in (FIXTURES / fig_id).glob("*/record.json")}
+    assert committed == {run.name for run in fig.runs}
     for run in fig.runs:  # each record is the run of the spec, at the seed its name says
-        record = read_record(FIXTURES / "smollm2_sft" / run.name / "record.json")
+        record = read_record(FIXTURES / fig_id / run.name / "record.json")
         assert record["status"] == "complete" and record["config"]["seed"] == run.values["seed"]
+        assert record["config"]["optimizer"]["lr"] == run.values["optimizer.lr"]
         assert record["config"]["optimizer"].get("lambda_pullback", 0) == (0.15 if run.values["optimizer"] == "pace"
                                                                               else 0)
 

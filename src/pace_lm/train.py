@@ -39,9 +39,9 @@ from pace_lm.data import IGNORE_INDEX, META, Batches, collate, load_prepared, no
 from pace_lm.evaluation import (VAL_KEYS, Diverged, batch_loss, evaluate_all, get_autocast, get_val_batches,
                                 to_device)
 from pace_lm.lock import run_lock
-from pace_lm.prepare import Request, prepare, prepare_command
 from pace_lm.models import build_model, save_model
 from pace_lm.optim import build_optimizer, grad_norm_clip, lr_factor, set_lr
+from pace_lm.prepare import Request, prepare, prepare_command
 from pace_lm.records import RECORD, RunRecord, environment, read_record
 from pace_lm.status import previous_end
 
