@@ -94,8 +94,9 @@ def _run_pending(fig_id, pending, jobs, log):
                 log(f"{fig_id}/{job.name}: {line}")
     if stopped:
         left = f"; {len(pending)} not started" if pending else ""
-        raise Interrupted(f"{signal.Signals(stopped[0]).name}: every running child stopped with a checkpoint"
-                          f"{left}; run the same command to go on", stopped[0])
+        # a child stops at its next step boundary with a checkpoint; one still loading has none yet (its line says)
+        raise Interrupted(f"{signal.Signals(stopped[0]).name}: the running children stopped, each as its line above "
+                          f"says{left}; run the same command to go on", stopped[0])
     return status
 
 
