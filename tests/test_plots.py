@@ -83,11 +83,17 @@ def test_the_adamw_lines_of_one_run_are_what_separate_runs_give(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 
+def blocks(text):
+    """The paragraphs of what `pace-figure plot=true` prints: each table, and the line of runs complete."""
+    return [b.strip() for b in text.split("\n\n") if b.strip()]
+
+
 @pytest.mark.parametrize("fig_id, page", [("demo", FIGURES_DOC), ("lawa_high_lr", FIGURES_DOC),
-                                          ("smollm2_sft", README)])
+                                          ("smollm2_sft", README), ("smollm2_sft_low_lr", README)])
 def test_the_docs_show_the_figure_as_the_command_prints_it(tmp_path, fig_id, page):
     text, _ = plot_figure(load_figure(fig_id), str(FIXTURES), str(tmp_path))
-    assert text in page.read_text(), f"{page.name}'s {fig_id} table differs from `pace-figure fig={fig_id} plot=true`"
+    for block in blocks(text):  # each table whole, as printed (prose and plots may stand between them)
+        assert block in page.read_text(), f"{page.name}'s {fig_id} table differs from `pace-figure fig={fig_id} plot=true`"
     png = f"figures/{fig_id}.png" if page == FIGURES_DOC else f"docs/figures/{fig_id}.png"  # relative to the page
     assert f"]({png})" in page.read_text() and (page.parent / png).exists()
 
@@ -227,15 +233,28 @@ def readme_section(title):
     return text[start:text.index("\n## ", start + 1)]
 
 
-def test_the_results_section_is_the_committed_records(tmp_path):
-    """Every table of the README's Results: the smollm2_sft figure whole, and the paired rows of the
-    from-scratch figures, as `pace-figure plot=true` prints them from the committed records."""
+@pytest.mark.parametrize("fig_id, runs", [("smollm2_sft_low_lr", 27), ("smollm2_sft", 27), ("gemma3_sft_cell", 6)])
+def test_the_results_section_is_the_committed_records(tmp_path, fig_id, runs):
+    """The README's Results lead with the figure where every method works: each real-model figure whole,
+    every run of its grid, and its untrained model's loss, the reference the prose compares to."""
     results = readme_section("Results")
-    text, _ = plot_figure(load_figure("smollm2_sft"), str(FIXTURES), str(tmp_path))
-    assert text in results
-    assert "27 of 27 runs complete." in text  # every run of the grid
-    pretrained = json.loads((FIXTURES / "smollm2_sft" / "pretrained.json").read_text())["val_loss"]
-    assert f"{pretrained:.4f}" in results  # the untrained model's loss, the reference the prose compares to
+    text, _ = plot_figure(load_figure(fig_id), str(FIXTURES), str(tmp_path))
+    assert all(block in results for block in blocks(text))
+    assert f"{runs} of {runs} runs complete." in text  # every run of the grid
+    pretrained = json.loads((FIXTURES / fig_id / "pretrained.json").read_text())["val_loss"]
+    assert f"{pretrained:.4f}" in results
+
+
+def test_the_results_lead_with_the_figure_where_fine_tuning_works(tmp_path):
+    results = readme_section("Results")
+    assert results.index("smollm2_sft_low_lr") < results.index("`smollm2_sft`")
+    pretrained = json.loads((FIXTURES / "smollm2_sft_low_lr" / "pretrained.json").read_text())["val_loss"]
+    for path in (FIXTURES / "smollm2_sft_low_lr").glob("ema_*/record.json"):  # AdamW improved on every run
+        assert read_record(path)["summary"]["vanilla_val_loss"] < pretrained, path
+
+
+def test_the_from_scratch_figures_paired_rows_are_in_the_results(tmp_path):
+    results = readme_section("Results")
     for fig_id in ("demo", "lawa_high_lr"):
         text, _ = plot_figure(load_figure(fig_id), str(FIXTURES), str(tmp_path))
         paired = [line for line in text.splitlines() if " − " in line]
