@@ -12,6 +12,7 @@ import torch.distributed.checkpoint as dcp
 
 from pace_lm import PaceLMError, checkpoint, checkpoint_files, rng, sharded
 from pace_lm.checkpoint_files import Contents
+from pace_lm.records import RunRecord
 from pace_lm.distributed import World
 
 W = World()
@@ -184,7 +185,8 @@ def test_rng_state_round_trips_through_a_weights_only_file(tmp_path):
 def test_a_train_checkpoint_is_one_typed_layout_for_saving_and_resuming(tmp_path):
     """TrainCheckpoint writes state.pt (shared) and rank0.pt (this rank's) and gives back what it wrote."""
     loop = checkpoint.LoopState(step=7, tokens=700, trained=650, window_trained=30, t_train=1.5, base_lrs=[1e-3, 1e-3])
-    ckpt = checkpoint.TrainCheckpoint(config=dict(seed=0), record=dict(status="running"), loop=loop,
+    record = RunRecord(config=dict(seed=0), data=dict(vocab_size=10), step_logs=[dict(step=5, loss=3.0)])
+    ckpt = checkpoint.TrainCheckpoint(config=dict(seed=0), record=record, loop=loop,
                                       batches=dict(epoch=1, offset=3), train=dict(model={"w": torch.ones(2)}),
                                       rng=rng.rng_state(), window_loss=torch.tensor(2.5), world_size=1)
     folder = ckpt.save(str(tmp_path), W)
@@ -194,6 +196,7 @@ def test_a_train_checkpoint_is_one_typed_layout_for_saving_and_resuming(tmp_path
     assert set(rank_part) == {"rng", "window_loss", "world"}
     back = checkpoint.TrainCheckpoint.load(folder, W)
     assert back.loop == loop and back.batches == ckpt.batches and back.config == ckpt.config
+    assert back.record == record and state["record"] == record.to_json()  # typed in memory, plain JSON in the file
     assert torch.equal(back.train["model"]["w"], torch.ones(2)) and back.window_loss.item() == 2.5
     with pytest.raises(PaceLMError, match="is of another config"):
         back.check_fits(dict(seed=1), None, folder)
