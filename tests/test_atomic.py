@@ -32,3 +32,17 @@ def test_json_is_written_whole_and_readable_by_others(tmp_path):
     write_json_atomic(str(path), {"a": float("nan")})
     assert path.read_text().startswith("{") and oct(path.stat().st_mode & 0o044) != "0o0"
     assert [p for p in os.listdir(path.parent)] == ["r.json"]  # no temporary left
+
+
+def test_what_a_writer_killed_mid_swap_left_is_put_right(tmp_path):
+    out, aside = tmp_path / "out", tmp_path / "out.old"
+    for left_out in (False, True):  # killed between the renames (out missing), or after them
+        aside.mkdir()
+        (aside / "old.txt").write_text("old")
+        if left_out:
+            out.mkdir(exist_ok=True)
+        tmp = tmp_path / "out.tmp"
+        tmp.mkdir()
+        (tmp / "new.txt").write_text("new")
+        replace_folder(str(tmp), str(out), str(aside))
+        assert os.listdir(out) == ["new.txt"] and not aside.exists() and not tmp.exists()

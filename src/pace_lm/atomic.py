@@ -30,8 +30,14 @@ def write_json_atomic(path, obj):
 
 def replace_folder(tmp, out, aside):
     """Put the finished folder `tmp` in place of `out`. An `out` already there is first renamed to `aside` and
-    removed only once `tmp` has taken its place, so that `out` is never missing for a reader and a writer
-    killed in between leaves the old folder at `aside` (pace-data puts such a one back: prepare.clean_stale)."""
+    removed only once `tmp` has taken its place: `out` is missing only between two renames, and a writer
+    killed there leaves the old folder at `aside`, which the next call (or pace-data's prepare.clean_stale,
+    whose `aside` names its process) puts back before going on."""
+    if os.path.exists(aside):  # left by a writer killed mid-swap
+        if os.path.exists(out):
+            shutil.rmtree(aside)  # after its swap: the old copy it had not removed yet
+        else:
+            os.replace(aside, out)  # between its renames: the old folder goes back first
     fsync_dir(tmp)
     if os.path.isdir(out) and not os.listdir(out):
         os.rmdir(out)  # an empty folder: nothing to keep
