@@ -26,7 +26,12 @@ def test_every_run_of_every_figure_composes_into_a_valid_config(fig_id, tmp_path
     fig = load_figure(fig_id)
     assert fig.description and fig.hardware and fig.runs
     for run in fig.runs:
-        cfg = build_config(fig, run, str(tmp_path))  # composes, resolves and runs pace-train's checks
+        try:
+            cfg = build_config(fig, run, str(tmp_path))  # composes, resolves and runs pace-train's checks
+        except Exception as e:  # a model package's folder (${ggufdir:...}) resolves only where it is installed
+            if "is not installed (pip install" not in str(e):
+                raise
+            pytest.skip(f"{fig_id}'s model package is not installed here: {str(e).splitlines()[-1]}")
         container = OmegaConf.to_container(cfg)
         assert cfg.run_name == run.name and cfg.training.out_dir == os.path.join(str(tmp_path), fig_id)
         for key, value in run.values.items():  # the run is what its name says
