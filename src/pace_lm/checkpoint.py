@@ -72,8 +72,9 @@ class TrainCheckpoint:
         try:
             same_world = rank_part["world"] == world.size  # else rank-local partial sums mean nothing
             return cls(config=state["config"], record=RunRecord.from_json(state["record"]),
-                       loop=LoopState(**state["loop"]), batches=state["batches"], train=state["train"], rng=rank_part["rng"],
-                       window_loss=rank_part["window_loss"] if same_world else None, world_size=rank_part["world"])
+                       loop=LoopState(**state["loop"]), batches=state["batches"], train=state["train"],
+                       rng=rank_part["rng"], window_loss=rank_part["window_loss"] if same_world else None,
+                       world_size=rank_part["world"])
         except (KeyError, TypeError, PaceLMError) as e:
             raise PaceLMError(f"{folder} is not a pace-train checkpoint ({type(e).__name__}: {e})") from e
 

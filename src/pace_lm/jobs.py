@@ -139,13 +139,14 @@ def _record_end(job, record, how):
     from pace_lm import checkpoint_files
     from pace_lm.config import compose
     with run_lock(job.run_dir):  # the child is gone; no other writer may start meanwhile
+        step = last_step(record or {})
         if record is None:
             record = RunRecord(config=OmegaConf.to_container(compose(job.overrides), resolve=False), data={})
         else:
             record = RunRecord.from_json(record)
         last = checkpoint_files.latest(os.path.join(job.run_dir, "checkpoints"))
         said = _last_line(os.path.join(job.run_dir, LOG))
-        record.end("failed", f"the pace-train process ended ({how}) after step {last_step(record.to_json())} "
+        record.end("failed", f"the pace-train process ended ({how}) after step {step} "
                              f"logged, {'checkpoint ' + last + ' to resume from' if last else 'no checkpoint'}"
                              + (f"; its last output: {said}" if said else "; it wrote nothing"))
         record.write(os.path.join(job.run_dir, RECORD))

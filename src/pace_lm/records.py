@@ -65,7 +65,7 @@ def sha256_file(path):
     return h.hexdigest()
 
 
-STATUSES = ("running", "complete", "interrupted", "diverged", "failed")
+STATUSES = ("running", "complete", "interrupted", "failed", "diverged")
 
 
 @dataclass

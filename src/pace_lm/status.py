@@ -9,9 +9,10 @@ so such a run could not write its end.
 import os
 
 from pace_lm.lock import holder
-from pace_lm.records import RECORD, read_record, read_record_or_none
+from pace_lm.records import RECORD, STATUSES, read_record, read_record_or_none
 
-STATES = ("not started", "running", "complete", "interrupted", "failed", "diverged", "died", "unreadable")
+# a record's own statuses, and what only its absence, its lock or its bytes tell
+STATES = ("not started", *STATUSES, "died", "unreadable")
 
 
 def last_step(record):
