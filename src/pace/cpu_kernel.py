@@ -121,14 +121,15 @@ def error(name=DEFAULT):
     return _errors.get(name)
 
 
-def kernel_for(tensors, ema_dtype):
-    """The kernel's name for this bucket, or None if no kernel takes it: CPU, contiguous, one dtype for p,
-    g, m and v, a (weights, EMA) dtype pair of KERNELS."""
-    p = tensors[0][0]
-    name = KERNELS.get((p.dtype, ema_dtype or p.dtype))
-    ok = name and all(x is None or (x.device.type == "cpu" and x.is_contiguous() and x.dtype == (p.dtype if i < 4
-                      else ema_dtype)) for row in tensors for i, x in enumerate(row))
-    return name if ok else None
+def kernel_for(dtype, ema_dtype):
+    """(name, None): the kernel that steps weights of `dtype` (their grads and moments alike, any layout: the
+    optimizer hands it dense tensors of one layout) with an EMA of `ema_dtype` (None: no EMA); or (None, why)."""
+    name = KERNELS.get((dtype, ema_dtype or dtype))
+    if name is not None:
+        return name, None
+    if (dtype, dtype) not in KERNELS:
+        return None, f"the CPU kernel takes float32, float64 and bfloat16 weights (not {dtype})"
+    return None, f"the CPU kernel has no pair of {dtype} weights and a {ema_dtype} EMA"
 
 
 def n_chunks(numels):
@@ -137,7 +138,7 @@ def n_chunks(numels):
 
 def step(name, tensors, hp, pull, update_ema, stats):
     """One PACE step of a bucket with kernel `name` (from kernel_for(), loaded): tensors a list of
-    [p, g, m, v, ema or None]; hp the (10,) hyperparameters (see _pace_update). Returns (n_chunks, 6)
+    [p, g, m, v, ema or None], the tensors of a row dense and of one layout (the kernel walks their memory); hp the (10,) hyperparameters (see _pace_update). Returns (n_chunks, 6)
     float64 partial sums when stats, else None."""
     ptrs = torch.tensor([0 if x is None else x.data_ptr() for row in tensors for x in row], dtype=torch.int64)
     sizes = [row[0].numel() for row in tensors]

@@ -263,11 +263,12 @@ class PACE(Optimizer):
         """Also what load_state_dict() ends with: a group saved by torch.optim.AdamW or an earlier PACE gets
         every missing key from this optimizer's defaults, and the step count takes the group's form: an int,
         or a float32 tensor on the parameter's device with capturable=True."""
-        super().__setstate__(state)
+        super().__setstate__(state)  # adds torch's "differentiable" to defaults: not a PACE argument
         self._init_caches()
         for group in self.param_groups:
             for key, value in self.defaults.items():
-                group.setdefault(key, value)
+                if key in GROUP_KEYS:
+                    group.setdefault(key, value)
             group.setdefault("train_mode", True)
             for p in group["params"]:
                 _step_form(self.state.get(p), p, group["capturable"])
@@ -303,25 +304,43 @@ class PACE(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # every group planned before any is stepped: a step that raises (a layout, dtype or device no path
+        # takes, a sparse grad) leaves the weights, the EMA and every state entry as they were
+        undo = []
+        try:
+            plans = [self._prepare(group, undo) for group in self.param_groups]
+        except BaseException:
+            for action in reversed(undo):
+                action()
+            raise
         partials, numel = [], 0
-        for group in self.param_groups:
-            numel += self._step_group(group, partials)
+        for group, plan in zip(self.param_groups, plans):
+            self._plans[id(group)] = plan
+            numel += self._step_group(group, plan, partials)
         # kept as device tensors: get_step_stats() syncs, the step never does
         self._stats = (partials, numel) if partials else None
         return loss
 
-    def _step_group(self, group, partials):
-        """Update every parameter of the group that has a grad; return the number of pulled coordinates."""
-        pull = group["lambda_pullback"] > 0
-        needs_ema = pull or group["use_ema_eval"]
+    def _prepare(self, group, undo):
+        """The group's plan for this step, its step counts advanced; `undo` gets what puts them back."""
+        needs_ema = group["lambda_pullback"] > 0 or group["use_ema_eval"]
         params = group["params"]
         grads = [p.grad for p in params]
         has_grad = [g is not None for g in grads]
+        if any(g is not None and g.is_sparse for g in grads):
+            raise RuntimeError("PACE does not support sparse gradients")
         plan = self._plans.get(id(group))
         if plan is not None and plan.fits(group, params, has_grad, needs_ema, self.state):
             plan.advance()
-        else:
-            plan = self._plans[id(group)] = self._plan(group, params, grads, has_grad, needs_ema)
+            undo.append(plan.retreat)
+            return plan
+        return self._plan(group, params, grads, has_grad, needs_ema, undo)
+
+    def _step_group(self, group, plan, partials):
+        """Update every parameter of the group that has a grad; return the number of pulled coordinates."""
+        pull = group["lambda_pullback"] > 0
+        needs_ema = pull or group["use_ema_eval"]
+        grads = [p.grad for p in group["params"]]
         stats = group["log_stats"]
         for bucket in plan.buckets:
             update_ema = needs_ema and bucket.t % group["ema_update_freq"] == 0
@@ -336,9 +355,10 @@ class PACE(Optimizer):
                 partials.extend(x.reshape(-1, 6) for x in out)
         return plan.numel if pull and stats else 0
 
-    def _plan(self, group, params, grads, has_grad, needs_ema):
+    def _plan(self, group, params, grads, has_grad, needs_ema, undo):
         """Create the state of parameters stepped for the first time, advance every step count, and sort
-        the parameters with grads into buckets (device, dtype, step count), each with the path that steps it."""
+        the parameters with grads into buckets (device, dtype, step count), each with the path that steps it.
+        Every change to the state is recorded in `undo`."""
         impl = group["impl"]
         capturable = group["capturable"]
         if capturable and _capturing():
@@ -348,25 +368,23 @@ class PACE(Optimizer):
         for i, (p, g) in enumerate(zip(params, grads)):
             if g is None:
                 continue
-            if g.is_sparse:
-                raise RuntimeError("PACE does not support sparse gradients")
             state = self.state[p]
-            _step_form(state, p, capturable)  # the flag may have been switched since the count was made
             if not state:
+                undo.append(lambda p=p: self.state.pop(p, None))
                 state["step"] = _step_tensor(0, p.device) if capturable else 0
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            else:
+                _step_form(state, p, capturable)  # the flag may have been switched since the count was made
+                _follow_weights(state, p)
             if needs_ema and "ema" not in state:
+                undo.append(lambda state=state: state.pop("ema", None))
                 state["ema"] = p.detach().to(self._ema_dtype(group, p), copy=True)  # ema_0
             stepped.append((i, p, state))
         states = [state for _, _, state in stepped]
-        if capturable:
-            torch._foreach_add_([st["step"] for st in states], 1)
-            counts = _read_counts([st["step"] for st in states])  # the one sync: a plan is built eagerly
-        else:
-            for st in states:
-                st["step"] += 1
-            counts = [st["step"] for st in states]
+        _advance(states, capturable, 1)
+        undo.append(lambda: _advance(states, capturable, -1))
+        counts = _read_counts([st["step"] for st in states]) if capturable else [st["step"] for st in states]
         buckets = {}
         for (i, p, state), t in zip(stepped, counts):
             if p.numel() > 0:
@@ -376,48 +394,59 @@ class PACE(Optimizer):
                 buckets[key].add(i, p, state)
         for bucket in buckets.values():
             bucket.path = self._path(impl, bucket, capturable)
+            if bucket.path[0] in ("cpu", "triton"):
+                bucket.stage()
+            if bucket.path[0] == "triton":
+                bucket.path = ("triton", self._launcher.tables(bucket.rows, bucket.device, capturable))
             if bucket.index == list(range(len(params))):
                 bucket.index = None  # every parameter of the group: its grads are the group's, in order
         return _Plan(group, params, has_grad, needs_ema, self.state, states, list(buckets.values()))
 
     def _path(self, impl, bucket, capturable):
-        """Which implementation steps this bucket: ("cpu", kernel name), ("triton", tables), ("forloop",) or
+        """Which implementation steps this bucket: ("cpu", kernel name), ("triton",), ("forloop",) or
         ("foreach",). impl=None takes the fused kernel where it can run, and says once why it cannot where it
         cannot; an explicit "fused" or "triton" that cannot run raises, as torch.optim's fused=True does."""
         if impl in ("foreach", "forloop"):
             return (impl,)
-        rows, device, ema_dtype = bucket.rows, bucket.device, bucket.ema_dtype
+        device, ema_dtype = bucket.device, bucket.ema_dtype
+        dtype = bucket.rows[0][0].dtype  # complex weights as real pairs
         if impl != "triton" and device.type == "cpu":
-            name = cpu_kernel.kernel_for(rows, ema_dtype)
+            name, why = cpu_kernel.kernel_for(dtype, ema_dtype)
             if name is not None and cpu_kernel.load(name) is not None:
                 return ("cpu", name)
-            why = (f"the CPU kernel could not be built ({cpu_kernel.error(name)})" if name is not None else
-                   f"the CPU kernel takes contiguous float32, float64 and bfloat16 tensors (not {bucket.dtype})")
+            why = why or f"the CPU kernel could not be built ({cpu_kernel.error(name)})"
         elif impl == "triton" or device.type == "cuda":
-            if triton_kernel.available() and triton_kernel.supports(rows, ema_dtype):
+            why = ("Triton is not installed" if not triton_kernel.available() else
+                   triton_kernel.supports(dtype, ema_dtype))
+            if why is None:
                 if self._launcher is None:
                     self._launcher = triton_kernel.Launcher()
-                return ("triton", self._launcher.tables(rows, device, capturable))
-            why = ("Triton is not installed" if not triton_kernel.available() else
-                   f"the Triton kernel takes contiguous float tensors on one device (not these {bucket.dtype} ones)")
+                return ("triton",)
         else:
             why = f"no fused kernel runs on {device.type} (the CPU's C kernel and CUDA's Triton kernel)"
         if impl is not None:
             raise RuntimeError(f"PACE: impl={impl!r} cannot run: {why}; impl=None steps with the fused kernel "
                                "where it can and with foreach elsewhere")
-        _warn_once(("fused", device.type, bucket.dtype, why), f"PACE: {why}; stepping these parameters with "
-                   "the foreach implementation")
+        _warn_once(("fused", device.type, why), f"PACE: {why}; stepping these parameters with the foreach "
+                   "implementation")
         return ("foreach",)
 
     def _run(self, bucket, grads, hp, consts, clamp, flags):
         """Step one bucket with its grads; a list of (k, 6) partials when stats, else anything."""
         kind = bucket.path[0]
-        if kind == "triton":
-            ptrs = [g.data_ptr() for g in grads] if bucket.plain else [_local(g).data_ptr() for g in grads]
-            return [self._launcher.step(bucket.path[1], ptrs, (bucket.dtype, bucket.ema_dtype), hp, flags)]
+        if kind in ("cpu", "triton"):  # the kernels walk memory: rows of dense tensors of one layout
+            grads = bucket.kernel_grads(grads)
+            bucket.copy_in()
+            if kind == "triton":
+                ptrs = [g.data_ptr() for g in grads]
+                dtypes = (bucket.rows[0][0].dtype, bucket.ema_dtype)
+                out = self._launcher.step(bucket.path[1], ptrs, dtypes, hp, flags)
+            else:
+                out = cpu_kernel.step(bucket.path[1], [[p, g, m, v, ema] for (p, _, m, v, ema), g
+                                                       in zip(bucket.rows, grads)], hp, *flags)
+            bucket.copy_out()
+            return [out]
         rows = [[p, _local(g), m, v, ema] for (p, _, m, v, ema), g in zip(bucket.rows, grads)]
-        if kind == "cpu":
-            return [cpu_kernel.step(bucket.path[1], rows, hp, *flags)]
         if kind == "forloop" or consts is None:  # capturable: foreach's constants would be host floats
             return [_pace_update(*x, hp, *flags) for x in rows]
         return _foreach_update(rows, hp, consts, clamp, *flags, scratch=self._scratch)
@@ -452,6 +481,7 @@ class PACE(Optimizer):
         compute = torch.float64 if dtype in (torch.float64, torch.complex128) else torch.float32
         consts = (beta1, beta2, bc2 ** 0.5, group["eps"], ema_weight)  # the foreach path's Python scalars
         if isinstance(lr, Tensor):
+            lr = lr.reshape(())  # any one-element shape
             both = _to_device(torch.tensor([base, scale], dtype=torch.float64), lr.device)
             hp = (both[0] + lr * both[1]).to(device=device, dtype=compute, non_blocking=True)
         else:
@@ -489,6 +519,7 @@ class PACE(Optimizer):
     def eval(self) -> "PACE":
         """Put the EMA into the parameters of groups with use_ema_eval; idempotent; returns self."""
         if self.training:
+            _reshard_fsdp(self.param_groups)
             for group in self.param_groups:
                 group["train_mode"] = False
                 for p, state in self._ema_params(group):
@@ -500,10 +531,14 @@ class PACE(Optimizer):
     def train(self) -> "PACE":
         """Put the training weights back; idempotent; returns self."""
         if not self.training:
+            _reshard_fsdp(self.param_groups)
             for group in self.param_groups:
                 group["train_mode"] = True
-                for p, state in self._ema_params(group):
-                    if "train_weights" in state:
+                for p in group["params"]:
+                    state = self.state.get(p)
+                    if state and "train_weights" in state:
+                        if "ema" not in state:  # loaded in eval mode: the EMA is the model's weights
+                            state["ema"] = p.detach().to(self._ema_dtype(group, p), copy=True)
                         p.copy_(state.pop("train_weights"))
         return self
 
@@ -540,28 +575,47 @@ class PACE(Optimizer):
 
     # ---- checkpoints ------------------------------------------------------------------
 
+    def state_dict(self) -> dict[str, Any]:
+        """torch.optim's state_dict, hooks included. In eval mode the model's weights are the EMA, and a
+        parameter's "ema" entry holds the training weights (in their own dtype), the other half of the pair:
+        a state_dict has the same keys in both modes, so that a template made in train mode (torch's
+        distributed checkpoint, get_state_dict) loads one saved in eval mode. The group's train_mode says
+        which; load_state_dict and train() put each back in its place."""
+        return _eval_form(super().state_dict())
+
     def load_state_dict(self, state_dict):
         """torch.optim's load, hooks included; also takes a torch.optim.AdamW state_dict (the EMA then starts
         from the current weights at the next step). An AdamW with amsgrad or maximize is refused: PACE would
         silently drop them. torch.optim casts floating state to the parameter's dtype; the EMA keeps its own
         (an fp32 EMA of bf16 weights must come back fp32): it is taken after the user's pre-hooks have run,
-        and put back before any post-hook runs."""
+        and put back before any post-hook runs. A state_dict saved in eval mode holds the training weights in
+        the "ema" entries (state_dict()): they come back as the training weights, and the EMA is the model's
+        weights (loaded with it, before or after) until train()."""
         for i, group in enumerate(state_dict["param_groups"]):
             for key in ("amsgrad", "maximize"):
                 if group.get(key):
                     raise ValueError(f"PACE cannot continue this state_dict: its param group {i} has {key}=True, "
                                      "which PACE does not implement")
-        emas = {}
+        emas, in_eval = {}, set()
 
         def take_emas(optimizer, loaded):  # the last pre-hook: sees the state_dict as the user's hooks left it
-            ids = [i for g in loaded["param_groups"] for i in g["params"]]
-            emas.update((pos, loaded["state"][i]["ema"]) for pos, i in enumerate(ids)
-                        if "ema" in loaded["state"].get(i, {}))
+            pos = 0
+            for group in loaded["param_groups"]:
+                for i in group["params"]:
+                    state = loaded["state"].get(i, {})
+                    if not group.get("train_mode", True) and "ema" in state:
+                        in_eval.add(pos)  # the training weights: torch's cast to the weights' dtype is right
+                    elif "ema" in state:
+                        emas[pos] = state["ema"]
+                    pos += 1
 
         def restore_emas(optimizer):  # the first post-hook
             params = [p for g in self.param_groups for p in g["params"]]
             for pos, ema in emas.items():
                 self.state[params[pos]]["ema"] = ema.to(device=params[pos].device, copy=True)
+            for pos in in_eval:
+                state = self.state[params[pos]]
+                state["train_weights"] = state.pop("ema")
 
         hooks = (self.register_load_state_dict_pre_hook(take_emas),
                  self.register_load_state_dict_post_hook(restore_emas, prepend=True))
@@ -570,6 +624,37 @@ class PACE(Optimizer):
         finally:
             for hook in hooks:
                 hook.remove()
+
+
+GROUP_KEYS = frozenset(PACE._init_signature.parameters) - {"self", "params"} | {"train_mode"}
+
+
+def _eval_form(state_dict):
+    """A state_dict's groups in eval mode with each "ema" entry holding the training weights (PACE.state_dict)."""
+    for group in state_dict["param_groups"]:
+        if group.get("train_mode", True):
+            continue
+        for i in group["params"]:
+            state = state_dict["state"].get(i)
+            if state and "train_weights" in state:
+                state = dict(state)  # the optimizer's own dict is not to be changed
+                state["ema"] = state.pop("train_weights")
+                state_dict["state"][i] = state
+    return state_dict
+
+
+def _reshard_fsdp(param_groups):
+    """Free the weights FSDP2 gathered for a forward without backward, for every module that holds ours: the
+    root keeps its gathered weights after a forward, and the next forward would read those rather than the
+    shards that eval() and train() write."""
+    params = {id(p) for g in param_groups for p in g["params"] if isinstance(p, DTensor)}
+    if not params:
+        return
+    from torch.distributed._composable_state import _module_state_mapping
+    from torch.distributed.fsdp import FSDPModule
+    for module in list(_module_state_mapping.keys()):
+        if isinstance(module, FSDPModule) and any(id(p) in params for p in module.parameters()):
+            module.reshard()
 
 
 def _capturing():
@@ -615,7 +700,7 @@ def _hyper_on_device(group, step, dtype):
         ema_weight = ((t - group["ema_rho"]).clamp(min=0.0) * group["ema_gamma"] + 1.0).pow(-group["ema_kappa"])
         ema_weight = ema_weight.clamp(min=MIN_EMA_WEIGHT)
     lr = group["lr"]
-    lr = lr.to(device=t.device, dtype=torch.float64) if isinstance(lr, Tensor) else torch.full_like(t, lr)
+    lr = lr.to(device=t.device, dtype=torch.float64).reshape(()) if isinstance(lr, Tensor) else torch.full_like(t, lr)
     hp = torch.empty(HP_SIZE, dtype=torch.float64, device=t.device)
     hp[HP.keep] = 1.0 + lr * -group["weight_decay"]
     hp[HP.step_size] = lr * (1 / bc1)
@@ -642,9 +727,14 @@ def _to_device(host, device):
 class _Bucket:
     """Parameters of one group stepped together: one device, dtype and step count t. rows holds, per
     parameter, the tensors its step writes, [p, None, m, v, ema or None] (local shards; the grad is the
-    step's own); path the implementation that steps them (PACE._path)."""
+    step's own); path the implementation that steps them (PACE._path).
 
-    __slots__ = ("device", "dtype", "t", "index", "rows", "ema_dtype", "plain", "path", "step")
+    The kernels walk memory, so a row they step holds dense tensors of one layout (stage()): where the
+    weights are not dense (a slice, an expanded view) or a state tensor's layout is not theirs, the row holds
+    a dense buffer instead, filled before the kernel and written back after it (copy_in, copy_out); a grad
+    of another layout or dtype is copied into the row's (kernel_grads)."""
+
+    __slots__ = ("device", "dtype", "t", "index", "rows", "ema_dtype", "plain", "path", "step", "staged")
     # index: the parameters' positions in the group's params, None when they are all of them
 
     def __init__(self, device, dtype, t):
@@ -655,6 +745,7 @@ class _Bucket:
         self.plain = True  # no DTensor, no complex: a grad's address is its own data_ptr()
         self.path = None
         self.step = None  # capturable: the first parameter's step count, a device tensor (all are equal)
+        self.staged = []  # (original, buffer) pairs of the rows' tensors that the kernels step in a buffer
 
     def add(self, i, p, state):
         ema = state.get("ema")
@@ -665,6 +756,76 @@ class _Bucket:
             self.ema_dtype = None if ema is None else self.rows[0][4].dtype
             self.step = state["step"] if isinstance(state["step"], Tensor) else None
         self.plain = self.plain and not (isinstance(p, DTensor) or p.is_complex())
+
+    def stage(self):
+        """Make every row dense and of one layout, the weights' where they are dense, else contiguous."""
+        for row in self.rows:
+            if not _dense(row[0]):
+                self._stage(row, 0, torch.empty(row[0].shape, dtype=row[0].dtype, device=row[0].device))
+            for slot in (2, 3, 4):
+                x = row[slot]
+                if x is not None and not (_dense(x) and _same_layout(x, row[0])):
+                    self._stage(row, slot, torch.empty_like(row[0], dtype=x.dtype))
+
+    def _stage(self, row, slot, buffer):
+        self.staged.append((row[slot], buffer))
+        row[slot] = buffer
+
+    def kernel_grads(self, grads):
+        """The grads as the kernel reads them: each dense, in its row's layout and dtype (a copy where not)."""
+        out = []
+        for row, g in zip(self.rows, grads):
+            g = g if self.plain else _local(g)
+            p = row[0]
+            if g.dtype != p.dtype or (g.stride() != p.stride() and not (_dense(g) and _same_layout(g, p))):
+                g = torch.empty_like(p).copy_(g)
+            out.append(g)
+        return out
+
+    def copy_in(self):
+        for original, buffer in self.staged:
+            buffer.copy_(original)
+
+    def copy_out(self):
+        for original, buffer in self.staged:
+            original.copy_(buffer)
+
+
+def _dense(x):
+    """Whether x's elements fill its memory span exactly once (contiguous in some order of its dims)."""
+    expected = 1
+    for stride, size in sorted((st, n) for n, st in zip(x.shape, x.stride()) if n != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _same_layout(a, b):
+    """Whether element k of a and of b sit at the same offset from their first element, for every k."""
+    return a.shape == b.shape and all(sa == sb for sa, sb, n in zip(a.stride(), b.stride(), a.shape) if n != 1)
+
+
+def _advance(states, capturable, by):
+    """Add `by` to the step counts of `states` (device tensors when capturable: one launch)."""
+    if not states:
+        return
+    if capturable:
+        torch._foreach_add_([st["step"] for st in states], by)
+    else:
+        for st in states:
+            st["step"] += by
+
+
+def _follow_weights(state, p):
+    """Moments in the weights' dtype and on their device, the EMA on their device: what every path reads.
+    torch.optim's load_state_dict casts them so; a model moved or cast after its first step (model.double(),
+    p.data = ...) gets the same."""
+    for key in ("exp_avg", "exp_avg_sq"):
+        if state[key].dtype != p.dtype or state[key].device != p.device:
+            state[key] = state[key].to(device=p.device, dtype=p.dtype)
+    if "ema" in state and state["ema"].device != p.device:
+        state["ema"] = state["ema"].to(device=p.device)
 
 
 class _Plan:
@@ -695,14 +856,13 @@ class _Plan:
                 and self.capturable == group["capturable"] and self.has_grad == has_grad and len(params) == len(self.params)
                 and all(map(operator.is_, params, self.params)) and self._addresses() == self.addresses)
 
-    def advance(self):
-        if self.capturable:  # the counts on the device: one launch
-            torch._foreach_add_([st["step"] for st in self.states], 1)
-        else:
-            for st in self.states:
-                st["step"] += 1
+    def advance(self, by=1):
+        _advance(self.states, self.capturable, by)
         for bucket in self.buckets:
-            bucket.t += 1
+            bucket.t += by
+
+    def retreat(self):
+        self.advance(-1)
 
 
 def _scratch_views(scratch, key, like, count):

@@ -49,14 +49,14 @@ def _kernels():
     return triton_source.pace_kernel, triton_source.write_addresses, types
 
 
-def supports(tensors, ema_dtype) -> bool:
-    """Whether the kernel can step this bucket: contiguous, one float dtype for p, g, m and v, the EMA's on
-    the same device."""
-    p = tensors[0][0]
-    if p.dtype not in DTYPES:
-        return False
-    return all(x is None or (x.device == p.device and x.is_contiguous() and x.dtype == (p.dtype if i < 4 else
-               ema_dtype)) for row in tensors for x, i in zip(row, range(5)))
+def supports(dtype, ema_dtype):
+    """None if the kernel steps weights of `dtype` (grads and moments alike; dense tensors of one layout per
+    row, as the optimizer hands them) with an EMA of `ema_dtype`; else why not."""
+    if dtype not in DTYPES:
+        return f"the Triton kernel takes float32, float64, bfloat16 and float16 weights (not {dtype})"
+    if ema_dtype is not None and ema_dtype not in DTYPES:
+        return f"the Triton kernel takes a float32, float64, bfloat16 or float16 EMA (not {ema_dtype})"
+    return None
 
 
 class Tables:
