@@ -132,3 +132,72 @@ def test_needs_a_pace_optimizer(tmp_path):
     PACECallback.attach(trainer)
     with pytest.raises(TypeError, match="not pace.PACE"):
         trainer.train()
+
+
+def saved_emas(checkpoint, model):
+    """The EMA of each of the model's parameters, read from a checkpoint's optimizer.pt on its own."""
+    saved = torch.load(checkpoint / "optimizer.pt", weights_only=True)
+    assert all(g["train_mode"] for g in saved["param_groups"])
+    ids = [i for g in saved["param_groups"] for i in g["params"]]
+    return {name: saved["state"][i]["ema"] for (name, _), i in zip(model.named_parameters(), ids)}
+
+
+def test_load_best_model_at_end_returns_the_ema_that_scored_best(tmp_path):
+    """The best checkpoint is scored on its EMA; after train() the model, evaluate() and save_model() are that
+    EMA, not the step's live weights Trainer's own load gives, nor the last EMA."""
+    trainer, model, opt = make_trainer(tmp_path / "run", evaluate=True)
+    trainer.args.load_best_model_at_end = True
+    trainer.args.metric_for_best_model = "step"  # the earliest checkpoint is the best: not the last one
+    trainer.args.greater_is_better = False
+    trainer.compute_metrics = lambda _: {"step": trainer.state.global_step}
+    trainer.train()
+    best = tmp_path / "run" / f"checkpoint-{SAVE_AT}"
+    assert trainer.state.best_model_checkpoint == str(best)
+    emas = saved_emas(best, model)
+    for name, p in model.named_parameters():
+        assert torch.equal(p, emas[name]), name
+    last = saved_emas(tmp_path / "run" / f"checkpoint-{STEPS}", model)
+    assert any(not torch.equal(p, last[name]) for name, p in model.named_parameters())
+    scored = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h and h["step"] == SAVE_AT]
+    assert trainer.evaluate()["eval_loss"] == pytest.approx(scored[0], abs=1e-6)
+    trainer.save_model(str(tmp_path / "returned"))
+    returned = load_file(str(tmp_path / "returned" / "model.safetensors"))
+    for name, value in emas.items():
+        assert torch.equal(returned[name], value), name
+
+
+@pytest.mark.parametrize("then", ["evaluate", "predict", "evaluate, predict, evaluate"])
+def test_after_training_evaluate_and_predict_keep_the_ema_for_save_model(tmp_path, then):
+    trainer, model, opt = make_trainer(tmp_path / "run", evaluate=True)
+    trainer.train()
+    emas = saved_emas(tmp_path / "run" / f"checkpoint-{STEPS}", model)
+    losses = []
+    for call in then.split(", "):
+        if call == "evaluate":
+            losses.append(trainer.evaluate()["eval_loss"])
+        else:
+            trainer.predict(Tokens(4, 3))
+    assert len(set(losses)) <= 1  # the same model scored each time
+    trainer.save_model(str(tmp_path / "returned"))
+    returned = load_file(str(tmp_path / "returned" / "model.safetensors"))
+    for name, value in emas.items():
+        assert torch.equal(returned[name], value), name
+
+
+def test_evaluate_before_train_then_train_trains_the_live_weights(tmp_path):
+    """An evaluation before any step (no EMA yet) leaves the weights; training then runs as without it."""
+    straight, model, opt = make_trainer(tmp_path / "straight", evaluate=True)
+    straight.train()
+    first, model2, opt2 = make_trainer(tmp_path / "evaluated", evaluate=True)
+    first.evaluate()
+    first.train()
+    for a, b in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_load_best_model_at_end_needs_the_optimizer_state(tmp_path):
+    trainer, model, opt = make_trainer(tmp_path / "run", evaluate=True)
+    trainer.args.load_best_model_at_end = True
+    trainer.args.save_only_model = True
+    with pytest.raises(ValueError, match="save_only_model=False"):
+        trainer.train()

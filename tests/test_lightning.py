@@ -110,3 +110,48 @@ def test_needs_a_pace_optimizer(tmp_path):
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     with pytest.raises(TypeError, match="one pace.PACE optimizer"):
         trainer.fit(AdamModule(), loader(16, 1))
+
+
+class Scored(Module):
+    """Validation, test and predict steps that only score: they run without fit (no optimizer)."""
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", torch.nn.functional.mse_loss(self.net(x), y))
+
+    def test_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("test_loss", torch.nn.functional.mse_loss(self.net(x), y))
+
+    def predict_step(self, batch, batch_idx):
+        return self.net(batch[0])
+
+
+def ema_loss(ckpt, data):
+    """The checkpoint's returned model scored on `data` by hand: its "state_dict" entries are the EMA."""
+    net = Module().net
+    net.load_state_dict({k.removeprefix("net."): v for k, v in ckpt["state_dict"].items()})
+    x, y = data.dataset.tensors
+    with torch.no_grad():
+        return torch.nn.functional.mse_loss(net(x), y).item(), net(x)
+
+
+@pytest.mark.parametrize("after_fit", [False, True])
+def test_validate_test_and_predict_from_a_checkpoint_score_its_ema(tmp_path, after_fit):
+    trainer, _ = fit(tmp_path, "run")
+    path = tmp_path / "run" / f"step={SAVE_AT}.ckpt"
+    ckpt = torch.load(path, weights_only=False)
+    data = loader(8, 2)
+    want, predictions = ema_loss(ckpt, data)
+    live_net = Module().net
+    live_net.load_state_dict({k.removeprefix("net."): v for k, v in ckpt["current_model_state"].items()})
+    assert torch.nn.functional.mse_loss(live_net(data.dataset.tensors[0]), data.dataset.tensors[1]).item() != \
+        pytest.approx(want, abs=1e-6)  # the two models score apart: the test tells them apart
+    if not after_fit:
+        trainer = L.Trainer(accelerator="cpu", devices=1, callbacks=[PACECallback()], logger=False,
+                            enable_progress_bar=False, enable_model_summary=False)
+    module = Scored()
+    assert trainer.validate(module, data, ckpt_path=path)[0]["val_loss"] == pytest.approx(want, abs=1e-6)
+    assert trainer.test(module, data, ckpt_path=path)[0]["test_loss"] == pytest.approx(want, abs=1e-6)
+    predicted = torch.cat(trainer.predict(module, data, ckpt_path=path))
+    torch.testing.assert_close(predicted, predictions, rtol=0, atol=1e-6)

@@ -87,9 +87,10 @@ class PACECallback(pl.Callback):
         checkpoint["state_dict"] = opt.returned_state_dict(pl_module)
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint):
-        # Lightning has loaded "state_dict" (the returned model) into the module; training goes on from
-        # the live weights
-        if "current_model_state" in checkpoint:
+        # Lightning has loaded "state_dict" (the returned model) into the module; training goes on from the
+        # live weights, while validate / test / predict with ckpt_path score the returned model (as
+        # Lightning's WeightAveraging does)
+        if trainer.state.fn == "fit" and "current_model_state" in checkpoint:
             pl_module.load_state_dict(checkpoint["current_model_state"])
 
     # ---- telemetry on the steps that log --------------------------------------------------------

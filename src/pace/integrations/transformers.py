@@ -16,13 +16,20 @@ leaves to chance, and this callback fixes:
   weights in the optimizer state): the callback puts the live weights back after every evaluation, so
   every checkpoint holds the live weights in the model and the EMA in the optimizer state, in train mode;
 - after trainer.train(), the model holds whatever the last event left: the callback ends training in
-  eval mode, so the model, and trainer.save_model(), hold the returned model (the EMA);
+  eval mode, so the model, and trainer.save_model(), hold the returned model (the EMA), and an
+  evaluate() or predict() after training leaves it there;
+- load_best_model_at_end=True: Trainer loads the best checkpoint's model files, which hold that step's live
+  weights; the callback loads the same checkpoint's optimizer state too, so that the model after train()
+  is the EMA that scored best (and the optimizer the one of that step);
 - telemetry: with telemetry=True the callback turns PACE's log_stats on for the steps that log (no cost
   on the others) and adds get_step_stats() to Trainer's logs as pace/<name>, for every reporter.
 """
 
 from __future__ import annotations
 
+import os
+
+import torch
 from transformers import Trainer, TrainerCallback
 
 from pace.optimizer import PACE
@@ -38,6 +45,7 @@ def find_pace(optimizer: object) -> PACE | None:
 class PACECallback(TrainerCallback):
     def __init__(self, telemetry: bool = True) -> None:
         self.telemetry = telemetry
+        self._training = False  # between on_train_begin and on_train_end
 
     @classmethod
     def attach(cls, trainer: Trainer, **kwargs) -> PACECallback:
@@ -56,6 +64,10 @@ class PACECallback(TrainerCallback):
         return opt
 
     def on_train_begin(self, args, state, control, **kwargs):
+        if args.load_best_model_at_end and args.save_only_model:
+            raise ValueError("PACECallback: load_best_model_at_end needs each checkpoint's optimizer state, where "
+                             "PACE keeps the EMA: set save_only_model=False")
+        self._training = True
         self._pace(kwargs).train()
 
     def on_step_begin(self, args, state, control, **kwargs):
@@ -64,7 +76,8 @@ class PACECallback(TrainerCallback):
             self._pace(kwargs).set_log_stats(bool(logs))
 
     def on_evaluate(self, args, state, control, **kwargs):
-        self._pace(kwargs).train()  # the live weights back before any checkpoint
+        if self._training:  # the live weights back before any checkpoint; after training, the EMA stays
+            self._pace(kwargs).train()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not self.telemetry or logs is None or "loss" not in logs:
@@ -75,4 +88,18 @@ class PACECallback(TrainerCallback):
             state.log_history[-1].update(stats)
 
     def on_train_end(self, args, state, control, **kwargs):
-        self._pace(kwargs).eval()  # the model now holds the returned model, for trainer.save_model()
+        self._training = False
+        opt = self._pace(kwargs)
+        if args.load_best_model_at_end and state.best_model_checkpoint:
+            load_optimizer(opt, state.best_model_checkpoint)  # beside the live weights Trainer loaded
+        opt.eval()  # the model now holds the returned model, for trainer.save_model()
+
+
+def load_optimizer(opt: PACE, checkpoint: str) -> None:
+    """Load the PACE state of a Trainer checkpoint folder into `opt` (its optimizer.pt)."""
+    path = os.path.join(checkpoint, "optimizer.pt")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"PACECallback: {path} does not exist: the best model's EMA is in the optimizer "
+                                "state of its checkpoint")
+    opt.train()
+    opt.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
