@@ -119,6 +119,112 @@ def test_distributed_matches_single_process(kind, impl, tmp_path):
         assert torch.equal(r, e)
 
 
+# ---- the bare optimizer: eval()/train() around forwards, DCP in both modes -----------------------------
+
+def wrap(model, kind):
+    """DDP, or FSDP2 on the first layer and on the root, which holds the last layer's weights and keeps them
+    gathered after a forward."""
+    if kind == "ddp":
+        return torch.nn.parallel.DistributedDataParallel(model)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    mesh = init_device_mesh("cpu", (WORLD,))
+    fully_shard(model[0], mesh=mesh)
+    return fully_shard(model, mesh=mesh)
+
+
+def eval_loss(model):
+    with torch.no_grad():
+        return model(global_batch(99)).square().mean().item()
+
+
+def swap_and_checkpoint(model, opt, rank, world, save, load=None):
+    """The sequence every rank runs (one rank, unwrapped, is the reference): steps; a no-grad forward; the
+    EMA scored; the live weights scored; steps; a checkpoint in eval mode; two more steps. With `load` (the
+    checkpoint's folder), the last two steps run on a fresh model and optimizer loaded from it instead."""
+    out = {}
+    train_steps(model, opt, range(3), rank, world)
+    eval_loss(model)  # FSDP2's root keeps its gathered weights after this forward
+    opt.eval()
+    out["ema_loss"] = eval_loss(model)
+    opt.train()
+    out["live_loss"] = eval_loss(model)
+    train_steps(model, opt, range(3, 6), rank, world)
+    opt.eval()
+    eval_loss(model)
+    save(model, opt)
+    opt.train()
+    train_steps(model, opt, range(6, 8), rank, world)
+    out["params"] = [full(p.detach()).clone() for p in model.parameters()]
+    out["emas"] = [full(opt.state[p]["ema"]).clone() for p in model.parameters()]
+    return out
+
+
+def train_steps(model, opt, steps, rank, world):
+    for step in steps:
+        model(global_batch(step).chunk(world)[rank]).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def contract_worker(rank, port, kind, out):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        def save(model, opt):
+            model_sd, optim_sd = get_state_dict(model, opt)
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=f"{out}.dcp")
+
+        model = wrap(make_model(), kind)
+        result = swap_and_checkpoint(model, PACE(model.parameters(), **KW), rank, WORLD, save)
+        fresh = wrap(make_model(), kind)
+        opt = PACE(fresh.parameters(), **KW)
+        model_sd, optim_sd = get_state_dict(fresh, opt)  # the template of a fresh optimizer, in train mode
+        state = {"model": model_sd, "optim": optim_sd}
+        dcp.load(state, checkpoint_id=f"{out}.dcp")
+        set_state_dict(fresh, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        result["loaded_in_eval_mode"] = not opt.training
+        opt.train()
+        train_steps(fresh, opt, range(6, 8), rank, WORLD)
+        result["resumed_params"] = [full(p.detach()).clone() for p in fresh.parameters()]
+        result["resumed_emas"] = [full(opt.state[p]["ema"]).clone() for p in fresh.parameters()]
+        if rank == 0:
+            torch.save(result, out)
+        dist.barrier()
+        open(f"{out}.done{rank}", "w").close()
+    except BaseException:
+        dist.destroy_process_group()
+        raise
+    os._exit(0)  # as worker(): no gloo teardown
+
+
+@pytest.mark.parametrize("kind", ["ddp", "fsdp"])
+def test_eval_train_and_a_checkpoint_in_eval_mode_under_ddp_and_fsdp(kind, tmp_path):
+    """eval() after a no-grad forward scores the EMA, train() puts back the live weights (FSDP2's root
+    included), and a DCP checkpoint taken in eval mode resumes the training weights through a template made
+    by a fresh optimizer: each against one process running the same sequence."""
+    out = tmp_path / "rank0.pt"
+    try:
+        mp.spawn(contract_worker, args=(free_port(), kind, str(out)), nprocs=WORLD, join=True)
+    except mp.ProcessExitedException:
+        if not all(os.path.exists(f"{out}.done{r}") for r in range(WORLD)):
+            raise
+    got = torch.load(out, weights_only=True)
+    model = make_model()
+    want = swap_and_checkpoint(model, PACE(model.parameters(), **KW), 0, 1, lambda m, o: None)
+    assert got["ema_loss"] == pytest.approx(want["ema_loss"], rel=1e-6)
+    assert got["live_loss"] == pytest.approx(want["live_loss"], rel=1e-6)
+    assert got["ema_loss"] != pytest.approx(got["live_loss"], rel=1e-6)  # the two models tell apart
+    for a, b in zip(got["params"] + got["emas"], want["params"] + want["emas"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert got["loaded_in_eval_mode"]
+    for a, b in zip(got["resumed_params"] + got["resumed_emas"], got["params"] + got["emas"]):
+        assert torch.equal(a, b)  # the same world size: bit for bit
+
+
 # ---- pace-train under torchrun -------------------------------------------------------------------------
 
 # micro-batches of 1 (2 a rank), 3 eval batches (dealt unevenly), the EMA and LAWA: everything that is split
