@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
-from pace_lm import PaceLMError, checkpoint, checkpoint_files, rng, sharded
+from pace_lm import PaceLMError, checkpoint, checkpoint_files, distributed, rng, sharded
 from pace_lm.checkpoint_files import Contents
 from pace_lm.records import RunRecord
 from pace_lm.distributed import World
@@ -199,7 +199,12 @@ def test_a_train_checkpoint_is_one_typed_layout_for_saving_and_resuming(tmp_path
     assert back.record == record and state["record"] == record.to_json()  # typed in memory, plain JSON in the file
     assert torch.equal(back.train["model"]["w"], torch.ones(2)) and back.window_loss.item() == 2.5
     with pytest.raises(PaceLMError, match="is of another config"):
-        back.check_fits(dict(seed=1), None, folder)
+        back.check_fits(dict(seed=1), None, folder, W)
+    fsdp = distributed.World(rank=0, size=2, parallel="fsdp")
+    with pytest.raises(PaceLMError, match="written without FSDP: resume it in one process or with "
+                                          "training.parallel=ddp"):
+        back.check_fits(dict(seed=0), dict(vocab_size=10), folder, fsdp)
+    back.check_fits(dict(seed=0), dict(vocab_size=10), folder, distributed.World(rank=0, size=2, parallel="ddp"))
 
 
 def test_a_checkpoint_that_is_not_a_train_checkpoint_is_named(tmp_path):

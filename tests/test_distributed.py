@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import warnings
 
 import pytest
@@ -305,3 +306,65 @@ def test_pace_train_under_torchrun_matches_one_process_and_resumes(parallel, sin
     resumed = json.loads((tmp_path / "cut" / "r" / "record.json").read_text())
     assert resumed["resumed"][0]["step"] == steps[-1]
     assert comparable(resumed) == comparable(full)
+
+
+def start(args, ranks):
+    """pace-train on `ranks` processes (torchrun for 2), in a session of its own."""
+    from conftest import BIN
+    cmd = [os.path.join(BIN, "pace-train"), *args]
+    if ranks > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
+               "--no-python", *cmd]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"))
+
+
+def children(pid):
+    return [int(child) for child in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True,
+                                                   text=True).stdout.split()]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("before, after", [(2, 1), (1, 2)])
+def test_a_resume_on_another_world_size_logs_what_one_process_logs(before, after, single, offline_data, tmp_path):
+    """Killed after checkpoint 4 (steps 4 and 5 sit in the loss window of the log at step 6), resumed on another
+    number of ranks: every logged loss, the one at step 6 included, is the uninterrupted run's."""
+    from conftest import wait_for
+    args = run_args(offline_data, tmp_path / "out")
+    proc = start(args, before)
+    wait_for(tmp_path / "out" / "r" / "checkpoints" / "step_00000004", proc)
+    for pid in [*children(proc.pid), proc.pid]:  # torchrun starts each rank in a session of its own
+        os.kill(pid, signal.SIGKILL)
+    proc.communicate()
+    proc = start([*args, "training.resume=true"], after)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    resumed = json.loads((tmp_path / "out" / "r" / "record.json").read_text())
+    assert resumed["resumed"][0]["step"] == 4
+    assert [e["step"] for e in resumed["step_logs"]] == [e["step"] for e in single["step_logs"]]
+    for a, b in zip(resumed["step_logs"], single["step_logs"]):
+        assert close(a["loss"], b["loss"]) and a["tokens"] == b["tokens"], (a, b)
+
+
+@pytest.mark.slow
+def test_signals_to_every_process_of_an_fsdp_job_end_it_with_a_checkpoint(offline_data, tmp_path):
+    """A scheduler's stop: SIGTERM to torchrun and to each rank at once (each rank gets two, its own and the one
+    torchrun passes on). One stop, with a checkpoint, within seconds; the resume finishes the run."""
+    args = run_args(offline_data, tmp_path / "out", "training.parallel=fsdp", "training.max_steps=40")
+    proc = start(args, 2)
+    ckpts = tmp_path / "out" / "r" / "checkpoints"
+    from conftest import wait_for
+    wait_for(ckpts / "step_00000004", proc)
+    ranks = children(proc.pid)
+    assert len(ranks) == 2
+    for pid in [proc.pid, *ranks]:
+        os.kill(pid, signal.SIGTERM)
+    signalled = time.monotonic()
+    _, err = proc.communicate(timeout=120)
+    assert time.monotonic() - signalled < 30, err[-2000:]
+    record = json.loads((tmp_path / "out" / "r" / "record.json").read_text())
+    assert record["status"] == "interrupted" and "stopped at once" not in record["error"], record["error"]
+    proc = start([*args, "training.resume=true"], 2)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    assert json.loads((tmp_path / "out" / "r" / "record.json").read_text())["status"] == "complete"

@@ -209,3 +209,35 @@ def test_complete_run_is_not_overwritten(offline_data, tmp_path):
     assert json.loads((tmp_path / "r" / "record.json").read_text()) == json.loads(json.dumps(first))
     again = train(small_cfg(offline_data, tmp_path, "training.save_model=false", "training.overwrite=true", steps=3))
     assert again["summary"]["steps"] == 3
+
+
+def test_a_second_signal_later_stops_at_once(monkeypatch):
+    """Within SAME_STOP_S a second SIGTERM is the first one again; after it, the run stops at once."""
+    import os
+    import signal
+    import time
+    monkeypatch.setattr(train_mod, "SAME_STOP_S", 0.2)
+    with train_mod.stop_signals() as got:
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert got == [signal.SIGTERM]
+        time.sleep(0.3)
+        with pytest.raises(train_mod.Interrupted, match="a second SIGTERM: stopped at once") as e:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)  # the handler runs between bytecodes of this thread
+    assert e.value.at_once and e.value.signum == signal.SIGTERM
+
+
+@pytest.mark.parametrize("at_once", [False, True])
+def test_a_run_stopped_at_once_leaves_the_process_group_without_a_barrier(monkeypatch, offline_data, tmp_path,
+                                                                          at_once):
+    """A rank stopped at once may have left a collective the other ranks are still in: a barrier would wait
+    for ever. A run stopped at a step boundary meets the others at the barrier first."""
+    def stopped(*args):
+        raise train_mod.Interrupted("stopped", 15, at_once=at_once)
+    clean = []
+    monkeypatch.setattr(train_mod, "run_locked", stopped)
+    monkeypatch.setattr(train_mod.distributed, "shutdown", lambda world, ok: clean.append(ok))
+    with pytest.raises(train_mod.Interrupted):
+        train(compose([f"dataset.path={offline_data}", f"training.out_dir={tmp_path}"]))
+    assert clean == [not at_once]

@@ -39,6 +39,8 @@ class LoopState:
     trained: int = 0             # tokens trained on (labels), all ranks
     tokens_after_first: int = 0  # tokens seen after step 1 (for the steady throughput)
     window_trained: int = 0      # tokens trained on (labels) since the last log, all ranks
+    window_loss: float = 0.0     # their loss summed over all ranks, at the checkpoint (a resume on another
+                                 # world size starts from it; the same world size from each rank's own sum)
     t_train: float = 0.0         # seconds in steps
     t_first: float = 0.0         # seconds of step 1 (one-time costs included)
     wall: float = 0.0            # seconds since the run began, at the checkpoint
@@ -78,8 +80,12 @@ class TrainCheckpoint:
         except (KeyError, TypeError, PaceLMError) as e:
             raise PaceLMError(f"{folder} is not a pace-train checkpoint ({type(e).__name__}: {e})") from e
 
-    def check_fits(self, cfg, meta, folder):
-        """It goes on only with the config (a dict) and data it was written with."""
+    def check_fits(self, cfg, meta, folder, world):
+        """It goes on only with the config (a dict) and data it was written with, and under FSDP2 only if it
+        was written under FSDP2 (its tensors in DCP's shards): checked before the run's record says resumed."""
+        if world.parallel == "fsdp" and not marked_keys(self.train):
+            raise PaceLMError(f"checkpoint {folder} was written without FSDP: resume it in one process or with "
+                              f"training.parallel=ddp")
         diff = config_diff(self.config, cfg, NOT_COMPARED)
         if diff:
             raise PaceLMError(f"checkpoint {folder} is of another config (differs in {', '.join(diff[:6])}"
@@ -160,8 +166,6 @@ def restore(states, folder, model, opt, averagers, world):
             load_sharded(folder, tensors)
             states = join_tensors(states, tensors)
             set_state_dict(model, opt, model_state_dict=states["model"], optim_state_dict=states["optimizer"])
-        elif world.parallel == "fsdp":
-            raise PaceLMError(f"checkpoint {folder} was written without FSDP: resume it with training.parallel=ddp")
         else:
             model.load_state_dict(states["model"])
             opt.load_state_dict(states["optimizer"])

@@ -47,11 +47,13 @@ from pace_lm.status import previous_end
 
 
 class Interrupted(PaceLMError):
-    """A SIGTERM or SIGINT stopped the run after a step, with a checkpoint (recorded as "interrupted")."""
+    """A SIGTERM or SIGINT stopped the run after a step, with a checkpoint (recorded as "interrupted"); or a
+    second one stopped it at once (`at_once`), wherever it was, a collective included."""
 
-    def __init__(self, message, signum):
+    def __init__(self, message, signum, at_once=False):
         super().__init__(message)
         self.signum = signum
+        self.at_once = at_once
 
 
 def train(cfg):
@@ -71,8 +73,8 @@ def train(cfg):
             record = run_locked(cfg, spec, world, device, RunPaths(run_dir))
         clean = True
         return record
-    except Interrupted:
-        clean = True
+    except Interrupted as e:
+        clean = not e.at_once  # stopped at once, this rank may have left a collective the others are in
         raise
     finally:
         distributed.shutdown(world, clean)
@@ -136,7 +138,7 @@ def run_locked(cfg, spec, world, device, paths):
     resumed = None
     if resume_from:  # find() checked its files against the manifest
         resumed = checkpoint.TrainCheckpoint.load(resume_from, world, verified=True)
-        resumed.check_fits(OmegaConf.to_container(cfg), data.meta, resume_from)
+        resumed.check_fits(OmegaConf.to_container(cfg), data.meta, resume_from, world)
     record = start_record(OmegaConf.to_container(cfg), data.meta, resumed, resume_from)
     if before:  # the history of the run's earlier ends, the latest last
         record.ends = before["ends"] + [before["end"]]
@@ -225,8 +227,10 @@ class Loop:
         """Go on from checkpoint.TrainCheckpoint `ckpt` (the model, optimizer and averagers already restored)."""
         self.state = ckpt.loop
         self.batches.load_state_dict(ckpt.batches)
-        if ckpt.window_loss is not None:
+        if ckpt.window_loss is not None:  # the same world size: this rank's own sum, for the same float sums
             self.window_loss = ckpt.window_loss.to(self.parts.device)
+        elif self.world.main:  # another world size: rank 0 carries the window's total
+            self.window_loss.fill_(self.state.window_loss)
         rng.set_rng_state(ckpt.rng)
 
     def run(self):
@@ -339,6 +343,7 @@ class Loop:
     def checkpoint(self, done):
         """Write checkpoint `done` (every rank calls it); returns its folder."""
         self.state.step, self.state.wall = done, time.time() - self.t_start
+        self.state.window_loss = distributed.all_sum(self.window_loss.clone(), self.world).item()
         parts = self.parts
         states, sharded = checkpoint.capture(parts.model, parts.opt, parts.averagers, self.world)
         ckpt = checkpoint.TrainCheckpoint(
@@ -369,21 +374,31 @@ class Loop:
                     if tc.max_steps > 1 else None, environment=environment())
 
 
+SAME_STOP_S = 2.0  # seconds within which a second signal is the first one delivered twice
+
+
 @contextlib.contextmanager
 def stop_signals():
     """A list that receives the SIGTERMs / SIGINTs of the block: after the first the loop stops at the next step
     boundary, with a checkpoint; a second one stops at once (Interrupted, raised where the run is), and the
-    record still says how it ended."""
+    record still says how it ended. Signals within SAME_STOP_S of the first are that first request again: a
+    scheduler signals every process of a job, and torchrun passes its own on to the ranks as well."""
     got = []
+    first = []  # when the first came (time.monotonic)
     if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
         yield got
         return
     old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
 
     def handler(signum, frame):
+        now = time.monotonic()
+        if first and now - first[0] <= SAME_STOP_S:
+            return
+        first.append(now)
         got.append(signum)
         if len(got) > 1:
-            raise Interrupted(f"a second {signal.Signals(signum).name}: stopped at once, mid-step", signum)
+            raise Interrupted(f"a second {signal.Signals(signum).name}: stopped at once, mid-step", signum,
+                              at_once=True)
 
     for s in old:
         signal.signal(s, handler)
