@@ -57,3 +57,22 @@ def test_save_state_resume_and_export(tmp_path):
     for p, q in zip(model.parameters(), straight):
         assert torch.equal(p, q)
     assert isinstance(opt.optimizer, PACE) and opt.optimizer.training
+
+
+def test_the_wrapper_forwards_the_modes_and_opt_optimizer_is_the_pace(tmp_path):
+    """accelerate's AcceleratedOptimizer forwards train() and eval() (returning None) and nothing else of
+    PACE's: the documented route to the rest is opt.optimizer."""
+    accelerator, model, opt = setup()
+    train(accelerator, model, opt, range(3))
+    pace = opt.optimizer
+    assert isinstance(pace, PACE)
+    opt.eval()
+    assert not pace.training and all(torch.equal(p, pace.state[p]["ema"]) for p in model.parameters())
+    opt.train()
+    assert pace.training
+    with pace.ema_weights():
+        emas = [p.detach().clone() for p in model.parameters()]
+    returned = pace.returned_state_dict(model)
+    assert all(torch.equal(returned[name], e) for (name, _), e in zip(model.named_parameters(), emas))
+    for name in ("training", "ema_weights", "returned_state_dict", "get_step_stats"):
+        assert not hasattr(opt, name), name  # not forwarded (docs/integrations.md says opt.optimizer)

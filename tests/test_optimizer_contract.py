@@ -520,3 +520,12 @@ def test_a_state_dict_has_the_same_keys_in_both_modes_and_resumes_from_either():
         opt2.train()
         assert all(torch.equal(v, live[k]) for k, v in model2.state_dict().items()), order
         assert all(torch.equal(opt2.state[p]["ema"], ema[k]) for k, p in model2.named_parameters()), order
+
+
+def test_meta_parameters_step_by_the_default_and_refuse_an_explicit_fused():
+    p = torch.nn.Parameter(torch.randn(3, device="meta"))
+    p.grad = torch.randn(3, device="meta")
+    with pytest.warns(UserWarning, match="no fused kernel runs on meta"):
+        PACE([p], **PULL).step()
+    with pytest.raises(RuntimeError, match="impl='fused' cannot run: no fused kernel runs on meta"):
+        PACE([p], impl="fused", **PULL).step()

@@ -18,6 +18,7 @@ optimizer and trains toward it, instead of a second model updated after each ste
 - validation and test epochs run with the EMA in the model (optimizer.eval()), and training resumes with
   the live weights (optimizer.train());
 - training ends in eval mode: the module then holds the returned model;
+- validate / test / predict with ckpt_path (after fit or without it) score the checkpoint's returned model;
 - telemetry: with telemetry=True, PACE's statistics on the steps Lightning logs (log_every_n_steps), and
   only there, as pace/<name> through self.log, to every logger.
 """
