@@ -734,7 +734,8 @@ class _Bucket:
     a dense buffer instead, filled before the kernel and written back after it (copy_in, copy_out); a grad
     of another layout or dtype is copied into the row's (kernel_grads)."""
 
-    __slots__ = ("device", "dtype", "t", "index", "rows", "ema_dtype", "plain", "path", "step", "staged")
+    __slots__ = ("device", "dtype", "t", "index", "rows", "ema_dtype", "plain", "path", "step", "staged",
+                 "contiguous")
     # index: the parameters' positions in the group's params, None when they are all of them
 
     def __init__(self, device, dtype, t):
@@ -746,6 +747,7 @@ class _Bucket:
         self.path = None
         self.step = None  # capturable: the first parameter's step count, a device tensor (all are equal)
         self.staged = []  # (original, buffer) pairs of the rows' tensors that the kernels step in a buffer
+        self.contiguous = False  # every row's weights contiguous, once staged
 
     def add(self, i, p, state):
         ema = state.get("ema")
@@ -766,6 +768,7 @@ class _Bucket:
                 x = row[slot]
                 if x is not None and not (_dense(x) and _same_layout(x, row[0])):
                     self._stage(row, slot, torch.empty_like(row[0], dtype=x.dtype))
+        self.contiguous = all(row[0].is_contiguous() for row in self.rows)
 
     def _stage(self, row, slot, buffer):
         self.staged.append((row[slot], buffer))
@@ -773,6 +776,8 @@ class _Bucket:
 
     def kernel_grads(self, grads):
         """The grads as the kernel reads them: each dense, in its row's layout and dtype (a copy where not)."""
+        if self.contiguous and self.plain and all(map(Tensor.is_contiguous, grads)):
+            return grads  # autograd's grads of contiguous weights (torch keeps a grad's dtype its weight's)
         out = []
         for row, g in zip(self.rows, grads):
             g = g if self.plain else _local(g)
@@ -783,7 +788,7 @@ class _Bucket:
         return out
 
     def copy_in(self):
-        for original, buffer in self.staged:
+        for original, buffer in self.staged:  # nothing, for dense weights and state of one layout
             buffer.copy_(original)
 
     def copy_out(self):
