@@ -76,3 +76,26 @@ def test_the_wrapper_forwards_the_modes_and_opt_optimizer_is_the_pace(tmp_path):
     assert all(torch.equal(returned[name], e) for (name, _), e in zip(model.named_parameters(), emas))
     for name in ("training", "ema_weights", "returned_state_dict", "get_step_stats"):
         assert not hasattr(opt, name), name  # not forwarded (docs/integrations.md says opt.optimizer)
+
+
+def test_save_state_in_eval_mode_resumes_the_training_weights(tmp_path):
+    """A state saved in eval mode: the model files hold the EMA, the optimizer state the training weights;
+    load_state and train() go on exactly as a run saved in train mode."""
+    accelerator, model, opt = setup()
+    train(accelerator, model, opt, range(8))
+    straight = [p.detach().clone() for p in model.parameters()]
+
+    accelerator, model, opt = setup()
+    train(accelerator, model, opt, range(4))
+    emas = [opt.optimizer.state[p]["ema"].clone() for p in model.parameters()]
+    opt.eval()
+    accelerator.save_state(tmp_path / "state")
+    saved = load_file(tmp_path / "state" / "model.safetensors")
+    assert all(torch.equal(saved[name], e) for (name, _), e in zip(model.named_parameters(), emas))
+    accelerator, model, opt = setup()
+    accelerator.load_state(tmp_path / "state")
+    assert not opt.optimizer.training
+    opt.train()
+    train(accelerator, model, opt, range(4, 8))
+    for p, q in zip(model.parameters(), straight):
+        assert torch.equal(p, q)

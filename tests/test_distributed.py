@@ -139,10 +139,9 @@ def eval_loss(model):
         return model(global_batch(99)).square().mean().item()
 
 
-def swap_and_checkpoint(model, opt, rank, world, save, load=None):
+def swap_and_checkpoint(model, opt, rank, world, save, mode="eval"):
     """The sequence every rank runs (one rank, unwrapped, is the reference): steps; a no-grad forward; the
-    EMA scored; the live weights scored; steps; a checkpoint in eval mode; two more steps. With `load` (the
-    checkpoint's folder), the last two steps run on a fresh model and optimizer loaded from it instead."""
+    EMA scored; the live weights scored; steps; a checkpoint in `mode`; two more steps."""
     out = {}
     train_steps(model, opt, range(3), rank, world)
     eval_loss(model)  # FSDP2's root keeps its gathered weights after this forward
@@ -151,8 +150,9 @@ def swap_and_checkpoint(model, opt, rank, world, save, load=None):
     opt.train()
     out["live_loss"] = eval_loss(model)
     train_steps(model, opt, range(3, 6), rank, world)
-    opt.eval()
-    eval_loss(model)
+    if mode == "eval":
+        opt.eval()
+        eval_loss(model)
     save(model, opt)
     opt.train()
     train_steps(model, opt, range(6, 8), rank, world)
@@ -168,7 +168,7 @@ def train_steps(model, opt, steps, rank, world):
         opt.zero_grad()
 
 
-def contract_worker(rank, port, kind, out):
+def contract_worker(rank, port, kind, mode, out):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
@@ -180,14 +180,14 @@ def contract_worker(rank, port, kind, out):
             dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=f"{out}.dcp")
 
         model = wrap(make_model(), kind)
-        result = swap_and_checkpoint(model, PACE(model.parameters(), **KW), rank, WORLD, save)
+        result = swap_and_checkpoint(model, PACE(model.parameters(), **KW), rank, WORLD, save, mode)
         fresh = wrap(make_model(), kind)
         opt = PACE(fresh.parameters(), **KW)
         model_sd, optim_sd = get_state_dict(fresh, opt)  # the template of a fresh optimizer, in train mode
         state = {"model": model_sd, "optim": optim_sd}
         dcp.load(state, checkpoint_id=f"{out}.dcp")
         set_state_dict(fresh, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
-        result["loaded_in_eval_mode"] = not opt.training
+        result["loaded_mode"] = "train" if opt.training else "eval"
         opt.train()
         train_steps(fresh, opt, range(6, 8), rank, WORLD)
         result["resumed_params"] = [full(p.detach()).clone() for p in fresh.parameters()]
@@ -202,26 +202,27 @@ def contract_worker(rank, port, kind, out):
     os._exit(0)  # as worker(): no gloo teardown
 
 
+@pytest.mark.parametrize("mode", ["train", "eval"])
 @pytest.mark.parametrize("kind", ["ddp", "fsdp"])
-def test_eval_train_and_a_checkpoint_in_eval_mode_under_ddp_and_fsdp(kind, tmp_path):
+def test_eval_train_and_a_dcp_checkpoint_in_either_mode_under_ddp_and_fsdp(kind, mode, tmp_path):
     """eval() after a no-grad forward scores the EMA, train() puts back the live weights (FSDP2's root
-    included), and a DCP checkpoint taken in eval mode resumes the training weights through a template made
-    by a fresh optimizer: each against one process running the same sequence."""
+    included), and a DCP checkpoint taken in train or eval mode resumes the training weights and the EMA
+    through a template made by a fresh optimizer: each against one process running the same sequence."""
     out = tmp_path / "rank0.pt"
     try:
-        mp.spawn(contract_worker, args=(free_port(), kind, str(out)), nprocs=WORLD, join=True)
+        mp.spawn(contract_worker, args=(free_port(), kind, mode, str(out)), nprocs=WORLD, join=True)
     except mp.ProcessExitedException:
         if not all(os.path.exists(f"{out}.done{r}") for r in range(WORLD)):
             raise
     got = torch.load(out, weights_only=True)
     model = make_model()
-    want = swap_and_checkpoint(model, PACE(model.parameters(), **KW), 0, 1, lambda m, o: None)
+    want = swap_and_checkpoint(model, PACE(model.parameters(), **KW), 0, 1, lambda m, o: None, mode)
     assert got["ema_loss"] == pytest.approx(want["ema_loss"], rel=1e-6)
     assert got["live_loss"] == pytest.approx(want["live_loss"], rel=1e-6)
     assert got["ema_loss"] != pytest.approx(got["live_loss"], rel=1e-6)  # the two models tell apart
     for a, b in zip(got["params"] + got["emas"], want["params"] + want["emas"]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    assert got["loaded_in_eval_mode"]
+    assert got["loaded_mode"] == mode
     for a, b in zip(got["resumed_params"] + got["resumed_emas"], got["params"] + got["emas"]):
         assert torch.equal(a, b)  # the same world size: bit for bit
 

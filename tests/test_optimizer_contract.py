@@ -243,9 +243,11 @@ def test_an_older_state_dict_loads_and_steps():
     train(other, other.param_groups[0]["params"], 1)
 
 
-@pytest.mark.parametrize("to", [torch.float64, torch.bfloat16])
-def test_a_state_dict_loads_into_weights_of_another_dtype(to):
-    """As torch.optim does, the moments take the new weights' dtype; the EMA keeps its own."""
+@pytest.mark.parametrize("to", [torch.float64, torch.bfloat16, "cuda"])
+def test_a_state_dict_loads_into_weights_of_another_dtype_or_device(to):
+    """As torch.optim does, the moments take the new weights' dtype and device; the EMA keeps its dtype."""
+    if to == "cuda" and not CUDA:
+        pytest.skip("needs CUDA")
     params = params_of()
     opt = PACE(params, **PULL)
     train(opt, params, 2)
@@ -253,7 +255,8 @@ def test_a_state_dict_loads_into_weights_of_another_dtype(to):
     other = PACE(others, **PULL)
     other.load_state_dict(opt.state_dict())
     state = other.state[others[0]]
-    assert state["exp_avg"].dtype == to and state["ema"].dtype == torch.float32
+    assert state["exp_avg"].dtype == others[0].dtype and state["ema"].dtype == torch.float32
+    assert state["exp_avg"].device == state["ema"].device == others[0].device
     train(other, others, 2)
     assert all(torch.isfinite(p).all() for p in others)
 
