@@ -119,3 +119,15 @@ def test_the_architecture_page_names_every_module():
     have = {p.name for pkg in ("pace", "pace_lm") for p in (SRC / pkg).glob("*.py") if p.name != "__init__.py"}
     have |= {p.name for p in (SRC / "pace" / "integrations").glob("*.py") if p.name != "__init__.py"}
     assert listed == have, (sorted(have - listed), sorted(listed - have))
+
+
+def test_no_large_file_is_tracked_outside_the_records_and_figures():
+    """The repository holds code, docs, committed run records and drawn figures: any other tracked file over
+    1 MB (a wheel, a checkpoint, a dataset) is a mistake."""
+    import subprocess
+    root = SRC.parent
+    listed = subprocess.run(["git", "ls-files", "-z"], cwd=root, capture_output=True, check=True).stdout
+    kept = ("tests/fixtures/results/", "docs/figures/")
+    large = [name for name in listed.decode().split("\0") if name and not name.startswith(kept)
+             and (root / name).is_file() and (root / name).stat().st_size > 1 << 20]
+    assert large == []

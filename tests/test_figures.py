@@ -259,11 +259,12 @@ def test_pace_figure_run_and_plot_from_the_command_line(tmp_path, offline_data):
         assert (tmp_path / "runs" / "figures" / "demo" / f"demo.{ext}").stat().st_size > 0
 
 
-def test_the_main_job_is_two_cells_of_the_smollm2_figure(tmp_path):
-    """smollm2_quick's numbers are the committed smollm2_sft records': the same runs, key for key."""
+def test_the_main_job_is_three_cells_of_the_smollm2_figure(tmp_path):
+    """smollm2_quick's numbers are the committed smollm2_sft records': the same runs, key for key, at the lr
+    where every method improves on the untrained model."""
     from pace_lm.records import NOT_COMPARED, config_diff
     quick, full = load_figure("smollm2_quick"), load_figure("smollm2_sft")
-    assert [r.name for r in quick.runs] == ["ema_lr0.001_seed0", "pace_lr0.001_seed0"]
+    assert [r.name for r in quick.runs] == ["ema_lr0.0003_seed0", "pace_lr0.0003_seed0", "schedulefree_lr0.0003_seed0"]
     for run in quick.runs:
         twin = next(r for r in full.runs if r.name == run.name)
         a, b = (OmegaConf.to_container(build_config(f, r, str(tmp_path))) for f, r in ((quick, run), (full, twin)))

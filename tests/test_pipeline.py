@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from pace_lm.figures import build_config, config_diff, load_figure
+from pace_lm.figures import build_config, config_diff, load_figure, pretrained_loss
 from pace_lm.records import read_record, strip_timing
 from pace_lm.train import train
 
@@ -105,7 +105,7 @@ def test_reproduce_a_cell_of_the_demo_figure(tmp_path, offline_data):
         same_logs(strip_timing(record[kind]), strip_timing(reference[kind]))
 
 
-SMOL_CELL = "pace_lr0.001_seed0"
+SMOL_CELL = "pace_lr0.0003_seed0"  # a cell of the main job (smollm2_quick)
 SMOL_QUICK_STEPS = 5  # the reference logs every 5 steps
 
 
@@ -138,7 +138,7 @@ def test_reproduce_a_cell_of_the_smollm2_sft_figure(tmp_path):
         assert meta[key] == reference["data"][key], f"the prepared data differ from the reference's in {key}"
 
     # the pretrained model before any step, on the same validation batches: the README's reference
-    pretrained = _pretrained_loss_module().pretrained_loss("smollm2_sft", SMOL_CELL, str(data))
+    pretrained = pretrained_loss(build_config(fig, run, str(tmp_path), data=str(data)))
     committed = json.loads((FIXTURES / "smollm2_sft" / "pretrained.json").read_text())
     assert close(pretrained["val_loss"], committed["val_loss"], REAL), (pretrained, committed)
 
@@ -153,12 +153,3 @@ def test_reproduce_a_cell_of_the_smollm2_sft_figure(tmp_path):
     for key in ("final_val_loss", "vanilla_val_loss", "ema_val_loss"):
         assert close(s[key], ref[key], REAL), (key, s[key], ref[key])
     same_logs(strip_timing(record["eval_logs"]), strip_timing(reference["eval_logs"]), REAL)
-
-
-def _pretrained_loss_module():
-    import importlib.util
-    path = Path(__file__).parent.parent / "benchmarks" / "pretrained_loss.py"
-    spec = importlib.util.spec_from_file_location("pretrained_loss", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module

@@ -241,3 +241,20 @@ def test_a_run_stopped_at_once_leaves_the_process_group_without_a_barrier(monkey
     with pytest.raises(train_mod.Interrupted):
         train(compose([f"dataset.path={offline_data}", f"training.out_dir={tmp_path}"]))
     assert clean == [not at_once]
+
+
+@pytest.mark.parametrize("name", ["r", "ema_lr0.0003_seed0", "pace_lr0.001_c0.15_kappa0.5_rho100_gamma1_seed2"])
+def test_the_progress_bar_keeps_its_width_with_a_long_run_name(name):
+    """At 80 columns the bar is still a bar: the name is cut in the middle to BAR_NAME characters."""
+    import io
+    from tqdm import tqdm
+    shown = train_mod.bar_name(name)
+    assert len(shown) <= train_mod.BAR_NAME and shown[:5] == name[:5] and shown[-5:] == name[-5:]
+    assert shown == name or "…" in shown
+    out = io.StringIO()
+    bar = tqdm(total=3000, initial=1200, desc=shown, file=out, bar_format=train_mod.BAR, ascii=True)
+    bar.set_postfix_str("loss 3.2112")
+    bar.refresh()
+    line = out.getvalue().strip().split("\r")[-1]
+    assert "|####" in line and line.endswith("loss 3.2112"), line  # 40%: 4 of the bar's 10
+    assert len(line) <= 80, line

@@ -180,6 +180,10 @@ def _figure(opts, extra):
             build_config(fig, run, opts["out_dir"], opts["data"], extra)  # every printed command composes
             print(command(run_overrides(fig, run, opts["out_dir"], opts["data"], extra)))
         return
+    if opts["run"]:
+        from pace_lm.figures import keep_pretrained_loss
+        keep_pretrained_loss(fig, opts["out_dir"], opts["data"], extra, log=lambda m: print(f"pace-figure: {m}",
+                                                                                            flush=True))
     if opts["run"] and opts["jobs"]:
         from pace_lm.jobs import run_jobs
         status = run_jobs(fig, opts, extra, log=lambda m: print(m, flush=True))

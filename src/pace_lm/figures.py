@@ -246,6 +246,52 @@ def run_figure(fig, out_dir, data=None, extra=(), only=None, log=print):
     return status
 
 
+def fine_tunes(fig, out_dir, data=None, extra=()):
+    """The config of the figure's first run if it fine-tunes a pretrained model (model.source), else None."""
+    if not fig.runs:
+        return None
+    cfg = build_config(fig, fig.runs[0], out_dir, data, extra)
+    return cfg if cfg.model.source == "pretrained" else None
+
+
+def pretrained_loss(cfg):
+    """{"run", "val_loss", "val_batches", "model", "data"}: the run `cfg`'s model before any step,
+    scored on the validation batches every run of its figure is scored on (pace-train's own evaluate)."""
+    import torch
+
+    from pace_lm.distributed import World
+    from pace_lm.evaluation import evaluate, get_autocast, get_val_batches
+    from pace_lm.models import build_model
+    from pace_lm.schema import validate
+    from pace_lm.train import load_data
+    spec = validate(cfg)
+    loaded = load_data(cfg, spec, World())
+    batches = get_val_batches(loaded.val, spec.training, loaded.pad_id, loaded.seq_len)
+    torch.manual_seed(cfg.seed)
+    model = build_model(spec.model, loaded.tokenizer)
+    device = torch.device("cpu")
+    loss = evaluate(model, batches, device, get_autocast(spec.training.dtype, device))
+    return dict(run=cfg.run_name, val_loss=loss,
+                val_batches=len(batches), model=cfg.model.name, data=os.path.basename(cfg.dataset.path))
+
+
+def keep_pretrained_loss(fig, out_dir, data=None, extra=(), log=print):
+    """For a figure that fine-tunes a pretrained model: its untrained model's loss, computed once and kept
+    beside its records (records.PRETRAINED_LOSS), the reference every table and plot of it shows."""
+    from pace_lm.atomic import write_json_atomic
+    cfg = fine_tunes(fig, out_dir, data, extra)
+    if cfg is None:
+        return None
+    kept = records.read_pretrained_loss(os.path.join(out_dir, fig.id))
+    if kept is not None:
+        return kept
+    log(f"{fig.id}: scoring the untrained model (the reference of every table and plot)")
+    result = dict(figure=fig.id, **pretrained_loss(cfg))
+    write_json_atomic(os.path.join(out_dir, fig.id, records.PRETRAINED_LOSS), result)
+    log(f"{fig.id}: the untrained model scores {result['val_loss']:.4f}")
+    return result["val_loss"]
+
+
 def kept_record(cfg):
     """The record already at the run's place (None if none can be read); a complete or diverged one of
     another config is refused: the sweep would mix two configs under one name."""

@@ -9,6 +9,10 @@ that keeps its EMA, LAWA and SWA gives four returned models, all from the same i
 `plot.curves: true` adds, from the same records' eval logs, each returned model's validation loss against
 the step (`<id>_curves.png`, a panel per x, mean over seeds) and a table of the lowest value over the
 evaluations beside the final one: the same evaluations for every method, no stopping step chosen for one.
+
+A figure that fine-tunes a pretrained model keeps its untrained model's loss beside its records
+(records.PRETRAINED_LOSS): every table has it as a row and every plot as a line, and a cell whose mean
+ended above it is marked (FAILED_MARK in a table, a red ring on a plot): fine-tuning failed there.
 """
 
 import math
@@ -18,9 +22,13 @@ import statistics
 
 from pace_lm import PaceLMError
 from pace_lm.config import GROUPS, SHORT
-from pace_lm.records import RECORD, read_record
+from pace_lm.records import RECORD, read_pretrained_loss, read_record
 
 MISSING = "–"
+UNTRAINED = "untrained model"
+FAILED_MARK = "†"
+FAILED = "above the untrained model: fine-tuning failed here"
+LOWER = "lower is better"
 
 
 def collect(fig, out_dir):
@@ -108,17 +116,18 @@ def _xs(rows, fig):
     return sorted(xs) if all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in xs) else xs
 
 
-def table(fig, rows, field="value"):
-    """The figure as markdown: per panel, one row per line, one column per x; the best of a column in bold.
+def table(fig, rows, field="value", untrained=None):
+    """The figure as markdown: per panel, one row per line, one column per x; the best of a column in bold;
+    the untrained model's loss (`untrained`, if any) as a row, and a cell above it marked FAILED_MARK.
     field="lowest": the lowest over the evaluations instead of the final value (no paired table, no count)."""
     metric = fig.plot["metric"] if field == "value" else f"lowest {eval_key(fig.plot['metric'])} over the evaluations"
-    out = []
+    out, failed = [], False
     for panel in dict.fromkeys(r["panel"] for r in rows):
         prow = [r for r in rows if r["panel"] == panel]
         xs = _xs(prow, fig)
         if panel is not None:
             out.append(f"**{fig.plot['panel']} = {panel}**\n")
-        out.append(f"| {metric} | " + " | ".join(f"{_short(fig.plot['x'])}={x}" for x in xs) + " |")
+        out.append(f"| {metric} ({LOWER}) | " + " | ".join(f"{_short(fig.plot['x'])}={x}" for x in xs) + " |")
         out.append("|---|" + "---|" * len(xs))
         cells = {line: c for (p, line), c in _cells(prow).items() if p == panel}
         best = {x: min((_summary(c[x], field)[0] for c in cells.values()
@@ -126,11 +135,16 @@ def table(fig, rows, field="value"):
         for line, c in cells.items():
             if all(r["reference"] for rs in c.values() for r in rs):  # no x of its own: the same in every column
                 ref = next(iter(c.values()))
-                texts = [_fmt(ref, None, field)] * len(xs)
+                texts = [_fmt(ref, None, field, untrained)] * len(xs)
             else:
-                texts = [_fmt(c.get(x, []), best[x], field) for x in xs]
+                texts = [_fmt(c.get(x, []), best[x], field, untrained) for x in xs]
+            failed = failed or any(FAILED_MARK in t for t in texts)
             out.append(f"| {line} | " + " | ".join(texts) + " |")
+        if untrained is not None:
+            out.append(f"| {UNTRAINED} | " + " | ".join([f"{untrained:.4f}"] * len(xs)) + " |")
         out.append("")
+    if failed:
+        out.append(f"{FAILED_MARK} {FAILED} (the {UNTRAINED} scores {untrained:.4f}; {LOWER}).\n")
     if field != "value":
         return "\n".join(out)
     if fig.plot["paired"]:
@@ -185,17 +199,20 @@ def _short(key):
     return key if key in GROUPS else SHORT.get(key, key.rsplit(".", 1)[-1])
 
 
-def _fmt(rows, best, field="value"):
+def _fmt(rows, best, field="value", untrained=None):
     mean, std, n, diverged = _summary(rows, field)
     if mean is None:
         return "diverged" if diverged else MISSING
     text = f"{mean:.4f}" + (f" ± {std:.4f} (n={n})" if std is not None else "")
     text += f" ({diverged} diverged)" if diverged else ""
-    return f"**{text}**" if best is not None and math.isclose(mean, best) else text
+    text = f"**{text}**" if best is not None and math.isclose(mean, best) else text
+    return text + f" {FAILED_MARK}" if untrained is not None and mean > untrained else text
 
 
-def plot(fig, rows, stem):
-    """Write `stem`.png and `stem`.svg: one panel per panel value, the metric against x, a line per line."""
+def plot(fig, rows, stem, untrained=None):
+    """Write `stem`.png and `stem`.svg: one panel per panel value, the metric against x, a line per line (a
+    figure of one x: a labelled point per line); error bars where there are seeds to spread; the untrained
+    model's loss as a line, and a red ring on each point above it."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -204,40 +221,85 @@ def plot(fig, rows, stem):
     fig_, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4), squeeze=False)
     for ax, panel in zip(axes[0], panels):
         prow = [r for r in rows if r["panel"] == panel]
-        xs = _xs(prow, fig)
-        numeric = all(isinstance(x, (int, float)) for x in xs)
         lines = {line: c for (p, line), c in _cells(prow).items() if p == panel}
-        for k, (line, c) in enumerate(lines.items()):
-            color = f"C{k}"
-            if all(r["reference"] for rs in c.values() for r in rs):  # e.g. AdamW in a sweep of kappa
-                mean = _summary(next(iter(c.values())))[0]
-                if mean is not None:
-                    ax.axhline(mean, color=color, ls="--", lw=1.2, label=f"{line} (no {_short(fig.plot['x'])})")
-                continue
-            pts = [(x, _summary(c[x])) for x in xs if x in c]
-            done = [(x, s[0], s[1] or 0.0) for x, s in pts if s[0] is not None]
-            pos = (lambda x: x) if numeric else (lambda x, k=k: xs.index(x) + 0.08 * (k - (len(lines) - 1) / 2))
-            if done:
-                ax.errorbar([pos(x) for x, _, _ in done], [m for _, m, _ in done], yerr=[s for _, _, s in done],
-                            color=color, marker="o", ms=5, lw=1.6 if numeric else 0, capsize=3,
-                            elinewidth=1, label=line)
-            div = [x for x, s in pts if s[0] is None and s[3]]
-            if div:  # a diverged run has no loss: marked at the top edge
-                ax.plot([pos(x) for x in div], [1.0] * len(div), "x", color=color, ms=8, mew=2, clip_on=False,
-                        transform=ax.get_xaxis_transform(), label=f"{line}: diverged")
-        if numeric and fig.plot["logx"]:
-            ax.set_xscale("log")
-        if numeric:
-            ax.set_xticks(xs, [f"{x:g}" for x in xs])
-            ax.minorticks_off()
+        xs = _xs(prow, fig)
+        if len(xs) == 1:
+            _draw_one_x(ax, fig, lines, xs[0], untrained)
         else:
-            ax.set_xticks(range(len(xs)), [str(x) for x in xs])
-        ax.set_xlabel(fig.plot["x"])
-        ax.set_ylabel(fig.plot["metric"].replace("_", " "))
-        ax.set_title(f"{fig.id}" + (f": {fig.plot['panel']} = {panel}" if panel is not None else ""))
+            _draw_lines(ax, fig, lines, xs, untrained)
+        if untrained is not None:
+            ax.axhline(untrained, color="0.35", ls=":", lw=1.4, label=f"{UNTRAINED} ({untrained:.4f})")
+        ax.set_ylabel(f"{fig.plot['metric'].replace('_', ' ')} ({LOWER})")
+        seeds = sorted({r["seed"] for r in prow if r["value"] is not None and r["seed"] is not None})
+        title = fig.id + (f": {fig.plot['panel']} = {panel}" if panel is not None else "")
+        ax.set_title(title + (f" ({len(seeds)} seeds, mean ± std)" if len(seeds) > 1 else
+                              f" (seed {seeds[0]})" if seeds else ""), fontsize=10)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
     return save_plot(fig_, stem)
+
+
+def _draw_lines(ax, fig, lines, xs, untrained):
+    numeric = all(isinstance(x, (int, float)) for x in xs)
+    failed = []
+    for k, (line, c) in enumerate(lines.items()):
+        color = _color(k)
+        if all(r["reference"] for rs in c.values() for r in rs):  # e.g. AdamW in a sweep of kappa
+            mean = _summary(next(iter(c.values())))[0]
+            if mean is not None:
+                ax.axhline(mean, color=color, ls="--", lw=1.2, label=f"{line} (no {_short(fig.plot['x'])})")
+            continue
+        pts = [(x, _summary(c[x])) for x in xs if x in c]
+        done = [(x, s[0], s[1]) for x, s in pts if s[0] is not None]
+        pos = (lambda x: x) if numeric else (lambda x, k=k: xs.index(x) + 0.08 * (k - (len(lines) - 1) / 2))
+        if done:
+            spread = any(sd is not None for _, _, sd in done)
+            ax.errorbar([pos(x) for x, _, _ in done], [m for _, m, _ in done],
+                        yerr=[sd or 0.0 for _, _, sd in done] if spread else None, color=color, marker="o", ms=5,
+                        lw=1.6 if numeric else 0, capsize=3 if spread else 0, elinewidth=1, label=line)
+            failed += [(pos(x), m) for x, m, _ in done if untrained is not None and m > untrained]
+        div = [x for x, s in pts if s[0] is None and s[3]]
+        if div:  # a diverged run has no loss: marked at the top edge
+            ax.plot([pos(x) for x in div], [1.0] * len(div), "x", color=color, ms=8, mew=2, clip_on=False,
+                    transform=ax.get_xaxis_transform(), label=f"{line}: diverged")
+    _ring(ax, failed)
+    if numeric and fig.plot["logx"]:
+        ax.set_xscale("log")
+    if numeric:
+        ax.set_xticks(xs, [f"{x:g}" for x in xs])
+        ax.minorticks_off()
+    else:
+        ax.set_xticks(range(len(xs)), [str(x) for x in xs])
+    ax.set_xlabel(fig.plot["x"])
+
+
+def _draw_one_x(ax, fig, lines, x, untrained):
+    """A figure of one x (one lr): each line a labelled point on a categorical axis, its value written beside it."""
+    failed = []
+    for k, (line, c) in enumerate(lines.items()):
+        mean, std, n, diverged = _summary(c.get(x, []))
+        if mean is None:
+            continue
+        ax.errorbar([k], [mean], yerr=[std] if std is not None else None, color=_color(k), marker="o", ms=7,
+                    capsize=4 if std is not None else 0, lw=0, elinewidth=1)
+        ax.annotate(f"{mean:.4f}", (k, mean), xytext=(8, 0), textcoords="offset points", va="center", fontsize=8)
+        if untrained is not None and mean > untrained:
+            failed.append((k, mean))
+    _ring(ax, failed)
+    ax.set_xticks(range(len(lines)), list(lines), fontsize=8)
+    ax.set_xlim(-0.6, len(lines) - 0.2)
+    ax.set_xlabel(f"method, at {_short(fig.plot['x'])}={x:g}" if isinstance(x, float) else f"method, at {x}")
+
+
+def _color(k):
+    """The k-th line's color: matplotlib's cycle without its red (C3), which marks a failed cell."""
+    return f"C{k if k < 3 else k + 1}"
+
+
+def _ring(ax, points):
+    if points:
+        ax.scatter([p for p, _ in points], [m for _, m in points], s=190, facecolors="none", edgecolors="red",
+                   linewidths=1.6, zorder=5, label=FAILED)
 
 
 def save_plot(fig_, stem, dpi=150):
@@ -295,9 +357,9 @@ def plot_steps(fig, out_dir, keys, stem):
     return save_plot(fig_, stem)
 
 
-def plot_curves(fig, rows, stem):
+def plot_curves(fig, rows, stem, untrained=None):
     """Write `stem`.png and .svg: per x (and panel), each line's value over the evaluations, mean over seeds
-    (the steps every seed evaluated)."""
+    (the steps every seed evaluated), and the untrained model's loss as a line."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -311,10 +373,12 @@ def plot_curves(fig, rows, stem):
             curves = [dict(r["curve"]) for r in cell if r["status"] == "complete" and r["curve"]]
             steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
             if steps:
-                ax.plot(steps, [statistics.fmean(c[t] for c in curves) for t in steps], color=f"C{k}", marker=".",
+                ax.plot(steps, [statistics.fmean(c[t] for c in curves) for t in steps], color=_color(k), marker=".",
                         label=f"{line} (n={len(curves)})")
+        if untrained is not None:
+            ax.axhline(untrained, color="0.35", ls=":", lw=1.4, label=f"{UNTRAINED} ({untrained:.4f})")
         ax.set_xlabel("step")
-        ax.set_ylabel(eval_key(fig.plot["metric"]).replace("_", " "))
+        ax.set_ylabel(f"{eval_key(fig.plot['metric']).replace('_', ' ')} ({LOWER})")
         ax.set_title(f"{_short(fig.plot['x'])}={x}" + (f", {fig.plot['panel']} = {panel}" if panel is not None else ""))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
@@ -328,11 +392,12 @@ def plot_figure(fig, out_dir, plot_dir=None):
         raise PaceLMError(f"no finished runs of {fig.id} under {os.path.join(out_dir, fig.id)}: "
                           f"train them first (pace-figure fig={fig.id} run=true)")
     stem = os.path.join(plot_dir or os.path.join(out_dir, fig.id), fig.id)
-    text = table(fig, rows)
-    paths = plot(fig, rows, stem)
+    untrained = read_pretrained_loss(os.path.join(out_dir, fig.id))
+    text = table(fig, rows, untrained=untrained)
+    paths = plot(fig, rows, stem, untrained)
     if fig.plot["curves"]:
-        text += "\n\n" + table(fig, rows, "lowest")
-        paths += plot_curves(fig, rows, f"{stem}_curves")
+        text += "\n\n" + table(fig, rows, "lowest", untrained)
+        paths += plot_curves(fig, rows, f"{stem}_curves", untrained)
     with open(f"{stem}.md", "w") as f:
         f.write(f"{fig.description}\n\n{text}\n")
     return text, [*paths, f"{stem}.md"]

@@ -20,6 +20,7 @@ from pace_lm import PaceLMError
 from pace_lm.atomic import write_json_atomic
 
 RECORD = "record.json"
+PRETRAINED_LOSS = "pretrained.json"  # a fine-tuning figure's untrained model, scored as its runs are
 TIMING_KEYS = ("wall_time_s", "train_time_s", "first_step_time_s", "tokens_per_s", "steady_tokens_per_s",
                "time_s")  # differ between identical runs
 
@@ -119,6 +120,19 @@ class RunRecord:
 def read_record(path):
     with open(path) as f:
         return json.load(f)
+
+
+def read_pretrained_loss(fig_dir):
+    """The untrained model's validation loss kept in a figure's folder (PRETRAINED_LOSS, written by pace-figure
+    for a figure that fine-tunes a pretrained model), or None where there is none."""
+    path = os.path.join(fig_dir, PRETRAINED_LOSS)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            return float(json.load(f)["val_loss"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise PaceLMError(f"{path} is not a readable untrained-model loss: {e}") from e
 
 
 def read_record_or_none(path):

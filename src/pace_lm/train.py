@@ -80,6 +80,11 @@ def train(cfg):
         distributed.shutdown(world, clean)
 
 
+BAR_NAME = 18  # characters of the run's name on the progress bar
+# at most 72 characters up to 9999 steps: a bar of 10 that an 80-column terminal shows whole
+BAR = "{desc} {percentage:3.0f}%|{bar:10}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}]{postfix}"
+
+
 @dataclass(frozen=True)
 class RunPaths:
     """What a run writes, under <out_dir>/<run_name>/."""
@@ -239,7 +244,7 @@ class Loop:
         tc, spec = self.tc, self.spec
         self.wandb = start_wandb(spec, self.record.config, self.state) if self.world.main else None
         self.t_start = time.time() - self.state.wall
-        self.bar = tqdm(total=tc.max_steps, initial=self.state.step, desc=spec.run_name, dynamic_ncols=True,
+        self.bar = tqdm(total=tc.max_steps, initial=self.state.step, desc=bar_name(spec.run_name), bar_format=BAR,
                         disable=not (tc.progress and self.world.main))
         self.parts.model.train()
         self.parts.opt.train()  # schedule-free must be in train mode to step; for PACE it is already
@@ -318,8 +323,7 @@ class Loop:
         if self.telemetry:
             entry.update(self.parts.opt.get_step_stats())  # under FSDP: this rank's shard
         self.record.step_logs.append(entry)
-        self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.lr:.2e}",
-                             tok_s=f"{state.tokens / max(state.t_train, 1e-9):.0f}")
+        self.bar.set_postfix_str(f"loss {loss:.4f}")  # the lr and the speed are in the record's step logs
         log_wandb(self.wandb, entry, done)
         self.window_loss.zero_()
         state.window_trained = 0
@@ -372,6 +376,15 @@ class Loop:
                     first_step_time_s=round(t_first, 3), tokens_per_s=round(state.tokens / max(t_train, 1e-9), 1),
                     steady_tokens_per_s=round(state.tokens_after_first / max(t_train - t_first, 1e-9), 1)
                     if tc.max_steps > 1 else None, environment=environment())
+
+
+def bar_name(name, width=BAR_NAME):
+    """The run's name as the progress bar shows it: at most `width` characters, its start and its end kept
+    (a sweep's names differ at the end: the seed, the last swept value), so that the bar keeps its width."""
+    if len(name) <= width:
+        return name
+    head = (width - 1) // 2
+    return f"{name[:head]}…{name[-(width - 1 - head):]}"
 
 
 SAME_STOP_S = 2.0  # seconds within which a second signal is the first one delivered twice
