@@ -286,3 +286,26 @@ def test_one_rule_for_what_makes_another_run():
     recorded["optimizer"]["lr"] = 123.0
     assert config_diff(recorded, cfg) == ["optimizer.lr"]
     assert not hasattr(checkpoint, "RESUME_NOT_COMPARED") and "optimizer.impl" in NOT_COMPARED
+
+
+def test_pace_figure_scores_the_untrained_model_once_and_only_for_a_fine_tuning_figure(tmp_path, monkeypatch):
+    """keep_pretrained_loss: a figure trained from scratch has none; a fine-tuning one is scored once, kept
+    beside its records, and read back after."""
+    from pace_lm.figures import keep_pretrained_loss
+    from pace_lm.records import read_pretrained_loss
+    calls = []
+
+    def scored(cfg):
+        calls.append(cfg.run_name)
+        return dict(run=cfg.run_name, val_loss=3.5, val_batches=4, model=cfg.model.name, data="d")
+    monkeypatch.setattr(figures, "pretrained_loss", scored)
+    monkeypatch.setattr(figures, "build_config", lambda fig, run, out_dir, data=None, extra=():
+                        compose([f"model={'tiny' if fig.id == 'demo' else 'smollm2_135m'}", f"run_name={run.name}"]))
+    assert keep_pretrained_loss(load_figure("demo"), str(tmp_path), log=lambda m: None) is None
+    assert not (tmp_path / "demo").exists() and calls == []
+    fig = load_figure("smollm2_sft")
+    assert keep_pretrained_loss(fig, str(tmp_path), log=lambda m: None) == 3.5
+    assert keep_pretrained_loss(fig, str(tmp_path), log=lambda m: None) == 3.5
+    assert calls == [fig.runs[0].name]
+    assert read_pretrained_loss(str(tmp_path / "smollm2_sft")) == 3.5
+    assert json.loads((tmp_path / "smollm2_sft" / "pretrained.json").read_text())["figure"] == "smollm2_sft"

@@ -50,7 +50,7 @@ def test_demo_figure_from_the_committed_records(tmp_path):
     assert "27 of 27 runs complete." in text  # 3 lrs x 3 seeds x 3 runs
 
     lrs = sorted({r.values["optimizer.lr"] for r in fig.runs})
-    assert text.splitlines()[0] == "| final_val_loss | " + " | ".join(f"lr={lr}" for lr in lrs) + " |"
+    assert text.splitlines()[0] == "| final_val_loss (lower is better) | " + " | ".join(f"lr={lr}" for lr in lrs) + " |"
     cells = table_cells(text)
     assert list(cells) == ["adamw", "ema", "lawa", "swa", "pace", "schedulefree"]
     values = expected_demo_values(fig)
@@ -356,3 +356,101 @@ def test_curves_and_the_lowest_over_the_evaluations(tmp_path, monkeypatch):
     for line in ("adamw", "ema", "pace"):
         vs = lowest[line]
         assert cells[line][0].strip("*") == f"{statistics.fmean(vs):.4f} ± {statistics.stdev(vs):.4f} (n=2)", line
+
+
+# ---- the untrained model: a row of every table, a line on every plot, failed cells marked ---------------
+
+def drawn(monkeypatch):
+    """The matplotlib figures plot_figure draws, kept instead of saved (the first is the main plot)."""
+    import pace_lm.plots as plots
+    kept = []
+
+    def keep(fig_, stem, dpi=150):
+        kept.append(fig_)
+        return [f"{stem}.png", f"{stem}.svg"]
+    monkeypatch.setattr(plots, "save_plot", keep)
+    return kept
+
+
+def legend_texts(ax):
+    return [t.get_text() for t in ax.get_legend().get_texts()]
+
+
+def test_a_fine_tuning_figure_shows_its_untrained_model_and_marks_where_fine_tuning_failed(tmp_path, monkeypatch):
+    """smollm2_sft from its committed records: the untrained row in the table, † on each cell above it (the
+    baselines at lr 1e-3 and 3e-3), the line and the rings on the plot, 'lower is better' on both."""
+    from pace_lm.plots import FAILED, FAILED_MARK, LOWER, UNTRAINED
+    untrained = json.loads((FIXTURES / "smollm2_sft" / "pretrained.json").read_text())["val_loss"]
+    figs = drawn(monkeypatch)
+    text, _ = plot_figure(load_figure("smollm2_sft"), str(FIXTURES), str(tmp_path))
+    table = text.split("\n\n")[0].splitlines()
+    assert table[0].startswith(f"| final_val_loss ({LOWER}) |")
+    assert table[-1] == f"| {UNTRAINED} | " + " | ".join([f"{untrained:.4f}"] * 3) + " |"
+    cells = table_cells(text)
+    for line, row in cells.items():
+        if line == UNTRAINED:
+            continue
+        for cell in row:  # marked exactly where the mean is above the untrained model
+            mean = float(cell.strip("*† ").split(" ")[0])
+            assert cell.endswith(FAILED_MARK) == (mean > untrained), (line, cell)
+    assert [cells[m][0].endswith(FAILED_MARK) for m in ("adamw", "pace")] == [False, False]  # lr 3e-4: all improve
+    assert cells["adamw"][1].endswith(FAILED_MARK) and not cells["pace"][1].endswith(FAILED_MARK)  # lr 1e-3
+    assert f"{FAILED_MARK} {FAILED} (the {UNTRAINED} scores {untrained:.4f}; {LOWER})." in text
+    ax = figs[0].axes[0]
+    assert LOWER in ax.get_ylabel() and "3 seeds" in ax.get_title()
+    assert f"{UNTRAINED} ({untrained:.4f})" in legend_texts(ax) and FAILED in legend_texts(ax)
+    assert any(line.get_linestyle() == ":" and line.get_ydata()[0] == untrained for line in ax.get_lines())
+
+
+def test_a_figure_where_every_method_improves_has_no_mark_and_one_lr_is_drawn_as_labelled_points(tmp_path,
+                                                                                                   monkeypatch):
+    from pace_lm.plots import FAILED, FAILED_MARK, UNTRAINED
+    figs = drawn(monkeypatch)
+    text, _ = plot_figure(load_figure("gemma3_sft_cell"), str(FIXTURES), str(tmp_path))
+    assert FAILED_MARK not in text and f"| {UNTRAINED} | 4.0982 |" in text
+    ax = figs[0].axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["adamw", "ema", "pace"]  # not an lr axis of one tick
+    assert FAILED not in legend_texts(ax)
+    assert sorted(t.get_text() for t in ax.texts) == ["3.6534", "3.6546", "3.6642"]  # each point labelled
+
+
+def test_a_figure_trained_from_scratch_has_no_untrained_row(tmp_path, monkeypatch):
+    from pace_lm.plots import UNTRAINED
+    figs = drawn(monkeypatch)
+    text, _ = plot_figure(load_figure("demo"), str(FIXTURES), str(tmp_path))
+    assert UNTRAINED not in text and not (FIXTURES / "demo" / "pretrained.json").exists()
+    assert all(UNTRAINED not in t for t in legend_texts(figs[0].axes[0]))
+
+
+def test_one_seed_has_no_error_bars(tmp_path, monkeypatch):
+    """A figure of one seed (the main job) draws points without bars, and its title says which seed."""
+    out = tmp_path / "runs"
+    for run in load_figure("smollm2_quick").runs:
+        shutil.copytree(FIXTURES / "smollm2_sft" / run.name, out / "smollm2_quick" / run.name)
+    shutil.copy(FIXTURES / "smollm2_sft" / "pretrained.json", out / "smollm2_quick" / "pretrained.json")
+    figs = drawn(monkeypatch)
+    text, _ = plot_figure(load_figure("smollm2_quick"), str(out), str(tmp_path))
+    ax = figs[0].axes[0]
+    assert ax.get_title() == "smollm2_quick (seed 0)"
+    assert not any(c.get_segments() for c in ax.collections if type(c).__name__ == "LineCollection")
+    assert "| untrained model | 3.7740 |" in text and "3 of 3 runs complete." in text
+
+
+def test_the_readme_main_job_table_is_the_committed_seed_0_within_its_tolerance():
+    """What the README says the main job prints: each returned model within 1e-4 (relative, as the README
+    states) of the committed smollm2_sft records of seed 0 at lr 3e-4, printed to 4 decimals."""
+    section = README.read_text().split("**The main job**")[1].split("**The tests**")[0]
+    rows = {r.split(" | ")[0][2:]: r.split(" | ")[1].strip("*| ") for r in section.splitlines()
+            if r.startswith("| ") and " − " not in r and "lr=" not in r}
+    fig = load_figure("smollm2_quick")
+    want = {}
+    for run in fig.runs:
+        summary = read_record(FIXTURES / "smollm2_sft" / run.name / "record.json")["summary"]
+        for line, key in (fig.plot["split"].get(run.values["optimizer"])
+                          or {run.values["optimizer"]: "final_val_loss"}).items():
+            want[line] = summary[key]
+    want["untrained model"] = json.loads((FIXTURES / "smollm2_sft" / "pretrained.json").read_text())["val_loss"]
+    assert rows.keys() == want.keys()
+    for line, value in want.items():
+        assert abs(float(rows[line]) - value) <= 1e-4 * value + 5e-5, (line, rows[line], value)
+    assert float(rows["adamw"]) < float(rows["untrained model"]) and float(rows["pace"]) < float(rows["ema"])
