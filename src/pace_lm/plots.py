@@ -20,7 +20,7 @@ import os
 import re
 import statistics
 
-from pace_lm import PaceLMError
+from pace_lm import PaceLMError, marks
 from pace_lm.config import GROUPS, SHORT
 from pace_lm.records import RECORD, read_pretrained_loss, read_record
 
@@ -303,16 +303,32 @@ def _ring(ax, points):
 
 
 def save_plot(fig_, stem, dpi=150):
-    """`stem`.png and `stem`.svg of a matplotlib figure, without dates, so that a redraw is byte-identical."""
+    """`stem`.png and `stem`.svg of a matplotlib figure, without dates, so that a redraw is byte-identical,
+    marked as pace-figure's (marks.figure_outputs): a file of that name that is not is never replaced."""
     import matplotlib.pyplot as plt
     fig_.tight_layout()
+    check_outputs([f"{stem}.png", f"{stem}.svg"])
     os.makedirs(os.path.dirname(os.path.abspath(stem)), exist_ok=True)
     paths = []
-    for ext, meta in (("png", {"Software": None}), ("svg", {"Date": None})):
+    source = marks.FIGURE_SOURCE
+    for ext, meta in (("png", {"Software": None, "Source": source}), ("svg", {"Date": None, "Source": source})):
         paths.append(f"{stem}.{ext}")
         fig_.savefig(paths[-1], dpi=dpi, metadata=meta)
     plt.close(fig_)
     return paths
+
+
+def write_table(path, text):
+    """A figure's markdown table, marked as pace-figure's (its last line)."""
+    with open(path, "w") as f:
+        f.write(f"{text}\n\nDrawn from the run records ({marks.FIGURE_SOURCE})\n")
+
+
+def check_outputs(paths):
+    why = marks.figure_outputs(paths)
+    if why is not None:
+        raise PaceLMError(f"{why}: a figure is written only over pace-figure's own files; choose another "
+                          f"plot_dir")
 
 
 def step_series(fig, out_dir, key):
@@ -392,12 +408,12 @@ def plot_figure(fig, out_dir, plot_dir=None):
         raise PaceLMError(f"no finished runs of {fig.id} under {os.path.join(out_dir, fig.id)}: "
                           f"train them first (pace-figure fig={fig.id} run=true)")
     stem = os.path.join(plot_dir or os.path.join(out_dir, fig.id), fig.id)
+    check_outputs([f"{stem}{part}.{ext}" for part in ("", "_curves") for ext in ("png", "svg")] + [f"{stem}.md"])
     untrained = read_pretrained_loss(os.path.join(out_dir, fig.id))
     text = table(fig, rows, untrained=untrained)
     paths = plot(fig, rows, stem, untrained)
     if fig.plot["curves"]:
         text += "\n\n" + table(fig, rows, "lowest", untrained)
         paths += plot_curves(fig, rows, f"{stem}_curves", untrained)
-    with open(f"{stem}.md", "w") as f:
-        f.write(f"{fig.description}\n\n{text}\n")
+    write_table(f"{stem}.md", f"{fig.description}\n\n{text}")
     return text, [*paths, f"{stem}.md"]

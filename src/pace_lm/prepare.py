@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
-from pace_lm import PaceLMError, corpus
+from pace_lm import PaceLMError, corpus, marks
 from pace_lm.data import IGNORE_INDEX, META, SPLITS, TOKENIZER
 from pace_lm.atomic import replace_folder, write_json_atomic
 from pace_lm.records import environment, write_failed
@@ -289,7 +289,7 @@ def prepare(out, request=Request(), num_proc=None, overwrite=False):
     if len(train) == 0 or len(val) == 0:
         raise PaceLMError(f"no usable examples after tokenization (train {len(train)}, validation {len(val)}): "
                           f"{train_counts}")
-    meta = dict(format=1, mode=request.mode, source=request.source, name=request.name, split=request.split,
+    meta = dict(format=marks.PREPARED_FORMAT, mode=request.mode, source=request.source, name=request.name, split=request.split,
                 revision=request.revision, tokenizer=request.tokenizer or "offline-bpe",
                 gguf_file=request.gguf_file, added_tokens=added, max_seq_len=max_len,
                 pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
@@ -350,16 +350,11 @@ def _write(out, splits, tok, meta):
 def check_out(out, overwrite):
     """pace-data writes into a new or empty folder, or replaces prepared data with overwrite: nothing else.
 
-    A folder of the user's own files is never removed, with or without --overwrite.
+    A folder of the user's own files is never removed, with or without --overwrite: prepared data are told
+    by pace-data's mark (marks.prepared_data), not by a file's name.
     """
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise PaceLMError(f"{out!r} is a file, not a folder: choose another --out")
-    if not os.path.isdir(out) or not os.listdir(out):
-        return
-    if not os.path.exists(os.path.join(out, META)):
-        raise PaceLMError(f"{out!r} exists and is not prepared data (no {META}): pace-data replaces only a "
-                          f"folder it prepared, even with --overwrite; choose another --out")
-    if not overwrite:
+    marks.check_ours(out, "prepared data", marks.prepared_data, "choose another --out")
+    if os.path.isdir(out) and os.listdir(out) and not overwrite:
         raise PaceLMError(f"{out!r} already holds prepared data; pass --overwrite to replace it")
 
 

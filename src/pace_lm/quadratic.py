@@ -19,7 +19,7 @@ import numpy as np
 
 from pace import theory
 from pace_lm import PaceLMError
-from pace_lm.plots import save_plot
+from pace_lm.plots import check_outputs, save_plot, write_table
 from pace_lm.atomic import write_json_atomic
 from pace_lm.records import RECORD, environment, read_record
 
@@ -80,10 +80,10 @@ def plot_quadratic(spec, out_dir, plot_dir=None):
     _panel_stationary(ax[1, 0], r["stationary"]["stationary"], spec["optimizer"])
     _panel_transient(ax[1, 1], r["transient"], spec["optimizer"])
     stem = os.path.join(plot_dir or os.path.join(out_dir, FIG_ID), FIG_ID)
+    check_outputs([f"{stem}.png", f"{stem}.svg", f"{stem}.md"])
     paths = save_plot(fig, stem, dpi=110)
     text = table(spec, record)
-    with open(f"{stem}.md", "w") as f:
-        f.write(f"{text}\n")
+    write_table(f"{stem}.md", text)
     return text, [*paths, f"{stem}.md"]
 
 

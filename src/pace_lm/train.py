@@ -33,7 +33,7 @@ import torch
 from omegaconf import OmegaConf
 
 from pace import PACE
-from pace_lm import PaceLMError, averaging, checkpoint, checkpoint_files, distributed, rng, schema
+from pace_lm import PaceLMError, averaging, checkpoint, checkpoint_files, distributed, marks, rng, schema
 from pace_lm.config import shipped_value
 from pace_lm.data import IGNORE_INDEX, META, Batches, collate, load_prepared, not_prepared, subset
 from pace_lm.evaluation import (VAL_KEYS, Diverged, batch_loss, evaluate_all, get_autocast, get_val_batches,
@@ -133,6 +133,7 @@ def run_locked(cfg, spec, world, device, paths):
     """The run, holding its folder's lock: set up, train, save the returned model, write the record."""
     tc = spec.training
     check_run_dir(paths.record, tc.overwrite)
+    marks.check_run_parts(paths.dir, ("checkpoints", "model"))  # what a run removes must be its own
     before = previous_end(paths.dir) if world.main else None  # how the last start of this run ended
     resume_from = checkpoint.find(tc.resume, paths.checkpoints, tc.overwrite)
     if before and before["end"]["status"] == "died":
