@@ -166,3 +166,49 @@ def test_folder_without_data_files(tmp_path):
     (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(PaceLMError, match="no .json, .jsonl or .parquet"):
         load_source(Request(source=str(tmp_path)))
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("latin1.jsonl", b'{"messages": [{"role": "user", "content": "caf\xe9"}]}\n',
+     r"latin1.jsonl, line 1: not UTF-8 text \(byte 0xe9 at column 47\); save the file as UTF-8"),
+    ("lines.json", b'{"messages": []}\n{"messages": []}\n',
+     r"lines.json, line 2: not valid JSON \(Extra data, column 1\); one JSON object per line is JSON Lines: "
+     r"name the file .jsonl"),
+    ("text.jsonl", b'{"text": "a document", "id": 3}\n',
+     r"text.jsonl, line 1: no 'messages' list \(its keys: text, id\); SFT reads a list of \{role, content\}; "
+     r"a 'text' field is pretraining data: --mode pretrain"),
+    ("other.jsonl", b'{"conversations": [], "id": 3}\n', r"no 'messages' list \(its keys: conversations, id\)"),
+])
+def test_a_bad_json_file_is_one_line_naming_the_file_and_line(tmp_path, name, content, message):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(PaceLMError, match=message):
+        load_source(Request(source=str(tmp_path / name)))
+
+
+def test_a_utf8_bom_and_upper_case_extensions_are_read(tmp_path):
+    rows = corpus.offline_conversations()[:3]
+    (tmp_path / "BOM.JSONL").write_bytes(b"\xef\xbb\xbf" + "\n".join(json.dumps(r) for r in rows).encode())
+    ds = load_source(Request(source=str(tmp_path / "BOM.JSONL")))
+    assert len(ds) == 3 and ds[0]["messages"][0]["content"] == rows[0]["messages"][0]["content"]
+
+
+def test_parquet_rows_are_named_by_their_file_and_row_and_an_empty_file_is_refused(tmp_path):
+    import datasets
+    good = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}] * 12
+    bad = [{"messages": [{"role": "robot", "content": "beep"}]}]
+    datasets.Dataset.from_list(good + bad + good).to_parquet(str(tmp_path / "chats.parquet"))
+    with pytest.raises(PaceLMError, match=r"chats.parquet, row 13: message 0 has role='robot'"):
+        load_source(Request(source=str(tmp_path / "chats.parquet")))
+    datasets.Dataset.from_list(good).select([]).to_parquet(str(tmp_path / "empty.parquet"))
+    with pytest.raises(PaceLMError, match=r"(no conversations in .*empty.parquet|could not load dataset)"):
+        load_source(Request(source=str(tmp_path / "empty.parquet")))
+
+
+def test_a_missing_local_path_is_said_at_once_not_looked_up_on_the_hub(tmp_path, monkeypatch):
+    import time
+    (tmp_path / "mydata").mkdir()
+    monkeypatch.chdir(tmp_path)
+    t0 = time.time()
+    with pytest.raises(PaceLMError, match="'mydata/chats' does not exist"):
+        load_source(Request(source="mydata/chats"))
+    assert time.time() - t0 < 5

@@ -183,26 +183,35 @@ def load_source(request):
         name = name or PRESETS[source]["name"]
         source = PRESETS[source]["path"]
     files = _local_files(source)
-    if files is not None and LOCAL_FORMATS[os.path.splitext(files[0])[1]] == "json":
+    fmt = files and LOCAL_FORMATS[os.path.splitext(files[0])[1].lower()]
+    if fmt == "json" and not request.streaming:  # parsed here, row by row: its errors name the file and line
+        return datasets.Dataset.from_list([_what_is_read(row, mode, request.text_field)
+                                           for row in check_json_files(files, mode, request.text_field)])
+    if fmt == "json":
         check_json_files(files, mode, request.text_field)
     try:
         if files is not None:
-            fmt = LOCAL_FORMATS[os.path.splitext(files[0])[1]]
-            return datasets.load_dataset(fmt, data_files=files, split="train", streaming=request.streaming)
+            ds = datasets.load_dataset(fmt, data_files=files, split="train", streaming=request.streaming)
+            if fmt == "parquet" and not request.streaming:
+                _check_parquet_rows(ds, files, mode, request.text_field)
+            return ds
         return datasets.load_dataset(source, name, split=request.split, revision=request.revision,
                                      streaming=request.streaming)
-    except (OSError, ValueError, datasets.exceptions.DatasetNotFoundError) as e:
-        raise PaceLMError(f"could not load dataset {source!r}: {type(e).__name__}: {str(e).splitlines()[0]}") from e
+    except (OSError, ValueError, datasets.exceptions.DatasetNotFoundError,
+            datasets.exceptions.DatasetGenerationError) as e:
+        cause = e.__cause__ if isinstance(e, datasets.exceptions.DatasetGenerationError) and e.__cause__ else e
+        raise PaceLMError(f"could not load dataset {source!r}: {type(cause).__name__}: "
+                          f"{(str(cause).strip().splitlines() or ['(no message)'])[0]}") from e
 
 
 def check_json_files(files, mode, text_field="text"):
-    """Each local .json / .jsonl file parses, and each row has what `mode` reads: one line naming the file
-    and line otherwise (datasets' own error is a long traceback with the row buried in it)."""
-    total = 0
+    """The rows of local .json / .jsonl files (UTF-8, a BOM allowed), each checked for what `mode` reads:
+    one line naming the file and line otherwise (datasets' own error is a long traceback with the row
+    buried in it)."""
+    out = []
     for path in files:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-        if path.endswith(".jsonl"):
+        text = _read_text(path)
+        if path.lower().endswith(".jsonl"):
             rows = []
             for lineno, line in enumerate(text.splitlines(), 1):
                 if line.strip():
@@ -211,11 +220,31 @@ def check_json_files(files, mode, text_field="text"):
             data = _parse_json(text, path, None)
             rows = list(enumerate(data if isinstance(data, list) else [data], 1))
         for where, row in rows:
-            _check_row(row, mode, text_field, f"{path}, {'line' if path.endswith('.jsonl') else 'row'} {where}")
-        total += len(rows)
-    if not total:
+            _check_row(row, mode, text_field, f"{path}, {'line' if path.lower().endswith('.jsonl') else 'row'} {where}")
+        out += [row for _, row in rows]
+    if not out:
         what = "conversations" if mode == "sft" else "documents"
         raise PaceLMError(f"no {what} in {', '.join(files)}")
+    return out
+
+
+def _what_is_read(row, mode, text_field):
+    """The part of a checked row that preparation reads: other keys, of any type, are left out."""
+    if mode == "pretrain":
+        return {text_field: row[text_field]}
+    return {"messages": [{"role": m["role"], "content": m["content"]} for m in row["messages"]]}
+
+
+def _read_text(path):
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise PaceLMError(f"{path}, line {line}: not UTF-8 text (byte 0x{data[e.start]:02x} at column {column}); "
+                          f"save the file as UTF-8") from None
 
 
 def _parse_json(text, path, lineno):
@@ -223,7 +252,25 @@ def _parse_json(text, path, lineno):
         return json.loads(text)
     except json.JSONDecodeError as e:
         line = lineno or e.lineno
-        raise PaceLMError(f"{path}, line {line}: not valid JSON ({e.msg}, column {e.colno})") from None
+        hint = ("; one JSON object per line is JSON Lines: name the file .jsonl"
+                if lineno is None and e.msg == "Extra data" else "")
+        raise PaceLMError(f"{path}, line {line}: not valid JSON ({e.msg}, column {e.colno}){hint}") from None
+
+
+def _check_parquet_rows(ds, files, mode, text_field):
+    """Each row of local .parquet files has what `mode` reads, named by its file and row as the file counts."""
+    import pyarrow.parquet as pq
+    if len(ds) == 0:
+        raise PaceLMError(f"no {'conversations' if mode == 'sft' else 'documents'} in {', '.join(files)}")
+    column = "messages" if mode == "sft" else text_field
+    start = 0
+    for path in files:
+        n = pq.ParquetFile(path).metadata.num_rows
+        if column not in ds.column_names:  # the whole file lacks it: its first row says what it has
+            _check_row(ds[start], mode, text_field, f"{path}, row 1")
+        for i, value in enumerate(ds.select_columns([column])[start:start + n][column], 1):
+            _check_row({column: value}, mode, text_field, f"{path}, row {i}")
+        start += n
 
 
 def _check_row(row, mode, text_field, where):
@@ -235,7 +282,9 @@ def _check_row(row, mode, text_field, where):
         return
     messages = row.get("messages")
     if not isinstance(messages, list):
-        raise PaceLMError(f"{where}: no 'messages' list (SFT reads a list of {{role, content}})")
+        found = f"its keys: {', '.join(map(str, row)) or 'none'}"
+        hint = "; a 'text' field is pretraining data: --mode pretrain" if isinstance(row.get("text"), str) else ""
+        raise PaceLMError(f"{where}: no 'messages' list ({found}); SFT reads a list of {{role, content}}{hint}")
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
             raise PaceLMError(f"{where}: message {i} is {type(m).__name__}, not {{role, content}}")
@@ -248,18 +297,21 @@ def _check_row(row, mode, text_field, where):
 def _local_files(source):
     """Sorted data files of a local source, or None when source names a hub dataset."""
     if os.path.isdir(source):
-        files = sorted(os.path.join(source, f) for f in os.listdir(source) if os.path.splitext(f)[1] in LOCAL_FORMATS)
+        files = sorted(os.path.join(source, f) for f in os.listdir(source)
+                       if os.path.splitext(f)[1].lower() in LOCAL_FORMATS)
         if not files:
             raise PaceLMError(f"folder {source!r} has no .json, .jsonl or .parquet files")
-        kinds = {LOCAL_FORMATS[os.path.splitext(f)[1]] for f in files}
+        kinds = {LOCAL_FORMATS[os.path.splitext(f)[1].lower()] for f in files}
         if len(kinds) > 1:
             raise PaceLMError(f"folder {source!r} mixes json and parquet files")
         return files
     if os.path.isfile(source):
-        if os.path.splitext(source)[1] not in LOCAL_FORMATS:
+        if os.path.splitext(source)[1].lower() not in LOCAL_FORMATS:
             raise PaceLMError(f"{source!r}: expected a .json, .jsonl or .parquet file")
         return [source]
-    looks_local = source.startswith((".", "/", "~")) or os.path.splitext(source)[1] in LOCAL_FORMATS
+    first = source.split("/")[0]
+    looks_local = (source.startswith((".", "/", "~")) or os.path.splitext(source)[1].lower() in LOCAL_FORMATS
+                   or os.path.isdir(first))  # mydata/chats, with a folder mydata here, is a path
     if looks_local or not re.fullmatch(r"[\w.-]+/[\w.-]+", source):
         raise PaceLMError(f"data source {source!r} does not exist (a local file or folder, a hub id "
                           f"'owner/name', 'offline', or one of {', '.join(PRESETS)})")
