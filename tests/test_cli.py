@@ -69,6 +69,6 @@ def test_pace_data_bad_input(tmp_path, offline_data):
                                       json.dumps({"text": "still none"}) + "\n")
     proc = run_cli(["pace-data", "--source", "t.jsonl", "--tokenizer", str(offline_data / "tokenizer"),
                     "--out", "o", "--val-size", "1"], cwd=tmp_path)
-    assert proc.returncode == 2 and "t.jsonl, line 1: no 'messages' list" in proc.stderr
+    assert proc.returncode == 2 and "t.jsonl, line 1: no conversation format's fields (its keys: text;" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert sorted(os.listdir(tmp_path)) == ["c.jsonl", "t.jsonl"]  # nothing half-written

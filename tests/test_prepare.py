@@ -9,8 +9,8 @@ from datasets import Dataset
 
 from pace_lm import PaceLMError, corpus
 from pace_lm.data import IGNORE_INDEX, load_prepared
-from pace_lm.prepare import (Request, _pretrain_split, _sft_split, format_chatml, load_source, prepare,
-                             tokenize_conversation)
+from pace_lm.prepare import Request, _pretrain_split, _sft_split, format_chatml, prepare, tokenize_conversation
+from pace_lm.sources import load_source
 
 CONVERSATION = [
     {"role": "system", "content": "You are terse."},
@@ -87,7 +87,7 @@ def test_sft_split_skips_and_counts(offline_tokenizer):
     assert ds.column_names == ["input_ids", "labels"]
 
 
-@pytest.mark.parametrize("bad", [{"role": "tool", "content": "x"}, {"role": "user", "content": None},
+@pytest.mark.parametrize("bad", [{"role": "robot", "content": "x"}, {"role": "user", "content": None},
                                  {"content": "no role"}])
 def test_bad_message_is_a_clear_error(bad):
     with pytest.raises(PaceLMError, match="message 1 has role"):
@@ -164,7 +164,7 @@ def test_bad_sources_are_clear_errors(source, message):
 
 def test_folder_without_data_files(tmp_path):
     (tmp_path / "notes.txt").write_text("x")
-    with pytest.raises(PaceLMError, match="no .json, .jsonl or .parquet"):
+    with pytest.raises(PaceLMError, match="no .json, .jsonl, .parquet or .csv files"):
         load_source(Request(source=str(tmp_path)))
 
 
@@ -175,9 +175,11 @@ def test_folder_without_data_files(tmp_path):
      r"lines.json, line 2: not valid JSON \(Extra data, column 1\); one JSON object per line is JSON Lines: "
      r"name the file .jsonl"),
     ("text.jsonl", b'{"text": "a document", "id": 3}\n',
-     r"text.jsonl, line 1: no 'messages' list \(its keys: text, id\); SFT reads a list of \{role, content\}; "
-     r"a 'text' field is pretraining data: --mode pretrain"),
-    ("other.jsonl", b'{"conversations": [], "id": 3}\n', r"no 'messages' list \(its keys: conversations, id\)"),
+     r"text.jsonl, line 1: no conversation format's fields \(its keys: text, id; messages: 'messages'; sharegpt: "
+     r"'conversations'; alpaca: 'instruction' \+ 'output'; prompt_completion: 'prompt' \+ 'completion'\); a "
+     r"'text' field is pretraining data: --mode pretrain"),
+    ("other.jsonl", b'{"dialog": [], "id": 3}\n', r"other.jsonl, line 1: no conversation format's fields \(its "
+                                                   r"keys: dialog, id;"),
 ])
 def test_a_bad_json_file_is_one_line_naming_the_file_and_line(tmp_path, name, content, message):
     (tmp_path / name).write_bytes(content)
@@ -188,7 +190,7 @@ def test_a_bad_json_file_is_one_line_naming_the_file_and_line(tmp_path, name, co
 def test_a_utf8_bom_and_upper_case_extensions_are_read(tmp_path):
     rows = corpus.offline_conversations()[:3]
     (tmp_path / "BOM.JSONL").write_bytes(b"\xef\xbb\xbf" + "\n".join(json.dumps(r) for r in rows).encode())
-    ds = load_source(Request(source=str(tmp_path / "BOM.JSONL")))
+    ds = load_source(Request(source=str(tmp_path / "BOM.JSONL"))).data
     assert len(ds) == 3 and ds[0]["messages"][0]["content"] == rows[0]["messages"][0]["content"]
 
 

@@ -40,6 +40,7 @@ def train_main():
 
 def data_main(argv=None):
     """pace-data: tokenize a dataset once into a folder pace-train reads (dataset.path)."""
+    from pace_lm.formats import FORMATS
     from pace_lm.prepare import DEFAULT_SEQ_LEN, PRESETS, Request, prepare
     p = argparse.ArgumentParser(
         prog="pace-data",
@@ -47,7 +48,12 @@ def data_main(argv=None):
                     "the offline corpus (the Python standard library's docs) and a tokenizer trained on it. "
                     "With --tokenizer and no --source: smoltalk (sft) or FineWeb (pretrain) from the hub.")
     p.add_argument("--source", help=f"'offline', {', '.join(repr(k) for k in PRESETS)}, a hub dataset id, "
-                                    "or local .json/.jsonl/.parquet file(s) (a file or a folder)")
+                                    "or local .json/.jsonl/.parquet/.csv file(s), any of them .gz (a file, or a "
+                                    "folder: train.* and validation.* / test.* files are kept as the splits)")
+    p.add_argument("--format", choices=FORMATS, help="sft: the rows' conversation format (default: told by "
+                                                     "each row's fields; see docs/pipeline.md)")
+    p.add_argument("--train-tool-turns", action="store_true", help="sft: train tool turns too (default: masked, "
+                                                                   "as user turns are)")
     p.add_argument("--out", help="output folder (default: data/<source>)")
     p.add_argument("--mode", choices=["sft", "pretrain"], default="sft",
                    help="sft: ChatML conversations, only assistant replies trained; pretrain: text + EOS "
@@ -82,13 +88,22 @@ def data_main(argv=None):
         request = Request(source=source, mode=args.mode, tokenizer=args.tokenizer, gguf_file=args.gguf_file,
                           revision=args.revision, name=args.name, split=args.split, max_seq_len=args.max_seq_len,
                           val_size=args.val_size, seed=args.seed, max_tokens=args.max_tokens,
-                          text_field=args.text_field)
+                          text_field=args.text_field, format=args.format, train_tool_turns=args.train_tool_turns)
         meta = prepare(out, request, num_proc=args.num_proc, overwrite=args.overwrite)
     except PaceLMError as e:
         print(f"pace-data: error: {e}", file=sys.stderr)
         sys.exit(2)
+    _data_summary(out, meta)
+
+
+def _data_summary(out, meta):
+    """What pace-data made: its warnings (stderr), then one line of counts, formats and splits."""
+    for warning in meta["warnings"]:
+        print(f"pace-data: warning: {warning}", file=sys.stderr)
+    read = ", ".join(f"{n} {fmt}" for fmt, n in meta["formats"].items())
     print(f"pace-data: wrote {out}: {json.dumps(meta['counts'])}; trained token fraction "
-          f"{meta['trained_token_fraction']:.3f}")
+          f"{meta['trained_token_fraction']:.3f}" + (f"; rows read as {read}" if read else "")
+          + f"; validation: {meta['splits']}")
 
 
 FIGURE_ARGS = dict(fig=None, run=False, plot=False, data=None, out_dir="runs/figures", plot_dir=None, only=None,

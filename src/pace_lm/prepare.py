@@ -5,7 +5,6 @@ tokenized with an EOS after each and packed into blocks. The folder appears comp
 written beside `out` and moved into place, and prepared data it replaces are removed only after.
 """
 
-import json
 import os
 import re
 import shutil
@@ -13,25 +12,22 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
-from pace_lm import PaceLMError, corpus, marks
+from pace_lm import PaceLMError, corpus, formats, marks
+from pace_lm.sources import PRESETS, load_source
 from pace_lm.data import IGNORE_INDEX, META, SPLITS, TOKENIZER
 from pace_lm.atomic import replace_folder, write_json_atomic
 from pace_lm.records import environment, write_failed
 
-ROLES = ("system", "user", "assistant")
+ROLES = formats.ROLES
 IM_START, IM_END = corpus.IM_START, corpus.IM_END
-PRESETS = {  # --source shortcuts: hub dataset, config name, and the text/messages column
-    "smoltalk": dict(path="HuggingFaceTB/smoltalk", name="all", mode="sft"),
-    "fineweb": dict(path="HuggingFaceFW/fineweb", name="sample-10BT", mode="pretrain"),
-}
 DEFAULT_SEQ_LEN = {"sft": 1280, "pretrain": 1024, "offline": 256}
-LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+WARN_SHARE = 0.1  # a share of conversations above which pace-data says what happened to them
 
 
 @dataclass(frozen=True)
 class Request:
     """What pace-data is asked to prepare: its flags, and the keys of meta.json that say what was made."""
-    source: str = "offline"             # 'offline', a PRESETS key, a hub id, or local json/jsonl/parquet
+    source: str = "offline"             # 'offline', a PRESETS key, a hub id, or local files (sources.py)
     mode: str = "sft"                   # sft | pretrain
     tokenizer: Optional[str] = None     # hub id or folder; None: a BPE tokenizer trained on the offline corpus
     gguf_file: Optional[str] = None     # the tokenizer from this GGUF file in the tokenizer folder
@@ -43,6 +39,12 @@ class Request:
     seed: int = 0                       # of the train/validation split
     max_tokens: Optional[int] = None    # pretrain: stream the source, stop after this many training tokens
     text_field: str = "text"            # pretrain: the text column
+    format: Optional[str] = None        # sft: a formats.FORMATS name; None: each row's told by its fields
+    train_tool_turns: bool = False      # sft: train tool turns too (they are masked, as user turns, by default)
+
+    @property
+    def trained_roles(self):
+        return ("assistant", "tool") if self.train_tool_turns else ("assistant",)
 
     @property
     def streaming(self):
@@ -51,12 +53,12 @@ class Request:
 
 # ---- SFT: ChatML with only the assistant replies trained -----------------------------
 
-def format_chatml(messages):
+def format_chatml(messages, trained=("assistant",)):
     """ChatML text of a conversation and the character spans that are trained.
 
-    Each turn is `<|im_start|>{role}\\n{content}<|im_end|>\\n`. A trained span is an assistant's
-    content with its `<|im_end|>`; the role header, the newline after `<|im_end|>` and every system
-    and user turn are masked.
+    Each turn is `<|im_start|>{role}\\n{content}<|im_end|>\\n`. A trained span is the content of a turn
+    whose role is in `trained` (the assistant's; tool turns too with --train-tool-turns) with its
+    `<|im_end|>`; the role header, the newline after `<|im_end|>` and every other turn are masked.
     """
     text, spans = "", []
     for i, m in enumerate(messages):
@@ -65,20 +67,20 @@ def format_chatml(messages):
             raise PaceLMError(f"message {i} has role={role!r} and content of type {type(content).__name__}: "
                               f"expected a role in {ROLES} and a string")
         text += f"{IM_START}{role}\n"
-        if role == "assistant":
+        if role in trained:
             spans.append((len(text), len(text) + len(content) + len(IM_END)))
         text += f"{content}{IM_END}\n"
     return text, spans
 
 
-def tokenize_conversation(tokenizer, messages, max_len):
+def tokenize_conversation(tokenizer, messages, max_len, trained=("assistant",)):
     """(input_ids, labels, truncated) of one conversation; labels are IGNORE_INDEX outside the replies.
 
     The text is tokenized once and a token is trained when its first character lies in a reply span,
     so the masks follow the tokenizer's own segmentation exactly (special tokens such as a BOS the
     tokenizer adds have empty offsets and stay masked).
     """
-    text, spans = format_chatml(messages)
+    text, spans = format_chatml(messages, trained)
     enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=True)
     ids, labels = list(enc["input_ids"]), []
     for tok, (start, end) in zip(ids, enc["offset_mapping"]):
@@ -99,15 +101,16 @@ def ensure_chatml_tokens(tokenizer):
     return missing
 
 
-def _tokenize_sft(ds, tokenizer, max_len, num_proc):
+def _tokenize_sft(ds, tokenizer, max_len, num_proc, trained=("assistant",)):
     def fn(batch, rows):
-        out = {k: [] for k in ("input_ids", "labels", "truncated", "n_tokens", "n_trained", "no_assistant")}
+        out = {k: [] for k in ("input_ids", "labels", "truncated", "n_tokens", "n_trained", "no_assistant",
+                               "empty_replies")}
         for row, messages in zip(rows, batch["messages"]):
             no_assistant = not any(m.get("role") == "assistant" for m in messages)
             ids, labels, truncated = [], [], False
             if not no_assistant:
                 try:
-                    ids, labels, truncated = tokenize_conversation(tokenizer, messages, max_len)
+                    ids, labels, truncated = tokenize_conversation(tokenizer, messages, max_len, trained)
                 except PaceLMError as e:
                     raise PaceLMError(f"conversation {row} of the split: {e}") from None
             out["input_ids"].append(ids)
@@ -116,23 +119,25 @@ def _tokenize_sft(ds, tokenizer, max_len, num_proc):
             out["n_tokens"].append(len(ids))
             out["n_trained"].append(sum(1 for y in labels if y != IGNORE_INDEX))
             out["no_assistant"].append(no_assistant)
+            out["empty_replies"].append(not no_assistant and not any(
+                m["content"].strip() for m in messages if m.get("role") == "assistant"))
         return out
     return ds.map(fn, batched=True, with_indices=True, num_proc=num_proc, remove_columns=ds.column_names,
                   desc="tokenizing conversations")
 
 
-def _sft_split(ds, tokenizer, max_len, num_proc):
+def _sft_split(ds, tokenizer, max_len, num_proc, trained=("assistant",)):
     """Tokenize a split; drop (and count) conversations with no assistant turn or no trained token left."""
     if "messages" not in ds.column_names:
         raise PaceLMError(f"dataset has no 'messages' column (columns: {', '.join(ds.column_names)}); "
                           f"SFT needs a list of {{role, content}} per example")
-    tok = _tokenize_sft(ds, tokenizer, max_len, num_proc)
+    tok = _tokenize_sft(ds, tokenizer, max_len, num_proc, trained)
     kept = tok.filter(lambda n: n > 0, input_columns="n_trained", num_proc=num_proc)
     no_assistant = sum(tok["no_assistant"])
     counts = dict(conversations=len(ds), examples=len(kept), skipped_no_assistant=no_assistant,
                   skipped_no_trained_token=len(ds) - no_assistant - len(kept),
-                  truncated=sum(kept["truncated"]), tokens=sum(kept["n_tokens"]),
-                  trained_tokens=sum(kept["n_trained"]))
+                  truncated=sum(kept["truncated"]), empty_replies=sum(tok["empty_replies"]),
+                  tokens=sum(kept["n_tokens"]), trained_tokens=sum(kept["n_trained"]))
     return kept.select_columns(["input_ids", "labels"]), counts
 
 
@@ -169,155 +174,6 @@ def _is_streaming(ds):
     return isinstance(ds, IterableDataset)
 
 
-# ---- sources ------------------------------------------------------------------------
-
-def load_source(request):
-    """A datasets Dataset from 'offline', a preset, local json/jsonl/parquet files, or a hub id (`request`:
-    a Request; streamed when it has max_tokens)."""
-    import datasets
-    source, name, mode = request.source, request.name, request.mode
-    if source == "offline":
-        rows = corpus.offline_conversations() if mode == "sft" else [{"text": d} for d in corpus.offline_documents()]
-        return datasets.Dataset.from_list(rows)
-    if source in PRESETS:
-        name = name or PRESETS[source]["name"]
-        source = PRESETS[source]["path"]
-    files = _local_files(source)
-    fmt = files and LOCAL_FORMATS[os.path.splitext(files[0])[1].lower()]
-    if fmt == "json" and not request.streaming:  # parsed here, row by row: its errors name the file and line
-        return datasets.Dataset.from_list([_what_is_read(row, mode, request.text_field)
-                                           for row in check_json_files(files, mode, request.text_field)])
-    if fmt == "json":
-        check_json_files(files, mode, request.text_field)
-    try:
-        if files is not None:
-            ds = datasets.load_dataset(fmt, data_files=files, split="train", streaming=request.streaming)
-            if fmt == "parquet" and not request.streaming:
-                _check_parquet_rows(ds, files, mode, request.text_field)
-            return ds
-        return datasets.load_dataset(source, name, split=request.split, revision=request.revision,
-                                     streaming=request.streaming)
-    except (OSError, ValueError, datasets.exceptions.DatasetNotFoundError,
-            datasets.exceptions.DatasetGenerationError) as e:
-        cause = e.__cause__ if isinstance(e, datasets.exceptions.DatasetGenerationError) and e.__cause__ else e
-        raise PaceLMError(f"could not load dataset {source!r}: {type(cause).__name__}: "
-                          f"{(str(cause).strip().splitlines() or ['(no message)'])[0]}") from e
-
-
-def check_json_files(files, mode, text_field="text"):
-    """The rows of local .json / .jsonl files (UTF-8, a BOM allowed), each checked for what `mode` reads:
-    one line naming the file and line otherwise (datasets' own error is a long traceback with the row
-    buried in it)."""
-    out = []
-    for path in files:
-        text = _read_text(path)
-        if path.lower().endswith(".jsonl"):
-            rows = []
-            for lineno, line in enumerate(text.splitlines(), 1):
-                if line.strip():
-                    rows.append((lineno, _parse_json(line, path, lineno)))
-        else:
-            data = _parse_json(text, path, None)
-            rows = list(enumerate(data if isinstance(data, list) else [data], 1))
-        for where, row in rows:
-            _check_row(row, mode, text_field, f"{path}, {'line' if path.lower().endswith('.jsonl') else 'row'} {where}")
-        out += [row for _, row in rows]
-    if not out:
-        what = "conversations" if mode == "sft" else "documents"
-        raise PaceLMError(f"no {what} in {', '.join(files)}")
-    return out
-
-
-def _what_is_read(row, mode, text_field):
-    """The part of a checked row that preparation reads: other keys, of any type, are left out."""
-    if mode == "pretrain":
-        return {text_field: row[text_field]}
-    return {"messages": [{"role": m["role"], "content": m["content"]} for m in row["messages"]]}
-
-
-def _read_text(path):
-    with open(path, "rb") as f:
-        data = f.read()
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = data[:e.start].count(b"\n") + 1
-        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
-        raise PaceLMError(f"{path}, line {line}: not UTF-8 text (byte 0x{data[e.start]:02x} at column {column}); "
-                          f"save the file as UTF-8") from None
-
-
-def _parse_json(text, path, lineno):
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        line = lineno or e.lineno
-        hint = ("; one JSON object per line is JSON Lines: name the file .jsonl"
-                if lineno is None and e.msg == "Extra data" else "")
-        raise PaceLMError(f"{path}, line {line}: not valid JSON ({e.msg}, column {e.colno}){hint}") from None
-
-
-def _check_parquet_rows(ds, files, mode, text_field):
-    """Each row of local .parquet files has what `mode` reads, named by its file and row as the file counts."""
-    import pyarrow.parquet as pq
-    if len(ds) == 0:
-        raise PaceLMError(f"no {'conversations' if mode == 'sft' else 'documents'} in {', '.join(files)}")
-    column = "messages" if mode == "sft" else text_field
-    start = 0
-    for path in files:
-        n = pq.ParquetFile(path).metadata.num_rows
-        if column not in ds.column_names:  # the whole file lacks it: its first row says what it has
-            _check_row(ds[start], mode, text_field, f"{path}, row 1")
-        for i, value in enumerate(ds.select_columns([column])[start:start + n][column], 1):
-            _check_row({column: value}, mode, text_field, f"{path}, row {i}")
-        start += n
-
-
-def _check_row(row, mode, text_field, where):
-    if not isinstance(row, dict):
-        raise PaceLMError(f"{where}: a row is a JSON object, not {type(row).__name__}")
-    if mode == "pretrain":
-        if not isinstance(row.get(text_field), str):
-            raise PaceLMError(f"{where}: no {text_field!r} string (pretraining reads --text-field)")
-        return
-    messages = row.get("messages")
-    if not isinstance(messages, list):
-        found = f"its keys: {', '.join(map(str, row)) or 'none'}"
-        hint = "; a 'text' field is pretraining data: --mode pretrain" if isinstance(row.get("text"), str) else ""
-        raise PaceLMError(f"{where}: no 'messages' list ({found}); SFT reads a list of {{role, content}}{hint}")
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict):
-            raise PaceLMError(f"{where}: message {i} is {type(m).__name__}, not {{role, content}}")
-        try:
-            format_chatml([m])
-        except PaceLMError as e:
-            raise PaceLMError(f"{where}: {str(e).replace('message 0', f'message {i}', 1)}") from None
-
-
-def _local_files(source):
-    """Sorted data files of a local source, or None when source names a hub dataset."""
-    if os.path.isdir(source):
-        files = sorted(os.path.join(source, f) for f in os.listdir(source)
-                       if os.path.splitext(f)[1].lower() in LOCAL_FORMATS)
-        if not files:
-            raise PaceLMError(f"folder {source!r} has no .json, .jsonl or .parquet files")
-        kinds = {LOCAL_FORMATS[os.path.splitext(f)[1].lower()] for f in files}
-        if len(kinds) > 1:
-            raise PaceLMError(f"folder {source!r} mixes json and parquet files")
-        return files
-    if os.path.isfile(source):
-        if os.path.splitext(source)[1].lower() not in LOCAL_FORMATS:
-            raise PaceLMError(f"{source!r}: expected a .json, .jsonl or .parquet file")
-        return [source]
-    first = source.split("/")[0]
-    looks_local = (source.startswith((".", "/", "~")) or os.path.splitext(source)[1].lower() in LOCAL_FORMATS
-                   or os.path.isdir(first))  # mydata/chats, with a folder mydata here, is a path
-    if looks_local or not re.fullmatch(r"[\w.-]+/[\w.-]+", source):
-        raise PaceLMError(f"data source {source!r} does not exist (a local file or folder, a hub id "
-                          f"'owner/name', 'offline', or one of {', '.join(PRESETS)})")
-    return None
-
-
 # ---- prepare (pace-data) ------------------------------------------------------------
 
 def prepare(out, request=Request(), num_proc=None, overwrite=False):
@@ -333,11 +189,13 @@ def prepare(out, request=Request(), num_proc=None, overwrite=False):
         raise PaceLMError("--max-tokens (streaming) is for pretraining mode only")
     if request.source != "offline" and request.tokenizer is None:
         raise PaceLMError(f"--tokenizer is needed for source {request.source!r} (a hub id or a folder)")
-    ds = load_source(request)
+    if request.format is not None and request.format not in formats.FORMATS:
+        raise PaceLMError(f"unknown --format {request.format!r}; known: {', '.join(formats.FORMATS)}")
+    source = load_source(request)
     tok, added = _tokenizer(request)
     max_len = request.max_seq_len or DEFAULT_SEQ_LEN["offline" if request.source == "offline" else request.mode]
     t0 = time.time()
-    (train, train_counts), (val, val_counts) = _splits(ds, tok, max_len, request, num_proc)
+    (train, train_counts), (val, val_counts) = _splits(source, tok, max_len, request, num_proc)
     if len(train) == 0 or len(val) == 0:
         raise PaceLMError(f"no usable examples after tokenization (train {len(train)}, validation {len(val)}): "
                           f"{train_counts}")
@@ -348,6 +206,9 @@ def prepare(out, request=Request(), num_proc=None, overwrite=False):
                 vocab_size=len(tok), seed=request.seed, counts=dict(train=train_counts, validation=val_counts),
                 trained_token_fraction=train_counts["trained_tokens"] / max(1, train_counts["tokens"]),
                 corpus_sha256=corpus.corpus_sha256() if request.source == "offline" else None,
+                formats=source.formats, splits="the source's own" if source.splits else "held out at random",
+                train_tool_turns=request.train_tool_turns,
+                warnings=sft_warnings(train_counts, max_len) if request.mode == "sft" else [],
                 seconds=round(time.time() - t0, 1), environment=environment())
     _write(out, (train, val), tok, meta)
     return meta
@@ -363,10 +224,35 @@ def _tokenizer(request):
     return tok, ensure_chatml_tokens(tok) if request.mode == "sft" else []
 
 
-def _splits(ds, tok, max_len, request, num_proc):
-    """((train, counts), (validation, counts)), tokenized: a seeded held-out split, or when streaming the
-    first val_size documents held out and the rest packed up to the token budget."""
+def sft_warnings(counts, max_len):
+    """What a user would want said of an SFT split's conversations (counts: _sft_split's), one line each."""
+    n = counts["conversations"]
+    said = []
+    skipped = counts["skipped_no_assistant"] + counts["skipped_no_trained_token"]
+    if skipped > WARN_SHARE * n:
+        said.append(f"{skipped} of {n} conversations have no trained token (no assistant reply, or none left "
+                    f"within max_seq_len={max_len}): they are skipped")
+    if counts["truncated"] > WARN_SHARE * n:
+        said.append(f"{counts['truncated']} of {n} conversations are cut at max_seq_len={max_len}: their later "
+                    f"replies are not trained (raise --max-seq-len)")
+    if counts["empty_replies"] > WARN_SHARE * n:
+        said.append(f"{counts['empty_replies']} of {n} conversations have only empty assistant replies: they "
+                    f"train only the end-of-turn token")
+    return said
+
+
+def _splits(source, tok, max_len, request, num_proc):
+    """((train, counts), (validation, counts)), tokenized: the source's own splits; else a seeded held-out
+    split, or when streaming the first val_size documents held out and the rest packed up to the token
+    budget."""
     text_field = request.text_field
+    trained = request.trained_roles
+    if source.splits:
+        parts = source.splits
+        if request.mode == "sft":
+            return tuple(_sft_split(parts[k], tok, max_len, num_proc, trained) for k in ("train", "validation"))
+        return tuple(_pretrain_split(parts[k], tok, max_len, text_field, num_proc) for k in ("train", "validation"))
+    ds = source.data
     if request.streaming:
         n_val = request.val_size or 1000
         val_docs, train_docs = ds.take(n_val), ds.skip(n_val)
@@ -379,7 +265,7 @@ def _splits(ds, tok, max_len, request, num_proc):
         raise PaceLMError(f"--val-size={n_val} must be between 1 and {len(ds) - 1} for {len(ds)} examples")
     parts = ds.train_test_split(test_size=n_val, seed=request.seed, shuffle=True)
     if request.mode == "sft":
-        return tuple(_sft_split(parts[k], tok, max_len, num_proc) for k in ("train", "test"))
+        return tuple(_sft_split(parts[k], tok, max_len, num_proc, trained) for k in ("train", "test"))
     return tuple(_pretrain_split(parts[k], tok, max_len, text_field, num_proc) for k in ("train", "test"))
 
 

@@ -1,0 +1,158 @@
+"""The formats users bring from other fine-tuning tools (pace_lm.formats, pace_lm.sources): each prepares the
+same tokens and labels as the same conversations written as `messages`; tool turns masked or trained; gzip,
+CSV and upper-case files; a folder's own train / test files kept as the splits; warnings where a user would
+want one; and pace-train on data prepared from ShareGPT."""
+
+import csv
+import gzip
+import json
+
+import pytest
+
+from conftest import run_cli
+from pace_lm import PaceLMError, corpus
+from pace_lm.config import compose
+from pace_lm.data import load_prepared
+from pace_lm.formats import to_messages
+from pace_lm.prepare import Request, prepare
+from pace_lm.train import train
+
+TINY = ["model.config.hidden_size=32", "model.config.intermediate_size=64", "model.config.num_hidden_layers=1",
+        "model.config.num_attention_heads=2", "model.config.num_key_value_heads=2", "training.max_steps=2",
+        "training.batch_size=2", "training.micro_batch_size=2", "training.max_seq_len=64", "training.eval_batches=1",
+        "training.eval_interval=2", "training.log_interval=1", "training.progress=false", "training.device=cpu"]
+
+
+def exchanges(n=40):
+    """n conversations of the offline corpus cut to a system turn, one question and its reply."""
+    out = []
+    for conv in corpus.offline_conversations()[:n]:
+        turns = [m for m in conv["messages"] if m["role"] in ("user", "assistant")][:2]
+        out.append([{"role": "system", "content": "You are terse."}, *turns])
+    return out
+
+
+def as_format(messages, fmt):
+    system, user, assistant = (m["content"] for m in messages)
+    if fmt == "messages":
+        return {"messages": messages}
+    if fmt == "content_parts":
+        return {"messages": [{"role": m["role"], "content": [{"type": "text", "text": m["content"]}]}
+                             for m in messages]}
+    if fmt == "sharegpt":
+        return {"conversations": [{"from": "system", "value": system}, {"from": "human", "value": user},
+                                  {"from": "gpt", "value": assistant}]}
+    if fmt == "alpaca":
+        return {"system": system, "instruction": user, "input": "", "output": assistant}
+    if fmt == "prompt_completion":
+        return {"prompt": messages[:2], "completion": messages[2:]}
+    raise ValueError(fmt)
+
+
+def write_jsonl(path, rows, opener=open):
+    with opener(path, "wt", encoding="utf-8") as f:
+        f.write("\n".join(json.dumps(r) for r in rows) + "\n")
+    return str(path)
+
+
+def prepared(out, source, tokenizer, **kw):
+    meta = prepare(str(out), Request(source=source, tokenizer=tokenizer, max_seq_len=128, val_size=5, **kw))
+    train_ds, val_ds, _, _ = load_prepared(str(out))
+    return meta, [train_ds[:], val_ds[:]]
+
+
+@pytest.mark.parametrize("fmt", ["content_parts", "sharegpt", "alpaca", "prompt_completion"])
+def test_each_format_prepares_what_the_same_messages_prepare(tmp_path, offline_data, fmt):
+    tok = str(offline_data / "tokenizer")
+    convs = exchanges()
+    _, want = prepared(tmp_path / "m", write_jsonl(tmp_path / "m.jsonl", [as_format(c, "messages") for c in convs]), tok)
+    meta, got = prepared(tmp_path / "f", write_jsonl(tmp_path / "f.jsonl", [as_format(c, fmt) for c in convs]), tok)
+    assert got == want
+    assert meta["formats"] == {"messages" if fmt == "content_parts" else fmt: len(convs)}
+
+
+def test_alpaca_input_and_string_prompt_completion_read_as_one_exchange():
+    assert to_messages({"instruction": "Sum", "input": "2 and 3", "output": "5"}) == [
+        {"role": "user", "content": "Sum\n\n2 and 3"}, {"role": "assistant", "content": "5"}]
+    assert to_messages({"prompt": "Hi", "completion": "Hello"}) == [
+        {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    calls = [{"type": "function", "function": {"name": "f", "arguments": "{}"}}]
+    assert to_messages({"messages": [{"role": "developer", "content": "be brief"},
+                                     {"role": "assistant", "content": None, "tool_calls": calls},
+                                     {"role": "function", "content": "42"}]}) == [
+        {"role": "system", "content": "be brief"}, {"role": "assistant", "content": json.dumps(calls)},
+        {"role": "tool", "content": "42"}]
+    with pytest.raises(PaceLMError, match="turn 1 is from 'robot'"):
+        to_messages({"conversations": [{"from": "human", "value": "hi"}, {"from": "robot", "value": "beep"}]})
+
+
+@pytest.mark.parametrize("train_tool_turns", [False, True])
+def test_tool_turns_are_masked_unless_asked(tmp_path, offline_data, offline_tokenizer, train_tool_turns):
+    rows = [{"messages": [{"role": "user", "content": f"what is {i} squared?"},
+                          {"role": "assistant", "content": "calling the tool"},
+                          {"role": "tool", "content": f"TOOLRESULT {i * i}"},
+                          {"role": "assistant", "content": f"{i * i}"}]} for i in range(12)]
+    _, (train_ds, _) = prepared(tmp_path / "p", write_jsonl(tmp_path / "t.jsonl", rows), str(offline_data / "tokenizer"),
+                                train_tool_turns=train_tool_turns)
+    trained = offline_tokenizer.decode([t for t, y in zip(train_ds["input_ids"][0], train_ds["labels"][0]) if y != -100])
+    assert ("TOOLRESULT" in trained) == train_tool_turns and "calling the tool" in trained
+
+
+def test_gzip_csv_and_upper_case_files_are_read(tmp_path, offline_data):
+    tok = str(offline_data / "tokenizer")
+    convs = exchanges(20)
+    _, want = prepared(tmp_path / "m", write_jsonl(tmp_path / "m.jsonl", [as_format(c, "messages") for c in convs]), tok)
+    _, got = prepared(tmp_path / "gz", write_jsonl(tmp_path / "M.JSONL.GZ", [as_format(c, "messages") for c in convs],
+                                                   gzip.open), tok)
+    assert got == want
+    with open(tmp_path / "chats.CSV", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["id", "messages"])
+        writer.writerows([i, json.dumps(c)] for i, c in enumerate(convs))
+    _, got = prepared(tmp_path / "csv", str(tmp_path / "chats.CSV"), tok)
+    assert got == want
+
+
+def test_a_bad_csv_row_is_named_by_its_line(tmp_path):
+    from pace_lm.sources import load_source
+    (tmp_path / "pc.csv").write_text("prompt,completion\nhi,hello\nonly a prompt\n")
+    with pytest.raises(PaceLMError, match=r"pc.csv, line 3: no 'completion' field|pc.csv, line 3: 'prompt' and"):
+        load_source(Request(source=str(tmp_path / "pc.csv"), format="prompt_completion"))
+
+
+def test_a_folders_own_train_and_test_files_are_its_splits(tmp_path, offline_data, offline_tokenizer):
+    """train.jsonl and test.jsonl in a folder are the splits, kept as given: not merged and re-split."""
+    convs = [as_format(c, "messages") for c in exchanges(30)]
+    (tmp_path / "data").mkdir()
+    write_jsonl(tmp_path / "data" / "train.jsonl", convs[:24])
+    write_jsonl(tmp_path / "data" / "test.jsonl", convs[24:])
+    meta, (train_ds, val_ds) = prepared(tmp_path / "p", str(tmp_path / "data"), str(offline_data / "tokenizer"))
+    assert meta["splits"] == "the source's own"
+    assert meta["counts"]["train"]["conversations"] == 24 and meta["counts"]["validation"]["conversations"] == 6
+    replies = [c["messages"][2]["content"][:40] for c in convs]
+    validation = [offline_tokenizer.decode(ids) for ids in val_ds["input_ids"]]
+    assert [sum(r in text for r in replies[24:]) for text in validation] == [1] * len(validation)
+    assert not any(r in text for r in replies[:24] for text in validation if r not in replies[24:])
+
+
+def test_empty_replies_and_cut_conversations_are_said(tmp_path, offline_data):
+    rows = [{"messages": [{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": ""}]}
+            for i in range(20)]
+    meta, _ = prepared(tmp_path / "p", write_jsonl(tmp_path / "e.jsonl", rows), str(offline_data / "tokenizer"))
+    assert any("have only empty assistant replies" in w for w in meta["warnings"])
+    long = [{"messages": [{"role": "user", "content": "word " * 200}, {"role": "assistant", "content": "ok " * 50}]}
+            for _ in range(20)]
+    meta = prepare(str(tmp_path / "l"), Request(source=write_jsonl(tmp_path / "l.jsonl", long),
+                                                tokenizer=str(offline_data / "tokenizer"), max_seq_len=230, val_size=5))
+    assert any("cut at max_seq_len=230" in w for w in meta["warnings"])
+
+
+def test_pace_data_says_the_formats_and_pace_train_trains_on_sharegpt(tmp_path, offline_data):
+    src = write_jsonl(tmp_path / "share.jsonl", [as_format(c, "sharegpt") for c in exchanges()])
+    proc = run_cli(["pace-data", "--source", src, "--tokenizer", str(offline_data / "tokenizer"), "--out",
+                    str(tmp_path / "prepared"), "--max-seq-len", "128", "--val-size", "5"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "rows read as 40 sharegpt" in proc.stdout and "validation: held out at random" in proc.stdout
+    record = train(compose([f"dataset.path={tmp_path / 'prepared'}", f"training.out_dir={tmp_path / 'out'}",
+                            "run_name=r", *TINY]))
+    assert record["status"] == "complete" and record["summary"]["trained_tokens"] > 0
