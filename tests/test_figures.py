@@ -301,6 +301,8 @@ def test_pace_figure_scores_the_untrained_model_once_and_only_for_a_fine_tuning_
     monkeypatch.setattr(figures, "pretrained_loss", scored)
     monkeypatch.setattr(figures, "build_config", lambda fig, run, out_dir, data=None, extra=():
                         compose([f"model={'tiny' if fig.id == 'demo' else 'smollm2_135m'}", f"run_name={run.name}"]))
+    monkeypatch.setattr(figures, "run_overrides", lambda fig, run, out_dir, data=None, extra=():
+                        [f"model={'tiny' if fig.id == 'demo' else 'smollm2_135m'}"])
     assert keep_pretrained_loss(load_figure("demo"), str(tmp_path), log=lambda m: None) is None
     assert not (tmp_path / "demo").exists() and calls == []
     fig = load_figure("smollm2_sft")

@@ -197,8 +197,8 @@ def _figure(opts, extra):
         return
     if opts["run"]:
         from pace_lm.figures import keep_pretrained_loss
-        keep_pretrained_loss(fig, opts["out_dir"], opts["data"], extra, log=lambda m: print(f"pace-figure: {m}",
-                                                                                            flush=True))
+        keep_pretrained_loss(fig, opts["out_dir"], opts["data"], extra, opts["only"],
+                             log=lambda m: print(f"pace-figure: {m}", flush=True))
     if opts["run"] and opts["jobs"]:
         from pace_lm.jobs import run_jobs
         status = run_jobs(fig, opts, extra, log=lambda m: print(m, flush=True))

@@ -246,12 +246,13 @@ def run_figure(fig, out_dir, data=None, extra=(), only=None, log=print):
     return status
 
 
-def fine_tunes(fig, out_dir, data=None, extra=()):
-    """The config of the figure's first run if it fine-tunes a pretrained model (model.source), else None."""
-    if not fig.runs:
+def fine_tunes(fig, out_dir, data=None, extra=(), only=None):
+    """The config of the first selected run (`only`) if the figure fine-tunes a pretrained model
+    (model.source), else None; only that run's config is checked."""
+    runs = select(fig, only)
+    if not runs or compose(run_overrides(fig, runs[0], out_dir, data, extra)).model.source != "pretrained":
         return None
-    cfg = build_config(fig, fig.runs[0], out_dir, data, extra)
-    return cfg if cfg.model.source == "pretrained" else None
+    return build_config(fig, runs[0], out_dir, data, extra)
 
 
 def pretrained_loss(cfg):
@@ -275,11 +276,11 @@ def pretrained_loss(cfg):
                 val_batches=len(batches), model=cfg.model.name, data=os.path.basename(cfg.dataset.path))
 
 
-def keep_pretrained_loss(fig, out_dir, data=None, extra=(), log=print):
+def keep_pretrained_loss(fig, out_dir, data=None, extra=(), only=None, log=print):
     """For a figure that fine-tunes a pretrained model: its untrained model's loss, computed once and kept
     beside its records (records.PRETRAINED_LOSS), the reference every table and plot of it shows."""
     from pace_lm.atomic import write_json_atomic
-    cfg = fine_tunes(fig, out_dir, data, extra)
+    cfg = fine_tunes(fig, out_dir, data, extra, only)
     if cfg is None:
         return None
     kept = records.read_pretrained_loss(os.path.join(out_dir, fig.id))
