@@ -156,3 +156,18 @@ def test_pace_data_says_the_formats_and_pace_train_trains_on_sharegpt(tmp_path, 
     record = train(compose([f"dataset.path={tmp_path / 'prepared'}", f"training.out_dir={tmp_path / 'out'}",
                             "run_name=r", *TINY]))
     assert record["status"] == "complete" and record["summary"]["trained_tokens"] > 0
+
+
+def test_a_hub_datasets_rows_are_converted_and_a_bad_one_named_by_its_row():
+    """A hub dataset (here an in-memory one, as load_dataset gives it) goes through the same conversion."""
+    from datasets import Dataset
+    from pace_lm.sources import _converted
+    rows = [as_format(c, "sharegpt") for c in exchanges(3)] + [as_format(c, "alpaca") for c in exchanges(2)]
+    keys = {k for r in rows for k in r}  # a table's rows: every column, None where a row had none
+    table = Dataset.from_list([{k: r.get(k) for k in sorted(keys)} | {"id": i} for i, r in enumerate(rows)])
+    source = _converted(table, Request(source="owner/chats"))
+    assert source.formats == {"sharegpt": 3, "alpaca": 2} and source.data.column_names == ["messages"]
+    assert source.data[3]["messages"] == exchanges(2)[0]
+    with pytest.raises(PaceLMError, match=r"'owner/chats', row 2 of split 'train': turn 0 is from 'robot'"):
+        _converted(Dataset.from_list([rows[0], {"conversations": [{"from": "robot", "value": "x"}]}]),
+                   Request(source="owner/chats"))

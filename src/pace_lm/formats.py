@@ -34,16 +34,17 @@ FORMATS = tuple(FIELDS)
 
 
 def detect(row):
-    """The format whose fields `row` (a dict) has, or None."""
+    """The format whose fields `row` (a dict) has, or None. A field that is None is absent: a table of rows
+    of several formats (a parquet file, a hub dataset) gives each row every column, None where it had none."""
     for name, fields in FIELDS.items():
-        if all(f in row for f in fields):
+        if all(row.get(f) is not None for f in fields):
             return name
     return None
 
 
 def describe_missing(row):
     """What a row of no known format has, and what each format needs: for a one-line error."""
-    keys = ", ".join(map(str, row)) or "none"
+    keys = ", ".join(str(k) for k, v in row.items() if v is not None) or "none"
     wanted = "; ".join(f"{name}: {' + '.join(repr(f) for f in fields)}" for name, fields in FIELDS.items())
     return f"no conversation format's fields (its keys: {keys}; {wanted})"
 
@@ -56,7 +57,7 @@ def to_messages(row, fmt=None):
         raise PaceLMError(describe_missing(row) + hint)
     if fmt not in CONVERTERS:
         raise PaceLMError(f"unknown format {fmt!r}; known: {', '.join(FORMATS)}")
-    missing = [f for f in FIELDS[fmt] if f not in row]
+    missing = [f for f in FIELDS[fmt] if row.get(f) is None]
     if missing:
         raise PaceLMError(f"no {', '.join(repr(f) for f in missing)} field for --format {fmt} "
                           f"(its keys: {', '.join(map(str, row)) or 'none'})")
