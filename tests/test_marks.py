@@ -106,3 +106,16 @@ def test_a_figure_is_redrawn_over_its_own_files(tmp_path):
     (tmp_path / "demo.md").write_text("edited by hand\n")
     with pytest.raises(PaceLMError, match="demo.md' was not drawn by pace-figure"):
         plot_figure(fig, FIXTURES, str(tmp_path))
+
+
+def test_a_record_json_of_ones_own_is_no_run_record(tmp_path):
+    """A file named record.json does not make a folder a run folder; one cut short (not JSON) does: pace-train
+    refuses it without training.overwrite=true (test_safety's unreadable record)."""
+    run_dir = tmp_path / "r"
+    users_folder(run_dir, {"record.json": '{"note": "mine"}', "model/weights.bin": "mine\n"})
+    assert marks.run_folder(str(run_dir)) == "its record.json is no run record that pace-train wrote"
+    with pytest.raises(PaceLMError, match="which is no pace-train run folder"):
+        marks.check_run_parts(str(run_dir), ("model",))
+    (run_dir / "record.json").write_text('{"status": "complete", "conf')  # a run's record, cut short
+    assert marks.run_folder(str(run_dir)) is None
+    marks.check_run_parts(str(run_dir), ("model",))

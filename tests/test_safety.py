@@ -81,9 +81,10 @@ def test_pace_data_replaces_only_prepared_data(tmp_path, offline_data):
     before = snapshot(tmp_path)
     for extra in ([], ["--overwrite"]):
         proc = run_cli(["pace-data", "--out", "mine", *extra], cwd=tmp_path)
-        refused(proc, "pace-data", "'mine' exists and is not prepared data (no meta.json)", "even with --overwrite")
+        refused(proc, "pace-data", "'mine' exists and is not prepared data (no meta.json that pace-data wrote)",
+                "with or without overwrite")
     proc = run_cli(["pace-data", "--out", "a_file"], cwd=tmp_path)
-    refused(proc, "pace-data", "'a_file' is a file, not a folder")
+    refused(proc, "pace-data", "'a_file' exists and is not prepared data (it is a file)")
     assert snapshot(tmp_path) == before
 
     os.symlink(offline_data, tmp_path / "prepared")

@@ -4,7 +4,8 @@ A path the user gave is theirs. The tools write into it when asked, and remove o
 when it carries the mark of the tool that made it, a mark that only that tool writes:
     prepared data   meta.json with "format": PREPARED_FORMAT (pace-data), and the folders it writes beside it
                     (the train and validation splits, the tokenizer)
-    run folder      record.json, a run record (pace-train): its checkpoints/ and model/ are the run's
+    run folder      record.json, a run record or one cut short (pace-train): its checkpoints/ and model/
+                    are the run's
     figure outputs  a <figure>.png / .svg / .md that names the figure as its source (pace-figure)
 Anything else is refused with one line naming the path, with or without overwrite.
 """
@@ -41,10 +42,18 @@ def prepared_data(path):
 
 
 def run_folder(path):
-    """None if `path` is a pace-train run folder (its record.json a run record), else why it is not."""
-    record = _json_object(os.path.join(path, "record.json"))
-    if record is None or not {"status", "config"} <= set(record):
+    """None if `path` is a pace-train run folder, else why it is not: its record.json is a run record, or
+    one cut short (not JSON: a full disk; pace-train replaces it only with training.overwrite=true)."""
+    record_path = os.path.join(path, "record.json")
+    try:
+        with open(record_path, encoding="utf-8") as f:
+            record = json.load(f)
+    except OSError:
         return "no run record (record.json) that pace-train wrote"
+    except ValueError:
+        return None
+    if not isinstance(record, dict) or not {"status", "config"} <= set(record):
+        return "its record.json is no run record that pace-train wrote"
     return None
 
 

@@ -199,6 +199,9 @@ def prepare(out, request=Request(), num_proc=None, overwrite=False):
     if len(train) == 0 or len(val) == 0:
         raise PaceLMError(f"no usable examples after tokenization (train {len(train)}, validation {len(val)}): "
                           f"{train_counts}")
+    warnings = sft_warnings(train_counts, max_len) if request.mode == "sft" else []
+    for counts in (train_counts, val_counts):
+        counts.pop("empty_replies", None)  # said in the warnings; counts keep the layout records compare
     meta = dict(format=marks.PREPARED_FORMAT, mode=request.mode, source=request.source, name=request.name, split=request.split,
                 revision=request.revision, tokenizer=request.tokenizer or "offline-bpe",
                 gguf_file=request.gguf_file, added_tokens=added, max_seq_len=max_len,
@@ -208,7 +211,7 @@ def prepare(out, request=Request(), num_proc=None, overwrite=False):
                 corpus_sha256=corpus.corpus_sha256() if request.source == "offline" else None,
                 formats=source.formats, splits="the source's own" if source.splits else "held out at random",
                 train_tool_turns=request.train_tool_turns,
-                warnings=sft_warnings(train_counts, max_len) if request.mode == "sft" else [],
+                warnings=warnings,
                 seconds=round(time.time() - t0, 1), environment=environment())
     _write(out, (train, val), tok, meta)
     return meta
