@@ -119,3 +119,11 @@ def test_a_record_json_of_ones_own_is_no_run_record(tmp_path):
     (run_dir / "record.json").write_text('{"status": "complete", "conf')  # a run's record, cut short
     assert marks.run_folder(str(run_dir)) is None
     marks.check_run_parts(str(run_dir), ("model",))
+
+
+def test_the_committed_figures_carry_the_mark_so_that_they_can_be_redrawn_in_place():
+    """`pace-figure ... plot=true plot_dir=docs/figures` redraws the docs' figures: each carries the mark."""
+    import glob
+    docs = os.path.join(os.path.dirname(__file__), "..", "docs", "figures")
+    pngs = sorted(glob.glob(os.path.join(docs, "*.png")))
+    assert pngs and marks.figure_outputs(pngs) is None
