@@ -65,7 +65,8 @@ def prepared(out, source, tokenizer, **kw):
 def test_each_format_prepares_what_the_same_messages_prepare(tmp_path, offline_data, fmt):
     tok = str(offline_data / "tokenizer")
     convs = exchanges()
-    _, want = prepared(tmp_path / "m", write_jsonl(tmp_path / "m.jsonl", [as_format(c, "messages") for c in convs]), tok)
+    plain = write_jsonl(tmp_path / "m.jsonl", [as_format(c, "messages") for c in convs])
+    _, want = prepared(tmp_path / "m", plain, tok)
     meta, got = prepared(tmp_path / "f", write_jsonl(tmp_path / "f.jsonl", [as_format(c, fmt) for c in convs]), tok)
     assert got == want
     assert meta["formats"] == {"messages" if fmt == "content_parts" else fmt: len(convs)}
@@ -92,16 +93,19 @@ def test_tool_turns_are_masked_unless_asked(tmp_path, offline_data, offline_toke
                           {"role": "assistant", "content": "calling the tool"},
                           {"role": "tool", "content": f"TOOLRESULT {i * i}"},
                           {"role": "assistant", "content": f"{i * i}"}]} for i in range(12)]
-    _, (train_ds, _) = prepared(tmp_path / "p", write_jsonl(tmp_path / "t.jsonl", rows), str(offline_data / "tokenizer"),
+    source = write_jsonl(tmp_path / "t.jsonl", rows)
+    _, (train_ds, _) = prepared(tmp_path / "p", source, str(offline_data / "tokenizer"),
                                 train_tool_turns=train_tool_turns)
-    trained = offline_tokenizer.decode([t for t, y in zip(train_ds["input_ids"][0], train_ds["labels"][0]) if y != -100])
+    ids, labels = train_ds["input_ids"][0], train_ds["labels"][0]
+    trained = offline_tokenizer.decode([t for t, y in zip(ids, labels) if y != -100])
     assert ("TOOLRESULT" in trained) == train_tool_turns and "calling the tool" in trained
 
 
 def test_gzip_csv_and_upper_case_files_are_read(tmp_path, offline_data):
     tok = str(offline_data / "tokenizer")
     convs = exchanges(20)
-    _, want = prepared(tmp_path / "m", write_jsonl(tmp_path / "m.jsonl", [as_format(c, "messages") for c in convs]), tok)
+    plain = write_jsonl(tmp_path / "m.jsonl", [as_format(c, "messages") for c in convs])
+    _, want = prepared(tmp_path / "m", plain, tok)
     _, got = prepared(tmp_path / "gz", write_jsonl(tmp_path / "M.JSONL.GZ", [as_format(c, "messages") for c in convs],
                                                    gzip.open), tok)
     assert got == want

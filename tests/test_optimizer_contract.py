@@ -239,7 +239,8 @@ def test_an_older_state_dict_loads_and_steps():
         state["step"] = torch.tensor(float(state["step"]))  # the tensor step torch.optim writes
     other = PACE(params_of(), **PULL)
     other.load_state_dict(sd)
-    assert other.param_groups[0]["ema_update_freq"] == 1 and other.state[other.param_groups[0]["params"][0]]["step"] == 2
+    first = other.param_groups[0]["params"][0]
+    assert other.param_groups[0]["ema_update_freq"] == 1 and other.state[first]["step"] == 2
     train(other, other.param_groups[0]["params"], 1)
 
 

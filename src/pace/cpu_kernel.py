@@ -138,8 +138,9 @@ def n_chunks(numels):
 
 def step(name, tensors, hp, pull, update_ema, stats):
     """One PACE step of a bucket with kernel `name` (from kernel_for(), loaded): tensors a list of
-    [p, g, m, v, ema or None], the tensors of a row dense and of one layout (the kernel walks their memory); hp the (10,) hyperparameters (see _pace_update). Returns (n_chunks, 6)
-    float64 partial sums when stats, else None."""
+    [p, g, m, v, ema or None], the tensors of a row dense and of one layout (the kernel walks their memory);
+    hp the (10,) hyperparameters (see _pace_update). Returns (n_chunks, 6) float64 partial sums when stats,
+    else None."""
     ptrs = torch.tensor([0 if x is None else x.data_ptr() for row in tensors for x in row], dtype=torch.int64)
     sizes = [row[0].numel() for row in tensors]
     numels = torch.tensor(sizes, dtype=torch.int64)

@@ -101,7 +101,8 @@ def _alpaca(row):
     for name, value in (("instruction", instruction), ("input", extra), ("output", output)):
         if not isinstance(value, str):
             raise PaceLMError(f"{name!r} is {type(value).__name__}, not a string")
-    system = [{"role": "system", "content": row["system"]}] if isinstance(row.get("system"), str) and row["system"] else []
+    system = row.get("system")
+    system = [{"role": "system", "content": system}] if isinstance(system, str) and system else []
     prompt = f"{instruction}\n\n{extra}" if extra else instruction
     return [*system, {"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
 

@@ -202,8 +202,8 @@ def prepare(out, request=Request(), num_proc=None, overwrite=False):
     warnings = sft_warnings(train_counts, max_len) if request.mode == "sft" else []
     for counts in (train_counts, val_counts):
         counts.pop("empty_replies", None)  # said in the warnings; counts keep the layout records compare
-    meta = dict(format=marks.PREPARED_FORMAT, mode=request.mode, source=request.source, name=request.name, split=request.split,
-                revision=request.revision, tokenizer=request.tokenizer or "offline-bpe",
+    meta = dict(format=marks.PREPARED_FORMAT, mode=request.mode, source=request.source, name=request.name,
+                split=request.split, revision=request.revision, tokenizer=request.tokenizer or "offline-bpe",
                 gguf_file=request.gguf_file, added_tokens=added, max_seq_len=max_len,
                 pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
                 vocab_size=len(tok), seed=request.seed, counts=dict(train=train_counts, validation=val_counts),
