@@ -112,6 +112,37 @@ def test_the_module_graph_has_no_cycle():
     assert not graph["schema"] & {"optim", "models", "distributed", "train"}
 
 
+def test_the_optimizer_package_has_no_import_cycle():
+    """pace's modules import one another downward only (the class, its plan and paths, the kernels, the
+    leaves), at the top or inside a function."""
+    modules = {p.stem: p for p in (SRC / "pace").glob("*.py") if p.stem != "__init__"}
+    graph = {m: {n.split(".")[1] for n in imported(p) if n.startswith("pace.") and n.count(".") >= 1}
+             & set(modules) - {m} for m, p in modules.items()}
+    order = []
+
+    def visit(module, path):
+        for nxt in sorted(graph[module]):
+            assert nxt not in path, f"import cycle: {' -> '.join(path + [nxt])}"
+            visit(nxt, path + [nxt])
+        order.append(module)
+
+    for module in sorted(graph):
+        visit(module, [module])
+    assert graph["hyper"] == graph["plan"] == graph["rules"] == graph["notices"] == set()
+    assert {m for m, deps in graph.items() if "optimizer" in deps} == {"theory"}  # it runs PACE on the quadratic
+
+
+def test_the_step_paths_share_one_signature():
+    """Every path pace.paths chooses is a function of one signature (torch.optim's single-tensor /
+    multi-tensor / fused functions share theirs), so that the step calls each the same way."""
+    import inspect
+
+    from pace import cpu_kernel, foreach, forloop, triton_kernel
+    paths = [forloop.step, foreach.step, cpu_kernel.step, triton_kernel.step]
+    signatures = {str(inspect.signature(fn)) for fn in paths}
+    assert signatures == {"(bucket, grads, hp, consts, *, pull, update_ema, stats)"}
+
+
 def test_the_architecture_page_names_every_module():
     """docs/architecture.md's layout lists each module of both packages, and none that is gone."""
     page = (SRC.parent / "docs" / "architecture.md").read_text()

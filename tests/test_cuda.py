@@ -86,13 +86,14 @@ def test_cuda_step_never_syncs(impl, lr):
 
 
 def test_cuda_fused_is_the_triton_kernel(monkeypatch):
-    import pace.optimizer as pace_optimizer
+    import pace.foreach
+    import pace.forloop
 
     def broken(*a, **k):
         raise AssertionError("a torch-op path ran")
 
-    monkeypatch.setattr(pace_optimizer, "_pace_update", broken)
-    monkeypatch.setattr(pace_optimizer, "_foreach_update", broken)
+    monkeypatch.setattr(pace.forloop, "pace_update", broken)
+    monkeypatch.setattr(pace.foreach, "step", broken)
     params, ref = pair(torch.float32)
     opt = PACE(params, lr=0.05, lambda_pullback=0.7, use_ema_eval=True)
     ref_opt = PACEReference(ref, lr=0.05, lambda_pullback=0.7, use_ema_eval=True)

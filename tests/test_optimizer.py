@@ -12,6 +12,10 @@ import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+import pace.foreach
+import pace.forloop
+import pace.hyper
+import pace.notices
 import pace.optimizer as pace_optimizer
 from pace import cpu_kernel
 from pace import PACE, PACEReference
@@ -97,7 +101,7 @@ def test_matches_reference_property(lr, c, wd, beta1, beta2, eps, kappa, rho, ga
     run_side_by_side(impl, torch.float64, kw, steps=12, lr_fn=lambda t: lr)
 
 
-@pytest.mark.parametrize("ema_weight", [ema_weight_at, pace_optimizer.ema_weight_at], ids=["reference", "optimizer"])
+@pytest.mark.parametrize("ema_weight", [ema_weight_at, pace.hyper.ema_weight_at], ids=["reference", "optimizer"])
 def test_the_ema_weight_schedule(ema_weight):
     """The oracle and the fast path each write w_t in their own code (neither imports the other's);
     both are held to hand-computed values, so that one mistake cannot hide in both."""
@@ -112,12 +116,18 @@ def test_the_oracle_and_the_fast_path_import_nothing_from_each_other():
     import ast
     import pathlib
     src = pathlib.Path(pace_optimizer.__file__).parent
-    for name, other in (("optimizer.py", "reference"), ("reference.py", "optimizer")):
-        tree = ast.parse((src / name).read_text())
+    fast = [f for f in src.glob("*.py") if f.name not in ("reference.py", "theory.py", "__init__.py")]
+    assert {"optimizer.py", "hyper.py", "forloop.py", "cpu_kernel.py"} <= {f.name for f in fast}
+    for path in fast + [src / "reference.py"]:
+        tree = ast.parse(path.read_text())
         imported = {f"{n.module or ''}.{a.name}" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
                     for a in n.names}  # pace.reference.ema_weight_at, pace.cpu_kernel, ...
         imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-        assert not any(module.startswith(("pace.", ".")) and other in module for module in imported), (name, imported)
+        ours = {m for m in imported if m.startswith(("pace.", "."))}
+        if path.name == "reference.py":
+            assert not ours, ours
+        else:
+            assert not any("reference" in m for m in ours), (path.name, ours)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -614,8 +624,8 @@ def test_fused_step_is_the_cpu_kernel(monkeypatch):
     def broken(*a, **k):
         raise AssertionError("a torch-op path ran")
 
-    monkeypatch.setattr(pace_optimizer, "_pace_update", broken)
-    monkeypatch.setattr(pace_optimizer, "_foreach_update", broken)
+    monkeypatch.setattr(pace.forloop, "pace_update", broken)
+    monkeypatch.setattr(pace.foreach, "step", broken)
     for dtype in (torch.float32, torch.float64):
         run_side_by_side("fused", dtype, dict(SETTINGS["pace_kappa"], weight_decay=0.1), steps=5)
 
@@ -789,36 +799,6 @@ def test_refuses_an_amsgrad_adamw_checkpoint():
         opt.load_state_dict(adamw.state_dict())
 
 
-def test_step_inside_torch_compile_runs_eagerly_with_one_warning(monkeypatch):
-    monkeypatch.setattr(pace_optimizer, "_warned", set())
-    model, twin = torch.nn.Linear(6, 3), torch.nn.Linear(6, 3)
-    twin.load_state_dict(model.state_dict())
-    kw = dict(lr=0.05, lambda_pullback=0.5, use_ema_eval=True)
-    opt, opt_twin = PACE(model.parameters(), **kw), PACE(twin.parameters(), **kw)
-
-    def train_step(m, o, x):
-        loss = m(x).square().mean()
-        loss.backward()
-        o.step()
-        o.zero_grad()
-        return loss
-
-    hook_calls = []
-    opt.register_step_post_hook(lambda *a: hook_calls.append(1))
-    compiled = torch.compile(train_step, backend="eager")
-    with warnings.catch_warnings(record=True) as w:
-        warnings.simplefilter("always")
-        for t in range(3):
-            x = torch.randn(8, 6, generator=torch.Generator().manual_seed(t))
-            compiled(model, opt, x)
-            train_step(twin, opt_twin, x)
-    assert sum("inside torch.compile" in str(x.message) for x in w) == 1
-    assert len(hook_calls) == 3  # the step's hooks ran once a step
-    for p, q in zip(model.parameters(), twin.parameters()):
-        torch.testing.assert_close(p, q)
-        torch.testing.assert_close(opt.state[p]["ema"], opt_twin.state[q]["ema"])
-
-
 def test_the_hyperparameter_layout_is_one_in_python_c_and_triton():
     """pace.hyper.Layout is the only definition of the slots: the C kernel's enum names every slot at the
     same position, and the Triton kernel reads every slot by its name, once."""
@@ -863,8 +843,14 @@ def test_capturable_steps_give_the_same_bits(impl, lr):
 
 
 def test_capturable_step_counts_follow_the_group():
-    """Tensor step counts in a capturable group, ints otherwise, whichever form a loaded state_dict had or
-    the flag is switched to: converted when loaded, and at the next step after a switch."""
+    """Step counts are float32 tensors as torch.optim keeps them: on the parameter's device in a capturable
+    group, on the CPU otherwise, whichever form a loaded state_dict had (an int from an earlier PACE) or the
+    flag is switched to: converted when loaded, and at the next step after a switch."""
+    def counts(opt, value, device):
+        steps = [opt.state[p]["step"] for p in params]
+        return all(isinstance(s, torch.Tensor) and s.dtype == torch.float32 and s.device == torch.device(device)
+                   and s.item() == value for s in steps)
+
     params = make_params()
     opt = PACE(params, lr=0.01, lambda_pullback=0.5, use_ema_eval=True, capturable=True)
     for t in range(3):
@@ -872,22 +858,38 @@ def test_capturable_step_counts_follow_the_group():
         opt.step()
     twin = PACE(params, lr=0.01, lambda_pullback=0.5, use_ema_eval=True, capturable=True)
     twin.load_state_dict(opt.state_dict())
-    assert all(isinstance(twin.state[p]["step"], torch.Tensor) and twin.state[p]["step"].item() == 3 for p in params)
+    assert counts(twin, 3, params[0].device)
     set_grads(params, 3)
     twin.step()  # a plan built
     twin.param_groups[0]["capturable"] = False
     twin.step()
-    assert all(twin.state[p]["step"] == 5 and isinstance(twin.state[p]["step"], int) for p in params)
+    assert counts(twin, 5, "cpu")
+    saved = twin.state_dict()
+    for state in saved["state"].values():
+        state["step"] = int(state["step"].item())  # the int an earlier PACE saved
     again = PACE(params, lr=0.01, lambda_pullback=0.5, use_ema_eval=True)
-    again.load_state_dict(twin.state_dict())
+    again.load_state_dict(saved)
+    assert counts(again, 5, "cpu")
     again.param_groups[0]["capturable"] = True
     again.step()
-    assert all(isinstance(again.state[p]["step"], torch.Tensor) and again.state[p]["step"].item() == 6 for p in params)
+    assert counts(again, 6, params[0].device)
 
 
-def test_capturable_needs_an_ema_updated_every_step():
-    with pytest.raises(ValueError, match="ema_update_freq.*capturable"):
-        PACE(make_params(), capturable=True, ema_update_freq=2)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_a_capturable_step_updates_the_ema_every_freq_steps_on_the_device(impl):
+    """With capturable=True, whether a step updates the EMA is decided on the device (w_t is 0 on the other
+    steps), so that a captured graph replays it right: the same bits as the host's decision."""
+    out = []
+    for capturable in (False, True):
+        params = make_params()
+        opt = PACE(params, lr=0.03, lambda_pullback=0.5, ema_kappa=0.3, use_ema_eval=True, ema_update_freq=3,
+                   impl="forloop" if impl == "foreach" else impl, capturable=capturable)
+        for t in range(7):
+            set_grads(params, t)
+            opt.step()
+        out.append([opt.state[p]["ema"] for p in params])
+    for x, y in zip(*out):
+        assert torch.equal(x, y)
     with pytest.raises(ValueError, match="capturable"):
         PACE(make_params(), capturable="yes")
 
@@ -895,7 +897,7 @@ def test_capturable_needs_an_ema_updated_every_step():
 def test_an_impossible_fused_request_raises_and_the_default_says_why(monkeypatch):
     """impl="fused" where the kernel cannot run raises (as torch.optim's fused=True); impl=None steps with
     foreach, saying once why; foreach says once when it steps per tensor."""
-    monkeypatch.setattr(pace_optimizer, "_warned", set())
+    monkeypatch.setattr(pace.notices, "_warned", set())
     p = torch.nn.Parameter(torch.randn(8, dtype=torch.float16))  # no CPU kernel takes float16
     p.grad = torch.randn(8, dtype=torch.float16)
     with pytest.raises(RuntimeError, match=r"impl='fused' cannot run: the CPU kernel takes .*float16"):

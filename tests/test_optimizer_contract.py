@@ -126,9 +126,12 @@ def test_step_hooks_run_in_order_around_the_step():
     params = params_of()
     opt = PACE(params, **PULL)
     calls = []
-    handles = [opt.register_step_pre_hook(lambda o, args, kwargs: calls.append(("pre", o.state.get(params[0], {})
-                                                                                   .get("step")))),
-               opt.register_step_post_hook(lambda o, args, kwargs: calls.append(("post", o.state[params[0]]["step"]))),
+    def count(o):  # the step count's value then (the tensor itself advances in place)
+        step = o.state.get(params[0], {}).get("step")
+        return None if step is None else int(step)
+
+    handles = [opt.register_step_pre_hook(lambda o, args, kwargs: calls.append(("pre", count(o)))),
+               opt.register_step_post_hook(lambda o, args, kwargs: calls.append(("post", count(o)))),
                register_optimizer_step_pre_hook(lambda o, a, k: calls.append(("global pre",))),
                register_optimizer_step_post_hook(lambda o, a, k: calls.append(("global post",)))]
     try:
@@ -265,8 +268,8 @@ def test_a_state_dict_loads_into_weights_of_another_dtype_or_device(to):
 def test_the_weights_cast_after_the_first_step_take_their_state_along(monkeypatch):
     """model.double() after training: the moments follow the weights, the step goes on, and the fallback for
     float64 weights with the float32 EMA says so."""
-    import pace.optimizer
-    monkeypatch.setattr(pace.optimizer, "_warned", set())  # said once per process: said here
+    import pace.notices
+    monkeypatch.setattr(pace.notices, "_warned", set())  # said once per process: said here
     model = torch.nn.Linear(3, 2)
     opt = PACE(model.parameters(), **PULL)
     train(opt, list(model.parameters()), 2)

@@ -136,18 +136,28 @@ def n_chunks(numels):
     return sum(-(-n // CHUNK) for n in numels)
 
 
-def step(name, tensors, hp, pull, update_ema, stats):
-    """One PACE step of a bucket with kernel `name` (from kernel_for(), loaded): tensors a list of
-    [p, g, m, v, ema or None], the tensors of a row dense and of one layout (the kernel walks their memory);
-    hp the (10,) hyperparameters (see _pace_update). Returns (n_chunks, 6) float64 partial sums when stats,
-    else None."""
-    ptrs = torch.tensor([0 if x is None else x.data_ptr() for row in tensors for x in row], dtype=torch.int64)
-    sizes = [row[0].numel() for row in tensors]
+def run(name, rows, hp, pull, update_ema, stats):
+    """One call of kernel `name` (from kernel_for(), loaded): rows a list of (p, g, m, v, ema or None), the
+    tensors of a row dense and of one layout (the kernel walks their memory); hp the (SIZE,) hyperparameters
+    (pace.hyper). Returns (n_chunks, 6) float64 partial sums when stats, else None."""
+    ptrs = torch.tensor([0 if x is None else x.data_ptr() for row in rows for x in row], dtype=torch.int64)
+    sizes = [row[0].numel() for row in rows]
     numels = torch.tensor(sizes, dtype=torch.int64)
     hp = hp.to(device="cpu", dtype=torch.float64).contiguous()
     out = torch.empty(n_chunks(sizes), 6, dtype=torch.float64) if stats else None
-    failed = _fns[name](len(tensors), ptrs.data_ptr(), numels.data_ptr(), hp.data_ptr(), int(pull),
+    failed = _fns[name](len(rows), ptrs.data_ptr(), numels.data_ptr(), hp.data_ptr(), int(pull),
                         int(update_ema), out.data_ptr() if stats else None, torch.get_num_threads())
     if failed:
-        raise MemoryError(f"PACE: the CPU kernel could not allocate its table of {len(tensors)} tensors")
+        raise MemoryError(f"PACE: the CPU kernel could not allocate its table of {len(rows)} tensors")
     return out
+
+
+def step(bucket, grads, hp, consts, *, pull, update_ema, stats):
+    """Step a staged bucket (pace.plan.Bucket.stage) with its kernel, bucket.kernel (pace.paths)."""
+    grads = bucket.kernel_grads(grads)
+    bucket.copy_in()
+    emas = bucket.emas or [None] * len(bucket.params)
+    rows = list(zip(bucket.params, grads, bucket.exp_avgs, bucket.exp_avg_sqs, emas))
+    out = run(bucket.kernel, rows, hp, pull, update_ema, stats)
+    bucket.copy_out()
+    return [out] if stats else []

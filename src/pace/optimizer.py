@@ -2,15 +2,16 @@
 
 Au & Block (2026), "Training for the Model You Return", arXiv:2606.25086.
 The float64 twin in paper notation is `pace.reference.PACEReference`.
+
+The class holds the arguments, the state and the modes. Its step is planned in pace.plan, with the
+hyperparameters of pace.hyper, and run by the path pace.paths chooses (pace.cpu_kernel, pace.triton_kernel,
+pace.foreach, pace.forloop); inside torch.compile, pace.compiled traces it into the graph.
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
-import numbers
-import operator
-import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -19,145 +20,11 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.optimizer import ParamsT
 
-from pace import cpu_kernel, triton_kernel
-from pace.hyper import HP, SIZE as HP_SIZE
+from pace import compiled, hyper, paths, triton_kernel
+from pace.plan import Bucket, DTensor, Plan, follow_weights, new_step, read_counts, share_counts, step_form
+from pace.rules import check_group
 
-try:
-    from torch.distributed.tensor import DTensor
-except ImportError:  # torch built without distributed
-    DTensor = ()
-
-IMPLS = ("fused", "triton", "foreach", "forloop")
 STAT_NAMES = ("lambda_mean", "lambda_max", "frac_clipped", "update_norm", "pullback_norm", "dist_to_ema")
-MIN_EMA_WEIGHT = 1e-4  # floor on w_t, so that a decaying EMA never freezes
-FOREACH_SLICE = 1 << 24  # elements per foreach pass: bounds its preallocated temporaries
-
-
-def ema_weight_at(t, beta_ema, kappa, rho, gamma):
-    """w_t: the EMA's weight on the newest iterate at (1-based) step t."""
-    if kappa is None:
-        return beta_ema
-    return max((1.0 + gamma * max(0.0, t - rho)) ** (-kappa), MIN_EMA_WEIGHT)
-
-
-def _pace_update(p, g, m, v, ema, hp, pull: bool, update_ema: bool, stats: bool):
-    """One PACE step of one tensor, in place, in torch ops: the forloop path, the path traced inside a user's
-    torch.compile, and the definition the kernels (csrc/pace_step.c, triton_kernel.py) follow op for op.
-
-    hp: the hyperparameter vector (pace.hyper.Layout) in the compute dtype (float64 for float64 weights,
-        else float32): 1 - lr*wd, lr/bc1, 1/sqrt(bc2), eps, 1 - beta1, beta2, 1 - beta2, lr*c*w_t, w_t,
-        lambda_max (1 when clamp_pullback, else inf)
-    The 16-bit rule: arithmetic in float32, m and v stored in the weights' dtype, the EMA (float32 by
-    default) averages the weights as stored, i.e. theta_{t+1} rounded to the weights' dtype.
-    Returns (6,) partial sums for get_step_stats() when stats, else None.
-    """
-    # the slots of pace.hyper.Layout, in its order
-    (keep, step_size, inv_bc2_sqrt, eps, one_minus_beta1, beta2, one_minus_beta2, lam_scale, ema_weight,
-     lam_max) = hp.unbind(0)
-    theta = p.to(hp.dtype)  # theta_t, the weights before this step
-    grad = g.to(hp.dtype)
-    m_new = m.to(hp.dtype).lerp(grad, one_minus_beta1)
-    v_new = v.to(hp.dtype) * beta2 + one_minus_beta2 * grad * grad
-    inv_denom = 1 / (v_new.sqrt() * inv_bc2_sqrt + eps)  # 1 / (sqrt(v_hat) + eps): the one division
-    adamw = theta * keep - step_size * (m_new * inv_denom)  # theta'
-    new = adamw
-    if pull:
-        lam_raw = lam_scale * inv_denom
-        lam = torch.minimum(lam_raw, lam_max)
-        diff = ema.to(hp.dtype) - theta  # ema_{t-1} - theta_t
-        new = adamw + lam * diff
-    partials = None
-    if stats:  # before p is written: theta may be p itself (p.to(its own dtype) is no copy)
-        zero = theta.new_zeros(())
-        upd_sq = (adamw - theta).square().sum()
-        partials = (torch.stack([lam.sum(), lam.max(), (lam_raw >= 1).sum().to(hp.dtype), upd_sq,
-                                 (lam * diff).square().sum(), diff.square().sum()]) if pull
-                    else torch.stack([zero, zero, zero, upd_sq, zero, zero]))
-    p.copy_(new)
-    m.copy_(m_new)
-    v.copy_(v_new)
-    if update_ema:
-        ema.lerp_(p.to(ema.dtype), ema_weight.to(ema.dtype))  # theta_{t+1} as stored
-    return partials
-
-
-_warned = set()
-
-
-def _warn_once(key, message):
-    if key not in _warned:
-        _warned.add(key)
-        warnings.warn(message, stacklevel=4)
-
-
-def _local(t):
-    """The tensor the elementwise update runs on: a DTensor's local shard, complex as real pairs."""
-    if isinstance(t, DTensor):
-        t = t.to_local()
-    return torch.view_as_real(t) if t.is_complex() else t
-
-
-def _is_real(x):
-    return isinstance(x, numbers.Real) and not isinstance(x, bool)
-
-
-def check_adam_args(group, who="PACE"):
-    """AdamW's rules on lr, betas, eps and weight_decay (a mapping holding them): a ValueError
-    "<who>: invalid <name>=<value>: <why>" for the first bad one. PACE checks its groups with it, and pace_lm's
-    schema checks schedule-free's arguments with it: one rule for every Adam-style optimizer here."""
-    def bad(name, why):
-        raise ValueError(f"{who}: invalid {name}={group[name]!r}: {why}")
-
-    lr = group["lr"]
-    if isinstance(lr, Tensor):
-        if lr.numel() != 1 or not lr.is_floating_point():
-            bad("lr", "a tensor lr must be a floating tensor with exactly one element")
-    elif not _is_real(lr):
-        bad("lr", "must be a number or a one-element tensor")
-    _check_nonnegative(group, ("lr", "eps", "weight_decay"), bad)
-    betas = group["betas"]
-    if (not isinstance(betas, (tuple, list)) or len(betas) != 2
-            or not all(_is_real(b) and 0.0 <= b < 1.0 for b in betas)):
-        bad("betas", "need two values, each in [0, 1)")
-
-
-def _check_nonnegative(group, names, bad):
-    for name in names:
-        if isinstance(group[name], Tensor):  # a tensor lr: its value is on the device, not checked (no sync)
-            continue
-        if not _is_real(group[name]):
-            bad(name, "must be a number")
-        if not group[name] >= 0:  # also rejects NaN
-            bad(name, "must be >= 0")
-
-
-def _check_group(group):
-    """Raise a ValueError naming the bad hyperparameter and its value (at construction, and at every step,
-    so that values edited into param_groups later get the same message)."""
-    def bad(name, why):
-        raise ValueError(f"PACE: invalid {name}={group[name]!r}: {why}")
-
-    check_adam_args(group)
-    _check_nonnegative(group, ("lambda_pullback", "ema_rho", "ema_gamma"), bad)
-    if not (_is_real(group["beta_ema"]) and 0.0 < group["beta_ema"] <= 1.0):
-        bad("beta_ema", "must be in (0, 1]")
-    kappa = group["ema_kappa"]
-    if kappa is not None and not (_is_real(kappa) and kappa >= 0):
-        bad("ema_kappa", "must be None or >= 0")
-    freq = group["ema_update_freq"]
-    if isinstance(freq, bool) or not isinstance(freq, int) or freq < 1:
-        bad("ema_update_freq", "must be a positive int")
-    impl = group["impl"]
-    if impl is not None and impl not in IMPLS:
-        bad("impl", f"must be None or one of {IMPLS}")
-    ema_dtype = group["ema_dtype"]
-    if ema_dtype is not None and not (isinstance(ema_dtype, torch.dtype) and ema_dtype.is_floating_point):
-        bad("ema_dtype", "must be None or a floating torch.dtype")
-    for name in ("clamp_pullback", "use_ema_eval", "log_stats", "capturable"):
-        if not isinstance(group[name], bool):
-            bad(name, "must be True or False")
-    if group["capturable"] and freq != 1:
-        bad("ema_update_freq", "must be 1 with capturable=True (which steps update the EMA is decided on the host)")
 
 
 class PACE(Optimizer):
@@ -179,8 +46,9 @@ class PACE(Optimizer):
     lambda_pullback=0, use_ema_eval=False is AdamW (no EMA is allocated); lambda_pullback=0, use_ema_eval=True
     is the EMA baseline; lambda_pullback>0, use_ema_eval=True is PACE.
 
-    Args (all readable and overridable per param group):
-        lr (float or 0-d Tensor): learning rate, default 1e-4.
+    Args (all readable and overridable per param group; all but the first five keyword-only):
+        lr (float or Tensor): learning rate, default 1e-4. A one-element tensor lr can change without a
+            recompile inside torch.compile and between CUDA graph replays.
         betas, eps, weight_decay: as torch.optim.AdamW (default (0.9, 0.999), 1e-8, 0.01).
         lambda_pullback (float): c, the pullback strength (default 0: no pullback).
         clamp_pullback (bool): clamp lambda at 1 per coordinate (default True).
@@ -198,19 +66,24 @@ class PACE(Optimizer):
                 cannot run (no C compiler, a layout or device it does not take) the step raises.
             "triton": the Triton kernel on any device (CPU tensors run it under TRITON_INTERPRET=1).
             "foreach": torch._foreach ops, no compiler needed (several passes over memory); 16-bit weights,
-                a mixed-dtype EMA and telemetry step per tensor (said once), so that their arithmetic is
-                float32 as in the kernels.
+                a mixed-dtype EMA, telemetry and capturable steps go per tensor (said once), so that their
+                arithmetic is float32 as in the kernels.
             "forloop": the per-tensor update in torch ops; slowest, simplest.
             None: "fused" where its kernel can run, else "foreach", with one warning saying why (MPS, XPU,
                 float16 on the CPU, no C compiler, no Triton).
-            Inside a user's torch.compile the step runs eagerly (one graph break, one warning).
+            Inside torch.compile (pace.compiled): the C kernel as one graph op on the CPU (None, "fused"),
+            else the update traced into the graph, which Inductor fuses (CUDA, "triton", "foreach",
+            "forloop").
         ema_dtype (torch.dtype or None): EMA dtype; None means float32 for 16-bit parameters
             (bf16 rounding would stall an EMA whose updates are ema_weight*delta) and the parameter's dtype otherwise.
         capturable (bool): the step can be captured in a CUDA graph and replayed (default False). As in
-            torch.optim: the step count is a device tensor, the bias corrections and w_t are computed on
-            the device, and nothing is copied from the host; a tensor lr can change between replays. Capture
-            a step after at least one eager step with the same parameters with grads (its first step reads
-            the step counts back once, to bucket the parameters). Needs ema_update_freq=1.
+            torch.optim: the step count is a device tensor, the bias corrections, w_t and whether the EMA
+            updates are computed on the device, and nothing is copied from the host; a tensor lr can change
+            between replays. Capture a step after at least one eager step with the same parameters with
+            grads (its first step reads the step counts back once, to bucket the parameters).
+
+    State per parameter: "step" (a float32 scalar tensor, as torch.optim keeps it: on the CPU, or on the
+    parameter's device when capturable), "exp_avg", "exp_avg_sq", and "ema" where an EMA is kept.
 
     Modes: the optimizer starts in train mode. eval() copies the EMA into the parameters of groups with
     use_ema_eval and keeps the training weights in state["train_weights"]; train() puts them back. A
@@ -219,7 +92,7 @@ class PACE(Optimizer):
     """
 
     def __init__(self, params: ParamsT, lr: float | Tensor = 1e-4, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.01, lambda_pullback: float = 0.0,
+                 eps: float = 1e-8, weight_decay: float = 0.01, *, lambda_pullback: float = 0.0,
                  clamp_pullback: bool = True, beta_ema: float = 0.01, use_ema_eval: bool = False,
                  ema_kappa: float | None = None, ema_rho: float = 0.0, ema_gamma: float = 1.0,
                  ema_update_freq: int = 1, log_stats: bool = False, impl: str | None = None,
@@ -230,7 +103,7 @@ class PACE(Optimizer):
                         ema_rho=ema_rho, ema_gamma=ema_gamma, ema_update_freq=ema_update_freq,
                         log_stats=log_stats, impl=impl, ema_dtype=ema_dtype, capturable=capturable,
                         train_mode=True)
-        _check_group(defaults)
+        check_group(defaults)
         self._init_caches()
         super().__init__(params, defaults)
 
@@ -244,25 +117,24 @@ class PACE(Optimizer):
         bound.apply_defaults()
         group = {k: v for k, v in bound.arguments.items() if k not in ("self", "params")}
         betas = group["betas"]
-        _check_group(dict(group, betas=tuple(betas) if isinstance(betas, (list, tuple)) else betas))
+        check_group(dict(group, betas=tuple(betas) if isinstance(betas, (list, tuple)) else betas))
 
     def _init_caches(self):
         """What a step keeps between calls besides the state: never pickled, rebuilt on demand."""
-        self._stats = None
+        self._stats = [None]  # [(partials, numel)] of the last step with telemetry: a list, which compiled code writes
         self._launcher = None  # triton_kernel.Launcher: device tables of the parameter sets seen
         self._scratch = {}  # (device, dtype) -> flat temporaries of the foreach path
-        self._plans = {}  # id(group) -> _Plan: what the group's last step read, reused while it holds
+        self._plans = {}  # id(group) -> plan.Plan: what the group's last step read, reused while it holds
 
     def add_param_group(self, param_group):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        _check_group(group)
+        check_group(group)
         group["train_mode"] = self.param_groups[0]["train_mode"]  # a new group joins the current mode
 
     def __setstate__(self, state):
         """Also what load_state_dict() ends with: a group saved by torch.optim.AdamW or an earlier PACE gets
-        every missing key from this optimizer's defaults, and the step count takes the group's form: an int,
-        or a float32 tensor on the parameter's device with capturable=True."""
+        every missing key from this optimizer's defaults, and the step count takes the group's form."""
         super().__setstate__(state)  # adds torch's "differentiable" to defaults: not a PACE argument
         self._init_caches()
         for group in self.param_groups:
@@ -271,39 +143,97 @@ class PACE(Optimizer):
                     group.setdefault(key, value)
             group.setdefault("train_mode", True)
             for p in group["params"]:
-                _step_form(self.state.get(p), p, group["capturable"])
+                if p in self.state:
+                    step_form(self.state[p], p, group["capturable"])
 
     @property
     def training(self) -> bool:
         return self.param_groups[0]["train_mode"]
+
+    # ---- the state ---------------------------------------------------------------
+
+    def _init_group(self, group, params, grads, exp_avgs, exp_avg_sqs, emas, state_steps, compiling=False,
+                    undo=None):
+        """torch.optim's _init_group: the group's parameters with grads, and their state, into the named lists
+        (emas only where the group keeps an EMA). State is made for a parameter stepped for the first time;
+        `undo` (a list), when given, gets what removes it. torch.compile runs this eagerly while it traces
+        (compiling=True): the step counts are then tensors of their own, not views of a plan's."""
+        needs_ema = group["lambda_pullback"] > 0 or group["use_ema_eval"]
+        capturable = group["capturable"]
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError("PACE does not support sparse gradients")
+            state = self.state[p]
+            if not state:
+                if undo is not None:
+                    undo.append(lambda p=p: self.state.pop(p, None))
+                state["step"] = new_step(0, p, capturable)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            elif compiling:
+                if isinstance(state["step"], Tensor) and state["step"]._base is not None:
+                    state["step"] = state["step"].clone()
+                follow_weights(state, p)
+            else:
+                step_form(state, p, capturable)  # the flag may have been switched since the count was made
+                follow_weights(state, p)
+            if needs_ema and "ema" not in state:
+                if undo is not None:
+                    undo.append(lambda state=state: state.pop("ema", None))
+                state["ema"] = p.detach().to(self._ema_dtype(group, p), copy=True)  # ema_0
+            params.append(p)
+            grads.append(p.grad)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            if needs_ema:
+                emas.append(state["ema"])
+            state_steps.append(state["step"])
+        if compiling:
+            self._plans.clear()  # their shared step counts are gone
+
+    @staticmethod
+    def _ema_dtype(group, p):
+        if group["ema_dtype"] is not None:
+            return group["ema_dtype"]
+        return torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype
 
     # ---- the step ----------------------------------------------------------------
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
         """One step; closure (optional) re-evaluates the model and returns the loss."""
-        if torch.compiler.is_compiling():
-            return self._step_eagerly(closure)
-        return self._step(closure)
-
-    @torch.compiler.disable
-    def _step_eagerly(self, closure):
-        _warn_once("compile", "PACE.step() inside torch.compile runs eagerly, with its fused kernel: one graph "
-                   "break at the step (compile the forward and backward, not the optimizer step)")
-        return self._step(closure)
-
-    def _step(self, closure):
         if not self.training:
             raise RuntimeError("PACE.step() called in eval mode: the EMA weights are in the model. "
                                "Call optimizer.train() before stepping.")
         for group in self.param_groups:
-            _check_group(group)
-        if not all(group["capturable"] for group in self.param_groups) and _capturing():
-            raise RuntimeError("PACE: step() inside CUDA graph capture needs PACE(..., capturable=True)")
+            check_group(group)
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if torch.compiler.is_compiling():
+            self._compiled_step()
+        else:
+            self._eager_step()
+        return loss
+
+    def _compiled_step(self):
+        """The step as torch.compile traces it: torch.optim's shape, with no plan (pace.compiled)."""
+        partials, numel = [], 0
+        for group in self.param_groups:
+            params, grads, exp_avgs, exp_avg_sqs, emas, state_steps = [], [], [], [], [], []
+            self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, emas, state_steps, True)
+            if params:
+                partials += compiled.step(group, params, grads, exp_avgs, exp_avg_sqs, emas, state_steps)
+                if group["log_stats"] and group["lambda_pullback"] > 0:
+                    numel += sum(p.numel() for p in params)
+        self._stats[0] = (partials, numel) if partials else None
+
+    def _eager_step(self):
+        if not all(group["capturable"] for group in self.param_groups) and _capturing():
+            raise RuntimeError("PACE: step() inside CUDA graph capture needs PACE(..., capturable=True)")
         # every group planned before any is stepped: a step that raises (a layout, dtype or device no path
         # takes, a sparse grad) leaves the weights, the EMA and every state entry as they were
         undo = []
@@ -318,8 +248,7 @@ class PACE(Optimizer):
             self._plans[id(group)] = plan
             numel += self._step_group(group, plan, partials)
         # kept as device tensors: get_step_stats() syncs, the step never does
-        self._stats = (partials, numel) if partials else None
-        return loss
+        self._stats[0] = (partials, numel) if partials else None
 
     def _prepare(self, group, undo):
         """The group's plan for this step, its step counts advanced; `undo` gets what puts them back."""
@@ -334,7 +263,42 @@ class PACE(Optimizer):
             plan.advance()
             undo.append(plan.retreat)
             return plan
-        return self._plan(group, params, grads, has_grad, needs_ema, undo)
+        return self._plan(group, params, has_grad, needs_ema, undo)
+
+    def _plan(self, group, params, has_grad, needs_ema, undo):
+        """Make the state of parameters stepped for the first time (_init_group), advance every step count, and
+        sort the parameters with grads into buckets (device, dtype, step count), each with the path that steps
+        it. Every change to the state is recorded in `undo`."""
+        capturable = group["capturable"]
+        if capturable and _capturing():
+            raise RuntimeError("PACE: the parameters with grads changed inside CUDA graph capture; capture a step "
+                               "only after an eager step with the same parameters with grads")
+        stepped, _, exp_avgs, exp_avg_sqs, emas, state_steps = [], [], [], [], [], []
+        self._init_group(group, stepped, [], exp_avgs, exp_avg_sqs, emas, state_steps, undo=undo)
+        positions = [i for i, h in enumerate(has_grad) if h]
+        states = [(i, p, self.state[p]) for i, p in zip(positions, stepped)]
+        counts = read_counts(state_steps)  # before this step
+        shared = share_counts(states, counts, undo)
+        buckets = {}
+        for (i, p, state), t in zip(states, counts):
+            if p.numel() > 0:
+                key = (p.device, p.dtype, t + 1)
+                if key not in buckets:
+                    buckets[key] = Bucket(*key, with_ema=needs_ema)
+                    buckets[key].count = state["step"]
+                buckets[key].add(i, p, state["exp_avg"], state["exp_avg_sq"], state.get("ema"))
+        for bucket in buckets.values():
+            bucket.path, bucket.kernel = paths.choose(group["impl"], bucket)
+            if bucket.path in paths.WALK_MEMORY:
+                bucket.stage()  # the kernels walk memory
+            if bucket.path is triton_kernel.step:
+                if self._launcher is None:
+                    self._launcher = triton_kernel.Launcher()
+                bucket.kernel = self._launcher.tables(bucket, capturable)
+            bucket.scratch = self._scratch
+            if bucket.index == list(range(len(params))):
+                bucket.index = None  # every parameter of the group: its grads are the group's, in order
+        return Plan(group, params, has_grad, needs_ema, self.state, list(buckets.values()), shared)
 
     def _step_group(self, group, plan, partials):
         """Update every parameter of the group that has a grad; return the number of pulled coordinates."""
@@ -343,151 +307,15 @@ class PACE(Optimizer):
         grads = [p.grad for p in group["params"]]
         stats = group["log_stats"]
         for bucket in plan.buckets:
-            update_ema = needs_ema and bucket.t % group["ema_update_freq"] == 0
-            if group["capturable"]:
-                hp, consts = _hyper_on_device(group, bucket.step, bucket.dtype), None
+            if group["capturable"]:  # computed on the device from the count, whether the EMA updates too
+                t, update_ema = bucket.count.to(torch.float64), needs_ema
             else:
-                hp, consts = self._hyper(group, bucket.t, bucket.device, bucket.dtype)
-            flags = (pull, update_ema, stats)
+                t, update_ema = bucket.t, needs_ema and bucket.t % group["ema_update_freq"] == 0
+            hp, consts = hyper.build(group, t, bucket.device, bucket.dtype)
             bucket_grads = grads if bucket.index is None else [grads[i] for i in bucket.index]
-            out = self._run(bucket, bucket_grads, hp, consts, group["clamp_pullback"], flags)
-            if stats:
-                partials.extend(x.reshape(-1, 6) for x in out)
+            out = bucket.path(bucket, bucket_grads, hp, consts, pull=pull, update_ema=update_ema, stats=stats)
+            partials.extend(x.reshape(-1, 6) for x in out)
         return plan.numel if pull and stats else 0
-
-    def _plan(self, group, params, grads, has_grad, needs_ema, undo):
-        """Create the state of parameters stepped for the first time, advance every step count, and sort
-        the parameters with grads into buckets (device, dtype, step count), each with the path that steps it.
-        Every change to the state is recorded in `undo`."""
-        impl = group["impl"]
-        capturable = group["capturable"]
-        if capturable and _capturing():
-            raise RuntimeError("PACE: the parameters with grads changed inside CUDA graph capture; capture a step "
-                               "only after an eager step with the same parameters with grads")
-        stepped = []
-        for i, (p, g) in enumerate(zip(params, grads)):
-            if g is None:
-                continue
-            state = self.state[p]
-            if not state:
-                undo.append(lambda p=p: self.state.pop(p, None))
-                state["step"] = _step_tensor(0, p.device) if capturable else 0
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            else:
-                _step_form(state, p, capturable)  # the flag may have been switched since the count was made
-                _follow_weights(state, p)
-            if needs_ema and "ema" not in state:
-                undo.append(lambda state=state: state.pop("ema", None))
-                state["ema"] = p.detach().to(self._ema_dtype(group, p), copy=True)  # ema_0
-            stepped.append((i, p, state))
-        states = [state for _, _, state in stepped]
-        _advance(states, capturable, 1)
-        undo.append(lambda: _advance(states, capturable, -1))
-        counts = _read_counts([st["step"] for st in states]) if capturable else [st["step"] for st in states]
-        buckets = {}
-        for (i, p, state), t in zip(stepped, counts):
-            if p.numel() > 0:
-                key = (p.device, p.dtype, t)
-                if key not in buckets:
-                    buckets[key] = _Bucket(*key)
-                buckets[key].add(i, p, state)
-        for bucket in buckets.values():
-            bucket.path = self._path(impl, bucket, capturable)
-            if bucket.path[0] in ("cpu", "triton"):
-                bucket.stage()
-            if bucket.path[0] == "triton":
-                bucket.path = ("triton", self._launcher.tables(bucket.rows, bucket.device, capturable))
-            if bucket.index == list(range(len(params))):
-                bucket.index = None  # every parameter of the group: its grads are the group's, in order
-        return _Plan(group, params, has_grad, needs_ema, self.state, states, list(buckets.values()))
-
-    def _path(self, impl, bucket, capturable):
-        """Which implementation steps this bucket: ("cpu", kernel name), ("triton",), ("forloop",) or
-        ("foreach",). impl=None takes the fused kernel where it can run, and says once why it cannot where it
-        cannot; an explicit "fused" or "triton" that cannot run raises, as torch.optim's fused=True does."""
-        if impl in ("foreach", "forloop"):
-            return (impl,)
-        device, ema_dtype = bucket.device, bucket.ema_dtype
-        dtype = bucket.rows[0][0].dtype  # complex weights as real pairs
-        if impl != "triton" and device.type == "cpu":
-            name, why = cpu_kernel.kernel_for(dtype, ema_dtype)
-            if name is not None and cpu_kernel.load(name) is not None:
-                return ("cpu", name)
-            why = why or f"the CPU kernel could not be built ({cpu_kernel.error(name)})"
-        elif impl == "triton" or device.type == "cuda":
-            why = ("Triton is not installed" if not triton_kernel.available() else
-                   triton_kernel.supports(dtype, ema_dtype))
-            if why is None:
-                if self._launcher is None:
-                    self._launcher = triton_kernel.Launcher()
-                return ("triton",)
-        else:
-            why = f"no fused kernel runs on {device.type} (the CPU's C kernel and CUDA's Triton kernel)"
-        if impl is not None:
-            raise RuntimeError(f"PACE: impl={impl!r} cannot run: {why}; impl=None steps with the fused kernel "
-                               "where it can and with foreach elsewhere")
-        _warn_once(("fused", device.type, why), f"PACE: {why}; stepping these parameters with the foreach "
-                   "implementation")
-        return ("foreach",)
-
-    def _run(self, bucket, grads, hp, consts, clamp, flags):
-        """Step one bucket with its grads; a list of (k, 6) partials when stats, else anything."""
-        kind = bucket.path[0]
-        if kind in ("cpu", "triton"):  # the kernels walk memory: rows of dense tensors of one layout
-            grads = bucket.kernel_grads(grads)
-            bucket.copy_in()
-            if kind == "triton":
-                ptrs = [g.data_ptr() for g in grads]
-                dtypes = (bucket.rows[0][0].dtype, bucket.ema_dtype)
-                out = self._launcher.step(bucket.path[1], ptrs, dtypes, hp, flags)
-            else:
-                out = cpu_kernel.step(bucket.path[1], [[p, g, m, v, ema] for (p, _, m, v, ema), g
-                                                       in zip(bucket.rows, grads)], hp, *flags)
-            bucket.copy_out()
-            return [out]
-        rows = [[p, _local(g), m, v, ema] for (p, _, m, v, ema), g in zip(bucket.rows, grads)]
-        if kind == "forloop" or consts is None:  # capturable: foreach's constants would be host floats
-            return [_pace_update(*x, hp, *flags) for x in rows]
-        return _foreach_update(rows, hp, consts, clamp, *flags, scratch=self._scratch)
-
-    @staticmethod
-    def _ema_dtype(group, p):
-        if group["ema_dtype"] is not None:
-            return group["ema_dtype"]
-        return torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype
-
-    @staticmethod
-    def _hyper(group, t, device, dtype):
-        """(hp, consts): the hyperparameter vector (pace.hyper) of _pace_update for step t on device, in the
-        compute dtype, with no host sync; and the same step's Python-float constants for _foreach_update."""
-        beta1, beta2 = group["betas"]
-        bc1, bc2 = 1 - beta1 ** t, 1 - beta2 ** t
-        ema_weight = ema_weight_at(t, group["beta_ema"], group["ema_kappa"], group["ema_rho"], group["ema_gamma"])
-        lr = group["lr"]
-        lam_max = 1.0 if group["clamp_pullback"] else float("inf")
-        # hp = base + lr * scale in float64; a Python lr is multiplied here, exactly as in double arithmetic;
-        # a tensor lr where it lives, so that its value never comes back to the host
-        base = [0.0] * HP_SIZE
-        scale = [0.0] * HP_SIZE
-        base[HP.keep], scale[HP.keep] = 1.0, -group["weight_decay"]
-        scale[HP.step_size] = 1 / bc1
-        base[HP.inv_bc2_sqrt] = bc2 ** -0.5
-        base[HP.eps] = group["eps"]
-        base[HP.one_minus_beta1], base[HP.beta2], base[HP.one_minus_beta2] = 1 - beta1, beta2, 1 - beta2
-        scale[HP.lam_scale] = group["lambda_pullback"] * ema_weight
-        base[HP.ema_weight] = ema_weight
-        base[HP.lam_max] = lam_max
-        compute = torch.float64 if dtype in (torch.float64, torch.complex128) else torch.float32
-        consts = (beta1, beta2, bc2 ** 0.5, group["eps"], ema_weight)  # the foreach path's Python scalars
-        if isinstance(lr, Tensor):
-            lr = lr.reshape(())  # any one-element shape
-            both = _to_device(torch.tensor([base, scale], dtype=torch.float64), lr.device)
-            hp = (both[0] + lr * both[1]).to(device=device, dtype=compute, non_blocking=True)
-        else:
-            hp = _to_device(torch.tensor([b + lr * s for b, s in zip(base, scale)], dtype=torch.float64).to(compute),
-                            device)
-        return hp, consts
 
     # ---- telemetry ---------------------------------------------------------------
 
@@ -504,9 +332,9 @@ class PACE(Optimizer):
         (the AdamW step); pullback_norm: ||lambda * (ema_{t-1} - theta_t)||; dist_to_ema: ||ema_{t-1} - theta_t||.
         Norms are over all parameters (of this rank's shards under FSDP).
         """
-        if self._stats is None:
+        if self._stats[0] is None:
             return {}
-        partials, numel = self._stats
+        partials, numel = self._stats[0]
         s = torch.cat([x.to(device="cpu", dtype=torch.float64) for x in partials])  # (n, 6)
         sums, n = s.sum(0), max(numel, 1)
         return dict(zip(STAT_NAMES, (
@@ -581,7 +409,7 @@ class PACE(Optimizer):
         a state_dict has the same keys in both modes, so that a template made in train mode (torch's
         distributed checkpoint, get_state_dict) loads one saved in eval mode. The group's train_mode says
         which; load_state_dict and train() put each back in its place."""
-        return _eval_form(super().state_dict())
+        return _saved_form(super().state_dict())
 
     def load_state_dict(self, state_dict):
         """torch.optim's load, hooks included; also takes a torch.optim.AdamW state_dict (the EMA then starts
@@ -626,11 +454,17 @@ class PACE(Optimizer):
                 hook.remove()
 
 
+
 GROUP_KEYS = frozenset(PACE._init_signature.parameters) - {"self", "params"} | {"train_mode"}
 
 
-def _eval_form(state_dict):
-    """A state_dict's groups in eval mode with each "ema" entry holding the training weights (PACE.state_dict)."""
+def _saved_form(state_dict):
+    """A state_dict as PACE.state_dict gives it: each step count a tensor of its own (a plan's counts are
+    views of one tensor), and in eval mode each "ema" entry holding the training weights."""
+    for i, state in state_dict["state"].items():
+        step = state.get("step")
+        if isinstance(step, Tensor) and step._base is not None:
+            state_dict["state"][i] = dict(state, step=step.clone())  # the optimizer's own dict is not to be changed
     for group in state_dict["param_groups"]:
         if group.get("train_mode", True):
             continue
@@ -659,291 +493,3 @@ def _reshard_fsdp(param_groups):
 
 def _capturing():
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-
-
-def _step_tensor(count, device):
-    """A capturable step count: float32 on the parameter's device, as torch.optim keeps it."""
-    return torch.tensor(float(count), dtype=torch.float32, device=device)
-
-
-def _step_form(state, p, capturable):
-    """Give the step count in `state` the group's form: a device tensor when capturable, else an int."""
-    if not state or "step" not in state:
-        return
-    if capturable and not isinstance(state["step"], Tensor):
-        state["step"] = _step_tensor(state["step"], p.device)
-    elif not capturable and isinstance(state["step"], Tensor):
-        state["step"] = int(state["step"].item())
-
-
-def _read_counts(steps):
-    """The step counts' values (one sync per device)."""
-    by_device = {}
-    for i, st in enumerate(steps):
-        by_device.setdefault(st.device, []).append(i)
-    counts = [0] * len(steps)
-    for index in by_device.values():
-        for i, value in zip(index, torch.stack([steps[i] for i in index]).tolist()):
-            counts[i] = int(value)
-    return counts
-
-
-def _hyper_on_device(group, step, dtype):
-    """PACE._hyper's vector computed on the device from the step count `step` (a device tensor), with no
-    copy from the host: what a captured CUDA graph replays. The same formulas in the same order, in float64."""
-    beta1, beta2 = group["betas"]
-    t = step.to(torch.float64)
-    bc1, bc2 = 1 - torch.pow(beta1, t), 1 - torch.pow(beta2, t)
-    if group["ema_kappa"] is None:
-        ema_weight = torch.full_like(t, group["beta_ema"])
-    else:
-        ema_weight = ((t - group["ema_rho"]).clamp(min=0.0) * group["ema_gamma"] + 1.0).pow(-group["ema_kappa"])
-        ema_weight = ema_weight.clamp(min=MIN_EMA_WEIGHT)
-    lr = group["lr"]
-    lr = lr.to(device=t.device, dtype=torch.float64).reshape(()) if isinstance(lr, Tensor) else torch.full_like(t, lr)
-    hp = torch.empty(HP_SIZE, dtype=torch.float64, device=t.device)
-    hp[HP.keep] = 1.0 + lr * -group["weight_decay"]
-    hp[HP.step_size] = lr * (1 / bc1)
-    hp[HP.inv_bc2_sqrt] = bc2.pow(-0.5)
-    hp[HP.eps] = group["eps"]
-    hp[HP.one_minus_beta1], hp[HP.beta2], hp[HP.one_minus_beta2] = 1 - beta1, beta2, 1 - beta2
-    hp[HP.lam_scale] = lr * (group["lambda_pullback"] * ema_weight)
-    hp[HP.ema_weight] = ema_weight
-    hp[HP.lam_max] = 1.0 if group["clamp_pullback"] else float("inf")
-    compute = torch.float64 if dtype in (torch.float64, torch.complex128) else torch.float32
-    return hp.to(compute)
-
-
-def _to_device(host, device):
-    """A small host tensor on `device` with no sync: through pinned memory on CUDA (the caching host
-    allocator keeps the block until the copy has run)."""
-    if device.type == "cpu":
-        return host
-    if device.type == "cuda":
-        host = host.pin_memory()
-    return host.to(device, non_blocking=True)
-
-
-class _Bucket:
-    """Parameters of one group stepped together: one device, dtype and step count t. rows holds, per
-    parameter, the tensors its step writes, [p, None, m, v, ema or None] (local shards; the grad is the
-    step's own); path the implementation that steps them (PACE._path).
-
-    The kernels walk memory, so a row they step holds dense tensors of one layout (stage()): where the
-    weights are not dense (a slice, an expanded view) or a state tensor's layout is not theirs, the row holds
-    a dense buffer instead, filled before the kernel and written back after it (copy_in, copy_out); a grad
-    of another layout or dtype is copied into the row's (kernel_grads)."""
-
-    __slots__ = ("device", "dtype", "t", "index", "rows", "ema_dtype", "plain", "path", "step", "staged",
-                 "contiguous")
-    # index: the parameters' positions in the group's params, None when they are all of them
-
-    def __init__(self, device, dtype, t):
-        self.device, self.dtype, self.t = device, dtype, t
-        self.index = []  # positions in the group's params
-        self.rows = []
-        self.ema_dtype = None
-        self.plain = True  # no DTensor, no complex: a grad's address is its own data_ptr()
-        self.path = None
-        self.step = None  # capturable: the first parameter's step count, a device tensor (all are equal)
-        self.staged = []  # (original, buffer) pairs of the rows' tensors that the kernels step in a buffer
-        self.contiguous = False  # every row's weights contiguous, once staged
-
-    def add(self, i, p, state):
-        ema = state.get("ema")
-        self.index.append(i)
-        self.rows.append([_local(p.detach()), None, _local(state["exp_avg"]), _local(state["exp_avg_sq"]),
-                          None if ema is None else _local(ema.detach())])
-        if len(self.rows) == 1:
-            self.ema_dtype = None if ema is None else self.rows[0][4].dtype
-            self.step = state["step"] if isinstance(state["step"], Tensor) else None
-        self.plain = self.plain and not (isinstance(p, DTensor) or p.is_complex())
-
-    def stage(self):
-        """Make every row dense and of one layout, the weights' where they are dense, else contiguous."""
-        for row in self.rows:
-            if not _dense(row[0]):
-                self._stage(row, 0, torch.empty(row[0].shape, dtype=row[0].dtype, device=row[0].device))
-            for slot in (2, 3, 4):
-                x = row[slot]
-                if x is not None and not (_dense(x) and _same_layout(x, row[0])):
-                    self._stage(row, slot, torch.empty_like(row[0], dtype=x.dtype))
-        self.contiguous = all(row[0].is_contiguous() for row in self.rows)
-
-    def _stage(self, row, slot, buffer):
-        self.staged.append((row[slot], buffer))
-        row[slot] = buffer
-
-    def kernel_grads(self, grads):
-        """The grads as the kernel reads them: each dense, in its row's layout and dtype (a copy where not)."""
-        if self.contiguous and self.plain and all(map(Tensor.is_contiguous, grads)):
-            return grads  # autograd's grads of contiguous weights (torch keeps a grad's dtype its weight's)
-        out = []
-        for row, g in zip(self.rows, grads):
-            g = g if self.plain else _local(g)
-            p = row[0]
-            if g.dtype != p.dtype or (g.stride() != p.stride() and not (_dense(g) and _same_layout(g, p))):
-                g = torch.empty_like(p).copy_(g)
-            out.append(g)
-        return out
-
-    def copy_in(self):
-        for original, buffer in self.staged:  # nothing, for dense weights and state of one layout
-            buffer.copy_(original)
-
-    def copy_out(self):
-        for original, buffer in self.staged:
-            original.copy_(buffer)
-
-
-def _dense(x):
-    """Whether x's elements fill its memory span exactly once (contiguous in some order of its dims)."""
-    expected = 1
-    for stride, size in sorted((st, n) for n, st in zip(x.shape, x.stride()) if n != 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
-
-
-def _same_layout(a, b):
-    """Whether element k of a and of b sit at the same offset from their first element, for every k."""
-    return a.shape == b.shape and all(sa == sb for sa, sb, n in zip(a.stride(), b.stride(), a.shape) if n != 1)
-
-
-def _advance(states, capturable, by):
-    """Add `by` to the step counts of `states` (device tensors when capturable: one launch)."""
-    if not states:
-        return
-    if capturable:
-        torch._foreach_add_([st["step"] for st in states], by)
-    else:
-        for st in states:
-            st["step"] += by
-
-
-def _follow_weights(state, p):
-    """Moments in the weights' dtype and on their device, the EMA on their device: what every path reads.
-    torch.optim's load_state_dict casts them so; a model moved or cast after its first step (model.double(),
-    p.data = ...) gets the same."""
-    for key in ("exp_avg", "exp_avg_sq"):
-        if state[key].dtype != p.dtype or state[key].device != p.device:
-            state[key] = state[key].to(device=p.device, dtype=p.dtype)
-    if "ema" in state and state["ema"].device != p.device:
-        state["ema"] = state["ema"].to(device=p.device)
-
-
-class _Plan:
-    """A group's step as the last call made it: which parameters had grads, their buckets, the weights'
-    addresses. A steady loop reuses it, so that a step does no per-parameter work but advancing the step
-    counts and reading the grads' addresses; a freeze, a new parameter, a new EMA, replaced weights
-    (p.data = ...) or a loaded state_dict builds a new one."""
-
-    __slots__ = ("group", "params", "has_grad", "needs_ema", "capturable", "state", "states", "buckets", "stepped",
-                 "plain", "addresses", "numel")
-
-    def __init__(self, group, params, has_grad, needs_ema, state, states, buckets):
-        self.group, self.params, self.has_grad, self.needs_ema = group, list(params), has_grad, needs_ema
-        self.capturable = group["capturable"]
-        self.state, self.states, self.buckets = state, states, buckets
-        self.stepped = [p for p, h in zip(params, has_grad) if h]
-        self.plain = all(b.plain for b in buckets)
-        self.addresses = self._addresses()
-        self.numel = sum(row[0].numel() for b in buckets for row in b.rows)
-
-    def _addresses(self):
-        if self.plain:
-            return [p.data_ptr() for p in self.stepped]
-        return [_local(p.detach()).data_ptr() for p in self.stepped]
-
-    def fits(self, group, params, has_grad, needs_ema, state):
-        return (self.group is group and self.state is state and self.needs_ema == needs_ema
-                and self.capturable == group["capturable"] and self.has_grad == has_grad and len(params) == len(self.params)
-                and all(map(operator.is_, params, self.params)) and self._addresses() == self.addresses)
-
-    def advance(self, by=1):
-        _advance(self.states, self.capturable, by)
-        for bucket in self.buckets:
-            bucket.t += by
-
-    def retreat(self):
-        self.advance(-1)
-
-
-def _scratch_views(scratch, key, like, count):
-    """`count` lists of temporaries shaped like the tensors `like`, views of one flat buffer per (device,
-    dtype) that grows to the largest slice and is kept: the foreach step allocates nothing once warm."""
-    sizes = [x.numel() for x in like]
-    need = count * sum(sizes)
-    buf = scratch.get(key)
-    if buf is None or buf.numel() < need:
-        buf = scratch[key] = torch.empty(need, dtype=like[0].dtype, device=like[0].device)
-    views, at = [], 0
-    for _ in range(count):
-        row = []
-        for x, n in zip(like, sizes):
-            row.append(buf[at:at + n].view(x.shape))
-            at += n
-        views.append(row)
-    return views
-
-
-def _slices(tensors):
-    """The bucket in runs of at most FOREACH_SLICE elements (a larger tensor is a run of its own)."""
-    run, size = [], 0
-    for x in tensors:
-        n = x[0].numel()
-        if run and size + n > FOREACH_SLICE:
-            yield run
-            run, size = [], 0
-        run.append(x)
-        size += n
-    if run:
-        yield run
-
-
-def _foreach_update(tensors, hp, consts, clamp, pull, update_ema, stats, scratch):
-    """The fallback: the same update with torch._foreach ops, several passes, in slices that reuse three
-    preallocated temporaries. 16-bit weights and telemetry step per tensor (_pace_update): their arithmetic
-    is float32, as in the kernels, and telemetry needs the per-tensor intermediates.
-
-    consts: (beta1, beta2, sqrt(bc2), eps, w_t) as Python floats; the lr-dependent terms come from hp.
-    """
-    p0, ema0 = tensors[0][0], tensors[0][4]
-    if stats or p0.dtype != hp.dtype or (ema0 is not None and ema0.dtype != p0.dtype):
-        why = ("telemetry (log_stats) needs each tensor's intermediates" if stats else
-               f"{p0.dtype} weights take float32 arithmetic" if p0.dtype != hp.dtype else
-               f"the EMA's dtype ({ema0.dtype}) is not the weights' ({p0.dtype})")
-        _warn_once(("foreach", why), f"PACE: foreach steps these parameters one tensor at a time: {why}")
-        return [_pace_update(*x, hp, pull, update_ema, stats) for x in tensors]
-    beta1, beta2, bc2_sqrt, eps, ema_weight = consts
-    keep, step_size, lam_scale = hp[HP.keep], hp[HP.step_size], hp[HP.lam_scale]
-    for run in _slices(tensors):
-        p, g, m, v, ema = (list(x) for x in zip(*run))
-        pullback, inv_denom, lam = _scratch_views(scratch, (p0.device, p0.dtype), p, 3)
-        if pull:
-            torch._foreach_copy_(pullback, ema)
-            torch._foreach_sub_(pullback, p)  # ema_{t-1} - theta_t
-        torch._foreach_mul_(p, keep)
-        torch._foreach_lerp_(m, g, 1 - beta1)
-        torch._foreach_mul_(v, beta2)
-        torch._foreach_addcmul_(v, g, g, 1 - beta2)
-        torch._foreach_copy_(inv_denom, v)
-        torch._foreach_sqrt_(inv_denom)
-        torch._foreach_div_(inv_denom, bc2_sqrt)
-        torch._foreach_add_(inv_denom, eps)
-        torch._foreach_reciprocal_(inv_denom)  # 1 / (sqrt(v_hat) + eps)
-        if pull:
-            torch._foreach_copy_(lam, inv_denom)
-            torch._foreach_mul_(lam, lam_scale)
-            if clamp:
-                torch._foreach_clamp_max_(lam, 1.0)
-            torch._foreach_mul_(pullback, lam)
-        torch._foreach_mul_(inv_denom, m)  # now the Adam direction m_hat / (sqrt(v_hat) + eps), unscaled
-        torch._foreach_mul_(inv_denom, step_size)
-        torch._foreach_sub_(p, inv_denom)  # theta'
-        if pull:
-            torch._foreach_add_(p, pullback)
-        if update_ema:
-            torch._foreach_lerp_(ema, p, ema_weight)
-    return None

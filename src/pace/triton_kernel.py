@@ -66,9 +66,10 @@ class Tables:
     __slots__ = ("addrs", "grads", "numels", "chunk_tensor", "chunk_index", "n_chunks", "grad_ptrs")
 
     def __init__(self, rows, device):
+        """rows: (p, m, v, ema or None) per tensor."""
         sizes = [row[0].numel() for row in rows]
         counts = [-(-n // CHUNK) for n in sizes]
-        addrs = [0 if x is None else x.data_ptr() for row in rows for x in (row[0], row[2], row[3], row[4])]
+        addrs = [0 if x is None else x.data_ptr() for row in rows for x in row]
         self.addrs = torch.tensor(addrs, dtype=torch.int64).view(-1, 4).to(device)
         self.grads = torch.zeros(len(rows), dtype=torch.int64, device=device)
         self.numels = torch.tensor(sizes, dtype=torch.int64).to(device)
@@ -114,10 +115,12 @@ class Launcher:
     def __init__(self):
         self._tables = {}
 
-    def tables(self, rows, device, capturable=False):
-        """The Tables of a bucket's rows ([p, g, m, v, ema or None] each; the grads are not part of the key);
-        capturable: ready for CUDA graph capture (prepare_capture)."""
-        key = tuple((x.data_ptr() if x is not None else 0) for row in rows for x in (row[0], row[2], row[3], row[4]))
+    def tables(self, bucket, capturable=False):
+        """The Tables of a staged bucket's tensors (the grads are not part of the key); capturable: ready for
+        CUDA graph capture (prepare_capture)."""
+        rows = _rows(bucket)
+        device = bucket.device
+        key = tuple((x.data_ptr() if x is not None else 0) for row in rows for x in row)
         key += tuple(row[0].numel() for row in rows)
         tables = self._tables.get(key)
         if tables is None:
@@ -150,3 +153,18 @@ class Launcher:
             PULL=pull, UPDATE_EMA=update_ema, STATS=stats, BLOCK=BLOCK, BLOCKS_PER_CHUNK=BLOCKS_PER_CHUNK,
             num_warps=NUM_WARPS, **LAUNCH_OPTIONS)
         return out if stats else None
+
+
+def _rows(bucket):
+    emas = bucket.emas or [None] * len(bucket.params)
+    return list(zip(bucket.params, bucket.exp_avgs, bucket.exp_avg_sqs, emas))
+
+
+def step(bucket, grads, hp, consts, *, pull, update_ema, stats):
+    """Step a staged bucket with the kernel, its device tables bucket.kernel (pace.paths)."""
+    grads = bucket.kernel_grads(grads)
+    bucket.copy_in()
+    ptrs = [g.data_ptr() for g in grads]
+    out = Launcher.step(bucket.kernel, ptrs, (bucket.params[0].dtype, bucket.ema_dtype), hp, (pull, update_ema, stats))
+    bucket.copy_out()
+    return [out] if stats else []

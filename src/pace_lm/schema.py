@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 from pace import PACE
-from pace.optimizer import check_adam_args
+from pace.rules import check_adam_args
 from pace_lm import PaceLMError
 from pace_lm.registry import ARCHS, DTYPES, PARALLEL, get_method, get_schedule_name
 
