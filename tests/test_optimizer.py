@@ -842,6 +842,32 @@ def test_capturable_steps_give_the_same_bits(impl, lr):
             assert torch.equal(x.detach(), y.detach())
 
 
+@pytest.mark.parametrize("lr", [0.03, "tensor"])
+def test_the_device_hyperparameters_copy_nothing_from_the_host(monkeypatch, lr):
+    """hyper.build on a tensor of counts (capturable and compiled steps) makes every value with kernels on the
+    counts' device: no tensor is made on the host and copied, which a CUDA graph could not capture. It gives
+    the host builder's vector, one row per count."""
+    group = dict(PACE(make_params()).defaults, lr=torch.tensor(0.03) if lr == "tensor" else lr, ema_kappa=0.3,
+                 lambda_pullback=0.5, ema_update_freq=2)
+    counts = torch.tensor([3.0, 4.0], dtype=torch.float64)
+    host = [pace.hyper.build(group, int(t), counts.device, torch.float32)[0] for t in counts]
+
+    def no_host_tensor(*a, **k):
+        raise AssertionError("a tensor made from host values")
+
+    for name in ("tensor", "as_tensor", "from_numpy"):
+        monkeypatch.setattr(torch, name, no_host_tensor)
+    table, consts = pace.hyper.build(group, counts, counts.device, torch.float32)
+    monkeypatch.undo()
+    assert consts is None and table.shape == (2, pace.hyper.SIZE)
+    assert table[0, pace.hyper.HP.ema_weight] == 0  # step 3 of every 2nd: the EMA is not updated
+    for row, expected in zip(table, host):
+        if row[pace.hyper.HP.ema_weight] == 0:
+            row = row.clone()
+            row[pace.hyper.HP.ema_weight] = expected[pace.hyper.HP.ema_weight]
+        torch.testing.assert_close(row, expected, rtol=1e-7, atol=0)
+
+
 def test_capturable_step_counts_follow_the_group():
     """Step counts are float32 tensors as torch.optim keeps them: on the parameter's device in a capturable
     group, on the CPU otherwise, whichever form a loaded state_dict had (an int from an earlier PACE) or the

@@ -93,8 +93,9 @@ def build(group, t, device, dtype) -> tuple[Tensor, Consts | None]:
     base, scale = zip(*(slots[k] for k in range(SIZE)))
     lr, compute = group["lr"], compute_dtype(dtype)
     if isinstance(t, Tensor):
-        both = [torch.stack([torch.as_tensor(x, dtype=torch.float64, device=t.device).expand(t.shape)
-                             for x in row], dim=-1) for row in (base, scale)]
+        # a Python float as a fill of t's shape (a kernel, which a CUDA graph captures; never a copy from the host)
+        both = [torch.stack([x.expand(t.shape) if isinstance(x, Tensor) else t.new_full(t.shape, x) for x in row],
+                            dim=-1) for row in (base, scale)]
         if isinstance(lr, Tensor):
             lr = lr.to(device=t.device, dtype=torch.float64).reshape(())
         return (both[0] + lr * both[1]).to(device=device, dtype=compute), None
