@@ -10,7 +10,7 @@ Memory contract. Program i steps chunk i: CHUNK = BLOCK * BLOCKS_PER_CHUNK eleme
   take the masked path: the same arithmetic with scalar accesses.
 tests/test_triton_kernel.py compiles this for sm_90 and reads the PTX to hold both.
 
-Arithmetic. In the order of pace.optimizer._pace_update and csrc/pace_step.c, with IEEE sqrt and division,
+Arithmetic. In the order of pace.forloop.pace_update and csrc/pace_step.c, with IEEE sqrt and division,
 and launched with enable_fp_fusion=False, so that no a * b + c is contracted into a fused multiply-add:
 each operation rounds as the C kernel's does, and the two give the same bits. bfloat16 is rounded to
 nearest even by hand (the interpreter's cast truncates), NaN kept, as the C kernel's f32_to_bf16.

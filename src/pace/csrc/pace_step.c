@@ -7,7 +7,7 @@
  * The tensors of a call are cut into chunks of CHUNK elements; OpenMP shares the chunks of all tensors
  * among the threads (one parallel region per call, whatever the number of tensors).
  *
- * Arithmetic is in C (float, or double for float64 weights), in the order of pace.optimizer._pace_update,
+ * Arithmetic is in C (float, or double for float64 weights), in the order of pace.forloop.pace_update,
  * so that every implementation agrees to a few units in the last place:
  *   m'    = lerp(m, g, 1 - beta1)                   v' = v * beta2 + (1 - beta2) * g * g
  *   inv   = 1 / (sqrt(v') * inv_bc2_sqrt + eps)     adamw = theta * keep - step_size * (m' * inv)
