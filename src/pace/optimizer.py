@@ -20,7 +20,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.optimizer import ParamsT
 
-from pace import compiled, hyper, paths, triton_kernel
+from pace import compiled, hyper, paths, rounding, triton_kernel
 from pace.plan import Bucket, DTensor, Plan, follow_weights, new_step, read_counts, share_counts, step_form
 from pace.rules import check_group
 
@@ -81,6 +81,12 @@ class PACE(Optimizer):
             updates are computed on the device, and nothing is copied from the host; a tensor lr can change
             between replays. Capture a step after at least one eager step with the same parameters with
             grads (its first step reads the step counts back once, to bucket the parameters).
+        rounding (str): how the step writes bfloat16 tensors (the weights, and m and v, which take the
+            weights' dtype): "nearest" (default) or "stochastic", which rounds up or down with the
+            probabilities that make the write unbiased, so that an update below half a bfloat16 ulp moves the
+            weight in expectation (pace.rounding). Its random bits are a pure function of (the parameter's
+            seed, the step, the element): a resumed run and every DDP rank round alike.
+        seed (int): the seed the parameters' own seeds (state["seed"]) are drawn from (default 0).
 
     State per parameter: "step" (a float32 scalar tensor, as torch.optim keeps it: on the CPU, or on the
     parameter's device when capturable), "exp_avg", "exp_avg_sq", and "ema" where an EMA is kept.
@@ -96,13 +102,14 @@ class PACE(Optimizer):
                  clamp_pullback: bool = True, beta_ema: float = 0.01, use_ema_eval: bool = False,
                  ema_kappa: float | None = None, ema_rho: float = 0.0, ema_gamma: float = 1.0,
                  ema_update_freq: int = 1, log_stats: bool = False, impl: str | None = None,
-                 ema_dtype: torch.dtype | None = None, capturable: bool = False) -> None:
+                 ema_dtype: torch.dtype | None = None, capturable: bool = False, rounding: str = "nearest",
+                 seed: int = 0) -> None:
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         lambda_pullback=lambda_pullback, clamp_pullback=clamp_pullback,
                         beta_ema=beta_ema, use_ema_eval=use_ema_eval, ema_kappa=ema_kappa,
                         ema_rho=ema_rho, ema_gamma=ema_gamma, ema_update_freq=ema_update_freq,
                         log_stats=log_stats, impl=impl, ema_dtype=ema_dtype, capturable=capturable,
-                        train_mode=True)
+                        rounding=rounding, seed=seed, train_mode=True)
         check_group(defaults)
         self._init_caches()
         super().__init__(params, defaults)
@@ -160,7 +167,8 @@ class PACE(Optimizer):
         (compiling=True): the step counts are then tensors of their own, not views of a plan's."""
         needs_ema = group["lambda_pullback"] > 0 or group["use_ema_eval"]
         capturable = group["capturable"]
-        for p in group["params"]:
+        stochastic = group["rounding"] == "stochastic"
+        for position, p in enumerate(group["params"]):
             if p.grad is None:
                 continue
             if p.grad.is_sparse:
@@ -183,6 +191,11 @@ class PACE(Optimizer):
                 if undo is not None:
                     undo.append(lambda state=state: state.pop("ema", None))
                 state["ema"] = p.detach().to(self._ema_dtype(group, p), copy=True)  # ema_0
+            if stochastic and "seed" not in state:
+                if undo is not None:
+                    undo.append(lambda state=state: state.pop("seed", None))
+                where = rounding.seed_of(self._group_index(group), position)
+                state["seed"] = torch.tensor(rounding.seed_of(group["seed"], where), dtype=torch.int64)
             params.append(p)
             grads.append(p.grad)
             exp_avgs.append(state["exp_avg"])
@@ -192,6 +205,9 @@ class PACE(Optimizer):
             state_steps.append(state["step"])
         if compiling:
             self._plans.clear()  # their shared step counts are gone
+
+    def _group_index(self, group):
+        return next(i for i, g in enumerate(self.param_groups) if g is group)
 
     @staticmethod
     def _ema_dtype(group, p):
@@ -225,6 +241,9 @@ class PACE(Optimizer):
         for group in self.param_groups:
             params, grads, exp_avgs, exp_avg_sqs, emas, state_steps = [], [], [], [], [], []
             self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, emas, state_steps, True)
+            if params and group["rounding"] == "stochastic" and any(p.dtype == torch.bfloat16 for p in params):
+                raise RuntimeError("PACE: rounding='stochastic' does not run inside torch.compile yet; step eagerly "
+                                   "(call opt.step() outside the compiled function)")
             if params:
                 partials += compiled.step(group, params, grads, exp_avgs, exp_avg_sqs, emas, state_steps)
                 if group["log_stats"] and group["lambda_pullback"] > 0:
@@ -288,6 +307,10 @@ class PACE(Optimizer):
                     buckets[key].count = state["step"]
                 buckets[key].add(i, p, state["exp_avg"], state["exp_avg_sq"], state.get("ema"))
         for bucket in buckets.values():
+            if group["rounding"] == "stochastic" and bucket.dtype == torch.bfloat16:
+                index = bucket.index
+                bucket.seeds = [int(self.state[params[i]]["seed"]) for i in index]
+            bucket.capturable = capturable
             bucket.path, bucket.kernel = paths.choose(group["impl"], bucket)
             if bucket.path in paths.WALK_MEMORY:
                 bucket.stage()  # the kernels walk memory

@@ -70,7 +70,7 @@ def read_counts(steps):
     return counts
 
 
-def _dense(x):
+def dense(x):
     """Whether x's elements fill its memory span exactly once (contiguous in some order of its dims)."""
     expected = 1
     for stride, size in sorted((st, n) for n, st in zip(x.shape, x.stride()) if n != 1):
@@ -99,7 +99,7 @@ class Bucket:
     weights' (kernel_grads)."""
 
     __slots__ = ("device", "dtype", "t", "index", "params", "exp_avgs", "exp_avg_sqs", "emas", "ema_dtype",
-                 "plain", "count", "path", "kernel", "scratch", "staged", "contiguous")
+                 "plain", "count", "path", "kernel", "scratch", "staged", "contiguous", "seeds", "offset", "capturable")
 
     def __init__(self, device, dtype, t, with_ema):
         self.device, self.dtype, self.t = device, dtype, t
@@ -112,6 +112,9 @@ class Bucket:
         self.path = self.kernel = self.scratch = None
         self.staged = []  # (original, buffer) pairs of tensors the kernels step in a buffer
         self.contiguous = False  # every weight contiguous, once staged
+        self.seeds = None  # rounding="stochastic": each parameter's seed (pace.rounding), else None
+        self.offset = False  # the EMA stored as its bfloat16 offset from the weights (pace.forloop.pace_update)
+        self.capturable = False  # the step count is read on the device (self.count), not from self.t
 
     def add(self, i, p, exp_avg, exp_avg_sq, ema=None):
         """Parameter p, at position i of its group, with its state tensors."""
@@ -132,11 +135,11 @@ class Bucket:
         """Make every tensor dense and of one layout, the weights' where they are dense, else contiguous."""
         lists = [self.exp_avgs, self.exp_avg_sqs] + ([self.emas] if self.emas is not None else [])
         for i, p in enumerate(self.params):
-            if not _dense(p):
+            if not dense(p):
                 p = self._stage(self.params, i, torch.empty(p.shape, dtype=p.dtype, device=p.device))
             for tensors in lists:
                 x = tensors[i]
-                if not (_dense(x) and _same_layout(x, p)):
+                if not (dense(x) and _same_layout(x, p)):
                     self._stage(tensors, i, torch.empty_like(p, dtype=x.dtype))
         self.contiguous = all(p.is_contiguous() for p in self.params)
 
@@ -152,7 +155,7 @@ class Bucket:
         out = []
         for p, g in zip(self.params, grads):
             g = g if self.plain else local(g)
-            if g.dtype != p.dtype or (g.stride() != p.stride() and not (_dense(g) and _same_layout(g, p))):
+            if g.dtype != p.dtype or (g.stride() != p.stride() and not (dense(g) and _same_layout(g, p))):
                 g = torch.empty_like(p).copy_(g)
             out.append(g)
         return out

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 IMPLS = ("fused", "triton", "foreach", "forloop")
+ROUNDINGS = ("nearest", "stochastic")
 
 
 def _is_real(x):
@@ -67,6 +68,11 @@ def check_group(group):
     ema_dtype = group["ema_dtype"]
     if ema_dtype is not None and not (isinstance(ema_dtype, torch.dtype) and ema_dtype.is_floating_point):
         bad("ema_dtype", "must be None or a floating torch.dtype")
+    if group["rounding"] not in ROUNDINGS:
+        bad("rounding", f"must be one of {ROUNDINGS}")
+    seed = group["seed"]
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        bad("seed", "must be an int >= 0")
     for name in ("clamp_pullback", "use_ema_eval", "log_stats", "capturable"):
         if not isinstance(group[name], bool):
             bad(name, "must be True or False")
