@@ -21,16 +21,18 @@ import torch
 from pace import triton_kernel
 
 SIGNATURE = {"addrs": "*i64", "grads": "*i64", "numels": "*i64", "chunk_tensor": "*i32", "chunk_index": "*i32",
-             "hp": "*fp32", "stats": "*fp32"}
-CASES = {  # name: (weights, EMA, telemetry)
-    "float32": (torch.float32, torch.float32, False),
-    "float32_stats": (torch.float32, torch.float32, True),
-    "bfloat16": (torch.bfloat16, torch.float32, False),
-    "bfloat16_stats": (torch.bfloat16, torch.float32, True),
+             "hp": "*fp32", "stats": "*fp32", "keys": "*i64"}
+CASES = {  # name: (weights, EMA, telemetry, stochastic rounding, the EMA as a bf16 offset)
+    "float32": (torch.float32, torch.float32, False, False, False),
+    "float32_stats": (torch.float32, torch.float32, True, False, False),
+    "bfloat16": (torch.bfloat16, torch.float32, False, False, False),
+    "bfloat16_stats": (torch.bfloat16, torch.float32, True, False, False),
+    "bfloat16_sr": (torch.bfloat16, torch.float32, False, True, False),
+    "bfloat16_lean": (torch.bfloat16, torch.bfloat16, False, True, True),  # 8 bytes a parameter
 }
 
 
-def compile_sm90(p_dtype, ema_dtype, stats):
+def compile_sm90(p_dtype, ema_dtype, stats, sr=False, offset=False):
     """The kernel as Triton compiles it for sm_90, PACE with the pull and the EMA on."""
     import triton
     import triton.language as tl
@@ -41,7 +43,7 @@ def compile_sm90(p_dtype, ema_dtype, stats):
     constants = dict(P_TYPE=types[p_dtype], E_TYPE=types[ema_dtype], C_TYPE=tl.float32, EA_TYPE=tl.float32,
                      FP64=False, P_BF16=p_dtype == torch.bfloat16, E_BF16=ema_dtype == torch.bfloat16, PULL=True,
                      UPDATE_EMA=True, STATS=stats, BLOCK=triton_kernel.BLOCK,
-                     BLOCKS_PER_CHUNK=triton_kernel.BLOCKS_PER_CHUNK)
+                     BLOCKS_PER_CHUNK=triton_kernel.BLOCKS_PER_CHUNK, SR=sr, OFFSET=offset)
     signature = dict(SIGNATURE, **{name: "constexpr" for name in constants})
     source = ASTSource(kernel, signature, constexprs={(kernel.arg_names.index(k),): v for k, v in constants.items()})
     options = dict(num_warps=triton_kernel.NUM_WARPS, **triton_kernel.LAUNCH_OPTIONS)
@@ -85,8 +87,8 @@ def report():
 
     out = dict(triton=triton.__version__, block=triton_kernel.BLOCK, num_warps=triton_kernel.NUM_WARPS,
                elements_per_thread=triton_kernel.BLOCK // (32 * triton_kernel.NUM_WARPS), cases={})
-    for name, (p_dtype, ema_dtype, stats) in CASES.items():
-        compiled = compile_sm90(p_dtype, ema_dtype, stats)
+    for name, (p_dtype, ema_dtype, stats, sr, offset) in CASES.items():
+        compiled = compile_sm90(p_dtype, ema_dtype, stats, sr, offset)
         out["cases"][name] = dict(accesses(compiled.asm["ptx"]), **resources(compiled.asm["cubin"]))
     return out
 

@@ -6,7 +6,6 @@ import warnings
 import pytest
 import torch
 
-import pace.notices
 from pace import PACE, rounding
 
 KW = dict(weight_decay=0.0, lambda_pullback=0.15, ema_kappa=0.5, use_ema_eval=True)
@@ -77,20 +76,30 @@ def test_a_resumed_run_and_another_rank_round_alike():
     assert not torch.equal(weights, other_seed)
 
 
-def test_every_path_that_rounds_stochastically_draws_the_same_bits(monkeypatch):
-    """foreach steps bf16 per tensor with the for-loop's bits; the fused kernels do not round stochastically
-    yet: an explicit request raises, the default says so once and takes the for-loop."""
-    monkeypatch.setattr(pace.notices, "_warned", set())
-    results = {}
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        for impl in (None, "foreach", "forloop"):
-            results[impl] = moved("stochastic", torch.bfloat16, steps=5, impl=impl)[1]
-    assert sum("do not round stochastically yet" in str(w.message) for w in caught) == 1
-    assert torch.equal(results[None], results["forloop"]) and torch.equal(results["foreach"], results["forloop"])
-    for impl in ("fused", "triton"):
-        with pytest.raises(RuntimeError, match="do not round stochastically yet"):
-            moved("stochastic", torch.bfloat16, steps=1, impl=impl)
+@pytest.mark.parametrize("ema_dtype", [None, torch.bfloat16], ids=["fp32 EMA", "bf16 offset EMA"])
+def test_every_path_draws_the_same_bits(ema_dtype):
+    """The C kernel, foreach (per tensor for bf16) and the for-loop round alike, to the bit, the weights, m, v
+    and the EMA (tests/test_triton_kernel.py holds the Triton kernel to the same): one float32 value before
+    each write, and the same random bits."""
+    def run(impl):
+        gen = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter((torch.randn(s, generator=gen) * 0.02).to(torch.bfloat16))
+                  for s in ((70, 130), (130, 70), (37,))]
+        params[1] = torch.nn.Parameter(params[1].detach().t())  # a transposed, dense layout
+        opt = PACE(params, **dict(KW, lr=2e-5, rounding="stochastic", impl=impl, ema_dtype=ema_dtype,
+                                  ema_update_freq=2, weight_decay=0.1))
+        for _ in range(5):
+            for p in params:
+                p.grad = (torch.randn(p.shape, generator=gen) * 1e-3).to(torch.bfloat16)
+            opt.step()
+        return [x for p in params for x in (p.detach(), *(opt.state[p][k] for k in sorted(opt.state[p])
+                                                           if k not in ("step", "seed")))]
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        results = {impl: run(impl) for impl in (None, "fused", "foreach", "forloop")}
+    for impl, tensors in results.items():
+        assert all(torch.equal(x, y) for x, y in zip(tensors, results["forloop"])), impl
 
 
 def test_rounding_is_checked():

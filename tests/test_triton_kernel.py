@@ -160,3 +160,24 @@ def test_captured_address_writer():
     values = [(1 << 40) + 16 * i for i in range(37)]
     triton_kernel._write_captured(values, dst)
     assert dst.tolist() == values
+
+
+@pytest.mark.parametrize("ema_dtype", [None, torch.bfloat16], ids=["fp32 EMA", "bf16 offset EMA"])
+def test_stochastic_rounding_draws_the_for_loops_bits(ema_dtype):
+    """rounding="stochastic" (and the EMA as a bf16 offset): the Triton kernel writes the for-loop's bits, in
+    interior chunks and in the masked tail (pace/rounding.py's hash, in the kernel)."""
+    def run(impl):
+        gen = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter((torch.randn(s, generator=gen) * 0.02).to(torch.bfloat16))
+                  for s in ((triton_kernel.CHUNK + 37,), (70, 13))]
+        opt = PACE(params, lr=2e-5, weight_decay=0.1, lambda_pullback=0.15, ema_kappa=0.5, use_ema_eval=True,
+                   rounding="stochastic", impl=impl, ema_dtype=ema_dtype, ema_update_freq=2)
+        for _ in range(4):
+            for p in params:
+                p.grad = (torch.randn(p.shape, generator=gen) * 1e-3).to(torch.bfloat16)
+            opt.step()
+        return [x for p in params for x in (p.detach(), *(opt.state[p][k] for k in sorted(opt.state[p])
+                                                           if k not in ("step", "seed")))]
+
+    for x, y in zip(run("triton"), run("forloop")):
+        assert torch.equal(x, y)

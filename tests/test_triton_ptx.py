@@ -19,6 +19,8 @@ from pace.hyper import SIZE as HP_SIZE  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EPT = triton_kernel.BLOCK // (32 * triton_kernel.NUM_WARPS)  # elements per thread, per stream and block
 BYTES = {"float32": 4, "bfloat16": 2}
+CASES = ["float32", "float32_stats", "bfloat16", "bfloat16_stats", "bfloat16_sr", "bfloat16_lean"]
+EMA_BYTES = {"bfloat16_lean": 2}  # the EMA's bf16 offset; the others keep a float32 EMA
 
 
 @pytest.fixture(scope="module")
@@ -38,15 +40,16 @@ def vectors(streams_bytes):
     return sum(EPT * b // 16 for b in streams_bytes)
 
 
-@pytest.mark.parametrize("case", ["float32", "float32_stats", "bfloat16", "bfloat16_stats"])
+@pytest.mark.parametrize("case", CASES)
 def test_interior_moves_every_stream_in_128_bit_accesses(report, case):
     row = report["cases"][case]
-    w = BYTES[case.split("_")[0]]  # the weights', grads' and moments' element size; the EMA is float32
-    assert row["v4_loads"] == vectors([w, w, w, w, 4])  # p, g, m, v, ema
-    assert row["v4_stores"] == vectors([w, w, w, 4])  # p, m, v, ema
+    w = BYTES[case.split("_")[0]]  # the weights', grads' and moments' element size
+    e = EMA_BYTES.get(case, 4)
+    assert row["v4_loads"] == vectors([w, w, w, w, e])  # p, g, m, v, ema
+    assert row["v4_stores"] == vectors([w, w, w, e])  # p, m, v, ema
 
 
-@pytest.mark.parametrize("case", ["float32", "float32_stats", "bfloat16", "bfloat16_stats"])
+@pytest.mark.parametrize("case", CASES)
 def test_only_the_masked_tail_is_scalar(report, case):
     """One scalar access per element and stream: the tail path's alone (an interior with scalar accesses
     would double them); every other load reads a value all threads share (the chunk tables, the five
@@ -54,11 +57,11 @@ def test_only_the_masked_tail_is_scalar(report, case):
     row = report["cases"][case]
     assert row["masked_scalar_loads"] == 5 * EPT
     assert row["masked_scalar_stores"] == 4 * EPT + (6 if case.endswith("stats") else 0)  # + a chunk's 6 sums
-    assert row["uniform_loads"] == 3 + 5 + HP_SIZE
+    assert row["uniform_loads"] == 3 + 5 + HP_SIZE + (1 if case in ("bfloat16_sr", "bfloat16_lean") else 0)  # + the key
     assert row["unmasked_scalar_stores"] == 0
 
 
-@pytest.mark.parametrize("case", ["float32", "float32_stats", "bfloat16", "bfloat16_stats"])
+@pytest.mark.parametrize("case", CASES)
 def test_no_spills_and_no_fma(report, case):
     row = report["cases"][case]
     assert row["LOCAL"] == 0 and row["STACK"] == 0, row

@@ -23,6 +23,8 @@ from importlib.resources import files
 
 import torch
 
+from pace import rounding
+
 # no -ffast-math: IEEE arithmetic, and no contraction into FMAs, so that the kernel rounds as torch ops do
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-ffp-contract=off", "-fPIC", "-shared", "-fopenmp"]
 CHUNK = 32768  # elements per work item; the C source's CHUNK
@@ -33,6 +35,12 @@ KERNELS = {
     (torch.float32, torch.float64): "pace_step_f32_f64",
     (torch.bfloat16, torch.float32): "pace_step_bf16_f32",
     (torch.bfloat16, torch.bfloat16): "pace_step_bf16_bf16",
+}
+# (kernel, stochastic rounding, the EMA as a bf16 offset) -> the variant built for it (csrc: PACE_SR, PACE_OFFSET)
+VARIANTS = {
+    ("pace_step_bf16_f32", True, False): "pace_step_bf16_f32_sr",
+    ("pace_step_bf16_bf16", False, True): "pace_step_bf16_off",
+    ("pace_step_bf16_bf16", True, True): "pace_step_bf16_off_sr",
 }
 
 DEFAULT = KERNELS[(torch.float32, torch.float32)]
@@ -113,7 +121,7 @@ def _load(name):
     fn = getattr(ctypes.CDLL(path), name)
     fn.restype = ctypes.c_int  # 0, or 1 where the kernel cannot allocate its chunk table
     fn.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
-                   ctypes.c_void_p, ctypes.c_int]
+                   ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
     return fn
 
 
@@ -121,10 +129,16 @@ def error(name=DEFAULT):
     return _errors.get(name)
 
 
-def kernel_for(dtype, ema_dtype):
+def kernel_for(dtype, ema_dtype, stochastic=False, offset=False):
     """(name, None): the kernel that steps weights of `dtype` (their grads and moments alike, any layout: the
-    optimizer hands it dense tensors of one layout) with an EMA of `ema_dtype` (None: no EMA); or (None, why)."""
+    optimizer hands it dense tensors of one layout) with an EMA of `ema_dtype` (None: no EMA), rounding bf16
+    writes stochastically, the EMA kept as a bf16 offset from the weights; or (None, why)."""
     name = KERNELS.get((dtype, ema_dtype or dtype))
+    if name is not None and (stochastic or offset):
+        name = VARIANTS.get((name, stochastic, offset))
+        if name is None:
+            return None, f"the CPU kernel has no variant for {dtype} weights, a {ema_dtype} EMA, " \
+                         f"rounding={'stochastic' if stochastic else 'nearest'}, offset={offset}"
     if name is not None:
         return name, None
     if (dtype, dtype) not in KERNELS:
@@ -136,17 +150,19 @@ def n_chunks(numels):
     return sum(-(-n // CHUNK) for n in numels)
 
 
-def run(name, rows, hp, pull, update_ema, stats):
+def run(name, rows, hp, pull, update_ema, stats, keys=None):
     """One call of kernel `name` (from kernel_for(), loaded): rows a list of (p, g, m, v, ema or None), the
     tensors of a row dense and of one layout (the kernel walks their memory); hp the (SIZE,) hyperparameters
-    (pace.hyper). Returns (n_chunks, 6) float64 partial sums when stats, else None."""
+    (pace.hyper); keys: each tensor's key of this step (an int64 tensor; stochastic variants). Returns
+    (n_chunks, 6) float64 partial sums when stats, else None."""
     ptrs = torch.tensor([0 if x is None else x.data_ptr() for row in rows for x in row], dtype=torch.int64)
     sizes = [row[0].numel() for row in rows]
     numels = torch.tensor(sizes, dtype=torch.int64)
     hp = hp.to(device="cpu", dtype=torch.float64).contiguous()
     out = torch.empty(n_chunks(sizes), 6, dtype=torch.float64) if stats else None
     failed = _fns[name](len(rows), ptrs.data_ptr(), numels.data_ptr(), hp.data_ptr(), int(pull),
-                        int(update_ema), out.data_ptr() if stats else None, torch.get_num_threads())
+                        int(update_ema), out.data_ptr() if stats else None, torch.get_num_threads(),
+                        None if keys is None else keys.data_ptr())
     if failed:
         raise MemoryError(f"PACE: the CPU kernel could not allocate its table of {len(rows)} tensors")
     return out
@@ -158,6 +174,9 @@ def step(bucket, grads, hp, consts, *, pull, update_ema, stats):
     bucket.copy_in()
     emas = bucket.emas or [None] * len(bucket.params)
     rows = list(zip(bucket.params, grads, bucket.exp_avgs, bucket.exp_avg_sqs, emas))
-    out = run(bucket.kernel, rows, hp, pull, update_ema, stats)
+    keys = None
+    if bucket.seeds is not None:
+        keys = rounding.key(bucket.seed_tensor, bucket.t).contiguous()
+    out = run(bucket.kernel, rows, hp, pull, update_ema, stats, keys)
     bucket.copy_out()
     return [out] if stats else []

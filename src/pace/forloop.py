@@ -8,6 +8,13 @@ from pace.hyper import HP
 from pace.plan import local
 
 
+def _lerp(a, b, weight):
+    """torch's lerp formula, written out (a + w * (b - a) for w < 0.5, else b - (b - a) * (1 - w)): torch's own
+    kernels may contract it into fused multiply-adds, which the C and Triton kernels do not, and a write
+    rounded stochastically must see the same float32 value on every path."""
+    return torch.where(weight < 0.5, a + weight * (b - a), b - (b - a) * (1 - weight))
+
+
 def _store(x, like, words, stream):
     """x (the compute dtype) in `like`'s dtype: a bfloat16 rounded stochastically when words are given (the
     element words of pace.rounding), else to nearest."""
@@ -32,7 +39,7 @@ def pace_update(p, g, m, v, ema, hp, *, pull, update_ema, stats, words=None, off
     one_minus_beta1, beta2, one_minus_beta2 = hp[HP.one_minus_beta1], hp[HP.beta2], hp[HP.one_minus_beta2]
     theta = p.to(hp.dtype)  # theta_t, the weights before this step
     grad = g.to(hp.dtype)
-    m_new = m.to(hp.dtype).lerp(grad, one_minus_beta1)
+    m_new = _lerp(m.to(hp.dtype), grad, one_minus_beta1)
     v_new = v.to(hp.dtype) * beta2 + one_minus_beta2 * grad * grad
     inv_denom = 1 / (v_new.sqrt() * inv_bc2_sqrt + eps)  # 1 / (sqrt(v_hat) + eps): the one division
     adamw = theta * keep - step_size * (m_new * inv_denom)  # theta'
@@ -58,10 +65,10 @@ def pace_update(p, g, m, v, ema, hp, *, pull, update_ema, stats, words=None, off
     v.copy_(_store(v_new, v, words, "exp_avg_sq"))
     if offset:
         stored = p.to(hp.dtype)  # theta_{t+1} as stored
-        ema_new = ema_old.lerp(stored, hp[HP.ema_weight]) if update_ema else ema_old
+        ema_new = _lerp(ema_old, stored, hp[HP.ema_weight]) if update_ema else ema_old
         ema.copy_(_store(ema_new - stored, ema, words, "ema_offset"))
     elif update_ema:
-        ema.lerp_(p.to(ema.dtype), hp[HP.ema_weight].to(ema.dtype))  # theta_{t+1} as stored
+        ema.copy_(_lerp(ema, p.to(ema.dtype), hp[HP.ema_weight].to(ema.dtype)))  # theta_{t+1} as stored
     return partials
 
 

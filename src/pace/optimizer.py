@@ -21,7 +21,8 @@ from torch.optim import Optimizer
 from torch.optim.optimizer import ParamsT
 
 from pace import compiled, hyper, paths, rounding, triton_kernel
-from pace.plan import Bucket, DTensor, Plan, follow_weights, new_step, read_counts, share_counts, step_form
+from pace.plan import (Bucket, DTensor, Plan, ema_form, ema_value, follow_weights, new_step, read_counts, share_counts,
+                       step_form)
 from pace.rules import check_group
 
 STAT_NAMES = ("lambda_mean", "lambda_max", "frac_clipped", "update_norm", "pullback_norm", "dist_to_ema")
@@ -187,10 +188,12 @@ class PACE(Optimizer):
             else:
                 step_form(state, p, capturable)  # the flag may have been switched since the count was made
                 follow_weights(state, p)
-            if needs_ema and "ema" not in state:
+            key = ema_form(state, p, self._offset(group, p))
+            if needs_ema and key not in state:
                 if undo is not None:
-                    undo.append(lambda state=state: state.pop("ema", None))
-                state["ema"] = p.detach().to(self._ema_dtype(group, p), copy=True)  # ema_0
+                    undo.append(lambda state=state, key=key: state.pop(key, None))
+                state[key] = (torch.zeros_like(p, memory_format=torch.preserve_format) if key == "ema_offset"
+                              else p.detach().to(self._ema_dtype(group, p), copy=True))  # ema_0 = theta_0
             if stochastic and "seed" not in state:
                 if undo is not None:
                     undo.append(lambda state=state: state.pop("seed", None))
@@ -201,13 +204,19 @@ class PACE(Optimizer):
             exp_avgs.append(state["exp_avg"])
             exp_avg_sqs.append(state["exp_avg_sq"])
             if needs_ema:
-                emas.append(state["ema"])
+                emas.append(state[key])
             state_steps.append(state["step"])
         if compiling:
             self._plans.clear()  # their shared step counts are gone
 
     def _group_index(self, group):
         return next(i for i, g in enumerate(self.param_groups) if g is group)
+
+    @classmethod
+    def _offset(cls, group, p):
+        """Whether p's EMA is kept as its bfloat16 offset from the weights ("ema_offset": ema - theta): a bf16
+        EMA of bf16 weights, whose own updates w_t * (theta - ema) would fall below half its ulp."""
+        return p.dtype == torch.bfloat16 and cls._ema_dtype(group, p) == torch.bfloat16
 
     @staticmethod
     def _ema_dtype(group, p):
@@ -241,9 +250,10 @@ class PACE(Optimizer):
         for group in self.param_groups:
             params, grads, exp_avgs, exp_avg_sqs, emas, state_steps = [], [], [], [], [], []
             self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, emas, state_steps, True)
-            if params and group["rounding"] == "stochastic" and any(p.dtype == torch.bfloat16 for p in params):
-                raise RuntimeError("PACE: rounding='stochastic' does not run inside torch.compile yet; step eagerly "
-                                   "(call opt.step() outside the compiled function)")
+            if params and any(p.dtype == torch.bfloat16 for p in params) and (
+                    group["rounding"] == "stochastic" or any(self._offset(group, p) for p in params)):
+                raise RuntimeError("PACE: rounding='stochastic' and a bf16 EMA of bf16 weights do not run inside "
+                                   "torch.compile yet; step eagerly (call opt.step() outside the compiled function)")
             if params:
                 partials += compiled.step(group, params, grads, exp_avgs, exp_avg_sqs, emas, state_steps)
                 if group["log_stats"] and group["lambda_pullback"] > 0:
@@ -305,11 +315,13 @@ class PACE(Optimizer):
                 if key not in buckets:
                     buckets[key] = Bucket(*key, with_ema=needs_ema)
                     buckets[key].count = state["step"]
-                buckets[key].add(i, p, state["exp_avg"], state["exp_avg_sq"], state.get("ema"))
+                buckets[key].add(i, p, state["exp_avg"], state["exp_avg_sq"], state.get("ema_offset", state.get("ema")))
+                buckets[key].offset = "ema_offset" in state and needs_ema
         for bucket in buckets.values():
             if group["rounding"] == "stochastic" and bucket.dtype == torch.bfloat16:
                 index = bucket.index
                 bucket.seeds = [int(self.state[params[i]]["seed"]) for i in index]
+                bucket.seed_tensor = torch.tensor(bucket.seeds, dtype=torch.int64).to(bucket.device)
             bucket.capturable = capturable
             bucket.path, bucket.kernel = paths.choose(group["impl"], bucket)
             if bucket.path in paths.WALK_MEMORY:
@@ -374,8 +386,9 @@ class PACE(Optimizer):
             for group in self.param_groups:
                 group["train_mode"] = False
                 for p, state in self._ema_params(group):
+                    ema = ema_value(p, state)
                     state["train_weights"] = p.detach().clone()
-                    p.copy_(state["ema"])
+                    p.copy_(ema)
         return self
 
     @torch.no_grad()
@@ -388,9 +401,13 @@ class PACE(Optimizer):
                 for p in group["params"]:
                     state = self.state.get(p)
                     if state and "train_weights" in state:
-                        if "ema" not in state:  # loaded in eval mode: the EMA is the model's weights
-                            state["ema"] = p.detach().to(self._ema_dtype(group, p), copy=True)
-                        p.copy_(state.pop("train_weights"))
+                        weights = state.pop("train_weights")
+                        if "ema" not in state and "ema_offset" not in state:  # loaded in eval mode: the EMA is
+                            if self._offset(group, p):                       # the model's weights
+                                state["ema_offset"] = (p.detach().float() - weights.float()).to(p.dtype)
+                            else:
+                                state["ema"] = p.detach().to(self._ema_dtype(group, p), copy=True)
+                        p.copy_(weights)
         return self
 
     @contextlib.contextmanager
@@ -408,7 +425,7 @@ class PACE(Optimizer):
         if group["use_ema_eval"]:
             for p in group["params"]:
                 state = self.state.get(p)
-                if state and "ema" in state:
+                if state and ("ema" in state or "ema_offset" in state):
                     yield p, state
 
     @torch.no_grad()
@@ -417,7 +434,7 @@ class PACE(Optimizer):
 
         Parameters of groups without use_ema_eval, parameters never stepped, and buffers come as they are.
         """
-        emas = {p: s["ema"] for group in self.param_groups for p, s in self._ema_params(group)}
+        emas = {p: ema_value(p, s) for group in self.param_groups for p, s in self._ema_params(group)}
         out = {}
         for name, t in model.state_dict(keep_vars=True).items():
             ema = emas.get(t)
@@ -454,7 +471,7 @@ class PACE(Optimizer):
             for group in loaded["param_groups"]:
                 for i in group["params"]:
                     state = loaded["state"].get(i, {})
-                    if not group.get("train_mode", True) and "ema" in state:
+                    if not group.get("train_mode", True) and ("ema" in state or "ema_offset" in state):
                         in_eval.add(pos)  # the training weights: torch's cast to the weights' dtype is right
                     elif "ema" in state:
                         emas[pos] = state["ema"]
@@ -466,7 +483,7 @@ class PACE(Optimizer):
                 self.state[params[pos]]["ema"] = ema.to(device=params[pos].device, copy=True)
             for pos in in_eval:
                 state = self.state[params[pos]]
-                state["train_weights"] = state.pop("ema")
+                state["train_weights"] = state.pop("ema_offset" if "ema_offset" in state else "ema")
 
         hooks = (self.register_load_state_dict_pre_hook(take_emas),
                  self.register_load_state_dict_post_hook(restore_emas, prepend=True))
@@ -495,7 +512,9 @@ def _saved_form(state_dict):
             state = state_dict["state"].get(i)
             if state and "train_weights" in state:
                 state = dict(state)  # the optimizer's own dict is not to be changed
-                state["ema"] = state.pop("train_weights")
+                key = "ema_offset" if "ema_offset" in state else "ema"
+                state.pop(key, None)  # an offset from the training weights: the model holds the EMA itself
+                state[key] = state.pop("train_weights")
                 state_dict["state"][i] = state
     return state_dict
 

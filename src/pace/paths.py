@@ -26,14 +26,9 @@ def choose(impl, bucket):
         return forloop.step, None
     device, ema_dtype = bucket.device, bucket.ema_dtype
     dtype = bucket.params[0].dtype  # complex weights as real pairs
-    if bucket.seeds is not None or bucket.offset:
-        why = "the fused kernels do not round stochastically yet"
-        if impl is not None:
-            raise RuntimeError(f"PACE: impl={impl!r} cannot run: {why}; impl='forloop' or None steps it")
-        warn_once(("rounding", why), f"PACE: {why}; stepping these parameters with the for-loop implementation")
-        return forloop.step, None
+    stochastic = bucket.seeds is not None
     if impl != "triton" and device.type == "cpu":
-        name, why = cpu_kernel.kernel_for(dtype, ema_dtype)
+        name, why = cpu_kernel.kernel_for(dtype, ema_dtype, stochastic, bucket.offset)
         if name is not None and cpu_kernel.load(name) is not None:
             return cpu_kernel.step, name
         why = why or f"the CPU kernel could not be built ({cpu_kernel.error(name)})"

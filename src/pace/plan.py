@@ -58,6 +58,24 @@ def follow_weights(state, p):
         state["ema"] = state["ema"].to(device=p.device)
 
 
+def ema_form(state, p, offset):
+    """The key p's EMA is kept under, "ema_offset" (its bfloat16 offset from the weights) or "ema", with a state
+    in the other form (an older checkpoint, a changed ema_dtype) converted: the EMA is theta + offset."""
+    if offset and "ema" in state:
+        state["ema_offset"] = (state.pop("ema").float() - p.detach().float()).to(p.dtype)
+    elif not offset and "ema_offset" in state:
+        state["ema"] = ema_value(p, state)
+        del state["ema_offset"]
+    return "ema_offset" if offset else "ema"
+
+
+def ema_value(p, state):
+    """p's EMA: state["ema"], or theta + offset in float32 (what eval() rounds into the weights)."""
+    if "ema_offset" in state:
+        return p.detach().float() + state["ema_offset"].float()
+    return state["ema"]
+
+
 def read_counts(steps):
     """The step counts' values as ints (one read per device)."""
     by_device = {}
@@ -99,7 +117,7 @@ class Bucket:
     weights' (kernel_grads)."""
 
     __slots__ = ("device", "dtype", "t", "index", "params", "exp_avgs", "exp_avg_sqs", "emas", "ema_dtype",
-                 "plain", "count", "path", "kernel", "scratch", "staged", "contiguous", "seeds", "offset", "capturable")
+                 "plain", "count", "path", "kernel", "scratch", "staged", "contiguous", "seeds", "seed_tensor", "offset", "capturable")
 
     def __init__(self, device, dtype, t, with_ema):
         self.device, self.dtype, self.t = device, dtype, t
@@ -113,6 +131,7 @@ class Bucket:
         self.staged = []  # (original, buffer) pairs of tensors the kernels step in a buffer
         self.contiguous = False  # every weight contiguous, once staged
         self.seeds = None  # rounding="stochastic": each parameter's seed (pace.rounding), else None
+        self.seed_tensor = None  # the same as an int64 tensor on the bucket's device
         self.offset = False  # the EMA stored as its bfloat16 offset from the weights (pace.forloop.pace_update)
         self.capturable = False  # the step count is read on the device (self.count), not from self.t
 

@@ -20,6 +20,8 @@ import functools
 
 import torch
 
+from pace import rounding
+
 BLOCK = 1024  # elements per inner block: 4 warps x 32 threads x 8 elements
 BLOCKS_PER_CHUNK = 8  # a program steps BLOCK * BLOCKS_PER_CHUNK elements
 CHUNK = BLOCK * BLOCKS_PER_CHUNK
@@ -132,9 +134,11 @@ class Launcher:
         return tables
 
     @staticmethod
-    def step(tables, grad_ptrs, dtypes, hp, flags):
+    def step(tables, grad_ptrs, dtypes, hp, flags, keys=None, offset=False):
         """One PACE step of a bucket: grad_ptrs its grads' addresses in the tables' order, dtypes (weights,
         EMA or None), hp (HP.size,) on the device in the compute dtype, flags (pull, update_ema, stats).
+        keys: each tensor's key of this step (an int64 device tensor) to round bf16 writes stochastically;
+        offset: the EMA is the weights' bf16 offset (pace.forloop.pace_update).
         Returns (n_chunks, 6) partial sums when stats, else None."""
         if grad_ptrs != tables.grad_ptrs:  # new grad tensors: their column only
             (_write_captured if _capturing(tables.grads.device) else _upload)(grad_ptrs, tables.grads)
@@ -148,9 +152,11 @@ class Launcher:
         out = torch.empty(tables.n_chunks, 6, dtype=compute, device=hp.device) if stats else hp
         kernel[(tables.n_chunks,)](
             tables.addrs, tables.grads, tables.numels, tables.chunk_tensor, tables.chunk_index, hp, out,
+            tables.numels if keys is None else keys,
             P_TYPE=types[p_dtype], E_TYPE=types[ema_dtype], C_TYPE=types[compute], EA_TYPE=types[ema_math],
             FP64=compute == torch.float64, P_BF16=p_dtype == torch.bfloat16, E_BF16=ema_dtype == torch.bfloat16,
             PULL=pull, UPDATE_EMA=update_ema, STATS=stats, BLOCK=BLOCK, BLOCKS_PER_CHUNK=BLOCKS_PER_CHUNK,
+            SR=keys is not None, OFFSET=offset,
             num_warps=NUM_WARPS, **LAUNCH_OPTIONS)
         return out if stats else None
 
@@ -165,6 +171,11 @@ def step(bucket, grads, hp, consts, *, pull, update_ema, stats):
     grads = bucket.kernel_grads(grads)
     bucket.copy_in()
     ptrs = [g.data_ptr() for g in grads]
-    out = Launcher.step(bucket.kernel, ptrs, (bucket.params[0].dtype, bucket.ema_dtype), hp, (pull, update_ema, stats))
+    keys = None
+    if bucket.seeds is not None:  # computed on the device from the count when capturable: a replay draws anew
+        t = bucket.count.to(device=bucket.device, dtype=torch.int64) if bucket.capturable else bucket.t
+        keys = rounding.key(bucket.seed_tensor, t)
+    out = Launcher.step(bucket.kernel, ptrs, (bucket.params[0].dtype, bucket.ema_dtype), hp, (pull, update_ema, stats),
+                        keys, bucket.offset)
     bucket.copy_out()
     return [out] if stats else []

@@ -44,6 +44,38 @@ def _bf16(x):
 
 
 @triton.jit
+def _mix(x):
+    """lowbias32 (pace/rounding.py) of x: int64 values in [0, 2^32), in uint32 arithmetic."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & 0xFFFFFFFF
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & 0xFFFFFFFF  # an int64 product may wrap; its low 32 bits are the uint32 product's
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def _bf16_sr(x, r):
+    """float32 -> bfloat16 rounded stochastically with 16 random bits r (int64); a NaN stays a quiet NaN."""
+    u = x.to(tl.uint32, bitcast=True).to(tl.int64)
+    up = ((u + r) & 0xFFFFFFFF) >> 16
+    nan = (u & 0x7FFFFFFF) > 0x7F800000
+    return tl.where(nan, (u >> 16) | 0x40, up).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def _put(ptr, x, mask, r, TYPE: tl.constexpr, BF16: tl.constexpr, SR: tl.constexpr, MASKED: tl.constexpr):
+    """Store x in TYPE: a bfloat16 rounded stochastically with r when SR, else as _store."""
+    if SR and BF16:
+        y = _bf16_sr(x, r)
+        if MASKED:
+            tl.store(ptr, y, mask=mask)
+        else:
+            tl.store(ptr, y)
+    else:
+        _store(ptr, x, mask, TYPE, BF16, MASKED)
+
+
+@triton.jit
 def _store(ptr, x, mask, TYPE: tl.constexpr, BF16: tl.constexpr, MASKED: tl.constexpr):
     y = _bf16(x) if BF16 else x.to(TYPE)
     if MASKED:
@@ -76,10 +108,11 @@ def _zero_masked(x, mask, MASKED: tl.constexpr):
 
 @triton.jit
 def _block(p, g, m, v, e, offs, mask, keep, step_size, inv_bc2_sqrt, eps, omb1, beta2, omb2, lam_scale, ema_weight,
-           lam_max, s_lam, m_lam, s_clip, s_upd, s_pull, s_diff,
+           lam_max, s_lam, m_lam, s_clip, s_upd, s_pull, s_diff, key,
            C_TYPE: tl.constexpr, EA_TYPE: tl.constexpr, P_TYPE: tl.constexpr, E_TYPE: tl.constexpr,
            FP64: tl.constexpr, P_BF16: tl.constexpr, E_BF16: tl.constexpr, PULL: tl.constexpr,
-           UPDATE_EMA: tl.constexpr, STATS: tl.constexpr, MASKED: tl.constexpr):
+           UPDATE_EMA: tl.constexpr, STATS: tl.constexpr, MASKED: tl.constexpr, SR: tl.constexpr,
+           OFFSET: tl.constexpr):
     """Step the elements `offs` of one tensor (the hyperparameters in the compute dtype, ema_weight in the EMA's);
     returns the telemetry accumulators, updated when STATS."""
     theta = _load(p + offs, mask, C_TYPE, MASKED)
@@ -92,18 +125,35 @@ def _block(p, g, m, v, e, offs, mask, keep, step_size, inv_bc2_sqrt, eps, omb1, 
         inv = tl.div_rn(tl.full(v_new.shape, 1, C_TYPE), tl.sqrt_rn(v_new) * inv_bc2_sqrt + eps)
     adamw = theta * keep - step_size * (m_new * inv)
     new = adamw
-    if PULL or UPDATE_EMA:
+    if OFFSET:  # the EMA kept as its bf16 offset from the weights: ema_{t-1} = theta + offset
+        diff = _load(e + offs, mask, C_TYPE, MASKED)
+        e_old = (theta + diff).to(EA_TYPE)
+    elif PULL or UPDATE_EMA:
         e_old = _load(e + offs, mask, EA_TYPE, MASKED)  # ema_{t-1}, read once
     if PULL:
         lam_raw = lam_scale * inv
         lam = tl.minimum(lam_raw, lam_max)
-        diff = e_old.to(C_TYPE) - theta
+        if not OFFSET:
+            diff = e_old.to(C_TYPE) - theta
         new = adamw + lam * diff
-    _store(m + offs, m_new, mask, P_TYPE, P_BF16, MASKED)
-    _store(v + offs, v_new, mask, P_TYPE, P_BF16, MASKED)
-    stored = _bf16(new) if P_BF16 else new.to(P_TYPE)  # theta_{t+1} as stored: what the EMA averages
+    h0 = offs  # the element words of pace/rounding.py, used when SR
+    h1 = offs
+    if SR:
+        index = (offs.to(tl.int64) * 2) & 0xFFFFFFFF
+        h0 = _mix(index ^ key)
+        h1 = _mix(((index + 1) & 0xFFFFFFFF) ^ key)
+    _put(m + offs, m_new, mask, h0 >> 16, P_TYPE, P_BF16, SR, MASKED)
+    _put(v + offs, v_new, mask, h1 & 0xFFFF, P_TYPE, P_BF16, SR, MASKED)
+    if SR and P_BF16:
+        stored = _bf16_sr(new, h0 & 0xFFFF)  # theta_{t+1} as stored: what the EMA averages
+    else:
+        stored = _bf16(new) if P_BF16 else new.to(P_TYPE)
     _store(p + offs, stored, mask, P_TYPE, False, MASKED)
-    if UPDATE_EMA:
+    if OFFSET:  # written at every step: the weights moved
+        target = stored.to(EA_TYPE)
+        ema = _lerp(e_old, target, ema_weight) if UPDATE_EMA else e_old
+        _put(e + offs, ema - target, mask, h1 >> 16, E_TYPE, E_BF16, SR, MASKED)
+    elif UPDATE_EMA:
         ema = _lerp(e_old, stored.to(EA_TYPE), ema_weight)
         _store(e + offs, ema, mask, E_TYPE, E_BF16, MASKED)
     if STATS:
@@ -122,14 +172,16 @@ def _block(p, g, m, v, e, offs, mask, keep, step_size, inv_bc2_sqrt, eps, omb1, 
 
 
 @triton.jit
-def pace_kernel(addrs, grads, numels, chunk_tensor, chunk_index, hp, stats,
+def pace_kernel(addrs, grads, numels, chunk_tensor, chunk_index, hp, stats, keys,
                 P_TYPE: tl.constexpr, E_TYPE: tl.constexpr, C_TYPE: tl.constexpr, EA_TYPE: tl.constexpr,
                 FP64: tl.constexpr, P_BF16: tl.constexpr, E_BF16: tl.constexpr,
                 PULL: tl.constexpr, UPDATE_EMA: tl.constexpr, STATS: tl.constexpr,
-                BLOCK: tl.constexpr, BLOCKS_PER_CHUNK: tl.constexpr):
+                BLOCK: tl.constexpr, BLOCKS_PER_CHUNK: tl.constexpr, SR: tl.constexpr = False,
+                OFFSET: tl.constexpr = False):
     """addrs (n, 4) int64: p, m, v, EMA (0 without one); grads (n,) int64; numels (n,) int64;
     chunk_tensor, chunk_index (n_chunks,) int32: the tensor and the chunk within it of each program;
-    hp (HP.size,) in the compute dtype; stats (n_chunks, 6) partial sums in the compute dtype, when STATS."""
+    hp (HP.size,) in the compute dtype; stats (n_chunks, 6) partial sums in the compute dtype, when STATS;
+    keys (n,) int64: each tensor's key of this step (pace.rounding.key), read when SR."""
     pid = tl.program_id(0)
     t = tl.load(chunk_tensor + pid).to(tl.int64)
     start = tl.load(chunk_index + pid).to(tl.int64) * (BLOCK * BLOCKS_PER_CHUNK)
@@ -160,6 +212,7 @@ def pace_kernel(addrs, grads, numels, chunk_tensor, chunk_index, hp, stats,
     lam_scale = tl.load(hp + LAM_SCALE).to(C_TYPE)
     ema_weight = tl.load(hp + EMA_WEIGHT).to(EA_TYPE)
     lam_max = tl.load(hp + LAM_MAX).to(C_TYPE)
+    key = tl.load(keys + t) if SR else 0
     aligned = ((p_addr | g_addr | m_addr | v_addr | e_addr) & 15) == 0
     if aligned & (start + BLOCK * BLOCKS_PER_CHUNK <= n):  # interior: no mask, 128-bit accesses
         pa = tl.multiple_of(p, 16)
@@ -171,15 +224,15 @@ def pace_kernel(addrs, grads, numels, chunk_tensor, chunk_index, hp, stats,
             offs = start + b * BLOCK + tl.arange(0, BLOCK)
             s_lam, m_lam, s_clip, s_upd, s_pull, s_diff = _block(
                 pa, ga, ma, va, ea, offs, None, keep, step_size, inv_bc2_sqrt, eps, omb1, beta2, omb2, lam_scale,
-                ema_weight, lam_max, s_lam, m_lam, s_clip, s_upd, s_pull, s_diff, C_TYPE, EA_TYPE,
-                P_TYPE, E_TYPE, FP64, P_BF16, E_BF16, PULL, UPDATE_EMA, STATS, False)
+                ema_weight, lam_max, s_lam, m_lam, s_clip, s_upd, s_pull, s_diff, key, C_TYPE, EA_TYPE,
+                P_TYPE, E_TYPE, FP64, P_BF16, E_BF16, PULL, UPDATE_EMA, STATS, False, SR, OFFSET)
     else:  # a tensor's last chunk, or a misaligned view: masked, scalar accesses
         for b in range(BLOCKS_PER_CHUNK):
             offs = start + b * BLOCK + tl.arange(0, BLOCK)
             s_lam, m_lam, s_clip, s_upd, s_pull, s_diff = _block(
                 p, g, m, v, e, offs, offs < n, keep, step_size, inv_bc2_sqrt, eps, omb1, beta2, omb2, lam_scale,
-                ema_weight, lam_max, s_lam, m_lam, s_clip, s_upd, s_pull, s_diff, C_TYPE, EA_TYPE,
-                P_TYPE, E_TYPE, FP64, P_BF16, E_BF16, PULL, UPDATE_EMA, STATS, True)
+                ema_weight, lam_max, s_lam, m_lam, s_clip, s_upd, s_pull, s_diff, key, C_TYPE, EA_TYPE,
+                P_TYPE, E_TYPE, FP64, P_BF16, E_BF16, PULL, UPDATE_EMA, STATS, True, SR, OFFSET)
     if STATS:
         out = stats + 6 * pid
         tl.store(out + 0, tl.sum(s_lam, 0))

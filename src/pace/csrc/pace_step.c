@@ -47,9 +47,36 @@ static inline uint16_t f32_to_bf16(float f) { /* round to nearest even; NaN stay
     return (uint16_t)((rounded & ~nan) | (((u >> 16) | 0x40u) & nan));
 }
 
+/* Stochastic rounding (pace/rounding.py, built with -DPACE_SR=1): lowbias32, the element words and the
+ * rounding of a float with 16 random bits, as the torch ops there compute them */
+static inline uint32_t mix32(uint32_t x) {
+    x ^= x >> 16; x *= 0x7feb352du; x ^= x >> 15; x *= 0x846ca68bu; x ^= x >> 16;
+    return x;
+}
+
+static inline uint16_t f32_to_bf16_sr(float f, uint32_t r) { /* r < 2^16; NaN stays a quiet NaN */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    uint32_t up = (u + r) >> 16;
+    uint32_t nan = 0u - (uint32_t)((u & 0x7fffffffu) > 0x7f800000u);
+    return (uint16_t)((up & ~nan) | (((u >> 16) | 0x40u) & nan));
+}
+
+/* which variant this build is: its kernel name says (one kernel per build) */
+#if defined(PACE_KERNEL_pace_step_bf16_f32_sr) || defined(PACE_KERNEL_pace_step_bf16_off_sr)
+#define PACE_SR 1
+#else
+#define PACE_SR 0
+#endif
+#if defined(PACE_KERNEL_pace_step_bf16_off) || defined(PACE_KERNEL_pace_step_bf16_off_sr)
+#define PACE_OFFSET 1 /* the EMA stored as its bf16 offset from the weights, ema - theta */
+#else
+#define PACE_OFFSET 0
+#endif
+
 #define CASE(NAME, k)                                                                                       \
     case k: NAME##_chunk(p, g, m, v, ema, len, h, ((k) >> 4) & 1, ((k) >> 3) & 1, ((k) >> 2) & 1,           \
-                         ((k) >> 1) & 1, (k) & 1, out); break;
+                         ((k) >> 1) & 1, (k) & 1, out, key, start); break;
 #define CASE8(NAME, k) CASE(NAME, k) CASE(NAME, k + 1) CASE(NAME, k + 2) CASE(NAME, k + 3) CASE(NAME, k + 4) \
     CASE(NAME, k + 5) CASE(NAME, k + 6) CASE(NAME, k + 7)
 #define SQRT(x) _Generic((x), float: sqrtf, default: sqrt)(x) /* float stays float */
@@ -74,14 +101,14 @@ static inline int64_t tensor_of(const int64_t *first, int64_t n_tensors, int64_t
     return lo;
 }
 
-/* CHUNK_LOOP(NAME, P, E, C, EA, LOADP, STOREP, LOADE, STOREE): NAME_chunk, the loop over one chunk for
+/* CHUNK_LOOP(NAME, P, E, C, EA, LOADP, STOREP, LOADE, STOREE, STOREP_SR, STOREE_SR): NAME_chunk, the loop over one chunk for
  * weights/moments of type P, EMA of type E, arithmetic in C (the EMA's own update in EA). PULL, UPDATE_EMA,
  * STATS, EMA_LO and M_LO are compile-time constants at each call site (STEP's switch). */
-#define CHUNK_LOOP(NAME, P, E, C, EA, LOADP, STOREP, LOADE, STOREE)                                         \
+#define CHUNK_LOOP(NAME, P, E, C, EA, LOADP, STOREP, LOADE, STOREE, STOREP_SR, STOREE_SR)                   \
 static inline __attribute__((always_inline)) void NAME##_chunk(                                             \
         P *restrict p, const P *restrict g, P *restrict m, P *restrict v, E *restrict ema, int64_t n,       \
         const C *h, const int PULL, const int UPDATE_EMA, const int STATS, const int EMA_LO, const int M_LO,           \
-        double *out) {                                                                                      \
+        double *out, const uint32_t key, const int64_t start) {                                             \
     const C keep = h[HP_KEEP], step_size = h[HP_STEP_SIZE], inv_bc2_sqrt = h[HP_INV_BC2_SQRT];              \
     const C eps = h[HP_EPS], omb1 = h[HP_ONE_MINUS_BETA1], beta2 = h[HP_BETA2];                             \
     const C omb2 = h[HP_ONE_MINUS_BETA2], lam_scale = h[HP_LAM_SCALE], ema_weight = h[HP_EMA_WEIGHT];       \
@@ -96,18 +123,30 @@ static inline __attribute__((always_inline)) void NAME##_chunk(                 
         C adamw = theta * keep - step_size * (m_new * inv);                                                 \
         C new_theta = adamw;                                                                                \
         C lam = 0, lam_raw = 0, diff = 0;                                                                   \
-        EA e_old = (PULL || UPDATE_EMA) ? (EA)LOADE(ema[i]) : 0; /* ema_{t-1}, read once */                 \
+        EA e_old = 0;                                                                                       \
+        if (PACE_OFFSET) { C off = (C)LOADE(ema[i]); e_old = (EA)(theta + off); diff = off; }               \
+        else if (PULL || UPDATE_EMA) e_old = (EA)LOADE(ema[i]); /* ema_{t-1}, read once */                  \
         if (PULL) {                                                                                         \
             lam_raw = lam_scale * inv;                                                                      \
             lam = lam_raw < lam_max ? lam_raw : lam_max;                                                    \
-            diff = (C)e_old - theta;                                                                        \
+            if (!PACE_OFFSET) diff = (C)e_old - theta;                                                      \
             new_theta = adamw + lam * diff;                                                                 \
         }                                                                                                   \
-        P stored = STOREP(new_theta);                                                                       \
+        uint32_t h0 = 0, h1 = 0;                                                                            \
+        if (PACE_SR) {                                                                                      \
+            uint32_t idx = (uint32_t)(2 * (start + i));                                                     \
+            h0 = mix32(key ^ idx); h1 = mix32(key ^ (idx + 1u));                                            \
+        }                                                                                                   \
+        P stored = PACE_SR ? STOREP_SR(new_theta, h0 & 0xffffu) : STOREP(new_theta);                       \
         p[i] = stored;                                                                                      \
-        m[i] = STOREP(m_new);                                                                               \
-        v[i] = STOREP(v_new);                                                                               \
-        if (UPDATE_EMA) {                                                                                   \
+        m[i] = PACE_SR ? STOREP_SR(m_new, h0 >> 16) : STOREP(m_new);                                       \
+        v[i] = PACE_SR ? STOREP_SR(v_new, h1 & 0xffffu) : STOREP(v_new);                                   \
+        if (PACE_OFFSET) { /* written every step: the weights moved */                                      \
+            EA target = (EA)LOADP(stored), w = (EA)ema_weight;                                              \
+            EA e_new = !UPDATE_EMA ? e_old : EMA_LO ? e_old + w * (target - e_old)                          \
+                                                    : target - (target - e_old) * (1 - w);                  \
+            ema[i] = PACE_SR ? STOREE_SR(e_new - target, h1 >> 16) : STOREE(e_new - target);               \
+        } else if (UPDATE_EMA) {                                                                            \
             EA target = (EA)LOADP(stored), w = (EA)ema_weight; /* lerp, its branch chosen outside the loop */    \
             ema[i] = STOREE(EMA_LO ? e_old + w * (target - e_old) : target - (target - e_old) * (1 - w));   \
         }                                                                                                   \
@@ -130,7 +169,7 @@ static inline __attribute__((always_inline)) void NAME##_chunk(                 
  * NAME_chunk its flags choose */
 #define STEP(NAME, P, E, C)                                                                                 \
 int NAME(int64_t n_tensors, const int64_t *ptrs, const int64_t *numels, const double *hp, int pull,         \
-         int update_ema, double *stats, int n_threads) { /* 0, or 1 where its table cannot be allocated */  \
+         int update_ema, double *stats, int n_threads, const int64_t *keys) { /* 0, or 1: no table */       \
     C h[HP_SIZE];                                                                                           \
     for (int k = 0; k < HP_SIZE; k++) h[k] = (C)hp[k];                                                      \
     int64_t *first = chunk_table(n_tensors, numels);                                                        \
@@ -149,6 +188,7 @@ int NAME(int64_t n_tensors, const int64_t *ptrs, const int64_t *numels, const do
         P *p = (P *)q[0] + start, *g = (P *)q[1] + start, *m = (P *)q[2] + start, *v = (P *)q[3] + start;   \
         E *ema = q[4] ? (E *)q[4] + start : 0;                                                              \
         double *out = stats ? stats + 6 * c : 0;                                                            \
+        uint32_t key = keys ? (uint32_t)keys[t] : 0u; /* each tensor's key of this step (pace.rounding.key) */ \
         switch (flags) {                                                                                    \
             CASE8(NAME, 0) CASE8(NAME, 8) CASE8(NAME, 16) CASE8(NAME, 24)                                   \
         }                                                                                                   \
@@ -157,28 +197,43 @@ int NAME(int64_t n_tensors, const int64_t *ptrs, const int64_t *numels, const do
     return 0;                                                                                               \
 }
 
-#define BODY(NAME, P, E, C, EA, LOADP, STOREP, LOADE, STOREE)                                               \
-    CHUNK_LOOP(NAME, P, E, C, EA, LOADP, STOREP, LOADE, STOREE)                                             \
+#define BODY(NAME, P, E, C, EA, LOADP, STOREP, LOADE, STOREE, STOREP_SR, STOREE_SR)                         \
+    CHUNK_LOOP(NAME, P, E, C, EA, LOADP, STOREP, LOADE, STOREE, STOREP_SR, STOREE_SR)                       \
     STEP(NAME, P, E, C)
 
 #define SAME(x) (x)
+#define F32_SR(x, r) ((float)(x)) /* 32- and 64-bit state: no rounding to 16 bits, r unused */
+#define F64_SR(x, r) ((double)(x))
 #define TO_F32(x) ((float)(x))
 #define TO_F64(x) ((double)(x))
 
 /* pace_step_<weights dtype>_<EMA dtype>; one per build (-DPACE_KERNEL_<name>), so that a machine builds only
  * the dtypes it trains, each in about a second */
 #ifdef PACE_KERNEL_pace_step_f32_f32
-BODY(pace_step_f32_f32, float, float, float, float, SAME, TO_F32, SAME, TO_F32)
+BODY(pace_step_f32_f32, float, float, float, float, SAME, TO_F32, SAME, TO_F32, F32_SR, F32_SR)
 #endif
 #ifdef PACE_KERNEL_pace_step_f64_f64
-BODY(pace_step_f64_f64, double, double, double, double, SAME, TO_F64, SAME, TO_F64)
+BODY(pace_step_f64_f64, double, double, double, double, SAME, TO_F64, SAME, TO_F64, F64_SR, F64_SR)
 #endif
 #ifdef PACE_KERNEL_pace_step_f32_f64
-BODY(pace_step_f32_f64, float, double, float, double, SAME, TO_F32, SAME, TO_F64)
+BODY(pace_step_f32_f64, float, double, float, double, SAME, TO_F32, SAME, TO_F64, F32_SR, F64_SR)
 #endif
 #ifdef PACE_KERNEL_pace_step_bf16_f32
-BODY(pace_step_bf16_f32, uint16_t, float, float, float, bf16_to_f32, f32_to_bf16, SAME, TO_F32)
+BODY(pace_step_bf16_f32, uint16_t, float, float, float, bf16_to_f32, f32_to_bf16, SAME, TO_F32, f32_to_bf16_sr, F32_SR)
+#endif
+#ifdef PACE_KERNEL_pace_step_bf16_f32_sr
+BODY(pace_step_bf16_f32_sr, uint16_t, float, float, float, bf16_to_f32, f32_to_bf16, SAME, TO_F32, f32_to_bf16_sr,
+     F32_SR)
 #endif
 #ifdef PACE_KERNEL_pace_step_bf16_bf16
-BODY(pace_step_bf16_bf16, uint16_t, uint16_t, float, float, bf16_to_f32, f32_to_bf16, bf16_to_f32, f32_to_bf16)
+BODY(pace_step_bf16_bf16, uint16_t, uint16_t, float, float, bf16_to_f32, f32_to_bf16, bf16_to_f32, f32_to_bf16,
+     f32_to_bf16_sr, f32_to_bf16_sr)
+#endif
+#ifdef PACE_KERNEL_pace_step_bf16_off
+BODY(pace_step_bf16_off, uint16_t, uint16_t, float, float, bf16_to_f32, f32_to_bf16, bf16_to_f32, f32_to_bf16,
+     f32_to_bf16_sr, f32_to_bf16_sr)
+#endif
+#ifdef PACE_KERNEL_pace_step_bf16_off_sr
+BODY(pace_step_bf16_off_sr, uint16_t, uint16_t, float, float, bf16_to_f32, f32_to_bf16, bf16_to_f32, f32_to_bf16,
+     f32_to_bf16_sr, f32_to_bf16_sr)
 #endif
