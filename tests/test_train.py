@@ -258,3 +258,17 @@ def test_the_progress_bar_keeps_its_width_with_a_long_run_name(name):
     line = out.getvalue().strip().split("\r")[-1]
     assert "|####" in line and line.endswith("loss 3.2112"), line  # 40%: 4 of the bar's 10
     assert len(line) <= 80, line
+
+
+def test_bf16_weights_reach_stochastic_rounding_and_the_lean_ema(offline_data, tmp_path):
+    """model.dtype=bfloat16 with optimizer.rounding=stochastic and optimizer.ema_dtype=bfloat16: the run keeps
+    bf16 weights and moments, the EMA as its bf16 offset, and returns the EMA, which moved from the weights."""
+    cfg = small_cfg(offline_data, tmp_path, "optimizer=pace", "model.dtype=bfloat16", "optimizer.rounding=stochastic",
+                    "optimizer.ema_dtype=bfloat16", steps=10)
+    record = train(cfg)
+    s = record["summary"]
+    assert record["status"] == "complete" and s["returned"] == "ema" and math.isfinite(s["val_loss"])
+    assert s["ema_val_loss"] != s["vanilla_val_loss"]  # the returned EMA is not the live weights
+    assert record["config"]["optimizer"]["rounding"] == "stochastic"
+    with pytest.raises(PaceLMError, match="rounding"):
+        train(small_cfg(offline_data, tmp_path / "bad", "optimizer=pace", "optimizer.rounding=up", steps=1))

@@ -344,6 +344,7 @@ class PACEArgs:  # pace.PACE's keyword arguments the pipeline sets (impl is Opti
     ema_update_freq: int
     log_stats: bool
     ema_dtype: Optional[str]
+    rounding: str = "nearest"  # a record written before this key ran with rounding to nearest
 
 
 @dataclass(frozen=True)

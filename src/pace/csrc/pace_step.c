@@ -114,6 +114,7 @@ static inline __attribute__((always_inline)) void NAME##_chunk(                 
     const C omb2 = h[HP_ONE_MINUS_BETA2], lam_scale = h[HP_LAM_SCALE], ema_weight = h[HP_EMA_WEIGHT];       \
     const C lam_max = h[HP_LAM_MAX];                                                                        \
     C s_lam = 0, m_lam = 0, s_clip = 0, s_upd = 0, s_pull = 0, s_diff = 0; /* per chunk, in C: vectorises */ \
+    const uint32_t base = (uint32_t)(2 * start);                                                            \
     _Pragma("omp simd reduction(+:s_lam,s_clip,s_upd,s_pull,s_diff) reduction(max:m_lam)")                  \
     for (int64_t i = 0; i < n; i++) {                                                                       \
         C theta = LOADP(p[i]), grad = LOADP(g[i]), mi = LOADP(m[i]), vi = LOADP(v[i]);                      \
@@ -134,7 +135,7 @@ static inline __attribute__((always_inline)) void NAME##_chunk(                 
         }                                                                                                   \
         uint32_t h0 = 0, h1 = 0;                                                                            \
         if (PACE_SR) {                                                                                      \
-            uint32_t idx = (uint32_t)(2 * (start + i));                                                     \
+            uint32_t idx = base + 2u * (uint32_t)i; /* 2 * (start + i) mod 2^32, in 32-bit lanes */         \
             h0 = mix32(key ^ idx); h1 = mix32(key ^ (idx + 1u));                                            \
         }                                                                                                   \
         P stored = PACE_SR ? STOREP_SR(new_theta, h0 & 0xffffu) : STOREP(new_theta);                       \
