@@ -107,3 +107,79 @@ def test_rounding_is_checked():
         PACE([torch.nn.Parameter(torch.zeros(2))], rounding="up")
     with pytest.raises(ValueError, match="seed"):
         PACE([torch.nn.Parameter(torch.zeros(2))], seed=-1)
+
+
+def lean_model(steps=6, seed=0):
+    """A bf16 Linear trained a few steps by PACE in the lean mode (stochastic, the EMA as a bf16 offset)."""
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(16, 8).to(torch.bfloat16)
+    opt = PACE(model.parameters(), **dict(KW, lr=1e-2, rounding="stochastic", ema_dtype=torch.bfloat16))
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x = torch.randn(4, 16, generator=gen).to(torch.bfloat16)
+        opt.zero_grad()
+        model(x).float().square().mean().backward()
+        opt.step()
+    return model, opt
+
+
+def test_the_lean_ema_is_the_weights_plus_their_offset_in_eval_and_in_the_returned_model():
+    from pace.plan import ema_value
+    model, opt = lean_model()
+    live = {k: v.clone() for k, v in model.state_dict().items()}
+    emas = {name: ema_value(p, opt.state[p]).to(torch.bfloat16) for name, p in model.named_parameters()}
+    assert all(opt.state[p]["ema_offset"].abs().max() > 0 for p in model.parameters())  # the EMA is not theta
+    returned = opt.returned_state_dict(model)
+    with opt.ema_weights():
+        for name, p in model.named_parameters():
+            assert torch.equal(p.detach(), emas[name]) and torch.equal(returned[name], emas[name])
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, live[k])  # train() put the training weights back, bit for bit
+
+
+@pytest.mark.parametrize("impl", ["fused", "forloop"])
+def test_a_lean_run_resumes_bit_for_bit(impl, tmp_path):
+    """The weights, moments, offsets and seeds round trip through torch.save: the resumed run continues as
+    the uninterrupted one, to the bit."""
+    def run(resume):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(16, 8).to(torch.bfloat16)
+        opt = PACE(model.parameters(), **dict(KW, lr=1e-2, rounding="stochastic", ema_dtype=torch.bfloat16,
+                                              impl=impl))
+        gen = torch.Generator().manual_seed(0)
+        for step in range(8):
+            x = torch.randn(4, 16, generator=gen).to(torch.bfloat16)
+            opt.zero_grad()
+            model(x).float().square().mean().backward()
+            opt.step()
+            if resume and step == 3:
+                torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, tmp_path / "ckpt.pt")
+                saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+                model = torch.nn.Linear(16, 8).to(torch.bfloat16)
+                model.load_state_dict(saved["model"])
+                opt = PACE(model.parameters(), **dict(KW, lr=1e-2, rounding="stochastic",
+                                                      ema_dtype=torch.bfloat16, impl=impl))
+                opt.load_state_dict(saved["opt"])
+        return [t for p in model.parameters() for t in (p.detach(), *opt.state[p].values())]
+
+    for x, y in zip(run(False), run(True)):
+        assert torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y
+
+
+def test_a_bf16_ema_saved_as_itself_becomes_an_offset():
+    """A state_dict whose bf16 EMA of bf16 weights is the EMA itself (an earlier PACE) loads as the offset
+    ema - theta: the same EMA, now kept in the form whose updates do not stall."""
+    from pace.plan import ema_value
+    model, opt = lean_model()
+    saved = opt.state_dict()
+    for i, p in enumerate(model.parameters()):
+        state = saved["state"][i]
+        state["ema"] = (p.detach().float() + state.pop("ema_offset").float()).to(torch.bfloat16)
+    twin = PACE(model.parameters(), **dict(KW, lr=1e-2, rounding="stochastic", ema_dtype=torch.bfloat16))
+    twin.load_state_dict(saved)
+    x = torch.randn(4, 16).to(torch.bfloat16)
+    model(x).float().square().mean().backward()
+    twin.step()  # converted at its first step
+    for p in model.parameters():
+        assert "ema" not in twin.state[p] and twin.state[p]["ema_offset"].dtype == torch.bfloat16
+        assert ema_value(p, twin.state[p]).isfinite().all()

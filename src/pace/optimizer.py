@@ -198,7 +198,9 @@ class PACE(Optimizer):
                 if undo is not None:
                     undo.append(lambda state=state: state.pop("seed", None))
                 where = rounding.seed_of(self._group_index(group), position)
-                state["seed"] = torch.tensor(rounding.seed_of(group["seed"], where), dtype=torch.int64)
+                # a Python int: torch's load_state_dict casts every tensor of the state to the
+                # weights' dtype, which would round a seed kept as a tensor
+                state["seed"] = rounding.seed_of(group["seed"], where)
             params.append(p)
             grads.append(p.grad)
             exp_avgs.append(state["exp_avg"])
