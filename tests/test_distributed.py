@@ -369,3 +369,50 @@ def test_signals_to_every_process_of_an_fsdp_job_end_it_with_a_checkpoint(offlin
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]
     assert json.loads((tmp_path / "out" / "r" / "record.json").read_text())["status"] == "complete"
+
+
+# ---- stochastic rounding: every rank rounds alike ---------------------------------------------------------
+
+def rounding_worker(rank, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        model = make_model().to(torch.bfloat16)
+        wrapped = torch.nn.parallel.DistributedDataParallel(model)
+        opt = PACE(wrapped.parameters(), rounding="stochastic", ema_dtype=torch.bfloat16, **dict(KW, lr=1e-3))
+        for step in range(STEPS):
+            x = global_batch(step).chunk(WORLD)[rank].to(torch.bfloat16)
+            wrapped(x).float().square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+        tensors = [t for p in model.parameters() for t in (p.detach(), opt.state[p]["exp_avg"],
+                                                          opt.state[p]["exp_avg_sq"], opt.state[p]["ema_offset"])]
+        same = []
+        for t in tensors:  # gathered as float32: every bf16 value is exact in it
+            gathered = [torch.empty(t.shape) for _ in range(WORLD)]
+            dist.all_gather(gathered, t.float())
+            same.append(all(torch.equal(gathered[0], g) for g in gathered))
+        moved = any(opt.state[p]["ema_offset"].abs().max() > 0 for p in model.parameters())
+        if rank == 0:
+            torch.save(dict(same=same, moved=moved), out)
+        dist.barrier()
+        open(f"{out}.done{rank}", "w").close()
+    except BaseException:
+        dist.destroy_process_group()
+        raise
+    os._exit(0)  # as worker: no gloo teardown
+
+
+def test_every_ddp_rank_rounds_alike(tmp_path):
+    """bf16 weights under DDP with rounding="stochastic" and the lean EMA: the random bits are a function of
+    (seed, step, element), so every rank writes the same weights, moments and offsets, with no collective
+    for the rounding."""
+    out = tmp_path / "rank0.pt"
+    try:
+        mp.spawn(rounding_worker, args=(free_port(), str(out)), nprocs=WORLD, join=True)
+    except mp.ProcessExitedException as e:
+        if not all(os.path.exists(f"{out}.done{r}") for r in range(WORLD)):
+            raise
+        warnings.warn(f"a rank died after finishing its work (gloo teardown): {e}")
+    got = torch.load(out, weights_only=True)
+    assert got["moved"] and all(got["same"]), got

@@ -698,10 +698,12 @@ def test_bf16_every_path_follows_one_rule():
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_bf16_tracks_the_reference_every_step(impl):
+@pytest.mark.parametrize("mode", [{}, dict(rounding="stochastic"), dict(rounding="stochastic", ema_dtype=torch.bfloat16)],
+                         ids=["nearest", "stochastic", "lean"])
+def test_bf16_tracks_the_reference_every_step(impl, mode):
     params, ref = make_params(torch.bfloat16), make_params(torch.float64)
     kw = dict(lr=0.01, lambda_pullback=1.0, beta_ema=0.2, use_ema_eval=True, weight_decay=0.1)
-    opt, ref_opt = PACE(params, impl=impl, **kw), PACEReference(ref, **kw)
+    opt, ref_opt = PACE(params, impl=impl, **kw, **mode), PACEReference(ref, **kw)
     for t in range(10):
         set_grads(params, t)
         set_grads(ref, t)
@@ -710,7 +712,8 @@ def test_bf16_tracks_the_reference_every_step(impl):
         assert max_err(params, ref) < 0.05, f"bf16 weights leave the reference at step {t + 1}"
         for p, r in zip(params, ref):
             if p.numel():
-                assert max_err([opt.state[p]["ema"]], [ref_opt.ema(r)]) < 0.05, f"EMA at step {t + 1}"
+                ema = ema_value(p, opt.state[p])
+                assert max_err([ema], [ref_opt.ema(r)]) < 0.05, f"EMA at step {t + 1}"
 
 
 # ---- plays with torch: copies, pickles, hooks, late edits, AdamW checkpoints, torch.compile --------
