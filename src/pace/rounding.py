@@ -7,10 +7,15 @@ bfloat16 ulp moves the weight in expectation, where rounding to nearest drops it
 The bits come from a counter-based hash, not a generator: a resumed run rounds as the uninterrupted one
 (bit-exact), every rank of DDP rounds its replica alike, and every implementation (these torch ops,
 csrc/pace_step.c, pace/triton_source.py) gives the same bits. Per tensor and step, key = mix(seed ^ mix(t))
-(seed: the parameter's own, kept in its state); per element i, two 32-bit words h0 = mix(key ^ 2i) and
-h1 = mix(key ^ (2i + 1)), whose four 16-bit halves round the four streams:
+(seed: the parameter's own, kept in its state); per element i, one 32-bit word h = mix(key ^ i), whose
+16-bit halves round the weights and m, and the top halves of two odd multiples of it (a bijection of h each,
+so every stream's 16 bits are uniform) round v and the EMA's offset:
 
-    weights: h0 & 0xffff    m: h0 >> 16    v: h1 & 0xffff    the EMA's offset: h1 >> 16
+    weights: h & 0xffff    m: h >> 16    v: (h * SPREAD[0]) >> 16    the EMA's offset: (h * SPREAD[1]) >> 16
+
+(products mod 2^32). The streams of one element are not independent of each other, which rounding does not
+need: each is unbiased on its own, and independent across elements and steps. One hash per element keeps
+the kernels' step within 1.15x of rounding to nearest (benchmarks/optimizer_step.py).
 
 mix is Chris Wellons' lowbias32 (a 32-bit integer finalizer with low bias). Rounding a float32 x with 16
 random bits r: add r to x's bits and keep the top 16 (carrying into the exponent where it must; inf stays inf,
@@ -23,7 +28,8 @@ from pace.plan import dense
 
 MASK = 0xFFFFFFFF
 MIX = (0x7FEB352D, 0x846CA68B)
-STREAMS = ("weights", "exp_avg", "exp_avg_sq", "ema_offset")  # the 16-bit halves of h0, h1 in order
+SPREAD = (0x9E3779B1, 0x85EBCA77)  # odd: multiplying by either is a bijection of 32 bits
+STREAMS = ("weights", "exp_avg", "exp_avg_sq", "ema_offset")
 
 
 def mix(x):
@@ -47,20 +53,22 @@ def key(seed, t):
 
 
 def bits(key_value, like):
-    """(h0, h1): the element words of tensor `like` with `key_value` (an int or a 0-d int64 tensor), int64 of
-    like's shape. An element's index is its offset in memory from the first element where `like` is dense
-    (so that the kernels, which walk memory, draw the same words), else its row-major index (the kernels step
-    such a tensor in a contiguous buffer)."""
+    """h: the element words of tensor `like` with `key_value` (an int or a 0-d int64 tensor), int64 of like's
+    shape. An element's index is its offset in memory from the first element where `like` is dense (so that
+    the kernels, which walk memory, draw the same words), else its row-major index (the kernels step such a
+    tensor in a contiguous buffer)."""
     index = torch.arange(like.numel(), dtype=torch.int64, device=like.device)
     index = index.as_strided(like.shape, like.stride()) if dense(like) else index.view(like.shape)
-    index = index * 2
-    return mix((index ^ key_value) & MASK), mix(((index + 1) ^ key_value) & MASK)
+    return mix((index & MASK) ^ key_value)
 
 
 def half(words, stream):
-    """The 16 random bits of `stream` (a name of STREAMS) from (h0, h1)."""
-    h = words[STREAMS.index(stream) // 2]
-    return h & 0xFFFF if STREAMS.index(stream) % 2 == 0 else h >> 16
+    """The 16 random bits of `stream` (a name of STREAMS) from the element words h."""
+    if stream == "weights":
+        return words & 0xFFFF
+    if stream == "exp_avg":
+        return words >> 16
+    return ((words * SPREAD[STREAMS.index(stream) - 2]) & MASK) >> 16
 
 
 def to_bf16(x, noise):

@@ -136,23 +136,20 @@ def _block(p, g, m, v, e, offs, mask, keep, step_size, inv_bc2_sqrt, eps, omb1, 
         if not OFFSET:
             diff = e_old.to(C_TYPE) - theta
         new = adamw + lam * diff
-    h0 = offs  # the element words of pace/rounding.py, used when SR
-    h1 = offs
+    h = offs.to(tl.int64)  # the element's word of pace/rounding.py, used when SR
     if SR:
-        index = (offs.to(tl.int64) * 2) & 0xFFFFFFFF
-        h0 = _mix(index ^ key)
-        h1 = _mix(((index + 1) & 0xFFFFFFFF) ^ key)
-    _put(m + offs, m_new, mask, h0 >> 16, P_TYPE, P_BF16, SR, MASKED)
-    _put(v + offs, v_new, mask, h1 & 0xFFFF, P_TYPE, P_BF16, SR, MASKED)
+        h = _mix((h & 0xFFFFFFFF) ^ key)
+    _put(m + offs, m_new, mask, h >> 16, P_TYPE, P_BF16, SR, MASKED)
+    _put(v + offs, v_new, mask, ((h * 0x9E3779B1) & 0xFFFFFFFF) >> 16, P_TYPE, P_BF16, SR, MASKED)
     if SR and P_BF16:
-        stored = _bf16_sr(new, h0 & 0xFFFF)  # theta_{t+1} as stored: what the EMA averages
+        stored = _bf16_sr(new, h & 0xFFFF)  # theta_{t+1} as stored: what the EMA averages
     else:
         stored = _bf16(new) if P_BF16 else new.to(P_TYPE)
     _store(p + offs, stored, mask, P_TYPE, False, MASKED)
     if OFFSET:  # written at every step: the weights moved
         target = stored.to(EA_TYPE)
         ema = _lerp(e_old, target, ema_weight) if UPDATE_EMA else e_old
-        _put(e + offs, ema - target, mask, h1 >> 16, E_TYPE, E_BF16, SR, MASKED)
+        _put(e + offs, ema - target, mask, ((h * 0x85EBCA77) & 0xFFFFFFFF) >> 16, E_TYPE, E_BF16, SR, MASKED)
     elif UPDATE_EMA:
         ema = _lerp(e_old, stored.to(EA_TYPE), ema_weight)
         _store(e + offs, ema, mask, E_TYPE, E_BF16, MASKED)

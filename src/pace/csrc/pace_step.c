@@ -114,7 +114,7 @@ static inline __attribute__((always_inline)) void NAME##_chunk(                 
     const C omb2 = h[HP_ONE_MINUS_BETA2], lam_scale = h[HP_LAM_SCALE], ema_weight = h[HP_EMA_WEIGHT];       \
     const C lam_max = h[HP_LAM_MAX];                                                                        \
     C s_lam = 0, m_lam = 0, s_clip = 0, s_upd = 0, s_pull = 0, s_diff = 0; /* per chunk, in C: vectorises */ \
-    const uint32_t base = (uint32_t)(2 * start);                                                            \
+    const uint32_t base = (uint32_t)start; /* the chunk's first element index, mod 2^32 */                  \
     _Pragma("omp simd reduction(+:s_lam,s_clip,s_upd,s_pull,s_diff) reduction(max:m_lam)")                  \
     for (int64_t i = 0; i < n; i++) {                                                                       \
         C theta = LOADP(p[i]), grad = LOADP(g[i]), mi = LOADP(m[i]), vi = LOADP(v[i]);                      \
@@ -133,20 +133,16 @@ static inline __attribute__((always_inline)) void NAME##_chunk(                 
             if (!PACE_OFFSET) diff = (C)e_old - theta;                                                      \
             new_theta = adamw + lam * diff;                                                                 \
         }                                                                                                   \
-        uint32_t h0 = 0, h1 = 0;                                                                            \
-        if (PACE_SR) {                                                                                      \
-            uint32_t idx = base + 2u * (uint32_t)i; /* 2 * (start + i) mod 2^32, in 32-bit lanes */         \
-            h0 = mix32(key ^ idx); h1 = mix32(key ^ (idx + 1u));                                            \
-        }                                                                                                   \
-        P stored = PACE_SR ? STOREP_SR(new_theta, h0 & 0xffffu) : STOREP(new_theta);                       \
+        uint32_t h = PACE_SR ? mix32(key ^ (base + (uint32_t)i)) : 0; /* the element's word (rounding.py) */ \
+        P stored = PACE_SR ? STOREP_SR(new_theta, h & 0xffffu) : STOREP(new_theta);                        \
         p[i] = stored;                                                                                      \
-        m[i] = PACE_SR ? STOREP_SR(m_new, h0 >> 16) : STOREP(m_new);                                       \
-        v[i] = PACE_SR ? STOREP_SR(v_new, h1 & 0xffffu) : STOREP(v_new);                                   \
+        m[i] = PACE_SR ? STOREP_SR(m_new, h >> 16) : STOREP(m_new);                                        \
+        v[i] = PACE_SR ? STOREP_SR(v_new, (h * 0x9e3779b1u) >> 16) : STOREP(v_new);                        \
         if (PACE_OFFSET) { /* written every step: the weights moved */                                      \
             EA target = (EA)LOADP(stored), w = (EA)ema_weight;                                              \
             EA e_new = !UPDATE_EMA ? e_old : EMA_LO ? e_old + w * (target - e_old)                          \
                                                     : target - (target - e_old) * (1 - w);                  \
-            ema[i] = PACE_SR ? STOREE_SR(e_new - target, h1 >> 16) : STOREE(e_new - target);               \
+            ema[i] = PACE_SR ? STOREE_SR(e_new - target, (h * 0x85ebca77u) >> 16) : STOREE(e_new - target); \
         } else if (UPDATE_EMA) {                                                                            \
             EA target = (EA)LOADP(stored), w = (EA)ema_weight; /* lerp, its branch chosen outside the loop */    \
             ema[i] = STOREE(EMA_LO ? e_old + w * (target - e_old) : target - (target - e_old) * (1 - w));   \
