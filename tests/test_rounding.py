@@ -183,3 +183,23 @@ def test_a_bf16_ema_saved_as_itself_becomes_an_offset():
     for p in model.parameters():
         assert "ema" not in twin.state[p] and twin.state[p]["ema_offset"].dtype == torch.bfloat16
         assert ema_value(p, twin.state[p]).isfinite().all()
+
+
+def test_a_shard_draws_the_bits_of_its_place_in_the_whole_tensor(monkeypatch):
+    """A DTensor's local shard hashes each element's index in the whole parameter (pace.rounding.shard_base),
+    so a sharded run rounds as one process would; every path honours the base."""
+    key = rounding.key(rounding.seed_of(0, 3), 7)
+    whole = torch.zeros(1000)
+    assert torch.equal(rounding.bits(key, whole[600:], base=600), rounding.bits(key, whole)[600:])
+
+    def run(impl, base):
+        monkeypatch.setattr(rounding, "shard_base", lambda p: base)
+        _, weights, ema = moved("stochastic", torch.bfloat16, steps=3, impl=impl)
+        return weights, ema
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fused, forloop = run("fused", 3_000_000_000), run("forloop", 3_000_000_000)  # past 2^31: the sign bit
+        unsharded = run("forloop", 0)
+    assert torch.equal(fused[0], forloop[0]) and torch.equal(fused[1], forloop[1])
+    assert not torch.equal(forloop[0], unsharded[0])

@@ -181,3 +181,23 @@ def test_stochastic_rounding_draws_the_for_loops_bits(ema_dtype):
 
     for x, y in zip(run("triton"), run("forloop")):
         assert torch.equal(x, y)
+
+
+def test_stochastic_rounding_of_a_shard_draws_the_for_loops_bits(monkeypatch):
+    """A shard's base index (its first element's place in the whole parameter) reaches the kernel's hash."""
+    from pace import rounding
+
+    monkeypatch.setattr(rounding, "shard_base", lambda p: 3_000_000_000)  # past 2^31: the packed word's sign
+
+    def run(impl):
+        gen = torch.Generator().manual_seed(0)
+        p = torch.nn.Parameter((torch.randn(triton_kernel.CHUNK + 5, generator=gen) * 0.02).to(torch.bfloat16))
+        opt = PACE([p], lr=2e-5, lambda_pullback=0.15, use_ema_eval=True, rounding="stochastic", impl=impl,
+                   ema_dtype=torch.bfloat16)
+        for _ in range(3):
+            p.grad = (torch.randn(p.shape, generator=gen) * 1e-3).to(torch.bfloat16)
+            opt.step()
+        return p.detach(), opt.state[p]["ema_offset"]
+
+    for x, y in zip(run("triton"), run("forloop")):
+        assert torch.equal(x, y)

@@ -176,7 +176,7 @@ def step(bucket, grads, hp, consts, *, pull, update_ema, stats):
     rows = list(zip(bucket.params, grads, bucket.exp_avgs, bucket.exp_avg_sqs, emas))
     keys = None
     if bucket.seeds is not None:
-        keys = rounding.key(bucket.seed_tensor, bucket.t).contiguous()
+        keys = rounding.packed(rounding.key(bucket.seed_tensor, bucket.t), bucket.base_tensor).contiguous()
     out = run(bucket.kernel, rows, hp, pull, update_ema, stats, keys)
     bucket.copy_out()
     return [out] if stats else []

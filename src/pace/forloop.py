@@ -76,9 +76,11 @@ def step(bucket, grads, hp, consts, *, pull, update_ema, stats):
     """Step a bucket one tensor at a time (pace.paths)."""
     emas = bucket.emas or [None] * len(bucket.params)
     keys = _keys(bucket) if bucket.seeds is not None else [None] * len(bucket.params)
+    bases = bucket.bases or [0] * len(bucket.params)
     out = []
-    for p, g, m, v, ema, key in zip(bucket.params, grads, bucket.exp_avgs, bucket.exp_avg_sqs, emas, keys):
-        words = None if key is None else rounding.bits(key, p)
+    for p, g, m, v, ema, key, base in zip(bucket.params, grads, bucket.exp_avgs, bucket.exp_avg_sqs, emas, keys,
+                                          bases):
+        words = None if key is None else rounding.bits(key, p, base)
         partials = pace_update(p, g if bucket.plain else local(g), m, v, ema, hp, pull=pull, update_ema=update_ema,
                                stats=stats, words=words, offset=bucket.offset)
         if partials is not None:

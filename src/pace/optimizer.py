@@ -324,6 +324,8 @@ class PACE(Optimizer):
                 index = bucket.index
                 bucket.seeds = [int(self.state[params[i]]["seed"]) for i in index]
                 bucket.seed_tensor = torch.tensor(bucket.seeds, dtype=torch.int64).to(bucket.device)
+                bucket.bases = [rounding.shard_base(params[i]) for i in index]
+                bucket.base_tensor = torch.tensor(bucket.bases, dtype=torch.int64).to(bucket.device)
             bucket.capturable = capturable
             bucket.path, bucket.kernel = paths.choose(group["impl"], bucket)
             if bucket.path in paths.WALK_MEMORY:

@@ -117,7 +117,8 @@ class Bucket:
     weights' (kernel_grads)."""
 
     __slots__ = ("device", "dtype", "t", "index", "params", "exp_avgs", "exp_avg_sqs", "emas", "ema_dtype",
-                 "plain", "count", "path", "kernel", "scratch", "staged", "contiguous", "seeds", "seed_tensor", "offset", "capturable")
+                 "plain", "count", "path", "kernel", "scratch", "staged", "contiguous", "seeds", "seed_tensor", "bases", "base_tensor", "offset",
+                 "capturable")
 
     def __init__(self, device, dtype, t, with_ema):
         self.device, self.dtype, self.t = device, dtype, t
@@ -132,6 +133,8 @@ class Bucket:
         self.contiguous = False  # every weight contiguous, once staged
         self.seeds = None  # rounding="stochastic": each parameter's seed (pace.rounding), else None
         self.seed_tensor = None  # the same as an int64 tensor on the bucket's device
+        self.bases = None  # rounding="stochastic": each tensor's first element in its whole parameter (shards)
+        self.base_tensor = None  # the same on the bucket's device
         self.offset = False  # the EMA stored as its bfloat16 offset from the weights (pace.forloop.pace_update)
         self.capturable = False  # the step count is read on the device (self.count), not from self.t
 

@@ -52,14 +52,37 @@ def key(seed, t):
     return mix(seed ^ mix(t & MASK))
 
 
-def bits(key_value, like):
+def bits(key_value, like, base=0):
     """h: the element words of tensor `like` with `key_value` (an int or a 0-d int64 tensor), int64 of like's
-    shape. An element's index is its offset in memory from the first element where `like` is dense (so that
-    the kernels, which walk memory, draw the same words), else its row-major index (the kernels step such a
-    tensor in a contiguous buffer)."""
+    shape. An element's index is base (a shard's first element in the whole tensor) plus its offset in memory
+    from the first element where `like` is dense (so that the kernels, which walk memory, draw the same
+    words), else plus its row-major index (the kernels step such a tensor in a contiguous buffer)."""
     index = torch.arange(like.numel(), dtype=torch.int64, device=like.device)
     index = index.as_strided(like.shape, like.stride()) if dense(like) else index.view(like.shape)
-    return mix((index & MASK) ^ key_value)
+    return mix(((index + base) & MASK) ^ key_value)
+
+
+def packed(keys, bases):
+    """The kernels' per-tensor word: the key in the low 32 bits, the tensor's base index in the high 32."""
+    return keys | ((bases & MASK) << 32)
+
+
+def shard_base(p):
+    """The index, in the whole tensor, of the first element of a DTensor's local shard (0 for a tensor):
+    a sharded parameter rounds as the whole one would."""
+    try:
+        from torch.distributed.tensor import DTensor
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    except ImportError:
+        return 0
+    if not isinstance(p, DTensor) or p.to_local().numel() == 0:
+        return 0
+    _, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    stride, base = 1, 0
+    for size, at in reversed(list(zip(p.shape, offset))):
+        base += at * stride
+        stride *= size
+    return base
 
 
 def half(words, stream):

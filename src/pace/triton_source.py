@@ -137,8 +137,8 @@ def _block(p, g, m, v, e, offs, mask, keep, step_size, inv_bc2_sqrt, eps, omb1, 
             diff = e_old.to(C_TYPE) - theta
         new = adamw + lam * diff
     h = offs.to(tl.int64)  # the element's word of pace/rounding.py, used when SR
-    if SR:
-        h = _mix((h & 0xFFFFFFFF) ^ key)
+    if SR:  # key: the tensor's key (low 32 bits) and its first element's index in its whole parameter (high 32)
+        h = _mix(((h + (key >> 32)) & 0xFFFFFFFF) ^ (key & 0xFFFFFFFF))
     _put(m + offs, m_new, mask, h >> 16, P_TYPE, P_BF16, SR, MASKED)
     _put(v + offs, v_new, mask, ((h * 0x9E3779B1) & 0xFFFFFFFF) >> 16, P_TYPE, P_BF16, SR, MASKED)
     if SR and P_BF16:

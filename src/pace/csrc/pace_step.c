@@ -76,7 +76,7 @@ static inline uint16_t f32_to_bf16_sr(float f, uint32_t r) { /* r < 2^16; NaN st
 
 #define CASE(NAME, k)                                                                                       \
     case k: NAME##_chunk(p, g, m, v, ema, len, h, ((k) >> 4) & 1, ((k) >> 3) & 1, ((k) >> 2) & 1,           \
-                         ((k) >> 1) & 1, (k) & 1, out, key, start); break;
+                         ((k) >> 1) & 1, (k) & 1, out, key, first_index); break;
 #define CASE8(NAME, k) CASE(NAME, k) CASE(NAME, k + 1) CASE(NAME, k + 2) CASE(NAME, k + 3) CASE(NAME, k + 4) \
     CASE(NAME, k + 5) CASE(NAME, k + 6) CASE(NAME, k + 7)
 #define SQRT(x) _Generic((x), float: sqrtf, default: sqrt)(x) /* float stays float */
@@ -185,7 +185,10 @@ int NAME(int64_t n_tensors, const int64_t *ptrs, const int64_t *numels, const do
         P *p = (P *)q[0] + start, *g = (P *)q[1] + start, *m = (P *)q[2] + start, *v = (P *)q[3] + start;   \
         E *ema = q[4] ? (E *)q[4] + start : 0;                                                              \
         double *out = stats ? stats + 6 * c : 0;                                                            \
-        uint32_t key = keys ? (uint32_t)keys[t] : 0u; /* each tensor's key of this step (pace.rounding.key) */ \
+        /* each tensor's key of this step (low 32 bits) and its first element's index in its whole parameter */ \
+        /* (high 32: a shard's offset), pace.rounding.packed */                                                 \
+        uint32_t key = keys ? (uint32_t)keys[t] : 0u;                                                       \
+        int64_t first_index = start + (keys ? (int64_t)((uint64_t)keys[t] >> 32) : 0);                     \
         switch (flags) {                                                                                    \
             CASE8(NAME, 0) CASE8(NAME, 8) CASE8(NAME, 16) CASE8(NAME, 24)                                   \
         }                                                                                                   \
