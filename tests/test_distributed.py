@@ -416,3 +416,54 @@ def test_every_ddp_rank_rounds_alike(tmp_path):
         warnings.warn(f"a rank died after finishing its work (gloo teardown): {e}")
     got = torch.load(out, weights_only=True)
     assert got["moved"] and all(got["same"]), got
+
+
+def lean_fsdp_worker(rank, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        model = make_model().to(torch.bfloat16)
+        wrapped = wrap(model, "fsdp")
+        opt = PACE(wrapped.parameters(), rounding="stochastic", ema_dtype=torch.bfloat16, **dict(KW, lr=1e-3))
+        for step in range(STEPS):
+            wrapped(global_batch(step).chunk(WORLD)[rank].to(torch.bfloat16)).float().square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+        for p in model.parameters():  # the offset is sharded like its parameter
+            offset = opt.state[p]["ema_offset"]
+            assert type(offset) is type(p) and offset.placements == p.placements
+        with opt.ema_weights():
+            returned = [full(p.detach()).clone() for p in model.parameters()]
+        result = dict(params=[full(p.detach()) for p in model.parameters()], returned=returned)
+        if rank == 0:
+            torch.save(result, out)
+        dist.barrier()
+        open(f"{out}.done{rank}", "w").close()
+    except BaseException:
+        dist.destroy_process_group()
+        raise
+    os._exit(0)  # as worker: no gloo teardown
+
+
+def test_the_lean_mode_under_fsdp_matches_one_process(tmp_path):
+    """bf16 weights, rounding="stochastic" and the EMA as a bf16 offset, under FSDP2: each shard rounds the
+    elements of its place in the whole parameter, so the weights and the returned EMA are one process's, to
+    within the rounding of values that reached the step by another reduction order."""
+    out = tmp_path / "rank0.pt"
+    try:
+        mp.spawn(lean_fsdp_worker, args=(free_port(), str(out)), nprocs=WORLD, join=True)
+    except mp.ProcessExitedException:
+        if not all(os.path.exists(f"{out}.done{r}") for r in range(WORLD)):
+            raise
+    got = torch.load(out, weights_only=True)
+    model = make_model().to(torch.bfloat16)
+    opt = PACE(model.parameters(), rounding="stochastic", ema_dtype=torch.bfloat16, **dict(KW, lr=1e-3))
+    for step in range(STEPS):
+        model(global_batch(step).to(torch.bfloat16)).float().square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    with opt.ema_weights():
+        returned = [p.detach().clone() for p in model.parameters()]
+    for a, b in zip(got["params"] + got["returned"], list(model.parameters()) + returned):
+        same = (a == b.detach()).float().mean().item()
+        assert same > 0.97, same  # 0.99 measured; a shard hashing its local indices: 0.68
