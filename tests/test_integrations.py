@@ -201,3 +201,24 @@ def test_load_best_model_at_end_needs_the_optimizer_state(tmp_path):
     trainer.args.save_only_model = True
     with pytest.raises(ValueError, match="save_only_model=False"):
         trainer.train()
+
+
+def test_the_lean_bf16_mode_saves_the_ema_and_checkpoints_its_offset(tmp_path):
+    """bf16 weights with rounding="stochastic" and the EMA as a bf16 offset: checkpoints hold the live weights
+    and the offset, and trainer.save_model() writes the EMA (theta + offset, as eval() puts it in the model)."""
+    from pace.plan import ema_value
+
+    trainer, model, opt = make_trainer(tmp_path / "run", evaluate=True)
+    model.to(torch.bfloat16)
+    opt = PACE(model.parameters(), rounding="stochastic", ema_dtype=torch.bfloat16, **KW)
+    trainer.optimizer = opt
+    trainer.train()
+    saved_opt = torch.load(tmp_path / "run" / f"checkpoint-{SAVE_AT}" / "optimizer.pt", weights_only=True)
+    assert all({"ema_offset", "seed"} <= set(s) and "ema" not in s for s in saved_opt["state"].values())
+    assert not opt.training
+    trainer.save_model(str(tmp_path / "returned"))
+    returned = LlamaForCausalLM.from_pretrained(str(tmp_path / "returned"), dtype=torch.bfloat16)
+    opt.train()
+    for (name, value), p in zip(returned.named_parameters(), model.parameters()):
+        assert torch.equal(value, ema_value(p, opt.state[p]).to(torch.bfloat16)), name
+        assert not torch.equal(value, p.detach()), name  # the EMA, not the live weights
