@@ -155,3 +155,40 @@ def test_validate_test_and_predict_from_a_checkpoint_score_its_ema(tmp_path, aft
     assert trainer.test(module, data, ckpt_path=path)[0]["test_loss"] == pytest.approx(want, abs=1e-6)
     predicted = torch.cat(trainer.predict(module, data, ckpt_path=path))
     torch.testing.assert_close(predicted, predictions, rtol=0, atol=1e-6)
+
+
+class LeanModule(Module):
+    """bf16 weights, rounding="stochastic" and the EMA as its bf16 offset from the weights."""
+
+    def __init__(self):
+        super().__init__()
+        self.net.to(torch.bfloat16)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return torch.nn.functional.mse_loss(self.net(x.to(torch.bfloat16)).float(), y)
+
+    def validation_step(self, batch, batch_idx):
+        from pace.plan import ema_value
+        opt = self.trainer.optimizers[0]
+        # the model holds the EMA, theta + offset rounded to bf16 (the training weights are kept aside)
+        self.validated_with_ema.append(all(
+            torch.equal(p, ema_value(opt.state[p]["train_weights"], {"ema_offset": opt.state[p]["ema_offset"]})
+                        .to(torch.bfloat16)) for p in self.parameters()))
+        x, y = batch
+        self.log("val_loss", torch.nn.functional.mse_loss(self.net(x.to(torch.bfloat16)).float(), y))
+
+    def configure_optimizers(self):
+        return PACE(self.parameters(), rounding="stochastic", ema_dtype=torch.bfloat16, **KW)
+
+
+def test_validation_scores_the_lean_ema(tmp_path):
+    module = LeanModule()
+    trainer = L.Trainer(max_steps=STEPS, accelerator="cpu", devices=1, val_check_interval=SAVE_AT, limit_val_batches=2,
+                        check_val_every_n_epoch=None, num_sanity_val_steps=0, callbacks=[PACECallback()],
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    trainer.fit(module, loader(64, 0), loader(8, 1))
+    assert module.validated_with_ema and all(module.validated_with_ema)
+    opt = trainer.optimizers[0]
+    assert all(opt.state[p]["ema_offset"].dtype == torch.bfloat16 for p in module.parameters())
