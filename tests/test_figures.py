@@ -228,7 +228,7 @@ def test_malformed_specs_are_one_clear_error(tmp_path, monkeypatch, text, messag
 @pytest.mark.slow
 def test_pace_figure_bad_input(tmp_path):
     for args, message in [
-        (["fig=nope"], "unknown figure 'nope'; known: demo, fig1"),
+        (["fig=nope"], "unknown figure 'nope'; known: " + ", ".join(list_figures()[:3])),
         (["fig=demo", "run=maybe"], "run='maybe' must be true or false"),
         (["fig=demo", "oops"], "'oops' is not key=value"),
         (["fig=demo", "run_name=x"], "run_name is set by pace-figure"),
