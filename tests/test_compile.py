@@ -40,6 +40,16 @@ class Recording:
         return gm.forward
 
 
+def on_a_cosine_schedule(nets, opts, compiled_step, steps=30):
+    """`steps` steps of both twins, the lr of each following a cosine: the first stepped by compiled_step."""
+    for step in range(steps):
+        for net, opt in zip(nets, opts):
+            backward(net, opt, step)
+            opt.param_groups[0]["lr"].fill_(cosine(step, steps))
+        compiled_step()
+        opts[1].step()
+
+
 def twins(seed=0, device="cpu", **kw):
     """Two identical models with a PACE each, the lr a tensor (a schedule does not recompile)."""
     nets = [model(seed).to(device), model(seed).to(device)]
@@ -65,12 +75,7 @@ def test_torchs_recipe_puts_the_step_in_one_graph_that_never_recompiles(impl, in
     nets, opts = twins(impl=impl, log_stats=True, **PULL)
     backend = Recording()
     compiled_step = torch.compile(opts[0].step, backend=backend)
-    for step in range(30):
-        for net, opt in zip(nets, opts):
-            backward(net, opt, step)
-            opt.param_groups[0]["lr"].fill_(cosine(step, 30))
-        compiled_step()
-        opts[1].step()
+    on_a_cosine_schedule(nets, opts, compiled_step)
     counters = torch._dynamo.utils.counters
     assert len(backend.graphs) == 1 and in_graph in backend.graphs[0]
     assert not counters["graph_break"] and not counters["recompiles"]
@@ -167,11 +172,6 @@ def test_reduce_overhead_replays_a_capturable_step_in_a_cuda_graph():
     torch._dynamo.reset()
     nets, opts = twins(device="cuda", capturable=True, **PULL)
     compiled_step = torch.compile(opts[0].step, mode="reduce-overhead")
-    for step in range(30):
-        for net, opt in zip(nets, opts):
-            backward(net, opt, step)
-            opt.param_groups[0]["lr"].fill_(cosine(step, 30))
-        compiled_step()
-        opts[1].step()
+    on_a_cosine_schedule(nets, opts, compiled_step)
     torch.cuda.synchronize()
     assert_same(nets, opts, atol=1e-5)

@@ -44,41 +44,52 @@ def full(t):
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def worker(rank, port, kind, impl, out):
+def worker(rank, kind, impl):
+    model = make_model()
+    if kind == "ddp":
+        wrapped = torch.nn.parallel.DistributedDataParallel(model)
+    else:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (WORLD,))  # explicit: on a CUDA host the default would be cuda
+        for layer in (model[0], model[2]):
+            fully_shard(layer, mesh=mesh)
+        wrapped = fully_shard(model, mesh=mesh)
+    opt = PACE(wrapped.parameters(), impl=impl, **KW)
+    train(wrapped, opt, rank, WORLD)
+
+    params = list(model.parameters())
+    emas = [opt.state[p]["ema"] for p in params]
+    if kind == "fsdp":  # state sharded like its parameter, updated on the local shard
+        for p, e in zip(params, emas):
+            assert type(e) is type(p) and e.placements == p.placements, (type(e), e)
+            assert e.to_local().shape == p.to_local().shape
+    else:  # every rank holds the same EMA
+        for e in emas:
+            gathered = [torch.empty_like(e) for _ in range(WORLD)]
+            dist.all_gather(gathered, e)
+            assert all(torch.equal(gathered[0], g) for g in gathered)
+    with opt.ema_weights():  # eval()/train() on every rank together
+        returned = [full(p.detach()).clone() for p in params]
+    return dict(params=[full(p.detach()) for p in params], emas=[full(e) for e in emas], returned=returned)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def as_rank(rank, port, out, body, *args):
+    """One of WORLD gloo processes: runs body(rank, *args), rank 0 saves what it returns to `out`, and every
+    rank leaves its last collective before any rank goes."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
-        model = make_model()
-        if kind == "ddp":
-            wrapped = torch.nn.parallel.DistributedDataParallel(model)
-        else:
-            from torch.distributed.device_mesh import init_device_mesh
-            from torch.distributed.fsdp import fully_shard
-
-            mesh = init_device_mesh("cpu", (WORLD,))  # explicit: on a CUDA host the default would be cuda
-            for layer in (model[0], model[2]):
-                fully_shard(layer, mesh=mesh)
-            wrapped = fully_shard(model, mesh=mesh)
-        opt = PACE(wrapped.parameters(), impl=impl, **KW)
-        train(wrapped, opt, rank, WORLD)
-
-        params = list(model.parameters())
-        emas = [opt.state[p]["ema"] for p in params]
-        if kind == "fsdp":  # state sharded like its parameter, updated on the local shard
-            for p, e in zip(params, emas):
-                assert type(e) is type(p) and e.placements == p.placements, (type(e), e)
-                assert e.to_local().shape == p.to_local().shape
-        else:  # every rank holds the same EMA
-            for e in emas:
-                gathered = [torch.empty_like(e) for _ in range(WORLD)]
-                dist.all_gather(gathered, e)
-                assert all(torch.equal(gathered[0], g) for g in gathered)
-        with opt.ema_weights():  # eval()/train() on every rank together
-            returned = [full(p.detach()).clone() for p in params]
-        result = dict(params=[full(p.detach()) for p in params], emas=[full(e) for e in emas], returned=returned)
+        result = body(rank, *args)
         if rank == 0:
             torch.save(result, out)
-        # every rank leaves its last collective before any rank goes
         dist.barrier()
         open(f"{out}.done{rank}", "w").close()  # this rank's work, checks included, is over
     except BaseException:
@@ -90,17 +101,10 @@ def worker(rank, port, kind, impl, out):
     os._exit(0)
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.mark.parametrize("kind, impl", [("ddp", None), ("fsdp", None), ("fsdp", "foreach")])
-def test_distributed_matches_single_process(kind, impl, tmp_path):
-    out = tmp_path / "rank0.pt"
+def spawn(body, out, *args):
+    """body run by WORLD processes (as_rank); what rank 0 returned."""
     try:
-        mp.spawn(worker, args=(free_port(), kind, impl, str(out)), nprocs=WORLD, join=True)
+        mp.spawn(as_rank, args=(free_port(), str(out), body, *args), nprocs=WORLD, join=True)
     except mp.ProcessExitedException as e:
         # Rarely (twice in ~10 full-suite runs, never alone), a rank aborts at gloo's teardown with
         # "terminate called without an active exception", after every collective and every check in the
@@ -108,7 +112,12 @@ def test_distributed_matches_single_process(kind, impl, tmp_path):
         if not all(os.path.exists(f"{out}.done{r}") for r in range(WORLD)):
             raise
         warnings.warn(f"a rank died after finishing its work (gloo teardown): {e}")
-    got = torch.load(out, weights_only=True)
+    return torch.load(out, weights_only=True)
+
+
+@pytest.mark.parametrize("kind, impl", [("ddp", None), ("fsdp", None), ("fsdp", "foreach")])
+def test_distributed_matches_single_process(kind, impl, tmp_path):
+    got = spawn(worker, tmp_path / "rank0.pt", kind, impl)
 
     model = make_model()
     opt = PACE(model.parameters(), impl=impl, **KW)
@@ -168,38 +177,28 @@ def train_steps(model, opt, steps, rank, world):
         opt.zero_grad()
 
 
-def contract_worker(rank, port, kind, mode, out):
+def contract_worker(rank, kind, mode, out):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        def save(model, opt):
-            model_sd, optim_sd = get_state_dict(model, opt)
-            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=f"{out}.dcp")
+    def save(model, opt):
+        model_sd, optim_sd = get_state_dict(model, opt)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=f"{out}.dcp")
 
-        model = wrap(make_model(), kind)
-        result = swap_and_checkpoint(model, PACE(model.parameters(), **KW), rank, WORLD, save, mode)
-        fresh = wrap(make_model(), kind)
-        opt = PACE(fresh.parameters(), **KW)
-        model_sd, optim_sd = get_state_dict(fresh, opt)  # the template of a fresh optimizer, in train mode
-        state = {"model": model_sd, "optim": optim_sd}
-        dcp.load(state, checkpoint_id=f"{out}.dcp")
-        set_state_dict(fresh, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
-        result["loaded_mode"] = "train" if opt.training else "eval"
-        opt.train()
-        train_steps(fresh, opt, range(6, 8), rank, WORLD)
-        result["resumed_params"] = [full(p.detach()).clone() for p in fresh.parameters()]
-        result["resumed_emas"] = [full(opt.state[p]["ema"]).clone() for p in fresh.parameters()]
-        if rank == 0:
-            torch.save(result, out)
-        dist.barrier()
-        open(f"{out}.done{rank}", "w").close()
-    except BaseException:
-        dist.destroy_process_group()
-        raise
-    os._exit(0)  # as worker(): no gloo teardown
+    model = wrap(make_model(), kind)
+    result = swap_and_checkpoint(model, PACE(model.parameters(), **KW), rank, WORLD, save, mode)
+    fresh = wrap(make_model(), kind)
+    opt = PACE(fresh.parameters(), **KW)
+    model_sd, optim_sd = get_state_dict(fresh, opt)  # the template of a fresh optimizer, in train mode
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=f"{out}.dcp")
+    set_state_dict(fresh, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    result["loaded_mode"] = "train" if opt.training else "eval"
+    opt.train()
+    train_steps(fresh, opt, range(6, 8), rank, WORLD)
+    result["resumed_params"] = [full(p.detach()).clone() for p in fresh.parameters()]
+    result["resumed_emas"] = [full(opt.state[p]["ema"]).clone() for p in fresh.parameters()]
+    return result
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
@@ -209,12 +208,7 @@ def test_eval_train_and_a_dcp_checkpoint_in_either_mode_under_ddp_and_fsdp(kind,
     included), and a DCP checkpoint taken in train or eval mode resumes the training weights and the EMA
     through a template made by a fresh optimizer: each against one process running the same sequence."""
     out = tmp_path / "rank0.pt"
-    try:
-        mp.spawn(contract_worker, args=(free_port(), kind, mode, str(out)), nprocs=WORLD, join=True)
-    except mp.ProcessExitedException:
-        if not all(os.path.exists(f"{out}.done{r}") for r in range(WORLD)):
-            raise
-    got = torch.load(out, weights_only=True)
+    got = spawn(contract_worker, out, kind, mode, str(out))
     model = make_model()
     want = swap_and_checkpoint(model, PACE(model.parameters(), **KW), 0, 1, lambda m, o: None, mode)
     assert got["ema_loss"] == pytest.approx(want["ema_loss"], rel=1e-6)
@@ -373,89 +367,55 @@ def test_signals_to_every_process_of_an_fsdp_job_end_it_with_a_checkpoint(offlin
 
 # ---- stochastic rounding: every rank rounds alike ---------------------------------------------------------
 
-def rounding_worker(rank, port, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        model = make_model().to(torch.bfloat16)
-        wrapped = torch.nn.parallel.DistributedDataParallel(model)
-        opt = PACE(wrapped.parameters(), rounding="stochastic", ema_dtype=torch.bfloat16, **dict(KW, lr=1e-3))
-        for step in range(STEPS):
-            x = global_batch(step).chunk(WORLD)[rank].to(torch.bfloat16)
-            wrapped(x).float().square().mean().backward()
-            opt.step()
-            opt.zero_grad()
-        tensors = [t for p in model.parameters() for t in (p.detach(), opt.state[p]["exp_avg"],
-                                                          opt.state[p]["exp_avg_sq"], opt.state[p]["ema_offset"])]
-        same = []
-        for t in tensors:  # gathered as float32: every bf16 value is exact in it
-            gathered = [torch.empty(t.shape) for _ in range(WORLD)]
-            dist.all_gather(gathered, t.float())
-            same.append(all(torch.equal(gathered[0], g) for g in gathered))
-        moved = any(opt.state[p]["ema_offset"].abs().max() > 0 for p in model.parameters())
-        if rank == 0:
-            torch.save(dict(same=same, moved=moved), out)
-        dist.barrier()
-        open(f"{out}.done{rank}", "w").close()
-    except BaseException:
-        dist.destroy_process_group()
-        raise
-    os._exit(0)  # as worker: no gloo teardown
+def rounding_worker(rank):
+    model = make_model().to(torch.bfloat16)
+    wrapped = torch.nn.parallel.DistributedDataParallel(model)
+    opt = PACE(wrapped.parameters(), rounding="stochastic", ema_dtype=torch.bfloat16, **dict(KW, lr=1e-3))
+    for step in range(STEPS):
+        x = global_batch(step).chunk(WORLD)[rank].to(torch.bfloat16)
+        wrapped(x).float().square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    tensors = [t for p in model.parameters() for t in (p.detach(), opt.state[p]["exp_avg"],
+                                                      opt.state[p]["exp_avg_sq"], opt.state[p]["ema_offset"])]
+    same = []
+    for t in tensors:  # gathered as float32: every bf16 value is exact in it
+        gathered = [torch.empty(t.shape) for _ in range(WORLD)]
+        dist.all_gather(gathered, t.float())
+        same.append(all(torch.equal(gathered[0], g) for g in gathered))
+    moved = any(opt.state[p]["ema_offset"].abs().max() > 0 for p in model.parameters())
+    return dict(same=same, moved=moved)
 
 
 def test_every_ddp_rank_rounds_alike(tmp_path):
     """bf16 weights under DDP with rounding="stochastic" and the lean EMA: the random bits are a function of
     (seed, step, element), so every rank writes the same weights, moments and offsets, with no collective
     for the rounding."""
-    out = tmp_path / "rank0.pt"
-    try:
-        mp.spawn(rounding_worker, args=(free_port(), str(out)), nprocs=WORLD, join=True)
-    except mp.ProcessExitedException as e:
-        if not all(os.path.exists(f"{out}.done{r}") for r in range(WORLD)):
-            raise
-        warnings.warn(f"a rank died after finishing its work (gloo teardown): {e}")
-    got = torch.load(out, weights_only=True)
+    got = spawn(rounding_worker, tmp_path / "rank0.pt")
     assert got["moved"] and all(got["same"]), got
 
 
-def lean_fsdp_worker(rank, port, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        model = make_model().to(torch.bfloat16)
-        wrapped = wrap(model, "fsdp")
-        opt = PACE(wrapped.parameters(), rounding="stochastic", ema_dtype=torch.bfloat16, **dict(KW, lr=1e-3))
-        for step in range(STEPS):
-            wrapped(global_batch(step).chunk(WORLD)[rank].to(torch.bfloat16)).float().square().mean().backward()
-            opt.step()
-            opt.zero_grad()
-        for p in model.parameters():  # the offset is sharded like its parameter
-            offset = opt.state[p]["ema_offset"]
-            assert type(offset) is type(p) and offset.placements == p.placements
-        with opt.ema_weights():
-            returned = [full(p.detach()).clone() for p in model.parameters()]
-        result = dict(params=[full(p.detach()) for p in model.parameters()], returned=returned)
-        if rank == 0:
-            torch.save(result, out)
-        dist.barrier()
-        open(f"{out}.done{rank}", "w").close()
-    except BaseException:
-        dist.destroy_process_group()
-        raise
-    os._exit(0)  # as worker: no gloo teardown
+def lean_fsdp_worker(rank):
+    model = make_model().to(torch.bfloat16)
+    wrapped = wrap(model, "fsdp")
+    opt = PACE(wrapped.parameters(), rounding="stochastic", ema_dtype=torch.bfloat16, **dict(KW, lr=1e-3))
+    for step in range(STEPS):
+        wrapped(global_batch(step).chunk(WORLD)[rank].to(torch.bfloat16)).float().square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    for p in model.parameters():  # the offset is sharded like its parameter
+        offset = opt.state[p]["ema_offset"]
+        assert type(offset) is type(p) and offset.placements == p.placements
+    with opt.ema_weights():
+        returned = [full(p.detach()).clone() for p in model.parameters()]
+    return dict(params=[full(p.detach()) for p in model.parameters()], returned=returned)
 
 
 def test_the_lean_mode_under_fsdp_matches_one_process(tmp_path):
     """bf16 weights, rounding="stochastic" and the EMA as a bf16 offset, under FSDP2: each shard rounds the
     elements of its place in the whole parameter, so the weights and the returned EMA are one process's, to
     within the rounding of values that reached the step by another reduction order."""
-    out = tmp_path / "rank0.pt"
-    try:
-        mp.spawn(lean_fsdp_worker, args=(free_port(), str(out)), nprocs=WORLD, join=True)
-    except mp.ProcessExitedException:
-        if not all(os.path.exists(f"{out}.done{r}") for r in range(WORLD)):
-            raise
-    got = torch.load(out, weights_only=True)
+    got = spawn(lean_fsdp_worker, tmp_path / "rank0.pt")
     model = make_model().to(torch.bfloat16)
     opt = PACE(model.parameters(), rounding="stochastic", ema_dtype=torch.bfloat16, **dict(KW, lr=1e-3))
     for step in range(STEPS):

@@ -28,19 +28,20 @@ from pace import rounding
 # no -ffast-math: IEEE arithmetic, and no contraction into FMAs, so that the kernel rounds as torch ops do
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-ffp-contract=off", "-fPIC", "-shared", "-fopenmp"]
 CHUNK = 32768  # elements per work item; the C source's CHUNK
-# (weights dtype, EMA dtype) -> the C function; the weights' dtype is also the grad's and the moments'
+# (weights dtype, EMA dtype) -> the C function, rounding to nearest, the EMA kept as itself; the weights'
+# dtype is also the grad's and the moments'
 KERNELS = {
     (torch.float32, torch.float32): "pace_step_f32_f32",
     (torch.float64, torch.float64): "pace_step_f64_f64",
     (torch.float32, torch.float64): "pace_step_f32_f64",
     (torch.bfloat16, torch.float32): "pace_step_bf16_f32",
-    (torch.bfloat16, torch.bfloat16): "pace_step_bf16_bf16",
 }
-# (kernel, stochastic rounding, the EMA as a bf16 offset) -> the variant built for it (csrc: PACE_SR, PACE_OFFSET)
+# (weights dtype, EMA dtype, stochastic rounding, the EMA as a bf16 offset) -> the variant built for it (csrc:
+# PACE_SR, PACE_OFFSET). A bf16 EMA of bf16 weights is always an offset (PACE._offset).
 VARIANTS = {
-    ("pace_step_bf16_f32", True, False): "pace_step_bf16_f32_sr",
-    ("pace_step_bf16_bf16", False, True): "pace_step_bf16_off",
-    ("pace_step_bf16_bf16", True, True): "pace_step_bf16_off_sr",
+    (torch.bfloat16, torch.float32, True, False): "pace_step_bf16_f32_sr",
+    (torch.bfloat16, torch.bfloat16, False, True): "pace_step_bf16_off",
+    (torch.bfloat16, torch.bfloat16, True, True): "pace_step_bf16_off_sr",
 }
 
 DEFAULT = KERNELS[(torch.float32, torch.float32)]
@@ -133,12 +134,13 @@ def kernel_for(dtype, ema_dtype, stochastic=False, offset=False):
     """(name, None): the kernel that steps weights of `dtype` (their grads and moments alike, any layout: the
     optimizer hands it dense tensors of one layout) with an EMA of `ema_dtype` (None: no EMA), rounding bf16
     writes stochastically, the EMA kept as a bf16 offset from the weights; or (None, why)."""
+    if stochastic or offset:
+        name = VARIANTS.get((dtype, ema_dtype, stochastic, offset))
+        if name is not None:
+            return name, None
+        return None, (f"the CPU kernel has no variant for {dtype} weights, a {ema_dtype} EMA, "
+                      f"rounding={'stochastic' if stochastic else 'nearest'}, offset={offset}")
     name = KERNELS.get((dtype, ema_dtype or dtype))
-    if name is not None and (stochastic or offset):
-        name = VARIANTS.get((name, stochastic, offset))
-        if name is None:
-            return None, f"the CPU kernel has no variant for {dtype} weights, a {ema_dtype} EMA, " \
-                         f"rounding={'stochastic' if stochastic else 'nearest'}, offset={offset}"
     if name is not None:
         return name, None
     if (dtype, dtype) not in KERNELS:
@@ -174,9 +176,7 @@ def step(bucket, grads, hp, consts, *, pull, update_ema, stats):
     bucket.copy_in()
     emas = bucket.emas or [None] * len(bucket.params)
     rows = list(zip(bucket.params, grads, bucket.exp_avgs, bucket.exp_avg_sqs, emas))
-    keys = None
-    if bucket.seeds is not None:
-        keys = rounding.packed(rounding.key(bucket.seed_tensor, bucket.t), bucket.base_tensor).contiguous()
+    keys = None if bucket.seeds is None else rounding.packed(rounding.step_keys(bucket), bucket.base_tensor)
     out = run(bucket.kernel, rows, hp, pull, update_ema, stats, keys)
     bucket.copy_out()
     return [out] if stats else []

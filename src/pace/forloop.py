@@ -75,7 +75,7 @@ def pace_update(p, g, m, v, ema, hp, *, pull, update_ema, stats, words=None, off
 def step(bucket, grads, hp, consts, *, pull, update_ema, stats):
     """Step a bucket one tensor at a time (pace.paths)."""
     emas = bucket.emas or [None] * len(bucket.params)
-    keys = _keys(bucket) if bucket.seeds is not None else [None] * len(bucket.params)
+    keys = rounding.step_keys(bucket) if bucket.seeds is not None else [None] * len(bucket.params)
     bases = bucket.bases or [0] * len(bucket.params)
     out = []
     for p, g, m, v, ema, key, base in zip(bucket.params, grads, bucket.exp_avgs, bucket.exp_avg_sqs, emas, keys,
@@ -86,10 +86,3 @@ def step(bucket, grads, hp, consts, *, pull, update_ema, stats):
         if partials is not None:
             out.append(partials.reshape(1, 6))
     return out
-
-
-def _keys(bucket):
-    """Each tensor's key of this step (pace.rounding.key): Python ints from the host count, or int64 tensors
-    from the device count when capturable (so that a replayed graph draws new bits)."""
-    t = bucket.count.to(torch.int64) if bucket.capturable else bucket.t
-    return [rounding.key(seed, t) for seed in bucket.seeds]

@@ -62,6 +62,13 @@ def bits(key_value, like, base=0):
     return mix(((index + base) & MASK) ^ key_value)
 
 
+def step_keys(bucket):
+    """Each tensor's key of a bucket's step (pace.plan.Bucket: seed_tensor, t), an int64 tensor on its device:
+    from the count on the device when capturable, so that a replayed CUDA graph draws new bits."""
+    t = bucket.count.to(device=bucket.device, dtype=torch.int64) if bucket.capturable else bucket.t
+    return key(bucket.seed_tensor, t)
+
+
 def packed(keys, bases):
     """The kernels' per-tensor word: the key in the low 32 bits, the tensor's base index in the high 32."""
     return keys | ((bases & MASK) << 32)

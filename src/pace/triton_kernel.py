@@ -171,10 +171,7 @@ def step(bucket, grads, hp, consts, *, pull, update_ema, stats):
     grads = bucket.kernel_grads(grads)
     bucket.copy_in()
     ptrs = [g.data_ptr() for g in grads]
-    keys = None
-    if bucket.seeds is not None:  # computed on the device from the count when capturable: a replay draws anew
-        t = bucket.count.to(device=bucket.device, dtype=torch.int64) if bucket.capturable else bucket.t
-        keys = rounding.packed(rounding.key(bucket.seed_tensor, t), bucket.base_tensor)
+    keys = None if bucket.seeds is None else rounding.packed(rounding.step_keys(bucket), bucket.base_tensor)
     out = Launcher.step(bucket.kernel, ptrs, (bucket.params[0].dtype, bucket.ema_dtype), hp, (pull, update_ema, stats),
                         keys, bucket.offset)
     bucket.copy_out()

@@ -225,10 +225,6 @@ BODY(pace_step_bf16_f32, uint16_t, float, float, float, bf16_to_f32, f32_to_bf16
 BODY(pace_step_bf16_f32_sr, uint16_t, float, float, float, bf16_to_f32, f32_to_bf16, SAME, TO_F32, f32_to_bf16_sr,
      F32_SR)
 #endif
-#ifdef PACE_KERNEL_pace_step_bf16_bf16
-BODY(pace_step_bf16_bf16, uint16_t, uint16_t, float, float, bf16_to_f32, f32_to_bf16, bf16_to_f32, f32_to_bf16,
-     f32_to_bf16_sr, f32_to_bf16_sr)
-#endif
 #ifdef PACE_KERNEL_pace_step_bf16_off
 BODY(pace_step_bf16_off, uint16_t, uint16_t, float, float, bf16_to_f32, f32_to_bf16, bf16_to_f32, f32_to_bf16,
      f32_to_bf16_sr, f32_to_bf16_sr)
