@@ -27,7 +27,6 @@ stored between steps differs. Three questions, each against the float32-state st
 
 import argparse
 import json
-import math
 
 import torch
 

@@ -698,7 +698,8 @@ def test_bf16_every_path_follows_one_rule():
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("mode", [{}, dict(rounding="stochastic"), dict(rounding="stochastic", ema_dtype=torch.bfloat16)],
+@pytest.mark.parametrize("mode", [{}, dict(rounding="stochastic"),
+                                  dict(rounding="stochastic", ema_dtype=torch.bfloat16)],
                          ids=["nearest", "stochastic", "lean"])
 def test_bf16_tracks_the_reference_every_step(impl, mode):
     params, ref = make_params(torch.bfloat16), make_params(torch.float64)
