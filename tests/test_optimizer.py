@@ -640,6 +640,32 @@ def test_fused_step_is_the_cpu_kernel(monkeypatch):
         run_side_by_side("fused", dtype, dict(SETTINGS["pace_kappa"], weight_decay=0.1), steps=5)
 
 
+@pytest.mark.parametrize("kwargs", [dict(), dict(lambda_pullback=0.15, use_ema_eval=True, ema_kappa=0.5),
+                                    dict(use_ema_eval=True, ema_dtype=torch.float32)])
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_the_default_step_is_the_cpu_kernel_for_every_dtype_with_or_without_an_ema(kwargs, rounding, dtype):
+    """impl=None takes the C kernel for every weight dtype it builds, with and without an EMA (AdamW: c = 0
+    and no EMA eval) and in both roundings: no fallback, and no warning."""
+    if rounding == "stochastic" and dtype != torch.bfloat16:
+        pytest.skip("stochastic rounding is for bf16 writes")
+    if dtype == torch.float64 and "ema_dtype" in kwargs:
+        kwargs = dict(kwargs, ema_dtype=torch.float64)
+    params, twins = make_params(dtype), make_params(dtype)
+    opt = PACE(params, lr=1e-3, rounding=rounding, **kwargs)
+    twin = PACE(twins, lr=1e-3, rounding=rounding, impl="forloop", **kwargs)
+    for t in range(3):
+        set_grads(params, t)
+        set_grads(twins, t)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a fallback says so once: here it is an error
+            opt.step()
+        twin.step()
+    assert {b.path for plan in opt._plans.values() for b in plan.buckets} == {pace.cpu_kernel.step}
+    if dtype == torch.bfloat16:  # the for-loop writes the same bits
+        assert all(torch.equal(a, b) for a, b in zip(params, twins))
+
+
 def test_cpu_kernel_is_built_once_per_machine(tmp_path, monkeypatch):
     """One build per dtype pair into the cache directory, when first needed; nothing again for new models,
     instances, freezes, groups or lrs; a new process finds the libraries on disk."""

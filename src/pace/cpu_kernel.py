@@ -134,16 +134,18 @@ def kernel_for(dtype, ema_dtype, stochastic=False, offset=False):
     """(name, None): the kernel that steps weights of `dtype` (their grads and moments alike, any layout: the
     optimizer hands it dense tensors of one layout) with an EMA of `ema_dtype` (None: no EMA), rounding bf16
     writes stochastically, the EMA kept as a bf16 offset from the weights; or (None, why)."""
+    if ema_dtype is None:  # no EMA (c = 0, no EMA eval): the kernel never touches one, so the default pair steps it
+        ema_dtype = torch.float32 if dtype == torch.bfloat16 else dtype
     if stochastic or offset:
         name = VARIANTS.get((dtype, ema_dtype, stochastic, offset))
         if name is not None:
             return name, None
         return None, (f"the CPU kernel has no variant for {dtype} weights, a {ema_dtype} EMA, "
                       f"rounding={'stochastic' if stochastic else 'nearest'}, offset={offset}")
-    name = KERNELS.get((dtype, ema_dtype or dtype))
+    name = KERNELS.get((dtype, ema_dtype))
     if name is not None:
         return name, None
-    if (dtype, dtype) not in KERNELS:
+    if not any(weights == dtype for weights, _ in KERNELS):
         return None, f"the CPU kernel takes float32, float64 and bfloat16 weights (not {dtype})"
     return None, f"the CPU kernel has no pair of {dtype} weights and a {ema_dtype} EMA"
 
