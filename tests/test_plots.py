@@ -89,12 +89,14 @@ def blocks(text):
 
 
 @pytest.mark.parametrize("fig_id, page", [("demo", FIGURES_DOC), ("lawa_high_lr", FIGURES_DOC),
-                                          ("smollm2_sft", README), ("smollm2_sft_low_lr", README)])
+                                          ("smollm2_sft", README), ("smollm2_sft_low_lr", README),
+                                          ("bf16_modes", README.parent / "docs" / "optimizer.md")])
 def test_the_docs_show_the_figure_as_the_command_prints_it(tmp_path, fig_id, page):
     text, _ = plot_figure(load_figure(fig_id), str(FIXTURES), str(tmp_path))
     for block in blocks(text):  # each table whole, as printed (prose and plots may stand between them)
-        assert block in page.read_text(), f"{page.name}'s {fig_id} table differs from `pace-figure fig={fig_id} plot=true`"
-    png = f"figures/{fig_id}.png" if page == FIGURES_DOC else f"docs/figures/{fig_id}.png"  # relative to the page
+        assert block in page.read_text(), \
+            f"{page.name}'s {fig_id} table differs from `pace-figure fig={fig_id} plot=true`"
+    png = f"figures/{fig_id}.png" if page.parent.name == "docs" else f"docs/figures/{fig_id}.png"  # from the page
     assert f"]({png})" in page.read_text() and (page.parent / png).exists()
 
 
