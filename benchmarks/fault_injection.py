@@ -13,7 +13,7 @@ end. The script asserts:
   - no launch ever resumed from a checkpoint that was damaged when it started;
   - every run that completed, through however many kills and resumes, wrote the uninterrupted run's record,
     bit for bit (timings, resumes and paths aside);
-  - a run killed after its record was written is one that died: pace_lm.status says so (its record says
+  - a run killed after its record was written is one that died: pace_lm.run.state says so (its record says
     running, no process holds it), and the next launch says so in one line before it goes on.
 
 Disk full (where a tmpfs can be mounted, as root): the run's folder on a tmpfs that holds one checkpoint
@@ -37,8 +37,8 @@ import time
 BIN = os.path.dirname(sys.executable)
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 from conftest import comparable  # noqa: E402  (what differs between two runs of one config: nothing else)
-from pace_lm.records import sha256_file  # noqa: E402
-from pace_lm.status import run_state  # noqa: E402
+from pace_lm.files.atomic import sha256_file  # noqa: E402
+from pace_lm.run.state import run_state  # noqa: E402
 
 
 def train_args(data, out, steps):

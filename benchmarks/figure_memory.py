@@ -16,8 +16,8 @@ import torch
 import transformers
 from omegaconf import OmegaConf
 
-from pace_lm.figures import build_config, list_figures, load_figure
-from pace_lm.optim import build_optimizer
+from pace_lm.figures.specs import build_config, list_figures, load_figure
+from pace_lm.models.optim import build_optimizer
 
 ARCH = {  # published dimensions (the models' config.json on the hub); vocab as the tokenizer's
     "smollm2_135m": ("LlamaConfig", dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,

@@ -9,8 +9,6 @@ import time
 import pytest
 import torch
 
-from pace_lm.records import strip_timing
-
 if not torch.cuda.is_available():  # the CUDA kernel runs on CPU tensors in Triton's interpreter (test_triton_kernel)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -22,6 +20,19 @@ def run_cli(args, cwd, timeout=600, env=None):
     full_env = dict(os.environ, HF_HUB_OFFLINE="1", **(env or {}))
     return subprocess.run([os.path.join(BIN, args[0]), *args[1:]], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env=full_env)
+
+
+TIMING_KEYS = ("wall_time_s", "train_time_s", "first_step_time_s", "tokens_per_s", "steady_tokens_per_s",
+               "time_s")  # differ between identical runs
+
+
+def strip_timing(obj):
+    """A copy of a record (or a part of one) without the fields that differ between two identical runs."""
+    if isinstance(obj, dict):
+        return {k: strip_timing(v) for k, v in obj.items() if k not in TIMING_KEYS}
+    if isinstance(obj, list):
+        return [strip_timing(v) for v in obj]
+    return obj
 
 
 def comparable(record):

@@ -1,8 +1,8 @@
-"""pace_lm.atomic: a folder replaced whole, the old one kept aside until the new one is in place."""
+"""pace_lm.files.atomic: a folder replaced whole, the old one kept aside until the new one is in place."""
 
 import os
 
-from pace_lm.atomic import replace_folder, write_json_atomic
+from pace_lm.files.atomic import replace_folder, write_json_atomic
 
 
 def test_a_folder_takes_the_place_of_another_and_the_old_one_goes(tmp_path):

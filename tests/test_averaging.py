@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from pace_lm import PaceLMError
-from pace_lm.averaging import LAWA, SWA
-from pace_lm.schema import enabled_averagers, validate
-from pace_lm.config import compose
-from pace_lm.data import collate, load_prepared
-from pace_lm.evaluation import evaluate
-from pace_lm.train import train
+from pace_lm.models.averaging import LAWA, SWA
+from pace_lm.config.schema import enabled_averagers, validate
+from pace_lm.config.compose import compose
+from pace_lm.data.prepared import collate, load_prepared
+from pace_lm.run.evaluation import evaluate
+from pace_lm.run.train import train
 from test_train import small_cfg
 
 
@@ -165,8 +165,10 @@ def test_averagers_are_built_and_named_from_their_registry(monkeypatch):
     record's <name>_val_loss keys follow the registered names: no averager is named by hand elsewhere."""
     import dataclasses
 
-    from pace_lm import averaging, evaluation
-    from pace_lm.schema import AveragerSettings, Averaging, LAWASettings
+    from pace_lm.models import averaging
+
+    from pace_lm.run import evaluation
+    from pace_lm.config.schema import AveragerSettings, Averaging, LAWASettings
 
     class Spy(averaging.SWA):
         name = "spy"

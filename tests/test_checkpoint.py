@@ -1,4 +1,4 @@
-"""pace_lm.checkpoint: written whole or not at all, the latest K kept, and nothing but tensors read back."""
+"""pace_lm.run.checkpoint: written whole or not at all, the latest K kept, and nothing but tensors read back."""
 
 import json
 import os
@@ -10,10 +10,12 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
-from pace_lm import PaceLMError, checkpoint, checkpoint_files, distributed, rng, sharded
-from pace_lm.checkpoint_files import Contents
-from pace_lm.records import RunRecord
-from pace_lm.distributed import World
+from pace_lm import PaceLMError
+
+from pace_lm.run import checkpoint, checkpoint_files, distributed, rng, sharded
+from pace_lm.run.checkpoint_files import Contents
+from pace_lm.run.records import RunRecord
+from pace_lm.run.distributed import World
 
 W = World()
 

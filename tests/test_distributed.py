@@ -245,8 +245,8 @@ def torchrun(args):
 
 @pytest.fixture(scope="module")
 def single(offline_data, tmp_path_factory):
-    from pace_lm.config import compose
-    from pace_lm.train import train
+    from pace_lm.config.compose import compose
+    from pace_lm.run.train import train
     return train(compose(run_args(offline_data, tmp_path_factory.mktemp("single"))))
 
 
@@ -257,7 +257,7 @@ def close(a, b, rtol=2e-5):
 @pytest.mark.slow
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_pace_train_under_torchrun_matches_one_process_and_resumes(parallel, single, offline_data, tmp_path):
-    from pace_lm import checkpoint_files
+    from pace_lm.run import checkpoint_files
     from safetensors.torch import load_file
     from conftest import comparable, wait_for
 

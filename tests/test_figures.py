@@ -7,17 +7,28 @@ import shlex
 import pytest
 from omegaconf import OmegaConf
 
-import pace_lm.figures as figures
+import pace_lm.figures.specs as figures
 from conftest import run_cli
 from pace_lm import PaceLMError
-from pace_lm.config import compose
-from pace_lm.figures import build_config, expand, list_figures, load_figure, run_figure, run_name
-from pace_lm.plots import _get
+from pace_lm.config.compose import compose
+from pace_lm.figures import sweep
+from pace_lm.figures.specs import build_config, expand, list_figures, load_figure, run_name
+from pace_lm.figures.plots import _get
 
 # training kept to a couple of steps of the tiny model: these tests check the sweep, not the loss
 QUICK = ["training.max_steps=2", "training.batch_size=4", "training.micro_batch_size=4", "training.eval_interval=2",
          "training.eval_batches=1", "training.log_interval=1", "training.save_model=false",
          "training.progress=false", "training.pad_to=longest", "training.device=cpu"]
+
+
+def composed(fig, run, out_dir):
+    """The run's composed config as the record keeps it (a DictConfig, for dotted access)."""
+    return OmegaConf.create(build_config(fig, run, out_dir).composed)
+
+
+def run_figure(fig, out, data, extra, log):
+    """The sweep with one worker: its runs in this process, as `pace-figure run=true` trains them."""
+    return sweep.run_sweep(fig, dict(out_dir=out, data=data, only=None, jobs=None, devices=None), extra, log)
 
 
 @pytest.mark.parametrize("fig_id", [f for f in list_figures() if load_figure(f).theory is None])
@@ -27,7 +38,7 @@ def test_every_run_of_every_figure_composes_into_a_valid_config(fig_id, tmp_path
     assert fig.description and fig.hardware and fig.runs
     for run in fig.runs:
         try:
-            cfg = build_config(fig, run, str(tmp_path))  # composes, resolves and runs pace-train's checks
+            cfg = composed(fig, run, str(tmp_path))  # composes, resolves and runs pace-train's checks
         except Exception as e:  # a model package's folder (${ggufdir:...}) resolves only where it is installed
             if "is not installed (pip install" not in str(e):
                 raise
@@ -49,7 +60,7 @@ def test_fig1_is_the_papers_nine_runs():
     assert len(fig.runs) == 9
     want = {"smollm2_1.7b": (1e-3, 0.15, 0.2), "qwen3_1.7b": (5e-4, 0.25, 0.5), "gemma3_1b": (1e-3, 0.15, 0.5)}
     for model, (lr, c, kappa) in want.items():
-        cfgs = {r.values["optimizer"]: build_config(fig, r, "runs") for r in fig.runs if r.values["model"] == model}
+        cfgs = {r.values["optimizer"]: composed(fig, r, "runs") for r in fig.runs if r.values["model"] == model}
         assert set(cfgs) == {"adamw", "ema", "pace"}
         pace, ema, adamw = cfgs["pace"].optimizer, cfgs["ema"].optimizer, cfgs["adamw"].optimizer
         assert (pace.lr, pace.lambda_pullback, pace.ema_kappa) == (lr, c, kappa)
@@ -98,8 +109,7 @@ def test_printed_commands_are_exactly_the_runs(tmp_path):
         assert argv[0] == "pace-train"
         cfg = compose(argv[1:])
         OmegaConf.resolve(cfg)
-        want = build_config(fig, run, "runs/figures")
-        assert OmegaConf.to_container(cfg) == OmegaConf.to_container(want)
+        assert OmegaConf.to_container(cfg) == build_config(fig, run, "runs/figures").composed
 
 
 def _spec(tmp_path, monkeypatch, text, name="mini"):
@@ -148,7 +158,7 @@ runs:
     # a seed's runs together, each named and configured by its seed; nothing else differs between seeds
     assert [r.name for r in fig.runs] == ["ema_lr0.001_seed3", "pace_lr0.001_seed3", "ema_lr0.001_seed7",
                                           "pace_lr0.001_seed7"]
-    cfgs = {r.name: build_config(fig, r, str(tmp_path)) for r in fig.runs}
+    cfgs = {r.name: composed(fig, r, str(tmp_path)) for r in fig.runs}
     assert [c.seed for c in cfgs.values()] == [3, 3, 7, 7]
     for method in ("ema", "pace"):
         a, b = (OmegaConf.to_container(cfgs[f"{method}_lr0.001_seed{s}"]) for s in (3, 7))
@@ -187,8 +197,9 @@ def test_run_trains_each_run_and_resumes(tmp_path, monkeypatch, offline_data):
     assert set(status.values()) == {"complete"}
     assert logs[0] == "[1/3] mini/adamw_lr0.001: complete, kept, final_val_loss " \
                       f"{records['adamw_lr0.001']['summary']['final_val_loss']:.4f}"
-    assert logs[1] == "[2/3] mini/ema_lr0.001: training (again: the record was running)"
-    assert logs[3] == "[3/3] mini/pace_lr0.001: training"
+    assert logs[1].startswith("[2/3] mini/ema_lr0.001: died after step 2 logged")  # no process held it
+    assert logs[2] == "[2/3] mini/ema_lr0.001: training (again: the record was running)"
+    assert logs[4] == "[3/3] mini/pace_lr0.001: training"
     assert open(paths["adamw_lr0.001"], "rb").read() == kept_bytes  # a complete run is not touched
     assert json.loads(open(paths["ema_lr0.001"]).read())["status"] == "complete"
 
@@ -262,52 +273,50 @@ def test_pace_figure_run_and_plot_from_the_command_line(tmp_path, offline_data):
 def test_the_main_job_is_three_cells_of_the_smollm2_figure(tmp_path):
     """smollm2_quick's numbers are the committed smollm2_sft records': the same runs, key for key, at the lr
     where every method improves on the untrained model."""
-    from pace_lm.records import NOT_COMPARED, config_diff
+    from pace_lm.run.records import NOT_COMPARED, config_diff
     quick, full = load_figure("smollm2_quick"), load_figure("smollm2_sft")
     assert [r.name for r in quick.runs] == ["ema_lr0.0003_seed0", "pace_lr0.0003_seed0", "schedulefree_lr0.0003_seed0"]
     for run in quick.runs:
         twin = next(r for r in full.runs if r.name == run.name)
-        a, b = (OmegaConf.to_container(build_config(f, r, str(tmp_path))) for f, r in ((quick, run), (full, twin)))
-        assert config_diff(a, b, (*NOT_COMPARED, "training.out_dir")) == []
+        a, b = (build_config(f, r, str(tmp_path)).composed for f, r in ((quick, run), (full, twin)))
+        assert config_diff(a, b, NOT_COMPARED) == []
         assert a["training"]["save_model"] and not b["training"]["save_model"]  # the main job keeps its models
 
 
 def test_one_rule_for_what_makes_another_run():
     """Sweeps and resumes share records.NOT_COMPARED: where a run ran and how its step was computed
     (device, parallel, compile, optimizer.impl) do not make it another run; what it computes does."""
-    from pace_lm import checkpoint
-    from pace_lm.figures import config_diff
-    from pace_lm.records import NOT_COMPARED
-    cfg = compose(["optimizer=pace"])
-    recorded = OmegaConf.to_container(cfg, resolve=True)
-    recorded["training"].update(device="cuda:1", parallel="ddp", compile_model=True)
+    from pace_lm.run import checkpoint
+    from pace_lm.run.records import NOT_COMPARED, config_diff
+    cfg = OmegaConf.to_container(compose(["optimizer=pace"]), resolve=True)
+    recorded = OmegaConf.to_container(compose(["optimizer=pace"]), resolve=True)
+    recorded["training"].update(device="cuda:1", parallel="ddp", compile_model=True, out_dir="/elsewhere/runs")
     recorded["optimizer"]["impl"] = "foreach"
-    assert config_diff(recorded, cfg) == []
+    assert config_diff(recorded, cfg, NOT_COMPARED) == []
     recorded["optimizer"]["lr"] = 123.0
-    assert config_diff(recorded, cfg) == ["optimizer.lr"]
+    assert config_diff(recorded, cfg, NOT_COMPARED) == ["optimizer.lr"]
     assert not hasattr(checkpoint, "RESUME_NOT_COMPARED") and "optimizer.impl" in NOT_COMPARED
 
 
 def test_pace_figure_scores_the_untrained_model_once_and_only_for_a_fine_tuning_figure(tmp_path, monkeypatch):
     """keep_pretrained_loss: a figure trained from scratch has none; a fine-tuning one is scored once, kept
     beside its records, and read back after."""
-    from pace_lm.figures import keep_pretrained_loss
-    from pace_lm.records import read_pretrained_loss
+    from pace_lm.config.schema import validate
+    from pace_lm.run.records import read_pretrained_loss
     calls = []
 
-    def scored(cfg):
-        calls.append(cfg.run_name)
-        return dict(run=cfg.run_name, val_loss=3.5, val_batches=4, model=cfg.model.name, data="d")
-    monkeypatch.setattr(figures, "pretrained_loss", scored)
-    monkeypatch.setattr(figures, "build_config", lambda fig, run, out_dir, data=None, extra=():
-                        compose([f"model={'tiny' if fig.id == 'demo' else 'smollm2_135m'}", f"run_name={run.name}"]))
-    monkeypatch.setattr(figures, "run_overrides", lambda fig, run, out_dir, data=None, extra=():
-                        [f"model={'tiny' if fig.id == 'demo' else 'smollm2_135m'}"])
-    assert keep_pretrained_loss(load_figure("demo"), str(tmp_path), log=lambda m: None) is None
+    def scored(spec):
+        calls.append(spec.run_name)
+        return dict(run=spec.run_name, val_loss=3.5, val_batches=4, model=spec.model.name, data="d")
+    monkeypatch.setattr(sweep, "pretrained_loss", scored)
+    monkeypatch.setattr(sweep, "build_config", lambda fig, run, out_dir, data=None, extra=(): validate(
+        compose([f"model={'tiny' if fig.id == 'demo' else 'smollm2_135m'}", f"run_name={run.name}"])))
+    opts = dict(out_dir=str(tmp_path), data=None, only=None)
+    assert sweep.keep_pretrained_loss(load_figure("demo"), opts, [], log=lambda m: None) is None
     assert not (tmp_path / "demo").exists() and calls == []
     fig = load_figure("smollm2_sft")
-    assert keep_pretrained_loss(fig, str(tmp_path), log=lambda m: None) == 3.5
-    assert keep_pretrained_loss(fig, str(tmp_path), log=lambda m: None) == 3.5
+    assert sweep.keep_pretrained_loss(fig, opts, [], log=lambda m: None) == 3.5
+    assert sweep.keep_pretrained_loss(fig, opts, [], log=lambda m: None) == 3.5
     assert calls == [fig.runs[0].name]
     assert read_pretrained_loss(str(tmp_path / "smollm2_sft")) == 3.5
     assert json.loads((tmp_path / "smollm2_sft" / "pretrained.json").read_text())["figure"] == "smollm2_sft"

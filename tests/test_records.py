@@ -1,4 +1,4 @@
-"""The run record's shape (pace_lm.records.RunRecord): every committed record has it, it is written in one key
+"""The run record's shape (pace_lm.run.records.RunRecord): every committed record has it, it is written in one key
 order, and nothing else changes a record's status."""
 
 import json
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from pace_lm import PaceLMError
-from pace_lm.records import STATUSES, RunRecord, read_record
+from pace_lm.run.records import STATUSES, RunRecord, read_record
 
 FIXTURES = Path(__file__).parent / "fixtures" / "results"
 RUNS = sorted(p for p in FIXTURES.glob("*/*/record.json"))  # pace-train runs (quadratic's record is one level up)

@@ -9,10 +9,11 @@ import subprocess
 
 import pytest
 
-import pace_lm.train as train_mod
-from pace_lm import PaceLMError, checkpoint_files
-from pace_lm.config import compose
-from pace_lm.train import Interrupted, train
+import pace_lm.run.train as train_mod
+from pace_lm import PaceLMError
+from pace_lm.run import checkpoint_files
+from pace_lm.config.compose import compose
+from pace_lm.run.train import Interrupted, train
 
 from conftest import BIN, comparable, wait_for
 

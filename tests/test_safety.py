@@ -207,7 +207,7 @@ def test_a_damaged_checkpoint_is_never_loaded(tmp_path, offline_data):
 
 
 def test_an_unsafe_pickle_is_refused_in_our_words(tmp_path, offline_data):
-    from pace_lm import checkpoint_files
+    from pace_lm.run import checkpoint_files
     args = run_args(offline_data, "training.checkpoint.at_end=true", "training.save_model=false")
     assert run_cli(args, cwd=tmp_path).returncode == 0
     as_if_killed(tmp_path / "out" / "r" / "record.json")

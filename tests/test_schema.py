@@ -1,4 +1,4 @@
-"""The config schema (pace_lm.schema): unknown keys, types and rules, all before any work; the optimizer built once."""
+"""The config schema (pace_lm.config.schema): unknown keys, types and rules, all before any work; the optimizer built once."""
 
 import dataclasses
 import warnings
@@ -8,9 +8,10 @@ import torch
 from omegaconf import OmegaConf
 
 import pace
-from pace_lm import PaceLMError, schema
-from pace_lm.config import compose
-from pace_lm.train import train
+from pace_lm import PaceLMError
+from pace_lm.config import schema
+from pace_lm.config.compose import compose
+from pace_lm.run.train import train
 
 
 @pytest.mark.parametrize("override, key", [
@@ -128,7 +129,7 @@ def test_a_run_builds_its_optimizer_once(offline_data, tmp_path, monkeypatch):
 def test_checking_a_config_needs_no_model_package():
     """${ggufdir:...} cannot resolve without its package: composing and checking still work (train() resolves
     the config first, and gets the resolver's own error)."""
-    from pace_lm.packages import assembled_gguf
+    from pace_lm.config.packages import assembled_gguf
 
     def missing(package):
         raise PaceLMError(f"package {package!r} is not installed")
@@ -147,7 +148,7 @@ def test_checking_a_config_needs_no_model_package():
     ("auto", "cpu", None), ("auto", "cuda", torch.bfloat16), ("bfloat16", "cpu", torch.bfloat16),
     ("float32", "cuda", None)])
 def test_training_dtype_is_the_autocast_it_names(dtype, device, autocast):
-    from pace_lm.evaluation import get_autocast
+    from pace_lm.run.evaluation import get_autocast
     schema.validate(compose([f"training.dtype={dtype}"]))  # the spellings of model.dtype and optimizer.ema_dtype
     with warnings.catch_warnings():  # torch warns that CUDA autocast is off on a machine without CUDA
         warnings.simplefilter("ignore", UserWarning)

@@ -1,4 +1,4 @@
-"""How a run stands, from its record and lock alone (pace_lm.status): pace-figure status=true, and a run
+"""How a run stands, from its record and lock alone (pace_lm.run.state): pace-figure status=true, and a run
 that died (a record left "running" that no process holds) found, said and resumed by pace-train."""
 
 import json
@@ -10,8 +10,8 @@ import time
 import pytest
 
 from conftest import BIN, run_cli, wait_for
-from pace_lm.lock import holder, run_lock
-from pace_lm.status import run_state
+from pace_lm.run.lock import holder, run_lock
+from pace_lm.run.state import run_state
 
 
 def write_record(folder, **record):

@@ -92,8 +92,8 @@ def test_the_pull_adds_bias_from_a_far_start():
 
 
 def test_pace_figure_quadratic_computes_plots_and_keeps_its_record(tmp_path):
-    from pace_lm.figures import load_figure
-    from pace_lm.quadratic import plot_quadratic, run_quadratic
+    from pace_lm.figures.specs import load_figure
+    from pace_lm.figures.quadratic import plot_quadratic, run_quadratic
 
     spec = load_figure("quadratic").theory
     spec["sde"].update(gains=[0, 2], burn_in=500, steps=500, paths=200)
@@ -124,8 +124,8 @@ def test_the_theory_module_needs_torch_alone():
 def test_the_readme_shows_the_committed_quadratic_figure(tmp_path):
     from pathlib import Path
 
-    from pace_lm.figures import load_figure
-    from pace_lm.quadratic import plot_quadratic, table
+    from pace_lm.figures.specs import load_figure
+    from pace_lm.figures.quadratic import plot_quadratic, table
     fixtures = Path(__file__).parent / "fixtures" / "results"
     record = json.loads((fixtures / "quadratic" / "record.json").read_text())
     spec = load_figure("quadratic").theory

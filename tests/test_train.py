@@ -8,14 +8,14 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-import pace_lm.train as train_mod
+import pace_lm.run.train as train_mod
 from pace_lm import PaceLMError
-from pace_lm.config import compose
-from pace_lm.data import collate, load_prepared
-from pace_lm.optim import lr_factor
-from pace_lm.records import strip_timing
-from pace_lm.evaluation import batch_loss, evaluate
-from pace_lm.train import train
+from pace_lm.config.compose import compose
+from pace_lm.data.prepared import collate, load_prepared
+from pace_lm.models.optim import lr_factor
+from conftest import strip_timing
+from pace_lm.run.evaluation import batch_loss, evaluate
+from pace_lm.run.train import train
 
 SUMMARY_KEYS = {"final_val_loss", "val_loss", "ema_val_loss", "vanilla_val_loss", "final_train_loss", "returned",
                 "tokens_seen", "trained_tokens", "wall_time_s", "train_time_s", "tokens_per_s", "environment",

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from pace_lm.config import compose
-from pace_lm.train import train
+from pace_lm.config.compose import compose
+from pace_lm.run.train import train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 

@@ -11,8 +11,9 @@ import subprocess
 import pytest
 
 from conftest import run_cli
-from pace_lm import PaceLMError, checkpoint_files
-from pace_lm.train import train
+from pace_lm import PaceLMError
+from pace_lm.run import checkpoint_files
+from pace_lm.run.train import train
 from test_train import small_cfg
 
 
@@ -60,7 +61,7 @@ def test_a_full_disk_when_the_returned_model_is_saved(tmp_path, offline_data, mo
 
 def test_a_full_disk_while_preparing_data(tmp_path, monkeypatch):
     import datasets
-    from pace_lm.prepare import prepare
+    from pace_lm.data.prepare import prepare
     monkeypatch.setattr(datasets.Dataset, "save_to_disk", full_disk)
     with pytest.raises(PaceLMError, match=r"cannot write prepared data .*/mine: No space left on device \(ENOSPC\)"):
         prepare(str(tmp_path / "mine"))

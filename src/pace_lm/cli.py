@@ -12,12 +12,12 @@ from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
 from pace_lm import PaceLMError
-from pace_lm.config import CONF_DIR  # importing it registers the ${pkgdir:...} resolver
+from pace_lm.config.compose import CONF_DIR  # importing it registers the ${pkgdir:...} resolver
 
 
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="train")
 def _train_app(cfg: DictConfig):
-    from pace_lm.train import Interrupted, train
+    from pace_lm.run.train import Interrupted, train
     try:
         record = train(cfg)
     except Interrupted as e:  # checkpointed: exit as a process the signal ended would (128 + its number)
@@ -40,8 +40,8 @@ def train_main():
 
 def data_main(argv=None):
     """pace-data: tokenize a dataset once into a folder pace-train reads (dataset.path)."""
-    from pace_lm.formats import FORMATS
-    from pace_lm.prepare import DEFAULT_SEQ_LEN, PRESETS, Request, prepare
+    from pace_lm.data.formats import FORMATS
+    from pace_lm.data.prepare import DEFAULT_SEQ_LEN, PRESETS, Request, prepare
     p = argparse.ArgumentParser(
         prog="pace-data",
         description="Prepare a tokenized dataset for pace-train. With no --source and no --tokenizer: "
@@ -169,9 +169,9 @@ def figure_main(argv=None):
 
 
 def _figure(opts, extra):
-    from pace_lm.figures import build_config, check_data, check_extra, command, list_figures, load_figure, \
-        run_figure, run_overrides, select
-    from pace_lm.jobs import check_jobs
+    from pace_lm.figures.specs import build_config, check_data, check_extra, command, list_figures, load_figure, \
+        run_overrides, select
+    from pace_lm.figures.sweep import check_jobs
     if opts["fig"] == "list":
         figs = [load_figure(f) for f in list_figures()]
         width = max(len(f.id) for f in figs)
@@ -196,27 +196,21 @@ def _figure(opts, extra):
             print(command(run_overrides(fig, run, opts["out_dir"], opts["data"], extra)))
         return
     if opts["run"]:
-        from pace_lm.figures import keep_pretrained_loss
-        keep_pretrained_loss(fig, opts["out_dir"], opts["data"], extra, opts["only"],
-                             log=lambda m: print(f"pace-figure: {m}", flush=True))
-    if opts["run"] and opts["jobs"]:
-        from pace_lm.jobs import run_jobs
-        status = run_jobs(fig, opts, extra, log=lambda m: print(m, flush=True))
-    elif opts["run"]:
-        status = run_figure(fig, opts["out_dir"], opts["data"], extra, opts["only"], log=lambda m: print(m, flush=True))
-    if opts["run"]:
+        from pace_lm.figures.sweep import keep_pretrained_loss, run_sweep
+        keep_pretrained_loss(fig, opts, extra, log=lambda m: print(f"pace-figure: {m}", flush=True))
+        status = run_sweep(fig, opts, extra, log=lambda m: print(m, flush=True))
         counts = {s: list(status.values()).count(s) for s in dict.fromkeys(status.values())}
         print(f"pace-figure: {fig.id}: " + ", ".join(f"{n} {s}" for s, n in counts.items())
               + f"; records under {opts['out_dir']}/{fig.id}")
         failed = [name for name, s in status.items() if s == "failed"]
-        if failed:  # jobs=N goes on past a failed run; the sweep as a whole did not succeed
-            raise PaceLMError(f"{len(failed)} run(s) failed ({', '.join(failed)}): their records and train.log "
+        if failed:  # the sweep goes on past a failed run; as a whole it did not succeed
+            raise PaceLMError(f"{len(failed)} run(s) failed ({', '.join(failed)}): their records (and train.log) "
                               f"say why; run the same command to resume them")
     if opts["plot"]:
-        from pace_lm.plots import plot_figure
+        from pace_lm.figures.plots import plot_figure
         text, paths = plot_figure(fig, opts["out_dir"], opts["plot_dir"])
         if opts["steps"]:
-            from pace_lm.plots import plot_steps
+            from pace_lm.figures.plots import plot_steps
             stem = os.path.join(opts["plot_dir"] or os.path.join(opts["out_dir"], fig.id), f"{fig.id}_steps")
             paths += plot_steps(fig, opts["out_dir"], opts["steps"].split(","), stem)
         print(text)
@@ -225,8 +219,8 @@ def _figure(opts, extra):
 
 def _status(fig, opts, extra):
     """status=true: a line per run of the figure (only=GLOB: some), then the totals."""
-    from pace_lm.figures import select
-    from pace_lm.status import STATES, run_state
+    from pace_lm.figures.specs import select
+    from pace_lm.run.state import STATES, run_state
     if opts["run"] or opts["plot"] or extra:
         raise PaceLMError("status=true only reads the records: give it with fig=, out_dir= and only= alone")
     counts = dict.fromkeys(STATES, 0)
@@ -240,7 +234,7 @@ def _status(fig, opts, extra):
 
 def _theory_figure(fig, opts):
     """fig=quadratic: no pace-train runs; its numbers are computed in-process (seconds) into one record."""
-    from pace_lm.quadratic import plot_quadratic, run_quadratic
+    from pace_lm.figures.quadratic import plot_quadratic, run_quadratic
     if not (opts["run"] or opts["plot"]):
         print(f"# {fig.id}: {fig.description}\n# hardware: {fig.hardware}\n"
               f"pace-figure fig={fig.id} run=true plot=true")

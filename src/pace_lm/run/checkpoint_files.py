@@ -22,8 +22,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from pace_lm import PaceLMError
-from pace_lm.atomic import fsync_dir, replace_folder
-from pace_lm.records import folder_bytes, os_error, sha256_file, write_failed
+from pace_lm.files.atomic import folder_bytes, fsync_dir, os_error, replace_folder, sha256_file, write_failed
 
 STATE = "state.pt"
 MANIFEST = "manifest.json"

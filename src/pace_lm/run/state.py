@@ -8,8 +8,8 @@ so such a run could not write its end.
 
 import os
 
-from pace_lm.lock import holder
-from pace_lm.records import RECORD, STATUSES, read_record, read_record_or_none
+from pace_lm.run.lock import holder
+from pace_lm.run.records import RECORD, STATUSES, read_record, read_record_or_none
 
 # a record's own statuses, and what only its absence, its lock or its bytes tell
 STATES = ("not started", *STATUSES, "died", "unreadable")
@@ -23,7 +23,7 @@ def last_step(record):
 
 def run_state(run_dir):
     """(state, detail): one of STATES, and a few words (the pid, the loss, the last step and checkpoint)."""
-    from pace_lm.checkpoint_files import latest
+    from pace_lm.run.checkpoint_files import latest
     path = os.path.join(run_dir, RECORD)
     pid = holder(run_dir)
     if not os.path.exists(path):

@@ -5,65 +5,16 @@ read the JSON. A record is only ever replaced whole (write to a temporary file, 
 never sees half of one.
 """
 
-import errno
-import hashlib
 import json
 import os
-import platform
-import re
-import shutil
-import subprocess
 from dataclasses import dataclass, field
 from typing import Optional
 
 from pace_lm import PaceLMError
-from pace_lm.atomic import write_json_atomic
+from pace_lm.files.atomic import write_json_atomic
 
 RECORD = "record.json"
 PRETRAINED_LOSS = "pretrained.json"  # a fine-tuning figure's untrained model, scored as its runs are
-TIMING_KEYS = ("wall_time_s", "train_time_s", "first_step_time_s", "tokens_per_s", "steady_tokens_per_s",
-               "time_s")  # differ between identical runs
-
-
-def os_error(error):
-    """The OSError behind a failed write, or None: the error itself, the OSError torch's zip writer reports
-    as the context of its RuntimeError, or the "(os error N)" that safetensors' error carries in its text."""
-    if isinstance(error, OSError):
-        return error
-    if isinstance(error.__context__, OSError):
-        return error.__context__
-    found = re.search(r"\(os error (\d+)\)", str(error))
-    return OSError(int(found.group(1)), os.strerror(int(found.group(1)))) if found else None
-
-
-def write_failed(what, path, error, needed=None):
-    """The one-line error for a write that failed (a full disk, a read-only folder, a quota): what failed
-    to write and where, why, how much space it needed (`needed`, bytes, where known) and how much is free."""
-    code = errno.errorcode.get(error.errno, "") if isinstance(error, OSError) else ""
-    folder = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(folder) and os.path.dirname(folder) != folder:
-        folder = os.path.dirname(folder)
-    try:
-        free = f"{shutil.disk_usage(folder).free / 2**20:.1f} MB free"
-    except OSError:
-        free = "free space unknown"
-    need = f"it needs about {needed / 2**20:.1f} MB, " if needed else ""
-    why = getattr(error, "strerror", None) or str(error)
-    return PaceLMError(f"cannot write {what} {path}: {why}{f' ({code})' if code else ''}; {need}{free} on {folder}")
-
-
-def folder_bytes(folder):
-    """The bytes of every file under `folder` (0 if it does not exist)."""
-    return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(folder) for f in files)
-
-
-def sha256_file(path):
-    """The sha256 of a file's bytes, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 STATUSES = ("running", "complete", "interrupted", "failed", "diverged")
@@ -76,8 +27,8 @@ class RunRecord:
     summary (Loop.summary, once complete): final_val_loss (the returned model's: the reported metric) and
     val_loss (the same), <name>_val_loss for every model a run can keep (averaging.kept_names: vanilla is the
     final iterate; null where the run keeps no such model), returned (its name), final_train_loss, steps,
-    tokens_seen, trained_tokens, num_params, the timings (TIMING_KEYS), environment(), and model_dir when the
-    returned model was saved.
+    tokens_seen, trained_tokens, num_params, the timings (wall_time_s, train_time_s, first_step_time_s,
+    tokens_per_s, steady_tokens_per_s), environment() and model_dir when the returned model was saved.
     """
     config: dict                  # the composed config, every key as given
     data: dict                    # the prepared data's meta.json
@@ -143,48 +94,11 @@ def read_record_or_none(path):
         return None
 
 
-def environment():
-    """Versions, device and git commit: what a reader needs to rerun or distrust a number."""
-    import torch
-    env = dict(python=platform.python_version(), torch=torch.__version__, platform=platform.platform(),
-               cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(),
-               cuda=torch.version.cuda, device=_device_name(), git_commit=_git_commit())
-    for pkg in ("pace-optimizer", "transformers", "datasets", "tokenizers", "hydra-core"):
-        env[pkg] = _version(pkg)
-    return env
-
-
-def _device_name():
-    import torch
-    return torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
-
-
-def _version(pkg):
-    from importlib.metadata import PackageNotFoundError, version
-    try:
-        return version(pkg)
-    except PackageNotFoundError:
-        return None
-
-
-def _git_commit():
-    """The commit of the source tree this package runs from, with '+dirty' if it has local changes."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
-                                timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return (commit + ("+dirty" if dirty else "")) if commit else None
-
-
 # Keys that say how a run is shown, kept, launched or placed, not what it computes: a record or checkpoint
 # whose config differs from another only in these is the same run (a sweep keeps it; a resume goes on).
-NOT_COMPARED = ("training.progress", "training.overwrite", "training.save_model", "training.resume",
-                "training.checkpoint.", "training.device", "training.parallel", "training.compile_model",
-                "optimizer.impl", "logging.")
+NOT_COMPARED = ("training.out_dir", "training.progress", "training.overwrite", "training.save_model",
+                "training.resume", "training.checkpoint.", "training.device", "training.parallel",
+                "training.compile_model", "optimizer.impl", "logging.")
 
 
 def config_diff(a, b, ignore=()):
@@ -205,12 +119,3 @@ def _flatten(d, prefix=""):
         else:
             out[f"{prefix}{k}"] = v
     return out
-
-
-def strip_timing(obj):
-    """A copy of a record without the fields that differ between two identical runs (for comparing)."""
-    if isinstance(obj, dict):
-        return {k: strip_timing(v) for k, v in obj.items() if k not in TIMING_KEYS}
-    if isinstance(obj, list):
-        return [strip_timing(v) for v in obj]
-    return obj

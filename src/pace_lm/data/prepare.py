@@ -12,11 +12,15 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
-from pace_lm import PaceLMError, corpus, formats, marks
-from pace_lm.sources import PRESETS, load_source
-from pace_lm.data import IGNORE_INDEX, META, SPLITS, TOKENIZER
-from pace_lm.atomic import replace_folder, write_json_atomic
-from pace_lm.records import environment, write_failed
+from pace_lm import PaceLMError
+
+from pace_lm.data import corpus, formats
+
+from pace_lm.files import marks
+from pace_lm.data.sources import PRESETS, load_source
+from pace_lm.data.prepared import IGNORE_INDEX, META, SPLITS, TOKENIZER
+from pace_lm.environment import environment
+from pace_lm.files.atomic import replace_folder, write_failed, write_json_atomic
 
 ROLES = formats.ROLES
 IM_START, IM_END = corpus.IM_START, corpus.IM_END
@@ -219,7 +223,7 @@ def prepare(out, request=Request(), num_proc=None, overwrite=False):
 
 def _tokenizer(request):
     """(tokenizer, the ChatML tokens added to it): the request's, or for the offline corpus one trained on it."""
-    from pace_lm.models import load_tokenizer
+    from pace_lm.models.lm import load_tokenizer
     if request.tokenizer is None:
         tok = corpus.train_offline_tokenizer()
     else:

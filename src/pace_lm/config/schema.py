@@ -2,25 +2,31 @@
 
 Hydra composes the YAML files (the defaults live there, in conf/train.yaml and its groups, and nowhere
 else); `validate(cfg)` turns the composed config into `Config`, typed dataclasses the code reads, or raises
-one PaceLMError naming the key. It runs before any data, model or record exists, in pace-train and for every
-run of a figure. A key that no dataclass declares is an error, whether a YAML or `+key=` added it; the one
+one PaceLMError naming the key. It runs once, at the entry points (pace-train's `train(cfg)`, a figure's
+runs before any of them trains), before any data, model or record exists; below them only `Config` and its
+typed sections flow. A key that no dataclass declares is an error, whether a YAML or `+key=` added it; the one
 free-form mapping is model.config, the architecture's own arguments, which transformers checks.
 
 Two rules need what only the run knows and live here too: `check_seq_len` (the prepared data's length) and
 `check_data_mode` (the mode the data were prepared in).
 """
 
+import copy
 import dataclasses
 import os
 import types
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 from pace import PACE
 from pace.rules import check_adam_args
 from pace_lm import PaceLMError
-from pace_lm.registry import ARCHS, DTYPES, PARALLEL, get_method, get_schedule_name
+from pace_lm.config.compose import shipped_value
+from pace_lm.config.registry import ARCHS, DTYPES, PARALLEL, get_method, get_schedule_name
+
+
+DERIVED = {"derived": True}  # a field validate() fills in, not a key of the config
 
 
 @dataclass(frozen=True)
@@ -90,7 +96,7 @@ class Schedule:
 
 @dataclass(frozen=True)
 class Optimizer:
-    """`name` (a method of pace_lm.registry.OPTIMIZERS), `args` (the keyword arguments of the method's optimizer
+    """`name` (a method of pace_lm.config.registry.OPTIMIZERS), `args` (the keyword arguments of the method's optimizer
     class the config sets, typed: PACEArgs or ScheduleFreeArgs) and `impl` (PACE's step; auto: its default)."""
     name: str
     args: "PACEArgs | ScheduleFreeArgs"
@@ -132,11 +138,15 @@ class Dataset:
     subset_ratio: float
     tokenizer: Optional[str] = None
     gguf_file: Optional[str] = None
+    # where the dataset's shipped YAML puts its data (None for a dataset that is not shipped): the one path
+    # pace-train prepares on first use
+    shipped_path: Optional[str] = field(default=None, metadata=DERIVED)
 
 
 @dataclass(frozen=True)
 class Config:
-    """A validated pace-train config. The record keeps the composed config itself (every key as given)."""
+    """A validated pace-train config, and the composed config itself (`composed`: every key as given,
+    resolved), which the record and the checkpoints keep."""
     run_name: str
     seed: int
     training: Training
@@ -146,16 +156,23 @@ class Config:
     optimizer: Optimizer
     model: Model
     dataset: Dataset
+    composed: dict = field(default=None, compare=False, repr=False, metadata=DERIVED)
 
 
 # ---- the rules on values ----------------------------------------------------------------------------------
 
-def validate(cfg, ranks=None):
-    """`cfg` (a composed, resolved pace-train config: DictConfig or dict) as a `Config`; a PaceLMError naming
-    the first key that is unknown, missing, of the wrong type or out of range. `ranks`: the processes the run
-    will have (default: torchrun's WORLD_SIZE, else 1)."""
+def validate(cfg, ranks=None, resolve=False):
+    """`cfg` (a composed pace-train config: DictConfig or dict) as a `Config`; a PaceLMError naming the first
+    key that is unknown, missing, of the wrong type or out of range. `ranks`: the processes the run will have
+    (default: torchrun's WORLD_SIZE, else 1). `resolve`: resolve `cfg` in place first, so that a resolver
+    that cannot run raises its own error (a run needs every value; listing a figure's commands does not)."""
+    if resolve:
+        from omegaconf import DictConfig, OmegaConf
+        if isinstance(cfg, DictConfig):
+            OmegaConf.resolve(cfg)
     raw = _plain(cfg)
     raw.pop("hydra", None)
+    composed = copy.deepcopy(raw)
     # the two sections with rules of their own first; _build takes them as the typed objects they are then
     raw.update(optimizer=validate_optimizer(raw.get("optimizer")), model=validate_model(raw.get("model", {})))
     spec = _build(Config, raw, "")
@@ -167,7 +184,8 @@ def validate(cfg, ranks=None):
     _choice("dataset.mode", spec.dataset.mode, ("sft", "pretrain"))
     if not spec.run_name or "/" in spec.run_name or spec.run_name in (".", ".."):
         raise PaceLMError(f"run_name={spec.run_name!r} must be a plain folder name")
-    return spec
+    dataset = dataclasses.replace(spec.dataset, shipped_path=shipped_value(composed, "dataset", "path"))
+    return dataclasses.replace(spec, dataset=dataset, composed=composed)
 
 
 def validate_optimizer(cfg):
@@ -365,7 +383,7 @@ def _build(cls, raw, prefix):
     if not isinstance(raw, dict):
         raise PaceLMError(f"{prefix.rstrip('.') or 'the config'} must be a mapping, not {raw!r}")
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("derived")}
     unknown = sorted(f"{prefix}{k}" for k in raw if k not in fields)
     if unknown:
         raise PaceLMError(f"unknown key{'s' * (len(unknown) > 1)} {', '.join(unknown)}: pace-train has no such "

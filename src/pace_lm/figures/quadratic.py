@@ -19,9 +19,10 @@ import numpy as np
 
 from pace import theory
 from pace_lm import PaceLMError
-from pace_lm.plots import check_outputs, save_plot, write_table
-from pace_lm.atomic import write_json_atomic
-from pace_lm.records import RECORD, environment, read_record
+from pace_lm.figures.plots import check_outputs, save_plot, write_table
+from pace_lm.files.atomic import write_json_atomic
+from pace_lm.environment import environment
+from pace_lm.run.records import RECORD, read_record
 
 FIG_ID = "quadratic"
 

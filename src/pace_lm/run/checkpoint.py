@@ -26,9 +26,9 @@ import sys
 import torch
 
 from pace_lm import PaceLMError
-from pace_lm.checkpoint_files import Contents, latest, list_checkpoints, load, save, verify
-from pace_lm.records import NOT_COMPARED, RunRecord, config_diff
-from pace_lm.sharded import join_tensors, load_sharded, marked_keys, split_tensors
+from pace_lm.run.checkpoint_files import Contents, latest, list_checkpoints, load, save, verify
+from pace_lm.run.records import NOT_COMPARED, RunRecord, config_diff
+from pace_lm.run.sharded import join_tensors, load_sharded, marked_keys, split_tensors
 
 
 @dataclasses.dataclass

@@ -1,4 +1,5 @@
-"""Paper figures as sweeps of pace-train runs: the specs in conf/figures/, their commands, and running them.
+"""Paper figures as sweeps of pace-train runs: the specs in conf/figures/, their runs and commands
+(pace_lm.figures.sweep runs them).
 
 A spec states only what differs from pace-train's defaults:
 
@@ -28,19 +29,17 @@ import itertools
 import os
 import re
 import shlex
-import time
 from dataclasses import dataclass, field
 
 from omegaconf import OmegaConf
 
-from pace_lm import PaceLMError, records
-from pace_lm.config import CONF_DIR, GROUPS, SHORT, compose
-from pace_lm.records import RECORD, read_record_or_none
+from pace_lm import PaceLMError
+
+from pace_lm.config.compose import CONF_DIR, GROUPS, SHORT, compose
 
 FIG_DIR = os.path.join(CONF_DIR, "figures")
 SPEC_KEYS = {"description", "hardware", "prepare", "plot", "common", "runs", "seeds", "theory"}
 PLOT_KEYS = {"x", "logx", "line", "panel", "metric", "split", "paired", "curves"}
-FINAL = ("complete", "diverged")  # the outcomes a resumed sweep keeps
 
 
 @dataclass
@@ -58,7 +57,7 @@ class Figure:
     prepare: list
     plot: dict
     runs: list = field(default_factory=list)
-    theory: dict | None = None  # a figure of pace.theory, computed by pace_lm.quadratic: no pace-train runs
+    theory: dict | None = None  # a figure of pace.theory, computed by pace_lm.figures.quadratic: no pace-train runs
 
 
 def list_figures():
@@ -194,127 +193,6 @@ def check_data(fig, data):
 
 
 def build_config(fig, run, out_dir, data=None, extra=()):
-    """The run's composed config, checked as pace-train checks it before doing any work."""
-    from pace_lm.schema import validate
-    cfg = compose(run_overrides(fig, run, out_dir, data, extra))
-    OmegaConf.resolve(cfg)
-    validate(cfg)
-    return cfg
-
-
-def config_diff(recorded, cfg):
-    """Dotted keys whose values differ between a record's config and `cfg` (see records.config_diff)."""
-    return records.config_diff(recorded, OmegaConf.to_container(cfg, resolve=True), records.NOT_COMPARED)
-
-
-def run_figure(fig, out_dir, data=None, extra=(), only=None, log=print):
-    """Train the figure's runs one after another; a run already complete (or diverged) is kept.
-
-    An interrupted sweep resumes: a run left "running", "interrupted" or "failed" goes on from its latest
-    checkpoint (training.checkpoint.interval, or the one a SIGTERM / SIGINT wrote), or starts again.
-    A run whose loss goes non-finite is recorded as "diverged" and the sweep goes on (high learning
-    rates are expected to); any other failure stops the sweep. Returns {run name: status}.
-    """
-    from pace_lm.train import Diverged, Interrupted, train
-    runs = select(fig, only=only)
-    check_data(fig, data)
-    check_extra(fig, extra)
-    status = {}
-    for i, run in enumerate(runs, 1):
-        cfg = build_config(fig, run, out_dir, data, extra)
-        head = f"[{i}/{len(runs)}] {fig.id}/{run.name}"
-        old = kept_record(cfg)
-        if old and old.get("status") in FINAL:
-            status[run.name] = old["status"]
-            log(f"{head}: {old['status']}, kept{result_text(old)}")
-            continue
-        log(f"{head}: training{' (again: the record was ' + old['status'] + ')' if old else ''}")
-        t0 = time.time()
-        try:
-            record = train(cfg)
-        except Diverged as e:
-            status[run.name] = "diverged"
-            log(f"{head}: diverged ({e})")
-            continue
-        except Interrupted as e:
-            log(f"{head}: {e}; run the same pace-figure command to go on")
-            raise
-        finally:
-            _free_device_memory()
-        status[run.name] = record["status"]
-        log(f"{head}: complete{result_text(record)} in {time.time() - t0:.0f} s")
-    return status
-
-
-def fine_tunes(fig, out_dir, data=None, extra=(), only=None):
-    """The config of the first selected run (`only`) if the figure fine-tunes a pretrained model
-    (model.source), else None; only that run's config is checked."""
-    runs = select(fig, only)
-    if not runs or compose(run_overrides(fig, runs[0], out_dir, data, extra)).model.source != "pretrained":
-        return None
-    return build_config(fig, runs[0], out_dir, data, extra)
-
-
-def pretrained_loss(cfg):
-    """{"run", "val_loss", "val_batches", "model", "data"}: the run `cfg`'s model before any step,
-    scored on the validation batches every run of its figure is scored on (pace-train's own evaluate)."""
-    import torch
-
-    from pace_lm.distributed import World
-    from pace_lm.evaluation import evaluate, get_autocast, get_val_batches
-    from pace_lm.models import build_model
-    from pace_lm.schema import validate
-    from pace_lm.train import load_data
-    spec = validate(cfg)
-    loaded = load_data(cfg, spec, World())
-    batches = get_val_batches(loaded.val, spec.training, loaded.pad_id, loaded.seq_len)
-    torch.manual_seed(cfg.seed)
-    model = build_model(spec.model, loaded.tokenizer)
-    device = torch.device("cpu")
-    loss = evaluate(model, batches, device, get_autocast(spec.training.dtype, device))
-    return dict(run=cfg.run_name, val_loss=loss,
-                val_batches=len(batches), model=cfg.model.name, data=os.path.basename(cfg.dataset.path))
-
-
-def keep_pretrained_loss(fig, out_dir, data=None, extra=(), only=None, log=print):
-    """For a figure that fine-tunes a pretrained model: its untrained model's loss, computed once and kept
-    beside its records (records.PRETRAINED_LOSS), the reference every table and plot of it shows."""
-    from pace_lm.atomic import write_json_atomic
-    cfg = fine_tunes(fig, out_dir, data, extra, only)
-    if cfg is None:
-        return None
-    kept = records.read_pretrained_loss(os.path.join(out_dir, fig.id))
-    if kept is not None:
-        return kept
-    log(f"{fig.id}: scoring the untrained model (the reference of every table and plot)")
-    result = dict(figure=fig.id, **pretrained_loss(cfg))
-    write_json_atomic(os.path.join(out_dir, fig.id, records.PRETRAINED_LOSS), result)
-    log(f"{fig.id}: the untrained model scores {result['val_loss']:.4f}")
-    return result["val_loss"]
-
-
-def kept_record(cfg):
-    """The record already at the run's place (None if none can be read); a complete or diverged one of
-    another config is refused: the sweep would mix two configs under one name."""
-    path = os.path.join(cfg.training.out_dir, cfg.run_name, RECORD)
-    old = read_record_or_none(path)
-    if old and old.get("status") in FINAL:
-        diff = config_diff(old.get("config", {}), cfg)
-        if diff:
-            raise PaceLMError(f"{path} is a {old['status']} run of another config (differs in "
-                              f"{', '.join(diff[:6])}{', ...' if len(diff) > 6 else ''}): remove it, "
-                              f"or choose another out_dir")
-    return old
-
-
-def result_text(record):
-    s = record.get("summary") or {}
-    return f", final_val_loss {s['final_val_loss']:.4f}" if "final_val_loss" in s else ""
-
-
-def _free_device_memory():
-    import gc
-    import torch
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    """The run's validated config (a schema.Config), checked as pace-train checks it before doing any work."""
+    from pace_lm.config.schema import validate
+    return validate(compose(run_overrides(fig, run, out_dir, data, extra)), resolve=True)

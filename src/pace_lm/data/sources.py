@@ -16,7 +16,9 @@ import os
 import re
 from dataclasses import dataclass, field
 
-from pace_lm import PaceLMError, corpus, formats
+from pace_lm import PaceLMError
+
+from pace_lm.data import corpus, formats
 
 PRESETS = {  # --source shortcuts: hub dataset, config name, and the text/messages column
     "smoltalk": dict(path="HuggingFaceTB/smoltalk", name="all", mode="sft"),

@@ -5,7 +5,7 @@ they differ in what it fixes and in the model the run returns (one registration 
   adamw         AdamW; the final iterate is returned            (lambda_pullback=0, use_ema_eval=False)
   ema           AdamW; its EMA is returned (the EMA baseline)    (lambda_pullback=0, use_ema_eval=True)
   pace          AdamW + pull toward the EMA; the EMA is returned (lambda_pullback>0, use_ema_eval=True)
-  lawa, swa     AdamW; the LAWA / SWA average is returned        (as adamw; see pace_lm.averaging)
+  lawa, swa     AdamW; the LAWA / SWA average is returned        (as adamw; see pace_lm.models.averaging)
   schedulefree  schedulefree.AdamWScheduleFree; its average (eval mode) is returned
 """
 
@@ -15,14 +15,12 @@ import torch
 
 from pace import PACE
 from pace_lm import PaceLMError
-from pace_lm.registry import SCHEDULES, get_schedule_name
+from pace_lm.config.registry import SCHEDULES, get_schedule_name
 
 
-def build_optimizer(cfg, model):
-    """The optimizer of `cfg` (a validated schema.Optimizer, or the `optimizer` config group, validated here)
-    over the model's trainable parameters; weight decay on matrices only (not norms or biases)."""
-    from pace_lm.schema import Optimizer, validate_optimizer
-    spec = cfg if isinstance(cfg, Optimizer) else validate_optimizer(cfg)
+def build_optimizer(spec, model):
+    """The optimizer of `spec` (a validated schema.Optimizer) over the model's trainable parameters; weight
+    decay on matrices only (not norms or biases)."""
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]

@@ -19,7 +19,7 @@ import torch
 from torch.optim.swa_utils import get_swa_multi_avg_fn
 
 from pace_lm import PaceLMError
-from pace_lm.registry import OPTIMIZERS
+from pace_lm.config.registry import OPTIMIZERS
 
 
 class Averager:
@@ -141,14 +141,14 @@ class SWA(Averager):
 AVERAGERS = {"lawa": LAWA, "swa": SWA}
 
 
-def build_averagers(cfg, names, params):
+def build_averagers(spec, names, params):
     """{name: averager} for `names` (the ones a run keeps: schema.enabled_averagers), over `params`.
 
-    cfg: the validated `averaging` settings (schema.Averaging)."""
+    spec: the validated `averaging` settings (schema.Averaging)."""
     params = list(params)
     out = {}
     for name in names:
-        settings = getattr(cfg, name)  # its dataclass: the class's keyword arguments, and `enabled`
+        settings = getattr(spec, name)  # its dataclass: the class's keyword arguments, and `enabled`
         kwargs = {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings) if f.name != "enabled"}
         out[name] = AVERAGERS[name](params, **kwargs)
     return out
@@ -158,7 +158,7 @@ def build_averagers(cfg, names, params):
 # Each has a `name` (its validation loss is recorded as <name>_val_loss), `taken` (whether it has weights
 # yet) and `swapped_in()`, a context manager that puts its weights in the model and the live ones back
 # after. Evaluation, saving and the record iterate over kept_models(); the method registry
-# (pace_lm.registry.OPTIMIZERS) says which one a method returns. A new kind of returned model is one class and
+# (pace_lm.config.registry.OPTIMIZERS) says which one a method returns. A new kind of returned model is one class and
 # one registration: in AVERAGERS for an averager beside the optimizer, as a Method's own_average for one the
 # optimizer keeps itself.
 

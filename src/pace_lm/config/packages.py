@@ -25,7 +25,7 @@ def assembled_gguf(package):
     ships Gemma 3 270M as four parts): assembled once, where the package puts it, and checked against the
     sha256 in the package's own data/SHA256SUMS every time it is used."""
     from importlib.resources import files
-    from pace_lm.records import sha256_file
+    from pace_lm.files.atomic import sha256_file
     try:
         module = importlib.import_module(package)
     except ImportError as e:

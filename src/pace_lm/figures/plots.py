@@ -20,9 +20,11 @@ import os
 import re
 import statistics
 
-from pace_lm import PaceLMError, marks
-from pace_lm.config import GROUPS, SHORT
-from pace_lm.records import RECORD, read_pretrained_loss, read_record
+from pace_lm import PaceLMError
+
+from pace_lm.files import marks
+from pace_lm.config.compose import GROUPS, SHORT
+from pace_lm.run.records import RECORD, read_pretrained_loss, read_record
 
 MISSING = "–"
 UNTRAINED = "untrained model"

@@ -48,7 +48,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # ---- training -----------------------------------------------------------------------------
 
 PARALLEL = ("ddp", "fsdp")  # training.parallel under torchrun
-SCHEDULES = ("const", "cos", "wsd")  # schedule.name: pace_lm.optim holds each one's lr factor
+SCHEDULES = ("const", "cos", "wsd")  # schedule.name: pace_lm.models.optim holds each one's lr factor
 
 
 def get_schedule_name(name):

@@ -2,7 +2,7 @@
 
 A prepared folder holds `train/` and `validation/` (datasets' Arrow format), `tokenizer/` (the
 tokenizer the ids were made with) and `meta.json`, written last: a folder without it is incomplete.
-`pace_lm.prepare` (pace-data) writes it.
+`pace_lm.data.prepare` (pace-data) writes it.
 """
 
 import json
@@ -21,7 +21,7 @@ TOKENIZER = "tokenizer"
 def load_prepared(path):
     """(train, validation, tokenizer, meta) of a prepared folder, with a clear error if it is not one."""
     from datasets import load_from_disk
-    from pace_lm.models import load_tokenizer
+    from pace_lm.models.lm import load_tokenizer
     meta_path = os.path.join(path, META)
     if not os.path.exists(meta_path):
         raise not_prepared(path, f"pace-data --out {path} ...")

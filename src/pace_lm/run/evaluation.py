@@ -11,9 +11,11 @@ import math
 import torch
 import torch.nn.functional as F
 
-from pace_lm import PaceLMError, distributed
-from pace_lm.averaging import kept_names
-from pace_lm.data import IGNORE_INDEX, collate
+from pace_lm import PaceLMError
+
+from pace_lm.run import distributed
+from pace_lm.models.averaging import kept_names
+from pace_lm.data.prepared import IGNORE_INDEX, collate
 
 
 class Diverged(PaceLMError):

@@ -13,7 +13,7 @@ Every eval interval the live iterate and every kept model are scored on the same
 (averaging.kept_models: the optimizer's own average, PACE's EMA or schedule-free's, and the averagers, LAWA
 and SWA); `val_loss` is the returned model's.
 
-Under torchrun each rank trains its share of every global batch (pace_lm.distributed); the loss is
+Under torchrun each rank trains its share of every global batch (pace_lm.run.distributed); the loss is
 normalized by the global number of trained tokens, so the run is the single-process run up to float
 summation order. A SIGTERM or SIGINT ends the run at the next step boundary with a checkpoint; a run
 resumed from a checkpoint (training.resume) writes the record the uninterrupted run would have.
@@ -30,20 +30,23 @@ import time
 from dataclasses import dataclass
 
 import torch
-from omegaconf import OmegaConf
 
 from pace import PACE
-from pace_lm import PaceLMError, averaging, checkpoint, checkpoint_files, distributed, marks, rng, schema
-from pace_lm.config import shipped_value
-from pace_lm.data import IGNORE_INDEX, META, Batches, collate, load_prepared, not_prepared, subset
-from pace_lm.evaluation import (VAL_KEYS, Diverged, batch_loss, evaluate_all, get_autocast, get_val_batches,
+from pace_lm import PaceLMError
+from pace_lm.models import averaging
+from pace_lm.run import checkpoint, checkpoint_files, distributed, rng
+from pace_lm.files import marks
+from pace_lm.config import schema
+from pace_lm.data.prepared import IGNORE_INDEX, META, Batches, collate, load_prepared, not_prepared, subset
+from pace_lm.run.evaluation import (VAL_KEYS, Diverged, batch_loss, evaluate_all, get_autocast, get_val_batches,
                                 to_device)
-from pace_lm.lock import run_lock
-from pace_lm.models import build_model, save_model
-from pace_lm.optim import build_optimizer, grad_norm_clip, lr_factor, set_lr
-from pace_lm.prepare import Request, prepare, prepare_command
-from pace_lm.records import RECORD, RunRecord, environment, read_record
-from pace_lm.status import previous_end
+from pace_lm.run.lock import run_lock
+from pace_lm.models.lm import build_model, save_model
+from pace_lm.models.optim import build_optimizer, grad_norm_clip, lr_factor, set_lr
+from pace_lm.data.prepare import Request, prepare, prepare_command
+from pace_lm.environment import environment
+from pace_lm.run.records import RECORD, RunRecord, read_record
+from pace_lm.run.state import previous_end
 
 
 class Interrupted(PaceLMError):
@@ -57,20 +60,24 @@ class Interrupted(PaceLMError):
 
 
 def train(cfg):
-    """Run `cfg` (a composed pace-train config); return its record.
+    """Run `cfg` (a composed pace-train config); return its record. The config is validated here, once;
+    below, only the typed `schema.Config` flows.
 
     Raises PaceLMError on bad input, Interrupted after a SIGTERM / SIGINT (a checkpoint was written first).
     Under torchrun every rank calls it; rank 0 writes the record and the returned model.
     """
-    OmegaConf.resolve(cfg)
-    spec = schema.validate(cfg)
+    return train_validated(schema.validate(cfg, resolve=True))
+
+
+def train_validated(spec):
+    """Run `spec` (a `schema.Config`, as `train` and a figure's sweep validate it); return its record."""
     world, device = distributed.init(spec.training.parallel, spec.training.device)
     clean = False
     try:
         run_dir = os.path.join(spec.training.out_dir, spec.run_name)
         # one writer per run folder (rank 0 writes; the other ranks may be on other hosts)
         with run_lock(run_dir) if world.main else contextlib.nullcontext():
-            record = run_locked(cfg, spec, world, device, RunPaths(run_dir))
+            record = run_locked(spec, world, device, RunPaths(run_dir))
         clean = True
         return record
     except Interrupted as e:
@@ -129,7 +136,7 @@ class Parts:
     device: torch.device
 
 
-def run_locked(cfg, spec, world, device, paths):
+def run_locked(spec, world, device, paths):
     """The run, holding its folder's lock: set up, train, save the returned model, write the record."""
     tc = spec.training
     check_run_dir(paths.record, tc.overwrite)
@@ -140,12 +147,12 @@ def run_locked(cfg, spec, world, device, paths):
         print(f"pace-train: {spec.run_name} died after step {before['end']['step']} logged (its record said "
               f"running; no process held it): {'resuming from ' + resume_from if resume_from else 'starting again'}",
               file=sys.stderr, flush=True)
-    data = load_data(cfg, spec, world)
+    data = load_data(spec, world)
     resumed = None
     if resume_from:  # find() checked its files against the manifest
         resumed = checkpoint.TrainCheckpoint.load(resume_from, world, verified=True)
-        resumed.check_fits(OmegaConf.to_container(cfg), data.meta, resume_from, world)
-    record = start_record(OmegaConf.to_container(cfg), data.meta, resumed, resume_from)
+        resumed.check_fits(spec.composed, data.meta, resume_from, world)
+    record = start_record(spec.composed, data.meta, resumed, resume_from)
     if before:  # the history of the run's earlier ends, the latest last
         record.ends = before["ends"] + [before["end"]]
     torch.manual_seed(spec.seed)
@@ -438,13 +445,13 @@ def check_run_dir(record_path, overwrite):
                               f"training.overwrite=true")
 
 
-def ensure_data(cfg, spec, main=True):
-    """Prepare dataset.path if it is the dataset's own shipped location with nothing there yet (by the main
-    process, `main`); refuse any other path that is not prepared data. No path is ever removed."""
-    data = spec.dataset
+def ensure_data(data, main=True):
+    """Prepare `data.path` (a schema.Dataset) if it is the dataset's own shipped location with nothing there
+    yet (by the main process, `main`); refuse any other path that is not prepared data. No path is ever
+    removed."""
     if os.path.exists(os.path.join(data.path, META)):
         return
-    shipped = shipped_value(cfg, "dataset", "path")
+    shipped = data.shipped_path
     ours = shipped is not None and os.path.abspath(shipped) == os.path.abspath(data.path)
     if not (data.prepare_if_missing and ours and not os.path.exists(data.path)):
         raise not_prepared(data.path, prepare_command(data))
@@ -454,14 +461,14 @@ def ensure_data(cfg, spec, main=True):
                                    gguf_file=data.gguf_file))
 
 
-def load_data(cfg, spec, world):
-    """The `Data` of dataset.path (`cfg`: the composed config, `spec`: it validated).
+def load_data(spec, world):
+    """The `Data` of dataset.path (`spec`: the validated config).
 
     Only the dataset's own shipped location (e.g. data/offline) is prepared on first use, by rank 0, and only
     while nothing is there: any other path must be prepared data, and no path is ever removed.
     """
     data = spec.dataset
-    ensure_data(cfg, spec, world.main)
+    ensure_data(data, world.main)
     if world.parallel:
         torch.distributed.barrier()
     train_ds, val_ds, tokenizer, meta = load_prepared(data.path)

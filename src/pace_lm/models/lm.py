@@ -11,9 +11,8 @@ import warnings
 import torch
 
 from pace_lm import PaceLMError
-from pace_lm.atomic import replace_folder
-from pace_lm.records import os_error, write_failed
-from pace_lm.registry import ARCHS, DTYPES
+from pace_lm.files.atomic import os_error, replace_folder, write_failed
+from pace_lm.config.registry import ARCHS, DTYPES
 
 
 
@@ -42,40 +41,37 @@ def load_tokenizer(name_or_path, gguf_file=None, revision=None):
     return tok
 
 
-def build_model(cfg, tokenizer):
-    """The model of `cfg` (a validated schema.Model, or the `model` config group, validated here), its
-    embeddings sized for `tokenizer`.
+def build_model(spec, tokenizer):
+    """The model of `spec` (a validated schema.Model), its embeddings sized for `tokenizer`.
 
-    Weights are float32 unless cfg.dtype says otherwise: the optimizer keeps fp32 master weights and
+    Weights are float32 unless spec.dtype says otherwise: the optimizer keeps fp32 master weights and
     bf16 comes from autocast on CUDA.
     """
     import transformers
-    from pace_lm.schema import Model, validate_model
-    cfg = cfg if isinstance(cfg, Model) else validate_model(cfg)
-    dtype = DTYPES[cfg.dtype]
-    if cfg.source == "scratch":
-        vocab = _round_up(len(tokenizer), cfg.pad_vocab_to_multiple_of)
-        config_cls = getattr(transformers, ARCHS[cfg.arch])
+    dtype = DTYPES[spec.dtype]
+    if spec.source == "scratch":
+        vocab = _round_up(len(tokenizer), spec.pad_vocab_to_multiple_of)
+        config_cls = getattr(transformers, ARCHS[spec.arch])
         try:  # transformers checks some sizes in the config, others only when it builds the layers
-            config = config_cls(vocab_size=vocab, **_special_ids(cfg.arch, tokenizer), **dict(cfg.config))
+            config = config_cls(vocab_size=vocab, **_special_ids(spec.arch, tokenizer), **dict(spec.config))
             model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
         except (ValueError, TypeError, RuntimeError, ZeroDivisionError, _strict_errors()) as e:
-            raise PaceLMError(f"model.config={dict(cfg.config)} is not a valid {cfg.arch} config "
+            raise PaceLMError(f"model.config={dict(spec.config)} is not a valid {spec.arch} config "
                               f"({_first_line(e.__cause__ or e)})") from e
     else:  # pretrained
-        path = cfg.pretrained
-        check_tokenizer(cfg, tokenizer)
+        path = spec.pretrained
+        check_tokenizer(spec, tokenizer)
         kwargs = {}
-        if cfg.gguf_file and hasattr(transformers, "GgufConfig"):
+        if spec.gguf_file and hasattr(transformers, "GgufConfig"):
             # dense, trainable, savable weights, even where a kernel could keep the GGUF blocks packed
             kwargs["quantization_config"] = transformers.GgufConfig(dequantize=True)
         try:
             model = transformers.AutoModelForCausalLM.from_pretrained(
-                path, revision=cfg.revision, gguf_file=cfg.gguf_file, dtype=dtype,
-                attn_implementation=cfg.attn_implementation, trust_remote_code=False, **kwargs)
+                path, revision=spec.revision, gguf_file=spec.gguf_file, dtype=dtype,
+                attn_implementation=spec.attn_implementation, trust_remote_code=False, **kwargs)
         except _load_errors() as e:
             raise PaceLMError(f"could not load model {path!r}: {_first_line(e)}") from e
-        if cfg.gguf_file and getattr(model, "hf_quantizer", None) is not None:  # older transformers
+        if spec.gguf_file and getattr(model, "hf_quantizer", None) is not None:  # older transformers
             model.hf_quantizer.remove_quantization_config(model)
         if len(tokenizer) > model.get_input_embeddings().num_embeddings:  # e.g. ChatML tokens added
             model.resize_token_embeddings(len(tokenizer))
