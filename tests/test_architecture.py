@@ -20,8 +20,42 @@ def imported(path):
     return out
 
 
-def ours(names):
-    return {n for n in names if n.split(".")[0] == "pace_lm" and n.count(".") == 1}
+PIPELINE = SRC / "pace_lm"
+FLOORS = ["files environment", "config", "models", "data", "run", "figures", "cli"]  # docs/architecture.md's
+
+
+def pipeline_modules():
+    """{dotted name under pace_lm (e.g. run.train): its path}."""
+    out = {}
+    for path in sorted(PIPELINE.rglob("*.py")):
+        parts = path.relative_to(PIPELINE).with_suffix("").parts
+        if parts[-1] != "__init__":
+            out[".".join(parts)] = path
+    return out
+
+
+def import_graph():
+    """{module: the pipeline modules it imports}, from the code."""
+    modules = pipeline_modules()
+    return {m: {n[len("pace_lm."):] for n in imported(p) if n.startswith("pace_lm.")} & set(modules) - {m}
+            for m, p in modules.items()}
+
+
+def documented_map():
+    """{module: the modules docs/architecture.md says it imports}: its import map's code block."""
+    page = (SRC.parent / "docs" / "architecture.md").read_text()
+    block = page[page.index("Each module and the pipeline modules it imports"):]
+    block = block[block.index("```\n") + 4:block.index("\n```", block.index("```\n") + 4)]
+    out = {}
+    for line in block.splitlines():
+        module, _, deps = line.partition(" ")
+        out[module] = {d.strip() for d in deps.split(",") if d.strip()}
+    return out
+
+
+def floor(module):
+    top = module.split(".")[0]
+    return next(i for i, names in enumerate(FLOORS) if top in names.split())
 
 
 def test_the_optimizer_never_imports_the_pipeline():
@@ -29,25 +63,46 @@ def test_the_optimizer_never_imports_the_pipeline():
         assert not {n for n in imported(path) if n.startswith("pace_lm")}, path
 
 
-@pytest.mark.parametrize("module, allowed", [
-    ("plots", {"pace_lm.config.compose", "pace_lm.run.records", "pace_lm.files.marks", "pace_lm.PaceLMError"}),  # records only
-    ("marks", {"pace_lm.PaceLMError"}),
-    ("config", {"pace_lm.config.packages"}),                                          # no model code, no torch
-    ("packages", {"pace_lm.PaceLMError", "pace_lm.run.records"}),
-    ("records", {"pace_lm.files.atomic"}),
-    ("atomic", set()),
-])
-def test_low_modules_import_only_what_they_own(module, allowed):
-    names = imported(SRC / "pace_lm" / f"{module}.py")
-    assert ours(names) <= allowed | {"pace_lm.PaceLMError"}, ours(names) - allowed
-    if module in ("plots", "config", "packages"):
-        assert "torch" not in names and "transformers" not in names
+def test_the_architecture_pages_import_map_is_the_codes():
+    """docs/architecture.md's import map lists every pipeline module with exactly the modules it imports."""
+    real, documented = import_graph(), documented_map()
+    assert set(documented) == set(real), (sorted(set(real) - set(documented)), sorted(set(documented) - set(real)))
+    wrong = {m: dict(missing=sorted(real[m] - documented[m]), extra=sorted(documented[m] - real[m]))
+             for m in real if real[m] != documented[m]}
+    assert not wrong, wrong
 
 
-def test_nothing_imports_the_training_loop_but_the_commands_and_sweeps():
-    for path in (SRC / "pace_lm").glob("*.py"):
-        if "pace_lm.run.train" in imported(path):
-            assert path.name in ("cli.py", "figures.py", "jobs.py"), path
+def test_the_folders_are_floors():
+    """A pipeline module imports only from its own folder and the floors below (files and environment at the
+    bottom, cli at the top): the folder names are the architecture."""
+    assert {m.split(".")[0] for m in pipeline_modules()} == {n for names in FLOORS for n in names.split()}
+    for module, deps in import_graph().items():
+        up = sorted(d for d in deps if floor(d) > floor(module))
+        assert not up, f"{module} imports {up} from a floor above"
+
+
+def test_low_modules_import_no_training_code():
+    """What reads records, composes configs or stores files imports no torch and no model code."""
+    for module in ("figures.plots", "config.compose", "config.packages", "files.atomic", "files.marks",
+                   "run.records", "environment"):
+        names = imported(pipeline_modules()[module])
+        assert "transformers" not in names, module
+        if module != "environment":  # it asks torch for its version, inside a function
+            assert "torch" not in names, module
+
+
+def test_the_config_is_parsed_once():
+    """Below the entry points only typed sections flow: omegaconf is imported by the config, the CLI and the
+    figure specs alone, and the builders take schema objects, never a raw group to validate themselves."""
+    users = sorted(m for m, p in pipeline_modules().items() if any(n.startswith("omegaconf") for n in imported(p)))
+    assert users == ["cli", "config.compose", "config.schema", "figures.specs"]
+    for module in ("models.lm", "models.optim", "models.averaging", "run.train"):
+        assert "validate_model" not in pipeline_modules()[module].read_text()
+        assert "validate_optimizer" not in pipeline_modules()[module].read_text()
+
+
+def test_nothing_imports_the_training_loop_but_the_commands_and_the_sweep():
+    assert sorted(m for m, deps in import_graph().items() if "run.train" in deps) == ["cli", "figures.sweep"]
 
 
 def _functions(path):
@@ -59,10 +114,10 @@ def _functions(path):
             yield node.name, node.end_lineno - node.lineno + 1, params
 
 
-@pytest.mark.parametrize("module", sorted(p.stem for p in (SRC / "pace_lm").glob("*.py")))
+@pytest.mark.parametrize("module", sorted(pipeline_modules()))
 def test_every_pipeline_function_is_small(module):
     """No function of any pace_lm module over 60 lines or taking more than 6 parameters."""
-    for name, lines, params in _functions(SRC / "pace_lm" / f"{module}.py"):
+    for name, lines, params in _functions(pipeline_modules()[module]):
         assert lines <= 60, f"{module}.{name} has {lines} lines"
         assert len(params) <= 6, f"{module}.{name}: {params}"
 
@@ -92,9 +147,8 @@ def test_ci_runs_the_readme_set_up_and_the_whole_suite():
 
 def test_the_module_graph_has_no_cycle():
     """No pace_lm module imports, at the top or inside a function, one that imports it back, however far
-    round: registries live in the leaf pace_lm.config.registry, which the schema and the builders both import."""
-    modules = {p.stem: p for p in (SRC / "pace_lm").glob("*.py") if p.stem != "__init__"}
-    graph = {m: {n.split(".")[1] for n in ours(imported(p))} & set(modules) - {m} for m, p in modules.items()}
+    round: registries live in the leaf config.registry, which the schema and the builders both import."""
+    graph = import_graph()
     state = {}
 
     def visit(module, path):
@@ -108,8 +162,8 @@ def test_the_module_graph_has_no_cycle():
     for module in sorted(graph):
         if module not in state:
             visit(module, [module])
-    assert graph["registry"] == set()
-    assert not graph["schema"] & {"optim", "models", "distributed", "train"}
+    assert graph["config.registry"] == set()
+    assert not graph["config.schema"] & {"models.optim", "models.lm", "run.distributed", "run.train"}
 
 
 def test_the_optimizer_package_has_no_import_cycle():
@@ -144,13 +198,25 @@ def test_the_step_paths_share_one_signature():
 
 
 def test_the_architecture_page_names_every_module():
-    """docs/architecture.md's layout lists each module of both packages, and none that is gone."""
+    """docs/architecture.md's layout lists each module of both packages under its folder, and none that is gone."""
     page = (SRC.parent / "docs" / "architecture.md").read_text()
     layout = page[page.index("```\nsrc/pace/"):page.index("\ntests/")]  # the two packages' part of the tree
-    listed = {w for line in layout.splitlines() for w in line.replace(",", " ").split() if w.endswith(".py")}
-    have = {p.name for pkg in ("pace", "pace_lm") for p in (SRC / pkg).glob("*.py") if p.name != "__init__.py"}
-    have |= {p.name for p in (SRC / "pace" / "integrations").glob("*.py") if p.name != "__init__.py"}
-    assert listed == have, (sorted(have - listed), sorted(listed - have))
+    listed, folder = set(), None
+    for line in layout.splitlines():
+        words = line.split()
+        if not words or line.startswith("src/"):
+            continue
+        indent = len(line) - len(line.lstrip())
+        if words[0].endswith("/") and indent == 2:
+            folder = words[0].rstrip("/")
+        elif indent == 2:
+            folder = None
+        owner = folder if indent == 4 or words[0].endswith("/") else None  # a folder's own line may list its files
+        listed |= {(owner, w) for w in line.replace(",", " ").split() if w.endswith(".py")}
+    have = {(None, p.name) for p in (SRC / "pace").glob("*.py") if p.name != "__init__.py"}
+    have |= {("integrations", p.name) for p in (SRC / "pace" / "integrations").glob("*.py") if p.name != "__init__.py"}
+    have |= {(m.rsplit(".", 1)[0] if "." in m else None, m.rsplit(".", 1)[-1] + ".py") for m in pipeline_modules()}
+    assert listed == have, (sorted(have - listed, key=str), sorted(listed - have, key=str))
 
 
 def test_no_large_file_is_tracked_outside_the_records_and_figures():

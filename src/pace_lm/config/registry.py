@@ -3,17 +3,19 @@ schema validates against it, the builders (optim, models, distributed) build fro
 nothing of the pipeline, so that no import goes up (tests/test_architecture.py holds the graph acyclic).
 """
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 
 from pace_lm import PaceLMError
 
+
 @dataclass(frozen=True)
 class Method:
     returns: str                # the kept model the run returns (a key of averaging.kept_models): vanilla (the
                                 # final iterate) | ema | schedulefree | lawa | swa
-    optimizer: str = "pace"     # its optimizer class: pace (pace.PACE) | schedulefree
+    optimizer: str = "pace"     # its optimizer: pace (pace.PACE) | schedulefree (schema.OPTIMIZER_ARGS: its arguments, class)
     own_average: str | None = None  # the average the optimizer keeps itself (swapped in by eval() / train())
     fixed: dict = field(default_factory=dict)  # arguments the method fixes: an override against them errs
 
@@ -48,11 +50,31 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # ---- training -----------------------------------------------------------------------------
 
 PARALLEL = ("ddp", "fsdp")  # training.parallel under torchrun
-SCHEDULES = ("const", "cos", "wsd")  # schedule.name: pace_lm.models.optim holds each one's lr factor
+# ---- lr schedules: schedule.name -> the factor of the base lr at 0-based step s of n (after warm-up) ----------
+
+def _const(s, n, cfg):
+    return 1.0
 
 
-def get_schedule_name(name):
-    """`name` if it is a schedule; an unknown one is an error listing the known ones."""
+def _cos(s, n, cfg):
+    progress = s / max(1, n - 1)
+    return cfg.final_lr_ratio + (1 - cfg.final_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _wsd(s, n, cfg):
+    """Warmup-stable-decay: constant, then linear decay over the last decay_fraction of the steps."""
+    decay_steps = max(1, round(cfg.decay_fraction * n))
+    if s < n - decay_steps:
+        return 1.0
+    progress = (s - (n - decay_steps) + 1) / decay_steps
+    return 1 + (cfg.final_lr_ratio - 1) * progress
+
+
+SCHEDULES = {"const": _const, "cos": _cos, "wsd": _wsd}
+
+
+def get_schedule(name):
+    """The lr factor of schedule `name`; an unknown name is an error listing the known ones."""
     if name not in SCHEDULES:
         raise PaceLMError(f"unknown schedule {name!r}; known: {', '.join(SCHEDULES)}")
-    return name
+    return SCHEDULES[name]

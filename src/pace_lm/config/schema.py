@@ -23,7 +23,7 @@ from pace import PACE
 from pace.rules import check_adam_args
 from pace_lm import PaceLMError
 from pace_lm.config.compose import shipped_value
-from pace_lm.config.registry import ARCHS, DTYPES, PARALLEL, get_method, get_schedule_name
+from pace_lm.config.registry import ARCHS, DTYPES, PARALLEL, get_method, get_schedule
 
 
 DERIVED = {"derived": True}  # a field validate() fills in, not a key of the config
@@ -96,11 +96,10 @@ class Schedule:
 
 @dataclass(frozen=True)
 class Optimizer:
-    """`name` (a method of pace_lm.config.registry.OPTIMIZERS), `args` (the keyword arguments of the method's optimizer
-    class the config sets, typed: PACEArgs or ScheduleFreeArgs) and `impl` (PACE's step; auto: its default)."""
+    """`name` (a method of pace_lm.config.registry.OPTIMIZERS) and `args`, the keyword arguments of the method's
+    optimizer class that the config sets, typed (OPTIMIZER_ARGS: PACEArgs or ScheduleFreeArgs)."""
     name: str
     args: "PACEArgs | ScheduleFreeArgs"
-    impl: Optional[str] = None
 
     @property
     def method(self):
@@ -108,11 +107,10 @@ class Optimizer:
 
     def kwargs(self):
         """The optimizer class's keyword arguments."""
-        kwargs = dict(dataclasses.asdict(self.args), betas=tuple(self.args.betas))
-        if self.method.optimizer == "pace":
-            kwargs["impl"] = None if self.impl == "auto" else self.impl
-            kwargs["ema_dtype"] = DTYPES[kwargs["ema_dtype"]] if kwargs["ema_dtype"] else None
-        return kwargs
+        return self.args.kwargs()
+
+    def optimizer_class(self):
+        return self.args.optimizer_class()
 
 
 @dataclass(frozen=True)
@@ -195,30 +193,12 @@ def validate_optimizer(cfg):
     if not isinstance(raw, dict) or "name" not in raw:
         raise PaceLMError("optimizer.name is missing: choose optimizer=<name>")
     method = get_method(raw["name"])
-    pace = method.optimizer == "pace"
-    impl = raw.pop("impl", None) if pace else None
-    if pace and impl is None:
-        raise PaceLMError("optimizer.impl is missing: auto, fused, triton, foreach or forloop")
     args = {k: v for k, v in raw.items() if k != "name"}
-    opt = Optimizer(raw["name"], _build(PACEArgs if pace else ScheduleFreeArgs, args, "optimizer."), impl)
+    opt = Optimizer(raw["name"], _build(OPTIMIZER_ARGS[method.optimizer], args, "optimizer."))
     for key, ok in method.fixed.items():
         if not ok(args[key]):
             raise PaceLMError(f"optimizer={opt.name} does not allow optimizer.{key}={args[key]!r}")
-    if not pace:
-        try:
-            check_adam_args(args, who=f"optimizer={opt.name}")  # AdamW's rules: pace.PACE's own
-        except ValueError as e:
-            raise PaceLMError(str(e)) from None
-        for key in ("warmup_steps", "r", "weight_lr_power"):  # schedule-free's own
-            if not args[key] >= 0:
-                raise PaceLMError(f"optimizer={opt.name}: invalid {key}={args[key]!r}: must be >= 0")
-        return opt
-    if args["ema_dtype"] is not None:
-        _choice("optimizer.ema_dtype", args["ema_dtype"], DTYPES)
-    try:
-        PACE.check_args(**opt.kwargs())
-    except (ValueError, TypeError) as e:
-        raise PaceLMError(f"optimizer={opt.name}: {e}") from e
+    opt.args.check(f"optimizer={opt.name}")
     return opt
 
 
@@ -298,7 +278,7 @@ def _check_averaging(averaging, returns, max_steps):
 
 
 def _check_schedule(s):
-    get_schedule_name(s.name)
+    get_schedule(s.name)
     if not 0 <= s.warmup_fraction < 1:
         raise PaceLMError(f"schedule.warmup_fraction={s.warmup_fraction} must be in [0, 1)")
     for key in ("final_lr_ratio", "decay_fraction"):
@@ -347,7 +327,9 @@ def _choice(key, value, known):
 # ---- the optimizer classes' arguments, as typed fields ----------------------------------------------------
 
 @dataclass(frozen=True)
-class PACEArgs:  # pace.PACE's keyword arguments the pipeline sets (impl is Optimizer.impl)
+class PACEArgs:
+    """pace.PACE's keyword arguments the pipeline sets; impl `auto` is PACE's default."""
+    impl: str
     lr: float
     betas: list
     eps: float
@@ -364,9 +346,27 @@ class PACEArgs:  # pace.PACE's keyword arguments the pipeline sets (impl is Opti
     ema_dtype: Optional[str]
     rounding: str = "nearest"  # a record written before this key ran with rounding to nearest
 
+    def kwargs(self):
+        return dict(dataclasses.asdict(self), betas=tuple(self.betas), impl=None if self.impl == "auto" else self.impl,
+                    ema_dtype=DTYPES[self.ema_dtype] if self.ema_dtype else None)
+
+    def check(self, who):
+        """Every value as PACE's constructor checks it, with nothing built."""
+        if self.ema_dtype is not None:
+            _choice("optimizer.ema_dtype", self.ema_dtype, DTYPES)
+        try:
+            PACE.check_args(**self.kwargs())
+        except (ValueError, TypeError) as e:
+            raise PaceLMError(f"{who}: {e}") from e
+
+    @staticmethod
+    def optimizer_class():
+        return PACE
+
 
 @dataclass(frozen=True)
-class ScheduleFreeArgs:  # schedulefree.AdamWScheduleFree's
+class ScheduleFreeArgs:
+    """schedulefree.AdamWScheduleFree's keyword arguments the pipeline sets."""
     lr: float
     betas: list
     eps: float
@@ -374,6 +374,29 @@ class ScheduleFreeArgs:  # schedulefree.AdamWScheduleFree's
     warmup_steps: int
     r: float
     weight_lr_power: float
+
+    def kwargs(self):
+        return dict(dataclasses.asdict(self), betas=tuple(self.betas))
+
+    def check(self, who):
+        try:
+            check_adam_args(dataclasses.asdict(self), who=who)  # AdamW's rules: pace.PACE's own (betas as given)
+        except ValueError as e:
+            raise PaceLMError(str(e)) from None
+        for key in ("warmup_steps", "r", "weight_lr_power"):  # schedule-free's own
+            if not getattr(self, key) >= 0:
+                raise PaceLMError(f"{who}: invalid {key}={getattr(self, key)!r}: must be >= 0")
+
+    @staticmethod
+    def optimizer_class():
+        try:
+            from schedulefree import AdamWScheduleFree
+        except ImportError as e:
+            raise PaceLMError("optimizer=schedulefree needs the schedulefree package (pip install schedulefree)") from e
+        return AdamWScheduleFree
+
+
+OPTIMIZER_ARGS = {"pace": PACEArgs, "schedulefree": ScheduleFreeArgs}  # by registry.Method.optimizer
 
 
 # ---- building typed objects from plain dicts: unknown keys, missing keys and types ----------------------------

@@ -13,9 +13,7 @@ import math
 
 import torch
 
-from pace import PACE
-from pace_lm import PaceLMError
-from pace_lm.config.registry import SCHEDULES, get_schedule_name
+from pace_lm.config.registry import get_schedule
 
 
 def build_optimizer(spec, model):
@@ -25,42 +23,10 @@ def build_optimizer(spec, model):
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [g for g in (dict(params=decay), dict(params=no_decay, weight_decay=0.0)) if g["params"]]
-    if spec.method.optimizer == "schedulefree":
-        try:
-            from schedulefree import AdamWScheduleFree
-        except ImportError as e:
-            raise PaceLMError("optimizer=schedulefree needs the schedulefree package (pip install schedulefree)") from e
-        return AdamWScheduleFree(groups, **spec.kwargs())
-    return PACE(groups, **spec.kwargs())  # the arguments were checked by validate_optimizer
+    return spec.optimizer_class()(groups, **spec.kwargs())  # the arguments were checked by the schema
 
 
-# ---- lr schedules: a factor of the base lr for 0-based step s of n ---------------------
-
-def _const(s, n, cfg):
-    return 1.0
-
-
-def _cos(s, n, cfg):
-    progress = s / max(1, n - 1)
-    return cfg.final_lr_ratio + (1 - cfg.final_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def _wsd(s, n, cfg):
-    """Warmup-stable-decay: constant, then linear decay over the last decay_fraction of the steps."""
-    decay_steps = max(1, round(cfg.decay_fraction * n))
-    if s < n - decay_steps:
-        return 1.0
-    progress = (s - (n - decay_steps) + 1) / decay_steps
-    return 1 + (cfg.final_lr_ratio - 1) * progress
-
-
-LR_FACTORS = {"const": _const, "cos": _cos, "wsd": _wsd}  # one per registry.SCHEDULES
-assert tuple(LR_FACTORS) == SCHEDULES
-
-
-def get_schedule(name):
-    return LR_FACTORS[get_schedule_name(name)]
-
+# ---- the lr: a factor of the base lr for 0-based step s of n ---------------------------------------------------
 
 def lr_factor(step, max_steps, cfg):
     """Linear warm-up over warmup_fraction of the steps, then the named schedule over the rest."""

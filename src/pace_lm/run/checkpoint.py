@@ -45,7 +45,9 @@ class LoopState:
     t_first: float = 0.0         # seconds of step 1 (one-time costs included)
     wall: float = 0.0            # seconds since the run began, at the checkpoint
     wandb_id: str | None = None  # a resumed run logs on into the same wandb run
-    base_lrs: list = dataclasses.field(default_factory=list)  # each group's unscheduled lr (a restored
+    # each group's unscheduled lr, which the schedule scales; kept because a restored optimizer's groups hold the
+    # lr of the checkpoint's step, not the base
+    base_lrs: list = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
