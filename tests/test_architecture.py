@@ -122,10 +122,18 @@ def test_every_pipeline_function_is_small(module):
         assert len(params) <= 6, f"{module}.{name}: {params}"
 
 
-def test_the_loop_has_its_named_parts():
-    from pace_lm.run.train import Loop
-    for part in ("run", "train_step", "log", "evaluate", "should_stop", "checkpoint", "resume", "summary"):
+def test_the_loop_has_its_named_parts_and_components_own_their_cadence():
+    from pace_lm.run.checkpoint import Checkpointer
+    from pace_lm.run.evaluation import Evaluator
+    from pace_lm.run.logs import TrainLog
+    from pace_lm.run.loop import Loop
+    for part in ("run", "train_step", "log", "evaluate", "should_stop", "checkpoint", "resume", "summary",
+                 "components"):
         assert callable(getattr(Loop, part)), part
+    for component in (Checkpointer, Evaluator, TrainLog):
+        assert callable(component.due), component
+    for stateful in (TrainLog,):
+        assert callable(stateful.state_dict) and callable(stateful.load_state_dict)
 
 
 def test_ci_runs_the_readme_set_up_and_the_whole_suite():

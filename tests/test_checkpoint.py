@@ -32,7 +32,7 @@ class Evil:
 
 def save(ckpt_dir, step, keep=2):
     state = dict(step=step, weights=torch.full((3,), float(step)), groups=[dict(betas=(0.9, 0.99), lr=1e-3)])
-    return checkpoint_files.save(str(ckpt_dir), step, Contents(state, dict(rng=rng.rng_state())), W, keep=keep)
+    return checkpoint_files.write(str(ckpt_dir), step, Contents(state, dict(rng=rng.rng_state())), W, keep=keep)
 
 
 def test_split_and_join_are_inverse():
@@ -51,7 +51,7 @@ def test_save_keeps_the_latest_k_and_loads_them(tmp_path):
         folder = save(tmp_path, step, keep=2)
     assert [s for s, _ in checkpoint_files.list_checkpoints(str(tmp_path))] == [4, 5]
     assert checkpoint_files.latest(str(tmp_path)) == folder == checkpoint_files.step_dir(str(tmp_path), 5)
-    state, own = checkpoint_files.load(folder, W)
+    state, own = checkpoint_files.read(folder, W)
     assert state["step"] == 5 and torch.equal(state["weights"], torch.full((3,), 5.0))
     assert state["groups"][0]["betas"] == (0.9, 0.99) and set(own["rng"]) >= {"torch", "python", "numpy"}
     assert sorted(os.listdir(tmp_path)) == ["step_00000004", "step_00000005"]  # no temporary left
@@ -88,16 +88,16 @@ def test_saving_a_step_again_replaces_it(tmp_path):
 def test_a_damaged_or_missing_checkpoint_is_a_clear_error(tmp_path):
     folder = save(tmp_path, 2)
     with pytest.raises(PaceLMError, match="is not a checkpoint"):
-        checkpoint_files.load(str(tmp_path / "nothing"), W)
+        checkpoint_files.read(str(tmp_path / "nothing"), W)
     path = os.path.join(folder, checkpoint_files.STATE)
     data = open(path, "rb").read()
     with open(path, "wb") as f:
         f.write(data[: len(data) // 2])
     with pytest.raises(PaceLMError, match=f"checkpoint {folder} is damaged: state.pt does not match its sha256"):
-        checkpoint_files.load(folder, W)
+        checkpoint_files.read(folder, W)
     checkpoint_files._write_manifest(folder)  # checksums that agree with the truncated file: torch's load fails
     with pytest.raises(PaceLMError, match=f"checkpoint file {path} cannot be read"):
-        checkpoint_files.load(folder, W)
+        checkpoint_files.read(folder, W)
 
 
 def test_loading_never_runs_pickled_code(tmp_path):
@@ -105,10 +105,10 @@ def test_loading_never_runs_pickled_code(tmp_path):
     proof = tmp_path / "ran"
     torch.save(dict(step=1, x=Evil(str(proof))), os.path.join(folder, checkpoint_files.STATE))
     with pytest.raises(PaceLMError, match="is damaged: state.pt does not match its sha256"):
-        checkpoint_files.load(folder, W)
+        checkpoint_files.read(folder, W)
     checkpoint_files._write_manifest(folder)  # whoever swapped the file rewrote the checksums too: the safe load refuses
     with pytest.raises(PaceLMError) as e:
-        checkpoint_files.load(folder, W)
+        checkpoint_files.read(folder, W)
     assert str(e.value) == (f"checkpoint file {os.path.join(folder, checkpoint_files.STATE)} holds objects that a safe "
                             f"load (tensors and plain containers only) refuses, so it was not loaded: it was not "
                             f"written by pace-train")
@@ -138,7 +138,7 @@ def test_every_file_is_checked_against_the_manifest(tmp_path):
     os.remove(os.path.join(folder, "extra.pt"))
     os.remove(os.path.join(folder, "manifest.json"))
     with pytest.raises(PaceLMError, match="has no manifest.json .* it is not loaded"):
-        checkpoint_files.load(folder, W)
+        checkpoint_files.read(folder, W)
 
 
 def test_resume_goes_on_from_the_newest_intact_checkpoint(tmp_path, capsys):
@@ -186,20 +186,24 @@ def test_rng_state_round_trips_through_a_weights_only_file(tmp_path):
 
 def test_a_train_checkpoint_is_one_typed_layout_for_saving_and_resuming(tmp_path):
     """TrainCheckpoint writes state.pt (shared) and rank0.pt (this rank's) and gives back what it wrote."""
-    loop = checkpoint.LoopState(step=7, tokens=700, trained=650, window_trained=30, t_train=1.5, base_lrs=[1e-3, 1e-3])
+    progress = dict(step=7, tokens=700, trained=650, t_train=1.5, base_lrs=[1e-3, 1e-3])
+    components = dict(progress=progress, batches=dict(epoch=1, offset=3), log=dict(window_trained=30))
     record = RunRecord(config=dict(seed=0), data=dict(vocab_size=10), step_logs=[dict(step=5, loss=3.0)])
-    ckpt = checkpoint.TrainCheckpoint(config=dict(seed=0), record=record, loop=loop,
-                                      batches=dict(epoch=1, offset=3), train=dict(model={"w": torch.ones(2)}),
-                                      rng=rng.rng_state(), window_loss=torch.tensor(2.5), world_size=1)
+    ckpt = checkpoint.TrainCheckpoint(config=dict(seed=0), record=record, step=7, components=components,
+                                      train=dict(model={"w": torch.ones(2)}), rng=rng.rng_state(),
+                                      rank_components=dict(log=dict(window_loss=torch.tensor(2.5))), world_size=1)
     folder = ckpt.save(str(tmp_path), W)
     assert folder == checkpoint_files.step_dir(str(tmp_path), 7)
-    state, rank_part = checkpoint_files.load(folder, W)
-    assert set(state) == {"config", "record", "loop", "batches", "train"}
-    assert set(rank_part) == {"rng", "window_loss", "world"}
+    state, rank_part = checkpoint_files.read(folder, W)
+    assert set(state) == {"config", "record", "step", "components", "train"}
+    assert set(rank_part) == {"rng", "components", "world"}
     back = checkpoint.TrainCheckpoint.load(folder, W)
-    assert back.loop == loop and back.batches == ckpt.batches and back.config == ckpt.config
+    assert back.step == 7 and back.components == components and back.config == ckpt.config
     assert back.record == record and state["record"] == record.to_json()  # typed in memory, plain JSON in the file
-    assert torch.equal(back.train["model"]["w"], torch.ones(2)) and back.window_loss.item() == 2.5
+    assert torch.equal(back.train["model"]["w"], torch.ones(2))
+    assert back.rank_components["log"]["window_loss"].item() == 2.5
+    two = distributed.World(rank=0, size=2, parallel="ddp")  # another world size: no rank parts
+    assert checkpoint.TrainCheckpoint.load(folder, two).rank_components is None
     with pytest.raises(PaceLMError, match="is of another config"):
         back.check_fits(dict(seed=1), None, folder, W)
     fsdp = distributed.World(rank=0, size=2, parallel="fsdp")
@@ -213,3 +217,64 @@ def test_a_checkpoint_that_is_not_a_train_checkpoint_is_named(tmp_path):
     folder = save(tmp_path, 3)  # a checkpoint of other state (no loop, no config)
     with pytest.raises(PaceLMError, match="is not a pace-train checkpoint"):
         checkpoint.TrainCheckpoint.load(folder, W)
+
+
+def test_each_component_saves_and_restores_its_own_state(tmp_path):
+    """Checkpointer.resume gives each component its own state back by name, and its rank state on the same
+    world size only; a component with nothing per rank has no rank state."""
+    from pace_lm.run.checkpoint import Checkpointer
+
+    class Counter:
+        def __init__(self):
+            self.n, self.mine = 0, None
+
+        def state_dict(self):
+            return dict(n=self.n)
+
+        def load_state_dict(self, state):
+            self.n = state["n"]
+
+        def rank_state_dict(self):
+            return dict(mine=self.mine)
+
+        def load_rank_state_dict(self, state):
+            self.mine = state["mine"]
+
+    class Plain:
+        def __init__(self):
+            self.k = 0
+
+        def state_dict(self):
+            return dict(k=self.k)
+
+        def load_state_dict(self, state):
+            self.k = state["k"]
+
+    counter, plain = Counter(), Plain()
+    counter.n, counter.mine, plain.k = 5, 9, 3
+    ckpt = checkpoint.TrainCheckpoint(
+        config={}, record=RunRecord(config={}, data={}), step=1, train={}, rng=rng.rng_state(),
+        components=dict(counter=counter.state_dict(), plain=plain.state_dict()),
+        rank_components=dict(counter=counter.rank_state_dict()), world_size=1)
+    again, other = Counter(), Plain()
+    Checkpointer.resume(ckpt, dict(counter=again, plain=other))
+    assert (again.n, again.mine, other.k) == (5, 9, 3)
+    ckpt.rank_components = None  # another world size
+    fresh = Counter()
+    Checkpointer.resume(ckpt, dict(counter=fresh, plain=Plain()))
+    assert (fresh.n, fresh.mine) == (5, None)
+
+
+def test_a_checkpoint_of_the_first_layout_resumes(tmp_path):
+    """A checkpoint written with the loop's state in one "loop" entry gives each component its part."""
+    loop = dict(step=4, tokens=40, trained=30, tokens_after_first=20, window_trained=6, window_loss=1.5, t_train=1.0,
+                t_first=0.5, wall=2.0, wandb_id="abc", base_lrs=[1e-3])
+    shared = dict(config=dict(seed=0), record=RunRecord(config={}, data={}).to_json(), loop=loop,
+                  batches=dict(epoch=0, offset=4), train={})
+    rank_part = dict(rng=rng.rng_state(), window_loss=torch.tensor(0.75), world=1)
+    folder = checkpoint_files.write(str(tmp_path), 4, checkpoint_files.Contents(shared, rank_part, None), W)
+    back = checkpoint.TrainCheckpoint.load(folder, W)
+    assert back.step == 4 and back.components["batches"] == dict(epoch=0, offset=4)
+    assert back.components["log"] == dict(window_loss=1.5, window_trained=6, wandb_id="abc")
+    assert back.components["progress"]["tokens"] == 40 and "window_loss" not in back.components["progress"]
+    assert back.rank_components["log"]["window_loss"].item() == 0.75

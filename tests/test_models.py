@@ -109,7 +109,8 @@ def test_a_pretrained_model_refuses_data_in_another_tokenizers_ids(offline_token
     build_model(validate_model(compose().model), offline_tokenizer).save_pretrained(tmp_path / "ckpt")
     offline_tokenizer.save_pretrained(tmp_path / "ckpt")
     cfg = compose(["model=smollm2_135m", f"model.pretrained={tmp_path}/ckpt"]).model
-    assert build_model(validate_model(cfg), offline_tokenizer).get_input_embeddings().num_embeddings == len(offline_tokenizer)
+    model = build_model(validate_model(cfg), offline_tokenizer)
+    assert model.get_input_embeddings().num_embeddings == len(offline_tokenizer)
 
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel()

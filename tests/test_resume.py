@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-import pace_lm.run.train as train_mod
+import pace_lm.run.loop as loop_mod
 from pace_lm import PaceLMError
 from pace_lm.run import checkpoint_files
 from pace_lm.config.compose import compose
@@ -39,7 +39,7 @@ def reference(offline_data, tmp_path_factory):
 def interrupt_at(monkeypatch, step):
     """SIGTERM this process during training step `step` (1-based), as a scheduler would."""
     calls = []
-    real = train_mod.grad_norm_clip
+    real = loop_mod.grad_norm_clip
 
     def clip(model, max_norm):
         calls.append(1)
@@ -47,7 +47,7 @@ def interrupt_at(monkeypatch, step):
             os.kill(os.getpid(), signal.SIGTERM)
         return real(model, max_norm)
 
-    monkeypatch.setattr(train_mod, "grad_norm_clip", clip)
+    monkeypatch.setattr(loop_mod, "grad_norm_clip", clip)
 
 
 @pytest.mark.parametrize("opt", ["pace", "schedulefree"])

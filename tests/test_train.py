@@ -1,5 +1,6 @@
 """train(cfg) by import: the shipped configs, a few steps of the tiny model, and everything a run records."""
 
+import contextlib
 import copy
 import json
 import math
@@ -8,13 +9,14 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+import pace_lm.run.loop as loop_mod
 import pace_lm.run.train as train_mod
 from pace_lm import PaceLMError
 from pace_lm.config.compose import compose
 from pace_lm.data.prepared import collate, load_prepared
 from pace_lm.models.optim import lr_factor
 from conftest import strip_timing
-from pace_lm.run.evaluation import batch_loss, evaluate
+from pace_lm.run.evaluation import Diverged, batch_loss, evaluate
 from pace_lm.run.train import train
 
 SUMMARY_KEYS = {"final_val_loss", "val_loss", "ema_val_loss", "vanilla_val_loss", "final_train_loss", "returned",
@@ -75,7 +77,7 @@ def test_saved_model_is_the_returned_ema(pace_run, offline_data):
     assert len(tok) == record["data"]["vocab_size"]
     assert (out / "r" / "model" / "model.safetensors").exists()
     cfg = OmegaConf.create(record["config"])
-    loss = evaluate(model, val_batches_of(cfg, offline_data), torch.device("cpu"), train_mod.contextlib.nullcontext())
+    loss = evaluate(model, val_batches_of(cfg, offline_data), torch.device("cpu"), contextlib.nullcontext())
     assert loss == pytest.approx(record["summary"]["ema_val_loss"], abs=1e-5)
     assert abs(loss - record["summary"]["vanilla_val_loss"]) > 1e-4
 
@@ -87,7 +89,7 @@ def test_adamw_returns_the_final_iterate(offline_data, tmp_path):
     assert s["returned"] == "vanilla" and s["ema_val_loss"] is None
     assert s["final_val_loss"] == s["val_loss"] == s["vanilla_val_loss"]
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "r" / "model")
-    loss = evaluate(model, val_batches_of(cfg, offline_data), torch.device("cpu"), train_mod.contextlib.nullcontext())
+    loss = evaluate(model, val_batches_of(cfg, offline_data), torch.device("cpu"), contextlib.nullcontext())
     assert loss == pytest.approx(s["vanilla_val_loss"], abs=1e-5)
 
 
@@ -190,15 +192,15 @@ def test_non_finite_loss_ends_the_run_as_diverged_and_says_so(offline_data, tmp_
     def nan_loss(model, batch):
         loss, n = batch_loss(model, batch)
         return loss * float("nan"), n
-    monkeypatch.setattr(train_mod, "batch_loss", nan_loss)
-    with pytest.raises(train_mod.Diverged, match="non-finite train loss") as e:
+    monkeypatch.setattr(loop_mod, "batch_loss", nan_loss)
+    with pytest.raises(Diverged, match="non-finite train loss") as e:
         train(small_cfg(offline_data, tmp_path, steps=10))
     assert "grad_clip" not in str(e.value)  # clipping is on: the hint is the lr alone
     record = json.loads((tmp_path / "r" / "record.json").read_text())
     assert record["status"] == "diverged" and "non-finite" in record["error"]
-    with pytest.raises(train_mod.Diverged, match="lower optimizer.lr or set training.grad_clip"):
+    with pytest.raises(Diverged, match="lower optimizer.lr or set training.grad_clip"):
         train(small_cfg(offline_data, tmp_path / "noclip", "training.grad_clip=0", steps=10))
-    assert issubclass(train_mod.Diverged, PaceLMError)  # pace-train: one error line, exit 2
+    assert issubclass(Diverged, PaceLMError)  # pace-train: one error line, exit 2
     assert not (tmp_path / "r" / "model").exists()
 
 
@@ -216,13 +218,13 @@ def test_a_second_signal_later_stops_at_once(monkeypatch):
     import os
     import signal
     import time
-    monkeypatch.setattr(train_mod, "SAME_STOP_S", 0.2)
-    with train_mod.stop_signals() as got:
+    monkeypatch.setattr(loop_mod, "SAME_STOP_S", 0.2)
+    with loop_mod.stop_signals() as got:
         os.kill(os.getpid(), signal.SIGTERM)
         os.kill(os.getpid(), signal.SIGTERM)
         assert got == [signal.SIGTERM]
         time.sleep(0.3)
-        with pytest.raises(train_mod.Interrupted, match="a second SIGTERM: stopped at once") as e:
+        with pytest.raises(loop_mod.Interrupted, match="a second SIGTERM: stopped at once") as e:
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(1)  # the handler runs between bytecodes of this thread
     assert e.value.at_once and e.value.signum == signal.SIGTERM
@@ -234,11 +236,11 @@ def test_a_run_stopped_at_once_leaves_the_process_group_without_a_barrier(monkey
     """A rank stopped at once may have left a collective the other ranks are still in: a barrier would wait
     for ever. A run stopped at a step boundary meets the others at the barrier first."""
     def stopped(*args):
-        raise train_mod.Interrupted("stopped", 15, at_once=at_once)
+        raise loop_mod.Interrupted("stopped", 15, at_once=at_once)
     clean = []
     monkeypatch.setattr(train_mod, "run_locked", stopped)
     monkeypatch.setattr(train_mod.distributed, "shutdown", lambda world, ok: clean.append(ok))
-    with pytest.raises(train_mod.Interrupted):
+    with pytest.raises(loop_mod.Interrupted):
         train(compose([f"dataset.path={offline_data}", f"training.out_dir={tmp_path}"]))
     assert clean == [not at_once]
 
@@ -248,11 +250,11 @@ def test_the_progress_bar_keeps_its_width_with_a_long_run_name(name):
     """At 80 columns the bar is still a bar: the name is cut in the middle to BAR_NAME characters."""
     import io
     from tqdm import tqdm
-    shown = train_mod.bar_name(name)
-    assert len(shown) <= train_mod.BAR_NAME and shown[:5] == name[:5] and shown[-5:] == name[-5:]
+    shown = loop_mod.bar_name(name)
+    assert len(shown) <= loop_mod.BAR_NAME and shown[:5] == name[:5] and shown[-5:] == name[-5:]
     assert shown == name or "…" in shown
     out = io.StringIO()
-    bar = tqdm(total=3000, initial=1200, desc=shown, file=out, bar_format=train_mod.BAR, ascii=True)
+    bar = tqdm(total=3000, initial=1200, desc=shown, file=out, bar_format=loop_mod.BAR, ascii=True)
     bar.set_postfix_str("loss 3.2112")
     bar.refresh()
     line = out.getvalue().strip().split("\r")[-1]

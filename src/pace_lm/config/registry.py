@@ -15,7 +15,8 @@ from pace_lm import PaceLMError
 class Method:
     returns: str                # the kept model the run returns (a key of averaging.kept_models): vanilla (the
                                 # final iterate) | ema | schedulefree | lawa | swa
-    optimizer: str = "pace"     # its optimizer: pace (pace.PACE) | schedulefree (schema.OPTIMIZER_ARGS: its arguments, class)
+    optimizer: str = "pace"     # its optimizer: pace (pace.PACE) | schedulefree; schema.OPTIMIZER_ARGS: its
+                                # arguments and class
     own_average: str | None = None  # the average the optimizer keeps itself (swapped in by eval() / train())
     fixed: dict = field(default_factory=dict)  # arguments the method fixes: an override against them errs
 

@@ -2,15 +2,18 @@
 
     <run_dir>/checkpoints/step_00000120/
         state.pt        rank 0's: model, optimizer (its EMA and eval/train mode included) and averager
-                        states, the data position, the loop's counters and the record so far. Under FSDP2 the
+                        states, each component's state (the loop's counters, the data position, the loss
+                        window) and the record so far. Under FSDP2 the
                         tensors of the first three are in dcp/ instead, each marked {"dcp": key} here.
-        rank{r}.pt      each rank's own: RNG states (torch, CUDA, random, numpy) and its partial loss sum
+        rank{r}.pt      each rank's own: RNG states (torch, CUDA, random, numpy) and its components' own
+                        state (its partial loss sum)
         dcp/            FSDP2 only: the sharded tensors, every rank writing its shards
                         (torch.distributed.checkpoint)
         manifest.json   the sha256 and size of every other file, written last (after their data are fsync-ed)
 
-`TrainCheckpoint` is that layout as one typed object: the training loop fills one to save and gets one back to
-resume. `capture` / `restore` take the model, optimizer and averager states out of a run and put them back
+`TrainCheckpoint` is that layout as one typed object; `Checkpointer` decides when the loop writes one and fills
+it from the loop's checkpointed components, each of which saves and restores its own state. `capture` /
+`restore` take the model, optimizer and averager states out of a run and put them back
 (through torch.distributed.checkpoint.state_dict under FSDP2); `find` picks the checkpoint training.resume
 names.
 
@@ -23,31 +26,12 @@ import dataclasses
 import os
 import sys
 
-import torch
 
 from pace_lm import PaceLMError
-from pace_lm.run.checkpoint_files import Contents, latest, list_checkpoints, load, save, verify
+from pace_lm.run import rng
+from pace_lm.run.checkpoint_files import Contents, latest, list_checkpoints, read, verify, write
 from pace_lm.run.records import NOT_COMPARED, RunRecord, config_diff
 from pace_lm.run.sharded import join_tensors, load_sharded, marked_keys, split_tensors
-
-
-@dataclasses.dataclass
-class LoopState:
-    """The training loop's counters: all a checkpoint needs besides the states, the data position and the RNG."""
-    step: int = 0                # optimizer steps taken
-    tokens: int = 0              # tokens seen (attention mask), all ranks
-    trained: int = 0             # tokens trained on (labels), all ranks
-    tokens_after_first: int = 0  # tokens seen after step 1 (for the steady throughput)
-    window_trained: int = 0      # tokens trained on (labels) since the last log, all ranks
-    window_loss: float = 0.0     # their loss summed over all ranks, at the checkpoint (a resume on another
-                                 # world size starts from it; the same world size from each rank's own sum)
-    t_train: float = 0.0         # seconds in steps
-    t_first: float = 0.0         # seconds of step 1 (one-time costs included)
-    wall: float = 0.0            # seconds since the run began, at the checkpoint
-    wandb_id: str | None = None  # a resumed run logs on into the same wandb run
-    # each group's unscheduled lr, which the schedule scales; kept because a restored optimizer's groups hold the
-    # lr of the checkpoint's step, not the base
-    base_lrs: list = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -56,28 +40,30 @@ class TrainCheckpoint:
     # state.pt, rank 0's
     config: dict                 # the run's composed config: a resume must match it (records.NOT_COMPARED aside)
     record: RunRecord            # the record so far
-    loop: LoopState
-    batches: dict                # data.Batches.state_dict(): the position in the global batch order
+    step: int                    # optimizer steps taken
+    components: dict             # {name: state_dict()} of each checkpointed component of the loop (Checkpointer)
     train: dict                  # model, optimizer and averager states (capture / restore)
     # rank{r}.pt, each rank's own
     rng: dict                    # rng_state()
-    window_loss: torch.Tensor | None  # this rank's loss summed since the last log; None on another world size
+    rank_components: dict | None  # {name: rank_state_dict()}; None on another world size (they mean nothing)
     world_size: int              # ranks that wrote it (the file's key: world)
 
     def save(self, ckpt_dir, world, sharded=None, keep=2):
-        shared = dict(config=self.config, record=self.record.to_json(), loop=dataclasses.asdict(self.loop),
-                      batches=self.batches, train=self.train)
-        rank_part = dict(rng=self.rng, window_loss=self.window_loss, world=self.world_size)
-        return save(ckpt_dir, self.loop.step, Contents(shared, rank_part, sharded), world, keep=keep)
+        shared = dict(config=self.config, record=self.record.to_json(), step=self.step, components=self.components,
+                      train=self.train)
+        rank_part = dict(rng=self.rng, components=self.rank_components, world=self.world_size)
+        return write(ckpt_dir, self.step, Contents(shared, rank_part, sharded), world, keep=keep)
 
     @classmethod
     def load(cls, folder, world, verified=False):
-        state, rank_part = load(folder, world, verified)
+        state, rank_part = read(folder, world, verified)
         try:
+            if "components" not in state:
+                state, rank_part = _components_of_the_first_layout(state, rank_part)
             same_world = rank_part["world"] == world.size  # else rank-local partial sums mean nothing
-            return cls(config=state["config"], record=RunRecord.from_json(state["record"]),
-                       loop=LoopState(**state["loop"]), batches=state["batches"], train=state["train"],
-                       rng=rank_part["rng"], window_loss=rank_part["window_loss"] if same_world else None,
+            return cls(config=state["config"], record=RunRecord.from_json(state["record"]), step=state["step"],
+                       components=state["components"], train=state["train"], rng=rank_part["rng"],
+                       rank_components=rank_part["components"] if same_world else None,
                        world_size=rank_part["world"])
         except (KeyError, TypeError, PaceLMError) as e:
             raise PaceLMError(f"{folder} is not a pace-train checkpoint ({type(e).__name__}: {e})") from e
@@ -95,6 +81,51 @@ class TrainCheckpoint:
         if self.record.data != meta:
             raise PaceLMError(f"checkpoint {folder} was trained on other data than dataset.path="
                               f"{cfg['dataset']['path']!r} holds now")
+
+
+def _components_of_the_first_layout(state, rank_part):
+    """A checkpoint written before the loop's components kept their own state (its counters, window and wandb
+    id in one "loop" entry) as the components it holds."""
+    loop = dict(state["loop"])
+    log = {k: loop.pop(k) for k in ("window_loss", "window_trained", "wandb_id")}
+    state = dict(state, step=loop["step"], components=dict(progress=loop, batches=state["batches"], log=log))
+    rank_part = dict(rank_part, components=dict(log=dict(window_loss=rank_part["window_loss"])))
+    return state, rank_part
+
+
+class Checkpointer:
+    """When the run writes a checkpoint (training.checkpoint: every `interval` steps, at the last step if
+    `at_end`, and after a stop signal) and what it holds: the model, optimizer and averager states, the RNG,
+    and each checkpointed component's own state under its name. A component is any object with
+    `state_dict()` / `load_state_dict(state)` (rank 0's; every rank calls state_dict), and optionally
+    `rank_state_dict()` / `load_rank_state_dict(state)` (each rank's own, given back on the same world size):
+    new checkpointed state is a key of one component's state_dict."""
+
+    def __init__(self, settings, ckpt_dir, world):
+        self.settings, self.dir, self.world = settings, ckpt_dir, world
+
+    def due(self, done, last):
+        return bool(self.settings.interval and done % self.settings.interval == 0) or (last and self.settings.at_end)
+
+    def save(self, done, record, parts, components):
+        """Write checkpoint `done` of the run (`parts`: its model, optimizer and averagers); returns its folder.
+        Every rank calls it."""
+        states, sharded = capture(parts.model, parts.opt, parts.averagers, self.world)
+        ckpt = TrainCheckpoint(
+            config=record.config, record=record, step=done, train=states, rng=rng.rng_state(),
+            components={name: c.state_dict() for name, c in components.items()},
+            rank_components={name: c.rank_state_dict() for name, c in components.items()
+                             if hasattr(c, "rank_state_dict")}, world_size=self.world.size)
+        return ckpt.save(self.dir, self.world, sharded, keep=self.settings.keep)
+
+    @staticmethod
+    def resume(ckpt, components):
+        """Put each component's state back from `ckpt` (the model, optimizer and averagers are `restore`'s)."""
+        for name, c in components.items():
+            c.load_state_dict(ckpt.components[name])
+            if ckpt.rank_components is not None and name in ckpt.rank_components:
+                c.load_rank_state_dict(ckpt.rank_components[name])
+        rng.set_rng_state(ckpt.rng)
 
 
 # ---- which checkpoint a run goes on from -------------------------------------------

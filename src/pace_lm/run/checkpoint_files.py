@@ -57,7 +57,7 @@ def latest(ckpt_dir):
 
 # ---- writing --------------------------------------------------------------------
 
-def save(ckpt_dir, step, contents, world, keep=2):
+def write(ckpt_dir, step, contents, world, keep=2):
     """Write checkpoint `step` from `contents` (a Contents); every rank calls it. Returns the folder.
 
     On a failed write (a full disk, a read-only folder, a quota) the partial copy goes first, so that the record
@@ -148,7 +148,7 @@ def _barrier(world):
 
 # ---- reading --------------------------------------------------------------------
 
-def load(folder, world, verified=False):
+def read(folder, world, verified=False):
     """(state, rank_state) of checkpoint `folder` for this rank, on the CPU; a clear error if it is not one, or damaged.
 
     verified: its files were just checked against the manifest (by find), so they are not hashed again.

@@ -94,3 +94,19 @@ def get_val_batches(val_ds, tc, pad_id, seq_len):
 
 def to_device(batch, device):
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+class Evaluator:
+    """When the run scores its kept models (every training.eval_interval steps, and at the last step) and on
+    which validation batches (the same at every evaluation)."""
+
+    def __init__(self, tc, val_ds, pad_id, seq_len, autocast, world):
+        self.interval, self.autocast, self.world = tc.eval_interval, autocast, world
+        self.batches = get_val_batches(val_ds, tc, pad_id, seq_len)
+
+    def due(self, done, last):
+        return done % self.interval == 0 or last
+
+    def evaluate(self, parts):
+        """{val_loss, <name>_val_loss of every kept model}: evaluate_all (every rank calls it)."""
+        return evaluate_all(parts, self.batches, self.autocast, self.world)

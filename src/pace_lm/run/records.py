@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from pace_lm import PaceLMError
-from pace_lm.files.atomic import write_json_atomic
+from pace_lm.files.atomic import write_failed, write_json_atomic
 
 RECORD = "record.json"
 PRETRAINED_LOSS = "pretrained.json"  # a fine-tuning figure's untrained model, scored as its runs are
