@@ -56,7 +56,7 @@ def user_folder(path):
     return path
 
 
-# ---- 1, 2: data folders ---------------------------------------------------------------------------------
+# ---- data folders: no path is prepared over, replaced or removed unless the tools made it ----------------------------
 
 def test_pace_train_never_prepares_or_removes_a_path_the_user_gave(tmp_path):
     mine = user_folder(tmp_path / "mine")
@@ -124,7 +124,7 @@ def test_pace_data_errors_name_the_file_and_line(tmp_path, offline_data):
         assert "Traceback" not in proc.stderr and not (tmp_path / "o").exists()
 
 
-# ---- 3, 4: run folders ---------------------------------------------------------------------------------
+# ---- run folders: a finished or running run is never started over ----------------------------------------------------
 
 def run_args(data, *extra):
     return ["pace-train", f"dataset.path={data}", "training.out_dir=out", "run_name=r", *TINY, *extra]
@@ -173,7 +173,7 @@ def test_out_dir_that_cannot_be_written_is_refused_before_any_work(tmp_path):
     assert snapshot(tmp_path) == before  # the default data/offline was not even prepared
 
 
-# ---- 5, 6: checkpoints ---------------------------------------------------------------------------------
+# ---- checkpoints: a damaged or foreign one is never loaded -----------------------------------------------------------
 
 def as_if_killed(record):
     """A finished run's record made to say `running`, as a killed run's does, so that it may resume."""
@@ -226,7 +226,7 @@ def test_an_unsafe_pickle_is_refused_in_our_words(tmp_path, offline_data):
     assert "weights_only" not in line and "will likely succeed" not in line and not proof.exists()
 
 
-# ---- 9, 10: config and signals -------------------------------------------------------------------------
+# ---- config and signals: bad input costs nothing, a stop keeps a checkpoint ------------------------------------------
 
 @pytest.mark.parametrize("override, phrase", [
     ("model.config.hidden_size=-8", "is not a valid llama config"),

@@ -119,20 +119,3 @@ def test_the_theory_module_needs_torch_alone():
             "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); print(m.avg_error(1, 1, 1, 0))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0 and float(out.stdout) == 0.25, out.stderr
-
-
-def test_the_readme_shows_the_committed_quadratic_figure(tmp_path):
-    from pathlib import Path
-
-    from pace_lm.figures.specs import load_figure
-    from pace_lm.figures.quadratic import plot_quadratic, table
-    fixtures = Path(__file__).parent / "fixtures" / "results"
-    record = json.loads((fixtures / "quadratic" / "record.json").read_text())
-    spec = load_figure("quadratic").theory
-    assert record["config"] == spec  # the committed record is the shipped spec's
-    page = (Path(__file__).parents[1] / "docs" / "figures.md").read_text()
-    assert table(spec, record) in page
-    text, _ = plot_quadratic(spec, str(fixtures), str(tmp_path))
-    assert text == table(spec, record)
-    st = record["results"]["stationary"]["stationary"]
-    assert st["pace_c3000"] < st["pace_c1000"] < st["pace_c100"] < st["ema"] < st["adamw"]
