@@ -161,28 +161,30 @@ def test_schedulefree_missing_is_a_clear_error(offline_data, tmp_path, monkeypat
 
 
 def test_averagers_are_built_and_named_from_their_registry(monkeypatch):
-    """build_averagers builds what AVERAGERS registers, with its settings as keyword arguments, and the
-    record's <name>_val_loss keys follow the registered names: no averager is named by hand elsewhere."""
+    """build_averagers builds the class of each name of registry.AVERAGERS, with its settings as keyword
+    arguments, and the record's <name>_val_loss keys follow the registered names: no averager is named by hand
+    elsewhere."""
     import dataclasses
 
     from pace_lm.models import averaging
 
     from pace_lm.run import evaluation
-    from pace_lm.config.schema import AveragerSettings, Averaging, LAWASettings
+    from pace_lm.config.registry import AVERAGERS, AveragerSettings, LAWASettings
+    from pace_lm.config.schema import Averaging
 
     class Spy(averaging.SWA):
-        name = "spy"
         made = []
 
         def __init__(self, params, **kwargs):
             Spy.made.append(kwargs)
             super().__init__(params, **kwargs)
 
-    monkeypatch.setitem(averaging.AVERAGERS, "swa", Spy)
+    monkeypatch.setitem(averaging.CLASSES, "swa", Spy)
     settings = Averaging(lawa=LAWASettings(True, 2, 1, None, k=3), swa=AveragerSettings(True, 5, 4, "cpu"))
     built = averaging.build_averagers(settings, ["lawa", "swa"], [torch.nn.Parameter(torch.zeros(2))])
     assert isinstance(built["swa"], Spy) and Spy.made == [dict(every=5, start=4, device="cpu")]
     assert built["lawa"].k == 3 and (built["lawa"].every, built["lawa"].start) == (2, 1)
-    assert averaging.kept_names()[-1] == "spy"
+    assert averaging.kept_names()[-2:] == tuple(AVERAGERS) == ("lawa", "swa")
+    assert all(cls.name == name for name, cls in averaging.CLASSES.items())  # a kept model's name is its key
     assert evaluation.VAL_KEYS[1:] == tuple(f"{n}_val_loss" for n in ("vanilla", "ema", "schedulefree", "lawa", "swa"))
-    assert [f.name for f in dataclasses.fields(Averaging)] == list(averaging.AVERAGERS)  # a field per averager
+    assert [f.name for f in dataclasses.fields(Averaging)] == list(AVERAGERS) == list(averaging.CLASSES)  # one list

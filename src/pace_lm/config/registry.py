@@ -40,6 +40,25 @@ def get_method(name):
     return OPTIMIZERS[name]
 
 
+# ---- averagers beside the optimizer: averaging.<name> -> its settings (pace_lm.models.averaging builds each,
+# by the class whose `name` it is)
+
+@dataclass(frozen=True)
+class AveragerSettings:        # SWA's, and what LAWA's add to
+    enabled: bool              # (always on when the method returns it)
+    every: int
+    start: int
+    device: str | None         # null (the parameters' device) or cpu
+
+
+@dataclass(frozen=True)
+class LAWASettings(AveragerSettings):
+    k: int                     # the window: the k latest snapshots
+
+
+AVERAGERS = {"lawa": LAWASettings, "swa": AveragerSettings}
+
+
 # ---- models -----------------------------------------------------------------------------
 
 ARCHS = {  # model.arch for model.source=scratch -> transformers config class name

@@ -23,7 +23,7 @@ from pace import PACE
 from pace.rules import check_adam_args
 from pace_lm import PaceLMError
 from pace_lm.config.compose import shipped_value
-from pace_lm.config.registry import ARCHS, DTYPES, PARALLEL, get_method, get_schedule
+from pace_lm.config.registry import ARCHS, AVERAGERS, DTYPES, PARALLEL, get_method, get_schedule
 
 
 DERIVED = {"derived": True}  # a field validate() fills in, not a key of the config
@@ -60,23 +60,8 @@ class Training:
     progress: bool
 
 
-@dataclass(frozen=True)
-class AveragerSettings:        # SWA's, and what LAWA's add to
-    enabled: bool              # (always on when the method returns it)
-    every: int
-    start: int
-    device: Optional[str]      # null (the parameters' device) or cpu
-
-
-@dataclass(frozen=True)
-class LAWASettings(AveragerSettings):
-    k: int                     # the window: the k latest snapshots
-
-
-@dataclass(frozen=True)
-class Averaging:               # one field per averager of averaging.AVERAGERS
-    lawa: LAWASettings
-    swa: AveragerSettings
+# one field per averager of registry.AVERAGERS, typed by its settings
+Averaging = dataclasses.make_dataclass("Averaging", list(AVERAGERS.items()), frozen=True)
 
 
 @dataclass(frozen=True)

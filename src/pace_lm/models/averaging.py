@@ -19,7 +19,7 @@ import torch
 from torch.optim.swa_utils import get_swa_multi_avg_fn
 
 from pace_lm import PaceLMError
-from pace_lm.config.registry import OPTIMIZERS
+from pace_lm.config.registry import AVERAGERS, OPTIMIZERS
 
 
 class Averager:
@@ -138,19 +138,19 @@ class SWA(Averager):
         return dict(taken=state["taken"], avg=None if state["avg"] is None else [self._like(p) for p in self.params])
 
 
-AVERAGERS = {"lawa": LAWA, "swa": SWA}
+CLASSES = {cls.name: cls for cls in (LAWA, SWA)}  # by the names of registry.AVERAGERS
 
 
 def build_averagers(spec, names, params):
     """{name: averager} for `names` (the ones a run keeps: schema.enabled_averagers), over `params`.
 
-    spec: the validated `averaging` settings (schema.Averaging)."""
+    spec: the validated `averaging` settings (schema.Averaging: registry.AVERAGERS' settings)."""
     params = list(params)
     out = {}
     for name in names:
         settings = getattr(spec, name)  # its dataclass: the class's keyword arguments, and `enabled`
         kwargs = {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings) if f.name != "enabled"}
-        out[name] = AVERAGERS[name](params, **kwargs)
+        out[name] = CLASSES[name](params, **kwargs)
     return out
 
 
@@ -158,9 +158,9 @@ def build_averagers(spec, names, params):
 # Each has a `name` (its validation loss is recorded as <name>_val_loss), `taken` (whether it has weights
 # yet) and `swapped_in()`, a context manager that puts its weights in the model and the live ones back
 # after. Evaluation, saving and the record iterate over kept_models(); the method registry
-# (pace_lm.config.registry.OPTIMIZERS) says which one a method returns. A new kind of returned model is one class and
-# one registration: in AVERAGERS for an averager beside the optimizer, as a Method's own_average for one the
-# optimizer keeps itself.
+# (pace_lm.config.registry.OPTIMIZERS) says which one a method returns. A new kind of returned model is one
+# class and one registration: its settings in registry.AVERAGERS and its class in CLASSES for an averager beside
+# the optimizer, a Method's own_average for one the optimizer keeps itself.
 
 
 class FinalIterate:
@@ -203,6 +203,6 @@ def kept_models(method, opt, averagers):
 
 def kept_names():
     """Every name a kept model can have, in evaluation order: the final iterate's, each optimizer's own
-    average (registry.OPTIMIZERS), each averager's (AVERAGERS). The record's <name>_val_loss keys."""
+    average (registry.OPTIMIZERS), each averager's (registry.AVERAGERS). The record's <name>_val_loss keys."""
     own = [m.own_average for m in OPTIMIZERS.values() if m.own_average]
-    return tuple(dict.fromkeys([FinalIterate.name, *own, *(cls.name for cls in AVERAGERS.values())]))
+    return tuple(dict.fromkeys([FinalIterate.name, *own, *AVERAGERS]))
