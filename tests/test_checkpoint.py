@@ -278,3 +278,25 @@ def test_a_checkpoint_of_the_first_layout_resumes(tmp_path):
     assert back.components["log"] == dict(window_loss=1.5, window_trained=6, wandb_id="abc")
     assert back.components["progress"]["tokens"] == 40 and "window_loss" not in back.components["progress"]
     assert back.rank_components["log"]["window_loss"].item() == 0.75
+
+
+def test_the_step_logs_window_and_wandb_id_go_through_a_checkpoint():
+    """TrainLog's state: the window summed, its trained tokens, and the wandb id, which a resume with wandb
+    off keeps for a later resume with it on."""
+    from types import SimpleNamespace
+
+    from pace_lm.run.logs import TrainLog
+    tc = SimpleNamespace(log_interval=5, grad_clip=None)
+    log = TrainLog(tc, RunRecord(config={}, data={}), W, torch.device("cpu"))
+    log.add(torch.tensor(2.0))
+    log.add(torch.tensor(0.5))
+    log.count(7)
+    log.wandb_id = "run-1"
+    assert log.due(5, False) and log.due(3, True) and not log.due(3, False)
+    state, mine = log.state_dict(), log.rank_state_dict()
+    assert state == dict(window_loss=2.5, window_trained=7, wandb_id="run-1")
+    back = TrainLog(tc, RunRecord(config={}, data={}), W, torch.device("cpu"))
+    back.load_state_dict(state)
+    back.load_rank_state_dict(mine)
+    back.start(SimpleNamespace(logging=SimpleNamespace(wandb=False)), bar=None)
+    assert (back.window_loss.item(), back.window_trained, back.wandb_id) == (2.5, 7, "run-1")

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -83,7 +84,8 @@ def test_a_killed_child_is_reported_recorded_and_resumed(tmp_path, offline_data)
     os.kill(child_pid(tmp_path, "pace_lr0.001_seed0", parent), signal.SIGKILL)
     out, err = parent.communicate(timeout=600)
     assert parent.returncode == 2 and "1 run(s) failed (pace_lr0.001_seed0)" in err, err
-    line = next(line for line in out.splitlines() if line.startswith("demo/pace_lr0.001_seed0: failed"))
+    # the sweep's lines name a run as [i/n] figure/run, whatever the workers
+    line = next(line for line in out.splitlines() if re.match(r"\[\d+/\d+\] demo/pace_lr0.001_seed0: failed", line))
     assert "killed by SIGKILL" in line and "to resume from" in line, line
     killed = record(tmp_path, "pace_lr0.001_seed0")
     assert killed["status"] == "failed" and "killed by SIGKILL" in killed["error"]

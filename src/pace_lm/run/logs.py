@@ -45,7 +45,8 @@ class TrainLog:
         self.bar = bar
         if self.world.main:
             self.wandb = start_wandb(spec, self.record.config, self.wandb_id)
-            self.wandb_id = self.wandb.id if self.wandb is not None else None
+            if self.wandb is not None:  # a run resumed with wandb off keeps the id it had
+                self.wandb_id = self.wandb.id
 
     def finish(self):
         if self.wandb is not None:
