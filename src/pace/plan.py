@@ -117,9 +117,8 @@ class Bucket:
     weights' (kernel_grads)."""
 
     __slots__ = ("device", "dtype", "t", "index", "params", "exp_avgs", "exp_avg_sqs", "emas", "ema_dtype",
-                 "plain", "count", "path", "kernel", "scratch", "staged", "contiguous", "seeds", "seed_tensor", "bases",
-                 "base_tensor", "offset",
-                 "capturable")
+                 "plain", "count", "path", "kernel", "scratch", "staged", "contiguous", "seeds", "seed_tensor",
+                 "bases", "base_tensor", "offset", "capturable")
 
     def __init__(self, device, dtype, t, with_ema):
         self.device, self.dtype, self.t = device, dtype, t

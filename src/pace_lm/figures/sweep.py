@@ -32,8 +32,8 @@ from pace_lm.figures.specs import build_config, check_data, check_extra, run_ove
 from pace_lm.files.atomic import write_json_atomic
 from pace_lm.run import checkpoint_files
 from pace_lm.run.lock import run_lock
-from pace_lm.run.records import (NOT_COMPARED, PRETRAINED_LOSS, RECORD, RunRecord, config_diff, read_pretrained_loss,
-                                 read_record_or_none)
+from pace_lm.run.records import (NOT_COMPARED, PRETRAINED_LOSS, RunPaths, RunRecord, config_diff,
+                                 read_pretrained_loss, read_record_or_none)
 from pace_lm.run.state import last_step, run_state
 from pace_lm.run.train import Interrupted, ensure_data, train_validated
 
@@ -55,8 +55,12 @@ class Job:
     started: float = field(default=0.0)
 
     @property
+    def paths(self):
+        return RunPaths.of(self.spec)
+
+    @property
     def run_dir(self):
-        return os.path.join(self.spec.training.out_dir, self.spec.run_name)
+        return self.paths.dir
 
 
 def run_sweep(fig, opts, extra, log=print):
@@ -102,7 +106,7 @@ def plan(fig, opts, extra, log=print):
 def kept_record(spec):
     """The record already at the run's place (None if none can be read); a complete or diverged one of
     another config is refused: the sweep would mix two configs under one name."""
-    path = os.path.join(spec.training.out_dir, spec.run_name, RECORD)
+    path = RunPaths.of(spec).record
     old = read_record_or_none(path)
     if old and old.get("status") in FINAL:
         diff = config_diff(old.get("config", {}), spec.composed, NOT_COMPARED)
@@ -125,7 +129,7 @@ def _run_here(pending, log):
     status = {}
     for job in pending:
         head = job.head
-        old = read_record_or_none(os.path.join(job.run_dir, RECORD))
+        old = read_record_or_none(job.paths.record)
         log(f"{head}: training{' (again: the record was ' + old['status'] + ')' if old else ''}")
         t0 = time.time()
         try:
@@ -134,7 +138,7 @@ def _run_here(pending, log):
             log(f"{head}: {e}; run the same pace-figure command to go on")
             raise
         except Exception as e:  # recorded by train (diverged or failed); the sweep goes on
-            record = read_record_or_none(os.path.join(job.run_dir, RECORD)) or {}
+            record = read_record_or_none(job.paths.record) or {}
             status[job.name] = record.get("status") if record.get("status") in ("diverged", "failed") else "failed"
             log(f"{head}: {status[job.name]} ({type(e).__name__}: {e})")
             continue
@@ -198,7 +202,7 @@ def _ended(job):
     code = job.proc.returncode
     how = (f"killed by {signal.Signals(-code).name}" if code < 0 and -code in signal.valid_signals()
            else f"exit {code}")
-    record = read_record_or_none(os.path.join(job.run_dir, RECORD))
+    record = read_record_or_none(job.paths.record)
     took = f" in {time.time() - job.started:.0f} s"
     if record is not None and record.get("status") != "running":
         status = record["status"]
@@ -218,12 +222,12 @@ def _record_end(job, record, how):
     with run_lock(job.run_dir):  # the child is gone; no other writer may start meanwhile
         step = last_step(record or {})
         record = RunRecord(config=job.spec.composed, data={}) if record is None else RunRecord.from_json(record)
-        last = checkpoint_files.latest(os.path.join(job.run_dir, "checkpoints"))
+        last = checkpoint_files.latest(job.paths.checkpoints)
         said = _last_line(os.path.join(job.run_dir, LOG))
         record.end("failed", f"the pace-train process ended ({how}) after step {step} "
                              f"logged, {'checkpoint ' + last + ' to resume from' if last else 'no checkpoint'}"
                              + (f"; its last output: {said}" if said else "; it wrote nothing"))
-        record.write(os.path.join(job.run_dir, RECORD))
+        record.write(job.paths.record)
     return record.to_json()
 
 

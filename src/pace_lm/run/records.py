@@ -17,6 +17,30 @@ RECORD = "record.json"
 PRETRAINED_LOSS = "pretrained.json"  # a fine-tuning figure's untrained model, scored as its runs are
 
 
+@dataclass(frozen=True)
+class RunPaths:
+    """What a run writes, under <out_dir>/<run_name>/: the one layout pace-train, the sweep and the run's
+    state all read."""
+    dir: str
+
+    @classmethod
+    def of(cls, spec):
+        """The run folder of a validated config (schema.Config)."""
+        return cls(os.path.join(spec.training.out_dir, spec.run_name))
+
+    @property
+    def record(self):
+        return os.path.join(self.dir, RECORD)
+
+    @property
+    def checkpoints(self):
+        return os.path.join(self.dir, "checkpoints")
+
+    @property
+    def model(self):
+        return os.path.join(self.dir, "model")
+
+
 STATUSES = ("running", "complete", "interrupted", "failed", "diverged")
 
 

@@ -9,7 +9,7 @@ so such a run could not write its end.
 import os
 
 from pace_lm.run.lock import holder
-from pace_lm.run.records import RECORD, STATUSES, read_record, read_record_or_none
+from pace_lm.run.records import STATUSES, RunPaths, read_record, read_record_or_none
 
 # a record's own statuses, and what only its absence, its lock or its bytes tell
 STATES = ("not started", *STATUSES, "died", "unreadable")
@@ -24,7 +24,7 @@ def last_step(record):
 def run_state(run_dir):
     """(state, detail): one of STATES, and a few words (the pid, the loss, the last step and checkpoint)."""
     from pace_lm.run.checkpoint_files import latest
-    path = os.path.join(run_dir, RECORD)
+    path = RunPaths(run_dir).record
     pid = holder(run_dir)
     if not os.path.exists(path):
         return ("running", f"pid {pid}, no record yet") if pid else ("not started", "")
@@ -33,7 +33,7 @@ def run_state(run_dir):
     except (OSError, ValueError) as e:
         return "unreadable", str(e)
     status, step = record.get("status"), last_step(record)
-    ckpt = latest(os.path.join(run_dir, "checkpoints"))
+    ckpt = latest(RunPaths(run_dir).checkpoints)
     where = f"checkpoint {ckpt} to resume from" if ckpt else "no checkpoint"
     if status == "running":
         if pid:
@@ -51,7 +51,7 @@ def previous_end(run_dir):
     """How the run in `run_dir` ended before this start, as the record's history keeps it: {status, step,
     error} ("died" for a record left running: the caller holds the lock), or None for a new or complete
     run."""
-    record = read_record_or_none(os.path.join(run_dir, RECORD))
+    record = read_record_or_none(RunPaths(run_dir).record)
     status = record and record.get("status")
     if status not in ("running", "interrupted", "failed"):
         return None

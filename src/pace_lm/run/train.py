@@ -34,7 +34,7 @@ from pace_lm.run import checkpoint, checkpoint_files, distributed
 from pace_lm.run.evaluation import Diverged
 from pace_lm.run.lock import run_lock
 from pace_lm.run.loop import Interrupted, Loop
-from pace_lm.run.records import RECORD, RunRecord, read_record
+from pace_lm.run.records import RunPaths, RunRecord, read_record
 from pace_lm.run.state import previous_end
 
 __all__ = ["Interrupted", "train", "train_validated", "ensure_data", "load_data"]
@@ -55,10 +55,10 @@ def train_validated(spec):
     world, device = distributed.init(spec.training.parallel, spec.training.device)
     clean = False
     try:
-        run_dir = os.path.join(spec.training.out_dir, spec.run_name)
+        paths = RunPaths.of(spec)
         # one writer per run folder (rank 0 writes; the other ranks may be on other hosts)
-        with run_lock(run_dir) if world.main else contextlib.nullcontext():
-            record = run_locked(spec, world, device, RunPaths(run_dir))
+        with run_lock(paths.dir) if world.main else contextlib.nullcontext():
+            record = run_locked(spec, world, device, paths)
         clean = True
         return record
     except Interrupted as e:
@@ -66,24 +66,6 @@ def train_validated(spec):
         raise
     finally:
         distributed.shutdown(world, clean)
-
-
-@dataclass(frozen=True)
-class RunPaths:
-    """What a run writes, under <out_dir>/<run_name>/."""
-    dir: str
-
-    @property
-    def record(self):
-        return os.path.join(self.dir, RECORD)
-
-    @property
-    def checkpoints(self):
-        return os.path.join(self.dir, "checkpoints")
-
-    @property
-    def model(self):
-        return os.path.join(self.dir, "model")
 
 
 @dataclass
