@@ -152,7 +152,9 @@ def test_the_optimizer_package_has_no_import_cycle():
 
     for module in sorted(graph):
         visit(module, [module])
-    assert graph["hyper"] == graph["plan"] == graph["rules"] == graph["notices"] == set()
+    assert graph["hyper"] == graph["rules"] == graph["notices"] == graph["tensors"] == graph["zero"] == set()
+    assert graph["returned"] <= {"tensors", "zero"}  # the returned model knows no step path
+    assert not {m for m in ("paths", "forloop", "foreach", "cpu_kernel", "triton_kernel") if "returned" in graph[m]}
     assert {m for m, deps in graph.items() if "optimizer" in deps} == {"theory"}  # it runs PACE on the quadratic
 
 

@@ -77,8 +77,9 @@ def test_torchs_recipe_puts_the_step_in_one_graph_that_never_recompiles(impl, in
     compiled_step = torch.compile(opts[0].step, backend=backend)
     on_a_cosine_schedule(nets, opts, compiled_step)
     counters = torch._dynamo.utils.counters
+    # a recompile hands the backend another graph (test_returned: a float lr does): one graph, none again
     assert len(backend.graphs) == 1 and in_graph in backend.graphs[0]
-    assert not counters["graph_break"] and not counters["recompiles"]
+    assert not counters["graph_break"]
     assert_same(nets, opts, atol=0 if impl is None else 1e-5)
     stats = [opt.get_step_stats() for opt in opts]
     assert stats[0].keys() == stats[1].keys() and stats[0]["lambda_mean"] > 0

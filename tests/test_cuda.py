@@ -104,7 +104,7 @@ def test_cuda_fused_is_the_triton_kernel(monkeypatch):
         ref_opt.step()
     for p, r in zip(params, ref):
         torch.testing.assert_close(p.detach().cpu().double(), r.detach(), rtol=1e-5, atol=1e-5)
-    assert len(opt._launcher._tables) == 1  # one set of device tables for the whole run, new grads each step
+    assert len(opt._planner.launcher._tables) == 1  # one set of device tables for the whole run, new grads each step
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -168,7 +168,7 @@ def test_cuda_new_grad_tensors_reuse_the_tables(monkeypatch):
         keep.append([p.grad for p in params])  # kept alive: each step's grads at new addresses
         opt.step()
     assert len(built) == 1
-    tables = next(iter(opt._launcher._tables.values()))
+    tables = next(iter(opt._planner.launcher._tables.values()))
     assert tables.grads.tolist() == [p.grad.data_ptr() for p in params if p.numel()]
 
 

@@ -1,6 +1,7 @@
 """Two CPU processes over gloo against one on the global batch: PACE under DDP and FSDP2 (fully_shard), then
 pace-train itself launched by torchrun, its checkpoints, and a run stopped by SIGTERM and resumed."""
 
+import copy
 import json
 import os
 import signal
@@ -427,3 +428,89 @@ def test_the_lean_mode_under_fsdp_matches_one_process(tmp_path):
     pairs = list(zip(got["params"] + got["returned"], list(model.parameters()) + returned))
     same = sum(int((a == b.detach()).sum()) for a, b in pairs) / sum(a.numel() for a, _ in pairs)
     assert same > 0.9, same  # 0.97 to 0.99 measured (gloo's reduction order varies); hashing local indices: 0.7
+
+
+# ---- ZeroRedundancyOptimizer with PACE as its local optimizer ---------------------------------------------
+
+def zero_worker(rank, impl):
+    """ZeRO over DDP, PACE stepping each rank's shard: the swap, the returned model, a step refused in eval
+    mode and a state_dict consolidated in eval mode, which a new ZeRO resumes from."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    def build():
+        model = make_model()
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        return model, ddp, ZeroRedundancyOptimizer(ddp.parameters(), optimizer_class=PACE, impl=impl, **KW)
+
+    def same_on_every_rank(tensors):
+        for t in tensors:
+            gathered = [torch.empty_like(t) for _ in range(WORLD)]
+            dist.all_gather(gathered, t.contiguous())
+            assert all(torch.equal(gathered[0], g) for g in gathered)
+
+    model, ddp, z = build()
+    train(ddp, z, rank, WORLD)
+    live = [p.detach().clone() for p in model.parameters()]
+    returned_in_train = z.optim.returned_state_dict(model)  # every rank together
+    z.optim.eval()
+    in_eval = [p.detach().clone() for p in model.parameters()]
+    same_on_every_rank(in_eval)
+    returned_in_eval = z.optim.returned_state_dict(model)
+    ddp(global_batch(0).chunk(WORLD)[rank]).square().mean().backward()
+    try:
+        z.step()
+        refused = False
+    except RuntimeError as e:
+        refused = "eval mode" in str(e)
+    z.zero_grad()
+    z.consolidate_state_dict(0)
+    saved = z.state_dict() if rank == 0 else None
+    model_saved = {k: v.clone() for k, v in model.state_dict().items()}  # the EMA, in eval mode
+    z.optim.train()
+    after = [p.detach().clone() for p in model.parameters()]
+    same_on_every_rank(after)
+
+    # a copy, as a checkpoint on disk is: ZeRO's state_dict on rank 0 holds the local state's own tensors
+    shared = [copy.deepcopy(saved)]
+    dist.broadcast_object_list(shared, src=0)
+    model2, ddp2, z2 = build()
+    model2.load_state_dict(model_saved)
+    z2.load_state_dict(shared[0])
+    resumed_in_eval = not z2.optim.training
+    z2.optim.train()
+    resumed = [p.detach().clone() for p in model2.parameters()]
+    for opt, net in ((z, ddp), (z2, ddp2)):  # one more step of each, on the same batch
+        net(global_batch(STEPS).chunk(WORLD)[rank]).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    continued = all(torch.equal(p, q) for p, q in zip(model.parameters(), model2.parameters()))
+    return dict(live=live, in_eval=in_eval, after=after, refused=refused, saved=saved,
+                returned_in_train=returned_in_train, returned_in_eval=returned_in_eval,
+                resumed_in_eval=resumed_in_eval, resumed=resumed, continued=continued)
+
+
+@pytest.mark.parametrize("impl", [None, "forloop"])
+def test_zero_redundancy_optimizer_returns_the_whole_ema_on_every_rank(impl, tmp_path):
+    got = spawn(zero_worker, tmp_path / "rank0.pt", impl)
+
+    model = make_model()
+    opt = PACE(model.parameters(), impl=impl, **KW)
+    train(model, opt)
+    names = [name for name, _ in model.named_parameters()]
+    for name, p, live, ema, after, resumed in zip(names, model.parameters(), got["live"], got["in_eval"], got["after"],
+                                                  got["resumed"]):
+        torch.testing.assert_close(live, p.detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ema, opt.state[p]["ema"], rtol=1e-5, atol=1e-6)  # every shard's EMA
+        assert torch.equal(after, live) and torch.equal(resumed, live)  # train() put the live weights back
+        assert torch.equal(got["returned_in_train"][name], ema) and torch.equal(got["returned_in_eval"][name], ema)
+    assert got["refused"], "a step in eval mode was not refused"
+    assert got["resumed_in_eval"] and got["continued"]
+    saved = got["saved"]  # consolidated in eval mode: it loads into one process's PACE in eval mode too
+    assert not any(g["train_mode"] for g in saved["param_groups"])
+    single = make_model()
+    one = PACE(single.parameters(), impl=impl, **KW)
+    one.load_state_dict(saved)
+    single.load_state_dict({k: torch.as_tensor(v) for k, v in zip(names, got["in_eval"])}, strict=False)
+    assert not one.training
+    one.train()
+    assert all(torch.equal(p.detach(), live) for p, live in zip(single.parameters(), got["live"]))

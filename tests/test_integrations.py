@@ -10,7 +10,7 @@ transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
-from pace import PACE  # noqa: E402
+from pace import PACE, EMAWrapper  # noqa: E402
 from pace.integrations.transformers import PACECallback  # noqa: E402
 
 STEPS, SAVE_AT = 8, 4
@@ -40,11 +40,26 @@ class LiveWeights(TrainerCallback):
             self.at_save = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def make_trainer(out, evaluate, callback=True):
+def make_optimizer(model, name):
+    """PACE, or the EMA baseline (EMAWrapper) over a base that is not Adam; Muon steps matrices only, so the
+    other parameters are frozen for it."""
+    if name == "pace":
+        return PACE(model.parameters(), **KW)
+    if name == "muon":
+        for p in model.parameters():
+            p.requires_grad_(p.ndim == 2)
+    params = [p for p in model.parameters() if p.requires_grad]
+    base = {"sgd": lambda: torch.optim.SGD(params, lr=0.05, momentum=0.9),
+            "adafactor": lambda: torch.optim.Adafactor(params, lr=1e-2),
+            "muon": lambda: torch.optim.Muon(params, lr=2e-2)}[name]()
+    return EMAWrapper(base, beta_ema=0.2)
+
+
+def make_trainer(out, evaluate, callback=True, optimizer="pace"):
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32))
-    opt = PACE(model.parameters(), **KW)
+    opt = make_optimizer(model, optimizer)
     args = TrainingArguments(output_dir=str(out), max_steps=STEPS, per_device_train_batch_size=4,
                              per_device_eval_batch_size=4, logging_steps=2, save_steps=SAVE_AT, save_strategy="steps",
                              eval_strategy="steps" if evaluate else "no", eval_steps=SAVE_AT, seed=0, report_to="none",
@@ -56,9 +71,13 @@ def make_trainer(out, evaluate, callback=True):
     return trainer, model, opt
 
 
+OPTIMIZERS = ["pace", "sgd", "adafactor", "muon"]  # PACE, and the EMA baseline over three optimizers
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
 @pytest.mark.parametrize("evaluate", [False, True])
-def test_checkpoints_hold_live_weights_and_save_model_the_ema(tmp_path, evaluate):
-    trainer, model, opt = make_trainer(tmp_path / "run", evaluate)
+def test_checkpoints_hold_live_weights_and_save_model_the_ema(tmp_path, evaluate, optimizer):
+    trainer, model, opt = make_trainer(tmp_path / "run", evaluate, optimizer=optimizer)
     live = LiveWeights()
     trainer.add_callback(live)
     trainer.train()
@@ -73,7 +92,8 @@ def test_checkpoints_hold_live_weights_and_save_model_the_ema(tmp_path, evaluate
     assert not opt.training  # training ended with the returned model in place
     trainer.save_model(str(tmp_path / "returned"))
     returned = LlamaForCausalLM.from_pretrained(str(tmp_path / "returned"))
-    emas = {p: opt.state[p]["ema"] for p in model.parameters()}
+    emas = {p: opt.state[p]["ema"] if p.requires_grad else p for p in model.parameters()}
+    assert sum(p.requires_grad for p in model.parameters()) > 0
     for (name, value), p in zip(returned.named_parameters(), model.parameters()):
         assert torch.equal(value, emas[p]), name
     if evaluate:
@@ -91,18 +111,20 @@ def test_fails_without_the_callback_when_evaluation_runs(tmp_path):
     assert any(not torch.equal(v, live.at_save[k]) for k, v in saved.items())
 
 
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
 @pytest.mark.parametrize("evaluate", [False, True])
-def test_resume_is_bitwise(tmp_path, evaluate):
-    straight, model, opt = make_trainer(tmp_path / "straight", evaluate)
+def test_resume_is_bitwise(tmp_path, evaluate, optimizer):
+    straight, model, opt = make_trainer(tmp_path / "straight", evaluate, optimizer=optimizer)
     straight.train()
-    first, _, _ = make_trainer(tmp_path / "cut", evaluate)
+    first, _, _ = make_trainer(tmp_path / "cut", evaluate, optimizer=optimizer)
     first.args.max_steps = SAVE_AT
     first.train()
-    resumed, model2, opt2 = make_trainer(tmp_path / "cut", evaluate)
+    resumed, model2, opt2 = make_trainer(tmp_path / "cut", evaluate, optimizer=optimizer)
     resumed.train(resume_from_checkpoint=str(tmp_path / "cut" / f"checkpoint-{SAVE_AT}"))
     for (name, a), b in zip(model.named_parameters(), model2.parameters()):
         assert torch.equal(a, b), name  # both in eval mode: the EMA
-        assert torch.equal(opt.state[a]["train_weights"], opt2.state[b]["train_weights"]), name
+        if a.requires_grad:
+            assert torch.equal(opt.state[a]["train_weights"], opt2.state[b]["train_weights"]), name
 
 
 class StatsOn(TrainerCallback):
@@ -130,7 +152,7 @@ def test_needs_a_pace_optimizer(tmp_path):
     trainer.optimizer = None
     trainer.create_optimizer()  # Trainer's own AdamW
     PACECallback.attach(trainer)
-    with pytest.raises(TypeError, match="not pace.PACE"):
+    with pytest.raises(TypeError, match="neither pace.PACE nor pace.EMAWrapper"):
         trainer.train()
 
 
@@ -206,7 +228,7 @@ def test_load_best_model_at_end_needs_the_optimizer_state(tmp_path):
 def test_the_lean_bf16_mode_saves_the_ema_and_checkpoints_its_offset(tmp_path):
     """bf16 weights with rounding="stochastic" and the EMA as a bf16 offset: checkpoints hold the live weights
     and the offset, and trainer.save_model() writes the EMA (theta + offset, as eval() puts it in the model)."""
-    from pace.plan import ema_value
+    from pace.returned import value as ema_value
 
     trainer, model, opt = make_trainer(tmp_path / "run", evaluate=True)
     model.to(torch.bfloat16)

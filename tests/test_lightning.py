@@ -9,7 +9,7 @@ import torch
 
 L = pytest.importorskip("lightning.pytorch")
 
-from pace import PACE  # noqa: E402
+from pace import PACE, EMAWrapper  # noqa: E402
 from pace.integrations.lightning import PACECallback  # noqa: E402
 
 STEPS, SAVE_AT = 8, 4
@@ -23,11 +23,20 @@ def loader(n, seed):
     return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4, shuffle=False)
 
 
+BASES = {  # the EMA baseline (EMAWrapper) over optimizers that are not Adam
+    "sgd": lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9),
+    "adafactor": lambda params: torch.optim.Adafactor(params, lr=1e-2),
+    "muon": lambda params: torch.optim.Muon(params, lr=2e-2),
+}
+
+
 class Module(L.LightningModule):
-    def __init__(self):
+    def __init__(self, optimizer="pace"):
         super().__init__()
         torch.manual_seed(0)
-        self.net = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+        bias = optimizer != "muon"  # Muon steps matrices only
+        self.optimizer_name = optimizer
+        self.net = torch.nn.Sequential(torch.nn.Linear(6, 8, bias=bias), torch.nn.Tanh(), torch.nn.Linear(8, 2, bias=bias))
         self.validated_with_ema = []
         self.live = {}
 
@@ -45,11 +54,13 @@ class Module(L.LightningModule):
         self.log("val_loss", torch.nn.functional.mse_loss(self.net(x), y))
 
     def configure_optimizers(self):
-        return PACE(self.parameters(), **KW)
+        if self.optimizer_name == "pace":
+            return PACE(self.parameters(), **KW)
+        return EMAWrapper(BASES[self.optimizer_name](self.parameters()), beta_ema=0.2)
 
 
-def fit(tmp_path, name, max_steps=STEPS, ckpt_path=None, telemetry=True):
-    module = Module()
+def fit(tmp_path, name, max_steps=STEPS, ckpt_path=None, telemetry=True, optimizer="pace"):
+    module = Module(optimizer)
     every = L.callbacks.ModelCheckpoint(dirpath=tmp_path / name, every_n_train_steps=SAVE_AT, save_top_k=-1,
                                         filename="{step}")
     trainer = L.Trainer(max_steps=max_steps, accelerator="cpu", devices=1, val_check_interval=SAVE_AT,
@@ -62,8 +73,12 @@ def fit(tmp_path, name, max_steps=STEPS, ckpt_path=None, telemetry=True):
     return trainer, module
 
 
-def test_validation_checkpoints_and_the_returned_model(tmp_path):
-    trainer, module = fit(tmp_path, "run")
+OPTIMIZERS = ["pace", *BASES]
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_validation_checkpoints_and_the_returned_model(tmp_path, optimizer):
+    trainer, module = fit(tmp_path, "run", optimizer=optimizer)
     opt = trainer.optimizers[0]
     assert module.validated_with_ema and all(module.validated_with_ema)
     ckpt = torch.load(tmp_path / "run" / f"step={SAVE_AT}.ckpt", weights_only=False)
@@ -78,15 +93,16 @@ def test_validation_checkpoints_and_the_returned_model(tmp_path):
     assert not opt.training  # after fit the module holds the returned model
     for p in module.parameters():
         assert torch.equal(p, opt.state[p]["ema"])
-    loaded = Module.load_from_checkpoint(tmp_path / "run" / f"step={SAVE_AT}.ckpt")
+    loaded = Module.load_from_checkpoint(tmp_path / "run" / f"step={SAVE_AT}.ckpt", optimizer=optimizer)
     for a, v in zip(loaded.parameters(), ckpt["state_dict"].values()):
         assert torch.equal(a, v)
 
 
-def test_resume_is_bitwise(tmp_path):
-    straight, module = fit(tmp_path, "straight")
-    fit(tmp_path, "cut", max_steps=SAVE_AT)
-    resumed, module2 = fit(tmp_path, "cut", ckpt_path=tmp_path / "cut" / f"step={SAVE_AT}.ckpt")
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_resume_is_bitwise(tmp_path, optimizer):
+    straight, module = fit(tmp_path, "straight", optimizer=optimizer)
+    fit(tmp_path, "cut", max_steps=SAVE_AT, optimizer=optimizer)
+    resumed, module2 = fit(tmp_path, "cut", ckpt_path=tmp_path / "cut" / f"step={SAVE_AT}.ckpt", optimizer=optimizer)
     opt, opt2 = straight.optimizers[0], resumed.optimizers[0]
     for p, q in zip(module.parameters(), module2.parameters()):
         assert torch.equal(p, q)  # the EMA, in both
@@ -108,7 +124,7 @@ def test_needs_a_pace_optimizer(tmp_path):
 
     trainer = L.Trainer(max_steps=2, accelerator="cpu", callbacks=[PACECallback()], logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
-    with pytest.raises(TypeError, match="one pace.PACE optimizer"):
+    with pytest.raises(TypeError, match="one pace.PACE or pace.EMAWrapper optimizer"):
         trainer.fit(AdamModule(), loader(16, 1))
 
 
@@ -169,7 +185,7 @@ class LeanModule(Module):
         return torch.nn.functional.mse_loss(self.net(x.to(torch.bfloat16)).float(), y)
 
     def validation_step(self, batch, batch_idx):
-        from pace.plan import ema_value
+        from pace.returned import value as ema_value
         opt = self.trainer.optimizers[0]
         # the model holds the EMA, theta + offset rounded to bf16 (the training weights are kept aside)
         self.validated_with_ema.append(all(

@@ -19,7 +19,7 @@ import pace.notices
 import pace.optimizer as pace_optimizer
 from pace import cpu_kernel
 from pace import PACE, PACEReference
-from pace.plan import ema_value
+from pace.returned import value as ema_value
 from pace.reference import ema_weight_at
 
 IMPLS = ["fused", "foreach", "forloop"]  # "triton" on CPU tensors: tests/test_triton_kernel.py
@@ -661,7 +661,7 @@ def test_the_default_step_is_the_cpu_kernel_for_every_dtype_with_or_without_an_e
             warnings.simplefilter("error")  # a fallback says so once: here it is an error
             opt.step()
         twin.step()
-    assert {b.path for plan in opt._plans.values() for b in plan.buckets} == {pace.cpu_kernel.step}
+    assert {b.path for plan in opt._planner.plans.values() for b in plan.buckets} == {pace.cpu_kernel.step}
     if dtype == torch.bfloat16:  # the for-loop writes the same bits
         assert all(torch.equal(a, b) for a, b in zip(params, twins))
 

@@ -124,7 +124,7 @@ def lean_model(steps=6, seed=0):
 
 
 def test_the_lean_ema_is_the_weights_plus_their_offset_in_eval_and_in_the_returned_model():
-    from pace.plan import ema_value
+    from pace.returned import value as ema_value
     model, opt = lean_model()
     live = {k: v.clone() for k, v in model.state_dict().items()}
     emas = {name: ema_value(p, opt.state[p]).to(torch.bfloat16) for name, p in model.named_parameters()}
@@ -169,7 +169,7 @@ def test_a_lean_run_resumes_bit_for_bit(impl, tmp_path):
 def test_a_bf16_ema_saved_as_itself_becomes_an_offset():
     """A state_dict whose bf16 EMA of bf16 weights is the EMA itself (an earlier PACE) loads as the offset
     ema - theta: the same EMA, now kept in the form whose updates do not stall."""
-    from pace.plan import ema_value
+    from pace.returned import value as ema_value
     model, opt = lean_model()
     saved = opt.state_dict()
     for i, p in enumerate(model.parameters()):

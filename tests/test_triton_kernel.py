@@ -64,7 +64,7 @@ def test_tables_are_cached_and_a_tensor_lr_never_syncs(monkeypatch):
     opt = PACE(params, lr=torch.tensor(0.01), lambda_pullback=0.2, use_ema_eval=True, impl="triton")
     set_grads(params, 0)
     opt.step()
-    assert len(opt._launcher._tables) == 1
+    assert len(opt._planner.launcher._tables) == 1
 
     def forbidden(*a, **k):
         raise AssertionError("host sync in the optimizer step")
@@ -76,16 +76,16 @@ def test_tables_are_cached_and_a_tensor_lr_never_syncs(monkeypatch):
             for name in ("item", "tolist", "cpu", "__float__", "__int__", "__bool__"):
                 m.setattr(torch.Tensor, name, forbidden)
             opt.step()
-    assert len(opt._launcher._tables) == 1  # the same addresses: the same device tables
+    assert len(opt._planner.launcher._tables) == 1  # the same addresses: the same device tables
     for t in range(3, 5):  # new grad tensors (zero_grad(set_to_none=True)): the tables stay, their grads follow
         set_grads(params, t)
         opt.step()
-        tables = next(iter(opt._launcher._tables.values()))
+        tables = next(iter(opt._planner.launcher._tables.values()))
         assert tables.grads.tolist() == [p.grad.data_ptr() for p in params if p.numel()]
-    assert len(opt._launcher._tables) == 1
+    assert len(opt._planner.launcher._tables) == 1
     params[0].grad = None  # a frozen tensor: a new table, nothing compiled
     opt.step()
-    assert len(opt._launcher._tables) == 2
+    assert len(opt._planner.launcher._tables) == 2
 
 
 def test_interior_tail_and_misaligned_chunks_match_the_reference():

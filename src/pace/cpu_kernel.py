@@ -37,7 +37,7 @@ KERNELS = {
     (torch.bfloat16, torch.float32): "pace_step_bf16_f32",
 }
 # (weights dtype, EMA dtype, stochastic rounding, the EMA as a bf16 offset) -> the variant built for it (csrc:
-# PACE_SR, PACE_OFFSET). A bf16 EMA of bf16 weights is always an offset (PACE._offset).
+# PACE_SR, PACE_OFFSET). A bf16 EMA of bf16 weights is always an offset (pace.returned.is_offset).
 VARIANTS = {
     (torch.bfloat16, torch.float32, True, False): "pace_step_bf16_f32_sr",
     (torch.bfloat16, torch.bfloat16, False, True): "pace_step_bf16_off",

@@ -11,7 +11,7 @@ import torch
 from pace import forloop
 from pace.hyper import HP
 from pace.notices import warn_once
-from pace.plan import local
+from pace.tensors import local
 
 FOREACH_SLICE = 1 << 24  # elements per foreach pass: bounds its preallocated temporaries
 

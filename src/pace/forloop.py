@@ -5,7 +5,7 @@ import torch
 
 from pace import rounding
 from pace.hyper import HP
-from pace.plan import local
+from pace.tensors import local
 
 
 def _lerp(a, b, weight):

@@ -3,16 +3,16 @@
 Au & Block (2026), "Training for the Model You Return", arXiv:2606.25086.
 The float64 twin in paper notation is `pace.reference.PACEReference`.
 
-The class holds the arguments, the state and the modes. Its step is planned in pace.plan, with the
+The class holds the arguments, `_init_group` and `step`. The returned model (the EMA's forms, the train/eval
+mode, the saved and returned state_dicts) is pace.returned's; the step is planned by pace.plan, with the
 hyperparameters of pace.hyper, and run by the path pace.paths chooses (pace.cpu_kernel, pace.triton_kernel,
-pace.foreach, pace.forloop); inside torch.compile, pace.compiled traces it into the graph.
+pace.foreach, pace.forloop); inside torch.compile, pace.compiled puts it into the graph.
 """
 
 from __future__ import annotations
 
-import contextlib
 import inspect
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -20,15 +20,15 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.optimizer import ParamsT
 
-from pace import compiled, hyper, paths, rounding, triton_kernel
-from pace.plan import (Bucket, DTensor, Plan, ema_form, ema_value, follow_weights, new_step, read_counts, share_counts,
-                       step_form)
+from pace import compiled, hyper, returned, rounding, zero
+from pace.plan import Planner, follow_weights, new_step, step_form
+from pace.returned import ReturnedModel, ReturnsModel, keeps_ema
 from pace.rules import check_group
 
 STAT_NAMES = ("lambda_mean", "lambda_max", "frac_clipped", "update_norm", "pullback_norm", "dist_to_ema")
 
 
-class PACE(Optimizer):
+class PACE(ReturnsModel, Optimizer):
     r"""AdamW with a per-coordinate pullback toward the EMA of the weights; the EMA is the returned model.
 
     Per parameter, at its 1-based step t (the count Adam's bias correction uses)::
@@ -92,10 +92,14 @@ class PACE(Optimizer):
     State per parameter: "step" (a float32 scalar tensor, as torch.optim keeps it: on the CPU, or on the
     parameter's device when capturable), "exp_avg", "exp_avg_sq", and "ema" where an EMA is kept.
 
-    Modes: the optimizer starts in train mode. eval() copies the EMA into the parameters of groups with
-    use_ema_eval and keeps the training weights in state["train_weights"]; train() puts them back. A
-    state_dict() taken in eval mode records the mode and the training weights, while the model's own
-    state_dict holds the EMA: save and load both together, and the pair restores to the same eval mode.
+    The returned model (pace.returned.ReturnedModel, `self.returned`): the optimizer starts in train mode;
+    eval() copies the EMA into the parameters of groups with use_ema_eval and train() puts the training
+    weights back (every rank's shard under ZeroRedundancyOptimizer); returned_state_dict(model) is the model
+    with its EMA in either mode. A state_dict() taken in eval mode records the mode and the training weights,
+    while the model's own state_dict holds the EMA: save and load both together, and the pair restores to
+    the same eval mode. A parameter frozen mid-run (no grad) is not stepped, and its EMA stays the average of
+    the iterates it was trained through: eval() returns that, not the frozen weight (give it its own group
+    with use_ema_eval=False to return the weight itself).
     """
 
     def __init__(self, params: ParamsT, lr: float | Tensor = 1e-4, betas: tuple[float, float] = (0.9, 0.999),
@@ -110,10 +114,14 @@ class PACE(Optimizer):
                         beta_ema=beta_ema, use_ema_eval=use_ema_eval, ema_kappa=ema_kappa,
                         ema_rho=ema_rho, ema_gamma=ema_gamma, ema_update_freq=ema_update_freq,
                         log_stats=log_stats, impl=impl, ema_dtype=ema_dtype, capturable=capturable,
-                        rounding=rounding, seed=seed, train_mode=True)
+                        rounding=rounding, seed=seed)
         check_group(defaults)
         self._init_caches()
+        self.returned = ReturnedModel(self, GROUP_KEYS)
         super().__init__(params, defaults)
+        wrapper = zero.building_zero()
+        if wrapper is not None:
+            zero.attach(self.returned, wrapper)
 
     _init_signature = inspect.signature(__init__)
 
@@ -130,33 +138,42 @@ class PACE(Optimizer):
     def _init_caches(self):
         """What a step keeps between calls besides the state: never pickled, rebuilt on demand."""
         self._stats = [None]  # [(partials, numel)] of the last step with telemetry: a list, which compiled code writes
-        self._launcher = None  # triton_kernel.Launcher: device tables of the parameter sets seen
-        self._scratch = {}  # (device, dtype) -> flat temporaries of the foreach path
-        self._plans = {}  # id(group) -> plan.Plan: what the group's last step read, reused while it holds
+        self._planner = Planner(self._stepped)
 
     def add_param_group(self, param_group):
-        super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        check_group(group)
-        group["train_mode"] = self.param_groups[0]["train_mode"]  # a new group joins the current mode
+        """torch.optim's, with the group checked before it is added: a refused group leaves none behind. A
+        parameter listed twice in one group is refused (it would be stepped twice with one step count)."""
+        params = param_group["params"]
+        params = [params] if isinstance(params, Tensor) else list(params)
+        if len({id(p) for p in params}) != len(params):
+            raise ValueError("PACE: a parameter is listed twice in one param group; list each parameter once")
+        check_group({**self.defaults, **param_group, "params": params})
+        super().add_param_group(dict(param_group, params=params))
+
+    def __getstate__(self):
+        return dict(super().__getstate__(), training=self.returned.training)
 
     def __setstate__(self, state):
         """Also what load_state_dict() ends with: a group saved by torch.optim.AdamW or an earlier PACE gets
-        every missing key from this optimizer's defaults, and the step count takes the group's form."""
+        every key it lacks from this optimizer's (pace.returned.ReturnedModel.load), else from the defaults,
+        and the step count takes the group's form."""
+        training = state.pop("training", None)
         super().__setstate__(state)  # adds torch's "differentiable" to defaults: not a PACE argument
         self._init_caches()
+        if "returned" not in self.__dict__:  # unpickled
+            self.returned = ReturnedModel(self, GROUP_KEYS)
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 if key in GROUP_KEYS:
                     group.setdefault(key, value)
-            group.setdefault("train_mode", True)
+            if "train_mode" in group:  # a pickle of an earlier PACE kept the mode in its groups
+                mode = group.pop("train_mode")
+                training = mode if training is None else training and mode
             for p in group["params"]:
                 if p in self.state:
                     step_form(self.state[p], p, group["capturable"])
-
-    @property
-    def training(self) -> bool:
-        return self.param_groups[0]["train_mode"]
+        if training is not None:
+            self.returned.training = training
 
     # ---- the state ---------------------------------------------------------------
 
@@ -166,7 +183,7 @@ class PACE(Optimizer):
         (emas only where the group keeps an EMA). State is made for a parameter stepped for the first time;
         `undo` (a list), when given, gets what removes it. torch.compile runs this eagerly while it traces
         (compiling=True): the step counts are then tensors of their own, not views of a plan's."""
-        needs_ema = group["lambda_pullback"] > 0 or group["use_ema_eval"]
+        needs_ema = keeps_ema(group)
         capturable = group["capturable"]
         stochastic = group["rounding"] == "stochastic"
         for position, p in enumerate(group["params"]):
@@ -188,12 +205,7 @@ class PACE(Optimizer):
             else:
                 step_form(state, p, capturable)  # the flag may have been switched since the count was made
                 follow_weights(state, p)
-            key = ema_form(state, p, self._offset(group, p))
-            if needs_ema and key not in state:
-                if undo is not None:
-                    undo.append(lambda state=state, key=key: state.pop(key, None))
-                state[key] = (torch.zeros_like(p, memory_format=torch.preserve_format) if key == "ema_offset"
-                              else p.detach().to(self._ema_dtype(group, p), copy=True))  # ema_0 = theta_0
+            key = returned.create(state, p, group, undo) if needs_ema else returned.form(state, p, group)
             if stochastic and "seed" not in state:
                 if undo is not None:
                     undo.append(lambda state=state: state.pop("seed", None))
@@ -209,31 +221,23 @@ class PACE(Optimizer):
                 emas.append(state[key])
             state_steps.append(state["step"])
         if compiling:
-            self._plans.clear()  # their shared step counts are gone
+            self._planner.plans.clear()  # their shared step counts are gone
+
+    def _stepped(self, group, undo):
+        """The group's parameters with grads, their state made (pace.plan.Planner's init_group)."""
+        stepped = []
+        self._init_group(group, stepped, [], [], [], [], [], undo=undo)
+        return stepped
 
     def _group_index(self, group):
         return next(i for i, g in enumerate(self.param_groups) if g is group)
-
-    @classmethod
-    def _offset(cls, group, p):
-        """Whether p's EMA is kept as its bfloat16 offset from the weights ("ema_offset": ema - theta): a bf16
-        EMA of bf16 weights, whose own updates w_t * (theta - ema) would fall below half its ulp."""
-        return p.dtype == torch.bfloat16 and cls._ema_dtype(group, p) == torch.bfloat16
-
-    @staticmethod
-    def _ema_dtype(group, p):
-        if group["ema_dtype"] is not None:
-            return group["ema_dtype"]
-        return torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype
 
     # ---- the step ----------------------------------------------------------------
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
         """One step; closure (optional) re-evaluates the model and returns the loss."""
-        if not self.training:
-            raise RuntimeError("PACE.step() called in eval mode: the EMA weights are in the model. "
-                               "Call optimizer.train() before stepping.")
+        self.returned.check_step("PACE")
         for group in self.param_groups:
             check_group(group)
         loss = None
@@ -252,16 +256,14 @@ class PACE(Optimizer):
         for group in self.param_groups:
             params, grads, exp_avgs, exp_avg_sqs, emas, state_steps = [], [], [], [], [], []
             self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, emas, state_steps, True)
-            if params and any(p.dtype == torch.bfloat16 for p in params) and (
-                    group["rounding"] == "stochastic" or any(self._offset(group, p) for p in params)):
-                raise RuntimeError("PACE: rounding='stochastic' and a bf16 EMA of bf16 weights do not run inside "
-                                   "torch.compile yet; step eagerly (call opt.step() outside the compiled function)")
             if params:
-                partials += compiled.step(group, params, grads, exp_avgs, exp_avg_sqs, emas, state_steps)
+                seeds = [self.state[p].get("seed") for p in params]
+                partials += compiled.step(group, params, grads, exp_avgs, exp_avg_sqs, emas, state_steps, seeds)
                 if group["log_stats"] and group["lambda_pullback"] > 0:
                     numel += sum(p.numel() for p in params)
         self._stats[0] = (partials, numel) if partials else None
 
+    @torch._dynamo.disable  # a trace of it (a compiled function calling it) runs it eagerly: it calls C through ctypes
     def _eager_step(self):
         if not all(group["capturable"] for group in self.param_groups) and _capturing():
             raise RuntimeError("PACE: step() inside CUDA graph capture needs PACE(..., capturable=True)")
@@ -269,80 +271,21 @@ class PACE(Optimizer):
         # takes, a sparse grad) leaves the weights, the EMA and every state entry as they were
         undo = []
         try:
-            plans = [self._prepare(group, undo) for group in self.param_groups]
+            plans = [self._planner.prepare(group, i, self.state, undo) for i, group in enumerate(self.param_groups)]
         except BaseException:
             for action in reversed(undo):
                 action()
             raise
         partials, numel = [], 0
         for group, plan in zip(self.param_groups, plans):
-            self._plans[id(group)] = plan
             numel += self._step_group(group, plan, partials)
         # kept as device tensors: get_step_stats() syncs, the step never does
         self._stats[0] = (partials, numel) if partials else None
 
-    def _prepare(self, group, undo):
-        """The group's plan for this step, its step counts advanced; `undo` gets what puts them back."""
-        needs_ema = group["lambda_pullback"] > 0 or group["use_ema_eval"]
-        params = group["params"]
-        grads = [p.grad for p in params]
-        has_grad = [g is not None for g in grads]
-        if any(g is not None and g.is_sparse for g in grads):
-            raise RuntimeError("PACE does not support sparse gradients")
-        plan = self._plans.get(id(group))
-        if plan is not None and plan.fits(group, params, has_grad, needs_ema, self.state):
-            plan.advance()
-            undo.append(plan.retreat)
-            return plan
-        return self._plan(group, params, has_grad, needs_ema, undo)
-
-    def _plan(self, group, params, has_grad, needs_ema, undo):
-        """Make the state of parameters stepped for the first time (_init_group), advance every step count, and
-        sort the parameters with grads into buckets (device, dtype, step count), each with the path that steps
-        it. Every change to the state is recorded in `undo`."""
-        capturable = group["capturable"]
-        if capturable and _capturing():
-            raise RuntimeError("PACE: the parameters with grads changed inside CUDA graph capture; capture a step "
-                               "only after an eager step with the same parameters with grads")
-        stepped, _, exp_avgs, exp_avg_sqs, emas, state_steps = [], [], [], [], [], []
-        self._init_group(group, stepped, [], exp_avgs, exp_avg_sqs, emas, state_steps, undo=undo)
-        positions = [i for i, h in enumerate(has_grad) if h]
-        states = [(i, p, self.state[p]) for i, p in zip(positions, stepped)]
-        counts = read_counts(state_steps)  # before this step
-        shared = share_counts(states, counts, undo)
-        buckets = {}
-        for (i, p, state), t in zip(states, counts):
-            if p.numel() > 0:
-                key = (p.device, p.dtype, t + 1)
-                if key not in buckets:
-                    buckets[key] = Bucket(*key, with_ema=needs_ema)
-                    buckets[key].count = state["step"]
-                buckets[key].add(i, p, state["exp_avg"], state["exp_avg_sq"], state.get("ema_offset", state.get("ema")))
-                buckets[key].offset = "ema_offset" in state and needs_ema
-        for bucket in buckets.values():
-            if group["rounding"] == "stochastic" and bucket.dtype == torch.bfloat16:
-                index = bucket.index
-                bucket.seeds = [int(self.state[params[i]]["seed"]) for i in index]
-                bucket.seed_tensor = torch.tensor(bucket.seeds, dtype=torch.int64).to(bucket.device)
-                bucket.bases = [rounding.shard_base(params[i]) for i in index]
-                bucket.base_tensor = torch.tensor(bucket.bases, dtype=torch.int64).to(bucket.device)
-            bucket.capturable = capturable
-            bucket.path, bucket.kernel = paths.choose(group["impl"], bucket)
-            if bucket.path in paths.WALK_MEMORY:
-                bucket.stage()  # the kernels walk memory
-            if bucket.path is triton_kernel.step:
-                if self._launcher is None:
-                    self._launcher = triton_kernel.Launcher()
-                bucket.kernel = self._launcher.tables(bucket, capturable)
-            bucket.scratch = self._scratch
-            if bucket.index == list(range(len(params))):
-                bucket.index = None  # every parameter of the group: its grads are the group's, in order
-        return Plan(group, params, has_grad, needs_ema, self.state, list(buckets.values()), shared)
-
     def _step_group(self, group, plan, partials):
         """Update every parameter of the group that has a grad; return the number of pulled coordinates."""
         pull = group["lambda_pullback"] > 0
-        needs_ema = pull or group["use_ema_eval"]
+        needs_ema = keeps_ema(group)
         grads = [p.grad for p in group["params"]]
         stats = group["log_stats"]
         for bucket in plan.buckets:
@@ -380,161 +323,28 @@ class PACE(Optimizer):
             float(sums[0]) / n, float(s[:, 1].max()), float(sums[2]) / n,
             float(sums[3].sqrt()), float(sums[4].sqrt()), float(sums[5].sqrt()))))
 
-    # ---- the returned model --------------------------------------------------------
-
-    @torch.no_grad()
-    def eval(self) -> "PACE":
-        """Put the EMA into the parameters of groups with use_ema_eval; idempotent; returns self."""
-        if self.training:
-            _reshard_fsdp(self.param_groups)
-            for group in self.param_groups:
-                group["train_mode"] = False
-                for p, state in self._ema_params(group):
-                    ema = ema_value(p, state)
-                    state["train_weights"] = p.detach().clone()
-                    p.copy_(ema)
-        return self
-
-    @torch.no_grad()
-    def train(self) -> "PACE":
-        """Put the training weights back; idempotent; returns self."""
-        if not self.training:
-            _reshard_fsdp(self.param_groups)
-            for group in self.param_groups:
-                group["train_mode"] = True
-                for p in group["params"]:
-                    state = self.state.get(p)
-                    if state and "train_weights" in state:
-                        weights = state.pop("train_weights")
-                        if "ema" not in state and "ema_offset" not in state:  # loaded in eval mode: the EMA is
-                            if self._offset(group, p):                       # the model's weights
-                                state["ema_offset"] = (p.detach().float() - weights.float()).to(p.dtype)
-                            else:
-                                state["ema"] = p.detach().to(self._ema_dtype(group, p), copy=True)
-                        p.copy_(weights)
-        return self
-
-    @contextlib.contextmanager
-    def ema_weights(self) -> Iterator["PACE"]:
-        """`with opt.ema_weights(): validate(model)` evaluates the returned model, then restores the mode."""
-        was_training = self.training
-        self.eval()
-        try:
-            yield self
-        finally:
-            if was_training:
-                self.train()
-
-    def _ema_params(self, group):
-        if group["use_ema_eval"]:
-            for p in group["params"]:
-                state = self.state.get(p)
-                if state and ("ema" in state or "ema_offset" in state):
-                    yield p, state
-
-    @torch.no_grad()
-    def returned_state_dict(self, model: torch.nn.Module) -> dict[str, Tensor]:
-        """model.state_dict() with the returned weights (the EMA, in the parameter's dtype), without touching the model.
-
-        Parameters of groups without use_ema_eval, parameters never stepped, and buffers come as they are.
-        """
-        emas = {p: ema_value(p, s) for group in self.param_groups for p, s in self._ema_params(group)}
-        out = {}
-        for name, t in model.state_dict(keep_vars=True).items():
-            ema = emas.get(t)
-            out[name] = (ema.to(t.dtype) if ema is not None else t).detach()
-        return out
-
     # ---- checkpoints ------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """torch.optim's state_dict, hooks included. In eval mode the model's weights are the EMA, and a
-        parameter's "ema" entry holds the training weights (in their own dtype), the other half of the pair:
-        a state_dict has the same keys in both modes, so that a template made in train mode (torch's
-        distributed checkpoint, get_state_dict) loads one saved in eval mode. The group's train_mode says
-        which; load_state_dict and train() put each back in its place."""
-        return _saved_form(super().state_dict())
+        """torch.optim's state_dict, hooks included, in the returned model's saved form (pace.returned): the
+        same keys in both modes; in eval mode each EMA entry holds the training weights, and each group's
+        train_mode says so. Load it with load_state_dict, beside the model's own state_dict."""
+        return self.returned.saved_form(super().state_dict())
 
     def load_state_dict(self, state_dict):
-        """torch.optim's load, hooks included; also takes a torch.optim.AdamW state_dict (the EMA then starts
-        from the current weights at the next step). An AdamW with amsgrad or maximize is refused: PACE would
-        silently drop them. torch.optim casts floating state to the parameter's dtype; the EMA keeps its own
-        (an fp32 EMA of bf16 weights must come back fp32): it is taken after the user's pre-hooks have run,
-        and put back before any post-hook runs. A state_dict saved in eval mode holds the training weights in
-        the "ema" entries (state_dict()): they come back as the training weights, and the EMA is the model's
-        weights (loaded with it, before or after) until train()."""
+        """torch.optim's load, hooks included; also takes a torch.optim.AdamW state_dict (the keys it lacks keep
+        this optimizer's values; the EMA starts from the current weights at the next step). An AdamW with
+        amsgrad or maximize is refused: PACE would silently drop them. The EMA keeps its own dtype, and a
+        state_dict saved in eval mode comes back in eval mode (pace.returned.ReturnedModel.load)."""
         for i, group in enumerate(state_dict["param_groups"]):
             for key in ("amsgrad", "maximize"):
                 if group.get(key):
                     raise ValueError(f"PACE cannot continue this state_dict: its param group {i} has {key}=True, "
                                      "which PACE does not implement")
-        emas, in_eval = {}, set()
-
-        def take_emas(optimizer, loaded):  # the last pre-hook: sees the state_dict as the user's hooks left it
-            pos = 0
-            for group in loaded["param_groups"]:
-                for i in group["params"]:
-                    state = loaded["state"].get(i, {})
-                    if not group.get("train_mode", True) and ("ema" in state or "ema_offset" in state):
-                        in_eval.add(pos)  # the training weights: torch's cast to the weights' dtype is right
-                    elif "ema" in state:
-                        emas[pos] = state["ema"]
-                    pos += 1
-
-        def restore_emas(optimizer):  # the first post-hook
-            params = [p for g in self.param_groups for p in g["params"]]
-            for pos, ema in emas.items():
-                self.state[params[pos]]["ema"] = ema.to(device=params[pos].device, copy=True)
-            for pos in in_eval:
-                state = self.state[params[pos]]
-                state["train_weights"] = state.pop("ema_offset" if "ema_offset" in state else "ema")
-
-        hooks = (self.register_load_state_dict_pre_hook(take_emas),
-                 self.register_load_state_dict_post_hook(restore_emas, prepend=True))
-        try:
-            super().load_state_dict(state_dict)
-        finally:
-            for hook in hooks:
-                hook.remove()
+        self.returned.load(state_dict, super().load_state_dict)
 
 
-
-GROUP_KEYS = frozenset(PACE._init_signature.parameters) - {"self", "params"} | {"train_mode"}
-
-
-def _saved_form(state_dict):
-    """A state_dict as PACE.state_dict gives it: each step count a tensor of its own (a plan's counts are
-    views of one tensor), and in eval mode each "ema" entry holding the training weights."""
-    for i, state in state_dict["state"].items():
-        step = state.get("step")
-        if isinstance(step, Tensor) and step._base is not None:
-            state_dict["state"][i] = dict(state, step=step.clone())  # the optimizer's own dict is not to be changed
-    for group in state_dict["param_groups"]:
-        if group.get("train_mode", True):
-            continue
-        for i in group["params"]:
-            state = state_dict["state"].get(i)
-            if state and "train_weights" in state:
-                state = dict(state)  # the optimizer's own dict is not to be changed
-                key = "ema_offset" if "ema_offset" in state else "ema"
-                state.pop(key, None)  # an offset from the training weights: the model holds the EMA itself
-                state[key] = state.pop("train_weights")
-                state_dict["state"][i] = state
-    return state_dict
-
-
-def _reshard_fsdp(param_groups):
-    """Free the weights FSDP2 gathered for a forward without backward, for every module that holds ours: the
-    root keeps its gathered weights after a forward, and the next forward would read those rather than the
-    shards that eval() and train() write."""
-    params = {id(p) for g in param_groups for p in g["params"] if isinstance(p, DTensor)}
-    if not params:
-        return
-    from torch.distributed._composable_state import _module_state_mapping
-    from torch.distributed.fsdp import FSDPModule
-    for module in list(_module_state_mapping.keys()):
-        if isinstance(module, FSDPModule) and any(id(p) in params for p in module.parameters()):
-            module.reshard()
+GROUP_KEYS = frozenset(PACE._init_signature.parameters) - {"self", "params"}
 
 
 def _capturing():

@@ -35,7 +35,7 @@ def choose(impl, bucket):
     elif impl == "triton" or device.type == "cuda":
         why = "Triton is not installed" if not triton_kernel.available() else triton_kernel.supports(dtype, ema_dtype)
         if why is None:
-            return triton_kernel.step, None  # its tables are the optimizer's (PACE._plan)
+            return triton_kernel.step, None  # its tables are the optimizer's (pace.plan.Planner)
     else:
         why = f"no fused kernel runs on {device.type} (the CPU's C kernel and CUDA's Triton kernel)"
     if impl is not None:

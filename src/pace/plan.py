@@ -1,5 +1,6 @@
 """A param group's step as the eager path runs it: its parameters sorted into buckets, each with the path
 that steps it, kept between steps while nothing changes (the plan), and the state forms every path reads.
+`Planner` builds the plans (and is the only thing that does); PACE asks it for one per group and step.
 
 A steady loop reuses its plan, so that a step does no per-parameter work on the host but reading the
 grads' addresses: the step counts of a bucket are views of one tensor, advanced by one add; a freeze, a new
@@ -13,18 +14,9 @@ import operator
 import torch
 from torch import Tensor
 
-try:
-    from torch.distributed.tensor import DTensor
-except ImportError:  # torch built without distributed
-    DTensor = ()
-
-
-def local(t):
-    """The tensor the elementwise update runs on: a DTensor's local shard, complex as real pairs."""
-    if isinstance(t, DTensor):
-        t = t.to_local()
-    return torch.view_as_real(t) if t.is_complex() else t
-
+from pace import paths, rounding, triton_kernel
+from pace.returned import keeps_ema
+from pace.tensors import DTensor, dense, local, same_layout
 
 # ---- the forms of the state ---------------------------------------------------------------------
 
@@ -58,24 +50,6 @@ def follow_weights(state, p):
         state["ema"] = state["ema"].to(device=p.device)
 
 
-def ema_form(state, p, offset):
-    """The key p's EMA is kept under, "ema_offset" (its bfloat16 offset from the weights) or "ema", with a state
-    in the other form (an older checkpoint, a changed ema_dtype) converted: the EMA is theta + offset."""
-    if offset and "ema" in state:
-        state["ema_offset"] = (state.pop("ema").float() - p.detach().float()).to(p.dtype)
-    elif not offset and "ema_offset" in state:
-        state["ema"] = ema_value(p, state)
-        del state["ema_offset"]
-    return "ema_offset" if offset else "ema"
-
-
-def ema_value(p, state):
-    """p's EMA: state["ema"], or theta + offset in float32 (what eval() rounds into the weights)."""
-    if "ema_offset" in state:
-        return p.detach().float() + state["ema_offset"].float()
-    return state["ema"]
-
-
 def read_counts(steps):
     """The step counts' values as ints (one read per device)."""
     by_device = {}
@@ -86,21 +60,6 @@ def read_counts(steps):
         for i, value in zip(index, torch.stack([steps[i] for i in index]).tolist()):
             counts[i] = int(value)
     return counts
-
-
-def dense(x):
-    """Whether x's elements fill its memory span exactly once (contiguous in some order of its dims)."""
-    expected = 1
-    for stride, size in sorted((st, n) for n, st in zip(x.shape, x.stride()) if n != 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
-
-
-def _same_layout(a, b):
-    """Whether element k of a and of b sit at the same offset from their first element, for every k."""
-    return a.shape == b.shape and all(sa == sb for sa, sb, n in zip(a.stride(), b.stride(), a.shape) if n != 1)
 
 
 # ---- buckets ------------------------------------------------------------------------------------
@@ -161,7 +120,7 @@ class Bucket:
                 p = self._stage(self.params, i, torch.empty(p.shape, dtype=p.dtype, device=p.device))
             for tensors in lists:
                 x = tensors[i]
-                if not (dense(x) and _same_layout(x, p)):
+                if not (dense(x) and same_layout(x, p)):
                     self._stage(tensors, i, torch.empty_like(p, dtype=x.dtype))
         self.contiguous = all(p.is_contiguous() for p in self.params)
 
@@ -177,7 +136,7 @@ class Bucket:
         out = []
         for p, g in zip(self.params, grads):
             g = g if self.plain else local(g)
-            if g.dtype != p.dtype or (g.stride() != p.stride() and not (dense(g) and _same_layout(g, p))):
+            if g.dtype != p.dtype or (g.stride() != p.stride() and not (dense(g) and same_layout(g, p))):
                 g = torch.empty_like(p).copy_(g)
             out.append(g)
         return out
@@ -243,3 +202,84 @@ def share_counts(stepped, counts, undo):
             state["step"] = flat[j]
         shared.append(flat)
     return shared
+
+
+class Planner:
+    """The plans of one optimizer's groups and what the paths keep between steps: never pickled, rebuilt on
+    demand. `init_group(group, stepped, undo)` is the optimizer's: it makes the state of parameters stepped
+    for the first time and lists the parameters with grads."""
+
+    def __init__(self, init_group):
+        self.init_group = init_group
+        self.plans = {}  # id(group) -> Plan: what the group's last step read, reused while it holds
+        self.launcher = None  # triton_kernel.Launcher: device tables of the parameter sets seen
+        self.scratch = {}  # (device, dtype) -> flat temporaries of the foreach path
+
+    def prepare(self, group, index, state, undo):
+        """The plan of `group` (the index-th of its optimizer, whose state is `state`) for this step, its step
+        counts advanced; `undo` gets what puts everything back."""
+        params = group["params"]
+        grads = [p.grad for p in params]  # once: each read of p.grad costs a call into torch
+        has_grad = [g is not None for g in grads]
+        if any(g is not None and g.is_sparse for g in grads):
+            raise RuntimeError("PACE does not support sparse gradients")
+        needs_ema = keeps_ema(group)
+        plan = self.plans.get(id(group))
+        if plan is not None and plan.fits(group, params, has_grad, needs_ema, state):
+            plan.advance()
+            undo.append(plan.retreat)
+            return plan
+        if group["capturable"] and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("PACE: the parameters with grads changed inside CUDA graph capture; capture a step "
+                               "only after an eager step with the same parameters with grads")
+        plan = self._build(group, index, state, params, has_grad, needs_ema, undo)
+        undo.append(lambda old=self.plans.get(id(group)): self._keep(group, old))
+        self.plans[id(group)] = plan
+        return plan
+
+    def _keep(self, group, plan):
+        if plan is None:
+            self.plans.pop(id(group), None)
+        else:
+            self.plans[id(group)] = plan
+
+    def _build(self, group, index, state, params, has_grad, needs_ema, undo):
+        """Make the state of parameters stepped for the first time, advance every step count, and sort the
+        parameters with grads into buckets (device, dtype, step count), each with the path that steps it."""
+        stepped = self.init_group(group, undo)
+        positions = [i for i, h in enumerate(has_grad) if h]
+        states = [(i, p, state[p]) for i, p in zip(positions, stepped)]
+        counts = read_counts([s["step"] for _, _, s in states])  # before this step
+        shared = share_counts(states, counts, undo)
+        buckets = {}
+        for (i, p, p_state), t in zip(states, counts):
+            if p.numel() > 0:
+                key = (p.device, p.dtype, t + 1)
+                if key not in buckets:
+                    buckets[key] = Bucket(*key, with_ema=needs_ema)
+                    buckets[key].count = p_state["step"]
+                ema = p_state.get("ema_offset", p_state.get("ema"))
+                buckets[key].add(i, p, p_state["exp_avg"], p_state["exp_avg_sq"], ema)
+                buckets[key].offset = "ema_offset" in p_state and needs_ema
+        for bucket in buckets.values():
+            self._equip(bucket, group, params, state)
+        return Plan(group, params, has_grad, needs_ema, state, list(buckets.values()), shared)
+
+    def _equip(self, bucket, group, params, state):
+        """The bucket's rounding keys, path and kernel."""
+        if group["rounding"] == "stochastic" and bucket.dtype == torch.bfloat16:
+            bucket.seeds = [int(state[params[i]]["seed"]) for i in bucket.index]
+            bucket.seed_tensor = torch.tensor(bucket.seeds, dtype=torch.int64).to(bucket.device)
+            bucket.bases = [rounding.shard_base(params[i]) for i in bucket.index]
+            bucket.base_tensor = torch.tensor(bucket.bases, dtype=torch.int64).to(bucket.device)
+        bucket.capturable = group["capturable"]
+        bucket.path, bucket.kernel = paths.choose(group["impl"], bucket)
+        if bucket.path in paths.WALK_MEMORY:
+            bucket.stage()  # the kernels walk memory
+        if bucket.path is triton_kernel.step:
+            if self.launcher is None:
+                self.launcher = triton_kernel.Launcher()
+            bucket.kernel = self.launcher.tables(bucket, group["capturable"])
+        bucket.scratch = self.scratch
+        if bucket.index == list(range(len(params))):
+            bucket.index = None  # every parameter of the group: its grads are the group's, in order

@@ -24,7 +24,7 @@ its low bits being 0, and a NaN stays a quiet NaN, as in rounding to nearest).
 
 import torch
 
-from pace.plan import dense
+from pace.tensors import dense
 
 MASK = 0xFFFFFFFF
 MIX = (0x7FEB352D, 0x846CA68B)

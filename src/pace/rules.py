@@ -47,13 +47,13 @@ def _check_nonnegative(group, names, bad):
             bad(name, "must be >= 0")
 
 
-def check_group(group):
-    """PACE's rules on a param group (a mapping of every argument)."""
+def check_ema_args(group, who="PACE"):
+    """The EMA's rules (beta_ema, ema_kappa, ema_rho, ema_gamma, ema_update_freq, ema_dtype, use_ema_eval): PACE's
+    and pace.EMAWrapper's."""
     def bad(name, why):
-        raise ValueError(f"PACE: invalid {name}={group[name]!r}: {why}")
+        raise ValueError(f"{who}: invalid {name}={group[name]!r}: {why}")
 
-    check_adam_args(group)
-    _check_nonnegative(group, ("lambda_pullback", "ema_rho", "ema_gamma"), bad)
+    _check_nonnegative(group, ("ema_rho", "ema_gamma"), bad)
     if not (_is_real(group["beta_ema"]) and 0.0 < group["beta_ema"] <= 1.0):
         bad("beta_ema", "must be in (0, 1]")
     kappa = group["ema_kappa"]
@@ -62,17 +62,29 @@ def check_group(group):
     freq = group["ema_update_freq"]
     if isinstance(freq, bool) or not isinstance(freq, int) or freq < 1:
         bad("ema_update_freq", "must be a positive int")
-    impl = group["impl"]
-    if impl is not None and impl not in IMPLS:
-        bad("impl", f"must be None or one of {IMPLS}")
     ema_dtype = group["ema_dtype"]
     if ema_dtype is not None and not (isinstance(ema_dtype, torch.dtype) and ema_dtype.is_floating_point):
         bad("ema_dtype", "must be None or a floating torch.dtype")
+    if not isinstance(group["use_ema_eval"], bool):
+        bad("use_ema_eval", "must be True or False")
+
+
+def check_group(group):
+    """PACE's rules on a param group (a mapping of every argument)."""
+    def bad(name, why):
+        raise ValueError(f"PACE: invalid {name}={group[name]!r}: {why}")
+
+    check_adam_args(group)
+    _check_nonnegative(group, ("lambda_pullback",), bad)
+    check_ema_args(group)
+    impl = group["impl"]
+    if impl is not None and impl not in IMPLS:
+        bad("impl", f"must be None or one of {IMPLS}")
     if group["rounding"] not in ROUNDINGS:
         bad("rounding", f"must be one of {ROUNDINGS}")
     seed = group["seed"]
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         bad("seed", "must be an int >= 0")
-    for name in ("clamp_pullback", "use_ema_eval", "log_stats", "capturable"):
+    for name in ("clamp_pullback", "log_stats", "capturable"):
         if not isinstance(group[name], bool):
             bad(name, "must be True or False")

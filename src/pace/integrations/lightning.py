@@ -27,16 +27,16 @@ from __future__ import annotations
 
 import lightning.pytorch as pl
 
-from pace.optimizer import PACE
+from pace.returned import ReturnsModel
 
 
-def find_pace(trainer: pl.Trainer) -> PACE:
-    """The PACE optimizer of a Lightning trainer (there must be exactly one)."""
-    found = [o for o in trainer.optimizers if isinstance(o, PACE)]
-    found += [o.optimizer for o in trainer.optimizers if isinstance(getattr(o, "optimizer", None), PACE)]
+def find_pace(trainer: pl.Trainer) -> ReturnsModel:
+    """The optimizer with a returned model (pace.PACE, pace.EMAWrapper) of a Lightning trainer (exactly one)."""
+    found = [o for o in trainer.optimizers if isinstance(o, ReturnsModel)]
+    found += [o.optimizer for o in trainer.optimizers if isinstance(getattr(o, "optimizer", None), ReturnsModel)]
     if len(found) != 1:
-        raise TypeError(f"PACECallback: configure_optimizers must return one pace.PACE optimizer, got "
-                        f"{[type(o).__name__ for o in trainer.optimizers]}")
+        raise TypeError(f"PACECallback: configure_optimizers must return one pace.PACE or pace.EMAWrapper "
+                        f"optimizer, got {[type(o).__name__ for o in trainer.optimizers]}")
     return found[0]
 
 
@@ -79,12 +79,9 @@ class PACECallback(pl.Callback):
     # ---- checkpoints: the returned model as "state_dict", the live one beside it ----------------
     def on_save_checkpoint(self, trainer, pl_module, checkpoint):
         opt = find_pace(trainer)
-        if opt.training:
-            live = checkpoint["state_dict"]
-        else:  # saved in eval mode: the model holds the EMA, the live weights are in the optimizer
-            swapped = {p: s["train_weights"] for p, s in opt.state.items() if "train_weights" in s}
-            live = {k: swapped.get(v, v).detach().clone() for k, v in pl_module.state_dict(keep_vars=True).items()}
-        checkpoint["current_model_state"] = live
+        # in eval mode the model holds the EMA and the live weights are the optimizer's
+        checkpoint["current_model_state"] = checkpoint["state_dict"] if opt.training else opt.returned.live_state_dict(
+            pl_module)
         checkpoint["state_dict"] = opt.returned_state_dict(pl_module)
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint):
@@ -96,12 +93,14 @@ class PACECallback(pl.Callback):
 
     # ---- telemetry on the steps that log --------------------------------------------------------
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if self.telemetry:
+        opt = find_pace(trainer)
+        if self.telemetry and hasattr(opt, "set_log_stats"):  # EMAWrapper has no telemetry
             logs = (trainer.global_step + 1) % max(1, trainer.log_every_n_steps) == 0
-            find_pace(trainer).set_log_stats(logs)
+            opt.set_log_stats(logs)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if self.telemetry:
-            stats = find_pace(trainer).get_step_stats()
-            if stats and find_pace(trainer).param_groups[0]["log_stats"]:
+        opt = find_pace(trainer)
+        if self.telemetry and hasattr(opt, "get_step_stats"):
+            stats = opt.get_step_stats()
+            if stats and opt.param_groups[0]["log_stats"]:
                 pl_module.log_dict({f"pace/{k}": v for k, v in stats.items()}, on_step=True, on_epoch=False)

@@ -4,6 +4,7 @@
     from pace.integrations.transformers import PACECallback
 
     opt = PACE(model.parameters(), lr=1e-3, lambda_pullback=0.15, use_ema_eval=True, ema_kappa=0.2)
+    # or the EMA baseline over any optimizer: opt = EMAWrapper(torch.optim.SGD(model.parameters(), lr=0.1))
     trainer = Trainer(model, args, train_dataset=..., eval_dataset=..., optimizers=(opt, None))
     PACECallback.attach(trainer)        # first among the callbacks, so its telemetry reaches the reporters
     trainer.train()                     # resume: trainer.train(resume_from_checkpoint=...) is exact
@@ -32,12 +33,13 @@ import os
 import torch
 from transformers import Trainer, TrainerCallback
 
-from pace.optimizer import PACE
+from pace.returned import ReturnsModel
 
 
-def find_pace(optimizer: object) -> PACE | None:
-    """The PACE instance inside Trainer's optimizer (accelerate wraps it), or None."""
-    while optimizer is not None and not isinstance(optimizer, PACE):
+def find_pace(optimizer: object) -> ReturnsModel | None:
+    """The optimizer with a returned model (pace.PACE, pace.EMAWrapper) inside Trainer's optimizer (accelerate
+    wraps it), or None."""
+    while optimizer is not None and not isinstance(optimizer, ReturnsModel):
         optimizer = getattr(optimizer, "optimizer", None)
     return optimizer
 
@@ -59,8 +61,8 @@ class PACECallback(TrainerCallback):
     def _pace(kwargs):
         opt = find_pace(kwargs.get("optimizer"))
         if opt is None:
-            raise TypeError("PACECallback: the Trainer's optimizer is not pace.PACE: pass "
-                            "optimizers=(PACE(...), None) to the Trainer")
+            raise TypeError("PACECallback: the Trainer's optimizer is neither pace.PACE nor pace.EMAWrapper: pass "
+                            "optimizers=(PACE(...), None) or optimizers=(EMAWrapper(base), None) to the Trainer")
         return opt
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -71,9 +73,10 @@ class PACECallback(TrainerCallback):
         self._pace(kwargs).train()
 
     def on_step_begin(self, args, state, control, **kwargs):
-        if self.telemetry:
+        opt = self._pace(kwargs)
+        if self.telemetry and hasattr(opt, "set_log_stats"):
             logs = args.logging_steps and (state.global_step + 1) % args.logging_steps == 0
-            self._pace(kwargs).set_log_stats(bool(logs))
+            opt.set_log_stats(bool(logs))
 
     def on_evaluate(self, args, state, control, **kwargs):
         if self._training:  # the live weights back before any checkpoint; after training, the EMA stays
@@ -82,7 +85,10 @@ class PACECallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not self.telemetry or logs is None or "loss" not in logs:
             return
-        stats = {f"pace/{k}": v for k, v in self._pace(kwargs).get_step_stats().items()}
+        opt = self._pace(kwargs)
+        if not hasattr(opt, "get_step_stats"):  # EMAWrapper: no telemetry
+            return
+        stats = {f"pace/{k}": v for k, v in opt.get_step_stats().items()}
         logs.update(stats)
         if state.log_history:
             state.log_history[-1].update(stats)
@@ -95,8 +101,8 @@ class PACECallback(TrainerCallback):
         opt.eval()  # the model now holds the returned model, for trainer.save_model()
 
 
-def load_optimizer(opt: PACE, checkpoint: str) -> None:
-    """Load the PACE state of a Trainer checkpoint folder into `opt` (its optimizer.pt)."""
+def load_optimizer(opt: ReturnsModel, checkpoint: str) -> None:
+    """Load the optimizer state of a Trainer checkpoint folder into `opt` (its optimizer.pt)."""
     path = os.path.join(checkpoint, "optimizer.pt")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"PACECallback: {path} does not exist: the best model's EMA is in the optimizer "
