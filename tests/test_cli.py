@@ -43,17 +43,19 @@ def test_pace_data_without_source_is_offline(offline_data):
 def test_bad_override_is_one_error_and_no_run(tmp_path, offline_data):
     cwd = _with_data(tmp_path, offline_data)
     for args, message in [
-        (["training.no_such_key=1"], "no_such_key"),
-        (["model=no_such_model"], "no_such_model"),
-        (["optimizer=sgd"], "sgd"),
+        (["training.no_such_key=1"], "pace-train: error: training.no_such_key is not a key of pace-train's config"),
+        (["training.max_step=2"], "pace-train: error: training.max_step is not a key of pace-train's config"),
+        (["model=no_such_model"], "pace-train: error: model=no_such_model: no such model; choose one of "),
+        (["optimizer=pacee"], "pace-train: error: optimizer=pacee: no such optimizer; choose one of adamw, ema, "
+                              "lawa, pace, schedulefree, swa"),
         (["training.max_steps=0"], "training.max_steps=0 must be a positive integer"),
         (["dataset=smoltalk", "dataset.path=nowhere"], "dataset.path='nowhere' does not exist"),
     ]:
         proc = run_cli(["pace-train", "training.out_dir=out", *args], cwd=cwd)
-        assert proc.returncode != 0, args
-        assert message in proc.stderr, (args, proc.stderr)
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert message in proc.stderr and proc.stderr.count("\n") == 1, (args, proc.stderr)
         assert "Traceback" not in proc.stderr, (args, proc.stderr)
-    assert not (cwd / "out").exists()
+    assert not (cwd / "out").exists() and not (cwd / "outputs").exists()
 
 
 @pytest.mark.slow

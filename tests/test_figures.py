@@ -320,3 +320,67 @@ def test_pace_figure_scores_the_untrained_model_once_and_only_for_a_fine_tuning_
     assert calls == [fig.runs[0].name]
     assert read_pretrained_loss(str(tmp_path / "smollm2_sft")) == 3.5
     assert json.loads((tmp_path / "smollm2_sft" / "pretrained.json").read_text())["figure"] == "smollm2_sft"
+
+
+# ---- a figure of the user's own, and a spec checked whole ------------------------------------------------------
+
+USER_SPEC = """
+description: my figure - two methods, two steps
+hardware: a CPU
+plot: {x: optimizer.lr, line: [optimizer]}
+runs:
+  - optimizer: [ema, pace]
+    optimizer.lr: 1e-3
+"""
+
+
+def test_a_figure_of_ones_own_runs_prints_plots_and_reports_status_from_any_folder(tmp_path, offline_data):
+    """fig=PATH (relative or absolute, with or without .yaml) works as a shipped figure: printed, run, plotted,
+    its status; its runs go under out_dir, not beside the spec."""
+    (tmp_path / "myfigs").mkdir()
+    (tmp_path / "myfigs" / "my.yaml").write_text(USER_SPEC)
+    for fig in ("myfigs/my.yaml", "myfigs/my", str(tmp_path / "myfigs" / "my.yaml"), str(tmp_path / "myfigs" / "my")):
+        proc = run_cli(["pace-figure", f"fig={fig}", f"data={offline_data}"], cwd=tmp_path)
+        assert proc.returncode == 0, (fig, proc.stderr)
+        assert proc.stdout.startswith("# my: my figure") and "training.out_dir=runs/figures/my " in proc.stdout, fig
+    proc = run_cli(["pace-figure", "fig=myfigs/my", "run=true", "plot=true", "out_dir=out", f"data={offline_data}",
+                    *QUICK], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "pace-figure: my: 2 complete; records under out/my" in proc.stdout and "2 of 2 runs complete" in proc.stdout
+    assert {p.name for p in (tmp_path / "out" / "my").iterdir()} >= {"ema_lr0.001", "pace_lr0.001", "my.png", "my.md"}
+    assert sorted(p.name for p in (tmp_path / "myfigs").iterdir()) == ["my.yaml"]  # nothing beside the spec
+    proc = run_cli(["pace-figure", f"fig={tmp_path / 'myfigs' / 'my.yaml'}", "status=true", "out_dir=out"], cwd=tmp_path)
+    assert proc.returncode == 0 and proc.stdout.count("complete") >= 2, proc.stderr
+    proc = run_cli(["pace-figure", "fig=myfigs/nothere.yaml"], cwd=tmp_path)
+    assert proc.returncode == 2 and "figure spec myfigs/nothere.yaml does not exist" in proc.stderr
+
+
+@pytest.mark.parametrize("plot, message", [
+    ("{x: optimizer.lrate, line: [optimizer]}", r"plot.x='optimizer.lrate' is neither a key its runs set nor one of "
+                                                r"pace-train's config"),
+    ("{x: optimizer.lr, line: [optimiser]}", r"plot.line='optimiser' is neither"),
+    ("{x: optimizer.lr, line: [optimizer], paired: {pace: [emaa]}}", r"plot.paired names \['emaa'\], not lines of "
+                                                                    r"its runs: \['ema', 'pace'\]"),
+    ("{x: optimizer.lr, line: [optimizer], split: {adamw: {a: vanilla_val_loss}}}", r"plot.split's 'adamw' is not "
+                                                                                    r"a line of its runs"),
+])
+def test_a_plot_key_that_matches_no_run_is_refused_before_anything_runs(tmp_path, monkeypatch, plot, message):
+    text = USER_SPEC.replace("plot: {x: optimizer.lr, line: [optimizer]}", f"plot: {plot}")
+    with pytest.raises(PaceLMError, match=r"figure spec .*mini.yaml: " + message):
+        load_figure(_spec(tmp_path, monkeypatch, text))
+
+
+def test_a_plot_key_of_pace_trains_config_that_no_run_sets_is_taken(tmp_path, monkeypatch):
+    fig = load_figure(_spec(tmp_path, monkeypatch, USER_SPEC.replace("line: [optimizer]",
+                                                                     "line: [optimizer, training.max_steps]")))
+    assert fig.plot["line"] == ["optimizer", "training.max_steps"]
+
+
+def test_a_typo_in_a_run_key_names_the_file_and_the_run(tmp_path, monkeypatch):
+    text = USER_SPEC.replace("optimizer.lr: 1e-3", "optimizer.lrr: 1e-3").replace("x: optimizer.lr", "x: optimizer")
+    fig = load_figure(_spec(tmp_path, monkeypatch, text))
+    with pytest.raises(PaceLMError, match=r"mini.yaml, run ema_lrr0.001: Could not override 'optimizer.lrr'\.$") as e:
+        build_config(fig, fig.runs[0], str(tmp_path / "runs"))
+    assert "\n" not in str(e.value) and "+optimizer.lrr" not in str(e.value)  # not Hydra's advice: the schema refuses +
+    with pytest.raises(PaceLMError, match=r"mini.yaml, run ema_lrr0.001: Could not override 'optimizer.lrr'"):
+        load_figure(_spec(tmp_path, monkeypatch, USER_SPEC.replace("optimizer.lr: 1e-3", "optimizer.lrr: 1e-3")))

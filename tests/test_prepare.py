@@ -178,8 +178,9 @@ def test_folder_without_data_files(tmp_path):
      r"name the file .jsonl"),
     ("text.jsonl", b'{"text": "a document", "id": 3}\n',
      r"text.jsonl, line 1: no conversation format's fields \(its keys: text, id; messages: 'messages'; sharegpt: "
-     r"'conversations'; alpaca: 'instruction' \+ 'output'; prompt_completion: 'prompt' \+ 'completion'\); a "
-     r"'text' field is pretraining data: --mode pretrain"),
+     r"'conversations'; alpaca: 'instruction' \+ 'output'; dolly: 'instruction' \+ 'response'; prompt_completion: "
+     r"'prompt' \+ 'completion'; oasst: 'message_id' \+ 'role' \+ 'text'\); a table of other columns: pace-data "
+     r"--columns prompt=COLUMN,response=COLUMN; a 'text' field is pretraining data: --mode pretrain"),
     ("other.jsonl", b'{"dialog": [], "id": 3}\n', r"other.jsonl, line 1: no conversation format's fields \(its "
                                                    r"keys: dialog, id;"),
 ])

@@ -149,3 +149,33 @@ def test_a_killed_process_resumes_to_the_same_record(sig, offline_data, tmp_path
     assert record["resumed"] == [dict(step=steps[-1], checkpoint=str(ckpts / f"step_{steps[-1]:08d}"))]
     assert comparable(record) == comparable(ref)
     shutil.rmtree(tmp_path / "ref")
+
+
+# ---- a run extended ------------------------------------------------------------------------------------------
+
+EXTEND = ["run_name=r", "schedule.warmup_fraction=0", "training.batch_size=4", "training.micro_batch_size=4",
+          "training.max_seq_len=64", "training.eval_interval=10", "training.eval_batches=2", "training.log_interval=5",
+          "training.progress=false", "training.device=cpu", "training.checkpoint.at_end=true", "optimizer=pace"]
+
+
+def test_a_run_extended_from_20_to_30_steps_is_the_30_step_run(offline_data, tmp_path, capsys):
+    """A complete run of 20 steps (constant lr), resumed with training.max_steps=30, writes the record of the
+    30-step run bit for bit, says so in one line and in the record; a schedule shaped by max_steps, or the same
+    max_steps, is refused."""
+    def run(out, steps, *extra):
+        return train(compose([f"dataset.path={offline_data}", f"training.out_dir={tmp_path / out}", *EXTEND,
+                              f"training.max_steps={steps}", *extra]))
+
+    straight = run("straight", 30)
+    run("extended", 20)
+    capsys.readouterr()
+    extended = run("extended", 30, "training.resume=true")
+    assert "pace-train: resuming r from step 20, training.max_steps 20 -> 30" in capsys.readouterr().err
+    assert extended["resumed"][-1]["changed"] == {"training.max_steps": [20, 30]}
+    assert extended["config"]["training"]["max_steps"] == 30
+    assert comparable(extended) == comparable(straight)
+    with pytest.raises(PaceLMError, match="is a complete run of 30 steps: to extend it, resume with a larger"):
+        run("extended", 30, "training.resume=true")
+    run("cosine", 20, "schedule=cos")
+    with pytest.raises(PaceLMError, match=r"training.max_steps 20 -> 30: schedule 'cos' .* is shaped by max_steps"):
+        run("cosine", 30, "schedule=cos", "training.resume=true")

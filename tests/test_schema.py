@@ -44,6 +44,14 @@ def test_the_architecture_arguments_are_free_form():
     assert spec.model.config["rope_theta"] == 500000
 
 
+def test_architecture_arguments_of_a_pretrained_model_are_refused():
+    """A pretrained model's architecture comes with its weights: model.config.* would be recorded and not applied."""
+    with pytest.raises(PaceLMError, match=r"model.config.num_hidden_layers applies to a model built from scratch; "
+                                          r"model 'smollm2_135m' loads its architecture with its weights"):
+        schema.validate(compose(["model=smollm2_135m", "model.pretrained=/some/folder",
+                                 "+model.config.num_hidden_layers=1"]))
+
+
 @pytest.mark.parametrize("override, message", [
     ("training.max_steps=abc", "training.max_steps='abc' must be an integer"),
     ("training.max_steps=2.5", "training.max_steps=2.5 must be an integer"),

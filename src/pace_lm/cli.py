@@ -4,6 +4,7 @@ They parse and dispatch, nothing more."""
 import argparse
 import json
 import os
+import re
 import sys
 
 import hydra
@@ -34,46 +35,45 @@ def _train_app(cfg: DictConfig):
 
 
 def train_main():
-    """pace-train [overrides]: train one run (see `pace-train --help` and the README)."""
+    """pace-train [overrides]: train one run (see `pace-train --help` and the README). The overrides are
+    composed first, so that a mistake in them is one line naming the key (and the choices), exit 2, rather
+    than Hydra's report."""
+    args = sys.argv[1:]
+    if not any(a.startswith("-") or a.startswith(("hydra.", "+hydra")) for a in args):
+        from pace_lm.config.compose import compose
+        try:
+            compose(args)
+        except (HydraException, OmegaConfBaseException) as e:
+            print(f"pace-train: error: {override_error(e)}", file=sys.stderr)
+            sys.exit(2)
     _train_app()
+
+
+def override_error(e):
+    """Hydra's report of a bad override as one line: the key, and the choices of a config group."""
+    from pace_lm.config.compose import GROUPS
+    text = str(e).strip()
+    first = text.splitlines()[0] if text else type(e).__name__
+    match = re.match(r"Could not override '([^']+)'", first)
+    if match:
+        key = match.group(1)
+        hint = ("; an argument of a scratch model's architecture is +model.config.KEY=VALUE" if key.startswith("model.")
+                else "")
+        return f"{key} is not a key of pace-train's config (pace-train --cfg job lists every key){hint}"
+    match = re.search(r"Could not find '([\w]+)/([^']+)'", text)
+    if match and match.group(1) in GROUPS:
+        group, choice = match.groups()
+        options = getattr(e, "options", None) or sorted(
+            f[:-5] for f in os.listdir(os.path.join(CONF_DIR, group)) if f.endswith(".yaml"))
+        return f"{group}={choice}: no such {group}; choose one of {', '.join(options)}"
+    return first
 
 
 def data_main(argv=None):
     """pace-data: tokenize a dataset once into a folder pace-train reads (dataset.path)."""
-    from pace_lm.data.formats import FORMATS
-    from pace_lm.data.prepare import DEFAULT_SEQ_LEN, PRESETS, Request, prepare
-    p = argparse.ArgumentParser(
-        prog="pace-data",
-        description="Prepare a tokenized dataset for pace-train. With no --source and no --tokenizer: "
-                    "the offline corpus (the Python standard library's docs) and a tokenizer trained on it. "
-                    "With --tokenizer and no --source: smoltalk (sft) or FineWeb (pretrain) from the hub.")
-    p.add_argument("--source", help=f"'offline', {', '.join(repr(k) for k in PRESETS)}, a hub dataset id, "
-                                    "or local .json/.jsonl/.parquet/.csv file(s), any of them .gz (a file, or a "
-                                    "folder: train.* and validation.* / test.* files are kept as the splits)")
-    p.add_argument("--format", choices=FORMATS, help="sft: the rows' conversation format (default: told by "
-                                                     "each row's fields; see docs/pipeline.md)")
-    p.add_argument("--train-tool-turns", action="store_true", help="sft: train tool turns too (default: masked, "
-                                                                   "as user turns are)")
-    p.add_argument("--out", help="output folder (default: data/<source>)")
-    p.add_argument("--mode", choices=["sft", "pretrain"], default="sft",
-                   help="sft: ChatML conversations, only assistant replies trained; pretrain: text + EOS "
-                        "packed into blocks (default: sft)")
-    p.add_argument("--tokenizer", help="hub id or local folder of the model's tokenizer (default with "
-                                       "--source offline: a BPE tokenizer trained offline)")
-    p.add_argument("--gguf-file", help="load the tokenizer from this GGUF file in the --tokenizer folder")
-    p.add_argument("--revision", help="dataset revision (commit, tag or branch) to pin on the hub")
-    p.add_argument("--name", help="dataset config name on the hub (e.g. 'all' for smoltalk)")
-    p.add_argument("--split", default="train", help="split to read (default: train)")
-    p.add_argument("--max-seq-len", type=int, help="truncate (sft) or block length (pretrain); default: "
-                   + ", ".join(f"{k} {v}" for k, v in DEFAULT_SEQ_LEN.items()))
-    p.add_argument("--val-size", type=int, help="validation examples (documents in pretrain mode) held "
-                                                "out; default: min(1000, 10%%)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the train/validation split (default: 0)")
-    p.add_argument("--num-proc", type=int, help="processes for tokenization")
-    p.add_argument("--max-tokens", type=int, help="pretrain: stream the source and stop after this many "
-                                                  "training tokens")
-    p.add_argument("--text-field", default="text", help="text column for pretraining (default: text)")
-    p.add_argument("--overwrite", action="store_true", help="replace prepared data already in --out")
+    from pace_lm.data.formats import parse_columns
+    from pace_lm.data.prepare import PRESETS, Request, prepare
+    p = _data_parser()
     args = p.parse_args(argv)
 
     source = args.source or ("offline" if args.tokenizer is None else
@@ -88,12 +88,60 @@ def data_main(argv=None):
         request = Request(source=source, mode=args.mode, tokenizer=args.tokenizer, gguf_file=args.gguf_file,
                           revision=args.revision, name=args.name, split=args.split, max_seq_len=args.max_seq_len,
                           val_size=args.val_size, seed=args.seed, max_tokens=args.max_tokens,
-                          text_field=args.text_field, format=args.format, train_tool_turns=args.train_tool_turns)
+                          text_field=args.text_field, format=args.format, train_tool_turns=args.train_tool_turns,
+                          train_split=args.train_split, validation_split=args.validation_split,
+                          columns=parse_columns(args.columns) if args.columns else None)
         meta = prepare(out, request, num_proc=args.num_proc, overwrite=args.overwrite)
     except PaceLMError as e:
         print(f"pace-data: error: {e}", file=sys.stderr)
         sys.exit(2)
     _data_summary(out, meta)
+
+
+def _data_parser():
+    """pace-data's arguments."""
+    from pace_lm.data.formats import FORMATS
+    from pace_lm.data.prepare import DEFAULT_SEQ_LEN, PRESETS
+    p = argparse.ArgumentParser(
+        prog="pace-data",
+        description="Prepare a tokenized dataset for pace-train. With no --source and no --tokenizer: "
+                    "the offline corpus (the Python standard library's docs) and a tokenizer trained on it. "
+                    "With --tokenizer and no --source: smoltalk (sft) or FineWeb (pretrain) from the hub.")
+    p.add_argument("--source", help=f"'offline', {', '.join(repr(k) for k in PRESETS)}, a hub dataset id, "
+                                    "or local .json/.jsonl/.parquet/.csv file(s), any of them .gz (a file, or a "
+                                    "folder and its subfolders: files named after splits, as the hub's "
+                                    "data/train-00000-of-00001.parquet, are kept as the splits)")
+    p.add_argument("--format", choices=FORMATS, help="sft: the rows' conversation format (default: told by "
+                                                     "each row's fields; see docs/pipeline.md)")
+    p.add_argument("--train-tool-turns", action="store_true", help="sft: train tool turns too (default: masked, "
+                                                                   "as user turns are)")
+    p.add_argument("--out", help="output folder (default: data/<source>)")
+    p.add_argument("--mode", choices=["sft", "pretrain"], default="sft",
+                   help="sft: ChatML conversations, only assistant replies trained; pretrain: text + EOS "
+                        "packed into blocks (default: sft)")
+    p.add_argument("--tokenizer", help="hub id or local folder of the model's tokenizer (default with "
+                                       "--source offline: a BPE tokenizer trained offline)")
+    p.add_argument("--gguf-file", help="load the tokenizer from this GGUF file in the --tokenizer folder")
+    p.add_argument("--revision", help="dataset revision (commit, tag or branch) to pin on the hub")
+    p.add_argument("--name", help="dataset config name on the hub (e.g. 'all' for smoltalk)")
+    p.add_argument("--split", default="train", help="split to read (default: train)")
+    p.add_argument("--columns", help="sft: a table's columns as one exchange, ROLE=COLUMN for prompt and response "
+                   "(and optionally context, system), e.g. prompt=question,response=answer")
+    p.add_argument("--train-split", help="a local folder's split to train on, e.g. train_sft (default: its one "
+                   "train split)")
+    p.add_argument("--validation-split", help="a local folder's split to validate on, e.g. test_sft (default: its "
+                   "one validation split, else its one test split)")
+    p.add_argument("--max-seq-len", type=int, help="truncate (sft) or block length (pretrain); default: "
+                   + ", ".join(f"{k} {v}" for k, v in DEFAULT_SEQ_LEN.items()))
+    p.add_argument("--val-size", type=int, help="validation examples (documents in pretrain mode) held "
+                                                "out; default: min(1000, 10%%)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the train/validation split (default: 0)")
+    p.add_argument("--num-proc", type=int, help="processes for tokenization")
+    p.add_argument("--max-tokens", type=int, help="pretrain: stream the source and stop after this many "
+                                                  "training tokens")
+    p.add_argument("--text-field", default="text", help="text column for pretraining (default: text)")
+    p.add_argument("--overwrite", action="store_true", help="replace prepared data already in --out")
+    return p
 
 
 def _data_summary(out, meta):

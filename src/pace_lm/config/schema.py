@@ -284,6 +284,10 @@ def validate_model(cfg):
         _choice("model.arch", m.arch, ARCHS)
     elif not m.pretrained:
         raise PaceLMError(f"model {m.name!r}: model.pretrained (a hub id or a folder) is not set")
+    elif m.config:  # the architecture comes with the weights: a key here would be recorded, never applied
+        raise PaceLMError(f"model.config.{next(iter(m.config))} applies to a model built from scratch; model "
+                          f"{m.name!r} loads its architecture with its weights from {m.pretrained!r} (edit its "
+                          f"config.json in a copy of the folder to change it)")
     if m.pad_vocab_to_multiple_of < 1:
         raise PaceLMError(f"model.pad_vocab_to_multiple_of={m.pad_vocab_to_multiple_of} must be a positive integer")
     return m

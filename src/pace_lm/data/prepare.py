@@ -45,6 +45,9 @@ class Request:
     text_field: str = "text"            # pretrain: the text column
     format: Optional[str] = None        # sft: a formats.FORMATS name; None: each row's told by its fields
     train_tool_turns: bool = False      # sft: train tool turns too (they are masked, as user turns, by default)
+    train_split: Optional[str] = None   # a local folder's split to train on (sources.choose_splits)
+    validation_split: Optional[str] = None  # and its split to validate on
+    columns: Optional[dict] = None      # sft: {role: column} of a table (formats.parse_columns), any format
 
     @property
     def trained_roles(self):
@@ -204,6 +207,7 @@ def prepare(out, request=Request(), num_proc=None, overwrite=False):
         raise PaceLMError(f"no usable examples after tokenization (train {len(train)}, validation {len(val)}): "
                           f"{train_counts}")
     warnings = sft_warnings(train_counts, max_len) if request.mode == "sft" else []
+    warnings += conversion_warnings(source.notes, sum(source.formats.values()))
     for counts in (train_counts, val_counts):
         counts.pop("empty_replies", None)  # said in the warnings; counts keep the layout records compare
     meta = dict(format=marks.PREPARED_FORMAT, mode=request.mode, source=request.source, name=request.name,
@@ -213,12 +217,20 @@ def prepare(out, request=Request(), num_proc=None, overwrite=False):
                 vocab_size=len(tok), seed=request.seed, counts=dict(train=train_counts, validation=val_counts),
                 trained_token_fraction=train_counts["trained_tokens"] / max(1, train_counts["tokens"]),
                 corpus_sha256=corpus.corpus_sha256() if request.source == "offline" else None,
-                formats=source.formats, splits="the source's own" if source.splits else "held out at random",
+                formats=source.formats, conversions=source.notes, splits=_splits_said(source),
                 train_tool_turns=request.train_tool_turns,
                 warnings=warnings,
                 seconds=round(time.time() - t0, 1), environment=environment())
     _write(out, (train, val), tok, meta)
     return meta
+
+
+def _splits_said(source):
+    if not source.splits:
+        return "held out at random"
+    if source.split_names:
+        return f"the source's own ({source.split_names['train']} trained, {source.split_names['validation']} validated)"
+    return "the source's own"
 
 
 def _tokenizer(request):
@@ -229,6 +241,18 @@ def _tokenizer(request):
     else:
         tok = load_tokenizer(request.tokenizer, gguf_file=request.gguf_file)
     return tok, ensure_chatml_tokens(tok) if request.mode == "sft" else []
+
+
+def conversion_warnings(notes, n):
+    """What conversion changed (formats.finish), one line each."""
+    said = []
+    if notes.get("leading_replies_dropped"):
+        said.append(f"{notes['leading_replies_dropped']} of {n} conversations began with an assistant reply before "
+                    f"any prompt (a long chat split into pieces): those replies are dropped, not trained")
+    if notes.get("tools_rendered"):
+        said.append(f"{notes['tools_rendered']} of {n} conversations carry function schemas ('tools'): rendered into "
+                    f"their system turn, as ChatML chat templates do")
+    return said
 
 
 def sft_warnings(counts, max_len):

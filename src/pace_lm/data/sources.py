@@ -3,9 +3,19 @@ of what preparation reads: {"messages": [{role, content}]} in SFT mode (every fo
 converted), {text_field: str} in pretraining mode.
 
 Local files: .json (a list of rows, or one row), .jsonl (a row per line), .parquet and .csv, any case of
-extension, each optionally gzipped (.jsonl.gz). A folder is every such file in it; when its files are named
-after splits (train.*, and validation / valid / val / test / dev.*), those are the splits, kept as given. A
-bad row is one line naming its file and the line or row as the file counts it (a CSV's header is line 1).
+extension, each optionally gzipped (.jsonl.gz). A folder is every such file in it and in its subfolders (the
+hub's `data/` layout). A bad row is one line naming its file and the line or row as the file counts it (a
+CSV's header is line 1).
+
+A folder's own splits, as `datasets` and the hub name them: a file's split is its name without the shard
+suffix (`data/train-00000-of-00003.parquet` is of split `train`, `test_sft-00001-of-00002.parquet` of
+`test_sft`), else its folder's name (`train/part-0.jsonl`); a split counts when it is a split word, alone or
+with a suffix after `_` or `-` (`train_sft`, `test_gen`). The words: train / training (train), validation /
+valid / val / dev (validation), test / testing / eval / evaluation (test). The split trained is the one
+train split, the validation split the one validation split, else the one test split; where a folder has
+several of a kind (ultrachat's train_sft and train_gen) or both a split named and a file not named after a
+split, it is refused in one line, never merged: --train-split and --validation-split name the splits to use.
+A folder whose files name no split is one dataset, its validation held out at random.
 """
 
 import csv
@@ -25,8 +35,11 @@ PRESETS = {  # --source shortcuts: hub dataset, config name, and the text/messag
     "fineweb": dict(path="HuggingFaceFW/fineweb", name="sample-10BT", mode="pretrain"),
 }
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
-SPLIT_NAMES = {"train": "train", "validation": "validation", "valid": "validation", "val": "validation",
-               "test": "validation", "dev": "validation"}  # a folder's own splits, by the file's name
+SPLIT_WORDS = {"train": "train", "training": "train", "validation": "validation", "valid": "validation",
+               "val": "validation", "dev": "validation", "test": "test", "testing": "test", "eval": "test",
+               "evaluation": "test"}  # the kinds of split, by the word a split's name starts with
+_SHARD = re.compile(r"[-_]\d+(-of-\d+)?$")  # train-00000-of-00003, train-00001, train_0
+_SPLIT = re.compile(r"^([a-z]+)(?:[_-]([a-z0-9_-]+))?$")
 
 
 @dataclass
@@ -36,6 +49,8 @@ class Source:
     data: object = None
     splits: dict | None = None
     formats: dict = field(default_factory=dict)
+    notes: dict = field(default_factory=dict)  # what conversion did (formats.finish): {what: conversations}
+    split_names: dict | None = None  # the source's own splits used: {"train": name, "validation": name}
 
 
 def kind(path):
@@ -75,38 +90,86 @@ def load_source(request):
 def read_local(files, request):
     """Local files, every row checked and converted (one line naming the file and row otherwise)."""
     import datasets
-    groups = _split_groups(files)
-    found, splits = {}, {}
+    groups, chosen = choose_splits(files, request)
+    found, notes, splits = {}, {}, {}
     for split, paths in groups.items():
-        rows = []
-        for path in paths:
-            for where, row in read_rows(path):
-                rows.append(_what_is_read(row, request, f"{path}, {where}", found))
+        read = [(f"{path}, {where}", row) for path in paths for where, row in read_rows(path)]
+        if read and request.mode == "sft" and _is_oasst(read[0][1], request):
+            rows = [{"messages": m} for m in formats.oasst_conversations([row for _, row in read], notes)]
+            found["oasst"] = found.get("oasst", 0) + len(rows)
+        else:
+            rows = [_what_is_read(row, request, where, found, notes) for where, row in read]
         if not rows:
             what = "conversations" if request.mode == "sft" else "documents"
             raise PaceLMError(f"no {what} in {', '.join(paths)}")
         splits[split] = datasets.Dataset.from_list(rows)
     if set(splits) == {"all"}:
-        return Source(splits["all"], formats=found)
-    if set(splits) != {"train", "validation"}:
-        raise PaceLMError(f"{os.path.dirname(files[0])!r} holds files of the splits {sorted(splits)}: its own "
-                          f"splits need a train and a validation (or test, val, valid, dev) file")
-    return Source(splits=splits, formats=found)
+        return Source(splits["all"], formats=found, notes=notes)
+    return Source(splits=splits, formats=found, notes=notes, split_names=chosen)
 
 
-def _split_groups(files):
-    """{"all": files}, or for files named after splits {"train": [...], "validation": [...]}."""
+def _is_oasst(row, request):
+    """Whether rows like `row` are OpenAssistant's messages, read a file's rows together (formats.oasst_conversations)."""
+    if request.columns:
+        return False
+    return request.format == "oasst" or request.format is None and isinstance(row, dict) and formats.detect(row) == "oasst"
+
+
+def split_of(path):
+    """The split a file of a folder is of (its name without the shard suffix, else its folder's name) when
+    that names a split (SPLIT_WORDS, alone or with a suffix), else None."""
+    stem = os.path.basename(path).lower().split(".")[0]
+    for name in (_SHARD.sub("", stem), os.path.basename(os.path.dirname(path)).lower()):
+        match = _SPLIT.match(name)
+        if match and match.group(1) in SPLIT_WORDS:
+            return name
+    return None
+
+
+def choose_splits(files, request):
+    """({"all": files} or {"train": [...], "validation": [...]}, {"train": name, "validation": name} or None):
+    the folder's own splits as the module's docstring says, the ones --train-split / --validation-split
+    name first."""
     named = {}
     for path in files:
-        stem = os.path.basename(path).lower().split(".")[0]
-        named.setdefault(SPLIT_NAMES.get(stem), []).append(path)
-    if None in named or len(files) < 2:
-        return {"all": files}
-    return named
+        named.setdefault(split_of(path), []).append(path)
+    asked = {"train": request.train_split, "validation": request.validation_split}
+    if set(named) == {None} or len(files) < 2 and not any(asked.values()):
+        if any(asked.values()):
+            raise PaceLMError(f"{request.source!r} has no files named after splits (train-00000-of-00001.parquet, "
+                              f"test.jsonl, ...): --train-split and --validation-split need them")
+        return {"all": files}, None
+    if None in named:
+        raise PaceLMError(f"{request.source!r} mixes files named after splits ({', '.join(sorted(s for s in named if s))}) "
+                          f"with files that are not ({os.path.relpath(named[None][0], request.source)}): "
+                          f"move them apart, or name each file after its split")
+    chosen = {}
+    for role, kinds in (("train", ("train",)), ("validation", ("validation", "test"))):
+        if asked[role]:
+            if asked[role] not in named:
+                raise PaceLMError(f"--{role}-split {asked[role]!r} is not a split of {request.source!r}; "
+                                  f"its splits: {', '.join(sorted(named))}")
+            chosen[role] = asked[role]
+            continue
+        for kind_ in kinds:
+            candidates = sorted(s for s in named if SPLIT_WORDS[_SPLIT.match(s).group(1)] == kind_)
+            if len(candidates) > 1:
+                raise PaceLMError(f"{request.source!r} has {len(candidates)} {kind_} splits ({', '.join(candidates)}): "
+                                  f"choose with --train-split and --validation-split (its splits: "
+                                  f"{', '.join(sorted(named))})")
+            if candidates:
+                chosen[role] = candidates[0]
+                break
+        if role not in chosen:
+            raise PaceLMError(f"{request.source!r} has the splits {', '.join(sorted(named))} and no {role} split "
+                              f"({' or '.join(kinds)}): name one with --{role}-split")
+    if chosen["train"] == chosen["validation"]:
+        raise PaceLMError(f"--train-split and --validation-split are both {chosen['train']!r}")
+    return {role: named[name] for role, name in chosen.items()}, chosen
 
 
-def _what_is_read(row, request, where, found):
-    """The row as preparation reads it, its SFT format counted in `found`."""
+def _what_is_read(row, request, where, found, notes):
+    """The row as preparation reads it, its SFT format counted in `found`, its conversion in `notes`."""
     if not isinstance(row, dict):
         raise PaceLMError(f"{where}: a row is a JSON object, not {type(row).__name__}")
     if request.mode == "pretrain":
@@ -114,29 +177,43 @@ def _what_is_read(row, request, where, found):
             raise PaceLMError(f"{where}: no {request.text_field!r} string (its keys: "
                               f"{', '.join(map(str, row)) or 'none'}); pretraining reads --text-field")
         return {request.text_field: row[request.text_field]}
-    fmt = request.format or formats.detect(row)
     try:
-        messages = formats.to_messages(row, fmt)
+        fmt, messages = _conversation(row, request, notes)
     except PaceLMError as e:
         raise PaceLMError(f"{where}: {e}") from None
     found[fmt] = found.get(fmt, 0) + 1
     return {"messages": messages}
 
 
+def _conversation(row, request, notes):
+    """(format, messages) of one row: by --columns, --format, or its fields."""
+    if request.columns:
+        return "columns", formats.to_messages(formats.map_columns(row, request.columns), "alpaca", notes)
+    fmt = request.format or formats.detect(row)
+    return fmt, formats.to_messages(row, fmt, notes)
+
+
 def _converted(ds, request):
     """A hub dataset's SFT rows, converted (a row by its index in the split when one is bad)."""
-    found = {}
+    import datasets
+    found, notes = {}, {}
+    if len(ds) and _is_oasst(ds[0], request):
+        rows = [{"messages": m} for m in formats.oasst_conversations(ds.to_list(), notes)]
+        return Source(datasets.Dataset.from_list(rows), formats={"oasst": len(rows)}, notes=notes)
 
     def convert(row, i):
-        fmt = request.format or formats.detect(row)
+        done = {}
         try:
-            return {"messages": formats.to_messages(row, fmt), "_format": fmt}
+            fmt, messages = _conversation(row, request, done)
         except PaceLMError as e:
             raise PaceLMError(f"{request.source!r}, row {i + 1} of split {request.split!r}: {e}") from None
+        return {"messages": messages, "_format": fmt, "_notes": json.dumps(done)}
     out = ds.map(convert, with_indices=True, remove_columns=ds.column_names, desc="reading conversations")
-    for fmt in out["_format"]:
+    for fmt, done in zip(out["_format"], out["_notes"]):
         found[fmt] = found.get(fmt, 0) + 1
-    return Source(out.remove_columns("_format"), formats=found)
+        for what, n in json.loads(done).items():
+            notes[what] = notes.get(what, 0) + n
+    return Source(out.remove_columns(["_format", "_notes"]), formats=found, notes=notes)
 
 
 # ---- local files, row by row --------------------------------------------------------------
@@ -200,9 +277,12 @@ def parse_json(text, path, lineno):
 
 
 def local_files(source):
-    """Sorted data files of a local source, or None when source names a hub dataset."""
+    """Sorted data files of a local source (a folder's subfolders too), or None when source names a hub
+    dataset."""
     if os.path.isdir(source):
-        files = sorted(os.path.join(source, f) for f in os.listdir(source) if kind(f))
+        files = sorted(os.path.join(root, f) for root, dirs, names in os.walk(source) for f in names
+                       if kind(f) and not any(part.startswith(".") for part in os.path.relpath(root, source).split(os.sep)
+                                              if part != "."))
         if not files:
             raise PaceLMError(f"folder {source!r} has no .json, .jsonl, .parquet or .csv files")
         if len({kind(f) for f in files}) > 1:

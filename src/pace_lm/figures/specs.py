@@ -18,6 +18,13 @@ A spec states only what differs from pace-train's defaults:
                  data, their split and the validation batches are the same for every seed. Plots and
                  tables average over seeds (mean ± std) and pair runs of the same seed (plot.paired).
 
+A spec is a shipped figure's id (conf/figures/<id>.yaml) or a file of the user's: `fig=PATH`, relative or
+absolute, with or without `.yaml`; its id is the file's name, and its runs go under out_dir/<id> as a shipped
+figure's do. The spec is checked whole when it is loaded: its keys, its seeds, plot's keys against its runs
+(x, panel and line name keys a run sets or pace-train's config has; split and paired name its lines), and
+each run's overrides as pace-train composes them (`build_config`), every error one line naming the file
+and the run.
+
 Keys are pace-train override keys: a config group (`optimizer: pace`) or a dotted value
 (`optimizer.lr: 1e-3`). A list value is swept; a value that is itself a list is written nested
 (`optimizer.betas: [[0.9, 0.95]]`). Each run is named after its entry's values, e.g. `pace_lr0.003_c0.15`,
@@ -58,18 +65,36 @@ class Figure:
     plot: dict
     runs: list = field(default_factory=list)
     theory: dict | None = None  # a figure of pace.theory, computed by pace_lm.figures.quadratic: no pace-train runs
+    path: str = ""  # the spec's file
 
 
 def list_figures():
     return sorted(f[:-5] for f in os.listdir(FIG_DIR) if f.endswith(".yaml"))
 
 
-def load_figure(fig_id):
-    """The figure `fig_id` with its runs expanded; an unknown id or a malformed spec is an error."""
-    path = os.path.join(FIG_DIR, f"{fig_id}.yaml")
-    if not os.path.exists(path):
-        raise PaceLMError(f"unknown figure {fig_id!r}; known: {', '.join(list_figures())}")
-    spec = OmegaConf.to_container(OmegaConf.load(path))
+def spec_path(fig):
+    """(id, path) of `fig`: a shipped figure's id, or the path of a spec file (with or without .yaml)."""
+    if os.sep not in fig and "/" not in fig and not fig.endswith(".yaml"):
+        path = os.path.join(FIG_DIR, f"{fig}.yaml")
+        if not os.path.exists(path):
+            raise PaceLMError(f"unknown figure {fig!r}; known: {', '.join(list_figures())} (or the path of a spec "
+                              f"file of your own)")
+        return fig, path
+    path = fig if fig.endswith(".yaml") else f"{fig}.yaml"
+    if not os.path.isfile(path):
+        raise PaceLMError(f"figure spec {path} does not exist (fig= takes a shipped figure's id or a spec file)")
+    return os.path.basename(path)[:-len(".yaml")], os.path.abspath(path)
+
+
+def load_figure(fig):
+    """The figure `fig` (spec_path) with its runs expanded; an unknown id or a malformed spec is an error."""
+    fig_id, path = spec_path(fig)
+    try:
+        spec = OmegaConf.to_container(OmegaConf.load(path))
+    except Exception as e:  # a YAML error: yaml's and omegaconf's share no base class
+        raise PaceLMError(f"figure spec {path}: not readable YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(spec, dict):
+        raise PaceLMError(f"figure spec {path}: a mapping of {sorted(SPEC_KEYS)}, not {type(spec).__name__}")
     where = f"figure spec {path}"
     unknown = set(spec) - SPEC_KEYS
     if unknown:
@@ -81,7 +106,8 @@ def load_figure(fig_id):
         if missing or set(spec) - {"description", "hardware", "theory"}:
             raise PaceLMError(f"{where}: a theory figure has description, hardware and theory "
                               f"(sde, instances, optimizer){f'; theory lacks {sorted(missing)}' if missing else ''}")
-        return Figure(fig_id, spec["description"], spec.get("hardware", "not stated"), [], {}, [], spec["theory"])
+        return Figure(fig_id, spec["description"], spec.get("hardware", "not stated"), [], {}, [], spec["theory"],
+                      path)
     plot = {**dict(logx=False, line=None, panel=None, metric="final_val_loss", split={}, paired={}, curves=False),
             **(spec.get("plot") or {})}
     if set(plot) - PLOT_KEYS or "x" not in plot:
@@ -103,8 +129,48 @@ def load_figure(fig_id):
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise PaceLMError(f"{where}: runs with the same name {dupes}: two entries give the same values")
-    return Figure(fig_id, spec["description"], spec.get("hardware", "not stated"), spec.get("prepare") or [],
-                  plot, runs)
+    fig = Figure(fig_id, spec["description"], spec.get("hardware", "not stated"), spec.get("prepare") or [],
+                 plot, runs, path=path)
+    check_plot(fig, where)
+    return fig
+
+
+def line_labels(plot, run):
+    """The line a run draws (pace_lm.figures.plots reads the same keys from its record)."""
+    keys = [k for k in (plot["line"] or run.values) if k in run.values and k not in (plot["x"], plot["panel"], "seed")]
+    return " ".join(str(run.values[k]) if k in GROUPS else f"{SHORT.get(k, k.rsplit('.', 1)[-1])}={run.values[k]}"
+                    for k in keys)
+
+
+def check_plot(fig, where):
+    """plot's keys against the runs: x, panel and line name keys a run sets or pace-train's config has (one
+    composed run tells, only where a run does not set the key); split and paired name the runs' lines."""
+    p = fig.plot
+    keys = [("plot.x", p["x"])] + ([("plot.panel", p["panel"])] if p["panel"] else [])
+    if p["line"] is not None and not isinstance(p["line"], list):
+        raise PaceLMError(f"{where}: plot.line is a list of keys, not {p['line']!r}")
+    keys += [("plot.line", k) for k in p["line"] or []]
+    set_by_runs = {k for r in fig.runs for k in r.values} | {o.split("=", 1)[0] for r in fig.runs for o in r.overrides}
+    unknown = [(name, k) for name, k in keys if k not in set_by_runs and k not in GROUPS and k != "seed"]
+    if unknown:
+        config = OmegaConf.to_container(_composed(fig, fig.runs[0], fig.runs[0].overrides))
+        for name, key in unknown:
+            node = config
+            for part in str(key).split("."):
+                node = node.get(part) if isinstance(node, dict) else None
+            if node is None:
+                raise PaceLMError(f"{where}: {name}={key!r} is neither a key its runs set nor one of pace-train's "
+                                  f"config; its runs set {', '.join(sorted(set_by_runs - {'seed'}))}")
+    lines = {line_labels(p, r) for r in fig.runs}
+    for line, parts in p["split"].items():
+        if line not in lines or not isinstance(parts, dict):
+            raise PaceLMError(f"{where}: plot.split's {line!r} is not a line of its runs ({sorted(lines)}), or "
+                              f"not a mapping of label: summary key")
+        lines = (lines - {line}) | set(parts)
+    for line, others in p["paired"].items():
+        bad = [n for n in [line, *(others if isinstance(others, list) else [others])] if n not in lines]
+        if bad or not isinstance(others, list):
+            raise PaceLMError(f"{where}: plot.paired names {bad or others!r}, not lines of its runs: {sorted(lines)}")
 
 
 def with_seeds(runs, seeds, where):
@@ -193,6 +259,19 @@ def check_data(fig, data):
 
 
 def build_config(fig, run, out_dir, data=None, extra=()):
-    """The run's validated config (a schema.Config), checked as pace-train checks it before doing any work."""
+    """The run's validated config (a schema.Config), checked as pace-train checks it before doing any work; an
+    error is one line naming the spec's file and the run."""
     from pace_lm.config.schema import validate
-    return validate(compose(run_overrides(fig, run, out_dir, data, extra)), resolve=True)
+    return _composed(fig, run, run_overrides(fig, run, out_dir, data, extra), validate)
+
+
+def _composed(fig, run, overrides, then=None):
+    """compose(overrides) (and then(config, resolve=True)), an error one line naming the spec's file and the run."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+    try:
+        config = compose(overrides)
+        return then(config, resolve=True) if then else config
+    except (PaceLMError, HydraException, OmegaConfBaseException) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise PaceLMError(f"{fig.path or fig.id}, run {run.name}: {first}") from None

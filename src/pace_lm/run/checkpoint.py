@@ -30,6 +30,7 @@ import sys
 from pace_lm import PaceLMError
 from pace_lm.run import rng
 from pace_lm.run.checkpoint_files import Contents, latest, list_checkpoints, read, verify, write
+from pace_lm.models.optim import lr_factor
 from pace_lm.run.records import NOT_COMPARED, RunRecord, config_diff
 from pace_lm.run.sharded import join_tensors, load_sharded, marked_keys, split_tensors
 
@@ -68,19 +69,56 @@ class TrainCheckpoint:
         except (KeyError, TypeError, PaceLMError) as e:
             raise PaceLMError(f"{folder} is not a pace-train checkpoint ({type(e).__name__}: {e})") from e
 
-    def check_fits(self, cfg, meta, folder, world):
+    def check_fits(self, cfg, meta, folder, world, schedule=None):
         """It goes on only with the config (a dict) and data it was written with, and under FSDP2 only if it
-        was written under FSDP2 (its tensors in DCP's shards): checked before the run's record says resumed."""
+        was written under FSDP2 (its tensors in DCP's shards): checked before the run's record says resumed.
+        Keys that do not change what was trained so far may differ (EXTENDABLE): a larger training.max_steps
+        where every step trained already keeps its lr under `schedule` (the run's schedule section), the
+        eval and log cadence. Returns {key: [old, new]} of those that differ."""
         if world.parallel == "fsdp" and not marked_keys(self.train):
             raise PaceLMError(f"checkpoint {folder} was written without FSDP: resume it in one process or with "
                               f"training.parallel=ddp")
-        diff = config_diff(self.config, cfg, NOT_COMPARED)
+        diff = [k for k in config_diff(self.config, cfg, NOT_COMPARED) if k not in EXTENDABLE]
         if diff:
             raise PaceLMError(f"checkpoint {folder} is of another config (differs in {', '.join(diff[:6])}"
-                              f"{', ...' if len(diff) > 6 else ''}): resume with the run's own settings")
+                              f"{', ...' if len(diff) > 6 else ''}): resume with the run's own settings (only "
+                              f"{', '.join(EXTENDABLE)} may change), or start a new run from its weights")
+        old, new = _flatten_keys(self.config, EXTENDABLE), _flatten_keys(cfg, EXTENDABLE)
+        changed = {k: [old[k], new[k]] for k in EXTENDABLE if k in old and k in new and old[k] != new[k]}
+        if "training.max_steps" in changed:
+            _check_extension(old["training.max_steps"], new["training.max_steps"], self.step, schedule, folder)
         if self.record.data != meta:
             raise PaceLMError(f"checkpoint {folder} was trained on other data than dataset.path="
                               f"{cfg['dataset']['path']!r} holds now")
+        return changed
+
+
+# Keys a resume may change: they do not change what the run trained so far (training.max_steps only where
+# the steps trained keep their lr: _check_extension)
+EXTENDABLE = ("training.max_steps", "training.eval_interval", "training.log_interval")
+
+
+def _flatten_keys(cfg, keys):
+    out = {}
+    for key in keys:
+        node = cfg
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        out[key] = node
+    return out
+
+
+def _check_extension(old_steps, new_steps, step, schedule, folder):
+    """A run of old_steps, checkpointed at `step`, goes on to new_steps only past its step, and only where its
+    schedule gives each step trained the lr it was trained at (a constant lr without warm-up; not cosine or
+    WSD, whose shape is a fraction of max_steps)."""
+    if new_steps <= step:
+        raise PaceLMError(f"training.max_steps={new_steps}: checkpoint {folder} is at step {step} already")
+    if any(lr_factor(s, old_steps, schedule) != lr_factor(s, new_steps, schedule) for s in range(step)):
+        raise PaceLMError(f"training.max_steps {old_steps} -> {new_steps}: schedule {schedule.name!r} (warm-up "
+                          f"{schedule.warmup_fraction} of the steps) is shaped by max_steps, so the {step} steps "
+                          f"trained would not have had their lr under the new horizon; extend a run of a constant lr "
+                          f"without warm-up, or start a new run with the new horizon")
 
 
 def _components_of_the_first_layout(state, rank_part):

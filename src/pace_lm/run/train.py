@@ -97,7 +97,7 @@ class Parts:
 def run_locked(spec, world, device, paths):
     """The run, holding its folder's lock: set up, train, save the returned model, write the record."""
     tc = spec.training
-    check_run_dir(paths.record, tc.overwrite)
+    status = check_run_dir(paths.record, tc.overwrite, extending=tc.resume not in (False, "auto"))
     marks.check_run_parts(paths.dir, ("checkpoints", "model"))  # what a run removes must be its own
     before = previous_end(paths.dir) if world.main else None  # how the last start of this run ended
     resume_from = checkpoint.find(tc.resume, paths.checkpoints, tc.overwrite)
@@ -106,14 +106,23 @@ def run_locked(spec, world, device, paths):
               f"running; no process held it): {'resuming from ' + resume_from if resume_from else 'starting again'}",
               file=sys.stderr, flush=True)
     data = load_data(spec, world)
-    resumed = None
+    resumed, extended = None, {}
     if resume_from:  # find() checked its files against the manifest
         resumed = checkpoint.TrainCheckpoint.load(resume_from, world, verified=True)
-        resumed.check_fits(spec.composed, data.meta, resume_from, world)
-    record = start_record(spec.composed, data.meta, resumed, resume_from)
+        extended = resumed.check_fits(spec.composed, data.meta, resume_from, world, spec.schedule)
+        if status == "complete" and "training.max_steps" not in extended:
+            raise PaceLMError(f"{paths.record} is a complete run of {resumed.step} steps: to extend it, resume with a "
+                              f"larger training.max_steps; else choose another run_name or set training.overwrite=true")
+        if world.main:
+            print(f"pace-train: resuming {spec.run_name} from step {resumed.step}" + "".join(
+                f", {k} {old} -> {new}" for k, (old, new) in extended.items()), file=sys.stderr, flush=True)
+    record = start_record(spec.composed, data.meta, resumed, resume_from, extended)
     if before:  # the history of the run's earlier ends, the latest last
         record.ends = before["ends"] + [before["end"]]
     torch.manual_seed(spec.seed)
+    if not tc.progress:  # transformers' loading bars (a GGUF's de-quantizing) are progress bars too
+        import transformers
+        transformers.utils.logging.disable_progress_bar()
     model = build_model(spec.model, data.tokenizer).to(device)  # a bad model config errs before any record
     if world.main:
         if tc.overwrite:
@@ -141,13 +150,15 @@ def run_locked(spec, world, device, paths):
     return record.to_json()
 
 
-def start_record(config, meta, resumed, folder):
-    """A new run's RunRecord, or the checkpoint's going on (its resume noted)."""
+def start_record(config, meta, resumed, folder, extended=None):
+    """A new run's RunRecord, or the checkpoint's going on (its resume noted, with the keys it changed: the
+    record then holds the run's config as it goes on)."""
     if resumed is None:
         return RunRecord(config=config, data=meta)
     record = resumed.record
     record.end("running")
-    record.resumed.append(dict(step=resumed.step, checkpoint=folder))
+    record.resumed.append(dict(step=resumed.step, checkpoint=folder, **({"changed": extended} if extended else {})))
+    record.config = config
     return record
 
 
@@ -175,17 +186,22 @@ def build_parts(spec, model, world, device):
 
 # ---- setup helpers ------------------------------------------------------------------
 
-def check_run_dir(record_path, overwrite):
-    """A complete run, or one whose record cannot be read (it may be complete), is replaced only with overwrite."""
-    if os.path.exists(record_path) and not overwrite:
-        try:
-            status = read_record(record_path).get("status")
-        except (OSError, ValueError, AttributeError) as e:
-            raise PaceLMError(f"{record_path} cannot be read ({type(e).__name__}), so the run may be complete: "
-                              f"choose another run_name, or set training.overwrite=true to replace it") from e
-        if status == "complete":
-            raise PaceLMError(f"{record_path} is a complete run: choose another run_name or set "
-                              f"training.overwrite=true")
+def check_run_dir(record_path, overwrite, extending=False):
+    """A complete run, or one whose record cannot be read (it may be complete), is replaced only with overwrite;
+    a complete run is gone on from its checkpoint only when asked (training.resume=true or a folder: the
+    checkpoint's config check then says whether it may be extended). Returns the record's status (None: no
+    record, or overwrite)."""
+    if not os.path.exists(record_path) or overwrite:
+        return None
+    try:
+        status = read_record(record_path).get("status")
+    except (OSError, ValueError, AttributeError) as e:
+        raise PaceLMError(f"{record_path} cannot be read ({type(e).__name__}), so the run may be complete: "
+                          f"choose another run_name, or set training.overwrite=true to replace it") from e
+    if status == "complete" and not extending:
+        raise PaceLMError(f"{record_path} is a complete run: choose another run_name or set "
+                          f"training.overwrite=true (or resume it with a larger training.max_steps to extend it)")
+    return status
 
 
 def ensure_data(data, main=True):
