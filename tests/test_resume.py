@@ -179,3 +179,29 @@ def test_a_run_extended_from_20_to_30_steps_is_the_30_step_run(offline_data, tmp
     run("cosine", 20, "schedule=cos")
     with pytest.raises(PaceLMError, match=r"training.max_steps 20 -> 30: schedule 'cos' .* is shaped by max_steps"):
         run("cosine", 30, "schedule=cos", "training.resume=true")
+
+
+def test_a_new_run_starts_from_another_runs_checkpoint(offline_data, tmp_path, capsys):
+    """training.init_from: the other run's weights and optimizer state (the step counts go on), this run's own
+    hyperparameters and schedule; a checkpoint of another model is refused in one line."""
+    import torch
+
+    from pace_lm.run import checkpoint_files as files
+    base = [f"dataset.path={offline_data}", *EXTEND]
+    first = train(compose([*base, f"training.out_dir={tmp_path / 'a'}", "training.max_steps=10"]))
+    folder = files.latest(str(tmp_path / "a" / "r" / "checkpoints"))
+    capsys.readouterr()
+    second = train(compose([*base, f"training.out_dir={tmp_path / 'b'}", "training.max_steps=5", "optimizer.lr=5e-4",
+                            f"training.init_from={folder}"]))
+    assert f"pace-train: starting from {folder} (step 10 of another run)" in capsys.readouterr().err
+    assert second["config"]["training"]["init_from"] == folder and second["summary"]["steps"] == 5
+    assert second["step_logs"][0]["lr"] == pytest.approx(5e-4)  # this run's lr, not the other run's
+    assert second["eval_logs"][-1]["val_loss"] < first["eval_logs"][0]["val_loss"]  # it started trained
+    state = torch.load(tmp_path / "b" / "r" / "checkpoints" / "step_00000005" / "state.pt", weights_only=False)
+    steps = {int(s["step"]) for s in state["train"]["optimizer"]["state"].values()}
+    assert steps == {15}  # Adam's counts went on from the other run's 10
+    with pytest.raises(PaceLMError, match="does not fit this run's model or optimizer"):
+        train(compose([*base, f"training.out_dir={tmp_path / 'c'}", "training.max_steps=2",
+                       "model.config.num_hidden_layers=2", f"training.init_from={folder}"]))
+    with pytest.raises(PaceLMError, match="training.init_from='nowhere': no such checkpoint folder"):
+        train(compose([*base, f"training.out_dir={tmp_path / 'd'}", "training.init_from=nowhere"]))

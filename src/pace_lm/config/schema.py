@@ -55,6 +55,7 @@ class Training:
     save_model: bool
     overwrite: bool
     resume: Union[bool, str]
+    init_from: Optional[str]
     checkpoint: Checkpointing
     parallel: str
     progress: bool
@@ -229,6 +230,9 @@ def _check_training(tc, ranks):
         raise PaceLMError(f"training.resume={tc.resume!r} must be false, true, auto or a checkpoint folder")
     if tc.resume not in (False, "auto") and tc.overwrite:
         raise PaceLMError(f"training.resume={tc.resume} and training.overwrite=true contradict each other")
+    if tc.init_from is not None and tc.resume not in (False, "auto"):
+        raise PaceLMError(f"training.init_from starts a new run; training.resume={tc.resume} goes on with this one: "
+                          f"give one of them")
     if tc.grad_clip is not None and not tc.grad_clip >= 0:
         raise PaceLMError(f"training.grad_clip={tc.grad_clip} must be >= 0 (0 or null: no clipping)")
     if tc.checkpoint.interval < 0:

@@ -133,6 +133,8 @@ def run_locked(spec, world, device, paths):
         parts = build_parts(spec, model, world, device)
         if resumed is not None:
             checkpoint.restore(resumed.train, resume_from, model, parts.opt, parts.averagers, world)
+        elif tc.init_from is not None:
+            init_from(tc.init_from, model, parts.opt, world)
         loop = Loop(spec, parts, data, record, paths, world)
         if resumed is not None:
             loop.resume(resumed)
@@ -148,6 +150,23 @@ def run_locked(spec, world, device, paths):
         if world.main:
             record.write(paths.record)
     return record.to_json()
+
+
+def init_from(folder, model, opt, world):
+    """A new run from another run's checkpoint: its weights and optimizer state (moments, EMA, step counts),
+    this run's hyperparameters (the checkpoint's param groups are the other run's, its lr the scheduled one of
+    its last step), this run's averagers from nothing."""
+    if not os.path.isdir(folder):
+        raise PaceLMError(f"training.init_from={folder!r}: no such checkpoint folder")
+    checkpoint.verify(folder)
+    other = checkpoint.TrainCheckpoint.load(folder, world, verified=True)
+    own = [{k: v for k, v in group.items() if k != "params"} for group in opt.param_groups]
+    checkpoint.restore(dict(other.train, averagers={}), folder, model, opt, {}, world)
+    for group, settings in zip(opt.param_groups, own):
+        group.update(settings)
+    if world.main:
+        print(f"pace-train: starting from {folder} (step {other.step} of another run): its weights and optimizer "
+              f"state", file=sys.stderr, flush=True)
 
 
 def start_record(config, meta, resumed, folder, extended=None):
