@@ -202,18 +202,12 @@ def test_paired_differences_are_per_seed(tmp_path, monkeypatch):
 
 
 def test_paired_lines_must_exist(tmp_path, monkeypatch):
+    """A paired line no run draws is refused when the spec is loaded, before anything runs."""
     (tmp_path / "figures").mkdir()
     (tmp_path / "figures" / "paired.yaml").write_text(PAIRED.replace("[ema, adamw]", "[sgd]"))
     monkeypatch.setattr(figures, "FIG_DIR", str(tmp_path / "figures"))
-    fig = load_figure("paired")
-    for run in fig.runs:
-        folder = tmp_path / "runs" / "paired" / run.name
-        folder.mkdir(parents=True)
-        (folder / "record.json").write_text(json.dumps(dict(status="complete", config=dict(
-            seed=run.values["seed"], optimizer=dict(name=run.values["optimizer"], lr=run.values["optimizer.lr"])),
-            summary=dict(final_val_loss=3.0))))
-    with pytest.raises(PaceLMError, match=r"plot.paired of paired names lines \['sgd'\]"):
-        plot_figure(fig, str(tmp_path / "runs"), str(tmp_path / "plot"))
+    with pytest.raises(PaceLMError, match=r"paired.yaml: plot.paired names \['sgd'\], not lines of its runs"):
+        load_figure("paired")
 
 
 @pytest.mark.parametrize("fig_id, methods, lrs", [
@@ -389,3 +383,27 @@ def test_one_seed_has_no_error_bars(tmp_path, monkeypatch):
     assert ax.get_title() == "smollm2_quick (seed 0)"
     assert not any(c.get_segments() for c in ax.collections if type(c).__name__ == "LineCollection")
     assert "| untrained model | 3.7740 |" in text and "3 of 3 runs complete." in text
+
+
+@pytest.mark.parametrize("fig_id", ["schedules_cpu_bf16_check", "schedules_cpu_pilot"])
+def test_schedules_cpus_check_and_pilot_are_committed_whole(fig_id):
+    """Every run of the bf16 check and of the pilot that fixed schedules_cpu's grid is committed, complete, the
+    run its name says; the pilot's AdamW (its final iterate) ends below the untrained model at both lrs on
+    every schedule, the premise of the grid's lrs."""
+    fig = load_figure(fig_id)
+    committed = {p.parent.name for p in (FIXTURES / fig_id).glob("*/record.json")}
+    assert committed == {run.name for run in fig.runs}
+    untrained = json.loads((FIXTURES / fig_id / "pretrained.json").read_text())["val_loss"]
+    for run in fig.runs:
+        record = read_record(FIXTURES / fig_id / run.name / "record.json")
+        assert record["status"] == "complete" and record["config"]["seed"] == run.values["seed"]
+        for key, value in run.values.items():
+            node = record["config"]
+            for part in (f"{key}.name" if key in ("optimizer", "schedule") else key).split("."):
+                node = node[part]
+            assert node == value, (run.name, key)
+        if fig_id == "schedules_cpu_pilot":
+            assert record["summary"]["vanilla_val_loss"] < untrained, run.name
+    grid = load_figure("schedules_cpu")
+    assert {r.values["optimizer.lr"] for r in grid.runs} == {r.values["optimizer.lr"] for r in load_figure(
+        "schedules_cpu_pilot").runs}
