@@ -271,7 +271,7 @@ class PACE(ReturnsModel, Optimizer):
         # takes, a sparse grad) leaves the weights, the EMA and every state entry as they were
         undo = []
         try:
-            plans = [self._planner.prepare(group, i, self.state, undo) for i, group in enumerate(self.param_groups)]
+            plans = [self._planner.prepare(group, self.state, undo) for group in self.param_groups]
         except BaseException:
             for action in reversed(undo):
                 action()

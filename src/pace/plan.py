@@ -215,9 +215,9 @@ class Planner:
         self.launcher = None  # triton_kernel.Launcher: device tables of the parameter sets seen
         self.scratch = {}  # (device, dtype) -> flat temporaries of the foreach path
 
-    def prepare(self, group, index, state, undo):
-        """The plan of `group` (the index-th of its optimizer, whose state is `state`) for this step, its step
-        counts advanced; `undo` gets what puts everything back."""
+    def prepare(self, group, state, undo):
+        """The plan of `group` (of the optimizer whose state is `state`) for this step, its step counts
+        advanced; `undo` gets what puts everything back."""
         params = group["params"]
         grads = [p.grad for p in params]  # once: each read of p.grad costs a call into torch
         has_grad = [g is not None for g in grads]
@@ -232,7 +232,7 @@ class Planner:
         if group["capturable"] and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
             raise RuntimeError("PACE: the parameters with grads changed inside CUDA graph capture; capture a step "
                                "only after an eager step with the same parameters with grads")
-        plan = self._build(group, index, state, params, has_grad, needs_ema, undo)
+        plan = self._build(group, state, params, has_grad, needs_ema, undo)
         undo.append(lambda old=self.plans.get(id(group)): self._keep(group, old))
         self.plans[id(group)] = plan
         return plan
@@ -243,7 +243,7 @@ class Planner:
         else:
             self.plans[id(group)] = plan
 
-    def _build(self, group, index, state, params, has_grad, needs_ema, undo):
+    def _build(self, group, state, params, has_grad, needs_ema, undo):
         """Make the state of parameters stepped for the first time, advance every step count, and sort the
         parameters with grads into buckets (device, dtype, step count), each with the path that steps it."""
         stepped = self.init_group(group, undo)
