@@ -50,12 +50,57 @@ def test_bad_override_is_one_error_and_no_run(tmp_path, offline_data):
                               "lawa, pace, schedulefree, swa"),
         (["training.max_steps=0"], "training.max_steps=0 must be a positive integer"),
         (["dataset=smoltalk", "dataset.path=nowhere"], "dataset.path='nowhere' does not exist"),
+        (["--config-name", "trian"], "pace-train: error: --config-name trian: no such config; pace-train's: train"),
+        (["-m", "optimizer=pace,pacee"], "pace-train: error: optimizer=pacee: no such optimizer"),  # any run's
+        (["-m", "training.max_steps=2,3", "training.max_step=2"], "training.max_step is not a key"),
     ]:
         proc = run_cli(["pace-train", "training.out_dir=out", *args], cwd=cwd)
         assert proc.returncode == 2, (args, proc.stderr)
         assert message in proc.stderr and proc.stderr.count("\n") == 1, (args, proc.stderr)
         assert "Traceback" not in proc.stderr, (args, proc.stderr)
-    assert not (cwd / "out").exists() and not (cwd / "outputs").exists()
+    assert sorted(os.listdir(cwd)) == ["data"]  # nothing written: no run, no outputs/, no multirun.yaml
+
+
+def test_help_lists_the_groups_a_run_can_choose(tmp_path):
+    proc = run_cli(["pace-train", "--help"], cwd=tmp_path)
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: pace-train")
+    groups = {line.split(":")[0].strip(): line.split(":")[1] for line in proc.stdout.splitlines()
+              if line.startswith(" " * 22) and ":" in line}
+    assert sorted(groups) == ["dataset", "model", "optimizer", "schedule"]  # not the figures' specs
+    assert "schedulefree" in groups["optimizer"] and "smollm2_135m" in groups["model"]
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_a_multirun_goes_on_past_a_failed_run_and_lists_the_failures(tmp_path, offline_data):
+    cwd = _with_data(tmp_path, offline_data)
+    proc = run_cli(["pace-train", "-m", "optimizer.lr=-1,0.001", "training.max_steps=2", "training.eval_interval=2",
+                    "training.out_dir=out", "training.progress=false", "training.save_model=false"], cwd=cwd)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    failed, done = cwd / "out" / "tiny_offline_pace_const_lr-1_seed0", cwd / "out" / "tiny_offline_pace_const_lr0.001_seed0"
+    assert json.loads((done / "record.json").read_text())["status"] == "complete"  # the run after the failure
+    assert not (failed / "record.json").exists()  # refused before its record
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last == ("pace-train: 1 run(s) of the multirun failed: tiny_offline_pace_const_lr-1_seed0 "
+                    "(optimizer=pace: PACE: invalid lr=-1: must be >= 0)")
+
+
+@pytest.mark.slow
+def test_a_model_folder_without_a_tokenizer_is_one_warning_line(tmp_path, offline_data, offline_tokenizer):
+    """Weights saved without their tokenizer: nothing to check the data's ids against, said in one line
+    (not Python's warning report with a source line), and no library's bars under training.progress=false."""
+    from pace_lm.config.compose import compose
+    from pace_lm.config.schema import validate_model
+    from pace_lm.models.lm import build_model
+    build_model(validate_model(compose().model), offline_tokenizer).save_pretrained(tmp_path / "ckpt")
+    cwd = _with_data(tmp_path, offline_data)
+    proc = run_cli(["pace-train", "model=smollm2_135m", f"model.pretrained={tmp_path}/ckpt", "dataset=offline",
+                    "dataset.path=data/offline", "training.max_steps=1", "training.eval_interval=1",
+                    "training.eval_batches=1", "training.out_dir=out", "training.progress=false"], cwd=cwd)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stderr.splitlines() == [
+        f"pace-train: warning: model 'smollm2_135m': the data's token ids are not checked ('{tmp_path}/ckpt' has "
+        "no tokenizer (none of tokenizer.json, tokenizer_config.json, tokenizer.model, vocab.json))"]
 
 
 @pytest.mark.slow

@@ -197,7 +197,7 @@ def test_run_trains_each_run_and_resumes(tmp_path, monkeypatch, offline_data):
     assert set(status.values()) == {"complete"}
     assert logs[0] == "[1/3] mini/adamw_lr0.001: complete, kept, final_val_loss " \
                       f"{records['adamw_lr0.001']['summary']['final_val_loss']:.4f}"
-    assert logs[1].startswith("[2/3] mini/ema_lr0.001: died after step 2 logged")  # no process held it
+    assert logs[1].startswith("[2/3] mini/ema_lr0.001: died after step 2 recorded")  # no process held it
     assert logs[2] == "[2/3] mini/ema_lr0.001: training (again: the record was running)"
     assert logs[4] == "[3/3] mini/pace_lr0.001: training"
     assert open(paths["adamw_lr0.001"], "rb").read() == kept_bytes  # a complete run is not touched

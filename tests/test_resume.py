@@ -58,6 +58,7 @@ def test_a_signal_checkpoints_and_resume_gives_the_same_record(opt, reference, o
     assert e.value.signum == signal.SIGTERM
     record = json.loads((tmp_path / "r" / "record.json").read_text())
     assert record["status"] == "interrupted" and "checkpoints/step_00000005" in record["error"]
+    assert record["step"] == 5 and record["step_logs"][-1]["step"] == 3  # the step reached, not the last logged
     assert [s for s, _ in checkpoint_files.list_checkpoints(str(tmp_path / "r" / "checkpoints"))] == [5]
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone with the run
     monkeypatch.undo()
@@ -65,6 +66,7 @@ def test_a_signal_checkpoints_and_resume_gives_the_same_record(opt, reference, o
     resumed = train(compose(overrides(offline_data, tmp_path, f"optimizer={opt}", "training.resume=true")))
     assert resumed["status"] == "complete"
     assert resumed["resumed"] == [dict(step=5, checkpoint=str(tmp_path / "r" / "checkpoints" / "step_00000005"))]
+    assert [(end["status"], end["step"]) for end in resumed["ends"]] == [("interrupted", 5)]
     assert comparable(resumed) == comparable(reference[opt])
     assert json.loads((tmp_path / "r" / "record.json").read_text()) == json.loads(json.dumps(resumed))
 
@@ -177,7 +179,8 @@ def test_a_run_extended_from_20_to_30_steps_is_the_30_step_run(offline_data, tmp
     with pytest.raises(PaceLMError, match="is a complete run of 30 steps: to extend it, resume with a larger"):
         run("extended", 30, "training.resume=true")
     run("cosine", 20, "schedule=cos")
-    with pytest.raises(PaceLMError, match=r"training.max_steps 20 -> 30: schedule 'cos' .* is shaped by max_steps"):
+    with pytest.raises(PaceLMError, match=r"training.max_steps 20 -> 30: schedule .cos. .* is shaped by max_steps.*"
+                                          r"training.init_from=.*cosine/r/checkpoints/step_00000020 \(another run_name\)"):
         run("cosine", 30, "schedule=cos", "training.resume=true")
 
 

@@ -219,7 +219,7 @@ def test_an_unsafe_pickle_is_refused_in_our_words(tmp_path, offline_data):
     checkpoint_files._write_manifest(str(folder))  # checksums rewritten to match: only the safe load stands
     proc = run_cli(args + [f"training.resume={folder}"], cwd=tmp_path)
     said = proc.stderr.splitlines()
-    assert said[0].startswith("pace-train: r died after step 4 logged")  # as_if_killed: told, then refused
+    assert said[0].startswith("pace-train: r died after step 4 recorded")  # as_if_killed: told, then refused
     proc.stderr = "\n".join(said[1:])
     line = refused(proc, "pace-train", f"checkpoint file {folder / 'state.pt'} holds objects that a safe load",
                    "so it was not loaded")

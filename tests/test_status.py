@@ -27,16 +27,16 @@ def test_each_state_from_the_record_and_the_lock(tmp_path):
     write_record(tmp_path / "stopped", status="interrupted", step_logs=[dict(step=10), dict(step=20)])
     (tmp_path / "stopped" / "checkpoints" / "step_00000020").mkdir(parents=True)
     state, detail = run_state(tmp_path / "stopped")
-    assert state == "interrupted" and "after step 20 logged" in detail and "step_00000020 to resume from" in detail
+    assert state == "interrupted" and "after step 20 recorded" in detail and "step_00000020 to resume from" in detail
     write_record(tmp_path / "bad", status="failed", error="OSError: no space")
     assert run_state(tmp_path / "bad") == ("failed", "OSError: no space; no checkpoint")
     write_record(tmp_path / "live", step_logs=[dict(step=5)])
     with run_lock(str(tmp_path / "live")):
         assert holder(str(tmp_path / "live")) == os.getpid()
-        assert run_state(tmp_path / "live") == ("running", f"pid {os.getpid()}, step 5 logged")
+        assert run_state(tmp_path / "live") == ("running", f"pid {os.getpid()}, step 5 recorded")
     assert holder(str(tmp_path / "live")) is None  # released with its holder
     state, detail = run_state(tmp_path / "live")  # "running", and nobody holds it: it died
-    assert state == "died" and detail.startswith("after step 5 logged") and detail.endswith("no checkpoint")
+    assert state == "died" and detail.startswith("after step 5 recorded") and detail.endswith("no checkpoint")
 
 
 def test_status_needs_nothing_else(tmp_path):
@@ -54,7 +54,7 @@ def test_status_of_a_figure_prints_a_line_per_run_and_the_totals(tmp_path):
     assert sorted(str(p) for p in tmp_path.rglob("*")) == before  # it only reads
     lines = proc.stdout.splitlines()
     assert lines[0] == "demo/pace_lr0.001_seed0: complete: final_val_loss 5.8000"
-    assert lines[1].startswith("demo/pace_lr0.003_seed0: died: after step 40 logged")
+    assert lines[1].startswith("demo/pace_lr0.003_seed0: died: after step 40 recorded")
     assert lines[-1] == "pace-figure: demo: 7 not started, 1 complete, 1 died (9 runs under runs/figures/demo)"
 
 

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import sys
+import warnings
 
 import hydra
 from omegaconf import DictConfig
@@ -16,9 +17,50 @@ from pace_lm import PaceLMError
 from pace_lm.config.compose import CONF_DIR  # importing it registers the ${pkgdir:...} resolver
 
 
+def one_line_warnings(prog):
+    """Warnings raised in this package printed as one line, `prog: warning: ...`, not Python's report with
+    the source line; those of other libraries as Python prints them."""
+    ours = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # src/: pace and pace_lm
+    default = warnings.formatwarning
+
+    def one_line(message, category, filename, lineno, line=None):
+        if os.path.abspath(filename).startswith(ours + os.sep):
+            return f"{prog}: warning: {message}\n"
+        return default(message, category, filename, lineno, line)
+
+    warnings.formatwarning = one_line
+
+
+TRAIN_USAGE = """usage: pace-train [group=choice ...] [key=value ...] [--cfg job] [-m a=x,y ...]
+
+Train one run; its record goes to <training.out_dir>/<run_name>/record.json (see the README).
+
+  group=choice        a shipped config of a group:
+{groups}
+  key=value           any key of the config, e.g. training.max_steps=500 optimizer.lr=3e-4
+  --cfg job           print the composed config (every key, with its value) and run nothing
+  -m a=x,y b=u,v      a multirun: one run per combination, one after another; a failed run does not stop
+                      the others, and the failures are listed at the end (exit 2)
+  --hydra-help        Hydra's own flags"""
+
+
+def train_usage():
+    """pace-train --help: the groups a run can choose (pace_lm/conf/<group>/), each with its choices."""
+    from pace_lm.config.compose import GROUPS
+    lines = [f"                      {g}: " + ", ".join(sorted(f[:-5] for f in os.listdir(os.path.join(CONF_DIR, g))
+                                                          if f.endswith(".yaml"))) for g in GROUPS]
+    return TRAIN_USAGE.format(groups="\n".join(lines))
+
+
+_FAILED = []  # a multirun's failed runs: (run_name, error), in order
+
+
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="train")
 def _train_app(cfg: DictConfig):
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
     from pace_lm.run.train import Interrupted, train
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         record = train(cfg)
     except Interrupted as e:  # checkpointed: exit as a process the signal ended would (128 + its number)
@@ -26,7 +68,14 @@ def _train_app(cfg: DictConfig):
         sys.exit(128 + e.signum)
     except (PaceLMError, OmegaConfBaseException) as e:
         print(f"pace-train: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        if not multirun:
+            sys.exit(2)
+        return _FAILED.append((cfg.run_name, str(e)))
+    except Exception as e:  # a crash in one run of a multirun: its record says failed; the others go on
+        if not multirun:
+            raise
+        print(f"pace-train: error: {cfg.run_name}: {type(e).__name__}: {e}", file=sys.stderr)
+        return _FAILED.append((cfg.run_name, f"{type(e).__name__}: {e}"))
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for the run
         return
     s = record["summary"]
@@ -35,18 +84,60 @@ def _train_app(cfg: DictConfig):
 
 
 def train_main():
-    """pace-train [overrides]: train one run (see `pace-train --help` and the README). The overrides are
-    composed first, so that a mistake in them is one line naming the key (and the choices), exit 2, rather
-    than Hydra's report."""
-    args = sys.argv[1:]
-    if not any(a.startswith("-") or a.startswith(("hydra.", "+hydra")) for a in args):
-        from pace_lm.config.compose import compose
-        try:
-            compose(args)
-        except (HydraException, OmegaConfBaseException) as e:
-            print(f"pace-train: error: {override_error(e)}", file=sys.stderr)
-            sys.exit(2)
+    """pace-train [overrides]: train one run, or a multirun (see `pace-train --help` and the README). The
+    arguments are checked first, every run of a multirun composed, so that a mistake is one line naming the
+    key (and the choices), exit 2, before anything runs or is written."""
+    from hydra._internal.utils import get_args_parser  # Hydra's own command line
+    one_line_warnings("pace-train")
+    argv = sys.argv[1:]
+    args = get_args_parser().parse_intermixed_args(argv)  # flags anywhere, e.g. `lr=1,2 -m seed=0,1`
+    flags = list(argv)
+    for override in args.overrides:
+        flags.remove(override)
+    sys.argv[1:] = flags + args.overrides  # as Hydra parses it: the flags, then the overrides
+    if args.help:
+        print(train_usage())
+        return
+    try:
+        _check_train_args(args)
+    except PaceLMError as e:
+        print(f"pace-train: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except (HydraException, OmegaConfBaseException) as e:
+        print(f"pace-train: error: {override_error(e)}", file=sys.stderr)
+        sys.exit(2)
     _train_app()
+    if _FAILED:
+        print(f"pace-train: {len(_FAILED)} run(s) of the multirun failed: " +
+              "; ".join(f"{name} ({why})" for name, why in _FAILED), file=sys.stderr)
+        sys.exit(2)
+
+
+def _check_train_args(args):
+    """Refuse what Hydra would refuse (an unknown --config-name, a bad override in any run of a multirun)
+    before Hydra runs or writes anything. Hydra's own keys and a user's --config-dir are left to Hydra."""
+    from pace_lm.config.compose import compose
+    if args.hydra_help or args.info or args.shell_completion or args.config_dir or args.config_path:
+        return
+    name = args.config_name or "train"
+    if not os.path.isfile(os.path.join(CONF_DIR, f"{name}.yaml")):
+        shipped = sorted(f[:-5] for f in os.listdir(CONF_DIR) if f.endswith(".yaml"))
+        raise PaceLMError(f"--config-name {name}: no such config; pace-train's: {', '.join(shipped)} "
+                          f"(a config of your own: --config-dir DIR --config-name NAME)")
+    if any(a.lstrip("+~").startswith("hydra.") for a in args.overrides):
+        return
+    for job in _jobs(args.overrides, args.multirun):
+        compose(job, config_name=name)
+
+
+def _jobs(overrides, multirun):
+    """The override lists of each run: one, or a multirun's combinations (as Hydra's basic sweeper makes them)."""
+    if not multirun:
+        return [overrides]
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    parsed = OverridesParser.create().parse_overrides(overrides=overrides)
+    return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
 
 
 def override_error(e):
@@ -73,6 +164,7 @@ def data_main(argv=None):
     """pace-data: tokenize a dataset once into a folder pace-train reads (dataset.path)."""
     from pace_lm.data.formats import parse_columns
     from pace_lm.data.prepare import PRESETS, Request, prepare
+    one_line_warnings("pace-data")
     p = _data_parser()
     args = p.parse_args(argv)
 
@@ -203,6 +295,7 @@ def _parse_figure_args(argv):
 def figure_main(argv=None):
     """pace-figure: a paper figure as a sweep of pace-train runs: its commands, running them, its plot."""
     argv = sys.argv[1:] if argv is None else argv
+    one_line_warnings("pace-figure")
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(FIGURE_USAGE)
         return

@@ -23,6 +23,7 @@ import statistics
 from pace_lm import PaceLMError
 
 from pace_lm.files import marks
+from pace_lm.figures.specs import line_keys, line_label
 from pace_lm.config.compose import GROUPS, SHORT
 from pace_lm.run.records import RECORD, read_pretrained_loss, read_record
 
@@ -46,12 +47,11 @@ def collect(fig, out_dir):
         except ValueError as e:
             raise PaceLMError(f"{path} is not a readable record: {e}") from e
         config = record.get("config")
-        line_keys = [k for k in (p["line"] or run.values) if k in run.values and k not in (p["x"], p["panel"], "seed")]
         row = dict(run=run.name, status=record["status"], reference=p["x"] not in run.values,
                    seed=_get(config, "seed") if config else run.values.get("seed"),
                    x=_get(config, p["x"]) if config else run.values.get(p["x"]),
                    panel=_get(config, p["panel"]) if config and p["panel"] else run.values.get(p["panel"]),
-                   line=" ".join(_label(k, _get(config, k) if config else run.values[k]) for k in line_keys))
+                   line=line_label(line_keys(p, run), lambda k: _get(config, k) if config else run.values[k]))
         for label, key in (p["split"].get(row["line"]) or {row["line"]: p["metric"]}).items():
             curve = _curve(record, key)
             rows.append(dict(row, line=label, value=_value(record, key, path, fig), curve=curve,
@@ -90,10 +90,6 @@ def _get(config, key):
             return None
         node = node[part]
     return node
-
-
-def _label(key, value):
-    return str(value) if key in GROUPS else f"{SHORT.get(key, key.rsplit('.', 1)[-1])}={value}"
 
 
 def _cells(rows):

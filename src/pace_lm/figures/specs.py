@@ -135,11 +135,15 @@ def load_figure(fig):
     return fig
 
 
-def line_labels(plot, run):
-    """The line a run draws (pace_lm.figures.plots reads the same keys from its record)."""
-    keys = [k for k in (plot["line"] or run.values) if k in run.values and k not in (plot["x"], plot["panel"], "seed")]
-    return " ".join(str(run.values[k]) if k in GROUPS else f"{SHORT.get(k, k.rsplit('.', 1)[-1])}={run.values[k]}"
-                    for k in keys)
+def line_keys(plot, run):
+    """The keys that name a run's line: plot.line's (else all the run's) that the run sets, but x, panel and seed."""
+    return [k for k in (plot["line"] or run.values) if k in run.values and k not in (plot["x"], plot["panel"], "seed")]
+
+
+def line_label(keys, value):
+    """A line's label from `value(key)` of each of its keys: a group's choice by its name, another key as
+    short=value (the plot reads the values from the records, the spec's check from the runs)."""
+    return " ".join(str(value(k)) if k in GROUPS else f"{SHORT.get(k, k.rsplit('.', 1)[-1])}={value(k)}" for k in keys)
 
 
 def check_plot(fig, where):
@@ -161,7 +165,7 @@ def check_plot(fig, where):
             if node is None:
                 raise PaceLMError(f"{where}: {name}={key!r} is neither a key its runs set nor one of pace-train's "
                                   f"config; its runs set {', '.join(sorted(set_by_runs - {'seed'}))}")
-    lines = {line_labels(p, r) for r in fig.runs}
+    lines = {line_label(line_keys(p, r), r.values.get) for r in fig.runs}
     for line, parts in p["split"].items():
         if line not in lines or not isinstance(parts, dict):
             raise PaceLMError(f"{where}: plot.split's {line!r} is not a line of its runs ({sorted(lines)}), or "

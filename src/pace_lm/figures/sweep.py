@@ -217,7 +217,7 @@ def _ended(job):
 
 def _record_end(job, record, how):
     """Write the end of a child that ended without writing it (killed, crashed, or refused before its
-    record): status failed, the exit status, the last step logged, whether a checkpoint is there to
+    record): status failed, the exit status, the step its record reached, whether a checkpoint is there to
     resume from, and the child's last line of output."""
     with run_lock(job.run_dir):  # the child is gone; no other writer may start meanwhile
         step = last_step(record or {})
@@ -225,7 +225,7 @@ def _record_end(job, record, how):
         last = checkpoint_files.latest(job.paths.checkpoints)
         said = _last_line(os.path.join(job.run_dir, LOG))
         record.end("failed", f"the pace-train process ended ({how}) after step {step} "
-                             f"logged, {'checkpoint ' + last + ' to resume from' if last else 'no checkpoint'}"
+                             f"recorded, {'checkpoint ' + last + ' to resume from' if last else 'no checkpoint'}"
                              + (f"; its last output: {said}" if said else "; it wrote nothing"))
         record.write(job.paths.record)
     return record.to_json()

@@ -15,7 +15,6 @@ from pace_lm.files.atomic import os_error, replace_folder, write_failed
 from pace_lm.config.registry import ARCHS, DTYPES
 
 
-
 def _strict_errors():
     """huggingface_hub's config validation error (its configs are strict dataclasses), if it has one."""
     import huggingface_hub.errors as hub_errors
@@ -27,9 +26,15 @@ def _load_errors():
     return (OSError, ValueError, hub_errors.HFValidationError)
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
 def load_tokenizer(name_or_path, gguf_file=None, revision=None):
     """A fast tokenizer from a hub id, a local folder, or a GGUF file in a folder."""
     from transformers import AutoTokenizer
+    if gguf_file is None and os.path.isdir(name_or_path) and not any(
+            os.path.exists(os.path.join(name_or_path, f)) for f in TOKENIZER_FILES):
+        raise PaceLMError(f"{name_or_path!r} has no tokenizer (none of {', '.join(TOKENIZER_FILES)})")
     try:
         tok = AutoTokenizer.from_pretrained(name_or_path, gguf_file=gguf_file, revision=revision,
                                             trust_remote_code=False)

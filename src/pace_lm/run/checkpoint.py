@@ -118,7 +118,8 @@ def _check_extension(old_steps, new_steps, step, schedule, folder):
         raise PaceLMError(f"training.max_steps {old_steps} -> {new_steps}: schedule {schedule.name!r} (warm-up "
                           f"{schedule.warmup_fraction} of the steps) is shaped by max_steps, so the {step} steps "
                           f"trained would not have had their lr under the new horizon; extend a run of a constant lr "
-                          f"without warm-up, or start a new run with the new horizon")
+                          f"without warm-up, or start a new run of the new horizon from this one's weights and "
+                          f"optimizer state: training.init_from={folder} (another run_name)")
 
 
 def _components_of_the_first_layout(state, rank_part):

@@ -157,6 +157,7 @@ class Loop:
         parts.opt.zero_grad(set_to_none=True)
         for averager in parts.averagers.values():
             averager.update(step + 1)
+        self.record.step = step + 1
         t_step = time.time() - t0
         progress.t_train += t_step
         if step == 0:

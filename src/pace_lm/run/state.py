@@ -16,7 +16,10 @@ STATES = ("not started", *STATUSES, "died", "unreadable")
 
 
 def last_step(record):
-    """The last step the record logged (0 before the first log)."""
+    """The step the run had reached when its record was last written (a record from before records kept it:
+    its last logged step; 0 before the first)."""
+    if record.get("step") is not None:
+        return record["step"]
     steps = record.get("step_logs") or []
     return steps[-1]["step"] if steps else 0
 
@@ -37,13 +40,13 @@ def run_state(run_dir):
     where = f"checkpoint {ckpt} to resume from" if ckpt else "no checkpoint"
     if status == "running":
         if pid:
-            return "running", f"pid {pid}, step {step} logged"
-        return "died", f"after step {step} logged (its record says running; no process holds it), {where}"
+            return "running", f"pid {pid}, step {step} recorded"
+        return "died", f"after step {step} recorded (its record says running; no process holds it), {where}"
     if status == "complete":
         loss = (record.get("summary") or {}).get("final_val_loss")
         return "complete", f"final_val_loss {loss:.4f}" if loss is not None else ""
     if status == "interrupted":
-        return "interrupted", f"after step {step} logged, {where}"
+        return "interrupted", f"after step {step} recorded, {where}"
     return status, f"{record.get('error')}; {where}"
 
 

@@ -102,9 +102,14 @@ def run_locked(spec, world, device, paths):
     before = previous_end(paths.dir) if world.main else None  # how the last start of this run ended
     resume_from = checkpoint.find(tc.resume, paths.checkpoints, tc.overwrite)
     if before and before["end"]["status"] == "died":
-        print(f"pace-train: {spec.run_name} died after step {before['end']['step']} logged (its record said "
+        print(f"pace-train: {spec.run_name} died after step {before['end']['step']} recorded (its record said "
               f"running; no process held it): {'resuming from ' + resume_from if resume_from else 'starting again'}",
               file=sys.stderr, flush=True)
+    if not tc.progress:  # the libraries' bars (preparing missing data, a GGUF's de-quantizing) go with ours
+        import datasets
+        import transformers
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
     data = load_data(spec, world)
     resumed, extended = None, {}
     if resume_from:  # find() checked its files against the manifest
@@ -120,9 +125,6 @@ def run_locked(spec, world, device, paths):
     if before:  # the history of the run's earlier ends, the latest last
         record.ends = before["ends"] + [before["end"]]
     torch.manual_seed(spec.seed)
-    if not tc.progress:  # transformers' loading bars (a GGUF's de-quantizing) are progress bars too
-        import transformers
-        transformers.utils.logging.disable_progress_bar()
     model = build_model(spec.model, data.tokenizer).to(device)  # a bad model config errs before any record
     if world.main:
         if tc.overwrite:
