@@ -78,6 +78,12 @@ def test_architecture_arguments_of_a_pretrained_model_are_refused():
     ("dataset.subset_ratio=0", "dataset.subset_ratio=0 must be in"),
     ("training.batch_size=12 training.micro_batch_size=8", "not a multiple"),
     ("seed=one", "seed='one' must be an integer"),
+    ("training.step_in_backward=true optimizer=schedulefree training.grad_clip=0",
+     "step_in_backward=true steps each parameter .*, which optimizer=schedulefree cannot"),
+    ("training.step_in_backward=true training.grad_clip=0", "cannot accumulate micro-batches: set "
+                                                            "training.micro_batch_size=16"),
+    ("training.step_in_backward=true training.micro_batch_size=16", "before the global grad norm exists: set "
+                                                                    "training.grad_clip=0, or training.grad_clip_per"),
 ])
 def test_each_rule_is_one_clear_error(override, message):
     with pytest.raises(PaceLMError, match=message):
@@ -89,6 +95,13 @@ def test_a_missing_key_is_named():
     del raw["training"]["log_interval"]
     with pytest.raises(PaceLMError, match="training.log_interval is missing"):
         schema.validate(raw)
+
+
+def test_a_step_in_the_backward_pass_runs_in_one_process():
+    cfg = compose(["training.step_in_backward=true", "training.grad_clip=0", "training.micro_batch_size=16"])
+    schema.validate(cfg, ranks=1)
+    with pytest.raises(PaceLMError, match="before the 2 ranks' grads are reduced: it runs in one process"):
+        schema.validate(cfg, ranks=2)
 
 
 def test_the_batch_must_split_over_the_ranks():

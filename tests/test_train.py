@@ -50,7 +50,8 @@ def test_record_is_complete_and_loss_falls(pace_run):
     on_disk = json.loads((out / "r" / "record.json").read_text())
     assert on_disk == json.loads(json.dumps(record))
     assert record["status"] == "complete" and record["error"] is None
-    assert set(record) == {"status", "error", "config", "data", "summary", "eval_logs", "step_logs"}
+    assert set(record) == {"status", "error", "step", "config", "data", "summary", "eval_logs", "step_logs"}
+    assert record["step"] == 30
     s = record["summary"]
     assert SUMMARY_KEYS <= set(s)
     assert s["returned"] == "ema" and s["final_val_loss"] == s["val_loss"] == s["ema_val_loss"]
@@ -119,6 +120,41 @@ def test_telemetry_is_logged_at_log_steps_and_changes_nothing(offline_data, tmp_
         assert set(b) == set(a) | set(STAT_NAMES)
         assert 0 < b["lambda_mean"] <= b["lambda_max"] <= 1 and b["update_norm"] > 0 and b["dist_to_ema"] > 0
     assert plain["summary"]["final_val_loss"] == stats["summary"]["final_val_loss"]
+
+
+def _same_run(a, b):
+    """Two records of one run: every number equal, but the logged grad norm and telemetry, which sum over
+    the parameters in another order where the step runs in the backward pass (equal to float32's ulps)."""
+    assert a["eval_logs"] == b["eval_logs"] and a["summary"]["final_val_loss"] == b["summary"]["final_val_loss"]
+    for x, y in zip(strip_timing(a["step_logs"]), strip_timing(b["step_logs"])):
+        summed = {"grad_norm", "lambda_mean", "frac_clipped", "update_norm", "pullback_norm", "dist_to_ema"}
+        assert {k: v for k, v in x.items() if k not in summed} == {k: v for k, v in y.items() if k not in summed}
+        assert {k: pytest.approx(x[k], rel=1e-5) for k in summed} == {k: y[k] for k in summed}
+
+
+def test_a_run_stepped_in_the_backward_pass_is_the_run_stepped_after_it(offline_data, tmp_path):
+    """training.step_in_backward=true (pace.backward), and model.gradient_checkpointing=true: the same run as
+    the whole-model step without checkpointing, with no clip and with each parameter's grad clipped alone."""
+    runs = {}
+    for n, clip in enumerate(("training.grad_clip=0", "training.grad_clip=0.2")):
+        per_param = [] if clip.endswith("=0") else ["training.grad_clip_per_parameter=true"]
+        for how in ([], ["training.step_in_backward=true"], ["training.step_in_backward=true",
+                                                             "model.gradient_checkpointing=true"]):
+            runs[clip, len(how)] = train(small_cfg(offline_data, tmp_path / f"{n}{len(how)}", "optimizer=pace",
+                                                   "optimizer.log_stats=true", clip, *per_param, *how, steps=10))
+        _same_run(runs[clip, 0], runs[clip, 1])
+        _same_run(runs[clip, 0], runs[clip, 2])
+    assert runs["training.grad_clip=0.2", 0]["eval_logs"] != runs["training.grad_clip=0", 0]["eval_logs"]  # it clips
+
+
+def test_a_run_stepped_in_the_backward_pass_resumes_to_the_same_record(offline_data, tmp_path):
+    how = ["optimizer=pace", "training.step_in_backward=true", "training.grad_clip=0"]
+    straight = train(small_cfg(offline_data, tmp_path / "s", *how, steps=10))
+    train(small_cfg(offline_data, tmp_path / "e", *how, "training.checkpoint.at_end=true", steps=5))
+    extended = train(small_cfg(offline_data, tmp_path / "e", *how, "training.resume=true", steps=10))
+    assert extended["resumed"][0]["step"] == 5
+    assert extended["eval_logs"][-1] == straight["eval_logs"][-1]  # the 5-step run evaluated at its end too
+    assert strip_timing(extended["step_logs"]) == strip_timing(straight["step_logs"])
 
 
 def test_gradient_accumulation_matches_one_big_batch(offline_data, tmp_path):

@@ -117,6 +117,7 @@ class PACE(ReturnsModel, Optimizer):
                         rounding=rounding, seed=seed)
         check_group(defaults)
         self._init_caches()
+        self._backward = None  # the pace.backward.BackwardStep stepping it in the backward pass, if any
         self.returned = ReturnedModel(self, GROUP_KEYS)
         super().__init__(params, defaults)
         wrapper = zero.building_zero()
@@ -150,8 +151,9 @@ class PACE(ReturnsModel, Optimizer):
         check_group({**self.defaults, **param_group, "params": params})
         super().add_param_group(dict(param_group, params=params))
 
-    def __getstate__(self):
-        return dict(super().__getstate__(), training=self.returned.training)
+    def __getstate__(self):  # the hooks of a step in the backward pass are the live model's, not pickled
+        state = {k: v for k, v in super().__getstate__().items() if k != "_backward"}
+        return dict(state, training=self.returned.training)
 
     def __setstate__(self, state):
         """Also what load_state_dict() ends with: a group saved by torch.optim.AdamW or an earlier PACE gets
@@ -160,6 +162,7 @@ class PACE(ReturnsModel, Optimizer):
         training = state.pop("training", None)
         super().__setstate__(state)  # adds torch's "differentiable" to defaults: not a PACE argument
         self._init_caches()
+        self.__dict__.setdefault("_backward", None)
         if "returned" not in self.__dict__:  # unpickled
             self.returned = ReturnedModel(self, GROUP_KEYS)
         for group in self.param_groups:
@@ -178,16 +181,17 @@ class PACE(ReturnsModel, Optimizer):
     # ---- the state ---------------------------------------------------------------
 
     def _init_group(self, group, params, grads, exp_avgs, exp_avg_sqs, emas, state_steps, compiling=False,
-                    undo=None):
+                    undo=None, only=None):
         """torch.optim's _init_group: the group's parameters with grads, and their state, into the named lists
         (emas only where the group keeps an EMA). State is made for a parameter stepped for the first time;
         `undo` (a list), when given, gets what removes it. torch.compile runs this eagerly while it traces
-        (compiling=True): the step counts are then tensors of their own, not views of a plan's."""
+        (compiling=True): the step counts are then tensors of their own, not views of a plan's. `only`: just
+        the parameter at that position (a step in the backward pass)."""
         needs_ema = keeps_ema(group)
         capturable = group["capturable"]
         stochastic = group["rounding"] == "stochastic"
         for position, p in enumerate(group["params"]):
-            if p.grad is None:
+            if p.grad is None or (only is not None and position != only):
                 continue
             if p.grad.is_sparse:
                 raise RuntimeError("PACE does not support sparse gradients")
@@ -223,10 +227,11 @@ class PACE(ReturnsModel, Optimizer):
         if compiling:
             self._planner.plans.clear()  # their shared step counts are gone
 
-    def _stepped(self, group, undo):
-        """The group's parameters with grads, their state made (pace.plan.Planner's init_group)."""
+    def _stepped(self, group, undo, position=None):
+        """The group's parameters with grads (or the one at `position`), their state made (pace.plan.Planner's
+        init_group)."""
         stepped = []
-        self._init_group(group, stepped, [], [], [], [], [], undo=undo)
+        self._init_group(group, stepped, [], [], [], [], [], undo=undo, only=position)
         return stepped
 
     def _group_index(self, group):
@@ -237,6 +242,11 @@ class PACE(ReturnsModel, Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
         """One step; closure (optional) re-evaluates the model and returns the loss."""
+        if self._backward is not None:
+            raise RuntimeError("PACE: step() while the step runs in the backward pass (step_in_backward): each "
+                               "parameter was stepped as its grad completed; a loop that calls step() (a global "
+                               "grad-norm clip, gradient accumulation, a closure, a GradScaler) needs the "
+                               "whole-model step: remove() the handle")
         self.returned.check_step("PACE")
         for group in self.param_groups:
             check_group(group)
@@ -282,11 +292,42 @@ class PACE(ReturnsModel, Optimizer):
         # kept as device tensors: get_step_stats() syncs, the step never does
         self._stats[0] = (partials, numel) if partials else None
 
+    def step_in_backward(self, clip_norm: float | None = None, track_grad_norm: bool = False):
+        """Step each parameter in the backward pass, as soon as its grad is complete, and free the grad
+        (pace.backward): the same weights, moments and EMA as step() after the whole backward, bit for bit,
+        without ever holding every grad. Returns the handle (pace.backward.BackwardStep: remove(), a context
+        manager, grad_norm()); while it is on, step() is refused. clip_norm clips each parameter's grad to
+        that norm (not a global-norm clip); track_grad_norm measures the global norm without clipping.
+        For one process (no DDP / FSDP), a backward pass per optimizer step (no gradient accumulation), no
+        GradScaler; lr schedulers work as with step()."""
+        from pace.backward import BackwardStep
+        return BackwardStep(self, clip_norm, track_grad_norm)
+
+    @torch.no_grad()
+    @torch._dynamo.disable
+    def _step_one(self, group, position):
+        """Step the parameter at `position` of `group` alone (its grad complete: pace.backward). Telemetry
+        adds up over the parameters until the handle starts the next backward pass."""
+        self.returned.check_step("PACE")
+        undo = []
+        try:
+            plan = self._planner.prepare(group, self.state, undo, position)
+        except BaseException:
+            for action in reversed(undo):
+                action()
+            raise
+        partials = []
+        numel = self._step_group(group, plan, partials)
+        if partials:
+            so_far, counted = self._stats[0] or ([], 0)
+            so_far.extend(partials)
+            self._stats[0] = (so_far, counted + numel)
+
     def _step_group(self, group, plan, partials):
         """Update every parameter of the group that has a grad; return the number of pulled coordinates."""
         pull = group["lambda_pullback"] > 0
         needs_ema = keeps_ema(group)
-        grads = [p.grad for p in group["params"]]
+        grads = [p.grad for p in plan.params]
         stats = group["log_stats"]
         for bucket in plan.buckets:
             if group["capturable"]:  # computed on the device from the count, whether the EMA updates too

@@ -206,7 +206,7 @@ def share_counts(stepped, counts, undo):
 
 class Planner:
     """The plans of one optimizer's groups and what the paths keep between steps: never pickled, rebuilt on
-    demand. `init_group(group, stepped, undo)` is the optimizer's: it makes the state of parameters stepped
+    demand. `init_group(group, undo, position)` is the optimizer's: it makes the state of parameters stepped
     for the first time and lists the parameters with grads."""
 
     def __init__(self, init_group):
@@ -215,16 +215,18 @@ class Planner:
         self.launcher = None  # triton_kernel.Launcher: device tables of the parameter sets seen
         self.scratch = {}  # (device, dtype) -> flat temporaries of the foreach path
 
-    def prepare(self, group, state, undo):
+    def prepare(self, group, state, undo, position=None):
         """The plan of `group` (of the optimizer whose state is `state`) for this step, its step counts
-        advanced; `undo` gets what puts everything back."""
-        params = group["params"]
+        advanced; `undo` gets what puts everything back. With `position`: the plan of that one parameter of
+        the group (a step in the backward pass, pace.backward), kept beside the group's."""
+        params = group["params"] if position is None else [group["params"][position]]
         grads = [p.grad for p in params]  # once: each read of p.grad costs a call into torch
         has_grad = [g is not None for g in grads]
         if any(g is not None and g.is_sparse for g in grads):
             raise RuntimeError("PACE does not support sparse gradients")
         needs_ema = keeps_ema(group)
-        plan = self.plans.get(id(group))
+        key = id(group) if position is None else (id(group), position)
+        plan = self.plans.get(key)
         if plan is not None and plan.fits(group, params, has_grad, needs_ema, state):
             plan.advance()
             undo.append(plan.retreat)
@@ -232,21 +234,22 @@ class Planner:
         if group["capturable"] and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
             raise RuntimeError("PACE: the parameters with grads changed inside CUDA graph capture; capture a step "
                                "only after an eager step with the same parameters with grads")
-        plan = self._build(group, state, params, has_grad, needs_ema, undo)
-        undo.append(lambda old=self.plans.get(id(group)): self._keep(group, old))
-        self.plans[id(group)] = plan
+        plan = self._build(group, state, params, has_grad, needs_ema, undo, position)
+        undo.append(lambda old=self.plans.get(key): self._keep(key, old))
+        self.plans[key] = plan
         return plan
 
-    def _keep(self, group, plan):
+    def _keep(self, key, plan):
         if plan is None:
-            self.plans.pop(id(group), None)
+            self.plans.pop(key, None)
         else:
-            self.plans[id(group)] = plan
+            self.plans[key] = plan
 
-    def _build(self, group, state, params, has_grad, needs_ema, undo):
+    def _build(self, group, state, params, has_grad, needs_ema, undo, position=None):
         """Make the state of parameters stepped for the first time, advance every step count, and sort the
-        parameters with grads into buckets (device, dtype, step count), each with the path that steps it."""
-        stepped = self.init_group(group, undo)
+        parameters with grads into buckets (device, dtype, step count), each with the path that steps it.
+        A bucket's index holds the parameters' positions in `params`."""
+        stepped = self.init_group(group, undo, position)
         positions = [i for i, h in enumerate(has_grad) if h]
         states = [(i, p, state[p]) for i, p in zip(positions, stepped)]
         counts = read_counts([s["step"] for _, _, s in states])  # before this step

@@ -45,6 +45,8 @@ class Training:
     max_seq_len: Optional[int]
     pad_to: str
     grad_clip: Optional[float]
+    grad_clip_per_parameter: bool
+    step_in_backward: bool
     eval_interval: int
     eval_batches: int
     eval_batch_size: int
@@ -110,6 +112,7 @@ class Model:
     dtype: str
     attn_implementation: Optional[str]
     pad_vocab_to_multiple_of: int
+    gradient_checkpointing: bool
     config: dict               # free-form: the architecture's own arguments (transformers checks them)
 
 
@@ -161,6 +164,8 @@ def validate(cfg, ranks=None, resolve=False):
     raw.update(optimizer=validate_optimizer(raw.get("optimizer")), model=validate_model(raw.get("model", {})))
     spec = _build(Config, raw, "")
     _check_training(spec.training, int(os.environ.get("WORLD_SIZE", "1")) if ranks is None else ranks)
+    _check_step_in_backward(spec.training, spec.optimizer, int(os.environ.get("WORLD_SIZE", "1")) if ranks is None
+                            else ranks)
     _check_averaging(spec.averaging, spec.optimizer.method.returns, spec.training.max_steps)
     _check_schedule(spec.schedule)
     if not 0 < spec.dataset.subset_ratio <= 1:
@@ -240,6 +245,25 @@ def _check_training(tc, ranks):
                           f"(0: none)")
     if tc.checkpoint.keep < 1:
         raise PaceLMError(f"training.checkpoint.keep={tc.checkpoint.keep!r} must be a positive integer")
+
+
+def _check_step_in_backward(tc, opt, ranks):
+    """What a step in the backward pass cannot do (pace.backward), each refused naming the key."""
+    if not tc.step_in_backward:
+        return
+    why = "training.step_in_backward=true steps each parameter as soon as its grad is complete"
+    if not isinstance(opt.args, PACEArgs):
+        raise PaceLMError(f"{why}, which optimizer={opt.name} cannot; choose a PACE method (adamw, ema, pace, "
+                          f"lawa, swa)")
+    if ranks > 1:
+        raise PaceLMError(f"{why}, before the {ranks} ranks' grads are reduced: it runs in one process")
+    if tc.micro_batch_size != tc.batch_size:
+        raise PaceLMError(f"{why}, so it cannot accumulate micro-batches: set training.micro_batch_size="
+                          f"{tc.batch_size} (= training.batch_size)")
+    if tc.grad_clip and not tc.grad_clip_per_parameter:
+        raise PaceLMError(f"{why}, before the global grad norm exists: set training.grad_clip=0, or "
+                          f"training.grad_clip_per_parameter=true (each parameter's grad clipped to "
+                          f"training.grad_clip={tc.grad_clip} on its own: another run)")
 
 
 def enabled_averagers(averaging, returns):

@@ -80,6 +80,12 @@ def build_model(spec, tokenizer):
             model.hf_quantizer.remove_quantization_config(model)
         if len(tokenizer) > model.get_input_embeddings().num_embeddings:  # e.g. ChatML tokens added
             model.resize_token_embeddings(len(tokenizer))
+    if spec.gradient_checkpointing:  # each layer's activations recomputed in the backward pass, not kept
+        # non-reentrant: the grads are the same, and each parameter's grad hook fires (pace.backward)
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 

@@ -13,6 +13,7 @@ import math
 
 import torch
 
+from pace.backward import CLIP_EPS
 from pace_lm.config.registry import get_schedule
 
 
@@ -41,7 +42,14 @@ def set_lr(opt, base_lrs, factor):
         group["lr"] = base * factor
 
 
-def grad_norm_clip(model, max_norm):
-    """Clip the global gradient norm; return it (a device tensor: no sync here)."""
+def grad_norm_clip(model, max_norm, per_parameter=False):
+    """Clip the global gradient norm, or with `per_parameter` each parameter's grad to max_norm on its own
+    (pace.backward's rule, so that the whole-model step can run the same run); return the global norm before
+    clipping (a device tensor: no sync here)."""
     params = [p for p in model.parameters() if p.grad is not None]
-    return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm and max_norm > 0 else math.inf)
+    if not per_parameter:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm and max_norm > 0 else math.inf)
+    norms = [torch.linalg.vector_norm(p.grad, dtype=torch.float32) for p in params]
+    for p, norm in zip(params, norms):
+        p.grad.mul_(torch.clamp(max_norm / (norm + CLIP_EPS), max=1.0).to(p.grad.dtype))
+    return torch.linalg.vector_norm(torch.stack(norms))  # as clip_grad_norm_ takes the norm of the norms

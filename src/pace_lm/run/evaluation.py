@@ -24,7 +24,9 @@ class Diverged(PaceLMError):
 
 def batch_loss(model, batch):
     """(summed next-token cross-entropy over the trained positions, their count) of a (B, T) batch."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
+    # no key/value cache: nothing is generated (and activation checkpointing would turn it off, warning)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    # logits: (B, T, V)
     labels = batch["labels"][:, 1:]                                                               # (B, T-1)
     loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
                            ignore_index=IGNORE_INDEX, reduction="sum")

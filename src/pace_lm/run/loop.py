@@ -143,6 +143,10 @@ class Loop:
         # hence the factor world.size
         scale = max(1, n_step) if world.size == 1 else max(1, n_step) / world.size
         mine = micro[world.rank * self.accum:(world.rank + 1) * self.accum]
+        if self.telemetry:  # PACE's statistics on the steps that log, and only there (they cost a pass)
+            parts.opt.set_log_stats(stats)
+        if parts.backward is not None:  # the grad norm, measured in the backward pass where it is logged
+            parts.backward.track_grad_norm = stats
         for j, m in enumerate(mine):
             with distributed.grad_sync(parts.step_model, world, sync=j == self.accum - 1), self.autocast:
                 loss_sum, _ = batch_loss(self.forward, to_device(m, parts.device))
@@ -150,11 +154,12 @@ class Loop:
             self.logs.add(loss_sum)
         self.logs.count(n_step)
         progress.trained += n_step
-        grad_norm = grad_norm_clip(parts.model, tc.grad_clip)
-        if self.telemetry:  # PACE's statistics on the steps that log, and only there (they cost a pass)
-            parts.opt.set_log_stats(stats)
-        parts.opt.step()
-        parts.opt.zero_grad(set_to_none=True)
+        if parts.backward is None:
+            grad_norm = grad_norm_clip(parts.model, tc.grad_clip, tc.grad_clip_per_parameter)
+            parts.opt.step()
+            parts.opt.zero_grad(set_to_none=True)
+        else:  # each parameter was stepped, its grad clipped and freed, in the backward pass (pace.backward)
+            grad_norm = parts.backward.grad_norm()
         for averager in parts.averagers.values():
             averager.update(step + 1)
         self.record.step = step + 1

@@ -123,7 +123,8 @@ def read_record_or_none(path):
 # whose config differs from another only in these is the same run (a sweep keeps it; a resume goes on).
 NOT_COMPARED = ("training.out_dir", "training.progress", "training.overwrite", "training.save_model",
                 "training.resume", "training.checkpoint.", "training.device", "training.parallel",
-                "training.compile_model", "optimizer.impl", "logging.")
+                "training.compile_model", "training.step_in_backward", "model.gradient_checkpointing",
+                "optimizer.impl", "logging.")
 
 
 def config_diff(a, b, ignore=()):

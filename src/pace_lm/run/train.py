@@ -92,6 +92,7 @@ class Parts:
     kept: dict                 # {returned name: kept model}: averaging.kept_models
     returns: str               # the key in `kept` of the model the run returns
     device: torch.device
+    backward: object = None    # pace.backward.BackwardStep where the step runs in the backward pass
 
 
 def run_locked(spec, world, device, paths):
@@ -201,8 +202,10 @@ def build_parts(spec, model, world, device):
     method = spec.optimizer.method
     averagers = averaging.build_averagers(spec.averaging, schema.enabled_averagers(spec.averaging, method.returns),
                                           model.parameters())
+    tc = spec.training  # the schema allows step_in_backward only where it steps every parameter as step() would
+    backward = opt.step_in_backward(clip_norm=tc.grad_clip or None) if tc.step_in_backward else None
     return Parts(model, step_model, opt, averagers, averaging.kept_models(method, opt, averagers), method.returns,
-                 device)
+                 device, backward)
 
 
 # ---- setup helpers ------------------------------------------------------------------

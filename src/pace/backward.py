@@ -1,0 +1,122 @@
+"""The step in the backward pass: each parameter is stepped by PACE's rule as soon as its grad is complete
+(torch's post-accumulate-grad hook, the recipe of torchtune's optimizer_in_bwd) and its grad freed at once,
+so that the grads of the whole model are never held together: a full fine-tune then needs weights + state
++ one parameter's grad, not weights + grads + state.
+
+Each parameter's step is the whole-model step restricted to it (the same plan, path and arithmetic, every
+element's update independent of the others'), so the weights, moments and EMA are those of `opt.step()`,
+bit for bit. What needs every grad before any step cannot be done here: global-norm clipping, gradient
+accumulation over micro-batches, a closure, a GradScaler. `opt.step()` is refused while the handle is on,
+so a loop written for them stops at once rather than train otherwise; `clip_norm` clips each parameter's
+grad to that norm, which is not a global-norm clip (a parameter with a large grad is scaled alone).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from pace.rules import check_group
+from pace.tensors import DTensor
+
+CLIP_EPS = 1e-6  # as torch.nn.utils.clip_grad_norm_: coef = max_norm / (norm + 1e-6), at most 1
+
+
+class BackwardStep:
+    """The handle `PACE.step_in_backward()` returns: the hooks, the round's gradient norms and telemetry.
+
+    A round is one backward pass: it starts at the first parameter stepped again. `grad_norm()` is the
+    global norm of the last round's grads before clipping (computed only with clip_norm or track_grad_norm);
+    `remove()` (or leaving a `with` block) takes the hooks off, and `opt.step()` works again.
+    """
+
+    def __init__(self, opt, clip_norm: float | None = None, track_grad_norm: bool = False):
+        if clip_norm is not None and not clip_norm > 0:
+            raise ValueError(f"PACE.step_in_backward: clip_norm={clip_norm} must be > 0 (None: no clipping)")
+        _check_stepable(opt)
+        self.opt, self.clip_norm, self.track_grad_norm = opt, clip_norm, track_grad_norm
+        self._where = {}  # parameter -> (group, position): found again where the groups were replaced
+        self._round = set()  # ids of the parameters stepped in this backward pass
+        self._norms = []  # their grads' norms (device tensors), when measured
+        self._hooks = [p.register_post_accumulate_grad_hook(self._hook)
+                       for group in opt.param_groups for p in group["params"] if p.requires_grad]
+        opt._backward = self
+        # torch's contract for optimizers that handle scaling themselves: a GradScaler then calls step() at
+        # once, which says why it cannot be (its own check would fail on the freed grads, naming no cause)
+        opt._step_supports_amp_scaling = True
+
+    def remove(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        if self.opt._backward is self:
+            self.opt._backward = None
+            self.opt.__dict__.pop("_step_supports_amp_scaling", None)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+
+    def grad_norm(self) -> Tensor | None:
+        """The global norm of the last backward pass's grads before any clipping, a device tensor (no sync);
+        None where it is not measured (neither clip_norm nor track_grad_norm)."""
+        if not self._norms:
+            return None
+        return torch.linalg.vector_norm(torch.stack([n.to(self._norms[0].device) for n in self._norms]))
+
+    @torch.no_grad()
+    def _hook(self, p: Tensor) -> None:
+        if id(p) in self._round or not self._round:  # a new backward pass
+            self._new_round()
+        self._round.add(id(p))
+        group, position = self._locate(p)
+        grad = p.grad
+        if self.clip_norm is not None or self.track_grad_norm:
+            norm = torch.linalg.vector_norm(grad, dtype=torch.float32)
+            self._norms.append(norm)
+            if self.clip_norm is not None:
+                grad.mul_(torch.clamp(self.clip_norm / (norm + CLIP_EPS), max=1.0).to(grad.dtype))
+        self.opt._step_one(group, position)
+        p.grad = None  # the point: its memory goes back before the next parameter's grad is made
+
+    def _new_round(self):
+        self._round.clear()
+        self._norms = []
+        self.opt._stats[0] = None
+        for group in self.opt.param_groups:  # once a pass: a scheduler or the user may have changed them
+            check_group(group)
+        self.opt._opt_called = True  # what torch's lr schedulers read to know the optimizer has stepped
+
+    def _locate(self, p):
+        """(group, position) of parameter p in the optimizer's groups as they are now."""
+        where = self._where.get(p)
+        if where is not None and any(g is where[0] for g in self.opt.param_groups) and \
+                where[1] < len(where[0]["params"]) and where[0]["params"][where[1]] is p:
+            return where
+        for group in self.opt.param_groups:
+            for position, q in enumerate(group["params"]):
+                if q is p:
+                    self._where[p] = (group, position)
+                    return group, position
+        raise RuntimeError("PACE.step_in_backward: a hooked parameter is in none of the optimizer's param groups "
+                           "now; call remove() and step_in_backward() again after changing the groups")
+
+
+def _check_stepable(opt):
+    """What a step in the backward pass cannot do, refused before any hook is on."""
+    if opt._backward is not None:
+        raise RuntimeError("PACE.step_in_backward: this optimizer already steps in the backward pass; remove() "
+                           "that handle first")
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and \
+            torch.distributed.get_world_size() > 1:
+        raise RuntimeError("PACE.step_in_backward runs in one process: under DDP or FSDP a parameter's grad is "
+                           "complete only after the ranks' reduction, not when its hook fires")
+    for group in opt.param_groups:
+        if group["capturable"]:
+            raise ValueError("PACE.step_in_backward: capturable=True (CUDA graphs) steps the whole model at once; "
+                             "use capturable=False")
+        if any(isinstance(p, DTensor) for p in group["params"]):
+            raise ValueError("PACE.step_in_backward: DTensor (FSDP2, tensor-parallel) parameters are stepped after "
+                             "their reduction; use the whole-model step")
