@@ -5,6 +5,7 @@ import os
 import shlex
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 import pace_lm.figures.specs as figures
@@ -320,6 +321,25 @@ def test_pace_figure_scores_the_untrained_model_once_and_only_for_a_fine_tuning_
     assert calls == [fig.runs[0].name]
     assert read_pretrained_loss(str(tmp_path / "smollm2_sft")) == 3.5
     assert json.loads((tmp_path / "smollm2_sft" / "pretrained.json").read_text())["figure"] == "smollm2_sft"
+
+
+def test_the_untrained_model_is_scored_where_and_as_the_runs_are(offline_data, monkeypatch):
+    """pretrained_loss: the run's training.device (a GPU figure's cuda) and its dtype's autocast, not the CPU
+    in fp32: the reference row is measured as the rows it is compared with."""
+    import pace_lm.run.distributed as distributed
+    from pace_lm.config.schema import validate
+    asked = []
+
+    def device_of(name):
+        asked.append(name)
+        return torch.device("cpu")  # this machine has no GPU: where a cuda run's device would be
+    monkeypatch.setattr(distributed, "get_device", device_of)
+    scores = {dtype: sweep.pretrained_loss(validate(compose([f"dataset.path={offline_data}", "training.device=cuda:1",
+                                                             f"training.dtype={dtype}", "training.eval_batches=2"])))
+              for dtype in ("float32", "bfloat16")}
+    assert asked == ["cuda:1", "cuda:1"]
+    assert scores["float32"]["val_loss"] != scores["bfloat16"]["val_loss"]  # the autocast of the run's dtype
+    assert scores["float32"]["val_loss"] == pytest.approx(scores["bfloat16"]["val_loss"], rel=0.01)
 
 
 # ---- a figure of the user's own, and a spec checked whole ------------------------------------------------------

@@ -281,18 +281,19 @@ def check_jobs(opts, extra):
 
 def pretrained_loss(spec):
     """{"run", "val_loss", "val_batches", "model", "data"}: the run `spec`'s model before any step, scored on
-    the validation batches every run of its figure is scored on (pace-train's own evaluate)."""
+    the validation batches every run of its figure is scored on, as its runs score them (pace-train's own
+    evaluate, on the run's training.device, under its training.dtype's autocast)."""
     import torch
 
     from pace_lm.models.lm import build_model
-    from pace_lm.run.distributed import World
+    from pace_lm.run.distributed import World, get_device
     from pace_lm.run.evaluation import evaluate, get_autocast, get_val_batches
     from pace_lm.run.train import load_data
     loaded = load_data(spec, World())
     batches = get_val_batches(loaded.val, spec.training, loaded.pad_id, loaded.seq_len)
     torch.manual_seed(spec.seed)
-    model = build_model(spec.model, loaded.tokenizer)
-    device = torch.device("cpu")
+    device = get_device(spec.training.device)
+    model = build_model(spec.model, loaded.tokenizer).to(device)
     loss = evaluate(model, batches, device, get_autocast(spec.training.dtype, device))
     return dict(run=spec.run_name, val_loss=loss, val_batches=len(batches), model=spec.model.name,
                 data=os.path.basename(spec.dataset.path))
