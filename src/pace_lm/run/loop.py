@@ -162,7 +162,7 @@ class Loop:
             grad_norm = parts.backward.grad_norm()
         for averager in parts.averagers.values():
             averager.update(step + 1)
-        self.record.step = step + 1
+        progress.step = self.record.step = step + 1  # true at every moment: what a checkpoint or record says
         t_step = time.time() - t0
         progress.t_train += t_step
         if step == 0:
@@ -192,7 +192,7 @@ class Loop:
 
     def checkpoint(self, done):
         """Write checkpoint `done` (every rank calls it); returns its folder."""
-        self.progress.step, self.progress.wall = done, time.time() - self.t_start
+        self.progress.wall = time.time() - self.t_start
         folder = self.checkpointer.save(done, self.record, self.parts, self.components())
         if self.world.main:  # the record on disk as far as the checkpoint: what a run that dies later leaves
             self.record.write(self.paths.record)
