@@ -27,6 +27,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 
 import torch
 
@@ -131,10 +132,10 @@ def step_peak(model_name, mode, checkpointing, seq_len):
     if model_name.startswith("llama7b_"):  # llama7b_<layers>: the 7B's shapes, that many layers
         from transformers import LlamaConfig
         config, attn = LlamaConfig(**LLAMA_7B, num_hidden_layers=int(model_name.split("_")[1])), "sdpa"
-    else:
+    else:  # the config saved by the parent (reading it from the GGUF here would map the file into memory)
         spec = compose([f"model={model_name}"]).model
-        config = AutoConfig.from_pretrained(spec.pretrained, gguf_file=spec.gguf_file)
-        attn = spec.attn_implementation
+        config, attn = AutoConfig.from_pretrained(os.environ["PACE_BENCH_CONFIGS"] + "/" + model_name), \
+            spec.attn_implementation
     gc.collect()
     baseline = resident_kb()  # the libraries loaded, no model yet
     dtype, make, in_backward = STEP_MODES[mode]
@@ -182,6 +183,12 @@ def one_step(model_name, mode, ckpt, seq_len):
 
 def step_table(seq_len):
     """Every (model, mode, checkpointing) of the step, each in a fresh process."""
+    from transformers import AutoConfig
+    from pace_lm.config.compose import compose
+    for name in STEP_MODELS:
+        spec = compose([f"model={name}"]).model
+        AutoConfig.from_pretrained(spec.pretrained, gguf_file=spec.gguf_file).save_pretrained(
+            os.path.join(os.environ["PACE_BENCH_CONFIGS"], name))
     return [one_step(m, mode, ckpt, seq_len) for m in STEP_MODELS for mode in STEP_MODES for ckpt in (False, True)]
 
 
@@ -205,6 +212,7 @@ def main():
     ap.add_argument("--project", action="store_true", help="measure a 7B Llama's layers at sequence 4096 (minutes)")
     ap.add_argument("--one", nargs=4, help=argparse.SUPPRESS)  # MODEL MODE CHECKPOINTING SEQ_LEN: one step, JSON
     args = ap.parse_args()
+    os.environ.setdefault("PACE_BENCH_CONFIGS", tempfile.mkdtemp(prefix="pace_bench_"))  # the children's too
     if args.one:
         name, mode, ckpt, seq = args.one
         print(json.dumps(step_peak(name, mode, ckpt == "True", int(seq))))
@@ -237,15 +245,16 @@ def print_projection(project, rows):
     none beyond the one tensor's the measured step already held), activations (measured per layer, with and
     without checkpointing, in the backward pass: the whole-model step's are no larger)."""
     gb, n = 1e9, LLAMA_7B_PARAMS
-    print(f"{'7B, batch 1 x 4096':52s} {'weights+state':>13s} {'grads':>6s} {'activations':>11s} {'total':>6s}")
+    print(f"{'7B Llama, batch 1 x 4096 tokens, GB (1e9 bytes)':74s} {'weights+state':>13s} {'grads':>6s} {'activations':>11s} {'total':>6s}")
     for mode, row in rows.items():
         held = row["beside_grads"] * n / gb
         for ckpt in (False, True):
             act = project[ckpt]["activations"] / gb
             for in_backward in ((False, True) if mode.startswith("PACE, bf16 weights, lean") else (False,)):
                 grads = 0.0 if in_backward else row["grads"] * n / gb
-                name = f"{mode[:30]}{', in bwd' if in_backward else ''}{', ckpt' if ckpt else ''}"
-                print(f"{name:52s} {held:13.1f} {grads:6.1f} {act:11.1f} {held + grads + act:6.1f}")
+                name = (mode.split(" (")[0] + (", in the backward pass" if in_backward else "")
+                        + (", checkpointing" if ckpt else ""))
+                print(f"{name:74s} {held:13.1f} {grads:6.1f} {act:11.1f} {held + grads + act:6.1f}")
 
 
 if __name__ == "__main__":
