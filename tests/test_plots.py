@@ -407,3 +407,18 @@ def test_schedules_cpus_check_and_pilot_are_committed_whole(fig_id):
     grid = load_figure("schedules_cpu")
     assert {r.values["optimizer.lr"] for r in grid.runs} == {r.values["optimizer.lr"] for r in load_figure(
         "schedules_cpu_pilot").runs}
+
+
+def test_lean_pace_stepped_in_the_backward_pass_is_the_whole_model_run_on_smollm2():
+    """bf16_lean_in_backward, committed whole: at every seed the run stepped in the backward pass logged the
+    whole-model run's every loss and evaluation, bit for bit (SmolLM2-135M, bf16, lean, per-parameter clip)."""
+    fig = load_figure("bf16_lean_in_backward")
+    committed = {p.parent.name for p in (FIXTURES / fig.id).glob("*/record.json")}
+    assert committed == {run.name for run in fig.runs}
+    for seed in (0, 1, 2):
+        pair = [read_record(FIXTURES / fig.id / f"pace_lr0.0004_step_in_backward{how}_seed{seed}" / "record.json")
+                for how in ("true", "false")]
+        assert [r["config"]["training"]["step_in_backward"] for r in pair] == [True, False]
+        assert all(r["status"] == "complete" and r["config"]["model"]["dtype"] == "bfloat16" for r in pair)
+        assert pair[0]["eval_logs"] == pair[1]["eval_logs"]
+        assert [s["loss"] for s in pair[0]["step_logs"]] == [s["loss"] for s in pair[1]["step_logs"]]
