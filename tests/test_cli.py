@@ -53,6 +53,7 @@ def test_bad_override_is_one_error_and_no_run(tmp_path, offline_data):
         (["--config-name", "trian"], "pace-train: error: --config-name trian: no such config; pace-train's: train"),
         (["-m", "optimizer=pace,pacee"], "pace-train: error: optimizer=pacee: no such optimizer"),  # any run's
         (["-m", "training.max_steps=2,3", "training.max_step=2"], "training.max_step is not a key"),
+        (["-m", "optimizer=pace,ema", "--cfg", "job"], "pace-train: error: --multirun and --cfg: give one of them"),
     ]:
         proc = run_cli(["pace-train", "training.out_dir=out", *args], cwd=cwd)
         assert proc.returncode == 2, (args, proc.stderr)

@@ -117,6 +117,10 @@ def _check_train_args(args):
     """Refuse what Hydra would refuse (an unknown --config-name, a bad override in any run of a multirun)
     before Hydra runs or writes anything. Hydra's own keys and a user's --config-dir are left to Hydra."""
     from pace_lm.config.compose import compose
+    modes = [flag for flag, on in (("--run", args.run), ("--multirun", args.multirun), ("--cfg", args.cfg),
+                                   ("--info", args.info), ("--shell-completion", args.shell_completion)) if on]
+    if len(modes) > 1:
+        raise PaceLMError(f"{' and '.join(modes)}: give one of them (--cfg job prints a single run's config)")
     if args.hydra_help or args.info or args.shell_completion or args.config_dir or args.config_path:
         return
     name = args.config_name or "train"
