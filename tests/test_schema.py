@@ -98,10 +98,11 @@ def test_a_missing_key_is_named():
 
 
 def test_a_step_in_the_backward_pass_runs_in_one_process():
-    cfg = compose(["training.step_in_backward=true", "training.grad_clip=0", "training.micro_batch_size=16"])
-    schema.validate(cfg, ranks=1)
+    schema.validate(compose(["training.step_in_backward=true", "training.grad_clip=0", "training.batch_size=16",
+                             "training.micro_batch_size=16"]), ranks=1)
     with pytest.raises(PaceLMError, match="before the 2 ranks' grads are reduced: it runs in one process"):
-        schema.validate(cfg, ranks=2)
+        schema.validate(compose(["training.step_in_backward=true", "training.grad_clip=0", "training.batch_size=32",
+                                 "training.micro_batch_size=16"]), ranks=2)
 
 
 def test_the_batch_must_split_over_the_ranks():

@@ -59,7 +59,7 @@ class RunRecord:
     status: str = "running"       # STATUSES: interrupted = stopped by a signal, with a checkpoint; diverged = a
     #                               non-finite loss; failed = anything else (a killed pace-figure job included)
     error: Optional[str] = None   # why it ended, when it did not complete
-    step: int = 0                 # optimizer steps the run has taken (as of this write)
+    step: Optional[int] = None    # optimizer steps the run has taken (as of this write); None in older records
     summary: dict = field(default_factory=dict)
     eval_logs: list = field(default_factory=list)  # per evaluation: step, <name>_val_loss of each kept model, ...
     step_logs: list = field(default_factory=list)  # per training.log_interval: step, loss, lr, grad_norm, ...
@@ -67,9 +67,11 @@ class RunRecord:
     ends: list = field(default_factory=list)       # how each earlier start ended: {status, step, error}
 
     def to_json(self):
-        """The record as written: the keys in this order; resumed and ends only when there are any."""
-        out = dict(status=self.status, error=self.error, step=self.step, config=self.config, data=self.data, summary=self.summary,
-                   eval_logs=self.eval_logs, step_logs=self.step_logs)
+        """The record as written: the keys in this order; step where it is known (records written before it was
+        kept lack it), resumed and ends only when there are any."""
+        out = dict(status=self.status, error=self.error, **({} if self.step is None else {"step": self.step}),
+                   config=self.config, data=self.data, summary=self.summary, eval_logs=self.eval_logs,
+                   step_logs=self.step_logs)
         out.update({k: v for k, v in (("resumed", self.resumed), ("ends", self.ends)) if v})
         return out
 

@@ -176,7 +176,7 @@ def start_record(config, meta, resumed, folder, extended=None):
     """A new run's RunRecord, or the checkpoint's going on (its resume noted, with the keys it changed: the
     record then holds the run's config as it goes on)."""
     if resumed is None:
-        return RunRecord(config=config, data=meta)
+        return RunRecord(config=config, data=meta, step=0)
     record = resumed.record
     record.end("running")
     record.resumed.append(dict(step=resumed.step, checkpoint=folder, **({"changed": extended} if extended else {})))
