@@ -22,6 +22,15 @@ from pace.tensors import DTensor
 CLIP_EPS = 1e-6  # as torch.nn.utils.clip_grad_norm_: coef = max_norm / (norm + 1e-6), at most 1
 
 
+def clip_grad(grad: Tensor, max_norm: float | None) -> Tensor:
+    """Clip one grad in place to `max_norm` (None: leave it) with torch's coefficient; return its norm
+    before clipping (float32, on its device)."""
+    norm = torch.linalg.vector_norm(grad, dtype=torch.float32)
+    if max_norm is not None:
+        grad.mul_(torch.clamp(max_norm / (norm + CLIP_EPS), max=1.0).to(grad.dtype))
+    return norm
+
+
 class BackwardStep:
     """The handle `PACE.step_in_backward()` returns: the hooks, the round's gradient norms and telemetry.
 
@@ -74,10 +83,7 @@ class BackwardStep:
         group, position = self._locate(p)
         grad = p.grad
         if self.clip_norm is not None or self.track_grad_norm:
-            norm = torch.linalg.vector_norm(grad, dtype=torch.float32)
-            self._norms.append(norm)
-            if self.clip_norm is not None:
-                grad.mul_(torch.clamp(self.clip_norm / (norm + CLIP_EPS), max=1.0).to(grad.dtype))
+            self._norms.append(clip_grad(grad, self.clip_norm))
         self.opt._step_one(group, position)
         p.grad = None  # the point: its memory goes back before the next parameter's grad is made
 

@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from pace.backward import CLIP_EPS
+from pace.backward import clip_grad
 from pace_lm.config.registry import get_schedule
 
 
@@ -49,7 +49,5 @@ def grad_norm_clip(model, max_norm, per_parameter=False):
     params = [p for p in model.parameters() if p.grad is not None]
     if not per_parameter:
         return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm and max_norm > 0 else math.inf)
-    norms = [torch.linalg.vector_norm(p.grad, dtype=torch.float32) for p in params]
-    for p, norm in zip(params, norms):
-        p.grad.mul_(torch.clamp(max_norm / (norm + CLIP_EPS), max=1.0).to(p.grad.dtype))
+    norms = [clip_grad(p.grad, max_norm if max_norm and max_norm > 0 else None) for p in params]  # 0: none
     return torch.linalg.vector_norm(torch.stack(norms))  # as clip_grad_norm_ takes the norm of the norms
