@@ -8,7 +8,7 @@ from pace import PACE
 from pace_lm import PaceLMError
 from pace_lm.config.compose import compose
 from pace_lm.config.schema import validate_optimizer
-from pace_lm.models.optim import build_optimizer, lr_factor
+from pace_lm.models.optim import build_optimizer, grad_norm_clip, lr_factor
 
 
 def sched(**kw):
@@ -55,3 +55,12 @@ def test_invalid_pace_argument_is_a_pipeline_error():
     model = torch.nn.Linear(2, 2)
     with pytest.raises(PaceLMError, match="invalid eps"):
         build_optimizer(validate_optimizer(compose(["optimizer.eps=-1"]).optimizer), model)
+
+
+def test_per_parameter_clipping_at_zero_clips_nothing_and_returns_the_global_norm():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    model(torch.randn(3, 4)).square().sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    norm = grad_norm_clip(model, 0, per_parameter=True)
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
+    torch.testing.assert_close(norm, torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf")))
