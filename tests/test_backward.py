@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from pace import PACE
+from pace.backward import clip_coef
 
 IMPLS = ["forloop", "foreach", "fused", "triton"]
 MODES = {  # weights' dtype and the optimizer's arguments of each storage mode
@@ -188,6 +189,38 @@ def test_clip_norm_clips_each_parameter_and_grad_norm_is_the_global_norm():
         assert 0 < clipped < 4  # the clip acted, on some parameters alone
     same_state(a, opt_a, b, opt_b)
     assert PACE(net().parameters()).step_in_backward().grad_norm() is None  # not measured unless asked
+
+
+def test_grad_scale_from_the_last_pass_is_a_global_clip_by_the_previous_norm():
+    """The documented lagged clip: every grad of pass t multiplied by clip_coef(max_norm, norm of pass t-1),
+    the first pass left alone; the same as a whole-model step that does so."""
+    a, b = net(), net()
+    opt_a, opt_b = PACE(groups(a), **PULL), PACE(groups(b), **PULL)
+    handle = opt_b.step_in_backward(track_grad_norm=True)
+    previous, scaled = None, 0
+    for step in range(4):
+        opt_a.zero_grad()
+        loss_of(a, step).backward()
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in a.parameters()]))
+        if previous is not None:
+            coef = torch.clamp(0.05 / (previous + 1e-6), max=1.0)
+            scaled += bool(coef < 1)
+            for p in a.parameters():
+                p.grad.mul_(coef)
+        opt_a.step()
+        previous = norm
+        handle.grad_scale = None if step == 0 else clip_coef(0.05, handle.grad_norm())
+        loss_of(b, step).backward()
+        torch.testing.assert_close(handle.grad_norm(), norm)  # measured before the scale
+    assert scaled >= 2  # the clip acted
+    same_state(a, opt_a, b, opt_b)
+
+
+def test_grad_scale_is_one_clipping_and_a_tensor():
+    with pytest.raises(ValueError, match="grad_scale and clip_norm are two clippings"):
+        PACE(net().parameters()).step_in_backward(clip_norm=1.0).grad_scale = torch.tensor(0.5)
+    with pytest.raises(TypeError, match="one-element tensor or None, not float"):
+        PACE(net().parameters()).step_in_backward().grad_scale = 0.5
 
 
 def test_telemetry_adds_up_over_the_parameters_of_a_pass():

@@ -61,6 +61,6 @@ def test_per_parameter_clipping_at_zero_clips_nothing_and_returns_the_global_nor
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
     model(torch.randn(3, 4)).square().sum().backward()
     grads = [p.grad.clone() for p in model.parameters()]
-    norm = grad_norm_clip(model, 0, per_parameter=True)
+    norm = grad_norm_clip(model.parameters(), 0, per_parameter=True)
     assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
     torch.testing.assert_close(norm, torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf")))

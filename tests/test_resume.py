@@ -41,11 +41,11 @@ def interrupt_at(monkeypatch, step):
     calls = []
     real = loop_mod.grad_norm_clip
 
-    def clip(model, max_norm, *how):
+    def clip(params, max_norm, *how, **kw):
         calls.append(1)
         if len(calls) == step:
             os.kill(os.getpid(), signal.SIGTERM)
-        return real(model, max_norm, *how)
+        return real(params, max_norm, *how, **kw)
 
     monkeypatch.setattr(loop_mod, "grad_norm_clip", clip)
 

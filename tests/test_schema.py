@@ -83,7 +83,10 @@ def test_architecture_arguments_of_a_pretrained_model_are_refused():
     ("training.step_in_backward=true training.grad_clip=0", "cannot accumulate micro-batches: set "
                                                             "training.micro_batch_size=16"),
     ("training.step_in_backward=true training.micro_batch_size=16", "before the global grad norm exists: set "
-                                                                    "training.grad_clip=0, or training.grad_clip_per"),
+                                                                    "training.grad_clip_lagged=true"),
+    ("training.grad_clip_lagged=true training.grad_clip_per_parameter=true", "two clippings: give one"),
+    ("training.grad_clip_lagged=true training.parallel=fsdp", "training.grad_clip_lagged=true clips as a step in "
+                                                              "the backward pass does, in one process"),
 ])
 def test_each_rule_is_one_clear_error(override, message):
     with pytest.raises(PaceLMError, match=message):

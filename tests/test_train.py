@@ -134,21 +134,26 @@ def _same_run(a, b):
 
 def test_a_run_stepped_in_the_backward_pass_is_the_run_stepped_after_it(offline_data, tmp_path):
     """training.step_in_backward=true (pace.backward), and model.gradient_checkpointing=true: the same run as
-    the whole-model step without checkpointing, with no clip and with each parameter's grad clipped alone."""
+    the whole-model step without checkpointing, with no clip, with each parameter's grad clipped alone, and
+    with every grad clipped by the last step's global norm."""
     runs = {}
-    for n, clip in enumerate(("training.grad_clip=0", "training.grad_clip=0.2")):
-        per_param = [] if clip.endswith("=0") else ["training.grad_clip_per_parameter=true"]
+    clips = {"none": ["training.grad_clip=0"],
+             "per_parameter": ["training.grad_clip=0.2", "training.grad_clip_per_parameter=true"],
+             "lagged": ["training.grad_clip=0.2", "training.grad_clip_lagged=true"]}
+    for clip, keys in clips.items():
         for how in ([], ["training.step_in_backward=true"], ["training.step_in_backward=true",
                                                              "model.gradient_checkpointing=true"]):
-            runs[clip, len(how)] = train(small_cfg(offline_data, tmp_path / f"{n}{len(how)}", "optimizer=pace",
-                                                   "optimizer.log_stats=true", clip, *per_param, *how, steps=10))
+            runs[clip, len(how)] = train(small_cfg(offline_data, tmp_path / f"{clip}{len(how)}", "optimizer=pace",
+                                                   "optimizer.log_stats=true", *keys, *how, steps=10))
         _same_run(runs[clip, 0], runs[clip, 1])
         _same_run(runs[clip, 0], runs[clip, 2])
-    assert runs["training.grad_clip=0.2", 0]["eval_logs"] != runs["training.grad_clip=0", 0]["eval_logs"]  # it clips
+    losses = {clip: runs[clip, 0]["eval_logs"] for clip in clips}
+    assert losses["none"] != losses["per_parameter"] != losses["lagged"] != losses["none"]  # each clips its way
 
 
 def test_a_run_stepped_in_the_backward_pass_resumes_to_the_same_record(offline_data, tmp_path):
-    how = ["optimizer=pace", "training.step_in_backward=true", "training.grad_clip=0"]
+    # the lagged clip's last norm is in the checkpoint: the 6th step is clipped by the 5th's norm
+    how = ["optimizer=pace", "training.step_in_backward=true", "training.grad_clip=0.2", "training.grad_clip_lagged=true"]
     straight = train(small_cfg(offline_data, tmp_path / "s", *how, steps=10))
     train(small_cfg(offline_data, tmp_path / "e", *how, "training.checkpoint.at_end=true", steps=5))
     extended = train(small_cfg(offline_data, tmp_path / "e", *how, "training.resume=true", steps=10))

@@ -7,8 +7,15 @@ Each parameter's step is the whole-model step restricted to it (the same plan, p
 element's update independent of the others'), so the weights, moments and EMA are those of `opt.step()`,
 bit for bit. What needs every grad before any step cannot be done here: global-norm clipping, gradient
 accumulation over micro-batches, a closure, a GradScaler. `opt.step()` is refused while the handle is on,
-so a loop written for them stops at once rather than train otherwise; `clip_norm` clips each parameter's
-grad to that norm, which is not a global-norm clip (a parameter with a large grad is scaled alone).
+so a loop written for them stops at once rather than train otherwise.
+
+Two clippings it can do, each another run than a global-norm clip of the same step:
+- `clip_norm` clips each parameter's grad to that norm on its own (a parameter with a large grad is scaled
+  alone, and the others not at all);
+- `grad_scale` multiplies every grad of the next backward pass by one factor: `clip_coef(max_norm,
+  handle.grad_norm())` after a pass is a global-norm clip by the previous pass's norm (grad norms move
+  slowly from step to step; the first pass has none, and Adam's first update hardly depends on the grads'
+  scale: m / sqrt(v) is the same for g and c·g but for eps).
 """
 
 from __future__ import annotations
@@ -22,12 +29,20 @@ from pace.tensors import DTensor
 CLIP_EPS = 1e-6  # as torch.nn.utils.clip_grad_norm_: coef = max_norm / (norm + 1e-6), at most 1
 
 
-def clip_grad(grad: Tensor, max_norm: float | None) -> Tensor:
-    """Clip one grad in place to `max_norm` (None: leave it) with torch's coefficient; return its norm
-    before clipping (float32, on its device)."""
+def clip_coef(max_norm: float, norm: Tensor) -> Tensor:
+    """torch's clip coefficient for grads of global norm `norm` (a float32 tensor): max_norm / (norm + 1e-6),
+    at most 1."""
+    return torch.clamp(max_norm / (norm + CLIP_EPS), max=1.0)
+
+
+def clip_grad(grad: Tensor, max_norm: float | None, scale: Tensor | None = None) -> Tensor:
+    """Clip one grad in place to `max_norm` (None: leave it) with torch's coefficient, or multiply it by
+    `scale` (one of the two); return its norm before either (float32, on its device)."""
     norm = torch.linalg.vector_norm(grad, dtype=torch.float32)
     if max_norm is not None:
-        grad.mul_(torch.clamp(max_norm / (norm + CLIP_EPS), max=1.0).to(grad.dtype))
+        scale = clip_coef(max_norm, norm)
+    if scale is not None:
+        grad.mul_(scale.to(grad.device, grad.dtype))
     return norm
 
 
@@ -35,8 +50,10 @@ class BackwardStep:
     """The handle `PACE.step_in_backward()` returns: the hooks, the round's gradient norms and telemetry.
 
     A round is one backward pass: it starts at the first parameter stepped again. `grad_norm()` is the
-    global norm of the last round's grads before clipping (computed only with clip_norm or track_grad_norm);
-    `remove()` (or leaving a `with` block) takes the hooks off, and `opt.step()` works again.
+    global norm of the last round's grads before clipping or scaling (computed only with clip_norm,
+    grad_scale or track_grad_norm); `grad_scale` (a float32 tensor, or None) multiplies every grad of the
+    passes that follow until it is changed; `remove()` (or leaving a `with` block) takes the hooks off, and
+    `opt.step()` works again.
     """
 
     def __init__(self, opt, clip_norm: float | None = None, track_grad_norm: bool = False):
@@ -44,11 +61,13 @@ class BackwardStep:
             raise ValueError(f"PACE.step_in_backward: clip_norm={clip_norm} must be > 0 (None: no clipping)")
         _check_stepable(opt)
         self.opt, self.clip_norm, self.track_grad_norm = opt, clip_norm, track_grad_norm
+        self._grad_scale = None
         self._where = {}  # parameter -> (group, position): found again where the groups were replaced
         self._round = set()  # ids of the parameters stepped in this backward pass
-        self._norms = []  # their grads' norms (device tensors), when measured
-        self._hooks = [p.register_post_accumulate_grad_hook(self._hook)
-                       for group in opt.param_groups for p in group["params"] if p.requires_grad]
+        self._norms = {}  # their grads' norms (device tensors) by the parameters' order in the groups
+        hooked = [p for group in opt.param_groups for p in group["params"] if p.requires_grad]
+        self._order = {id(p): i for i, p in enumerate(hooked)}
+        self._hooks = [p.register_post_accumulate_grad_hook(self._hook) for p in hooked]
         opt._backward = self
         # torch's contract for optimizers that handle scaling themselves: a GradScaler then calls step() at
         # once, which says why it cannot be (its own check would fail on the freed grads, naming no cause)
@@ -68,12 +87,29 @@ class BackwardStep:
     def __exit__(self, *exc):
         self.remove()
 
+    @property
+    def grad_scale(self) -> Tensor | None:
+        return self._grad_scale
+
+    @grad_scale.setter
+    def grad_scale(self, scale: Tensor | None) -> None:
+        if scale is not None and self.clip_norm is not None:
+            raise ValueError("PACE.step_in_backward: grad_scale and clip_norm are two clippings; this handle clips "
+                             "each parameter to clip_norm (step_in_backward(clip_norm=None) to scale instead)")
+        if scale is not None and not (isinstance(scale, Tensor) and scale.numel() == 1):
+            raise TypeError(f"PACE.step_in_backward: grad_scale must be a one-element tensor or None, not "
+                            f"{type(scale).__name__}")
+        self._grad_scale = scale
+
     def grad_norm(self) -> Tensor | None:
-        """The global norm of the last backward pass's grads before any clipping, a device tensor (no sync);
-        None where it is not measured (neither clip_norm nor track_grad_norm)."""
+        """The global norm of the last backward pass's grads before any clipping or scaling, a device tensor
+        (no sync); None where it is not measured (none of clip_norm, grad_scale, track_grad_norm)."""
         if not self._norms:
             return None
-        return torch.linalg.vector_norm(torch.stack([n.to(self._norms[0].device) for n in self._norms]))
+        # in the groups' order, not the hooks': the same bits as the norm of a whole-model step's grads taken in
+        # that order (what a lagged clip's coefficient is made of)
+        norms = [self._norms[i] for i in sorted(self._norms)]
+        return torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]))
 
     @torch.no_grad()
     def _hook(self, p: Tensor) -> None:
@@ -82,14 +118,14 @@ class BackwardStep:
         self._round.add(id(p))
         group, position = self._locate(p)
         grad = p.grad
-        if self.clip_norm is not None or self.track_grad_norm:
-            self._norms.append(clip_grad(grad, self.clip_norm))
+        if self.clip_norm is not None or self.grad_scale is not None or self.track_grad_norm:
+            self._norms[self._order[id(p)]] = clip_grad(grad, self.clip_norm, self.grad_scale)
         self.opt._step_one(group, position)
         p.grad = None  # the point: its memory goes back before the next parameter's grad is made
 
     def _new_round(self):
         self._round.clear()
-        self._norms = []
+        self._norms = {}
         self.opt._stats[0] = None
         for group in self.opt.param_groups:  # once a pass: a scheduler or the user may have changed them
             check_group(group)

@@ -296,8 +296,10 @@ class PACE(ReturnsModel, Optimizer):
         """Step each parameter in the backward pass, as soon as its grad is complete, and free the grad
         (pace.backward): the same weights, moments and EMA as step() after the whole backward, bit for bit,
         without ever holding every grad. Returns the handle (pace.backward.BackwardStep: remove(), a context
-        manager, grad_norm()); while it is on, step() is refused. clip_norm clips each parameter's grad to
-        that norm (not a global-norm clip); track_grad_norm measures the global norm without clipping.
+        manager, grad_norm(), grad_scale); while it is on, step() is refused. clip_norm clips each parameter's
+        grad to that norm (not a global-norm clip); `handle.grad_scale = pace.backward.clip_coef(max_norm,
+        handle.grad_norm())` clips the next pass by this one's global norm; track_grad_norm measures the
+        global norm without clipping.
         For one process (no DDP / FSDP), a backward pass per optimizer step (no gradient accumulation), no
         GradScaler; lr schedulers work as with step()."""
         from pace.backward import BackwardStep

@@ -46,6 +46,7 @@ class Training:
     pad_to: str
     grad_clip: Optional[float]
     grad_clip_per_parameter: bool
+    grad_clip_lagged: bool
     step_in_backward: bool
     eval_interval: int
     eval_batches: int
@@ -240,6 +241,13 @@ def _check_training(tc, ranks):
                           f"give one of them")
     if tc.grad_clip is not None and not tc.grad_clip >= 0:
         raise PaceLMError(f"training.grad_clip={tc.grad_clip} must be >= 0 (0 or null: no clipping)")
+    if tc.grad_clip_per_parameter and tc.grad_clip_lagged:
+        raise PaceLMError("training.grad_clip_per_parameter=true and training.grad_clip_lagged=true are two "
+                          "clippings: give one")
+    for key in ("grad_clip_per_parameter", "grad_clip_lagged"):
+        if getattr(tc, key) and tc.parallel == "fsdp":  # the norms a tensor at a time of sharded grads: not kept
+            raise PaceLMError(f"training.{key}=true clips as a step in the backward pass does, in one process; "
+                              f"under training.parallel=fsdp use the global clip (training.{key}=false)")
     if tc.checkpoint.interval < 0:
         raise PaceLMError(f"training.checkpoint.interval={tc.checkpoint.interval!r} must be an integer >= 0 "
                           f"(0: none)")
@@ -260,10 +268,11 @@ def _check_step_in_backward(tc, opt, ranks):
     if tc.micro_batch_size != tc.batch_size:
         raise PaceLMError(f"{why}, so it cannot accumulate micro-batches: set training.micro_batch_size="
                           f"{tc.batch_size} (= training.batch_size)")
-    if tc.grad_clip and not tc.grad_clip_per_parameter:
-        raise PaceLMError(f"{why}, before the global grad norm exists: set training.grad_clip=0, or "
-                          f"training.grad_clip_per_parameter=true (each parameter's grad clipped to "
-                          f"training.grad_clip={tc.grad_clip} on its own: another run)")
+    if tc.grad_clip and not (tc.grad_clip_per_parameter or tc.grad_clip_lagged):
+        raise PaceLMError(f"{why}, before the global grad norm exists: set training.grad_clip_lagged=true (clipped "
+                          f"by the previous step's global norm), training.grad_clip_per_parameter=true (each "
+                          f"parameter's grad to training.grad_clip={tc.grad_clip} on its own), or "
+                          f"training.grad_clip=0; each is another run")
 
 
 def enabled_averagers(averaging, returns):

@@ -42,12 +42,15 @@ def set_lr(opt, base_lrs, factor):
         group["lr"] = base * factor
 
 
-def grad_norm_clip(model, max_norm, per_parameter=False):
-    """Clip the global gradient norm, or with `per_parameter` each parameter's grad to max_norm on its own
-    (pace.backward's rule, so that the whole-model step can run the same run); return the global norm before
-    clipping (a device tensor: no sync here)."""
-    params = [p for p in model.parameters() if p.grad is not None]
-    if not per_parameter:
+def grad_norm_clip(params, max_norm, per_parameter=False, scale=None):
+    """Clip the global gradient norm; or with `per_parameter` each parameter's grad to max_norm on its own;
+    or with `scale` (a float32 tensor: the lagged clip's coefficient) multiply every grad by it. The last two
+    are pace.backward's rules, so that the whole-model step can run the same run. Return the global norm
+    before clipping (a device tensor: no sync here), the norms of `params` taken in their order (the
+    optimizer's, as pace.backward takes them)."""
+    params = [p for p in params if p.grad is not None]
+    if not per_parameter and scale is None:
         return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm and max_norm > 0 else math.inf)
-    norms = [clip_grad(p.grad, max_norm if max_norm and max_norm > 0 else None) for p in params]  # 0: none
+    max_norm = max_norm if per_parameter and max_norm and max_norm > 0 else None  # 0: none
+    norms = [clip_grad(p.grad, max_norm, scale) for p in params]
     return torch.linalg.vector_norm(torch.stack(norms))  # as clip_grad_norm_ takes the norm of the norms

@@ -21,6 +21,7 @@ import time
 import torch
 
 from pace import PACE
+from pace.backward import clip_coef
 from pace_lm import PaceLMError
 from pace_lm.data.prepared import IGNORE_INDEX, Batches, collate
 from pace_lm.environment import environment
@@ -58,9 +59,15 @@ class Progress:
     # each group's unscheduled lr, which the schedule scales; kept because a restored optimizer's groups hold
     # the lr of the checkpoint's step, not the base
     base_lrs: list = dataclasses.field(default_factory=list)
+    # the last step's global grad norm before clipping, which training.grad_clip_lagged clips the next step by
+    # (a float32 device tensor; kept as a float, which holds it exactly); None before the first step
+    grad_norm_last: object = None
 
     def state_dict(self):
-        return dataclasses.asdict(self)
+        state = dataclasses.asdict(self)
+        if self.grad_norm_last is not None:
+            state["grad_norm_last"] = float(self.grad_norm_last)
+        return state
 
     def load_state_dict(self, state):
         for key, value in state.items():
@@ -79,6 +86,7 @@ class Loop:
         self.forward = torch.compile(parts.step_model) if tc.compile_model else parts.step_model
         self.telemetry = isinstance(parts.opt, PACE) and spec.optimizer.args.log_stats
         self.progress = Progress(base_lrs=[g["lr"] for g in parts.opt.param_groups])
+        self.params = [p for g in parts.opt.param_groups for p in g["params"]]  # clipped in the optimizer's order
         self.batches = Batches(len(data.train), tc.batch_size, spec.seed)  # global batches; each rank takes its share
         self.logs = TrainLog(tc, record, world, parts.device)
         self.evaluator = Evaluator(tc, data.val, data.pad_id, data.seq_len, self.autocast, world)
@@ -145,8 +153,10 @@ class Loop:
         mine = micro[world.rank * self.accum:(world.rank + 1) * self.accum]
         if self.telemetry:  # PACE's statistics on the steps that log, and only there (they cost a pass)
             parts.opt.set_log_stats(stats)
-        if parts.backward is not None:  # the grad norm, measured in the backward pass where it is logged
-            parts.backward.track_grad_norm = stats
+        lagged = self.lagged_clip()
+        if parts.backward is not None:  # the grad norm, measured in the backward pass where it is used
+            parts.backward.track_grad_norm = stats or tc.grad_clip_lagged
+            parts.backward.grad_scale = lagged
         for j, m in enumerate(mine):
             with distributed.grad_sync(parts.step_model, world, sync=j == self.accum - 1), self.autocast:
                 loss_sum, _ = batch_loss(self.forward, to_device(m, parts.device))
@@ -154,12 +164,18 @@ class Loop:
             self.logs.add(loss_sum)
         self.logs.count(n_step)
         progress.trained += n_step
+        if parts.backward is None and tc.grad_clip_lagged:  # measured a tensor at a time as in the backward pass
+            grad_norm = grad_norm_clip(self.params, None, per_parameter=True, scale=lagged)
+        elif parts.backward is None:
+            grad_norm = grad_norm_clip(self.params if tc.grad_clip_per_parameter else parts.model.parameters(),
+                                       tc.grad_clip, tc.grad_clip_per_parameter)
         if parts.backward is None:
-            grad_norm = grad_norm_clip(parts.model, tc.grad_clip, tc.grad_clip_per_parameter)
             parts.opt.step()
             parts.opt.zero_grad(set_to_none=True)
         else:  # each parameter was stepped, its grad clipped and freed, in the backward pass (pace.backward)
             grad_norm = parts.backward.grad_norm()
+        if tc.grad_clip_lagged:
+            progress.grad_norm_last = grad_norm
         for averager in parts.averagers.values():
             averager.update(step + 1)
         progress.step = self.record.step = step + 1  # true at every moment: what a checkpoint or record says
@@ -169,6 +185,14 @@ class Loop:
             progress.t_first = t_step  # includes one-time costs: torch.compile of the step, allocator warm-up
         self.bar.update(1)
         return grad_norm
+
+    def lagged_clip(self):
+        """training.grad_clip_lagged's factor for this step's grads: torch's clip coefficient for the last
+        step's global norm (pace.backward.clip_coef); None where there is none to apply."""
+        last = self.progress.grad_norm_last
+        if not (self.tc.grad_clip_lagged and self.tc.grad_clip) or last is None:
+            return None
+        return clip_coef(self.tc.grad_clip, torch.as_tensor(last, dtype=torch.float32, device=self.parts.device))
 
     def log(self, done, grad_norm):
         """A step log (logs.TrainLog.log: the loop's host sync, with should_stop's under torchrun)."""

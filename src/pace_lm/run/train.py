@@ -203,7 +203,8 @@ def build_parts(spec, model, world, device):
     averagers = averaging.build_averagers(spec.averaging, schema.enabled_averagers(spec.averaging, method.returns),
                                           model.parameters())
     tc = spec.training  # the schema allows step_in_backward only where it steps every parameter as step() would
-    backward = opt.step_in_backward(clip_norm=tc.grad_clip or None) if tc.step_in_backward else None
+    clip_norm = tc.grad_clip if tc.grad_clip and tc.grad_clip_per_parameter else None  # lagged: the loop's scale
+    backward = opt.step_in_backward(clip_norm=clip_norm) if tc.step_in_backward else None
     return Parts(model, step_model, opt, averagers, averaging.kept_models(method, opt, averagers), method.returns,
                  device, backward)
 
