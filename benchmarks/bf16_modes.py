@@ -45,7 +45,7 @@ def nearest(x, gen=None):
 
 
 def adam_direction(m, v, t, beta1=0.9, beta2=0.999, eps=1e-8):
-    return (m / (1 - beta1 ** t)) / ((v / (1 - beta2 ** t)).sqrt() + eps)
+    return (m / (1 - beta1**t)) / ((v / (1 - beta2**t)).sqrt() + eps)
 
 
 def weights_run(mode, lr, steps=100, c=0.15, kappa=0.5, seed=0):
@@ -63,10 +63,10 @@ def weights_run(mode, lr, steps=100, c=0.15, kappa=0.5, seed=0):
         g = sign * (1.0 + 0.1 * torch.randn(N, generator=gen)) * 1e-3
         m = 0.9 * m + 0.1 * g
         v = 0.999 * v + 0.001 * g * g
-        inv = 1 / ((v / (1 - 0.999 ** t)).sqrt() + 1e-8)
+        inv = 1 / ((v / (1 - 0.999**t)).sqrt() + 1e-8)
         w = (1 + t) ** -kappa
         lam = torch.clamp(lr * c * w * inv, max=1.0)
-        new = theta - lr * (m / (1 - 0.9 ** t)) * inv + lam * (ema - theta)
+        new = theta - lr * (m / (1 - 0.9**t)) * inv + lam * (ema - theta)
         if mode == "fp32":
             master = new
             seen = new
@@ -91,8 +91,15 @@ def part_weights(lrs=(2e-5, 1e-4, 1e-3)):
         ref_move, ref, ref_ema = weights_run("fp32", lr)
         for mode in ("nearest", "stochastic", "kahan", "remainder"):
             move, final, ema = weights_run(mode, lr)
-            rows.append(dict(lr=lr, mode=mode, kept=move / ref_move, weight_error=(final - ref).abs().mean().item(),
-                             ema_kept=(ema - ref_ema).abs().mean().item() / ref_move))
+            rows.append(
+                dict(
+                    lr=lr,
+                    mode=mode,
+                    kept=move / ref_move,
+                    weight_error=(final - ref).abs().mean().item(),
+                    ema_kept=(ema - ref_ema).abs().mean().item() / ref_move,
+                )
+            )
     return rows
 
 
@@ -101,9 +108,11 @@ def part_moments(steps=1000, seed=0):
     mu = torch.randn(N, generator=gen) * 1e-3
     sigma = torch.rand(N, generator=gen) * 3e-3 + 1e-4
     m32, v32 = torch.zeros(N), torch.zeros(N)
-    state = {mode: (torch.zeros(N, dtype=torch.bfloat16), torch.zeros(N, dtype=torch.bfloat16))
-             for mode in ("nearest", "stochastic")}
-    for t in range(1, steps + 1):
+    state = {
+        mode: (torch.zeros(N, dtype=torch.bfloat16), torch.zeros(N, dtype=torch.bfloat16))
+        for mode in ("nearest", "stochastic")
+    }
+    for _ in range(steps):
         g = mu + sigma * torch.randn(N, generator=gen)
         m32 = m32 + 0.1 * (g - m32)
         v32 = 0.999 * v32 + 0.001 * g * g
@@ -116,8 +125,13 @@ def part_moments(steps=1000, seed=0):
     rows = []
     for mode, (m, v) in state.items():
         direction = adam_direction(m.float(), v.float(), steps)
-        rows.append(dict(mode=mode, v_rel_error=((v.float() - v32).abs() / v32).mean().item(),
-                         direction_rel_error=((direction - ref_dir).norm() / ref_dir.norm()).item()))
+        rows.append(
+            dict(
+                mode=mode,
+                v_rel_error=((v.float() - v32).abs() / v32).mean().item(),
+                direction_rel_error=((direction - ref_dir).norm() / ref_dir.norm()).item(),
+            )
+        )
     return rows
 
 
@@ -154,12 +168,22 @@ def part_ema(steps=10_000, lr=2e-5, kappa=0.5, seed=0):
     spread = (ema32 - theta.float()).abs().mean().item()
     for mode, e in bf.items():
         err = e.float() - ema32
-        rows.append(dict(mode=mode, error_half_ulps=(err.abs() / scale).mean().item(),
-                         rel_to_distance=err.abs().mean().item() / spread))
+        rows.append(
+            dict(
+                mode=mode,
+                error_half_ulps=(err.abs() / scale).mean().item(),
+                rel_to_distance=err.abs().mean().item() / spread,
+            )
+        )
     for mode, d in off.items():
         err = theta.float() + d.float() - ema32
-        rows.append(dict(mode=mode, error_half_ulps=(err.abs() / scale).mean().item(),
-                         rel_to_distance=err.abs().mean().item() / spread))
+        rows.append(
+            dict(
+                mode=mode,
+                error_half_ulps=(err.abs() / scale).mean().item(),
+                rel_to_distance=err.abs().mean().item() / spread,
+            )
+        )
     return rows, spread
 
 
@@ -184,8 +208,9 @@ def main():
         print(f"{r['mode']:18s} {r['error_half_ulps']:26.3f} {r['rel_to_distance']:22.3f}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(torch=torch.__version__, weights=weights, moments=moments, ema=ema, ema_spread=spread),
-                      f, indent=1)
+            json.dump(
+                dict(torch=torch.__version__, weights=weights, moments=moments, ema=ema, ema_spread=spread), f, indent=1
+            )
 
 
 if __name__ == "__main__":

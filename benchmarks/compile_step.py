@@ -43,8 +43,9 @@ def make(method, params, device):
     lr = torch.tensor(1e-4, device=device)
     if method == "AdamW (torch)":
         return torch.optim.AdamW(params, lr=lr)
-    return PACE(params, lr=lr, impl=None if method == "PACE fused" else "forloop",
-                capturable=device.type == "cuda", **KW)
+    return PACE(
+        params, lr=lr, impl=None if method == "PACE fused" else "forloop", capturable=device.type == "cuda", **KW
+    )
 
 
 def cold(args):
@@ -73,10 +74,18 @@ def compile_times(name, args):
     for _ in range(args.repeats):
         for method in METHODS:
             with tempfile.TemporaryDirectory() as cache:
-                env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=os.path.join(cache, "inductor"),
-                           TRITON_CACHE_DIR=os.path.join(cache, "triton"))
-                out = subprocess.run([sys.executable, __file__, "--cold", method, "--layout", name,
-                                      "--device", args.device], env=env, capture_output=True, text=True, check=True)
+                env = dict(
+                    os.environ,
+                    TORCHINDUCTOR_CACHE_DIR=os.path.join(cache, "inductor"),
+                    TRITON_CACHE_DIR=os.path.join(cache, "triton"),
+                )
+                out = subprocess.run(
+                    [sys.executable, __file__, "--cold", method, "--layout", name, "--device", args.device],
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                )
                 row = json.loads(out.stdout.strip().splitlines()[-1])
                 times[method].append(row["first"] - row["steady"])
     return {m: statistics.median(v) for m, v in times.items()}
@@ -122,8 +131,9 @@ def main():
     results = {}
     for name in args.layouts.split(","):
         shapes = shapes_of(name)
-        print(f"\n== {name}: {sum(torch.Size(s).numel() for s in shapes) / 1e6:.2f}M parameters in "
-              f"{len(shapes)} tensors")
+        print(
+            f"\n== {name}: {sum(torch.Size(s).numel() for s in shapes) / 1e6:.2f}M parameters in {len(shapes)} tensors"
+        )
         compile_s = compile_times(name, args)
         base = compile_s["AdamW (torch)"]
         print(f"{'compile time of the step':26s} {'s':>8s} {'x AdamW':>8s}")

@@ -37,21 +37,40 @@ import time
 BIN = os.path.dirname(sys.executable)
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 from conftest import comparable  # noqa: E402  (what differs between two runs of one config: nothing else)
+
 from pace_lm.files.atomic import sha256_file  # noqa: E402
 from pace_lm.run.state import run_state  # noqa: E402
 
 
 def train_args(data, out, steps):
-    return [f"dataset.path={data}", f"training.out_dir={out}", "run_name=r", f"training.max_steps={steps}",
-            "training.batch_size=4", "training.micro_batch_size=2", "training.max_seq_len=64",
-            "training.eval_interval=6", "training.eval_batches=2", "training.log_interval=3",
-            "training.checkpoint.interval=3", "training.checkpoint.keep=3", "training.save_model=false",
-            "training.progress=false", "training.device=cpu", "schedule=cos"]
+    return [
+        f"dataset.path={data}",
+        f"training.out_dir={out}",
+        "run_name=r",
+        f"training.max_steps={steps}",
+        "training.batch_size=4",
+        "training.micro_batch_size=2",
+        "training.max_seq_len=64",
+        "training.eval_interval=6",
+        "training.eval_batches=2",
+        "training.log_interval=3",
+        "training.checkpoint.interval=3",
+        "training.checkpoint.keep=3",
+        "training.save_model=false",
+        "training.progress=false",
+        "training.device=cpu",
+        "schedule=cos",
+    ]
 
 
 def launch(args):
-    return subprocess.Popen([os.path.join(BIN, "pace-train"), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    return subprocess.Popen(
+        [os.path.join(BIN, "pace-train"), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, HF_HUB_OFFLINE="1"),
+    )
 
 
 def checkpoints(run_dir):
@@ -77,9 +96,13 @@ def damage(folder, rng):
 
 def still_damaged(damaged):
     """The checkpoint folders whose damaged file is still as the damage left it (not rewritten since)."""
-    return {os.path.dirname(path) if os.path.basename(os.path.dirname(path)) != "dcp" else
-            os.path.dirname(os.path.dirname(path))
-            for path, digest in damaged.items() if os.path.exists(path) and sha256_file(path) == digest}
+    return {
+        os.path.dirname(path)
+        if os.path.basename(os.path.dirname(path)) != "dcp"
+        else os.path.dirname(os.path.dirname(path))
+        for path, digest in damaged.items()
+        if os.path.exists(path) and sha256_file(path) == digest
+    }
 
 
 def same(record, reference):
@@ -94,8 +117,14 @@ def disk_full(data, work, steps, reference):
     """The run on a tmpfs that holds one checkpoint, not two; then grown, and resumed. Returns violations."""
     disk = os.path.join(work, "disk")
     os.makedirs(disk, exist_ok=True)
-    one = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(os.path.join(work, "reference", "r",
-              "checkpoints")) for f in fs) / 3  # the reference kept 3 checkpoints
+    one = (
+        sum(
+            os.path.getsize(os.path.join(r, f))
+            for r, _, fs in os.walk(os.path.join(work, "reference", "r", "checkpoints"))
+            for f in fs
+        )
+        / 3
+    )  # the reference kept 3 checkpoints
     size = int(one * 1.5) + (2 << 20)
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", disk], capture_output=True)
     if mounted.returncode != 0:
@@ -110,10 +139,14 @@ def disk_full(data, work, steps, reference):
         run_dir = os.path.join(out, "r")
         record = json.load(open(os.path.join(run_dir, "record.json")))
         left = sorted(os.listdir(os.path.join(run_dir, "checkpoints")))
-        checks = {"exit 2": proc.returncode == 2, "one line": "Traceback" not in err and bool(lines)
-                  and lines[-1].startswith("pace-train: error: cannot write checkpoint"),
-                  "the record failed": record["status"] == "failed",
-                  "no partial checkpoint": not any(n.startswith(".") for n in left) and len(left) == 1}
+        checks = {
+            "exit 2": proc.returncode == 2,
+            "one line": "Traceback" not in err
+            and bool(lines)
+            and lines[-1].startswith("pace-train: error: cannot write checkpoint"),
+            "the record failed": record["status"] == "failed",
+            "no partial checkpoint": not any(n.startswith(".") for n in left) and len(left) == 1,
+        }
         print(f"disk full ({size / 2**20:.0f} MB tmpfs): {lines[-1] if lines else err[-300:]}")
         subprocess.run(["mount", "-o", f"remount,size={size * 4}", disk], check=True)
         proc = launch(args)
@@ -153,8 +186,10 @@ def main():
     assert ref.returncode == 0, err[-2000:]
     duration = time.time() - t0
     reference = json.load(open(os.path.join(work, "reference", "r", "record.json")))
-    print(f"uninterrupted run: {duration:.1f} s for {args.steps} steps, the first checkpoint after {startup:.1f} s",
-          flush=True)
+    print(
+        f"uninterrupted run: {duration:.1f} s for {args.steps} steps, the first checkpoint after {startup:.1f} s",
+        flush=True,
+    )
 
     out = os.path.join(work, "faults")
     shutil.rmtree(out, ignore_errors=True)
@@ -165,10 +200,14 @@ def main():
     pending = None  # the round whose death the next launch must tell
     for i in range(1, args.kills + 1):
         bad_now = still_damaged(damaged)
-        before = 0 if overwrite or not os.path.exists(os.path.join(run_dir, "record.json")) else \
-            len(json.load(open(os.path.join(run_dir, "record.json"))).get("resumed", []))
-        proc = launch(train_args(data, out, args.steps) + (["training.overwrite=true"] if overwrite else
-                                                           ["training.resume=auto"]))
+        before = (
+            0
+            if overwrite or not os.path.exists(os.path.join(run_dir, "record.json"))
+            else len(json.load(open(os.path.join(run_dir, "record.json"))).get("resumed", []))
+        )
+        proc = launch(
+            train_args(data, out, args.steps) + (["training.overwrite=true"] if overwrite else ["training.resume=auto"])
+        )
         delay = rng.uniform(0.5 * startup, duration)  # mostly while training, sometimes while starting
         time.sleep(delay)
         finished = proc.poll() is not None
@@ -195,7 +234,8 @@ def main():
             if state != "died":
                 violations.append((i, f"a killed run's state is {state!r}, not 'died'"))
             elif not overwrite:
-                pending = i  # the next launch must say so        if os.path.exists(os.path.join(run_dir, "record.json")):
+                pending = i  # the next launch must say so
+        if os.path.exists(record_path):
             for entry in json.load(open(os.path.join(run_dir, "record.json"))).get("resumed", [])[before:]:
                 if entry["checkpoint"] in bad_now:
                     violations.append((i, entry["checkpoint"]))
@@ -206,13 +246,16 @@ def main():
             damaged[path] = digest
             what = f"damaged {os.path.relpath(path, run_dir)}"
         steps = [os.path.basename(f)[5:].lstrip("0") for f in found]
-        print(f"round {i}: {'killed' if not finished else 'no intact checkpoint' if no_intact else 'finished'} "
-              f"after {delay:.1f} s; checkpoints {steps}; {what}{'; the next round starts over' if overwrite else ''}",
-              flush=True)
+        print(
+            f"round {i}: {'killed' if not finished else 'no intact checkpoint' if no_intact else 'finished'} "
+            f"after {delay:.1f} s; checkpoints {steps}; {what}{'; the next round starts over' if overwrite else ''}",
+            flush=True,
+        )
 
     bad_now = still_damaged(damaged)
-    proc = launch(train_args(data, out, args.steps) + (["training.overwrite=true"] if overwrite else
-                                                       ["training.resume=auto"]))
+    proc = launch(
+        train_args(data, out, args.steps) + (["training.overwrite=true"] if overwrite else ["training.resume=auto"])
+    )
     _, err = proc.communicate()
     assert proc.returncode == 0, err[-3000:]
     if pending is not None:
@@ -225,10 +268,12 @@ def main():
     completed.append((len(record.get("resumed", [])), same(record, reference)))
     equal = all(eq for _, eq in completed)
     kills = sum(1 for line in log if line)
-    print(f"{args.kills} rounds ({kills} killed with SIGKILL), {len(damaged)} checkpoints damaged, {passed_over} passed "
-          f"over on resume, {restarts} restarts with no intact checkpoint; damaged checkpoints loaded: "
-          f"{len(violations)}; {len(completed)} completed runs ({sum(n for n, _ in completed)} resumes in all), "
-          f"each equal to the uninterrupted run: {equal}; {len(died_told)} deaths found and told")
+    print(
+        f"{args.kills} rounds ({kills} killed with SIGKILL), {len(damaged)} checkpoints damaged, {passed_over} passed "
+        f"over on resume, {restarts} restarts with no intact checkpoint; damaged checkpoints loaded: "
+        f"{len(violations)}; {len(completed)} completed runs ({sum(n for n, _ in completed)} resumes in all), "
+        f"each equal to the uninterrupted run: {equal}; {len(died_told)} deaths found and told"
+    )
     if not args.no_disk_full:
         violations += disk_full(data, work, args.steps, reference)
     if not args.workdir:

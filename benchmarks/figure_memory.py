@@ -20,18 +20,56 @@ from pace_lm.figures.specs import build_config, list_figures, load_figure
 from pace_lm.models.optim import build_optimizer
 
 ARCH = {  # published dimensions (the models' config.json on the hub); vocab as the tokenizer's
-    "smollm2_135m": ("LlamaConfig", dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                                        num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
-                                        tie_word_embeddings=True)),
-    "smollm2_1.7b": ("LlamaConfig", dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24,
-                                        num_attention_heads=32, num_key_value_heads=32, vocab_size=49152,
-                                        tie_word_embeddings=True)),
-    "qwen3_1.7b": ("Qwen3Config", dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
-                                      num_attention_heads=16, num_key_value_heads=8, head_dim=128,
-                                      vocab_size=151936, tie_word_embeddings=True)),
-    "gemma3_1b": ("Gemma3TextConfig", dict(hidden_size=1152, intermediate_size=6912, num_hidden_layers=26,
-                                          num_attention_heads=4, num_key_value_heads=1, head_dim=256,
-                                          vocab_size=262144 + 2, sliding_window=512)),  # + 2 ChatML tokens
+    "smollm2_135m": (
+        "LlamaConfig",
+        dict(
+            hidden_size=576,
+            intermediate_size=1536,
+            num_hidden_layers=30,
+            num_attention_heads=9,
+            num_key_value_heads=3,
+            vocab_size=49152,
+            tie_word_embeddings=True,
+        ),
+    ),
+    "smollm2_1.7b": (
+        "LlamaConfig",
+        dict(
+            hidden_size=2048,
+            intermediate_size=8192,
+            num_hidden_layers=24,
+            num_attention_heads=32,
+            num_key_value_heads=32,
+            vocab_size=49152,
+            tie_word_embeddings=True,
+        ),
+    ),
+    "qwen3_1.7b": (
+        "Qwen3Config",
+        dict(
+            hidden_size=2048,
+            intermediate_size=6144,
+            num_hidden_layers=28,
+            num_attention_heads=16,
+            num_key_value_heads=8,
+            head_dim=128,
+            vocab_size=151936,
+            tie_word_embeddings=True,
+        ),
+    ),
+    "gemma3_1b": (
+        "Gemma3TextConfig",
+        dict(
+            hidden_size=1152,
+            intermediate_size=6912,
+            num_hidden_layers=26,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            head_dim=256,
+            vocab_size=262144 + 2,
+            sliding_window=512,
+        ),
+    ),  # + 2 ChatML tokens
     "gpt2_124m": ("GPT2Config", dict(n_layer=12, n_head=12, n_embd=768, n_positions=1024, vocab_size=50304)),
 }
 
@@ -45,8 +83,14 @@ def figure_shapes():
             cfg = build_config(fig, run, "runs")
             if cfg.model.name in ARCH and cfg.model.name not in shapes:
                 seq = cfg.training.max_seq_len or (1024 if cfg.dataset.mode == "pretrain" else 1280)
-                shapes[cfg.model.name] = (fig_id, cfg.training.micro_batch_size, cfg.training.batch_size, seq,
-                                          cfg.training.compile_model, cfg.optimizer)
+                shapes[cfg.model.name] = (
+                    fig_id,
+                    cfg.training.micro_batch_size,
+                    cfg.training.batch_size,
+                    seq,
+                    cfg.training.compile_model,
+                    cfg.optimizer,
+                )
     return shapes
 
 
@@ -72,8 +116,12 @@ def measure(name, micro, batch, seq, compile_model, opt_cfg, steps):
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     params = sum(p.numel() for p in model.parameters())
-    return (params, torch.cuda.max_memory_allocated() / 2**30, torch.cuda.max_memory_reserved() / 2**30,
-            min(times[1:] or times))
+    return (
+        params,
+        torch.cuda.max_memory_allocated() / 2**30,
+        torch.cuda.max_memory_reserved() / 2**30,
+        min(times[1:] or times),
+    )
 
 
 def main():
@@ -83,13 +131,20 @@ def main():
     args = p.parse_args()
     shapes = figure_shapes()
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
-    print("| model | figure | micro x seq | batch | params | peak allocated GiB | peak reserved GiB | s/step | tokens/s |")
+    print(
+        "| model | figure | micro x seq | batch | params | peak allocated GiB | peak reserved GiB | s/step | tokens/s |"
+    )
     print("|---|---|---|---:|---:|---:|---:|---:|---:|")
     for name in args.models:
         fig_id, micro, batch, seq, compile_model, opt_cfg = shapes[name]
-        params, peak, reserved, t = measure(name, micro, batch, seq, compile_model, OmegaConf.create(opt_cfg), args.steps)
-        print(f"| {name} | {fig_id} | {micro} x {seq} | {batch} | {params / 1e6:.0f}M | {peak:.1f} | {reserved:.1f} | {t:.2f} | "
-              f"{batch * seq / t:,.0f} |", flush=True)
+        params, peak, reserved, t = measure(
+            name, micro, batch, seq, compile_model, OmegaConf.create(opt_cfg), args.steps
+        )
+        print(
+            f"| {name} | {fig_id} | {micro} x {seq} | {batch} | {params / 1e6:.0f}M | {peak:.1f} | {reserved:.1f} | "
+            f"{t:.2f} | {batch * seq / t:,.0f} |",
+            flush=True,
+        )
         torch.cuda.empty_cache()
 
 

@@ -33,8 +33,15 @@ import torch
 
 from pace import PACE
 
-SMOLLM2_135M = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                    num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True)
+SMOLLM2_135M = dict(
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    vocab_size=49152,
+    tie_word_embeddings=True,
+)
 
 
 class SeparateEMA:
@@ -61,13 +68,18 @@ MODES = {  # name: (weights dtype, optimizer)
     "AdamW, fp32 weights": (torch.float32, lambda ps: torch.optim.AdamW(ps, lr=1e-4)),
     "AdamW + separate fp32 EMA, fp32 weights": (torch.float32, SeparateEMA),
     "PACE, fp32 weights": (torch.float32, lambda ps: PACE(ps, lambda_pullback=0.15, use_ema_eval=True)),
-    "PACE, bf16 weights (nearest, fp32 EMA)": (torch.bfloat16,
-                                               lambda ps: PACE(ps, lambda_pullback=0.15, use_ema_eval=True)),
+    "PACE, bf16 weights (nearest, fp32 EMA)": (
+        torch.bfloat16,
+        lambda ps: PACE(ps, lambda_pullback=0.15, use_ema_eval=True),
+    ),
     "PACE, bf16 weights, rounding=stochastic (fp32 EMA)": (
-        torch.bfloat16, lambda ps: PACE(ps, lambda_pullback=0.15, use_ema_eval=True, rounding="stochastic")),
+        torch.bfloat16,
+        lambda ps: PACE(ps, lambda_pullback=0.15, use_ema_eval=True, rounding="stochastic"),
+    ),
     "PACE, bf16 weights, lean (stochastic, bf16 EMA offset)": (
-        torch.bfloat16, lambda ps: PACE(ps, lambda_pullback=0.15, use_ema_eval=True, rounding="stochastic",
-                                        ema_dtype=torch.bfloat16)),
+        torch.bfloat16,
+        lambda ps: PACE(ps, lambda_pullback=0.15, use_ema_eval=True, rounding="stochastic", ema_dtype=torch.bfloat16),
+    ),
 }
 
 
@@ -90,9 +102,12 @@ def count(mode):
                 state[key] = state.get(key, 0) + value.numel() * value.element_size()
     if isinstance(opt, SeparateEMA):
         state["ema (separate)"] = sum(e.numel() * e.element_size() for e in opt.extra())
-    row = dict(params=n, weights=sum(p.numel() * p.element_size() for p in params) / n,
-               grads=sum(p.grad.numel() * p.grad.element_size() for p in params) / n,
-               state={k: v / n for k, v in state.items()})
+    row = dict(
+        params=n,
+        weights=sum(p.numel() * p.element_size() for p in params) / n,
+        grads=sum(p.grad.numel() * p.grad.element_size() for p in params) / n,
+        state={k: v / n for k, v in state.items()},
+    )
     row["beside_grads"] = row["weights"] + sum(row["state"].values())
     return row
 
@@ -114,8 +129,15 @@ STEP_MODES = {  # name: (weights dtype, optimizer, stepped in the backward pass)
 }
 STEP_MODELS = ("smollm2_135m_gguf", "gemma3_270m_gguf")  # pace-train's model configs: the offline packages'
 # Llama-2-7B's shapes (6.74B parameters, 32 layers); --project measures it with 1 and 2 of its layers
-LLAMA_7B = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
-                vocab_size=32000, tie_word_embeddings=False, max_position_embeddings=4096)
+LLAMA_7B = dict(
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    vocab_size=32000,
+    tie_word_embeddings=False,
+    max_position_embeddings=4096,
+)
 LLAMA_7B_PARAMS = 6_738_415_616
 
 
@@ -127,15 +149,20 @@ def resident_kb(field="VmRSS"):
 def step_peak(model_name, mode, checkpointing, seq_len):
     """In this process: (params, held bytes, peak bytes) of the second training step, above the baseline."""
     from transformers import AutoConfig, AutoModelForCausalLM
+
     from pace_lm.config.compose import compose
     from pace_lm.run.evaluation import batch_loss
+
     if model_name.startswith("llama7b_"):  # llama7b_<layers>: the 7B's shapes, that many layers
         from transformers import LlamaConfig
+
         config, attn = LlamaConfig(**LLAMA_7B, num_hidden_layers=int(model_name.split("_")[1])), "sdpa"
     else:  # the config saved by the parent (reading it from the GGUF here would map the file into memory)
         spec = compose([f"model={model_name}"]).model
-        config, attn = AutoConfig.from_pretrained(os.environ["PACE_BENCH_CONFIGS"] + "/" + model_name), \
-            spec.attn_implementation
+        config, attn = (
+            AutoConfig.from_pretrained(os.environ["PACE_BENCH_CONFIGS"] + "/" + model_name),
+            spec.attn_implementation,
+        )
     gc.collect()
     baseline = resident_kb()  # the libraries loaded, no model yet
     dtype, make, in_backward = STEP_MODES[mode]
@@ -173,22 +200,33 @@ def one_step(model_name, mode, ckpt, seq_len):
     # glibc returns a freed block of 64 KiB or more to the kernel at once (no dynamic threshold keeping freed
     # grads in the heap), so that the resident memory follows the live tensors
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    out = subprocess.run([sys.executable, __file__, "--one", model_name, mode, str(ckpt), str(seq_len)],
-                         capture_output=True, text=True, check=True, env=env).stdout
+    out = subprocess.run(
+        [sys.executable, __file__, "--one", model_name, mode, str(ckpt), str(seq_len)],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env,
+    ).stdout
     r = dict(model=model_name, mode=mode, checkpointing=ckpt, seq_len=seq_len, **json.loads(out.splitlines()[-1]))
-    print(f"{model_name:18s} {mode:38s} {'on' if ckpt else 'off':>4s} {r['held'] / r['params']:6.2f} "
-          f"{r['peak'] / r['params']:6.2f} {(r['peak'] - r['held']) / 2**20:9.0f}", flush=True)
+    print(
+        f"{model_name:18s} {mode:38s} {'on' if ckpt else 'off':>4s} {r['held'] / r['params']:6.2f} "
+        f"{r['peak'] / r['params']:6.2f} {(r['peak'] - r['held']) / 2**20:9.0f}",
+        flush=True,
+    )
     return r
 
 
 def step_table(seq_len):
     """Every (model, mode, checkpointing) of the step, each in a fresh process."""
     from transformers import AutoConfig
+
     from pace_lm.config.compose import compose
+
     for name in STEP_MODELS:
         spec = compose([f"model={name}"]).model
         AutoConfig.from_pretrained(spec.pretrained, gguf_file=spec.gguf_file).save_pretrained(
-            os.path.join(os.environ["PACE_BENCH_CONFIGS"], name))
+            os.path.join(os.environ["PACE_BENCH_CONFIGS"], name)
+        )
     return [one_step(m, mode, ckpt, seq_len) for m in STEP_MODELS for mode in STEP_MODES for ckpt in (False, True)]
 
 
@@ -226,8 +264,11 @@ def main():
         print(f"{mode:56s} {row['weights']:7g} {row['grads']:6g} {state:>28s} {row['beside_grads']:13g}")
     steps = None
     if args.step:
-        print(f"\nthe training step, batch 1 x {args.seq_len} tokens, bytes per parameter (peak RSS, {torch.get_num_threads()} "
-              f"threads)\n{'model':18s} {'mode':38s} {'ckpt':>4s} {'held':>6s} {'peak':>6s} {'peak-held MB':>9s}")
+        print(
+            f"\nthe training step, batch 1 x {args.seq_len} tokens, bytes per parameter (peak RSS, "
+            f"{torch.get_num_threads()} threads)\n"
+            f"{'model':18s} {'mode':38s} {'ckpt':>4s} {'held':>6s} {'peak':>6s} {'peak-held MB':>9s}"
+        )
         steps = step_table(args.seq_len)
     project = None
     if args.project:
@@ -236,8 +277,11 @@ def main():
         print_projection(project, rows)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(torch=torch.__version__, modes=rows, steps=steps, seq_len=args.seq_len,
-                           projection=project), f, indent=1)
+            json.dump(
+                dict(torch=torch.__version__, modes=rows, steps=steps, seq_len=args.seq_len, projection=project),
+                f,
+                indent=1,
+            )
 
 
 def print_projection(project, rows):
@@ -245,15 +289,21 @@ def print_projection(project, rows):
     none beyond the one tensor's the measured step already held), activations (measured per layer, with and
     without checkpointing, in the backward pass: the whole-model step's are no larger)."""
     gb, n = 1e9, LLAMA_7B_PARAMS
-    print(f"{'7B Llama, batch 1 x 4096 tokens, GB (1e9 bytes)':74s} {'weights+state':>13s} {'grads':>6s} {'activations':>11s} {'total':>6s}")
+    print(
+        f"{'7B Llama, batch 1 x 4096 tokens, GB (1e9 bytes)':74s} {'weights+state':>13s} {'grads':>6s} "
+        f"{'activations':>11s} {'total':>6s}"
+    )
     for mode, row in rows.items():
         held = row["beside_grads"] * n / gb
         for ckpt in (False, True):
             act = project[ckpt]["activations"] / gb
-            for in_backward in ((False, True) if mode.startswith("PACE, bf16 weights, lean") else (False,)):
+            for in_backward in (False, True) if mode.startswith("PACE, bf16 weights, lean") else (False,):
                 grads = 0.0 if in_backward else row["grads"] * n / gb
-                name = (mode.split(" (")[0] + (", in the backward pass" if in_backward else "")
-                        + (", checkpointing" if ckpt else ""))
+                name = (
+                    mode.split(" (")[0]
+                    + (", in the backward pass" if in_backward else "")
+                    + (", checkpointing" if ckpt else "")
+                )
                 print(f"{name:74s} {held:13.1f} {grads:6.1f} {act:11.1f} {held + grads + act:6.1f}")
 
 

@@ -19,8 +19,8 @@ Layouts (nothing downloaded; shapes only):
 
 The host side of the fused CUDA step, measured on any machine: PACE(impl="triton") on as many CPU tensors
 as the layout has (one element each: the host work depends on the count, not the sizes) with the kernel
-launch replaced by nothing, so that what is timed is the Python work of a step: validation, the step counts, reading the grads'
-addresses, the hyperparameters, the tables. Two loops: new grad tensors at every step (what
+launch replaced by nothing, so that what is timed is the Python work of a step: validation, the step
+counts, reading the grads' addresses, the hyperparameters, the tables. Two loops: new grad tensors at every step (what
 zero_grad(set_to_none=True) gives) and the same grads. Median over interleaved rounds.
 """
 
@@ -38,10 +38,24 @@ import torch
 from pace import PACE
 
 SMOLLM2 = {  # from the models' config.json on the hub
-    "smollm2_135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                         num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
-    "smollm2_1.7b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24, num_attention_heads=32,
-                         num_key_value_heads=32, vocab_size=49152, tie_word_embeddings=True),
+    "smollm2_135m": dict(
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        vocab_size=49152,
+        tie_word_embeddings=True,
+    ),
+    "smollm2_1.7b": dict(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=24,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=49152,
+        tie_word_embeddings=True,
+    ),
 }
 
 
@@ -54,6 +68,7 @@ def layout(name):
             shapes += [(d, d)] * 4 + [(4 * d, d), (d, 4 * d)] + [(d,)] * 2 + [(4 * d,), (d,)]
         return shapes + [(d,)]
     from transformers import LlamaConfig, LlamaForCausalLM
+
     with torch.device("meta"):
         model = LlamaForCausalLM(LlamaConfig(**SMOLLM2[name]))
     return [tuple(p.shape) for p in model.parameters()]
@@ -136,8 +151,9 @@ def steady(params, device, args):
     }
     if params[0].dtype == torch.bfloat16:  # the 16-bit modes (issue: bf16 without lost updates)
         methods["PACE fused, rounding=stochastic"] = PACE(params, rounding="stochastic", **PACE_KW)
-        methods["PACE fused, lean (+ bf16 EMA offset)"] = PACE(params, rounding="stochastic",
-                                                               ema_dtype=torch.bfloat16, **PACE_KW)
+        methods["PACE fused, lean (+ bf16 EMA offset)"] = PACE(
+            params, rounding="stochastic", ema_dtype=torch.bfloat16, **PACE_KW
+        )
     if args.forloop:
         methods["PACE forloop"] = PACE(params, impl="forloop", **PACE_KW)
     times = {k: [] for k in methods}
@@ -153,8 +169,10 @@ def steady(params, device, args):
                 hosts[name].append(host[0])
     med = {k: statistics.median(v) for k, v in times.items()}
     base, pace = med["AdamW fused (torch)"], med["PACE fused (default)"]
-    return {k: dict(median_ms=v * 1e3, ratio=v / base, pace_ratio=v / pace, host_ms=statistics.median(hosts[k]) * 1e3)
-            for k, v in med.items()}
+    return {
+        k: dict(median_ms=v * 1e3, ratio=v / base, pace_ratio=v / pace, host_ms=statistics.median(hosts[k]) * 1e3)
+        for k, v in med.items()
+    }
 
 
 def pauses(params, device, steady_s, adamw_s):
@@ -166,7 +184,7 @@ def pauses(params, device, steady_s, adamw_s):
     opt = PACE(params, **PACE_KW)
     opt.step()
     opt.step()
-    frozen = params[1:1 + max(1, len(params) // 30)]  # about one decoder layer
+    frozen = params[1 : 1 + max(1, len(params) // 30)]  # about one decoder layer
     grads = {p: p.grad for p in params}
     events = []
 
@@ -184,13 +202,15 @@ def pauses(params, device, steady_s, adamw_s):
     event("new PACE instance, second step")
     o = PACE(params[: len(params) // 2], **PACE_KW)
     o.step()
-    o.add_param_group(dict(params=params[len(params) // 2:], lr=3e-4))
+    o.add_param_group(dict(params=params[len(params) // 2 :], lr=3e-4))
     event("add_param_group (its state allocated)")
     gen = torch.Generator().manual_seed(0)
     for i in range(3):  # MoE-like: a different subset of tensors has grads each step
         keep = torch.rand(len(params), generator=gen) < 0.7
-        event(f"random 70% of tensors with grads ({i + 1})",
-              lambda keep=keep: [setattr(p, "grad", grads[p] if k else None) for p, k in zip(params, keep)])
+        event(
+            f"random 70% of tensors with grads ({i + 1})",
+            lambda keep=keep: [setattr(p, "grad", grads[p] if k else None) for p, k in zip(params, keep)],
+        )
     for p in params:
         p.grad = grads[p]
     event("new lr", lambda: [g.__setitem__("lr", 5e-4) for g in o.param_groups])
@@ -237,8 +257,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--layouts", default=None, help="comma-separated (default: gpt113,smollm2_135m; "
-                    "with CUDA also smollm2_1.7b)")
+    ap.add_argument(
+        "--layouts", default=None, help="comma-separated (default: gpt113,smollm2_135m; with CUDA also smollm2_1.7b)"
+    )
     ap.add_argument("--steps", type=int, default=15, help="timed rounds")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--forloop", action="store_true", help="also time impl='forloop' (slow)")
@@ -251,8 +272,10 @@ def main():
     if args.host_time:
         names = (args.layouts or "gpt113,smollm2_135m,smollm2_1.7b").split(",")
         table = host_time(names)
-        print(f"host side of PACE's fused CUDA step (kernel launch replaced by nothing), torch={torch.__version__}, "
-              f"{os.cpu_count()} CPUs")
+        print(
+            f"host side of PACE's fused CUDA step (kernel launch replaced by nothing), torch={torch.__version__}, "
+            f"{os.cpu_count()} CPUs"
+        )
         print(f"{'layout':14s} {'tensors':>8s} {'new grads ms':>13s} {'same grads ms':>14s}")
         for name, row in table.items():
             print(f"{name:14s} {row['tensors']:8d} {row['new grads']:13.3f} {row['same grads']:14.3f}")
@@ -262,9 +285,11 @@ def main():
         return
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     names = (args.layouts or ("gpt113,smollm2_135m" + (",smollm2_1.7b" if device.type == "cuda" else ""))).split(",")
-    print(f"device={device} ({torch.cuda.get_device_name() if device.type == 'cuda' else os.cpu_count()} "
-          f"{'' if device.type == 'cuda' else 'CPUs'}) dtype={dtype} threads={torch.get_num_threads()} "
-          f"torch={torch.__version__}")
+    print(
+        f"device={device} ({torch.cuda.get_device_name() if device.type == 'cuda' else os.cpu_count()} "
+        f"{'' if device.type == 'cuda' else 'CPUs'}) dtype={dtype} threads={torch.get_num_threads()} "
+        f"torch={torch.__version__}"
+    )
     results = {}
     for name in names:
         shapes = layout(name)
@@ -272,21 +297,26 @@ def main():
         print(f"\n== {name}: {n / 1e6:.1f}M parameters in {len(shapes)} tensors")
         with tempfile.TemporaryDirectory() as cache:
             first = cold_and_warm(name, args, cache)
-        print(f"first step, new process, empty cache (cold): {first['cold']['first']:.2f} s; "
-              f"cache filled (warm): {first['warm']['first']:.2f} s; second step: {first['warm']['second']:.3f} s")
+        print(
+            f"first step, new process, empty cache (cold): {first['cold']['first']:.2f} s; "
+            f"cache filled (warm): {first['warm']['first']:.2f} s; second step: {first['warm']['second']:.3f} s"
+        )
         params = build_params(shapes, device, dtype)
         table = steady(params, device, args)
         print(f"{'method':38s} {'median ms':>10s} {'x fused AdamW':>14s} {'x PACE default':>15s} {'host ms':>8s}")
         for method, row in table.items():
-            print(f"{method:38s} {row['median_ms']:10.2f} {row['ratio']:14.2f} {row['pace_ratio']:15.2f} "
-                  f"{row['host_ms']:8.2f}")
+            print(
+                f"{method:38s} {row['median_ms']:10.2f} {row['ratio']:14.2f} {row['pace_ratio']:15.2f} "
+                f"{row['host_ms']:8.2f}"
+            )
         steady_s = table["PACE fused (default)"]["median_ms"] / 1e3
         events = pauses(params, device, steady_s, table["AdamW fused (torch)"]["median_ms"] / 1e3)
         print(f"pauses (step time minus the steady {steady_s * 1e3:.1f} ms):")
         for what, extra in events:
             print(f"  {what:50s} {extra * 1e3:+9.1f} ms")
-        results[name] = dict(params=n, tensors=len(shapes), first_step=first, steady=table,
-                             pauses={k: v for k, v in events})
+        results[name] = dict(
+            params=n, tensors=len(shapes), first_step=first, steady=table, pauses={k: v for k, v in events}
+        )
         del params
     print("\nfloor for PACE (9 words / 7 words per parameter): 1.29x")
     if args.json:

@@ -18,12 +18,19 @@ BIN = os.path.dirname(sys.executable)  # the venv's console scripts sit beside i
 def run_cli(args, cwd, timeout=600, env=None):
     """Run a console script (pace-train / pace-data) as a user would; return the CompletedProcess."""
     full_env = dict(os.environ, HF_HUB_OFFLINE="1", **(env or {}))
-    return subprocess.run([os.path.join(BIN, args[0]), *args[1:]], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env=full_env)
+    return subprocess.run(
+        [os.path.join(BIN, args[0]), *args[1:]], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env
+    )
 
 
-TIMING_KEYS = ("wall_time_s", "train_time_s", "first_step_time_s", "tokens_per_s", "steady_tokens_per_s",
-               "time_s")  # differ between identical runs
+TIMING_KEYS = (
+    "wall_time_s",
+    "train_time_s",
+    "first_step_time_s",
+    "tokens_per_s",
+    "steady_tokens_per_s",
+    "time_s",
+)  # differ between identical runs
 
 
 def strip_timing(obj):
@@ -68,6 +75,7 @@ def offline_data(tmp_path_factory):
 @pytest.fixture(scope="session")
 def offline_tokenizer(offline_data):
     from transformers import AutoTokenizer
+
     return AutoTokenizer.from_pretrained(offline_data / "tokenizer")
 
 
@@ -75,3 +83,31 @@ def offline_tokenizer(offline_data):
 def _offline():
     os.environ["HF_HUB_OFFLINE"] = "1"  # nothing in the tests may reach the hub
     os.environ["HF_DATASETS_OFFLINE"] = "1"
+
+
+def small_cfg(data, out, *overrides, steps=20):
+    """A pace-train config of the tiny model on the offline data: `steps` steps of batch 8, quiet, on the CPU."""
+    from pace_lm.config.compose import compose
+
+    return compose(
+        [
+            f"dataset.path={data}",
+            f"training.out_dir={out}",
+            f"training.max_steps={steps}",
+            "training.batch_size=8",
+            "training.micro_batch_size=8",
+            "training.eval_interval=10",
+            "training.eval_batches=2",
+            "training.log_interval=5",
+            "training.progress=false",
+            "training.pad_to=longest",
+            "training.device=cpu",
+            "run_name=r",
+            *overrides,
+        ]
+    )
+
+
+def blocks(text):
+    """The paragraphs of what `pace-figure plot=true` prints: each table, and the line of runs complete."""
+    return [b.strip() for b in text.split("\n\n") if b.strip()]

@@ -1,44 +1,9 @@
 """What docs/architecture.md promises about the layout: which module imports which, and the loop as small parts."""
 
 import ast
-from pathlib import Path
 
 import pytest
-
-SRC = Path(__file__).parent.parent / "src"
-
-
-def imported(path):
-    """Every module `path` imports, at the top or inside a function; relative imports are not used here."""
-    out = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            out |= {a.name for a in node.names}
-        elif isinstance(node, ast.ImportFrom):
-            out.add(node.module)
-            out |= {f"{node.module}.{a.name}" for a in node.names}
-    return out
-
-
-PIPELINE = SRC / "pace_lm"
-FLOORS = ["files environment", "config", "models", "data", "run", "figures", "cli"]  # docs/architecture.md's
-
-
-def pipeline_modules():
-    """{dotted name under pace_lm (e.g. run.train): its path}."""
-    out = {}
-    for path in sorted(PIPELINE.rglob("*.py")):
-        parts = path.relative_to(PIPELINE).with_suffix("").parts
-        if parts[-1] != "__init__":
-            out[".".join(parts)] = path
-    return out
-
-
-def import_graph():
-    """{module: the pipeline modules it imports}, from the code."""
-    modules = pipeline_modules()
-    return {m: {n[len("pace_lm."):] for n in imported(p) if n.startswith("pace_lm.")} & set(modules) - {m}
-            for m, p in modules.items()}
+from source_tree import FLOORS, SRC, import_graph, imported, pipeline_modules
 
 
 def floor(module):
@@ -62,8 +27,15 @@ def test_the_folders_are_floors():
 
 def test_low_modules_import_no_training_code():
     """What reads records, composes configs or stores files imports no torch and no model code."""
-    for module in ("figures.plots", "config.compose", "config.packages", "files.atomic", "files.marks",
-                   "run.records", "environment"):
+    for module in (
+        "figures.plots",
+        "config.compose",
+        "config.packages",
+        "files.atomic",
+        "files.marks",
+        "run.records",
+        "environment",
+    ):
         names = imported(pipeline_modules()[module])
         assert "transformers" not in names, module
         if module != "environment":  # it asks torch for its version, inside a function
@@ -76,8 +48,8 @@ def test_the_config_is_parsed_once():
     users = sorted(m for m, p in pipeline_modules().items() if any(n.startswith("omegaconf") for n in imported(p)))
     assert users == ["cli", "config.compose", "config.schema", "figures.specs"]
     for module in ("models.lm", "models.optim", "models.averaging", "run.train"):
-        assert "validate_model" not in pipeline_modules()[module].read_text()
-        assert "validate_optimizer" not in pipeline_modules()[module].read_text()
+        names = {n.rsplit(".", 1)[-1] for n in imported(pipeline_modules()[module])}
+        assert not names & {"validate_model", "validate_optimizer"}, module
 
 
 def test_nothing_imports_the_training_loop_but_the_commands_and_the_sweep():
@@ -106,8 +78,18 @@ def test_the_loop_has_its_named_parts_and_components_own_their_cadence():
     from pace_lm.run.evaluation import Evaluator
     from pace_lm.run.logs import TrainLog
     from pace_lm.run.loop import Loop
-    for part in ("run", "train_step", "log", "evaluate", "should_stop", "checkpoint", "resume", "summary",
-                 "components"):
+
+    for part in (
+        "run",
+        "train_step",
+        "log",
+        "evaluate",
+        "should_stop",
+        "checkpoint",
+        "resume",
+        "summary",
+        "components",
+    ):
         assert callable(getattr(Loop, part)), part
     for component in (Checkpointer, Evaluator, TrainLog):
         assert callable(component.due), component
@@ -140,8 +122,10 @@ def test_the_optimizer_package_has_no_import_cycle():
     """pace's modules import one another downward only (the class, its plan and paths, the kernels, the
     leaves), at the top or inside a function."""
     modules = {p.stem: p for p in (SRC / "pace").glob("*.py") if p.stem != "__init__"}
-    graph = {m: {n.split(".")[1] for n in imported(p) if n.startswith("pace.") and n.count(".") >= 1}
-             & set(modules) - {m} for m, p in modules.items()}
+    graph = {
+        m: {n.split(".")[1] for n in imported(p) if n.startswith("pace.") and n.count(".") >= 1} & set(modules) - {m}
+        for m, p in modules.items()
+    }
     order = []
 
     def visit(module, path):
@@ -164,6 +148,7 @@ def test_the_step_paths_share_one_signature():
     import inspect
 
     from pace import cpu_kernel, foreach, forloop, triton_kernel
+
     paths = [forloop.step, foreach.step, cpu_kernel.step, triton_kernel.step]
     signatures = {str(inspect.signature(fn)) for fn in paths}
     assert signatures == {"(bucket, grads, hp, consts, *, pull, update_ema, stats)"}
@@ -173,9 +158,22 @@ def test_no_large_file_is_tracked_outside_the_records_and_figures():
     """The repository holds code, docs, committed run records and drawn figures: any other tracked file over
     1 MB (a wheel, a checkpoint, a dataset) is a mistake."""
     import subprocess
+
     root = SRC.parent
     listed = subprocess.run(["git", "ls-files", "-z"], cwd=root, capture_output=True, check=True).stdout
     kept = ("tests/fixtures/results/", "docs/figures/")
-    large = [name for name in listed.decode().split("\0") if name and not name.startswith(kept)
-             and (root / name).is_file() and (root / name).stat().st_size > 1 << 20]
+    large = [
+        name
+        for name in listed.decode().split("\0")
+        if name and not name.startswith(kept) and (root / name).is_file() and (root / name).stat().st_size > 1 << 20
+    ]
     assert large == []
+
+
+def test_no_test_file_imports_another():
+    """What tests share lives in conftest.py and the named helper modules, never in another test file (whose
+    import would collect its tests twice and tie the files' fates together)."""
+    tests = {p.stem: p for p in (SRC.parent / "tests").glob("test_*.py")}
+    assert {
+        name: sorted(set(tests) & imported(path)) for name, path in tests.items() if set(tests) & imported(path)
+    } == {}

@@ -35,8 +35,10 @@ def loss_of(model, step):
 
 
 def groups(model):
-    return [dict(params=[p for p in model.parameters() if p.dim() >= 2]),
-            dict(params=[p for p in model.parameters() if p.dim() < 2], weight_decay=0.0)]
+    return [
+        dict(params=[p for p in model.parameters() if p.dim() >= 2]),
+        dict(params=[p for p in model.parameters() if p.dim() < 2], weight_decay=0.0),
+    ]
 
 
 def whole(model, opt, steps, start=0):
@@ -50,6 +52,12 @@ def in_backward(model, steps, start=0):
     for step in range(start, start + steps):
         loss_of(model, step).backward()
         assert all(p.grad is None for p in model.parameters())  # each grad freed once its step is taken
+
+
+def global_norm(opt):
+    """The norm of the grads' float32 norms in the optimizer's order (pace.backward's grad_norm())."""
+    norms = [torch.linalg.vector_norm(p.grad, dtype=torch.float32) for g in opt.param_groups for p in g["params"]]
+    return torch.linalg.vector_norm(torch.stack(norms))
 
 
 def same_state(a, opt_a, b, opt_b):
@@ -102,10 +110,16 @@ def test_what_needs_every_grad_is_refused_in_one_line():
     loss_of(model, 0).backward()
     scaler = torch.amp.GradScaler("cpu")
     scaler.scale(loss_of(model, 1)).backward()
-    for call in (opt.step, lambda: opt.step(lambda: loss_of(model, 0)),
-                 lambda: scaler.step(opt)):  # a GradScaler steps through step(): stopped at its first
-        with pytest.raises(RuntimeError, match=r"step\(\) while the step runs in the backward pass .* global "
-                                               r"grad-norm clip, gradient accumulation, a closure, a GradScaler"):
+    for call in (
+        opt.step,
+        lambda: opt.step(lambda: loss_of(model, 0)),
+        lambda: scaler.step(opt),
+    ):  # a GradScaler steps through step(): stopped at its first
+        with pytest.raises(
+            RuntimeError,
+            match=r"step\(\) while the step runs in the backward pass .* global "
+            r"grad-norm clip, gradient accumulation, a closure, a GradScaler",
+        ):
             call()
     with pytest.raises(RuntimeError, match="already steps in the backward pass; remove"):
         opt.step_in_backward()
@@ -201,7 +215,7 @@ def test_grad_scale_from_the_last_pass_is_a_global_clip_by_the_previous_norm():
     for step in range(4):
         opt_a.zero_grad()
         loss_of(a, step).backward()
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in a.parameters()]))
+        norm = global_norm(opt_a)
         if previous is not None:
             coef = torch.clamp(0.05 / (previous + 1e-6), max=1.0)
             scaled += bool(coef < 1)
@@ -214,6 +228,40 @@ def test_grad_scale_from_the_last_pass_is_a_global_clip_by_the_previous_norm():
         torch.testing.assert_close(handle.grad_norm(), norm)  # measured before the scale
     assert scaled >= 2  # the clip acted
     same_state(a, opt_a, b, opt_b)
+
+
+def test_a_measuring_pass_then_a_scaled_one_is_the_global_clip_of_the_steps_own_grads():
+    """LOMO's two passes: the first under measuring() steps nothing and frees every grad; the second, scaled
+    by clip_coef of the first's norm, is the whole-model step after a global-norm clip (the norm of the
+    parameters' float32 norms: bit for bit; torch's clip_grad_norm_ to its rounding)."""
+    a, b, c = net(), net(), net()
+    opt_a, opt_b, opt_c = (PACE(groups(m), **PULL) for m in (a, b, c))
+    handle = opt_b.step_in_backward()
+    scaled = 0
+    for step in range(4):
+        for model, opt in ((a, opt_a), (c, opt_c)):
+            opt.zero_grad()
+            loss_of(model, step).backward()
+        norm = global_norm(opt_a)
+        coef = clip_coef(0.05, norm)
+        scaled += bool(coef < 1)
+        for p in a.parameters():
+            p.grad.mul_(coef)
+        torch.nn.utils.clip_grad_norm_(c.parameters(), 0.05)
+        opt_a.step()
+        opt_c.step()
+        before = [p.detach().clone() for p in b.parameters()]
+        with handle.measuring():
+            loss_of(b, step).backward()
+        assert all(p.grad is None for p in b.parameters())
+        assert all(torch.equal(p, q) for p, q in zip(b.parameters(), before))  # nothing stepped
+        assert torch.equal(handle.grad_norm(), norm)
+        handle.grad_scale = clip_coef(0.05, handle.grad_norm())
+        loss_of(b, step).backward()
+    assert scaled >= 2  # the clip acted
+    same_state(a, opt_a, b, opt_b)
+    for p, q in zip(b.parameters(), c.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
 def test_grad_scale_is_one_clipping_and_a_tensor():

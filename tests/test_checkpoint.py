@@ -11,11 +11,10 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from pace_lm import PaceLMError
-
 from pace_lm.run import checkpoint, checkpoint_files, distributed, rng, sharded
 from pace_lm.run.checkpoint_files import Contents
-from pace_lm.run.records import RunRecord
 from pace_lm.run.distributed import World
+from pace_lm.run.records import RunRecord
 
 W = World()
 
@@ -36,8 +35,12 @@ def save(ckpt_dir, step, keep=2):
 
 
 def test_split_and_join_are_inverse():
-    tree = dict(model={"a.weight": torch.randn(2, 3)}, optimizer=dict(
-        state={0: dict(step=3, exp_avg=torch.zeros(2))}, param_groups=[dict(betas=(0.9, 0.95), lr=0.1, name=None)]))
+    tree = dict(
+        model={"a.weight": torch.randn(2, 3)},
+        optimizer=dict(
+            state={0: dict(step=3, exp_avg=torch.zeros(2))}, param_groups=[dict(betas=(0.9, 0.95), lr=0.1, name=None)]
+        ),
+    )
     tensors, rest = sharded.split_tensors(tree)
     assert set(tensors) == {"model/a.weight", "optimizer/state/0/exp_avg"} == sharded.marked_keys(rest)
     assert rest["optimizer"]["param_groups"] == [dict(betas=(0.9, 0.95), lr=0.1, name=None)]  # a tuple stays one
@@ -106,12 +109,16 @@ def test_loading_never_runs_pickled_code(tmp_path):
     torch.save(dict(step=1, x=Evil(str(proof))), os.path.join(folder, checkpoint_files.STATE))
     with pytest.raises(PaceLMError, match="is damaged: state.pt does not match its sha256"):
         checkpoint_files.read(folder, W)
-    checkpoint_files._write_manifest(folder)  # whoever swapped the file rewrote the checksums too: the safe load refuses
+    checkpoint_files._write_manifest(
+        folder
+    )  # whoever swapped the file rewrote the checksums too: the safe load refuses
     with pytest.raises(PaceLMError) as e:
         checkpoint_files.read(folder, W)
-    assert str(e.value) == (f"checkpoint file {os.path.join(folder, checkpoint_files.STATE)} holds objects that a safe "
-                            f"load (tensors and plain containers only) refuses, so it was not loaded: it was not "
-                            f"written by pace-train")
+    assert str(e.value) == (
+        f"checkpoint file {os.path.join(folder, checkpoint_files.STATE)} holds objects that a safe "
+        f"load (tensors and plain containers only) refuses, so it was not loaded: it was not "
+        f"written by pace-train"
+    )
     assert "weights_only" not in str(e.value) and not proof.exists()
 
 
@@ -158,8 +165,12 @@ def test_resume_goes_on_from_the_newest_intact_checkpoint(tmp_path, capsys):
 
 
 def test_sharded_tensors_load_and_their_metadata_cannot_run_code(tmp_path):
-    saved = {"model/w": torch.randn(4, 3), "optimizer/state/w/exp_avg": torch.randn(4, 3),
-             "n": torch.tensor(7), "bf16": torch.randn(5).bfloat16()}
+    saved = {
+        "model/w": torch.randn(4, 3),
+        "optimizer/state/w/exp_avg": torch.randn(4, 3),
+        "n": torch.tensor(7),
+        "bf16": torch.randn(5).bfloat16(),
+    }
     dcp.save(saved, storage_writer=dcp.FileSystemWriter(str(tmp_path / "dcp")))
     template = {k: torch.zeros_like(v) for k, v in saved.items()}
     sharded.load_sharded(str(tmp_path), template)
@@ -189,9 +200,16 @@ def test_a_train_checkpoint_is_one_typed_layout_for_saving_and_resuming(tmp_path
     progress = dict(step=7, tokens=700, trained=650, t_train=1.5, base_lrs=[1e-3, 1e-3])
     components = dict(progress=progress, batches=dict(epoch=1, offset=3), log=dict(window_trained=30))
     record = RunRecord(config=dict(seed=0), data=dict(vocab_size=10), step_logs=[dict(step=5, loss=3.0)])
-    ckpt = checkpoint.TrainCheckpoint(config=dict(seed=0), record=record, step=7, components=components,
-                                      train=dict(model={"w": torch.ones(2)}), rng=rng.rng_state(),
-                                      rank_components=dict(log=dict(window_loss=torch.tensor(2.5))), world_size=1)
+    ckpt = checkpoint.TrainCheckpoint(
+        config=dict(seed=0),
+        record=record,
+        step=7,
+        components=components,
+        train=dict(model={"w": torch.ones(2)}),
+        rng=rng.rng_state(),
+        rank_components=dict(log=dict(window_loss=torch.tensor(2.5))),
+        world_size=1,
+    )
     folder = ckpt.save(str(tmp_path), W)
     assert folder == checkpoint_files.step_dir(str(tmp_path), 7)
     state, rank_part = checkpoint_files.read(folder, W)
@@ -207,8 +225,9 @@ def test_a_train_checkpoint_is_one_typed_layout_for_saving_and_resuming(tmp_path
     with pytest.raises(PaceLMError, match="is of another config"):
         back.check_fits(dict(seed=1), None, folder, W)
     fsdp = distributed.World(rank=0, size=2, parallel="fsdp")
-    with pytest.raises(PaceLMError, match="written without FSDP: resume it in one process or with "
-                                          "training.parallel=ddp"):
+    with pytest.raises(
+        PaceLMError, match="written without FSDP: resume it in one process or with training.parallel=ddp"
+    ):
         back.check_fits(dict(seed=0), dict(vocab_size=10), folder, fsdp)
     back.check_fits(dict(seed=0), dict(vocab_size=10), folder, distributed.World(rank=0, size=2, parallel="ddp"))
 
@@ -253,9 +272,15 @@ def test_each_component_saves_and_restores_its_own_state(tmp_path):
     counter, plain = Counter(), Plain()
     counter.n, counter.mine, plain.k = 5, 9, 3
     ckpt = checkpoint.TrainCheckpoint(
-        config={}, record=RunRecord(config={}, data={}), step=1, train={}, rng=rng.rng_state(),
+        config={},
+        record=RunRecord(config={}, data={}),
+        step=1,
+        train={},
+        rng=rng.rng_state(),
         components=dict(counter=counter.state_dict(), plain=plain.state_dict()),
-        rank_components=dict(counter=counter.rank_state_dict()), world_size=1)
+        rank_components=dict(counter=counter.rank_state_dict()),
+        world_size=1,
+    )
     again, other = Counter(), Plain()
     Checkpointer.resume(ckpt, dict(counter=again, plain=other))
     assert (again.n, again.mine, other.k) == (5, 9, 3)
@@ -267,10 +292,26 @@ def test_each_component_saves_and_restores_its_own_state(tmp_path):
 
 def test_a_checkpoint_of_the_first_layout_resumes(tmp_path):
     """A checkpoint written with the loop's state in one "loop" entry gives each component its part."""
-    loop = dict(step=4, tokens=40, trained=30, tokens_after_first=20, window_trained=6, window_loss=1.5, t_train=1.0,
-                t_first=0.5, wall=2.0, wandb_id="abc", base_lrs=[1e-3])
-    shared = dict(config=dict(seed=0), record=RunRecord(config={}, data={}).to_json(), loop=loop,
-                  batches=dict(epoch=0, offset=4), train={})
+    loop = dict(
+        step=4,
+        tokens=40,
+        trained=30,
+        tokens_after_first=20,
+        window_trained=6,
+        window_loss=1.5,
+        t_train=1.0,
+        t_first=0.5,
+        wall=2.0,
+        wandb_id="abc",
+        base_lrs=[1e-3],
+    )
+    shared = dict(
+        config=dict(seed=0),
+        record=RunRecord(config={}, data={}).to_json(),
+        loop=loop,
+        batches=dict(epoch=0, offset=4),
+        train={},
+    )
     rank_part = dict(rng=rng.rng_state(), window_loss=torch.tensor(0.75), world=1)
     folder = checkpoint_files.write(str(tmp_path), 4, checkpoint_files.Contents(shared, rank_part, None), W)
     back = checkpoint.TrainCheckpoint.load(folder, W)
@@ -286,6 +327,7 @@ def test_the_step_logs_window_and_wandb_id_go_through_a_checkpoint():
     from types import SimpleNamespace
 
     from pace_lm.run.logs import TrainLog
+
     tc = SimpleNamespace(log_interval=5, grad_clip=None)
     log = TrainLog(tc, RunRecord(config={}, data={}), W, torch.device("cpu"))
     log.add(torch.tensor(2.0))

@@ -36,6 +36,7 @@ class Recording:
         self.graphs.append(gm.code)
         if self.inner == "inductor":
             from torch._inductor.compile_fx import compile_fx
+
             return compile_fx(gm, example_inputs)
         return gm.forward
 
@@ -64,8 +65,9 @@ def assert_same(nets, opts, atol):
         assert int(opts[0].state[p]["step"]) == int(opts[1].state[q]["step"])
 
 
-@pytest.mark.parametrize("impl, in_graph", [(None, "torch.ops.pace.fused_step_"), ("forloop", "sqrt")],
-                         ids=["fused", "traced"])
+@pytest.mark.parametrize(
+    "impl, in_graph", [(None, "torch.ops.pace.fused_step_"), ("forloop", "sqrt")], ids=["fused", "traced"]
+)
 def test_torchs_recipe_puts_the_step_in_one_graph_that_never_recompiles(impl, in_graph):
     """torch.compile over a function calling opt.step(), 30 steps of a cosine schedule on a tensor lr: one
     graph holding the step's arithmetic (the C kernel's op on the CPU; the update's torch ops when traced),
@@ -107,10 +109,14 @@ def test_compiled_steps_keep_each_count_and_the_ema_cadence(impl):
 @pytest.mark.parametrize("impl", [None, "forloop"], ids=["fused", "traced"])
 def test_compiled_steps_of_weights_of_any_layout(impl):
     """Transposed and sliced weights, and a grad of another layout, step in the graph as in the eager step."""
+
     def make():
         torch.manual_seed(0)
-        return [torch.nn.Parameter(torch.randn(5, 7).t()), torch.nn.Parameter(torch.randn(6, 8)[:, ::2]),
-                torch.nn.Parameter(torch.randn(9))]
+        return [
+            torch.nn.Parameter(torch.randn(5, 7).t()),
+            torch.nn.Parameter(torch.randn(6, 8)[:, ::2]),
+            torch.nn.Parameter(torch.randn(9)),
+        ]
 
     sets = [make(), make()]
     opts = [PACE(params, lr=torch.tensor(0.01), impl=impl, **PULL) for params in sets]
@@ -119,14 +125,18 @@ def test_compiled_steps_of_weights_of_any_layout(impl):
         for params in sets:
             gen = torch.Generator().manual_seed(step)
             for p in params:
-                p.grad = (torch.randn(p.shape[::-1], generator=gen).t() if p.dim() == 2
-                          else torch.randn(p.shape, generator=gen))
+                p.grad = (
+                    torch.randn(p.shape[::-1], generator=gen).t()
+                    if p.dim() == 2
+                    else torch.randn(p.shape, generator=gen)
+                )
         compiled_step()
         opts[1].step()
     for p, q in zip(*sets):
         torch.testing.assert_close(p, q, atol=0 if impl is None else 1e-5, rtol=0)
-        torch.testing.assert_close(opts[0].state[p]["ema"], opts[1].state[q]["ema"], atol=0 if impl is None else 1e-5,
-                                   rtol=0)
+        torch.testing.assert_close(
+            opts[0].state[p]["ema"], opts[1].state[q]["ema"], atol=0 if impl is None else 1e-5, rtol=0
+        )
 
 
 def test_eager_and_compiled_steps_take_turns():

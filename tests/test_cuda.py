@@ -1,4 +1,5 @@
-"""The CUDA paths: fused (the Triton kernel, compiled), foreach and forloop against the reference; bf16; no host sync."""
+"""The CUDA paths: fused (the Triton kernel, compiled), foreach and forloop against the reference; bf16; no
+host sync."""
 
 import pytest
 import torch
@@ -13,8 +14,7 @@ SHAPES = [(64, 33), (1000,), (3, 5, 7), (1,), (0, 4), (300, 100)]  # 30000: seve
 def pair(dtype, seed=0):
     gen = torch.Generator().manual_seed(seed)
     init = [torch.randn(s, generator=gen, dtype=torch.float64) for s in SHAPES]
-    return ([torch.nn.Parameter(x.to("cuda", dtype)) for x in init],
-            [torch.nn.Parameter(x.clone()) for x in init])
+    return ([torch.nn.Parameter(x.to("cuda", dtype)) for x in init], [torch.nn.Parameter(x.clone()) for x in init])
 
 
 def grads(params, t, device):
@@ -149,7 +149,7 @@ def test_cuda_bf16_fused_and_torch_ops_within_one_ulp():
         ulp = 2.0 ** (torch.floor(torch.log2(q.detach().float().abs().clamp(min=1e-30))) - 7)  # one bf16 ulp at q
         assert ((p.float() - q.float()).abs() <= ulp).all()
         e, f = out["fused"][1].state[p]["ema"], out["forloop"][1].state[q]["ema"]
-        assert ((e - f).abs() <= 10 * ema_weight * ulp + 2.0 ** -20 * f.abs()).all()
+        assert ((e - f).abs() <= 10 * ema_weight * ulp + 2.0**-20 * f.abs()).all()
 
 
 def test_cuda_new_grad_tensors_reuse_the_tables(monkeypatch):

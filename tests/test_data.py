@@ -42,12 +42,14 @@ def test_collate_pads_and_masks():
 
 def test_subset_ratio_is_a_seeded_sample():
     from pace_lm.data.prepared import subset
+
     ds = Dataset.from_list([{"x": i} for i in range(100)])
     a, b, c = subset(ds, 0.3, seed=0), subset(ds, 0.3, seed=0), subset(ds, 0.3, seed=1)
     assert len(a) == 30 and a["x"] == b["x"] != c["x"] and a["x"] == sorted(set(a["x"]))
     assert subset(ds, 1.0, seed=0) is ds
     from pace_lm.config.compose import compose
     from pace_lm.config.schema import validate
+
     for bad in (0, 1.5):  # the schema's rule, checked before any data is read
         with pytest.raises(PaceLMError, match=f"dataset.subset_ratio={bad} must be in"):
             validate(compose([f"dataset.subset_ratio={bad}"]))

@@ -112,7 +112,7 @@ def spawn(body, out, *args):
         # worker passed. Only that is tolerated: a rank that died before finishing fails the test.
         if not all(os.path.exists(f"{out}.done{r}") for r in range(WORLD)):
             raise
-        warnings.warn(f"a rank died after finishing its work (gloo teardown): {e}")
+        warnings.warn(f"a rank died after finishing its work (gloo teardown): {e}", stacklevel=2)
     return torch.load(out, weights_only=True)
 
 
@@ -132,6 +132,7 @@ def test_distributed_matches_single_process(kind, impl, tmp_path):
 
 # ---- the bare optimizer: eval()/train() around forwards, DCP in both modes -----------------------------
 
+
 def wrap(model, kind):
     """DDP, or FSDP2 on the first layer and on the root, which holds the last layer's weights and keeps them
     gathered after a forward."""
@@ -139,6 +140,7 @@ def wrap(model, kind):
         return torch.nn.parallel.DistributedDataParallel(model)
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
+
     mesh = init_device_mesh("cpu", (WORLD,))
     fully_shard(model[0], mesh=mesh)
     return fully_shard(model, mesh=mesh)
@@ -225,10 +227,24 @@ def test_eval_train_and_a_dcp_checkpoint_in_either_mode_under_ddp_and_fsdp(kind,
 # ---- pace-train under torchrun -------------------------------------------------------------------------
 
 # micro-batches of 1 (2 a rank), 3 eval batches (dealt unevenly), the EMA and LAWA: everything that is split
-RUN = ["training.max_steps=12", "training.batch_size=4", "training.micro_batch_size=1", "training.max_seq_len=64",
-       "training.eval_interval=6", "training.eval_batches=3", "training.log_interval=3", "training.progress=false",
-       "training.device=cpu", "schedule=cos", "optimizer=pace", "averaging.lawa.enabled=true",
-       "averaging.lawa.every=3", "averaging.lawa.k=2", "training.checkpoint.interval=4", "run_name=r"]
+RUN = [
+    "training.max_steps=12",
+    "training.batch_size=4",
+    "training.micro_batch_size=1",
+    "training.max_seq_len=64",
+    "training.eval_interval=6",
+    "training.eval_batches=3",
+    "training.log_interval=3",
+    "training.progress=false",
+    "training.device=cpu",
+    "schedule=cos",
+    "optimizer=pace",
+    "averaging.lawa.enabled=true",
+    "averaging.lawa.every=3",
+    "averaging.lawa.k=2",
+    "training.checkpoint.interval=4",
+    "run_name=r",
+]
 VAL = ("val_loss", "vanilla_val_loss", "ema_val_loss", "lawa_val_loss")
 
 
@@ -238,16 +254,31 @@ def run_args(data, out, *extra):
 
 def torchrun(args):
     from conftest import BIN
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={WORLD}",
-           "--no-python", os.path.join(BIN, "pace-train"), *args]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"))
+
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={WORLD}",
+        "--no-python",
+        os.path.join(BIN, "pace-train"),
+        *args,
+    ]
+    return subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"),
+    )
 
 
 @pytest.fixture(scope="module")
 def single(offline_data, tmp_path_factory):
     from pace_lm.config.compose import compose
     from pace_lm.run.train import train
+
     return train(compose(run_args(offline_data, tmp_path_factory.mktemp("single"))))
 
 
@@ -258,9 +289,10 @@ def close(a, b, rtol=2e-5):
 @pytest.mark.slow
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_pace_train_under_torchrun_matches_one_process_and_resumes(parallel, single, offline_data, tmp_path):
-    from pace_lm.run import checkpoint_files
-    from safetensors.torch import load_file
     from conftest import comparable, wait_for
+    from safetensors.torch import load_file
+
+    from pace_lm.run import checkpoint_files
 
     # uninterrupted: the single-process run up to float summation order (the ranks' losses and gradients
     # are summed in another order), with only rank 0 writing
@@ -307,17 +339,32 @@ def test_pace_train_under_torchrun_matches_one_process_and_resumes(parallel, sin
 def start(args, ranks):
     """pace-train on `ranks` processes (torchrun for 2), in a session of its own."""
     from conftest import BIN
+
     cmd = [os.path.join(BIN, "pace-train"), *args]
     if ranks > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
-               "--no-python", *cmd]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"))
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={ranks}",
+            "--no-python",
+            *cmd,
+        ]
+    return subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"),
+    )
 
 
 def children(pid):
-    return [int(child) for child in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True,
-                                                   text=True).stdout.split()]
+    return [
+        int(child) for child in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    ]
 
 
 @pytest.mark.slow
@@ -326,6 +373,7 @@ def test_a_resume_on_another_world_size_logs_what_one_process_logs(before, after
     """Killed after checkpoint 4 (steps 4 and 5 sit in the loss window of the log at step 6), resumed on another
     number of ranks: every logged loss, the one at step 6 included, is the uninterrupted run's."""
     from conftest import wait_for
+
     args = run_args(offline_data, tmp_path / "out")
     proc = start(args, before)
     wait_for(tmp_path / "out" / "r" / "checkpoints" / "step_00000004", proc)
@@ -350,6 +398,7 @@ def test_signals_to_every_process_of_an_fsdp_job_end_it_with_a_checkpoint(offlin
     proc = start(args, 2)
     ckpts = tmp_path / "out" / "r" / "checkpoints"
     from conftest import wait_for
+
     wait_for(ckpts / "step_00000004", proc)
     ranks = children(proc.pid)
     assert len(ranks) == 2
@@ -368,6 +417,7 @@ def test_signals_to_every_process_of_an_fsdp_job_end_it_with_a_checkpoint(offlin
 
 # ---- stochastic rounding: every rank rounds alike ---------------------------------------------------------
 
+
 def rounding_worker(rank):
     model = make_model().to(torch.bfloat16)
     wrapped = torch.nn.parallel.DistributedDataParallel(model)
@@ -377,8 +427,11 @@ def rounding_worker(rank):
         wrapped(x).float().square().mean().backward()
         opt.step()
         opt.zero_grad()
-    tensors = [t for p in model.parameters() for t in (p.detach(), opt.state[p]["exp_avg"],
-                                                      opt.state[p]["exp_avg_sq"], opt.state[p]["ema_offset"])]
+    tensors = [
+        t
+        for p in model.parameters()
+        for t in (p.detach(), opt.state[p]["exp_avg"], opt.state[p]["exp_avg_sq"], opt.state[p]["ema_offset"])
+    ]
     same = []
     for t in tensors:  # gathered as float32: every bf16 value is exact in it
         gathered = [torch.empty(t.shape) for _ in range(WORLD)]
@@ -432,6 +485,7 @@ def test_the_lean_mode_under_fsdp_matches_one_process(tmp_path):
 
 # ---- ZeroRedundancyOptimizer with PACE as its local optimizer ---------------------------------------------
 
+
 def zero_worker(rank, impl):
     """ZeRO over DDP, PACE stepping each rank's shard: the swap, the returned model, a step refused in eval
     mode and a state_dict consolidated in eval mode, which a new ZeRO resumes from."""
@@ -484,9 +538,18 @@ def zero_worker(rank, impl):
         opt.step()
         opt.zero_grad()
     continued = all(torch.equal(p, q) for p, q in zip(model.parameters(), model2.parameters()))
-    return dict(live=live, in_eval=in_eval, after=after, refused=refused, saved=saved,
-                returned_in_train=returned_in_train, returned_in_eval=returned_in_eval,
-                resumed_in_eval=resumed_in_eval, resumed=resumed, continued=continued)
+    return dict(
+        live=live,
+        in_eval=in_eval,
+        after=after,
+        refused=refused,
+        saved=saved,
+        returned_in_train=returned_in_train,
+        returned_in_eval=returned_in_eval,
+        resumed_in_eval=resumed_in_eval,
+        resumed=resumed,
+        continued=continued,
+    )
 
 
 @pytest.mark.parametrize("impl", [None, "forloop"])
@@ -497,8 +560,9 @@ def test_zero_redundancy_optimizer_returns_the_whole_ema_on_every_rank(impl, tmp
     opt = PACE(model.parameters(), impl=impl, **KW)
     train(model, opt)
     names = [name for name, _ in model.named_parameters()]
-    for name, p, live, ema, after, resumed in zip(names, model.parameters(), got["live"], got["in_eval"], got["after"],
-                                                  got["resumed"]):
+    for name, p, live, ema, after, resumed in zip(
+        names, model.parameters(), got["live"], got["in_eval"], got["after"], got["resumed"]
+    ):
         torch.testing.assert_close(live, p.detach(), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(ema, opt.state[p]["ema"], rtol=1e-5, atol=1e-6)  # every shard's EMA
         assert torch.equal(after, live) and torch.equal(resumed, live)  # train() put the live weights back

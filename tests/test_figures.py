@@ -6,20 +6,29 @@ import shlex
 
 import pytest
 import torch
+from conftest import run_cli
 from omegaconf import OmegaConf
 
 import pace_lm.figures.specs as figures
-from conftest import run_cli
 from pace_lm import PaceLMError
 from pace_lm.config.compose import compose
 from pace_lm.figures import sweep
-from pace_lm.figures.specs import build_config, expand, list_figures, load_figure, run_name
 from pace_lm.figures.plots import _get
+from pace_lm.figures.specs import build_config, expand, list_figures, load_figure, run_name
 
 # training kept to a couple of steps of the tiny model: these tests check the sweep, not the loss
-QUICK = ["training.max_steps=2", "training.batch_size=4", "training.micro_batch_size=4", "training.eval_interval=2",
-         "training.eval_batches=1", "training.log_interval=1", "training.save_model=false",
-         "training.progress=false", "training.pad_to=longest", "training.device=cpu"]
+QUICK = [
+    "training.max_steps=2",
+    "training.batch_size=4",
+    "training.micro_batch_size=4",
+    "training.eval_interval=2",
+    "training.eval_batches=1",
+    "training.log_interval=1",
+    "training.save_model=false",
+    "training.progress=false",
+    "training.pad_to=longest",
+    "training.device=cpu",
+]
 
 
 def composed(fig, run, out_dir):
@@ -74,11 +83,25 @@ def test_fig1_is_the_papers_nine_runs():
 
 def test_grid_expansion_and_run_names():
     runs = expand({"optimizer": ["ema", "pace"], "optimizer.lr": [1e-3, 3e-3], "optimizer.betas": [[0.9, 0.95]]})
-    assert [(r["optimizer"], r["optimizer.lr"]) for r in runs] == [("ema", 1e-3), ("ema", 3e-3), ("pace", 1e-3),
-                                                                   ("pace", 3e-3)]
+    assert [(r["optimizer"], r["optimizer.lr"]) for r in runs] == [
+        ("ema", 1e-3),
+        ("ema", 3e-3),
+        ("pace", 1e-3),
+        ("pace", 3e-3),
+    ]
     assert all(r["optimizer.betas"] == [0.9, 0.95] for r in runs)  # a nested list is one value, not a sweep
-    assert run_name({"optimizer": "pace", "optimizer.lr": 0.003, "optimizer.lambda_pullback": 0.15,
-                     "optimizer.ema_kappa": 0.2, "seed": 1}) == "pace_lr0.003_c0.15_kappa0.2_seed1"
+    assert (
+        run_name(
+            {
+                "optimizer": "pace",
+                "optimizer.lr": 0.003,
+                "optimizer.lambda_pullback": 0.15,
+                "optimizer.ema_kappa": 0.2,
+                "seed": 1,
+            }
+        )
+        == "pace_lr0.003_c0.15_kappa0.2_seed1"
+    )
     assert figures.override("optimizer.betas", [0.9, 0.95]) == "optimizer.betas=[0.9,0.95]"
     assert figures.override("training.compile_model", True) == "training.compile_model=true"
     for path in ("/data/my runs/x", "it's,odd", "a=b", "plain/path"):  # Hydra reads back the same string
@@ -93,8 +116,19 @@ def test_pace_figure_list(tmp_path):
     for line in lines:
         fig = load_figure(line.split()[0])
         assert ("theory" if fig.theory else f"{len(fig.runs)} runs") in line and fig.description in line
-    assert {"demo", "fig1", "fig3_135m_grid", "gpt2_lr", "gpt2_schedule", "robust_lr", "robust_schedule",
-            "robust_kappa", "robust_c", "lawa_high_lr", "quadratic"} <= set(list_figures())
+    assert {
+        "demo",
+        "fig1",
+        "fig3_135m_grid",
+        "gpt2_lr",
+        "gpt2_schedule",
+        "robust_lr",
+        "robust_schedule",
+        "robust_kappa",
+        "robust_c",
+        "lawa_high_lr",
+        "quadratic",
+    } <= set(list_figures())
 
 
 def test_printed_commands_are_exactly_the_runs(tmp_path):
@@ -133,7 +167,11 @@ runs:
 
 
 def test_with_applies_to_an_entrys_runs_without_naming_them(tmp_path, monkeypatch):
-    fig = load_figure(_spec(tmp_path, monkeypatch, """
+    fig = load_figure(
+        _spec(
+            tmp_path,
+            monkeypatch,
+            """
 description: x
 plot: {x: optimizer.lr}
 runs:
@@ -141,24 +179,36 @@ runs:
     optimizer.lr: [1e-3, 3e-3]
     with: {averaging.lawa.enabled: true, averaging.lawa.k: 2}
   - optimizer: pace
-"""))
+""",
+        )
+    )
     assert [r.name for r in fig.runs] == ["ema_lr0.001", "ema_lr0.003", "pace"]
     cfgs = [build_config(fig, r, str(tmp_path)) for r in fig.runs]
     assert [(c.averaging.lawa.enabled, c.averaging.lawa.k) for c in cfgs] == [(True, 2), (True, 2), (False, 5)]
 
 
 def test_seeds_run_every_run_once_per_seed(tmp_path, monkeypatch):
-    fig = load_figure(_spec(tmp_path, monkeypatch, """
+    fig = load_figure(
+        _spec(
+            tmp_path,
+            monkeypatch,
+            """
 description: x
 plot: {x: optimizer.lr}
 seeds: [3, 7]
 runs:
   - optimizer: [ema, pace]
     optimizer.lr: 1e-3
-"""))
+""",
+        )
+    )
     # a seed's runs together, each named and configured by its seed; nothing else differs between seeds
-    assert [r.name for r in fig.runs] == ["ema_lr0.001_seed3", "pace_lr0.001_seed3", "ema_lr0.001_seed7",
-                                          "pace_lr0.001_seed7"]
+    assert [r.name for r in fig.runs] == [
+        "ema_lr0.001_seed3",
+        "pace_lr0.001_seed3",
+        "ema_lr0.001_seed7",
+        "pace_lr0.001_seed7",
+    ]
     cfgs = {r.name: composed(fig, r, str(tmp_path)) for r in fig.runs}
     assert [c.seed for c in cfgs.values()] == [3, 3, 7, 7]
     for method in ("ema", "pace"):
@@ -166,15 +216,32 @@ runs:
         assert {k for k in a if a[k] != b[k]} == {"seed", "run_name"}
 
 
-@pytest.mark.parametrize("seeds, message", [("[0, 0]", "distinct integers"), ("[]", "distinct integers"),
-                                            ("[0.5]", "distinct integers"), ("3", "distinct integers")])
+@pytest.mark.parametrize(
+    "seeds, message",
+    [
+        ("[0, 0]", "distinct integers"),
+        ("[]", "distinct integers"),
+        ("[0.5]", "distinct integers"),
+        ("3", "distinct integers"),
+    ],
+)
 def test_bad_seeds_are_one_clear_error(tmp_path, monkeypatch, seeds, message):
     with pytest.raises(PaceLMError, match=message):
-        load_figure(_spec(tmp_path, monkeypatch, f"description: x\nplot: {{x: optimizer.lr}}\nseeds: {seeds}\n"
-                                                 "runs: [{optimizer: pace}]\n"))
+        load_figure(
+            _spec(
+                tmp_path,
+                monkeypatch,
+                f"description: x\nplot: {{x: optimizer.lr}}\nseeds: {seeds}\nruns: [{{optimizer: pace}}]\n",
+            )
+        )
     with pytest.raises(PaceLMError, match="a run sets seed itself"):
-        load_figure(_spec(tmp_path, monkeypatch, "description: x\nplot: {x: optimizer.lr}\nseeds: [0, 1]\n"
-                                                 "runs: [{optimizer: pace, seed: 2}]\n"))
+        load_figure(
+            _spec(
+                tmp_path,
+                monkeypatch,
+                "description: x\nplot: {x: optimizer.lr}\nseeds: [0, 1]\nruns: [{optimizer: pace, seed: 2}]\n",
+            )
+        )
 
 
 def test_run_trains_each_run_and_resumes(tmp_path, monkeypatch, offline_data):
@@ -196,8 +263,10 @@ def test_run_trains_each_run_and_resumes(tmp_path, monkeypatch, offline_data):
     logs.clear()
     status = run_figure(fig, out, data=str(offline_data), extra=QUICK, log=logs.append)
     assert set(status.values()) == {"complete"}
-    assert logs[0] == "[1/3] mini/adamw_lr0.001: complete, kept, final_val_loss " \
-                      f"{records['adamw_lr0.001']['summary']['final_val_loss']:.4f}"
+    assert (
+        logs[0] == "[1/3] mini/adamw_lr0.001: complete, kept, final_val_loss "
+        f"{records['adamw_lr0.001']['summary']['final_val_loss']:.4f}"
+    )
     assert logs[1].startswith("[2/3] mini/ema_lr0.001: died after step 2 recorded")  # no process held it
     assert logs[2] == "[2/3] mini/ema_lr0.001: training (again: the record was running)"
     assert logs[4] == "[3/3] mini/pace_lr0.001: training"
@@ -210,8 +279,13 @@ def test_run_trains_each_run_and_resumes(tmp_path, monkeypatch, offline_data):
 
 
 def test_a_diverged_run_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch, offline_data):
-    fig = load_figure(_spec(tmp_path, monkeypatch, MINI.replace("optimizer.lr: 1e-3", "optimizer.lr: [1e-3, 1e6]")
-                            .replace("[adamw, ema, pace]", "pace")))
+    fig = load_figure(
+        _spec(
+            tmp_path,
+            monkeypatch,
+            MINI.replace("optimizer.lr: 1e-3", "optimizer.lr: [1e-3, 1e6]").replace("[adamw, ema, pace]", "pace"),
+        )
+    )
     out, logs = str(tmp_path / "runs"), []
     status = run_figure(fig, out, data=str(offline_data), extra=[*QUICK, "training.max_steps=4"], log=logs.append)
     assert status == {"pace_lr0.001": "complete", "pace_lr1000000.0": "diverged"}
@@ -223,15 +297,23 @@ def test_a_diverged_run_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch,
     assert logs[1] == "[2/2] mini/pace_lr1000000.0: diverged, kept"  # an outcome, not trained again
 
 
-@pytest.mark.parametrize("text, message", [
-    ("description: x\nhardware: y\nplot: {x: optimizer.lr}\nruns: []\n", "no runs"),
-    ("description: x\nhardware: y\nplot: {x: optimizer.lr}\nrun: [{optimizer: pace}]\n", "unknown keys \\['run'\\]"),
-    ("description: x\nhardware: y\nplot: {y: 1}\nruns: [{optimizer: pace}]\n", "plot needs x"),
-    ("description: x\nhardware: y\nplot: {x: optimizer.lr}\nruns: [{optimizer: pace}, {optimizer: pace}]\n",
-     "runs with the same name \\['pace'\\]"),
-    ("description: x\nplot: {x: optimizer.lr}\nruns: {optimizer: pace}\n", "runs a list of them"),
-    ("hardware: y\nplot: {x: optimizer.lr}\nruns: [{optimizer: pace}]\n", "no description"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("description: x\nhardware: y\nplot: {x: optimizer.lr}\nruns: []\n", "no runs"),
+        (
+            "description: x\nhardware: y\nplot: {x: optimizer.lr}\nrun: [{optimizer: pace}]\n",
+            "unknown keys \\['run'\\]",
+        ),
+        ("description: x\nhardware: y\nplot: {y: 1}\nruns: [{optimizer: pace}]\n", "plot needs x"),
+        (
+            "description: x\nhardware: y\nplot: {x: optimizer.lr}\nruns: [{optimizer: pace}, {optimizer: pace}]\n",
+            "runs with the same name \\['pace'\\]",
+        ),
+        ("description: x\nplot: {x: optimizer.lr}\nruns: {optimizer: pace}\n", "runs a list of them"),
+        ("hardware: y\nplot: {x: optimizer.lr}\nruns: [{optimizer: pace}]\n", "no description"),
+    ],
+)
 def test_malformed_specs_are_one_clear_error(tmp_path, monkeypatch, text, message):
     with pytest.raises(PaceLMError, match=message):
         load_figure(_spec(tmp_path, monkeypatch, text))
@@ -259,8 +341,20 @@ def test_pace_figure_bad_input(tmp_path):
 @pytest.mark.slow
 def test_pace_figure_run_and_plot_from_the_command_line(tmp_path, offline_data):
     """run=true plot=true as a user types it: progress lines, records, then the plot files and table."""
-    proc = run_cli(["pace-figure", "fig=demo", "run=true", "plot=true", "only=*lr0.001_seed0", f"data={offline_data}",
-                    *QUICK, "averaging.lawa.every=1", "averaging.swa.start=0"], cwd=tmp_path)
+    proc = run_cli(
+        [
+            "pace-figure",
+            "fig=demo",
+            "run=true",
+            "plot=true",
+            "only=*lr0.001_seed0",
+            f"data={offline_data}",
+            *QUICK,
+            "averaging.lawa.every=1",
+            "averaging.swa.start=0",
+        ],
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     for i, method in enumerate(["ema", "pace", "schedulefree"], 1):
         assert f"[{i}/3] demo/{method}_lr0.001_seed0: training" in proc.stdout
@@ -275,6 +369,7 @@ def test_the_main_job_is_three_cells_of_the_smollm2_figure(tmp_path):
     """smollm2_quick's numbers are the committed smollm2_sft records': the same runs, key for key, at the lr
     where every method improves on the untrained model."""
     from pace_lm.run.records import NOT_COMPARED, config_diff
+
     quick, full = load_figure("smollm2_quick"), load_figure("smollm2_sft")
     assert [r.name for r in quick.runs] == ["ema_lr0.0003_seed0", "pace_lr0.0003_seed0", "schedulefree_lr0.0003_seed0"]
     for run in quick.runs:
@@ -289,6 +384,7 @@ def test_one_rule_for_what_makes_another_run():
     (device, parallel, compile, optimizer.impl) do not make it another run; what it computes does."""
     from pace_lm.run import checkpoint
     from pace_lm.run.records import NOT_COMPARED, config_diff
+
     cfg = OmegaConf.to_container(compose(["optimizer=pace"]), resolve=True)
     recorded = OmegaConf.to_container(compose(["optimizer=pace"]), resolve=True)
     recorded["training"].update(device="cuda:1", parallel="ddp", compile_model=True, out_dir="/elsewhere/runs")
@@ -304,14 +400,21 @@ def test_pace_figure_scores_the_untrained_model_once_and_only_for_a_fine_tuning_
     beside its records, and read back after."""
     from pace_lm.config.schema import validate
     from pace_lm.run.records import read_pretrained_loss
+
     calls = []
 
     def scored(spec):
         calls.append(spec.run_name)
         return dict(run=spec.run_name, val_loss=3.5, val_batches=4, model=spec.model.name, data="d")
+
     monkeypatch.setattr(sweep, "pretrained_loss", scored)
-    monkeypatch.setattr(sweep, "build_config", lambda fig, run, out_dir, data=None, extra=(): validate(
-        compose([f"model={'tiny' if fig.id == 'demo' else 'smollm2_135m'}", f"run_name={run.name}"])))
+    monkeypatch.setattr(
+        sweep,
+        "build_config",
+        lambda fig, run, out_dir, data=None, extra=(): validate(
+            compose([f"model={'tiny' if fig.id == 'demo' else 'smollm2_135m'}", f"run_name={run.name}"])
+        ),
+    )
     opts = dict(out_dir=str(tmp_path), data=None, only=None)
     assert sweep.keep_pretrained_loss(load_figure("demo"), opts, [], log=lambda m: None) is None
     assert not (tmp_path / "demo").exists() and calls == []
@@ -328,15 +431,29 @@ def test_the_untrained_model_is_scored_where_and_as_the_runs_are(offline_data, m
     in fp32: the reference row is measured as the rows it is compared with."""
     import pace_lm.run.distributed as distributed
     from pace_lm.config.schema import validate
+
     asked = []
 
     def device_of(name):
         asked.append(name)
         return torch.device("cpu")  # this machine has no GPU: where a cuda run's device would be
+
     monkeypatch.setattr(distributed, "get_device", device_of)
-    scores = {dtype: sweep.pretrained_loss(validate(compose([f"dataset.path={offline_data}", "training.device=cuda:1",
-                                                             f"training.dtype={dtype}", "training.eval_batches=2"])))
-              for dtype in ("float32", "bfloat16")}
+    scores = {
+        dtype: sweep.pretrained_loss(
+            validate(
+                compose(
+                    [
+                        f"dataset.path={offline_data}",
+                        "training.device=cuda:1",
+                        f"training.dtype={dtype}",
+                        "training.eval_batches=2",
+                    ]
+                )
+            )
+        )
+        for dtype in ("float32", "bfloat16")
+    }
     assert asked == ["cuda:1", "cuda:1"]
     assert scores["float32"]["val_loss"] != scores["bfloat16"]["val_loss"]  # the autocast of the run's dtype
     assert scores["float32"]["val_loss"] == pytest.approx(scores["bfloat16"]["val_loss"], rel=0.01)
@@ -363,27 +480,43 @@ def test_a_figure_of_ones_own_runs_prints_plots_and_reports_status_from_any_fold
         proc = run_cli(["pace-figure", f"fig={fig}", f"data={offline_data}"], cwd=tmp_path)
         assert proc.returncode == 0, (fig, proc.stderr)
         assert proc.stdout.startswith("# my: my figure") and "training.out_dir=runs/figures/my " in proc.stdout, fig
-    proc = run_cli(["pace-figure", "fig=myfigs/my", "run=true", "plot=true", "out_dir=out", f"data={offline_data}",
-                    *QUICK], cwd=tmp_path)
+    proc = run_cli(
+        ["pace-figure", "fig=myfigs/my", "run=true", "plot=true", "out_dir=out", f"data={offline_data}", *QUICK],
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "pace-figure: my: 2 complete; records under out/my" in proc.stdout and "2 of 2 runs complete" in proc.stdout
     assert {p.name for p in (tmp_path / "out" / "my").iterdir()} >= {"ema_lr0.001", "pace_lr0.001", "my.png", "my.md"}
     assert sorted(p.name for p in (tmp_path / "myfigs").iterdir()) == ["my.yaml"]  # nothing beside the spec
-    proc = run_cli(["pace-figure", f"fig={tmp_path / 'myfigs' / 'my.yaml'}", "status=true", "out_dir=out"], cwd=tmp_path)
+    proc = run_cli(
+        ["pace-figure", f"fig={tmp_path / 'myfigs' / 'my.yaml'}", "status=true", "out_dir=out"], cwd=tmp_path
+    )
     assert proc.returncode == 0 and proc.stdout.count("complete") >= 2, proc.stderr
     proc = run_cli(["pace-figure", "fig=myfigs/nothere.yaml"], cwd=tmp_path)
     assert proc.returncode == 2 and "figure spec myfigs/nothere.yaml does not exist" in proc.stderr
 
 
-@pytest.mark.parametrize("plot, message", [
-    ("{x: optimizer.lrate, line: [optimizer]}", r"plot.x='optimizer.lrate' is neither a key its runs set nor one of "
-                                                r"pace-train's config"),
-    ("{x: optimizer.lr, line: [optimiser]}", r"plot.line='optimiser' is neither"),
-    ("{x: optimizer.lr, line: [optimizer], paired: {pace: [emaa]}}", r"plot.paired names \['emaa'\], not lines of "
-                                                                    r"its runs: \['ema', 'pace'\]"),
-    ("{x: optimizer.lr, line: [optimizer], split: {adamw: {a: vanilla_val_loss}}}", r"plot.split's 'adamw' is not "
-                                                                                    r"a line of its runs"),
-])
+@pytest.mark.parametrize(
+    "plot, message",
+    [
+        (
+            "{x: optimizer.lrate, line: [optimizer]}",
+            r"plot.x='optimizer.lrate' is neither a key its runs set nor one of "
+            r"pace-train's config",
+        ),
+        ("{x: optimizer.lr, line: [optimiser]}", r"plot.line='optimiser' is neither"),
+        (
+            "{x: optimizer.lr, line: [optimizer], paired: {pace: [emaa]}}",
+            r"plot.paired names \['emaa'\], not lines of "
+            r"its runs: \['ema', 'pace'\]",
+        ),
+        (
+            "{x: optimizer.lr, line: [optimizer], split: {adamw: {a: vanilla_val_loss}}}",
+            r"plot.split's 'adamw' is not "
+            r"a line of its runs",
+        ),
+    ],
+)
 def test_a_plot_key_that_matches_no_run_is_refused_before_anything_runs(tmp_path, monkeypatch, plot, message):
     text = USER_SPEC.replace("plot: {x: optimizer.lr, line: [optimizer]}", f"plot: {plot}")
     with pytest.raises(PaceLMError, match=r"figure spec .*mini.yaml: " + message):
@@ -391,8 +524,9 @@ def test_a_plot_key_that_matches_no_run_is_refused_before_anything_runs(tmp_path
 
 
 def test_a_plot_key_of_pace_trains_config_that_no_run_sets_is_taken(tmp_path, monkeypatch):
-    fig = load_figure(_spec(tmp_path, monkeypatch, USER_SPEC.replace("line: [optimizer]",
-                                                                     "line: [optimizer, training.max_steps]")))
+    fig = load_figure(
+        _spec(tmp_path, monkeypatch, USER_SPEC.replace("line: [optimizer]", "line: [optimizer, training.max_steps]"))
+    )
     assert fig.plot["line"] == ["optimizer", "training.max_steps"]
 
 

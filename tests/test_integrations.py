@@ -2,7 +2,6 @@
 from a config. The checkpoints must hold the live weights and the optimizer's EMA, with evaluation on or
 off; trainer.save_model() must write the EMA; resuming must equal the uninterrupted run bit for bit."""
 
-
 import pytest
 import torch
 
@@ -49,23 +48,48 @@ def make_optimizer(model, name):
         for p in model.parameters():
             p.requires_grad_(p.ndim == 2)
     params = [p for p in model.parameters() if p.requires_grad]
-    base = {"sgd": lambda: torch.optim.SGD(params, lr=0.05, momentum=0.9),
-            "adafactor": lambda: torch.optim.Adafactor(params, lr=1e-2),
-            "muon": lambda: torch.optim.Muon(params, lr=2e-2)}[name]()
+    base = {
+        "sgd": lambda: torch.optim.SGD(params, lr=0.05, momentum=0.9),
+        "adafactor": lambda: torch.optim.Adafactor(params, lr=1e-2),
+        "muon": lambda: torch.optim.Muon(params, lr=2e-2),
+    }[name]()
     return EMAWrapper(base, beta_ema=0.2)
 
 
 def make_trainer(out, evaluate, callback=True, optimizer="pace"):
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=64,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            max_position_embeddings=32,
+        )
+    )
     opt = make_optimizer(model, optimizer)
-    args = TrainingArguments(output_dir=str(out), max_steps=STEPS, per_device_train_batch_size=4,
-                             per_device_eval_batch_size=4, logging_steps=2, save_steps=SAVE_AT, save_strategy="steps",
-                             eval_strategy="steps" if evaluate else "no", eval_steps=SAVE_AT, seed=0, report_to="none",
-                             use_cpu=True, dataloader_num_workers=0, disable_tqdm=True, lr_scheduler_type="constant")
-    trainer = Trainer(model=model, args=args, train_dataset=Tokens(64, 1), eval_dataset=Tokens(8, 2),
-                      optimizers=(opt, None))
+    args = TrainingArguments(
+        output_dir=str(out),
+        max_steps=STEPS,
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=4,
+        logging_steps=2,
+        save_steps=SAVE_AT,
+        save_strategy="steps",
+        eval_strategy="steps" if evaluate else "no",
+        eval_steps=SAVE_AT,
+        seed=0,
+        report_to="none",
+        use_cpu=True,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        lr_scheduler_type="constant",
+    )
+    trainer = Trainer(
+        model=model, args=args, train_dataset=Tokens(64, 1), eval_dataset=Tokens(8, 2), optimizers=(opt, None)
+    )
     if callback:
         PACECallback.attach(trainer)
     return trainer, model, opt

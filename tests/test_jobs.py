@@ -8,7 +8,6 @@ import subprocess
 import time
 
 import pytest
-
 from conftest import BIN, run_cli
 
 FAST = ["training.max_steps=10", "training.eval_interval=10"]
@@ -22,12 +21,15 @@ def record(tmp_path, name):
     return json.loads((tmp_path / "runs" / "demo" / name / "record.json").read_text())
 
 
-@pytest.mark.parametrize("args, message", [
-    (["jobs=0"], "jobs='0' must be a positive integer"),
-    (["jobs=two"], "jobs='two' must be a positive integer"),
-    (["devices=cpu"], "devices= goes with jobs=N"),
-    (["jobs=2", "devices=cpu", "training.device=cpu"], "devices= sets each run's training.device"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["jobs=0"], "jobs='0' must be a positive integer"),
+        (["jobs=two"], "jobs='two' must be a positive integer"),
+        (["devices=cpu"], "devices= goes with jobs=N"),
+        (["jobs=2", "devices=cpu", "training.device=cpu"], "devices= sets each run's training.device"),
+    ],
+)
 def test_bad_jobs_arguments_are_refused_before_any_run(tmp_path, offline_data, args, message):
     proc = run_cli(figure(tmp_path, offline_data, *args), cwd=tmp_path)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
@@ -56,9 +58,14 @@ def test_two_runs_at_once_each_a_pace_train(tmp_path, offline_data):
 
 
 def start(tmp_path, offline_data, *args):
-    return subprocess.Popen([os.path.join(BIN, "pace-figure"), *figure(tmp_path, offline_data, *args)[1:]],
-                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    return subprocess.Popen(
+        [os.path.join(BIN, "pace-figure"), *figure(tmp_path, offline_data, *args)[1:]],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, HF_HUB_OFFLINE="1"),
+    )
 
 
 def child_pid(tmp_path, name, proc, timeout=240):
@@ -72,8 +79,12 @@ def child_pid(tmp_path, name, proc, timeout=240):
     return int((folder / ".lock").read_text().split()[0])
 
 
-LONG = ["training.max_steps=80", "training.checkpoint.interval=5", "training.eval_interval=80",
-        "only=pace_lr0.00[13]_seed0"]
+LONG = [
+    "training.max_steps=80",
+    "training.checkpoint.interval=5",
+    "training.eval_interval=80",
+    "only=pace_lr0.00[13]_seed0",
+]
 
 
 @pytest.mark.slow
@@ -100,8 +111,10 @@ def test_a_killed_child_is_reported_recorded_and_resumed(tmp_path, offline_data)
 def test_sigterm_stops_every_child_with_a_checkpoint(tmp_path, offline_data):
     parent = start(tmp_path, offline_data, "jobs=2", *LONG)
     pids = {name: child_pid(tmp_path, name, parent) for name in ("pace_lr0.001_seed0", "pace_lr0.003_seed0")}
-    status = run_cli(["pace-figure", "fig=demo", "status=true", f"out_dir={tmp_path / 'runs'}",
-                      "only=pace_lr0.00[13]_seed0"], cwd=tmp_path)
+    status = run_cli(
+        ["pace-figure", "fig=demo", "status=true", f"out_dir={tmp_path / 'runs'}", "only=pace_lr0.00[13]_seed0"],
+        cwd=tmp_path,
+    )
     assert status.returncode == 0, status.stderr  # while the sweep runs: it only reads
     for name, pid in pids.items():
         assert f"demo/{name}: running: pid {pid}, step" in status.stdout, status.stdout
@@ -114,5 +127,7 @@ def test_sigterm_stops_every_child_with_a_checkpoint(tmp_path, offline_data):
         assert stopped["status"] == "interrupted" and "checkpoint" in stopped["error"], stopped["error"]
     again = run_cli(figure(tmp_path, offline_data, "jobs=2", *LONG), cwd=tmp_path, timeout=600)
     assert again.returncode == 0, again.stderr
-    assert all(record(tmp_path, n)["status"] == "complete" and record(tmp_path, n)["resumed"]
-               for n in ("pace_lr0.001_seed0", "pace_lr0.003_seed0"))
+    assert all(
+        record(tmp_path, n)["status"] == "complete" and record(tmp_path, n)["resumed"]
+        for n in ("pace_lr0.001_seed0", "pace_lr0.003_seed0")
+    )

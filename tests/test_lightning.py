@@ -36,7 +36,9 @@ class Module(L.LightningModule):
         torch.manual_seed(0)
         bias = optimizer != "muon"  # Muon steps matrices only
         self.optimizer_name = optimizer
-        self.net = torch.nn.Sequential(torch.nn.Linear(6, 8, bias=bias), torch.nn.Tanh(), torch.nn.Linear(8, 2, bias=bias))
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(6, 8, bias=bias), torch.nn.Tanh(), torch.nn.Linear(8, 2, bias=bias)
+        )
         self.validated_with_ema = []
         self.live = {}
 
@@ -61,14 +63,24 @@ class Module(L.LightningModule):
 
 def fit(tmp_path, name, max_steps=STEPS, ckpt_path=None, telemetry=True, optimizer="pace"):
     module = Module(optimizer)
-    every = L.callbacks.ModelCheckpoint(dirpath=tmp_path / name, every_n_train_steps=SAVE_AT, save_top_k=-1,
-                                        filename="{step}")
-    trainer = L.Trainer(max_steps=max_steps, accelerator="cpu", devices=1, val_check_interval=SAVE_AT,
-                        limit_val_batches=2, check_val_every_n_epoch=None, log_every_n_steps=2,
-                        num_sanity_val_steps=0,
-                        callbacks=[PACECallback(telemetry=telemetry), every],
-                        logger=L.loggers.CSVLogger(tmp_path / f"{name}_logs", name=""),
-                        enable_progress_bar=False, enable_model_summary=False, deterministic=True)
+    every = L.callbacks.ModelCheckpoint(
+        dirpath=tmp_path / name, every_n_train_steps=SAVE_AT, save_top_k=-1, filename="{step}"
+    )
+    trainer = L.Trainer(
+        max_steps=max_steps,
+        accelerator="cpu",
+        devices=1,
+        val_check_interval=SAVE_AT,
+        limit_val_batches=2,
+        check_val_every_n_epoch=None,
+        log_every_n_steps=2,
+        num_sanity_val_steps=0,
+        callbacks=[PACECallback(telemetry=telemetry), every],
+        logger=L.loggers.CSVLogger(tmp_path / f"{name}_logs", name=""),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        deterministic=True,
+    )
     trainer.fit(module, loader(16, 1), loader(8, 2), ckpt_path=ckpt_path)  # an epoch: 4 steps
     return trainer, module
 
@@ -122,8 +134,15 @@ def test_needs_a_pace_optimizer(tmp_path):
         def configure_optimizers(self):
             return torch.optim.AdamW(self.parameters())
 
-    trainer = L.Trainer(max_steps=2, accelerator="cpu", callbacks=[PACECallback()], logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(
+        max_steps=2,
+        accelerator="cpu",
+        callbacks=[PACECallback()],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     with pytest.raises(TypeError, match="one pace.PACE or pace.EMAWrapper optimizer"):
         trainer.fit(AdamModule(), loader(16, 1))
 
@@ -161,11 +180,18 @@ def test_validate_test_and_predict_from_a_checkpoint_score_its_ema(tmp_path, aft
     want, predictions = ema_loss(ckpt, data)
     live_net = Module().net
     live_net.load_state_dict({k.removeprefix("net."): v for k, v in ckpt["current_model_state"].items()})
-    assert torch.nn.functional.mse_loss(live_net(data.dataset.tensors[0]), data.dataset.tensors[1]).item() != \
-        pytest.approx(want, abs=1e-6)  # the two models score apart: the test tells them apart
+    assert torch.nn.functional.mse_loss(
+        live_net(data.dataset.tensors[0]), data.dataset.tensors[1]
+    ).item() != pytest.approx(want, abs=1e-6)  # the two models score apart: the test tells them apart
     if not after_fit:
-        trainer = L.Trainer(accelerator="cpu", devices=1, callbacks=[PACECallback()], logger=False,
-                            enable_progress_bar=False, enable_model_summary=False)
+        trainer = L.Trainer(
+            accelerator="cpu",
+            devices=1,
+            callbacks=[PACECallback()],
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
     module = Scored()
     assert trainer.validate(module, data, ckpt_path=path)[0]["val_loss"] == pytest.approx(want, abs=1e-6)
     assert trainer.test(module, data, ckpt_path=path)[0]["test_loss"] == pytest.approx(want, abs=1e-6)
@@ -186,11 +212,20 @@ class LeanModule(Module):
 
     def validation_step(self, batch, batch_idx):
         from pace.returned import value as ema_value
+
         opt = self.trainer.optimizers[0]
         # the model holds the EMA, theta + offset rounded to bf16 (the training weights are kept aside)
-        self.validated_with_ema.append(all(
-            torch.equal(p, ema_value(opt.state[p]["train_weights"], {"ema_offset": opt.state[p]["ema_offset"]})
-                        .to(torch.bfloat16)) for p in self.parameters()))
+        self.validated_with_ema.append(
+            all(
+                torch.equal(
+                    p,
+                    ema_value(opt.state[p]["train_weights"], {"ema_offset": opt.state[p]["ema_offset"]}).to(
+                        torch.bfloat16
+                    ),
+                )
+                for p in self.parameters()
+            )
+        )
         x, y = batch
         self.log("val_loss", torch.nn.functional.mse_loss(self.net(x.to(torch.bfloat16)).float(), y))
 
@@ -200,10 +235,20 @@ class LeanModule(Module):
 
 def test_validation_scores_the_lean_ema(tmp_path):
     module = LeanModule()
-    trainer = L.Trainer(max_steps=STEPS, accelerator="cpu", devices=1, val_check_interval=SAVE_AT, limit_val_batches=2,
-                        check_val_every_n_epoch=None, num_sanity_val_steps=0, callbacks=[PACECallback()],
-                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False)
+    trainer = L.Trainer(
+        max_steps=STEPS,
+        accelerator="cpu",
+        devices=1,
+        val_check_interval=SAVE_AT,
+        limit_val_batches=2,
+        check_val_every_n_epoch=None,
+        num_sanity_val_steps=0,
+        callbacks=[PACECallback()],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(module, loader(64, 0), loader(8, 1))
     assert module.validated_with_ema and all(module.validated_with_ema)
     opt = trainer.optimizers[0]

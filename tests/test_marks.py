@@ -10,21 +10,31 @@ import shutil
 import pytest
 
 from pace_lm import PaceLMError
-
-from pace_lm.data import corpus
-
-from pace_lm.files import marks
 from pace_lm.config.compose import compose
-from pace_lm.figures.specs import load_figure
-from pace_lm.figures.plots import plot_figure
+from pace_lm.data import corpus
 from pace_lm.data.prepare import Request, prepare
+from pace_lm.figures.plots import plot_figure
+from pace_lm.figures.specs import load_figure
+from pace_lm.files import marks
 from pace_lm.run.train import train
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "results")
-TINY = ["model.config.hidden_size=32", "model.config.intermediate_size=64", "model.config.num_hidden_layers=1",
-        "model.config.num_attention_heads=2", "model.config.num_key_value_heads=2", "training.max_steps=2",
-        "training.batch_size=2", "training.micro_batch_size=2", "training.max_seq_len=32", "training.eval_batches=1",
-        "training.eval_interval=2", "training.log_interval=1", "training.progress=false", "training.device=cpu"]
+TINY = [
+    "model.config.hidden_size=32",
+    "model.config.intermediate_size=64",
+    "model.config.num_hidden_layers=1",
+    "model.config.num_attention_heads=2",
+    "model.config.num_key_value_heads=2",
+    "training.max_steps=2",
+    "training.batch_size=2",
+    "training.micro_batch_size=2",
+    "training.max_seq_len=32",
+    "training.eval_batches=1",
+    "training.eval_interval=2",
+    "training.log_interval=1",
+    "training.progress=false",
+    "training.device=cpu",
+]
 
 
 def sha256s(folder):
@@ -50,12 +60,16 @@ def test_overwrite_never_replaces_a_folder_that_merely_holds_a_meta_json(tmp_pat
     src = tmp_path / "convs.jsonl"
     src.write_text("\n".join(json.dumps(c) for c in corpus.offline_conversations()[:40]))
     proj = tmp_path / "proj"
-    before = users_folder(proj, {"meta.json": '{"note": "mine"}', "results.csv": "keep\n",
-                                 "train/notes.txt": "mine too\n"})
+    before = users_folder(
+        proj, {"meta.json": '{"note": "mine"}', "results.csv": "keep\n", "train/notes.txt": "mine too\n"}
+    )
     request = Request(source=str(src), tokenizer=str(offline_data / "tokenizer"), max_seq_len=64, val_size=5)
     for overwrite in (False, True):
-        with pytest.raises(PaceLMError, match=r"'.*proj' exists and is not prepared data \(its meta.json has no "
-                                              r"pace-data format \(pace-data/2\)\): it is never replaced"):
+        with pytest.raises(
+            PaceLMError,
+            match=r"'.*proj' exists and is not prepared data \(its meta.json has no "
+            r"pace-data format \(pace-data/2\)\): it is never replaced",
+        ):
             prepare(str(proj), request, overwrite=overwrite)
     assert sha256s(proj) == before and sorted(os.listdir(tmp_path)) == ["convs.jsonl", "proj"]
 
@@ -78,8 +92,15 @@ def test_a_run_never_removes_a_model_or_checkpoints_folder_it_did_not_make(tmp_p
     that is not a run folder (no run record), a `model/` or `checkpoints/` is someone else's."""
     run_dir = tmp_path / "out" / "r"
     before = users_folder(run_dir, {f"{part}/weights.bin": "mine\n", "notes.md": "mine\n"})
-    cfg = compose([f"dataset.path={offline_data}", f"training.out_dir={tmp_path / 'out'}", "run_name=r",
-                   f"training.overwrite={str(overwrite).lower()}", *TINY])
+    cfg = compose(
+        [
+            f"dataset.path={offline_data}",
+            f"training.out_dir={tmp_path / 'out'}",
+            "run_name=r",
+            f"training.overwrite={str(overwrite).lower()}",
+            *TINY,
+        ]
+    )
     with pytest.raises(PaceLMError, match=f"'.*r/{part}' exists in '.*r', which is no pace-train run folder"):
         train(cfg)
     assert {k: v for k, v in sha256s(run_dir).items() if k != ".lock"} == before
@@ -96,8 +117,11 @@ def test_a_run_folder_with_its_record_replaces_its_own_model(tmp_path, offline_d
 
 def test_a_figure_is_never_drawn_over_files_pace_figure_did_not_write(tmp_path):
     before = users_folder(tmp_path / "plots", {"demo.png": "my own picture", "demo.md": "my notes\n"})
-    with pytest.raises(PaceLMError, match=r"demo.png' was not drawn by pace-figure: a figure is written only over "
-                                          r"pace-figure's own files; choose another plot_dir"):
+    with pytest.raises(
+        PaceLMError,
+        match=r"demo.png' was not drawn by pace-figure: a figure is written only over "
+        r"pace-figure's own files; choose another plot_dir",
+    ):
         plot_figure(load_figure("demo"), FIXTURES, str(tmp_path / "plots"))
     assert sha256s(tmp_path / "plots") == before and sorted(os.listdir(tmp_path / "plots")) == ["demo.md", "demo.png"]
 
@@ -128,6 +152,7 @@ def test_a_record_json_of_ones_own_is_no_run_record(tmp_path):
 def test_the_committed_figures_carry_the_mark_so_that_they_can_be_redrawn_in_place():
     """`pace-figure ... plot=true plot_dir=docs/figures` redraws the docs' figures: each carries the mark."""
     import glob
+
     docs = os.path.join(os.path.dirname(__file__), "..", "docs", "figures")
     pngs = sorted(glob.glob(os.path.join(docs, "*.png")))
     assert pngs and marks.figure_outputs(pngs) is None

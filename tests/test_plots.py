@@ -13,8 +13,8 @@ import torch
 
 import pace_lm.figures.specs as figures
 from pace_lm import PaceLMError
-from pace_lm.figures.specs import load_figure
 from pace_lm.figures.plots import plot_figure
+from pace_lm.figures.specs import load_figure
 from pace_lm.run.records import read_record
 
 FIXTURES = Path(__file__).parent / "fixtures" / "results"
@@ -67,6 +67,7 @@ def test_the_adamw_lines_of_one_run_are_what_separate_runs_give(tmp_path):
     from pace_lm.config.compose import compose
     from pace_lm.config.schema import validate_optimizer
     from pace_lm.models.optim import build_optimizer
+
     cfgs = [validate_optimizer(compose([f"optimizer={m}"]).optimizer) for m in ("adamw", "ema")]
     runs = []
     for cfg in cfgs:
@@ -82,15 +83,12 @@ def test_the_adamw_lines_of_one_run_are_what_separate_runs_give(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 
-def blocks(text):
-    """The paragraphs of what `pace-figure plot=true` prints: each table, and the line of runs complete."""
-    return [b.strip() for b in text.split("\n\n") if b.strip()]
-
-
 def test_plotting_never_loads_the_training_code(tmp_path):
-    code = ("import sys; from pace_lm.figures.specs import load_figure; from pace_lm.figures.plots import plot_figure; "
-            f"plot_figure(load_figure('demo'), {str(FIXTURES)!r}, {str(tmp_path)!r}); "
-            "print(sorted(m for m in ('pace_lm.run.train', 'transformers', 'datasets') if m in sys.modules))")
+    code = (
+        "import sys; from pace_lm.figures.specs import load_figure; from pace_lm.figures.plots import plot_figure; "
+        f"plot_figure(load_figure('demo'), {str(FIXTURES)!r}, {str(tmp_path)!r}); "
+        "print(sorted(m for m in ('pace_lm.run.train', 'transformers', 'datasets') if m in sys.modules))"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
@@ -100,16 +98,23 @@ def test_missing_running_and_diverged_runs(tmp_path):
     shutil.copytree(FIXTURES / "demo", tmp_path / "demo")
     for seed in range(3):  # its four lines lose their last point
         shutil.rmtree(tmp_path / "demo" / f"ema_lr0.01_seed{seed}")
-    for run, status in [(f"pace_lr0.01_seed{s}", "diverged") for s in range(3)] + \
-                       [(f"schedulefree_lr0.01_seed{s}", "running") for s in range(3)]:
+    for run, status in [(f"pace_lr0.01_seed{s}", "diverged") for s in range(3)] + [
+        (f"schedulefree_lr0.01_seed{s}", "running") for s in range(3)
+    ]:
         path = tmp_path / "demo" / run / "record.json"
         record = json.loads(path.read_text())
         record.update(status=status, summary={})
         path.write_text(json.dumps(record))
     text, _ = plot_figure(load_figure("demo"), str(tmp_path), str(tmp_path / "plot"))
     cells = table_cells(text)
-    assert [cells[m][-1] for m in ("adamw", "ema", "lawa", "swa", "pace", "schedulefree")] == \
-        ["–", "–", "–", "–", "diverged", "–"]
+    assert [cells[m][-1] for m in ("adamw", "ema", "lawa", "swa", "pace", "schedulefree")] == [
+        "–",
+        "–",
+        "–",
+        "–",
+        "diverged",
+        "–",
+    ]
     assert text.endswith("18 of 27 runs complete, 3 diverged, 3 running, 3 missing.")
     assert (tmp_path / "plot" / "demo.png").exists()
 
@@ -138,8 +143,9 @@ def test_seeds_are_averaged_and_a_run_without_x_is_a_reference(tmp_path, monkeyp
         config = dict(seed=run.values["seed"], optimizer=dict(name=run.values["optimizer"], ema_kappa=kappa))
         values[run.name] = 3.0 + 0.1 * i
         (tmp_path / "runs" / "seeds" / run.name).mkdir(parents=True)
-        (tmp_path / "runs" / "seeds" / run.name / "record.json").write_text(json.dumps(
-            dict(status="complete", config=config, summary=dict(final_val_loss=values[run.name]))))
+        (tmp_path / "runs" / "seeds" / run.name / "record.json").write_text(
+            json.dumps(dict(status="complete", config=config, summary=dict(final_val_loss=values[run.name])))
+        )
     text, _ = plot_figure(fig, str(tmp_path / "runs"), str(tmp_path / "plot"))
     cells = table_cells(text)
     adamw = statistics.fmean([values["adamw_seed0"], values["adamw_seed1"]])
@@ -178,18 +184,28 @@ def test_paired_differences_are_per_seed(tmp_path, monkeypatch):
     values = {}
     for run in fig.runs:
         m, lr, seed = run.values["optimizer"], run.values["optimizer.lr"], run.values["seed"]
-        values[m, lr, seed] = 3.0 + seed_effect[seed] + method_effect[m] + (0.03 * seed if m == "pace" and lr == 3e-3
-                                                                            else 0.0)
+        values[m, lr, seed] = (
+            3.0 + seed_effect[seed] + method_effect[m] + (0.03 * seed if m == "pace" and lr == 3e-3 else 0.0)
+        )
         if (m, lr, seed) == ("adamw", 3e-3, 2):
             continue  # a missing run: its pair is left out, the others still count
         folder = tmp_path / "runs" / "paired" / run.name
         folder.mkdir(parents=True)
-        (folder / "record.json").write_text(json.dumps(dict(
-            status="complete", config=dict(seed=seed, optimizer=dict(name=m, lr=lr)),
-            summary=dict(final_val_loss=values[m, lr, seed]))))
+        (folder / "record.json").write_text(
+            json.dumps(
+                dict(
+                    status="complete",
+                    config=dict(seed=seed, optimizer=dict(name=m, lr=lr)),
+                    summary=dict(final_val_loss=values[m, lr, seed]),
+                )
+            )
+        )
     text, _ = plot_figure(fig, str(tmp_path / "runs"), str(tmp_path / "plot"))
-    rows = {r.split(" | ")[0][2:]: [c.strip() for c in r.strip("| ").split(" | ")[1:]]
-            for r in text.splitlines() if " − " in r}
+    rows = {
+        r.split(" | ")[0][2:]: [c.strip() for c in r.strip("| ").split(" | ")[1:]]
+        for r in text.splitlines()
+        if " − " in r
+    }
     assert list(rows) == ["pace − ema", "pace − adamw"]
 
     def cell(other, lr, seeds):
@@ -210,11 +226,14 @@ def test_paired_lines_must_exist(tmp_path, monkeypatch):
         load_figure("paired")
 
 
-@pytest.mark.parametrize("fig_id, methods, lrs", [
-    ("smollm2_sft", ("ema", "pace", "schedulefree"), (3e-4, 1e-3, 3e-3)),
-    ("smollm2_sft_low_lr", ("ema", "pace", "schedulefree"), (1e-4, 2e-4, 4e-4)),
-    ("gemma3_sft_cell", ("ema", "pace"), (2e-5,)),
-])
+@pytest.mark.parametrize(
+    "fig_id, methods, lrs",
+    [
+        ("smollm2_sft", ("ema", "pace", "schedulefree"), (3e-4, 1e-3, 3e-3)),
+        ("smollm2_sft_low_lr", ("ema", "pace", "schedulefree"), (1e-4, 2e-4, 4e-4)),
+        ("gemma3_sft_cell", ("ema", "pace"), (2e-5,)),
+    ],
+)
 def test_the_real_model_figures_are_three_seeds_of_every_cell(fig_id, methods, lrs):
     """Every run of the grid fixed in the spec is committed, complete, and is the run its name says."""
     fig = load_figure(fig_id)
@@ -227,14 +246,16 @@ def test_the_real_model_figures_are_three_seeds_of_every_cell(fig_id, methods, l
         record = read_record(FIXTURES / fig_id / run.name / "record.json")
         assert record["status"] == "complete" and record["config"]["seed"] == run.values["seed"]
         assert record["config"]["optimizer"]["lr"] == run.values["optimizer.lr"]
-        assert record["config"]["optimizer"].get("lambda_pullback", 0) == (0.15 if run.values["optimizer"] == "pace"
-                                                                              else 0)
+        assert record["config"]["optimizer"].get("lambda_pullback", 0) == (
+            0.15 if run.values["optimizer"] == "pace" else 0
+        )
 
 
 def test_step_log_keys_plot_over_steps_averaged_over_seeds(tmp_path, monkeypatch):
     """pace-figure ... plot=true steps=lambda_mean: step-log keys against the step, a line per run (the
     mean of its seeds), from the records; a key no record logged is a clear error."""
     from pace_lm.figures.plots import plot_steps, step_series
+
     (tmp_path / "figures").mkdir()
     (tmp_path / "figures" / "paired.yaml").write_text(PAIRED)
     monkeypatch.setattr(figures, "FIG_DIR", str(tmp_path / "figures"))
@@ -245,8 +266,9 @@ def test_step_log_keys_plot_over_steps_averaged_over_seeds(tmp_path, monkeypatch
         if run.name.startswith("adamw"):
             logs = [dict(step=t, loss=1.0) for t in (5, 10)]  # no telemetry: no line
         (tmp_path / "runs" / "paired" / run.name).mkdir(parents=True)
-        (tmp_path / "runs" / "paired" / run.name / "record.json").write_text(json.dumps(
-            dict(status="complete", config={}, summary={}, step_logs=logs)))
+        (tmp_path / "runs" / "paired" / run.name / "record.json").write_text(
+            json.dumps(dict(status="complete", config={}, summary={}, step_logs=logs))
+        )
     series = step_series(fig, str(tmp_path / "runs"), "lambda_mean")
     names = [r.name for r in fig.runs]
     assert set(series) == {"ema_lr0.001", "ema_lr0.003", "pace_lr0.001", "pace_lr0.003"}
@@ -283,24 +305,40 @@ def test_curves_and_the_lowest_over_the_evaluations(tmp_path, monkeypatch):
     for run in fig.runs:
         m, seed = run.values["optimizer"], run.values["seed"]
         # the loss falls, then rises: the lowest is at step 20, not at the end
-        logs = [dict(step=t, val_loss=3.0 - seed + abs(t - 20) / 100, vanilla_val_loss=3.5 - seed + abs(t - 20) / 50,
-                     ema_val_loss=3.0 - seed + abs(t - 20) / 100) for t in (10, 20, 30)]
+        logs = [
+            dict(
+                step=t,
+                val_loss=3.0 - seed + abs(t - 20) / 100,
+                vanilla_val_loss=3.5 - seed + abs(t - 20) / 50,
+                ema_val_loss=3.0 - seed + abs(t - 20) / 100,
+            )
+            for t in (10, 20, 30)
+        ]
         if m == "pace":
             for e in logs:
                 e.pop("vanilla_val_loss")
-        for line, key in ({"adamw": "vanilla_val_loss", "ema": "ema_val_loss"} if m == "ema" else {m: "val_loss"}).items():
+        for line, key in (
+            {"adamw": "vanilla_val_loss", "ema": "ema_val_loss"} if m == "ema" else {m: "val_loss"}
+        ).items():
             lowest.setdefault(line, []).append(min(e[key] for e in logs))
         summary = dict(final_val_loss=logs[-1]["val_loss"], ema_val_loss=logs[-1]["val_loss"])
         if m == "ema":
             summary["vanilla_val_loss"] = logs[-1]["vanilla_val_loss"]
         folder = tmp_path / "runs" / "curves" / run.name
         folder.mkdir(parents=True)
-        (folder / "record.json").write_text(json.dumps(dict(
-            status="complete", config=dict(seed=seed, optimizer=dict(name=m, lr=1e-3)), summary=summary,
-            eval_logs=logs)))
+        (folder / "record.json").write_text(
+            json.dumps(
+                dict(
+                    status="complete",
+                    config=dict(seed=seed, optimizer=dict(name=m, lr=1e-3)),
+                    summary=summary,
+                    eval_logs=logs,
+                )
+            )
+        )
     text, paths = plot_figure(fig, str(tmp_path / "runs"), str(tmp_path / "plot"))
     assert (tmp_path / "plot" / "curves_curves.png").read_bytes()[:4] == b"\x89PNG"
-    low = text[text.index("| lowest val_loss over the evaluations"):]
+    low = text[text.index("| lowest val_loss over the evaluations") :]
     cells = table_cells(low.split("\n", 2)[2])
     for line in ("adamw", "ema", "pace"):
         vs = lowest[line]
@@ -309,14 +347,17 @@ def test_curves_and_the_lowest_over_the_evaluations(tmp_path, monkeypatch):
 
 # ---- the untrained model: a row of every table, a line on every plot, failed cells marked ---------------
 
+
 def drawn(monkeypatch):
     """The matplotlib figures plot_figure draws, kept instead of saved (the first is the main plot)."""
     import pace_lm.figures.plots as plots
+
     kept = []
 
     def keep(fig_, stem, dpi=150):
         kept.append(fig_)
         return [f"{stem}.png", f"{stem}.svg"]
+
     monkeypatch.setattr(plots, "save_plot", keep)
     return kept
 
@@ -329,6 +370,7 @@ def test_a_fine_tuning_figure_shows_its_untrained_model_and_marks_where_fine_tun
     """smollm2_sft from its committed records: the untrained row in the table, † on each cell above it (the
     baselines at lr 1e-3 and 3e-3), the line and the rings on the plot, 'lower is better' on both."""
     from pace_lm.figures.plots import FAILED, FAILED_MARK, LOWER, UNTRAINED
+
     untrained = json.loads((FIXTURES / "smollm2_sft" / "pretrained.json").read_text())["val_loss"]
     figs = drawn(monkeypatch)
     text, _ = plot_figure(load_figure("smollm2_sft"), str(FIXTURES), str(tmp_path))
@@ -351,9 +393,9 @@ def test_a_fine_tuning_figure_shows_its_untrained_model_and_marks_where_fine_tun
     assert any(line.get_linestyle() == ":" and line.get_ydata()[0] == untrained for line in ax.get_lines())
 
 
-def test_a_figure_where_every_method_improves_has_no_mark_and_one_lr_is_drawn_as_labelled_points(tmp_path,
-                                                                                                   monkeypatch):
+def test_a_figure_where_every_method_improves_has_no_mark_and_one_lr_is_drawn_as_labelled_points(tmp_path, monkeypatch):
     from pace_lm.figures.plots import FAILED, FAILED_MARK, UNTRAINED
+
     figs = drawn(monkeypatch)
     text, _ = plot_figure(load_figure("gemma3_sft_cell"), str(FIXTURES), str(tmp_path))
     assert FAILED_MARK not in text and f"| {UNTRAINED} | 4.0982 |" in text
@@ -365,6 +407,7 @@ def test_a_figure_where_every_method_improves_has_no_mark_and_one_lr_is_drawn_as
 
 def test_a_figure_trained_from_scratch_has_no_untrained_row(tmp_path, monkeypatch):
     from pace_lm.figures.plots import UNTRAINED
+
     figs = drawn(monkeypatch)
     text, _ = plot_figure(load_figure("demo"), str(FIXTURES), str(tmp_path))
     assert UNTRAINED not in text and not (FIXTURES / "demo" / "pretrained.json").exists()
@@ -405,8 +448,9 @@ def test_schedules_cpus_check_and_pilot_are_committed_whole(fig_id):
         if fig_id == "schedules_cpu_pilot":
             assert record["summary"]["vanilla_val_loss"] < untrained, run.name
     grid = load_figure("schedules_cpu")
-    assert {r.values["optimizer.lr"] for r in grid.runs} == {r.values["optimizer.lr"] for r in load_figure(
-        "schedules_cpu_pilot").runs}
+    assert {r.values["optimizer.lr"] for r in grid.runs} == {
+        r.values["optimizer.lr"] for r in load_figure("schedules_cpu_pilot").runs
+    }
 
 
 def test_lean_pace_stepped_in_the_backward_pass_is_the_whole_model_run_on_smollm2():
@@ -416,8 +460,10 @@ def test_lean_pace_stepped_in_the_backward_pass_is_the_whole_model_run_on_smollm
     committed = {p.parent.name for p in (FIXTURES / fig.id).glob("*/record.json")}
     assert committed == {run.name for run in fig.runs}
     for seed in (0, 1, 2):
-        pair = [read_record(FIXTURES / fig.id / f"pace_lr0.0004_step_in_backward{how}_seed{seed}" / "record.json")
-                for how in ("true", "false")]
+        pair = [
+            read_record(FIXTURES / fig.id / f"pace_lr0.0004_step_in_backward{how}_seed{seed}" / "record.json")
+            for how in ("true", "false")
+        ]
         assert [r["config"]["training"]["step_in_backward"] for r in pair] == [True, False]
         assert all(r["status"] == "complete" and r["config"]["model"]["dtype"] == "bfloat16" for r in pair)
         assert pair[0]["eval_logs"] == pair[1]["eval_logs"]

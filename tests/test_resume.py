@@ -8,20 +8,33 @@ import signal
 import subprocess
 
 import pytest
+from conftest import BIN, comparable, wait_for
 
 import pace_lm.run.loop as loop_mod
 from pace_lm import PaceLMError
-from pace_lm.run import checkpoint_files
 from pace_lm.config.compose import compose
+from pace_lm.run import checkpoint_files
 from pace_lm.run.train import Interrupted, train
 
-from conftest import BIN, comparable, wait_for
-
 # a cosine schedule, micro-batches, averagers taking weights off the log and eval steps: state everywhere
-SMALL = ["training.max_steps=12", "training.batch_size=4", "training.micro_batch_size=2", "training.max_seq_len=64",
-         "training.eval_interval=4", "training.eval_batches=3", "training.log_interval=3", "training.progress=false",
-         "training.device=cpu", "schedule=cos", "averaging.lawa.enabled=true", "averaging.lawa.k=2",
-         "averaging.lawa.every=3", "averaging.swa.enabled=true", "averaging.swa.every=2", "averaging.swa.start=3"]
+SMALL = [
+    "training.max_steps=12",
+    "training.batch_size=4",
+    "training.micro_batch_size=2",
+    "training.max_seq_len=64",
+    "training.eval_interval=4",
+    "training.eval_batches=3",
+    "training.log_interval=3",
+    "training.progress=false",
+    "training.device=cpu",
+    "schedule=cos",
+    "averaging.lawa.enabled=true",
+    "averaging.lawa.k=2",
+    "averaging.lawa.every=3",
+    "averaging.swa.enabled=true",
+    "averaging.swa.every=2",
+    "averaging.swa.start=3",
+]
 
 
 def overrides(data, out, *extra):
@@ -32,8 +45,9 @@ def overrides(data, out, *extra):
 def reference(offline_data, tmp_path_factory):
     """The uninterrupted runs, by optimizer."""
     out = tmp_path_factory.mktemp("reference")
-    return {opt: train(compose(overrides(offline_data, out / opt, f"optimizer={opt}")))
-            for opt in ("pace", "schedulefree")}
+    return {
+        opt: train(compose(overrides(offline_data, out / opt, f"optimizer={opt}"))) for opt in ("pace", "schedulefree")
+    }
 
 
 def interrupt_at(monkeypatch, step):
@@ -81,10 +95,12 @@ def test_resume_refuses_what_it_cannot_go_on_from(offline_data, tmp_path, monkey
         train(cfg(f"training.resume={tmp_path}/nowhere"))
     with pytest.raises(PaceLMError, match="contradict"):
         train(cfg("training.resume=true", "training.overwrite=true"))
-    for bad, match in [("training.resume=maybe", "no such checkpoint folder"),
-                       ("training.checkpoint.keep=0", "keep=0 must be a positive integer"),
-                       ("training.checkpoint.interval=-1", "interval=-1 must be an integer >= 0"),
-                       ("training.parallel=tp", "training.parallel='tp'; known: ddp, fsdp")]:
+    for bad, match in [
+        ("training.resume=maybe", "no such checkpoint folder"),
+        ("training.checkpoint.keep=0", "keep=0 must be a positive integer"),
+        ("training.checkpoint.interval=-1", "interval=-1 must be an integer >= 0"),
+        ("training.parallel=tp", "training.parallel='tp'; known: ddp, fsdp"),
+    ]:
         with pytest.raises(PaceLMError, match=match):
             train(cfg(bad))
 
@@ -115,10 +131,13 @@ def test_resume_refuses_what_it_cannot_go_on_from(offline_data, tmp_path, monkey
 
 
 def launch(data, out, *extra):
-    cmd = [os.path.join(BIN, "pace-train"), *overrides(data, out, "optimizer=pace", "training.checkpoint.interval=4",
-                                                      *extra)]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    cmd = [
+        os.path.join(BIN, "pace-train"),
+        *overrides(data, out, "optimizer=pace", "training.checkpoint.interval=4", *extra),
+    ]
+    return subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1")
+    )
 
 
 @pytest.mark.slow
@@ -142,8 +161,17 @@ def test_a_killed_process_resumes_to_the_same_record(sig, offline_data, tmp_path
     assert 4 <= steps[-1] < 24
 
     # the uninterrupted run of this config, and the resumed one
-    ref = train(compose(overrides(offline_data, tmp_path / "ref", "optimizer=pace", "training.max_steps=24",
-                                  "training.checkpoint.interval=4")))
+    ref = train(
+        compose(
+            overrides(
+                offline_data,
+                tmp_path / "ref",
+                "optimizer=pace",
+                "training.max_steps=24",
+                "training.checkpoint.interval=4",
+            )
+        )
+    )
     proc = launch(offline_data, tmp_path, "training.max_steps=24", "training.resume=true")
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-2000:]
@@ -155,18 +183,39 @@ def test_a_killed_process_resumes_to_the_same_record(sig, offline_data, tmp_path
 
 # ---- a run extended ------------------------------------------------------------------------------------------
 
-EXTEND = ["run_name=r", "schedule.warmup_fraction=0", "training.batch_size=4", "training.micro_batch_size=4",
-          "training.max_seq_len=64", "training.eval_interval=10", "training.eval_batches=2", "training.log_interval=5",
-          "training.progress=false", "training.device=cpu", "training.checkpoint.at_end=true", "optimizer=pace"]
+EXTEND = [
+    "run_name=r",
+    "schedule.warmup_fraction=0",
+    "training.batch_size=4",
+    "training.micro_batch_size=4",
+    "training.max_seq_len=64",
+    "training.eval_interval=10",
+    "training.eval_batches=2",
+    "training.log_interval=5",
+    "training.progress=false",
+    "training.device=cpu",
+    "training.checkpoint.at_end=true",
+    "optimizer=pace",
+]
 
 
 def test_a_run_extended_from_20_to_30_steps_is_the_30_step_run(offline_data, tmp_path, capsys):
     """A complete run of 20 steps (constant lr), resumed with training.max_steps=30, writes the record of the
     30-step run bit for bit, says so in one line and in the record; a schedule shaped by max_steps, or the same
     max_steps, is refused."""
+
     def run(out, steps, *extra):
-        return train(compose([f"dataset.path={offline_data}", f"training.out_dir={tmp_path / out}", *EXTEND,
-                              f"training.max_steps={steps}", *extra]))
+        return train(
+            compose(
+                [
+                    f"dataset.path={offline_data}",
+                    f"training.out_dir={tmp_path / out}",
+                    *EXTEND,
+                    f"training.max_steps={steps}",
+                    *extra,
+                ]
+            )
+        )
 
     straight = run("straight", 30)
     run("extended", 20)
@@ -179,8 +228,11 @@ def test_a_run_extended_from_20_to_30_steps_is_the_30_step_run(offline_data, tmp
     with pytest.raises(PaceLMError, match="is a complete run of 30 steps: to extend it, resume with a larger"):
         run("extended", 30, "training.resume=true")
     run("cosine", 20, "schedule=cos")
-    with pytest.raises(PaceLMError, match=r"training.max_steps 20 -> 30: schedule .cos. .* is shaped by max_steps.*"
-                                          r"training.init_from=.*cosine/r/checkpoints/step_00000020 \(another run_name\)"):
+    with pytest.raises(
+        PaceLMError,
+        match=r"training.max_steps 20 -> 30: schedule .cos. .* is shaped by max_steps.*"
+        r"training.init_from=.*cosine/r/checkpoints/step_00000020 \(another run_name\)",
+    ):
         run("cosine", 30, "schedule=cos", "training.resume=true")
 
 
@@ -190,12 +242,22 @@ def test_a_new_run_starts_from_another_runs_checkpoint(offline_data, tmp_path, c
     import torch
 
     from pace_lm.run import checkpoint_files as files
+
     base = [f"dataset.path={offline_data}", *EXTEND]
     first = train(compose([*base, f"training.out_dir={tmp_path / 'a'}", "training.max_steps=10"]))
     folder = files.latest(str(tmp_path / "a" / "r" / "checkpoints"))
     capsys.readouterr()
-    second = train(compose([*base, f"training.out_dir={tmp_path / 'b'}", "training.max_steps=5", "optimizer.lr=5e-4",
-                            f"training.init_from={folder}"]))
+    second = train(
+        compose(
+            [
+                *base,
+                f"training.out_dir={tmp_path / 'b'}",
+                "training.max_steps=5",
+                "optimizer.lr=5e-4",
+                f"training.init_from={folder}",
+            ]
+        )
+    )
     assert f"pace-train: starting from {folder} (step 10 of another run)" in capsys.readouterr().err
     assert second["config"]["training"]["init_from"] == folder and second["summary"]["steps"] == 5
     assert second["step_logs"][0]["lr"] == pytest.approx(5e-4)  # this run's lr, not the other run's
@@ -204,7 +266,16 @@ def test_a_new_run_starts_from_another_runs_checkpoint(offline_data, tmp_path, c
     steps = {int(s["step"]) for s in state["train"]["optimizer"]["state"].values()}
     assert steps == {15}  # Adam's counts went on from the other run's 10
     with pytest.raises(PaceLMError, match="does not fit this run's model or optimizer"):
-        train(compose([*base, f"training.out_dir={tmp_path / 'c'}", "training.max_steps=2",
-                       "model.config.num_hidden_layers=2", f"training.init_from={folder}"]))
+        train(
+            compose(
+                [
+                    *base,
+                    f"training.out_dir={tmp_path / 'c'}",
+                    "training.max_steps=2",
+                    "model.config.num_hidden_layers=2",
+                    f"training.init_from={folder}",
+                ]
+            )
+        )
     with pytest.raises(PaceLMError, match="training.init_from='nowhere': no such checkpoint folder"):
         train(compose([*base, f"training.out_dir={tmp_path / 'd'}", "training.init_from=nowhere"]))

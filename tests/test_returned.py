@@ -43,6 +43,7 @@ def triton_ready(impl):
 
 # ---- the EMA in eval mode ------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("impl", IMPLS)
 def test_the_returned_model_is_the_ema_in_either_mode(impl, mode):
@@ -57,8 +58,7 @@ def test_the_returned_model_is_the_ema_in_either_mode(impl, mode):
     live = {k: v.clone() for k, v in model.state_dict().items()}
     emas = {k: value(p, opt.state[p]).to(dtype) for k, p in model.named_parameters()}
     assert any(not torch.equal(emas[k], live[k]) for k in emas)  # the EMA is not the live weights
-    for returned in (opt.returned_state_dict(model), opt.eval().returned_state_dict(model),
-                     dict(model.state_dict())):
+    for returned in (opt.returned_state_dict(model), opt.eval().returned_state_dict(model), dict(model.state_dict())):
         assert all(torch.equal(returned[k], emas[k]) for k in emas), mode
     opt.train()
     with opt.ema_weights():
@@ -68,6 +68,7 @@ def test_the_returned_model_is_the_ema_in_either_mode(impl, mode):
 
 
 # ---- loading another optimizer's state_dict ------------------------------------------------------------
+
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("impl", IMPLS)
@@ -80,9 +81,15 @@ def test_an_adamw_state_dict_keeps_each_groups_pace_keys(impl, mode):
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2)).to(dtype)
     adamw = torch.optim.AdamW([{"params": model[0].parameters()}, {"params": model[1].parameters()}], lr=1e-2)
     steps_of(model, adamw, 3)
-    opt = PACE([{"params": model[0].parameters(), "lambda_pullback": 0.5, "use_ema_eval": True},
-                {"params": model[1].parameters(), "lambda_pullback": 0.0, "use_ema_eval": False}], lr=1e-2,
-               impl=impl, **kwargs)
+    opt = PACE(
+        [
+            {"params": model[0].parameters(), "lambda_pullback": 0.5, "use_ema_eval": True},
+            {"params": model[1].parameters(), "lambda_pullback": 0.0, "use_ema_eval": False},
+        ],
+        lr=1e-2,
+        impl=impl,
+        **kwargs,
+    )
     opt.load_state_dict(adamw.state_dict())
     assert [(g["lambda_pullback"], g["use_ema_eval"]) for g in opt.param_groups] == [(0.5, True), (0.0, False)]
     assert all(g[k] == v for g in opt.param_groups for k, v in kwargs.items())
@@ -98,7 +105,9 @@ def steps_of(model, opt, n):
     dtype = next(model.parameters()).dtype
     for step in range(n):
         opt.zero_grad()
-        model(torch.randn(3, 4, generator=torch.Generator().manual_seed(step)).to(dtype)).float().square().sum().backward()
+        model(
+            torch.randn(3, 4, generator=torch.Generator().manual_seed(step)).to(dtype)
+        ).float().square().sum().backward()
         opt.step()
 
 
@@ -142,8 +151,7 @@ def test_every_mode_compiles_to_the_eager_bits(mode, fullgraph):
     script = COMPILE_SCRIPT.replace("**KW", ", ".join(f"{k}={v!r}" for k, v in kwargs.items()))
     script = script.replace("DTYPE", repr(dtype))
     script = script.replace("FULLGRAPH", str(fullgraph))
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
 
 
@@ -172,6 +180,7 @@ def test_the_recompile_counter_fires_on_a_float_lr(lr):
 
 
 # ---- the group and state checks ----------------------------------------------------------------------------
+
 
 def test_a_refused_param_group_leaves_none_behind():
     model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 3))
@@ -224,14 +233,17 @@ def test_the_mode_is_not_a_group_key_a_wrapper_can_overwrite():
 
 # ---- the EMA baseline over any optimizer -------------------------------------------------------------------
 
+
 def test_over_adamw_it_is_paces_ema_baseline():
     """100 steps: EMAWrapper(AdamW) and PACE with c = 0 and the EMA returned agree within 1e-6."""
     torch.manual_seed(0)
     nets = [torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4)) for _ in range(2)]
     nets[1].load_state_dict(nets[0].state_dict())
     ema = dict(use_ema_eval=True, ema_kappa=0.5, ema_rho=2.0)
-    opts = [PACE(nets[0].parameters(), lr=1e-2, **ema),
-            EMAWrapper(torch.optim.AdamW(nets[1].parameters(), lr=1e-2), **ema)]
+    opts = [
+        PACE(nets[0].parameters(), lr=1e-2, **ema),
+        EMAWrapper(torch.optim.AdamW(nets[1].parameters(), lr=1e-2), **ema),
+    ]
     for step in range(100):
         x = torch.randn(4, 8, generator=torch.Generator().manual_seed(step))
         for net, opt in zip(nets, opts):
@@ -249,10 +261,14 @@ def muon_model():
 
 
 BASES = {  # name: (model, optimizer over its parameters)
-    "sgd": (lambda: torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4)),
-            lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9)),
-    "adafactor": (lambda: torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4)),
-                  lambda ps: torch.optim.Adafactor(ps, lr=1e-2)),
+    "sgd": (
+        lambda: torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4)),
+        lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9),
+    ),
+    "adafactor": (
+        lambda: torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4)),
+        lambda ps: torch.optim.Adafactor(ps, lr=1e-2),
+    ),
     "muon": (muon_model, lambda ps: torch.optim.Muon(ps, lr=2e-2)),
 }
 
@@ -266,7 +282,9 @@ def by_hand(base_name, steps_, kappa=0.5, dtype=torch.float32):
     ema = [p.detach().float().clone() for p in net.parameters()]
     for step in range(steps_):
         opt.zero_grad()
-        net(torch.randn(4, 8, generator=torch.Generator().manual_seed(step)).to(dtype)).float().square().sum().backward()
+        net(
+            torch.randn(4, 8, generator=torch.Generator().manual_seed(step)).to(dtype)
+        ).float().square().sum().backward()
         opt.step()
         w = (1 + (step + 1)) ** -kappa
         for e, p in zip(ema, net.parameters()):
@@ -282,7 +300,9 @@ def wrapped(base_name, steps_, start=0, net=None, opt=None, dtype=torch.float32,
         opt = EMAWrapper(make_opt(net.parameters()), ema_kappa=0.5, **kwargs)
     for step in range(start, start + steps_):
         opt.zero_grad()
-        net(torch.randn(4, 8, generator=torch.Generator().manual_seed(step)).to(dtype)).float().square().sum().backward()
+        net(
+            torch.randn(4, 8, generator=torch.Generator().manual_seed(step)).to(dtype)
+        ).float().square().sum().backward()
         opt.step()
     return net, opt
 

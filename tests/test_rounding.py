@@ -20,11 +20,11 @@ def test_the_hash_is_the_same_on_ints_and_tensors():
 
 
 def test_stochastic_rounding_is_unbiased_and_lands_on_a_neighbour():
-    x = torch.full((400_000,), 1.0) + 2 ** -10  # a quarter ulp above 1 (bf16 ulp at 1: 2^-7)
+    x = torch.full((400_000,), 1.0) + 2**-10  # a quarter ulp above 1 (bf16 ulp at 1: 2^-7)
     words = rounding.bits(rounding.key(rounding.seed_of(0, 0), 1), x)
     y = rounding.to_bf16(x, rounding.half(words, "weights")).float()
-    assert set(y.unique().tolist()) == {1.0, 1.0 + 2 ** -7}
-    assert (y - 1).mean().item() == pytest.approx(2 ** -10, rel=0.02)
+    assert set(y.unique().tolist()) == {1.0, 1.0 + 2**-7}
+    assert (y - 1).mean().item() == pytest.approx(2**-10, rel=0.02)
     exact = torch.tensor([-0.5, 3.0, 0.0, float("inf"), -float("inf")])
     assert torch.equal(rounding.to_bf16(exact, torch.full((5,), 0xFFFF)).float(), exact)
     assert rounding.to_bf16(torch.tensor([float("nan")]), torch.tensor([0xFFFF])).isnan().all()
@@ -81,19 +81,29 @@ def test_every_path_draws_the_same_bits(ema_dtype):
     """The C kernel, foreach (per tensor for bf16) and the for-loop round alike, to the bit, the weights, m, v
     and the EMA (tests/test_triton_kernel.py holds the Triton kernel to the same): one float32 value before
     each write, and the same random bits."""
+
     def run(impl):
         gen = torch.Generator().manual_seed(0)
-        params = [torch.nn.Parameter((torch.randn(s, generator=gen) * 0.02).to(torch.bfloat16))
-                  for s in ((70, 130), (130, 70), (37,))]
+        params = [
+            torch.nn.Parameter((torch.randn(s, generator=gen) * 0.02).to(torch.bfloat16))
+            for s in ((70, 130), (130, 70), (37,))
+        ]
         params[1] = torch.nn.Parameter(params[1].detach().t())  # a transposed, dense layout
-        opt = PACE(params, **dict(KW, lr=2e-5, rounding="stochastic", impl=impl, ema_dtype=ema_dtype,
-                                  ema_update_freq=2, weight_decay=0.1))
+        opt = PACE(
+            params,
+            **dict(
+                KW, lr=2e-5, rounding="stochastic", impl=impl, ema_dtype=ema_dtype, ema_update_freq=2, weight_decay=0.1
+            ),
+        )
         for _ in range(5):
             for p in params:
                 p.grad = (torch.randn(p.shape, generator=gen) * 1e-3).to(torch.bfloat16)
             opt.step()
-        return [x for p in params for x in (p.detach(), *(opt.state[p][k] for k in sorted(opt.state[p])
-                                                           if k not in ("step", "seed")))]
+        return [
+            x
+            for p in params
+            for x in (p.detach(), *(opt.state[p][k] for k in sorted(opt.state[p]) if k not in ("step", "seed")))
+        ]
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -125,6 +135,7 @@ def lean_model(steps=6, seed=0):
 
 def test_the_lean_ema_is_the_weights_plus_their_offset_in_eval_and_in_the_returned_model():
     from pace.returned import value as ema_value
+
     model, opt = lean_model()
     live = {k: v.clone() for k, v in model.state_dict().items()}
     emas = {name: ema_value(p, opt.state[p]).to(torch.bfloat16) for name, p in model.named_parameters()}
@@ -141,11 +152,11 @@ def test_the_lean_ema_is_the_weights_plus_their_offset_in_eval_and_in_the_return
 def test_a_lean_run_resumes_bit_for_bit(impl, tmp_path):
     """The weights, moments, offsets and seeds round trip through torch.save: the resumed run continues as
     the uninterrupted one, to the bit."""
+
     def run(resume):
         torch.manual_seed(0)
         model = torch.nn.Linear(16, 8).to(torch.bfloat16)
-        opt = PACE(model.parameters(), **dict(KW, lr=1e-2, rounding="stochastic", ema_dtype=torch.bfloat16,
-                                              impl=impl))
+        opt = PACE(model.parameters(), **dict(KW, lr=1e-2, rounding="stochastic", ema_dtype=torch.bfloat16, impl=impl))
         gen = torch.Generator().manual_seed(0)
         for step in range(8):
             x = torch.randn(4, 16, generator=gen).to(torch.bfloat16)
@@ -157,8 +168,9 @@ def test_a_lean_run_resumes_bit_for_bit(impl, tmp_path):
                 saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)
                 model = torch.nn.Linear(16, 8).to(torch.bfloat16)
                 model.load_state_dict(saved["model"])
-                opt = PACE(model.parameters(), **dict(KW, lr=1e-2, rounding="stochastic",
-                                                      ema_dtype=torch.bfloat16, impl=impl))
+                opt = PACE(
+                    model.parameters(), **dict(KW, lr=1e-2, rounding="stochastic", ema_dtype=torch.bfloat16, impl=impl)
+                )
                 opt.load_state_dict(saved["opt"])
         return [t for p in model.parameters() for t in (p.detach(), *opt.state[p].values())]
 
@@ -170,6 +182,7 @@ def test_a_bf16_ema_saved_as_itself_becomes_an_offset():
     """A state_dict whose bf16 EMA of bf16 weights is the EMA itself (an earlier PACE) loads as the offset
     ema - theta: the same EMA, now kept in the form whose updates do not stall."""
     from pace.returned import value as ema_value
+
     model, opt = lean_model()
     saved = opt.state_dict()
     for i, p in enumerate(model.parameters()):

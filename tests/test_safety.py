@@ -10,15 +10,22 @@ import subprocess
 import time
 
 import pytest
-
 from conftest import BIN, run_cli, wait_for
 
 # Every test here runs the real commands in subprocesses (about 2 minutes in all): out of the quick loop
 pytestmark = pytest.mark.slow
 
-TINY = ["training.max_steps=4", "training.batch_size=4", "training.micro_batch_size=4", "training.max_seq_len=64",
-        "training.eval_interval=2", "training.eval_batches=1", "training.log_interval=1",
-        "training.progress=false", "training.device=cpu"]
+TINY = [
+    "training.max_steps=4",
+    "training.batch_size=4",
+    "training.micro_batch_size=4",
+    "training.max_seq_len=64",
+    "training.eval_interval=2",
+    "training.eval_batches=1",
+    "training.log_interval=1",
+    "training.progress=false",
+    "training.device=cpu",
+]
 
 
 def snapshot(folder):
@@ -58,12 +65,17 @@ def user_folder(path):
 
 # ---- data folders: no path is prepared over, replaced or removed unless the tools made it ----------------------------
 
+
 def test_pace_train_never_prepares_or_removes_a_path_the_user_gave(tmp_path):
     mine = user_folder(tmp_path / "mine")
     before = snapshot(tmp_path)
     proc = run_cli(["pace-train", f"dataset.path={mine}", "training.out_dir=out", *TINY], cwd=tmp_path)
-    refused(proc, "pace-train", f"dataset.path='{mine}' is not prepared data (no meta.json)",
-            f"pace-data --source offline --out {mine}")
+    refused(
+        proc,
+        "pace-train",
+        f"dataset.path='{mine}' is not prepared data (no meta.json)",
+        f"pace-data --source offline --out {mine}",
+    )
     proc = run_cli(["pace-train", "dataset.path=dta/offline", "training.out_dir=out", *TINY], cwd=tmp_path)
     refused(proc, "pace-train", "dataset.path='dta/offline' does not exist", "pace-data --source offline")
     assert snapshot(tmp_path) == before  # no data/, dta/ or out/ either
@@ -81,8 +93,12 @@ def test_pace_data_replaces_only_prepared_data(tmp_path, offline_data):
     before = snapshot(tmp_path)
     for extra in ([], ["--overwrite"]):
         proc = run_cli(["pace-data", "--out", "mine", *extra], cwd=tmp_path)
-        refused(proc, "pace-data", "'mine' exists and is not prepared data (no meta.json that pace-data wrote)",
-                "with or without overwrite")
+        refused(
+            proc,
+            "pace-data",
+            "'mine' exists and is not prepared data (no meta.json that pace-data wrote)",
+            "with or without overwrite",
+        )
     proc = run_cli(["pace-data", "--out", "a_file"], cwd=tmp_path)
     refused(proc, "pace-data", "'a_file' exists and is not prepared data (it is a file)")
     assert snapshot(tmp_path) == before
@@ -95,8 +111,13 @@ def test_pace_data_replaces_only_prepared_data(tmp_path, offline_data):
 
 
 def test_a_killed_pace_data_leaves_nothing_behind_after_the_next_run(tmp_path):
-    proc = subprocess.Popen([os.path.join(BIN, "pace-data"), "--out", "data/offline"], cwd=tmp_path,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    proc = subprocess.Popen(
+        [os.path.join(BIN, "pace-data"), "--out", "data/offline"],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=dict(os.environ, HF_HUB_OFFLINE="1"),
+    )
     tmp = tmp_path / "data" / f"offline.tmp-{proc.pid}"
     wait_for(tmp, proc, timeout=120)
     proc.kill()
@@ -111,10 +132,13 @@ def test_pace_data_errors_name_the_file_and_line(tmp_path, offline_data):
     good = json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]})
     tok = str(offline_data / "tokenizer")
     cases = [
-        ("bad.jsonl", f"{good}\n{{\"messages\": [oops\n{good}\n", "bad.jsonl, line 2: not valid JSON"),
+        ("bad.jsonl", f'{good}\n{{"messages": [oops\n{good}\n', "bad.jsonl, line 2: not valid JSON"),
         ("empty.jsonl", "\n", "no conversations in empty.jsonl"),
-        ("role.jsonl", f"{good}\n{good}\n" + json.dumps({"messages": [{"role": "user", "content": "q"}, {
-            "content": "a"}]}) + "\n", "role.jsonl, line 3: message 1 has role=None"),
+        (
+            "role.jsonl",
+            f"{good}\n{good}\n" + json.dumps({"messages": [{"role": "user", "content": "q"}, {"content": "a"}]}) + "\n",
+            "role.jsonl, line 3: message 1 has role=None",
+        ),
         ("bad.json", "[\n" + good + ",\n{]\n", "bad.json, line 3: not valid JSON"),
     ]
     for name, text, phrase in cases:
@@ -125,6 +149,7 @@ def test_pace_data_errors_name_the_file_and_line(tmp_path, offline_data):
 
 
 # ---- run folders: a finished or running run is never started over ----------------------------------------------------
+
 
 def run_args(data, *extra):
     return ["pace-train", f"dataset.path={data}", "training.out_dir=out", "run_name=r", *TINY, *extra]
@@ -146,9 +171,14 @@ def test_an_unreadable_record_is_never_started_over(tmp_path, offline_data):
 
 def test_one_writer_per_run_folder(tmp_path, offline_data):
     slow = ["training.max_steps=400", "training.eval_interval=1000", "training.save_model=false"]
-    first = subprocess.Popen([os.path.join(BIN, a) if i == 0 else a for i, a in enumerate(run_args(offline_data, *slow))],
-                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    first = subprocess.Popen(
+        [os.path.join(BIN, a) if i == 0 else a for i, a in enumerate(run_args(offline_data, *slow))],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, HF_HUB_OFFLINE="1"),
+    )
     record = tmp_path / "out" / "r" / "record.json"
     while not record.exists():
         assert first.poll() is None, first.communicate()[1][-2000:]
@@ -175,6 +205,7 @@ def test_out_dir_that_cannot_be_written_is_refused_before_any_work(tmp_path):
 
 # ---- checkpoints: a damaged or foreign one is never loaded -----------------------------------------------------------
 
+
 def as_if_killed(record):
     """A finished run's record made to say `running`, as a killed run's does, so that it may resume."""
     data = json.loads(record.read_text())
@@ -183,15 +214,20 @@ def as_if_killed(record):
 
 
 def test_a_damaged_checkpoint_is_never_loaded(tmp_path, offline_data):
-    args = run_args(offline_data, "training.max_steps=6", "training.checkpoint.interval=2",
-                    "training.checkpoint.keep=3", "training.save_model=false")
+    args = run_args(
+        offline_data,
+        "training.max_steps=6",
+        "training.checkpoint.interval=2",
+        "training.checkpoint.keep=3",
+        "training.save_model=false",
+    )
     assert run_cli(args, cwd=tmp_path).returncode == 0
     ckpts = tmp_path / "out" / "r" / "checkpoints"
     record = tmp_path / "out" / "r" / "record.json"
     as_if_killed(record)
     newest = ckpts / "step_00000006" / "state.pt"
     raw = bytearray(newest.read_bytes())
-    raw[len(raw) // 2:len(raw) // 2 + 16] = bytes(16)  # 16 bytes of tensor data zeroed
+    raw[len(raw) // 2 : len(raw) // 2 + 16] = bytes(16)  # 16 bytes of tensor data zeroed
     newest.write_bytes(bytes(raw))
 
     before = snapshot(tmp_path / "out")
@@ -208,30 +244,41 @@ def test_a_damaged_checkpoint_is_never_loaded(tmp_path, offline_data):
 
 def test_an_unsafe_pickle_is_refused_in_our_words(tmp_path, offline_data):
     from pace_lm.run import checkpoint_files
+
     args = run_args(offline_data, "training.checkpoint.at_end=true", "training.save_model=false")
     assert run_cli(args, cwd=tmp_path).returncode == 0
     as_if_killed(tmp_path / "out" / "r" / "record.json")
     folder = tmp_path / "out" / "r" / "checkpoints" / "step_00000004"
     proof = tmp_path / "ran"
-    evil = ("import torch, sys\nclass Evil:\n    def __reduce__(self):\n        return (open, (sys.argv[2], 'w'))\n"
-            "torch.save({'x': Evil()}, sys.argv[1])\n")
+    evil = (
+        "import torch, sys\nclass Evil:\n    def __reduce__(self):\n        return (open, (sys.argv[2], 'w'))\n"
+        "torch.save({'x': Evil()}, sys.argv[1])\n"
+    )
     subprocess.run([os.path.join(BIN, "python"), "-c", evil, str(folder / "state.pt"), str(proof)], check=True)
     checkpoint_files._write_manifest(str(folder))  # checksums rewritten to match: only the safe load stands
     proc = run_cli(args + [f"training.resume={folder}"], cwd=tmp_path)
     said = proc.stderr.splitlines()
     assert said[0].startswith("pace-train: r died after step 4 recorded")  # as_if_killed: told, then refused
     proc.stderr = "\n".join(said[1:])
-    line = refused(proc, "pace-train", f"checkpoint file {folder / 'state.pt'} holds objects that a safe load",
-                   "so it was not loaded")
+    line = refused(
+        proc,
+        "pace-train",
+        f"checkpoint file {folder / 'state.pt'} holds objects that a safe load",
+        "so it was not loaded",
+    )
     assert "weights_only" not in line and "will likely succeed" not in line and not proof.exists()
 
 
 # ---- config and signals: bad input costs nothing, a stop keeps a checkpoint ------------------------------------------
 
-@pytest.mark.parametrize("override, phrase", [
-    ("model.config.hidden_size=-8", "is not a valid llama config"),
-    ("+training.unknown=1", "unknown key training.unknown: pace-train has no such key"),
-])
+
+@pytest.mark.parametrize(
+    "override, phrase",
+    [
+        ("model.config.hidden_size=-8", "is not a valid llama config"),
+        ("+training.unknown=1", "unknown key training.unknown: pace-train has no such key"),
+    ],
+)
 def test_bad_config_is_one_line_and_no_record(tmp_path, offline_data, override, phrase):
     proc = run_cli(run_args(offline_data, override), cwd=tmp_path)
     refused(proc, "pace-train", phrase)
@@ -249,8 +296,14 @@ def test_two_signals_together_are_one_stop_with_a_checkpoint(tmp_path, offline_d
     then gets are one request, a checkpoint at the next step (a later second one: test_train's
     test_a_second_signal_later_stops_at_once)."""
     cmd = run_args(offline_data, "training.max_steps=400", "training.eval_interval=1", "training.save_model=false")
-    proc = subprocess.Popen([os.path.join(BIN, cmd[0]), *cmd[1:]], cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    proc = subprocess.Popen(
+        [os.path.join(BIN, cmd[0]), *cmd[1:]],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, HF_HUB_OFFLINE="1"),
+    )
     record = tmp_path / "out" / "r" / "record.json"
     while not (record.exists() and json.loads(record.read_text())["eval_logs"]):  # in the loop
         assert proc.poll() is None, proc.communicate()[1][-2000:]

@@ -8,8 +8,8 @@ import subprocess
 import time
 
 import pytest
-
 from conftest import BIN, run_cli, wait_for
+
 from pace_lm.run.lock import holder, run_lock
 from pace_lm.run.state import run_state
 
@@ -63,11 +63,24 @@ def test_a_sigkilled_run_is_found_dead_then_resumed_with_its_history(tmp_path, o
     """SIGKILL (the OOM killer's): the record still says running. status says died, with the step and
     the checkpoint; pace-train run again says so in one line, resumes from the checkpoint, and the record
     keeps the end."""
-    args = ["pace-train", f"dataset.path={offline_data}", "training.out_dir=runs", "run_name=r",
-            "training.max_steps=60", "training.checkpoint.interval=10", "training.eval_interval=60",
-            "training.log_interval=5", "training.resume=auto"]
-    proc = subprocess.Popen([os.path.join(BIN, args[0]), *args[1:]], cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    args = [
+        "pace-train",
+        f"dataset.path={offline_data}",
+        "training.out_dir=runs",
+        "run_name=r",
+        "training.max_steps=60",
+        "training.checkpoint.interval=10",
+        "training.eval_interval=60",
+        "training.log_interval=5",
+        "training.resume=auto",
+    ]
+    proc = subprocess.Popen(
+        [os.path.join(BIN, args[0]), *args[1:]],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=dict(os.environ, HF_HUB_OFFLINE="1"),
+    )
     wait_for(tmp_path / "runs" / "r" / "checkpoints" / "step_00000010", proc)
     time.sleep(0.5)
     proc.send_signal(signal.SIGKILL)

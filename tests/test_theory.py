@@ -13,17 +13,20 @@ from pace import theory
 
 _U = torch.rand(3, 40, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
 _LOG10 = torch.tensor([[-3.0], [-1.0], [-3.0]]) + torch.tensor([[5.0], [2.0], [4.0]]) * _U  # h, sigma, beta
-INSTANCES = [tuple(x) for x in (10 ** _LOG10).T.tolist()]  # 40 of (h, sigma, beta), log-uniform
+INSTANCES = [tuple(x) for x in (10**_LOG10).T.tolist()]  # 40 of (h, sigma, beta), log-uniform
 
 
 def allclose(actual, expected, rtol, atol=0.0):
-    torch.testing.assert_close(torch.as_tensor(actual, dtype=torch.float64),
-                               torch.as_tensor(expected, dtype=torch.float64).expand_as(torch.as_tensor(actual)),
-                               rtol=rtol, atol=atol)
+    torch.testing.assert_close(
+        torch.as_tensor(actual, dtype=torch.float64),
+        torch.as_tensor(expected, dtype=torch.float64).expand_as(torch.as_tensor(actual)),
+        rtol=rtol,
+        atol=atol,
+    )
 
 
 def noise(sigma):
-    return torch.diag(torch.tensor([sigma ** 2, 0.0], dtype=torch.float64))
+    return torch.diag(torch.tensor([sigma**2, 0.0], dtype=torch.float64))
 
 
 def test_the_closed_form_solves_the_lyapunov_equation():
@@ -31,11 +34,13 @@ def test_the_closed_form_solves_the_lyapunov_equation():
         for k in (0.0, 0.01, 1.0, 37.0):
             A, Q = theory.drift(h, beta, k), noise(sigma)
             P = theory.stationary_cov(h, sigma, beta, k)
-            allclose(A @ P + P @ A.T + Q, 0.0, rtol=0, atol=1e-9 * sigma ** 2)
+            allclose(A @ P + P @ A.T + Q, 0.0, rtol=0, atol=1e-9 * sigma**2)
             allclose(theory.lyapunov(A, Q), P, rtol=1e-7, atol=1e-12 * P[0, 0].item())
             allclose(h * P[1, 1], theory.avg_error(h, sigma, beta, k), rtol=1e-12)
-            diff = torch.tensor([1.0, -1.0], dtype=torch.float64)  # u = k (bar - theta): E[u^2] = k^2 (P11 - 2 P12 + P22)
-            allclose(k ** 2 * diff @ P @ diff, theory.control_cost(h, sigma, beta, k), rtol=1e-9, atol=1e-15)
+            diff = torch.tensor(
+                [1.0, -1.0], dtype=torch.float64
+            )  # u = k (bar - theta): E[u^2] = k^2 (P11 - 2 P12 + P22)
+            allclose(k**2 * diff @ P @ diff, theory.control_cost(h, sigma, beta, k), rtol=1e-9, atol=1e-15)
 
 
 @pytest.mark.parametrize("k", [0.0, 1.0, 4.0])
@@ -69,7 +74,7 @@ def test_the_optimal_gain_minimises_the_penalised_objective():
 
 
 def test_the_improvement_grows_without_bound():
-    eps = [10.0 ** -e for e in range(0, 7)]
+    eps = [10.0**-e for e in range(0, 7)]
     gain = [theory.improvement(e, e, e) for e in eps]
     assert all(b > a for a, b in zip(gain, gain[1:]))
     assert gain[-1] > 1e5 and math.isclose(gain[-1] * 4 * eps[-1], 1.0, rel_tol=1e-2)  # ~ 1 / (4 eps)
@@ -92,8 +97,8 @@ def test_the_pull_adds_bias_from_a_far_start():
 
 
 def test_pace_figure_quadratic_computes_plots_and_keeps_its_record(tmp_path):
-    from pace_lm.figures.specs import load_figure
     from pace_lm.figures.quadratic import plot_quadratic, run_quadratic
+    from pace_lm.figures.specs import load_figure
 
     spec = load_figure("quadratic").theory
     spec["sde"].update(gains=[0, 2], burn_in=500, steps=500, paths=200)
@@ -114,8 +119,10 @@ def test_pace_figure_quadratic_computes_plots_and_keeps_its_record(tmp_path):
 
 def test_the_theory_module_needs_torch_alone():
     """Loaded with numpy made unimportable: pace depends on torch alone, its theory included."""
-    code = ("import importlib.util, sys; sys.modules['numpy'] = None; "
-            f"spec = importlib.util.spec_from_file_location('theory', {theory.__file__!r}); "
-            "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); print(m.avg_error(1, 1, 1, 0))")
+    code = (
+        "import importlib.util, sys; sys.modules['numpy'] = None; "
+        f"spec = importlib.util.spec_from_file_location('theory', {theory.__file__!r}); "
+        "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); print(m.avg_error(1, 1, 1, 0))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0 and float(out.stdout) == 0.25, out.stderr

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from conftest import small_cfg, strip_timing
 from omegaconf import OmegaConf
 
 import pace_lm.run.loop as loop_mod
@@ -15,21 +16,31 @@ from pace_lm import PaceLMError
 from pace_lm.config.compose import compose
 from pace_lm.data.prepared import collate, load_prepared
 from pace_lm.models.optim import lr_factor
-from conftest import strip_timing
 from pace_lm.run.evaluation import Diverged, batch_loss, evaluate
 from pace_lm.run.train import train
 
-SUMMARY_KEYS = {"final_val_loss", "val_loss", "ema_val_loss", "vanilla_val_loss", "final_train_loss", "returned",
-                "tokens_seen", "trained_tokens", "wall_time_s", "train_time_s", "tokens_per_s", "environment",
-                "first_step_time_s", "steady_tokens_per_s", "schedulefree_val_loss", "lawa_val_loss", "swa_val_loss",
-                "model_dir", "steps", "num_params"}
-
-
-def small_cfg(data, out, *overrides, steps=20):
-    return compose([f"dataset.path={data}", f"training.out_dir={out}", f"training.max_steps={steps}",
-                    "training.batch_size=8", "training.micro_batch_size=8", "training.eval_interval=10",
-                    "training.eval_batches=2", "training.log_interval=5", "training.progress=false",
-                    "training.pad_to=longest", "training.device=cpu", "run_name=r", *overrides])
+SUMMARY_KEYS = {
+    "final_val_loss",
+    "val_loss",
+    "ema_val_loss",
+    "vanilla_val_loss",
+    "final_train_loss",
+    "returned",
+    "tokens_seen",
+    "trained_tokens",
+    "wall_time_s",
+    "train_time_s",
+    "tokens_per_s",
+    "environment",
+    "first_step_time_s",
+    "steady_tokens_per_s",
+    "schedulefree_val_loss",
+    "lawa_val_loss",
+    "swa_val_loss",
+    "model_dir",
+    "steps",
+    "num_params",
+}
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +52,10 @@ def pace_run(offline_data, tmp_path_factory):
 def val_batches_of(cfg, data):
     _, val, _, meta = load_prepared(str(data))
     n = cfg.training.eval_batch_size
-    return [collate(val[list(range(i, i + n))], meta["pad_token_id"], meta["max_seq_len"], cfg.training.pad_to)
-            for i in range(0, n * cfg.training.eval_batches, n)]
+    return [
+        collate(val[list(range(i, i + n))], meta["pad_token_id"], meta["max_seq_len"], cfg.training.pad_to)
+        for i in range(0, n * cfg.training.eval_batches, n)
+    ]
 
 
 def test_record_is_complete_and_loss_falls(pace_run):
@@ -65,13 +78,15 @@ def test_record_is_complete_and_loss_falls(pace_run):
     assert losses[-1] < losses[0] - 1.0  # from ~ln(4096) = 8.3 down
     vals = [e["val_loss"] for e in record["eval_logs"]]
     assert vals == sorted(vals, reverse=True) and all(math.isfinite(v) for v in vals)
-    assert record["step_logs"][0]["lr"] == pytest.approx(1e-3 * lr_factor(4, 30, OmegaConf.create(
-        record["config"]["schedule"])))
+    assert record["step_logs"][0]["lr"] == pytest.approx(
+        1e-3 * lr_factor(4, 30, OmegaConf.create(record["config"]["schedule"]))
+    )
 
 
 def test_saved_model_is_the_returned_ema(pace_run, offline_data):
     """The saved model's validation loss is the record's EMA loss, not the final iterate's."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
     record, out = pace_run
     model = AutoModelForCausalLM.from_pretrained(out / "r" / "model")
     tok = AutoTokenizer.from_pretrained(out / "r" / "model")
@@ -85,6 +100,7 @@ def test_saved_model_is_the_returned_ema(pace_run, offline_data):
 
 def test_adamw_returns_the_final_iterate(offline_data, tmp_path):
     from transformers import AutoModelForCausalLM
+
     cfg = small_cfg(offline_data, tmp_path, "optimizer=adamw", steps=10)
     s = train(cfg)["summary"]
     assert s["returned"] == "vanilla" and s["ema_val_loss"] is None
@@ -112,6 +128,7 @@ def test_telemetry_is_logged_at_log_steps_and_changes_nothing(offline_data, tmp_
     """optimizer.log_stats=true: PACE's statistics in every step log (computed on those steps only), and
     the run otherwise the same as without them."""
     from pace.optimizer import STAT_NAMES
+
     plain = train(small_cfg(offline_data, tmp_path / "plain", "optimizer=pace", steps=10))
     stats = train(small_cfg(offline_data, tmp_path / "stats", "optimizer=pace", "optimizer.log_stats=true", steps=10))
     assert [e["step"] for e in stats["step_logs"]] == [5, 10]
@@ -135,25 +152,57 @@ def _same_run(a, b):
 def test_a_run_stepped_in_the_backward_pass_is_the_run_stepped_after_it(offline_data, tmp_path):
     """training.step_in_backward=true (pace.backward), and model.gradient_checkpointing=true: the same run as
     the whole-model step without checkpointing, with no clip, with each parameter's grad clipped alone, and
-    with every grad clipped by the last step's global norm."""
+    with every grad clipped by the last step's global norm; with the global clip (two passes a step), the
+    same run but for the rounding of the norm (torch's clip_grad_norm_ sums it otherwise)."""
     runs = {}
-    clips = {"none": ["training.grad_clip=0"],
-             "per_parameter": ["training.grad_clip=0.2", "training.grad_clip_per_parameter=true"],
-             "lagged": ["training.grad_clip=0.2", "training.grad_clip_lagged=true"]}
+    clips = {
+        "none": ["training.grad_clip=0"],
+        "per_parameter": ["training.grad_clip=0.2", "training.grad_clip_per_parameter=true"],
+        "lagged": ["training.grad_clip=0.2", "training.grad_clip_lagged=true"],
+        "global": ["training.grad_clip=0.2"],
+    }
     for clip, keys in clips.items():
-        for how in ([], ["training.step_in_backward=true"], ["training.step_in_backward=true",
-                                                             "model.gradient_checkpointing=true"]):
-            runs[clip, len(how)] = train(small_cfg(offline_data, tmp_path / f"{clip}{len(how)}", "optimizer=pace",
-                                                   "optimizer.log_stats=true", *keys, *how, steps=10))
-        _same_run(runs[clip, 0], runs[clip, 1])
-        _same_run(runs[clip, 0], runs[clip, 2])
-    losses = {clip: runs[clip, 0]["eval_logs"] for clip in clips}
-    assert losses["none"] != losses["per_parameter"] != losses["lagged"] != losses["none"]  # each clips its way
+        for how in (
+            [],
+            ["training.step_in_backward=true"],
+            ["training.step_in_backward=true", "model.gradient_checkpointing=true"],
+        ):
+            runs[clip, len(how)] = train(
+                small_cfg(
+                    offline_data,
+                    tmp_path / f"{clip}{len(how)}",
+                    "optimizer=pace",
+                    "optimizer.log_stats=true",
+                    *keys,
+                    *how,
+                    steps=10,
+                )
+            )
+        same = _close_run if clip == "global" else _same_run
+        same(runs[clip, 0], runs[clip, 1])
+        same(runs[clip, 0], runs[clip, 2])
+    final = {key: run["summary"]["final_val_loss"] for key, run in runs.items()}
+    assert len({final[clip, 0] for clip in clips}) == 4  # each clips its way
+    # the two passes clip as the global clip does: far closer to it than to no clip
+    assert abs(final["global", 1] - final["global", 0]) * 100 < abs(final["global", 0] - final["none", 0])
+
+
+def _close_run(a, b):
+    """Two records of one run but for the rounding of the global grad norm."""
+    for x, y in zip(a["eval_logs"], b["eval_logs"]):
+        assert {k: pytest.approx(v, rel=1e-4) for k, v in x.items() if v is not None} == {
+            k: v for k, v in y.items() if v is not None
+        }
 
 
 def test_a_run_stepped_in_the_backward_pass_resumes_to_the_same_record(offline_data, tmp_path):
     # the lagged clip's last norm is in the checkpoint: the 6th step is clipped by the 5th's norm
-    how = ["optimizer=pace", "training.step_in_backward=true", "training.grad_clip=0.2", "training.grad_clip_lagged=true"]
+    how = [
+        "optimizer=pace",
+        "training.step_in_backward=true",
+        "training.grad_clip=0.2",
+        "training.grad_clip_lagged=true",
+    ]
     straight = train(small_cfg(offline_data, tmp_path / "s", *how, steps=10))
     train(small_cfg(offline_data, tmp_path / "e", *how, "training.checkpoint.at_end=true", steps=5))
     extended = train(small_cfg(offline_data, tmp_path / "e", *how, "training.resume=true", steps=10))
@@ -165,8 +214,17 @@ def test_a_run_stepped_in_the_backward_pass_resumes_to_the_same_record(offline_d
 def test_gradient_accumulation_matches_one_big_batch(offline_data, tmp_path):
     """4 micro-batches of 2 give the same run as one batch of 8: the loss is a mean over all tokens."""
     whole = train(small_cfg(offline_data, tmp_path / "w", "optimizer=pace", steps=6))
-    accum = train(small_cfg(offline_data, tmp_path / "a", "optimizer=pace", "training.micro_batch_size=2",
-                            "training.eval_batch_size=8", "training.pad_to=max_seq_len", steps=6))
+    accum = train(
+        small_cfg(
+            offline_data,
+            tmp_path / "a",
+            "optimizer=pace",
+            "training.micro_batch_size=2",
+            "training.eval_batch_size=8",
+            "training.pad_to=max_seq_len",
+            steps=6,
+        )
+    )
     for a, b in zip(whole["step_logs"], accum["step_logs"]):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
     assert whole["summary"]["final_val_loss"] == pytest.approx(accum["summary"]["final_val_loss"], rel=1e-4)
@@ -174,10 +232,8 @@ def test_gradient_accumulation_matches_one_big_batch(offline_data, tmp_path):
 
 def test_eval_does_not_disturb_training(offline_data, tmp_path):
     """Evaluating the EMA through opt.eval()/opt.train() every step leaves the run unchanged."""
-    rare = train(small_cfg(offline_data, tmp_path / "rare", "optimizer=pace", "training.eval_interval=100",
-                           steps=8))
-    often = train(small_cfg(offline_data, tmp_path / "often", "optimizer=pace", "training.eval_interval=1",
-                            steps=8))
+    rare = train(small_cfg(offline_data, tmp_path / "rare", "optimizer=pace", "training.eval_interval=100", steps=8))
+    often = train(small_cfg(offline_data, tmp_path / "often", "optimizer=pace", "training.eval_interval=1", steps=8))
     assert strip_timing(rare["step_logs"]) == strip_timing(often["step_logs"])
     assert rare["summary"]["final_val_loss"] == often["summary"]["final_val_loss"]
 
@@ -186,10 +242,20 @@ def test_pretrain_mode_on_packed_blocks(tmp_path, monkeypatch):
     """dataset=offline_pretrain: prepared on first use at its own location (data/offline_pretrain), every
     position trained."""
     monkeypatch.chdir(tmp_path)
-    cfg = compose([f"training.out_dir={tmp_path}", "dataset=offline_pretrain",
-                   "training.max_steps=3", "training.batch_size=2", "training.micro_batch_size=2",
-                   "training.eval_batches=1", "training.progress=false", "training.save_model=false",
-                   "optimizer=ema", "run_name=p"])
+    cfg = compose(
+        [
+            f"training.out_dir={tmp_path}",
+            "dataset=offline_pretrain",
+            "training.max_steps=3",
+            "training.batch_size=2",
+            "training.micro_batch_size=2",
+            "training.eval_batches=1",
+            "training.progress=false",
+            "training.save_model=false",
+            "optimizer=ema",
+            "run_name=p",
+        ]
+    )
     record = train(cfg)
     assert record["status"] == "complete" and record["data"]["mode"] == "pretrain"
     assert record["data"]["trained_token_fraction"] == 1.0
@@ -199,25 +265,34 @@ def test_pretrain_mode_on_packed_blocks(tmp_path, monkeypatch):
 
 # ---- bad input ----------------------------------------------------------------------
 
-@pytest.mark.parametrize("override, message", [
-    ("training.batch_size=6", "not a multiple"),
-    ("training.max_steps=0", "positive integer"),
-    ("training.pad_to=shortest", "pad_to"),
-    ("schedule.warmup_fraction=1.5", "warmup_fraction"),
-    ("optimizer.name=sgd", "unknown optimizer 'sgd'; known: adamw, ema, pace"),
-    ("run_name=a/b", "plain folder name"),
-    ("training.max_seq_len=4096", "max_seq_len=4096"),
-    ("dataset.mode=pretrain", "holds sft data"),
-])
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("training.batch_size=6", "not a multiple"),
+        ("training.max_steps=0", "positive integer"),
+        ("training.pad_to=shortest", "pad_to"),
+        ("schedule.warmup_fraction=1.5", "warmup_fraction"),
+        ("optimizer.name=sgd", "unknown optimizer 'sgd'; known: adamw, ema, pace"),
+        ("run_name=a/b", "plain folder name"),
+        ("training.max_seq_len=4096", "max_seq_len=4096"),
+        ("dataset.mode=pretrain", "holds sft data"),
+    ],
+)
 def test_bad_config_fails_before_any_record(offline_data, tmp_path, override, message):
     with pytest.raises(PaceLMError, match=message):
         train(small_cfg(offline_data, tmp_path, override))
     assert not (tmp_path / "r" / "record.json").exists()
 
 
-@pytest.mark.parametrize("optimizer, override", [("adamw", "optimizer.lambda_pullback=0.1"),
-                                                 ("ema", "optimizer.use_ema_eval=false"),
-                                                 ("pace", "optimizer.lambda_pullback=0")])
+@pytest.mark.parametrize(
+    "optimizer, override",
+    [
+        ("adamw", "optimizer.lambda_pullback=0.1"),
+        ("ema", "optimizer.use_ema_eval=false"),
+        ("pace", "optimizer.lambda_pullback=0"),
+    ],
+)
 def test_optimizer_overrides_that_contradict_the_method(offline_data, tmp_path, optimizer, override):
     with pytest.raises(PaceLMError, match=f"optimizer={optimizer} does not allow"):
         train(small_cfg(offline_data, tmp_path, f"optimizer={optimizer}", override))
@@ -233,6 +308,7 @@ def test_non_finite_loss_ends_the_run_as_diverged_and_says_so(offline_data, tmp_
     def nan_loss(model, batch):
         loss, n = batch_loss(model, batch)
         return loss * float("nan"), n
+
     monkeypatch.setattr(loop_mod, "batch_loss", nan_loss)
     with pytest.raises(Diverged, match="non-finite train loss") as e:
         train(small_cfg(offline_data, tmp_path, steps=10))
@@ -259,6 +335,7 @@ def test_a_second_signal_later_stops_at_once(monkeypatch):
     import os
     import signal
     import time
+
     monkeypatch.setattr(loop_mod, "SAME_STOP_S", 0.2)
     with loop_mod.stop_signals() as got:
         os.kill(os.getpid(), signal.SIGTERM)
@@ -272,12 +349,13 @@ def test_a_second_signal_later_stops_at_once(monkeypatch):
 
 
 @pytest.mark.parametrize("at_once", [False, True])
-def test_a_run_stopped_at_once_leaves_the_process_group_without_a_barrier(monkeypatch, offline_data, tmp_path,
-                                                                          at_once):
+def test_a_run_stopped_at_once_leaves_the_process_group_without_a_barrier(monkeypatch, offline_data, tmp_path, at_once):
     """A rank stopped at once may have left a collective the other ranks are still in: a barrier would wait
     for ever. A run stopped at a step boundary meets the others at the barrier first."""
+
     def stopped(*args):
         raise loop_mod.Interrupted("stopped", 15, at_once=at_once)
+
     clean = []
     monkeypatch.setattr(train_mod, "run_locked", stopped)
     monkeypatch.setattr(train_mod.distributed, "shutdown", lambda world, ok: clean.append(ok))
@@ -290,7 +368,9 @@ def test_a_run_stopped_at_once_leaves_the_process_group_without_a_barrier(monkey
 def test_the_progress_bar_keeps_its_width_with_a_long_run_name(name):
     """At 80 columns the bar is still a bar: the name is cut in the middle to BAR_NAME characters."""
     import io
+
     from tqdm import tqdm
+
     shown = loop_mod.bar_name(name)
     assert len(shown) <= loop_mod.BAR_NAME and shown[:5] == name[:5] and shown[-5:] == name[-5:]
     assert shown == name or "…" in shown
@@ -306,8 +386,15 @@ def test_the_progress_bar_keeps_its_width_with_a_long_run_name(name):
 def test_bf16_weights_reach_stochastic_rounding_and_the_lean_ema(offline_data, tmp_path):
     """model.dtype=bfloat16 with optimizer.rounding=stochastic and optimizer.ema_dtype=bfloat16: the run keeps
     bf16 weights and moments, the EMA as its bf16 offset, and returns the EMA, which moved from the weights."""
-    cfg = small_cfg(offline_data, tmp_path, "optimizer=pace", "model.dtype=bfloat16", "optimizer.rounding=stochastic",
-                    "optimizer.ema_dtype=bfloat16", steps=10)
+    cfg = small_cfg(
+        offline_data,
+        tmp_path,
+        "optimizer=pace",
+        "model.dtype=bfloat16",
+        "optimizer.rounding=stochastic",
+        "optimizer.ema_dtype=bfloat16",
+        steps=10,
+    )
     record = train(cfg)
     s = record["summary"]
     assert record["status"] == "complete" and s["returned"] == "ema" and math.isfinite(s["val_loss"])

@@ -14,9 +14,19 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 @pytest.mark.parametrize("optimizer", ["adamw", "pace"])
 def test_cuda_run_bf16_autocast(offline_data, tmp_path, optimizer):
     from transformers import AutoModelForCausalLM
-    cfg = compose([f"dataset.path={offline_data}", f"training.out_dir={tmp_path}", "training.max_steps=40",
-                   "training.eval_interval=20", "training.progress=false", "training.device=cuda",
-                   f"optimizer={optimizer}", "run_name=g"])
+
+    cfg = compose(
+        [
+            f"dataset.path={offline_data}",
+            f"training.out_dir={tmp_path}",
+            "training.max_steps=40",
+            "training.eval_interval=20",
+            "training.progress=false",
+            "training.device=cuda",
+            f"optimizer={optimizer}",
+            "run_name=g",
+        ]
+    )
     record = train(cfg)
     s = record["summary"]
     assert record["status"] == "complete" and s["environment"]["device"] == torch.cuda.get_device_name()

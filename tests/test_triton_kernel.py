@@ -10,13 +10,15 @@ import torch
 
 triton = pytest.importorskip("triton")
 
+from reference_runs import SETTINGS, make_params, run_bf16_rule, run_side_by_side, set_grads  # noqa: E402
+
 from pace import PACE, PACEReference, triton_kernel  # noqa: E402
-from test_optimizer import SETTINGS, make_params, run_bf16_rule, run_side_by_side, set_grads  # noqa: E402
 
 # Triton's own library functions are built as it is imported, so the interpreter must be chosen before
 # that: conftest.py sets TRITON_INTERPRET=1 on machines without CUDA (with CUDA, test_cuda.py runs the kernel)
-pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
-                                reason="TRITON_INTERPRET=1 was not set before triton's import")
+pytestmark = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1", reason="TRITON_INTERPRET=1 was not set before triton's import"
+)
 
 BIG = [(6, 5), (11,), (1,), (0, 3), (20000,), (3, 2, 4)]  # 20000 elements: three chunks of one tensor
 
@@ -24,14 +26,21 @@ BIG = [(6, 5), (11,), (1,), (0, 3), (20000,), (3, 2, 4)]  # 20000 elements: thre
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("name", ["pace_kappa", "no_clamp", "ema_every_3", "ema_baseline", "adamw"])
 def test_matches_float64_reference(dtype, name):
-    run_side_by_side("triton", dtype, dict(SETTINGS[name], weight_decay=0.1), steps=6,
-                     lr_fn=lambda t: 0.05 * (1 + t % 3))
+    run_side_by_side(
+        "triton", dtype, dict(SETTINGS[name], weight_decay=0.1), steps=6, lr_fn=lambda t: 0.05 * (1 + t % 3)
+    )
 
 
 def test_many_chunks_and_tensors_match_the_reference():
     assert triton_kernel.CHUNK < 20000 < 3 * triton_kernel.CHUNK
-    run_side_by_side("triton", torch.float32, dict(lambda_pullback=3.0, beta_ema=0.2, use_ema_eval=True), steps=3,
-                     lr_fn=lambda t: 0.02, shapes=BIG)
+    run_side_by_side(
+        "triton",
+        torch.float32,
+        dict(lambda_pullback=3.0, beta_ema=0.2, use_ema_eval=True),
+        steps=3,
+        lr_fn=lambda t: 0.02,
+        shapes=BIG,
+    )
 
 
 def test_bf16_follows_the_rule_and_the_cpu_paths():
@@ -41,9 +50,10 @@ def test_bf16_follows_the_rule_and_the_cpu_paths():
     (tp, topt), (fp, fopt) = out["triton"], out["forloop"]
     for p, q in zip(tp, fp):
         if p.numel():
-            torch.testing.assert_close(p.float(), q.float(), rtol=2 ** -7, atol=1e-3)
-            torch.testing.assert_close(topt.state[p]["exp_avg_sq"].float(), fopt.state[q]["exp_avg_sq"].float(),
-                                       rtol=2 ** -7, atol=1e-6)
+            torch.testing.assert_close(p.float(), q.float(), rtol=2**-7, atol=1e-3)
+            torch.testing.assert_close(
+                topt.state[p]["exp_avg_sq"].float(), fopt.state[q]["exp_avg_sq"].float(), rtol=2**-7, atol=1e-6
+            )
 
 
 def test_step_stats_match_the_torch_path():
@@ -99,11 +109,11 @@ def test_interior_tail_and_misaligned_chunks_match_the_reference():
     flat = torch.empty(sum(x.numel() + 8 for x in init), dtype=torch.float32)
     views, at = [], 1
     for x in init:
-        views.append(flat[at:at + x.numel()].view(x.shape))
+        views.append(flat[at : at + x.numel()].view(x.shape))
         views[-1].copy_(x)
         at += -(-x.numel() // 4) * 4 + 4  # the next view starts 4 bytes after a 16-byte boundary too
     params = [torch.nn.Parameter(x.float()) for x in init] + [torch.nn.Parameter(v) for v in views]
-    assert all(p.data_ptr() % 16 == 4 for p in params[len(init):])
+    assert all(p.data_ptr() % 16 == 4 for p in params[len(init) :])
     ref = [torch.nn.Parameter(x.clone()) for x in init + init]
     opt, ref_opt = PACE(params, impl="triton", **kw), PACEReference(ref, **kw)
     for t in range(4):
@@ -145,8 +155,15 @@ def test_capturable_triton_steps_give_the_same_bits():
     out = []
     for capturable in (False, True):
         params = make_params(shapes=BIG)
-        opt = PACE(params, lr=torch.tensor(0.02), lambda_pullback=1.0, ema_kappa=0.3, use_ema_eval=True,
-                   impl="triton", capturable=capturable)
+        opt = PACE(
+            params,
+            lr=torch.tensor(0.02),
+            lambda_pullback=1.0,
+            ema_kappa=0.3,
+            use_ema_eval=True,
+            impl="triton",
+            capturable=capturable,
+        )
         for t in range(4):
             set_grads(params, t)
             opt.step()
@@ -166,18 +183,34 @@ def test_captured_address_writer():
 def test_stochastic_rounding_draws_the_for_loops_bits(ema_dtype):
     """rounding="stochastic" (and the EMA as a bf16 offset): the Triton kernel writes the for-loop's bits, in
     interior chunks and in the masked tail (pace/rounding.py's hash, in the kernel)."""
+
     def run(impl):
         gen = torch.Generator().manual_seed(0)
-        params = [torch.nn.Parameter((torch.randn(s, generator=gen) * 0.02).to(torch.bfloat16))
-                  for s in ((triton_kernel.CHUNK + 37,), (70, 13))]
-        opt = PACE(params, lr=2e-5, weight_decay=0.1, lambda_pullback=0.15, ema_kappa=0.5, use_ema_eval=True,
-                   rounding="stochastic", impl=impl, ema_dtype=ema_dtype, ema_update_freq=2)
+        params = [
+            torch.nn.Parameter((torch.randn(s, generator=gen) * 0.02).to(torch.bfloat16))
+            for s in ((triton_kernel.CHUNK + 37,), (70, 13))
+        ]
+        opt = PACE(
+            params,
+            lr=2e-5,
+            weight_decay=0.1,
+            lambda_pullback=0.15,
+            ema_kappa=0.5,
+            use_ema_eval=True,
+            rounding="stochastic",
+            impl=impl,
+            ema_dtype=ema_dtype,
+            ema_update_freq=2,
+        )
         for _ in range(4):
             for p in params:
                 p.grad = (torch.randn(p.shape, generator=gen) * 1e-3).to(torch.bfloat16)
             opt.step()
-        return [x for p in params for x in (p.detach(), *(opt.state[p][k] for k in sorted(opt.state[p])
-                                                           if k not in ("step", "seed")))]
+        return [
+            x
+            for p in params
+            for x in (p.detach(), *(opt.state[p][k] for k in sorted(opt.state[p]) if k not in ("step", "seed")))
+        ]
 
     for x, y in zip(run("triton"), run("forloop")):
         assert torch.equal(x, y)
@@ -192,8 +225,15 @@ def test_stochastic_rounding_of_a_shard_draws_the_for_loops_bits(monkeypatch):
     def run(impl):
         gen = torch.Generator().manual_seed(0)
         p = torch.nn.Parameter((torch.randn(triton_kernel.CHUNK + 5, generator=gen) * 0.02).to(torch.bfloat16))
-        opt = PACE([p], lr=2e-5, lambda_pullback=0.15, use_ema_eval=True, rounding="stochastic", impl=impl,
-                   ema_dtype=torch.bfloat16)
+        opt = PACE(
+            [p],
+            lr=2e-5,
+            lambda_pullback=0.15,
+            use_ema_eval=True,
+            rounding="stochastic",
+            impl=impl,
+            ema_dtype=torch.bfloat16,
+        )
         for _ in range(3):
             p.grad = (torch.randn(p.shape, generator=gen) * 1e-3).to(torch.bfloat16)
             opt.step()

@@ -29,8 +29,13 @@ def report(tmp_path_factory):
     turns @triton.jit into the interpreter, which compiles nothing."""
     path = tmp_path_factory.mktemp("ptx") / "ptx.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "triton_ptx.py"), "--json", str(path)],
-                          env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "triton_ptx.py"), "--json", str(path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(path.read_text())
 

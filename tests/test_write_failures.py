@@ -9,12 +9,11 @@ import shutil
 import subprocess
 
 import pytest
+from conftest import run_cli, small_cfg
 
-from conftest import run_cli
 from pace_lm import PaceLMError
 from pace_lm.run import checkpoint_files
 from pace_lm.run.train import train
-from test_train import small_cfg
 
 
 def full_disk(*args, **kwargs):
@@ -37,8 +36,10 @@ def test_a_full_disk_at_a_checkpoint(tmp_path, offline_data, monkeypatch):
     with pytest.raises(PaceLMError) as e:
         train(cfg)
     message = str(e.value)
-    assert message.startswith(f"cannot write checkpoint {tmp_path}/r/checkpoints/step_00000020: "
-                              f"No space left on device (ENOSPC); it needs about ")
+    assert message.startswith(
+        f"cannot write checkpoint {tmp_path}/r/checkpoints/step_00000020: "
+        f"No space left on device (ENOSPC); it needs about "
+    )
     assert "MB free on" in message and "\n" not in message
     ckpts = tmp_path / "r" / "checkpoints"
     assert sorted(os.listdir(ckpts)) == ["step_00000010"]  # the partial copy removed, the earlier one kept
@@ -50,9 +51,13 @@ def test_a_full_disk_at_a_checkpoint(tmp_path, offline_data, monkeypatch):
 @pytest.mark.slow
 def test_a_full_disk_when_the_returned_model_is_saved(tmp_path, offline_data, monkeypatch):
     import transformers
+
     monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", full_disk)
-    with pytest.raises(PaceLMError, match=r"cannot write the returned model .*/r/model: No space left on device "
-                                          r"\(ENOSPC\); it needs about [\d.]+ MB"):
+    with pytest.raises(
+        PaceLMError,
+        match=r"cannot write the returned model .*/r/model: No space left on device "
+        r"\(ENOSPC\); it needs about [\d.]+ MB",
+    ):
         train(small_cfg(offline_data, tmp_path, "training.save_model=true", steps=10))
     assert sorted(os.listdir(tmp_path / "r")) == [".lock", "record.json"]  # no partial model
     record = json.loads((tmp_path / "r" / "record.json").read_text())
@@ -61,7 +66,9 @@ def test_a_full_disk_when_the_returned_model_is_saved(tmp_path, offline_data, mo
 
 def test_a_full_disk_while_preparing_data(tmp_path, monkeypatch):
     import datasets
+
     from pace_lm.data.prepare import prepare
+
     monkeypatch.setattr(datasets.Dataset, "save_to_disk", full_disk)
     with pytest.raises(PaceLMError, match=r"cannot write prepared data .*/mine: No space left on device \(ENOSPC\)"):
         prepare(str(tmp_path / "mine"))
@@ -81,9 +88,20 @@ def test_pace_train_on_a_small_filesystem(tmp_path, offline_data):
     disk = tmp_path / "disk"
     _tmpfs(disk, "60m")
     try:
-        proc = run_cli(["pace-train", f"dataset.path={offline_data}", "training.out_dir=disk/runs", "run_name=r",
-                        "training.max_steps=30", "training.checkpoint.interval=10", "training.eval_interval=30",
-                        "training.save_model=false", "training.progress=false"], cwd=tmp_path)
+        proc = run_cli(
+            [
+                "pace-train",
+                f"dataset.path={offline_data}",
+                "training.out_dir=disk/runs",
+                "run_name=r",
+                "training.max_steps=30",
+                "training.checkpoint.interval=10",
+                "training.eval_interval=30",
+                "training.save_model=false",
+                "training.progress=false",
+            ],
+            cwd=tmp_path,
+        )
         assert proc.returncode == 2, proc.stderr[-2000:]
         lines = [line for line in proc.stderr.splitlines() if line.strip()]
         assert "Traceback" not in proc.stderr and "HYDRA_FULL_ERROR" not in proc.stderr

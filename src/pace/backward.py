@@ -9,16 +9,20 @@ bit for bit. What needs every grad before any step cannot be done here: global-n
 accumulation over micro-batches, a closure, a GradScaler. `opt.step()` is refused while the handle is on,
 so a loop written for them stops at once rather than train otherwise.
 
-Two clippings it can do, each another run than a global-norm clip of the same step:
+Clipping, three ways:
+- the global-norm clip of the step's own grads, at the cost of a second backward pass (LOMO's recipe: Lv
+  et al., 2023): a first pass under `handle.measuring()` takes each grad's norm and frees it, stepping
+  nothing; `grad_scale = clip_coef(max_norm, handle.grad_norm())` then scales every grad of the second
+  pass, which steps (the forward must draw the same dropout: restore the RNG state between the passes);
+- `grad_scale` from the previous step's pass: a clip by the last step's global norm, one step late (the
+  first step unclipped); another run than the global clip;
 - `clip_norm` clips each parameter's grad to that norm on its own (a parameter with a large grad is scaled
-  alone, and the others not at all);
-- `grad_scale` multiplies every grad of the next backward pass by one factor: `clip_coef(max_norm,
-  handle.grad_norm())` after a pass is a global-norm clip by the previous pass's norm (grad norms move
-  slowly from step to step; the first pass has none, and Adam's first update hardly depends on the grads'
-  scale: m / sqrt(v) is the same for g and c·g but for eps).
+  alone, and the others not at all); another run too.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from torch import Tensor
@@ -62,6 +66,7 @@ class BackwardStep:
         _check_stepable(opt)
         self.opt, self.clip_norm, self.track_grad_norm = opt, clip_norm, track_grad_norm
         self._grad_scale = None
+        self._measuring = False
         self._where = {}  # parameter -> (group, position): found again where the groups were replaced
         self._round = set()  # ids of the parameters stepped in this backward pass
         self._norms = {}  # their grads' norms (device tensors) by the parameters' order in the groups
@@ -94,12 +99,25 @@ class BackwardStep:
     @grad_scale.setter
     def grad_scale(self, scale: Tensor | None) -> None:
         if scale is not None and self.clip_norm is not None:
-            raise ValueError("PACE.step_in_backward: grad_scale and clip_norm are two clippings; this handle clips "
-                             "each parameter to clip_norm (step_in_backward(clip_norm=None) to scale instead)")
+            raise ValueError(
+                "PACE.step_in_backward: grad_scale and clip_norm are two clippings; this handle clips "
+                "each parameter to clip_norm (step_in_backward(clip_norm=None) to scale instead)"
+            )
         if scale is not None and not (isinstance(scale, Tensor) and scale.numel() == 1):
-            raise TypeError(f"PACE.step_in_backward: grad_scale must be a one-element tensor or None, not "
-                            f"{type(scale).__name__}")
+            raise TypeError(
+                f"PACE.step_in_backward: grad_scale must be a one-element tensor or None, not {type(scale).__name__}"
+            )
         self._grad_scale = scale
+
+    @contextlib.contextmanager
+    def measuring(self):
+        """The backward passes inside take each grad's norm (grad_norm() after) and free it, stepping nothing
+        and scaling nothing: the first of the two passes of a global-norm clip."""
+        self._measuring = True
+        try:
+            yield self
+        finally:
+            self._measuring = False
 
     def grad_norm(self) -> Tensor | None:
         """The global norm of the last backward pass's grads before any clipping or scaling, a device tensor
@@ -118,6 +136,10 @@ class BackwardStep:
         self._round.add(id(p))
         group, position = self._locate(p)
         grad = p.grad
+        if self._measuring:
+            self._norms[self._order[id(p)]] = clip_grad(grad, None)
+            p.grad = None
+            return
         if self.clip_norm is not None or self.grad_scale is not None or self.track_grad_norm:
             self._norms[self._order[id(p)]] = clip_grad(grad, self.clip_norm, self.grad_scale)
         self.opt._step_one(group, position)
@@ -134,31 +156,47 @@ class BackwardStep:
     def _locate(self, p):
         """(group, position) of parameter p in the optimizer's groups as they are now."""
         where = self._where.get(p)
-        if where is not None and any(g is where[0] for g in self.opt.param_groups) and \
-                where[1] < len(where[0]["params"]) and where[0]["params"][where[1]] is p:
+        if (
+            where is not None
+            and any(g is where[0] for g in self.opt.param_groups)
+            and where[1] < len(where[0]["params"])
+            and where[0]["params"][where[1]] is p
+        ):
             return where
         for group in self.opt.param_groups:
             for position, q in enumerate(group["params"]):
                 if q is p:
                     self._where[p] = (group, position)
                     return group, position
-        raise RuntimeError("PACE.step_in_backward: a hooked parameter is in none of the optimizer's param groups "
-                           "now; call remove() and step_in_backward() again after changing the groups")
+        raise RuntimeError(
+            "PACE.step_in_backward: a hooked parameter is in none of the optimizer's param groups "
+            "now; call remove() and step_in_backward() again after changing the groups"
+        )
 
 
 def _check_stepable(opt):
     """What a step in the backward pass cannot do, refused before any hook is on."""
     if opt._backward is not None:
-        raise RuntimeError("PACE.step_in_backward: this optimizer already steps in the backward pass; remove() "
-                           "that handle first")
-    if torch.distributed.is_available() and torch.distributed.is_initialized() and \
-            torch.distributed.get_world_size() > 1:
-        raise RuntimeError("PACE.step_in_backward runs in one process: under DDP or FSDP a parameter's grad is "
-                           "complete only after the ranks' reduction, not when its hook fires")
+        raise RuntimeError(
+            "PACE.step_in_backward: this optimizer already steps in the backward pass; remove() that handle first"
+        )
+    if (
+        torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+        and torch.distributed.get_world_size() > 1
+    ):
+        raise RuntimeError(
+            "PACE.step_in_backward runs in one process: under DDP or FSDP a parameter's grad is "
+            "complete only after the ranks' reduction, not when its hook fires"
+        )
     for group in opt.param_groups:
         if group["capturable"]:
-            raise ValueError("PACE.step_in_backward: capturable=True (CUDA graphs) steps the whole model at once; "
-                             "use capturable=False")
+            raise ValueError(
+                "PACE.step_in_backward: capturable=True (CUDA graphs) steps the whole model at once; "
+                "use capturable=False"
+            )
         if any(isinstance(p, DTensor) for p in group["params"]):
-            raise ValueError("PACE.step_in_backward: DTensor (FSDP2, tensor-parallel) parameters are stepped after "
-                             "their reduction; use the whole-model step")
+            raise ValueError(
+                "PACE.step_in_backward: DTensor (FSDP2, tensor-parallel) parameters are stepped after "
+                "their reduction; use the whole-model step"
+            )

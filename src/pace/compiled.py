@@ -32,9 +32,19 @@ from pace.tensors import DTensor, local
 
 
 @torch.library.custom_op("pace::fused_step_", mutates_args=("params", "exp_avgs", "exp_avg_sqs", "emas"))
-def fused_step_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
-                emas: list[Tensor], hp: Tensor, pull: bool, update_ema: bool, stats: bool, keys: Tensor | None,
-                offset: bool) -> Tensor:
+def fused_step_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    emas: list[Tensor],
+    hp: Tensor,
+    pull: bool,
+    update_ema: bool,
+    stats: bool,
+    keys: Tensor | None,
+    offset: bool,
+) -> Tensor:
     """One PACE step of CPU tensors with the C kernel, in place. hp: (n, SIZE), each tensor's hyperparameters
     (their step counts may differ); emas empty where no EMA is kept; keys: each tensor's packed rounding key
     of this step (pace.rounding.packed) for stochastic rounding, else None; offset: the EMAs are bf16 offsets
@@ -104,7 +114,7 @@ def step(group, params, grads, exp_avgs, exp_avg_sqs, emas, state_steps, seeds):
     for (device, dtype), index in by_kind.items():
         t = torch.stack([state_steps[i] for i in index]).to(device=device, dtype=torch.float64)
         hp, _ = hyper.build(group, t, device, dtype)  # (len(index), SIZE), w_t 0 where the EMA does not update
-        pick = lambda tensors: [tensors[i] for i in index]  # noqa: E731
+        pick = lambda tensors, index=index: [tensors[i] for i in index]  # noqa: E731
         group_emas = pick(emas) if needs_ema else []
         plain = not any(isinstance(p, DTensor) or p.is_complex() for p in pick(params))
         offset = needs_ema and dtype == torch.bfloat16 and group_emas[0].dtype == torch.bfloat16
@@ -113,20 +123,42 @@ def step(group, params, grads, exp_avgs, exp_avg_sqs, emas, state_steps, seeds):
             counts = torch.stack([state_steps[i] for i in index]).to(device=device, dtype=torch.int64)
             keys = rounding.key(torch.tensor([seeds[i] for i in index], dtype=torch.int64, device=device), counts)
             bases = [rounding.shard_base(params[i]) for i in index]
-        if _c_kernel(group["impl"], device, dtype, group_emas[0].dtype if needs_ema else None, plain,
-                     keys is not None, offset):
+        if _c_kernel(
+            group["impl"], device, dtype, group_emas[0].dtype if needs_ema else None, plain, keys is not None, offset
+        ):
             packed = None if keys is None else rounding.packed(keys, torch.tensor(bases, dtype=torch.int64))
-            partials = torch.ops.pace.fused_step_(pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs),
-                                                  group_emas, hp, pull, needs_ema, stats, packed, offset)
+            partials = torch.ops.pace.fused_step_(
+                pick(params),
+                pick(grads),
+                pick(exp_avgs),
+                pick(exp_avg_sqs),
+                group_emas,
+                hp,
+                pull,
+                needs_ema,
+                stats,
+                packed,
+                offset,
+            )
             if stats:
                 out.append(partials)
             continue
         for j, i in enumerate(index):
             ema = local(emas[i]) if needs_ema else None
             words = None if keys is None else rounding.bits(keys[j], local(params[i]), bases[j])
-            partials = forloop.pace_update(local(params[i]), local(grads[i]), local(exp_avgs[i]),
-                                           local(exp_avg_sqs[i]), ema, hp[j], pull=pull, update_ema=needs_ema,
-                                           stats=stats, words=words, offset=offset)
+            partials = forloop.pace_update(
+                local(params[i]),
+                local(grads[i]),
+                local(exp_avgs[i]),
+                local(exp_avg_sqs[i]),
+                ema,
+                hp[j],
+                pull=pull,
+                update_ema=needs_ema,
+                stats=stats,
+                words=words,
+                offset=offset,
+            )
             if stats:
                 out.append(partials.reshape(1, 6))
     return out

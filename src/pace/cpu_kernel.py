@@ -114,15 +114,25 @@ def _load(name):
         raise RuntimeError("no C compiler (set $CC, or install cc, gcc or clang)")
     source = files("pace").joinpath("csrc/pace_step.c").read_bytes()
     version = subprocess.run([cc, "--version"], capture_output=True).stdout
-    key = hashlib.sha256(b"\0".join([source, name.encode(), cc.encode(), version, " ".join(FLAGS).encode(),
-                                     _cpu_id().encode()])).hexdigest()[:20]
+    key = hashlib.sha256(
+        b"\0".join([source, name.encode(), cc.encode(), version, " ".join(FLAGS).encode(), _cpu_id().encode()])
+    ).hexdigest()[:20]
     path = os.path.join(cache_dir(), f"{name}_{key}.so")
     if not os.path.exists(path):
         _build(path, cc, source, name)
     fn = getattr(ctypes.CDLL(path), name)
     fn.restype = ctypes.c_int  # 0, or 1 where the kernel cannot allocate its chunk table
-    fn.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
-                   ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
+    fn.argtypes = [
+        ctypes.c_int64,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_void_p,
+        ctypes.c_int,
+        ctypes.c_void_p,
+    ]
     return fn
 
 
@@ -140,8 +150,10 @@ def kernel_for(dtype, ema_dtype, stochastic=False, offset=False):
         name = VARIANTS.get((dtype, ema_dtype, stochastic, offset))
         if name is not None:
             return name, None
-        return None, (f"the CPU kernel has no variant for {dtype} weights, a {ema_dtype} EMA, "
-                      f"rounding={'stochastic' if stochastic else 'nearest'}, offset={offset}")
+        return None, (
+            f"the CPU kernel has no variant for {dtype} weights, a {ema_dtype} EMA, "
+            f"rounding={'stochastic' if stochastic else 'nearest'}, offset={offset}"
+        )
     name = KERNELS.get((dtype, ema_dtype))
     if name is not None:
         return name, None
@@ -164,9 +176,17 @@ def run(name, rows, hp, pull, update_ema, stats, keys=None):
     numels = torch.tensor(sizes, dtype=torch.int64)
     hp = hp.to(device="cpu", dtype=torch.float64).contiguous()
     out = torch.empty(n_chunks(sizes), 6, dtype=torch.float64) if stats else None
-    failed = _fns[name](len(rows), ptrs.data_ptr(), numels.data_ptr(), hp.data_ptr(), int(pull),
-                        int(update_ema), out.data_ptr() if stats else None, torch.get_num_threads(),
-                        None if keys is None else keys.data_ptr())
+    failed = _fns[name](
+        len(rows),
+        ptrs.data_ptr(),
+        numels.data_ptr(),
+        hp.data_ptr(),
+        int(pull),
+        int(update_ema),
+        out.data_ptr() if stats else None,
+        torch.get_num_threads(),
+        None if keys is None else keys.data_ptr(),
+    )
     if failed:
         raise MemoryError(f"PACE: the CPU kernel could not allocate its table of {len(rows)} tensors")
     return out

@@ -35,11 +35,17 @@ from pace import hyper, returned
 from pace.returned import ReturnedModel, ReturnsModel
 from pace.rules import check_ema_args
 
-EMA_DEFAULTS = dict(beta_ema=0.01, ema_kappa=None, ema_rho=0.0, ema_gamma=1.0, ema_update_freq=1, ema_dtype=None,
-                    use_ema_eval=True)
-_HOOKS = ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks", "_optimizer_state_dict_pre_hooks",
-          "_optimizer_state_dict_post_hooks", "_optimizer_load_state_dict_pre_hooks",
-          "_optimizer_load_state_dict_post_hooks")
+EMA_DEFAULTS = dict(
+    beta_ema=0.01, ema_kappa=None, ema_rho=0.0, ema_gamma=1.0, ema_update_freq=1, ema_dtype=None, use_ema_eval=True
+)
+_HOOKS = (
+    "_optimizer_step_pre_hooks",
+    "_optimizer_step_post_hooks",
+    "_optimizer_state_dict_pre_hooks",
+    "_optimizer_state_dict_post_hooks",
+    "_optimizer_load_state_dict_pre_hooks",
+    "_optimizer_load_state_dict_post_hooks",
+)
 
 
 class EMAWrapper(ReturnsModel, Optimizer):
@@ -52,15 +58,31 @@ class EMAWrapper(ReturnsModel, Optimizer):
         use_ema_eval (bool): eval() puts the EMA into the model (default True; False keeps no EMA).
     """
 
-    def __init__(self, base: Optimizer, *, beta_ema: float = 0.01, ema_kappa: float | None = None,
-                 ema_rho: float = 0.0, ema_gamma: float = 1.0, ema_update_freq: int = 1,
-                 ema_dtype: torch.dtype | None = None, use_ema_eval: bool = True) -> None:
+    def __init__(
+        self,
+        base: Optimizer,
+        *,
+        beta_ema: float = 0.01,
+        ema_kappa: float | None = None,
+        ema_rho: float = 0.0,
+        ema_gamma: float = 1.0,
+        ema_update_freq: int = 1,
+        ema_dtype: torch.dtype | None = None,
+        use_ema_eval: bool = True,
+    ) -> None:
         if not isinstance(base, Optimizer):
             raise TypeError(f"EMAWrapper wraps a torch.optim.Optimizer, not {type(base).__name__}")
         if isinstance(base, ReturnsModel):
             raise TypeError(f"EMAWrapper: {type(base).__name__} keeps its own EMA; use its eval() and train()")
-        ema = dict(beta_ema=beta_ema, ema_kappa=ema_kappa, ema_rho=ema_rho, ema_gamma=ema_gamma,
-                   ema_update_freq=ema_update_freq, ema_dtype=ema_dtype, use_ema_eval=use_ema_eval)
+        ema = dict(
+            beta_ema=beta_ema,
+            ema_kappa=ema_kappa,
+            ema_rho=ema_rho,
+            ema_gamma=ema_gamma,
+            ema_update_freq=ema_update_freq,
+            ema_dtype=ema_dtype,
+            use_ema_eval=use_ema_eval,
+        )
         check_ema_args(ema, "EMAWrapper")
         self.base = base
         for hooks in _HOOKS:
@@ -73,8 +95,9 @@ class EMAWrapper(ReturnsModel, Optimizer):
         self.returned = ReturnedModel(base, EMA_DEFAULTS)
 
     # the base's groups, state and defaults are the wrapper's: one optimizer, seen through either
-    param_groups = property(lambda self: self.base.param_groups,
-                            lambda self, value: setattr(self.base, "param_groups", value))
+    param_groups = property(
+        lambda self: self.base.param_groups, lambda self, value: setattr(self.base, "param_groups", value)
+    )
     state = property(lambda self: self.base.state, lambda self, value: setattr(self.base, "state", value))
     defaults = property(lambda self: self.base.defaults, lambda self, value: setattr(self.base, "defaults", value))
 
@@ -159,8 +182,11 @@ class EMAWrapper(ReturnsModel, Optimizer):
                         state["ema"] = before.pop(p).to(returned.ema_dtype(group, p))
                 state["ema_step"] = t = state["ema_step"] + 1
                 update = t % group["ema_update_freq"] == 0
-                weight = hyper.ema_weight_at(t, group["beta_ema"], group["ema_kappa"], group["ema_rho"],
-                                             group["ema_gamma"]) if update else 0.0
+                weight = (
+                    hyper.ema_weight_at(t, group["beta_ema"], group["ema_kappa"], group["ema_rho"], group["ema_gamma"])
+                    if update
+                    else 0.0
+                )
                 if "ema_offset" in state:
                     _update_offset(p, before.pop(p), state["ema_offset"], weight)
                 elif update and state["ema"].dtype == p.dtype:

@@ -28,7 +28,7 @@ def _scratch_views(scratch, key, like, count):
     for _ in range(count):
         row = []
         for x, n in zip(like, sizes):
-            row.append(buf[at:at + n].view(x.shape))
+            row.append(buf[at : at + n].view(x.shape))
             at += n
         views.append(row)
     return views

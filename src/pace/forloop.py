@@ -57,9 +57,20 @@ def pace_update(p, g, m, v, ema, hp, *, pull, update_ema, stats, words=None, off
     if stats:  # before p is written: theta may be p itself (p.to(its own dtype) is no copy)
         zero = theta.new_zeros(())
         upd_sq = (adamw - theta).square().sum()
-        partials = (torch.stack([lam.sum(), lam.max(), (lam_raw >= 1).sum().to(hp.dtype), upd_sq,
-                                 (lam * diff).square().sum(), diff.square().sum()]) if pull
-                    else torch.stack([zero, zero, zero, upd_sq, zero, zero]))
+        partials = (
+            torch.stack(
+                [
+                    lam.sum(),
+                    lam.max(),
+                    (lam_raw >= 1).sum().to(hp.dtype),
+                    upd_sq,
+                    (lam * diff).square().sum(),
+                    diff.square().sum(),
+                ]
+            )
+            if pull
+            else torch.stack([zero, zero, zero, upd_sq, zero, zero])
+        )
     p.copy_(_store(new, p, words, "weights"))
     m.copy_(_store(m_new, m, words, "exp_avg"))
     v.copy_(_store(v_new, v, words, "exp_avg_sq"))
@@ -78,11 +89,21 @@ def step(bucket, grads, hp, consts, *, pull, update_ema, stats):
     keys = rounding.step_keys(bucket) if bucket.seeds is not None else [None] * len(bucket.params)
     bases = bucket.bases or [0] * len(bucket.params)
     out = []
-    for p, g, m, v, ema, key, base in zip(bucket.params, grads, bucket.exp_avgs, bucket.exp_avg_sqs, emas, keys,
-                                          bases):
+    for p, g, m, v, ema, key, base in zip(bucket.params, grads, bucket.exp_avgs, bucket.exp_avg_sqs, emas, keys, bases):
         words = None if key is None else rounding.bits(key, p, base)
-        partials = pace_update(p, g if bucket.plain else local(g), m, v, ema, hp, pull=pull, update_ema=update_ema,
-                               stats=stats, words=words, offset=bucket.offset)
+        partials = pace_update(
+            p,
+            g if bucket.plain else local(g),
+            m,
+            v,
+            ema,
+            hp,
+            pull=pull,
+            update_ema=update_ema,
+            stats=stats,
+            words=words,
+            offset=bucket.offset,
+        )
         if partials is not None:
             out.append(partials.reshape(1, 6))
     return out

@@ -72,7 +72,7 @@ def build(group, t, device, dtype) -> tuple[Tensor, Consts | None]:
     host. For a tensor t, w_t is 0 in the ema_weight slot on the steps that do not update the EMA (lerp by
     0 keeps it exactly), so that a captured or compiled step decides that on the device too."""
     beta1, beta2 = group["betas"]
-    bc1, bc2 = 1 - beta1 ** t, 1 - beta2 ** t
+    bc1, bc2 = 1 - beta1**t, 1 - beta2**t
     weight = ema_weight_at(t, group["beta_ema"], group["ema_kappa"], group["ema_rho"], group["ema_gamma"])
     ema_weight = weight
     if isinstance(t, Tensor) and group["ema_update_freq"] > 1:
@@ -81,7 +81,7 @@ def build(group, t, device, dtype) -> tuple[Tensor, Consts | None]:
     slots = {  # slot: (base, scale)
         HP.keep: (1.0, -group["weight_decay"]),
         HP.step_size: (0.0, 1 / bc1),
-        HP.inv_bc2_sqrt: (bc2 ** -0.5, 0.0),
+        HP.inv_bc2_sqrt: (bc2**-0.5, 0.0),
         HP.eps: (group["eps"], 0.0),
         HP.one_minus_beta1: (1 - beta1, 0.0),
         HP.beta2: (beta2, 0.0),
@@ -94,12 +94,14 @@ def build(group, t, device, dtype) -> tuple[Tensor, Consts | None]:
     lr, compute = group["lr"], compute_dtype(dtype)
     if isinstance(t, Tensor):
         # a Python float as a fill of t's shape (a kernel, which a CUDA graph captures; never a copy from the host)
-        both = [torch.stack([x.expand(t.shape) if isinstance(x, Tensor) else t.new_full(t.shape, x) for x in row],
-                            dim=-1) for row in (base, scale)]
+        both = [
+            torch.stack([x.expand(t.shape) if isinstance(x, Tensor) else t.new_full(t.shape, x) for x in row], dim=-1)
+            for row in (base, scale)
+        ]
         if isinstance(lr, Tensor):
             lr = lr.to(device=t.device, dtype=torch.float64).reshape(())
         return (both[0] + lr * both[1]).to(device=device, dtype=compute), None
-    consts = Consts(beta1, beta2, bc2 ** 0.5, group["eps"], ema_weight, group["clamp_pullback"])
+    consts = Consts(beta1, beta2, bc2**0.5, group["eps"], ema_weight, group["clamp_pullback"])
     if isinstance(lr, Tensor):
         lr = lr.reshape(())  # any one-element shape
         both = to_device(torch.tensor([base, scale], dtype=torch.float64), lr.device)

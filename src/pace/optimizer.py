@@ -102,19 +102,49 @@ class PACE(ReturnsModel, Optimizer):
     with use_ema_eval=False to return the weight itself).
     """
 
-    def __init__(self, params: ParamsT, lr: float | Tensor = 1e-4, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.01, *, lambda_pullback: float = 0.0,
-                 clamp_pullback: bool = True, beta_ema: float = 0.01, use_ema_eval: bool = False,
-                 ema_kappa: float | None = None, ema_rho: float = 0.0, ema_gamma: float = 1.0,
-                 ema_update_freq: int = 1, log_stats: bool = False, impl: str | None = None,
-                 ema_dtype: torch.dtype | None = None, capturable: bool = False, rounding: str = "nearest",
-                 seed: int = 0) -> None:
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-                        lambda_pullback=lambda_pullback, clamp_pullback=clamp_pullback,
-                        beta_ema=beta_ema, use_ema_eval=use_ema_eval, ema_kappa=ema_kappa,
-                        ema_rho=ema_rho, ema_gamma=ema_gamma, ema_update_freq=ema_update_freq,
-                        log_stats=log_stats, impl=impl, ema_dtype=ema_dtype, capturable=capturable,
-                        rounding=rounding, seed=seed)
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.01,
+        *,
+        lambda_pullback: float = 0.0,
+        clamp_pullback: bool = True,
+        beta_ema: float = 0.01,
+        use_ema_eval: bool = False,
+        ema_kappa: float | None = None,
+        ema_rho: float = 0.0,
+        ema_gamma: float = 1.0,
+        ema_update_freq: int = 1,
+        log_stats: bool = False,
+        impl: str | None = None,
+        ema_dtype: torch.dtype | None = None,
+        capturable: bool = False,
+        rounding: str = "nearest",
+        seed: int = 0,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas),
+            eps=eps,
+            weight_decay=weight_decay,
+            lambda_pullback=lambda_pullback,
+            clamp_pullback=clamp_pullback,
+            beta_ema=beta_ema,
+            use_ema_eval=use_ema_eval,
+            ema_kappa=ema_kappa,
+            ema_rho=ema_rho,
+            ema_gamma=ema_gamma,
+            ema_update_freq=ema_update_freq,
+            log_stats=log_stats,
+            impl=impl,
+            ema_dtype=ema_dtype,
+            capturable=capturable,
+            rounding=rounding,
+            seed=seed,
+        )
         check_group(defaults)
         self._init_caches()
         self._backward = None  # the pace.backward.BackwardStep stepping it in the backward pass, if any
@@ -180,8 +210,9 @@ class PACE(ReturnsModel, Optimizer):
 
     # ---- the state ---------------------------------------------------------------
 
-    def _init_group(self, group, params, grads, exp_avgs, exp_avg_sqs, emas, state_steps, compiling=False,
-                    undo=None, only=None):
+    def _init_group(
+        self, group, params, grads, exp_avgs, exp_avg_sqs, emas, state_steps, compiling=False, undo=None, only=None
+    ):
         """torch.optim's _init_group: the group's parameters with grads, and their state, into the named lists
         (emas only where the group keeps an EMA). State is made for a parameter stepped for the first time;
         `undo` (a list), when given, gets what removes it. torch.compile runs this eagerly while it traces
@@ -243,10 +274,12 @@ class PACE(ReturnsModel, Optimizer):
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
         """One step; closure (optional) re-evaluates the model and returns the loss."""
         if self._backward is not None:
-            raise RuntimeError("PACE: step() while the step runs in the backward pass (step_in_backward): each "
-                               "parameter was stepped as its grad completed; a loop that calls step() (a global "
-                               "grad-norm clip, gradient accumulation, a closure, a GradScaler) needs the "
-                               "whole-model step: remove() the handle")
+            raise RuntimeError(
+                "PACE: step() while the step runs in the backward pass (step_in_backward): each "
+                "parameter was stepped as its grad completed; a loop that calls step() (a global "
+                "grad-norm clip, gradient accumulation, a closure, a GradScaler) needs the "
+                "whole-model step: remove() the handle"
+            )
         self.returned.check_step("PACE")
         for group in self.param_groups:
             check_group(group)
@@ -303,6 +336,7 @@ class PACE(ReturnsModel, Optimizer):
         For one process (no DDP / FSDP), a backward pass per optimizer step (no gradient accumulation), no
         GradScaler; lr schedulers work as with step()."""
         from pace.backward import BackwardStep
+
         return BackwardStep(self, clip_norm, track_grad_norm)
 
     @torch.no_grad()
@@ -362,9 +396,19 @@ class PACE(ReturnsModel, Optimizer):
         partials, numel = self._stats[0]
         s = torch.cat([x.to(device="cpu", dtype=torch.float64) for x in partials])  # (n, 6)
         sums, n = s.sum(0), max(numel, 1)
-        return dict(zip(STAT_NAMES, (
-            float(sums[0]) / n, float(s[:, 1].max()), float(sums[2]) / n,
-            float(sums[3].sqrt()), float(sums[4].sqrt()), float(sums[5].sqrt()))))
+        return dict(
+            zip(
+                STAT_NAMES,
+                (
+                    float(sums[0]) / n,
+                    float(s[:, 1].max()),
+                    float(sums[2]) / n,
+                    float(sums[3].sqrt()),
+                    float(sums[4].sqrt()),
+                    float(sums[5].sqrt()),
+                ),
+            )
+        )
 
     # ---- checkpoints ------------------------------------------------------------------
 
@@ -382,8 +426,10 @@ class PACE(ReturnsModel, Optimizer):
         for i, group in enumerate(state_dict["param_groups"]):
             for key in ("amsgrad", "maximize"):
                 if group.get(key):
-                    raise ValueError(f"PACE cannot continue this state_dict: its param group {i} has {key}=True, "
-                                     "which PACE does not implement")
+                    raise ValueError(
+                        f"PACE cannot continue this state_dict: its param group {i} has {key}=True, "
+                        "which PACE does not implement"
+                    )
         self.returned.load(state_dict, super().load_state_dict)
 
 

@@ -39,8 +39,10 @@ def choose(impl, bucket):
     else:
         why = f"no fused kernel runs on {device.type} (the CPU's C kernel and CUDA's Triton kernel)"
     if impl is not None:
-        raise RuntimeError(f"PACE: impl={impl!r} cannot run: {why}; impl=None steps with the fused kernel "
-                           "where it can and with foreach elsewhere")
+        raise RuntimeError(
+            f"PACE: impl={impl!r} cannot run: {why}; impl=None steps with the fused kernel "
+            "where it can and with foreach elsewhere"
+        )
     warn_once(("fused", device.type, why), f"PACE: {why}; stepping these parameters with the foreach implementation")
     return foreach.step, None
 

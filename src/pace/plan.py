@@ -20,6 +20,7 @@ from pace.tensors import DTensor, dense, local, same_layout
 
 # ---- the forms of the state ---------------------------------------------------------------------
 
+
 def new_step(count, p, capturable):
     """A step count as torch.optim keeps it: a float32 scalar tensor, on the parameter's device when
     capturable, else on the CPU."""
@@ -64,6 +65,7 @@ def read_counts(steps):
 
 # ---- buckets ------------------------------------------------------------------------------------
 
+
 class Bucket:
     """Parameters of one group stepped together: one device, dtype and step count t, in named lists of the
     tensors a step writes (local shards, complex as real pairs), and the path that steps them.
@@ -75,9 +77,30 @@ class Bucket:
     and written back after it (copy_in, copy_out); a grad of another layout or dtype is copied into the
     weights' (kernel_grads)."""
 
-    __slots__ = ("device", "dtype", "t", "index", "params", "exp_avgs", "exp_avg_sqs", "emas", "ema_dtype",
-                 "plain", "count", "path", "kernel", "scratch", "staged", "contiguous", "seeds", "seed_tensor",
-                 "bases", "base_tensor", "offset", "capturable")
+    __slots__ = (
+        "device",
+        "dtype",
+        "t",
+        "index",
+        "params",
+        "exp_avgs",
+        "exp_avg_sqs",
+        "emas",
+        "ema_dtype",
+        "plain",
+        "count",
+        "path",
+        "kernel",
+        "scratch",
+        "staged",
+        "contiguous",
+        "seeds",
+        "seed_tensor",
+        "bases",
+        "base_tensor",
+        "offset",
+        "capturable",
+    )
 
     def __init__(self, device, dtype, t, with_ema):
         self.device, self.dtype, self.t = device, dtype, t
@@ -154,8 +177,20 @@ class Plan:
     """A group's step as the last call made it: which parameters had grads, their buckets, their step count
     tensors, the weights' addresses."""
 
-    __slots__ = ("group", "params", "has_grad", "needs_ema", "capturable", "state", "buckets", "counts", "stepped",
-                 "plain", "addresses", "numel")
+    __slots__ = (
+        "group",
+        "params",
+        "has_grad",
+        "needs_ema",
+        "capturable",
+        "state",
+        "buckets",
+        "counts",
+        "stepped",
+        "plain",
+        "addresses",
+        "numel",
+    )
 
     def __init__(self, group, params, has_grad, needs_ema, state, buckets, counts):
         self.group, self.params, self.has_grad, self.needs_ema = group, list(params), has_grad, needs_ema
@@ -172,10 +207,16 @@ class Plan:
         return [local(p.detach()).data_ptr() for p in self.stepped]
 
     def fits(self, group, params, has_grad, needs_ema, state):
-        return (self.group is group and self.state is state and self.needs_ema == needs_ema
-                and self.capturable == group["capturable"] and self.has_grad == has_grad
-                and len(params) == len(self.params) and all(map(operator.is_, params, self.params))
-                and self._addresses() == self.addresses)
+        return (
+            self.group is group
+            and self.state is state
+            and self.needs_ema == needs_ema
+            and self.capturable == group["capturable"]
+            and self.has_grad == has_grad
+            and len(params) == len(self.params)
+            and all(map(operator.is_, params, self.params))
+            and self._addresses() == self.addresses
+        )
 
     def advance(self, by=1):
         for counts in self.counts:
@@ -192,7 +233,7 @@ def share_counts(stepped, counts, undo):
     holding the count after this step: the plan then advances every count with one add per tensor. `undo`
     gets what puts the previous counts back. Returns the shared tensors."""
     by_value = {}
-    for (_, p, state), t in zip(stepped, counts):
+    for (_, _, state), t in zip(stepped, counts):
         by_value.setdefault((state["step"].device, t + 1), []).append(state)
     shared = []
     for (device, t), states in by_value.items():
@@ -232,10 +273,12 @@ class Planner:
             undo.append(plan.retreat)
             return plan
         if group["capturable"] and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("PACE: the parameters with grads changed inside CUDA graph capture; capture a step "
-                               "only after an eager step with the same parameters with grads")
+            raise RuntimeError(
+                "PACE: the parameters with grads changed inside CUDA graph capture; capture a step "
+                "only after an eager step with the same parameters with grads"
+            )
         plan = self._build(group, state, params, has_grad, needs_ema, undo, position)
-        undo.append(lambda old=self.plans.get(key): self._keep(key, old))
+        undo.append(lambda old=self.plans.get(key): self._keep(key, old))  # noqa: B008 (the plan before, kept)
         self.plans[key] = plan
         return plan
 

@@ -29,13 +29,36 @@ def ema_weight_at(t, beta_ema, kappa, rho, gamma):
 class PACEReference(Optimizer):
     """Float64 reference of PACE; same arguments as `pace.PACE` (implementation choices aside)."""
 
-    def __init__(self, params, lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01,
-                 lambda_pullback=0.0, clamp_pullback=True, beta_ema=0.01, use_ema_eval=False,
-                 ema_kappa=None, ema_rho=0.0, ema_gamma=1.0, ema_update_freq=1):
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                        lambda_pullback=lambda_pullback, clamp_pullback=clamp_pullback,
-                        beta_ema=beta_ema, use_ema_eval=use_ema_eval, ema_kappa=ema_kappa,
-                        ema_rho=ema_rho, ema_gamma=ema_gamma, ema_update_freq=ema_update_freq)
+    def __init__(
+        self,
+        params,
+        lr=1e-4,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        weight_decay=0.01,
+        lambda_pullback=0.0,
+        clamp_pullback=True,
+        beta_ema=0.01,
+        use_ema_eval=False,
+        ema_kappa=None,
+        ema_rho=0.0,
+        ema_gamma=1.0,
+        ema_update_freq=1,
+    ):
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            lambda_pullback=lambda_pullback,
+            clamp_pullback=clamp_pullback,
+            beta_ema=beta_ema,
+            use_ema_eval=use_ema_eval,
+            ema_kappa=ema_kappa,
+            ema_rho=ema_rho,
+            ema_gamma=ema_gamma,
+            ema_update_freq=ema_update_freq,
+        )
         super().__init__(params, defaults)
 
     @torch.no_grad()
@@ -65,12 +88,13 @@ class PACEReference(Optimizer):
 
                 m = beta1 * state["m"] + (1 - beta1) * g
                 v = beta2 * state["v"] + (1 - beta2) * g * g
-                m_hat = m / (1 - beta1 ** t)
-                v_hat = v / (1 - beta2 ** t)
+                m_hat = m / (1 - beta1**t)
+                v_hat = v / (1 - beta2**t)
                 theta_prime = theta * (1 - lr * wd) - lr * m_hat / (v_hat.sqrt() + eps)
 
-                ema_weight = ema_weight_at(t, group["beta_ema"], group["ema_kappa"],
-                                  group["ema_rho"], group["ema_gamma"])
+                ema_weight = ema_weight_at(
+                    t, group["beta_ema"], group["ema_kappa"], group["ema_rho"], group["ema_gamma"]
+                )
                 lam = lr * c * ema_weight / (v_hat.sqrt() + eps)
                 if group["clamp_pullback"]:
                     lam = lam.clamp(max=1.0)
@@ -85,4 +109,3 @@ class PACEReference(Optimizer):
     def ema(self, p):
         """ema_t of parameter p, in float64."""
         return self.state[p]["ema"]
-

@@ -39,6 +39,7 @@ EMA_KEYS = ("ema", "ema_offset")  # the state entries the EMA is kept under, one
 
 # ---- the forms of one parameter's EMA -------------------------------------------------------------
 
+
 def keeps_ema(group) -> bool:
     """Whether the group's parameters keep an EMA: it is returned (use_ema_eval) or PACE pulls toward it."""
     return group.get("lambda_pullback", 0) > 0 or group["use_ema_eval"]
@@ -88,12 +89,16 @@ def create(state, p, group, undo=None) -> str:
     if key not in state:
         if undo is not None:
             undo.append(lambda: state.pop(key, None))
-        state[key] = (torch.zeros_like(p, memory_format=torch.preserve_format) if key == "ema_offset"
-                      else p.detach().to(ema_dtype(group, p), copy=True))
+        state[key] = (
+            torch.zeros_like(p, memory_format=torch.preserve_format)
+            if key == "ema_offset"
+            else p.detach().to(ema_dtype(group, p), copy=True)
+        )
     return key
 
 
 # ---- the component --------------------------------------------------------------------------------
+
 
 class ReturnedModel:
     """The returned model of one optimizer: `owner` is the torch.optim.Optimizer whose param_groups and state
@@ -117,8 +122,10 @@ class ReturnedModel:
 
     def check_step(self, who):
         if not self.training:
-            raise RuntimeError(f"{who}.step() called in eval mode: the EMA weights are in the model. "
-                               "Call optimizer.train() before stepping.")
+            raise RuntimeError(
+                f"{who}.step() called in eval mode: the EMA weights are in the model. "
+                "Call optimizer.train() before stepping."
+            )
 
     # ---- the swap ---------------------------------------------------------------------------------
 
@@ -142,10 +149,12 @@ class ReturnedModel:
                     state = self.owner.state.get(p)
                     if state and "train_weights" in state:
                         if not any(k in state for k in EMA_KEYS):  # loaded in eval mode: the EMA is the model's
-                            offset = is_offset(group, p)          # weights, loaded beside the optimizer
+                            offset = is_offset(group, p)  # weights, loaded beside the optimizer
                             state["ema_offset" if offset else "ema"] = (
-                                (p.detach().float() - state["train_weights"].float()).to(p.dtype) if offset
-                                else p.detach().to(ema_dtype(group, p), copy=True))
+                                (p.detach().float() - state["train_weights"].float()).to(p.dtype)
+                                if offset
+                                else p.detach().to(ema_dtype(group, p), copy=True)
+                            )
                         p.copy_(state.pop("train_weights"))
             self.training = True
             self._sync_zero()
@@ -176,8 +185,10 @@ class ReturnedModel:
         zero = self.zero() if self.zero is not None else None
         if zero is not None:
             emas = zero_support.gather(zero, emas)
-        return {name: (emas[t].to(t.dtype) if t in emas else t).detach()
-                for name, t in model.state_dict(keep_vars=True).items()}
+        return {
+            name: (emas[t].to(t.dtype) if t in emas else t).detach()
+            for name, t in model.state_dict(keep_vars=True).items()
+        }
 
     @torch.no_grad()
     def live_state_dict(self, model: torch.nn.Module) -> dict[str, Tensor]:
@@ -247,8 +258,10 @@ class ReturnedModel:
                 group.pop("train_mode", None)
             self.training = saved_training[0]
 
-        hooks = (self.owner.register_load_state_dict_pre_hook(take),
-                 self.owner.register_load_state_dict_post_hook(put_back, prepend=True))
+        hooks = (
+            self.owner.register_load_state_dict_pre_hook(take),
+            self.owner.register_load_state_dict_post_hook(put_back, prepend=True),
+        )
         try:
             load(state_dict)
         finally:
@@ -298,6 +311,7 @@ def _reshard_fsdp(param_groups):
         return
     from torch.distributed._composable_state import _module_state_mapping
     from torch.distributed.fsdp import FSDPModule
+
     for module in list(_module_state_mapping.keys()):
         if isinstance(module, FSDPModule) and any(id(p) in params for p in module.parameters()):
             module.reshard()

@@ -21,6 +21,7 @@ def _is_real(x):
 def check_adam_args(group, who="PACE"):
     """AdamW's rules on lr, betas, eps and weight_decay (a mapping holding them): a ValueError
     "<who>: invalid <name>=<value>: <why>" for the first bad one."""
+
     def bad(name, why):
         raise ValueError(f"{who}: invalid {name}={group[name]!r}: {why}")
 
@@ -32,8 +33,11 @@ def check_adam_args(group, who="PACE"):
         bad("lr", "must be a number or a one-element tensor")
     _check_nonnegative(group, ("lr", "eps", "weight_decay"), bad)
     betas = group["betas"]
-    if (not isinstance(betas, (tuple, list)) or len(betas) != 2
-            or not all(_is_real(b) and 0.0 <= b < 1.0 for b in betas)):
+    if (
+        not isinstance(betas, (tuple, list))
+        or len(betas) != 2
+        or not all(_is_real(b) and 0.0 <= b < 1.0 for b in betas)
+    ):
         bad("betas", "need two values, each in [0, 1)")
 
 
@@ -50,6 +54,7 @@ def _check_nonnegative(group, names, bad):
 def check_ema_args(group, who="PACE"):
     """The EMA's rules (beta_ema, ema_kappa, ema_rho, ema_gamma, ema_update_freq, ema_dtype, use_ema_eval): PACE's
     and pace.EMAWrapper's."""
+
     def bad(name, why):
         raise ValueError(f"{who}: invalid {name}={group[name]!r}: {why}")
 
@@ -71,6 +76,7 @@ def check_ema_args(group, who="PACE"):
 
 def check_group(group):
     """PACE's rules on a param group (a mapping of every argument)."""
+
     def bad(name, why):
         raise ValueError(f"PACE: invalid {name}={group[name]!r}: {why}")
 

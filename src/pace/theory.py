@@ -40,8 +40,8 @@ import math
 
 import torch
 
-
 # ---- closed form ---------------------------------------------------------------------------------------
+
 
 def drift(h, beta, k):
     """A, the (2, 2) drift matrix of x = (theta, thetabar) under gain k (float64)."""
@@ -50,7 +50,7 @@ def drift(h, beta, k):
 
 def stationary_cov(h, sigma, beta, k):
     """P = stationary Cov(theta, thetabar) under gain k (closed form; h, beta > 0, k >= 0; float64)."""
-    s = sigma ** 2 / (2 * h * (h + beta + k))
+    s = sigma**2 / (2 * h * (h + beta + k))
     return torch.tensor([[s * (h + beta), s * beta], [s * beta, s * beta]], dtype=torch.float64)
 
 
@@ -67,12 +67,12 @@ def lyapunov(A, Q):
 
 def avg_error(h, sigma, beta, k):
     """h E[thetabar^2]: twice the returned model's limiting excess loss."""
-    return sigma ** 2 * beta / (2 * (h + beta + k))
+    return sigma**2 * beta / (2 * (h + beta + k))
 
 
 def control_cost(h, sigma, beta, k):
     """E[u^2] = k^2 E[(thetabar - theta)^2]: the size of the pull."""
-    return k ** 2 * sigma ** 2 / (2 * (h + beta + k))
+    return k**2 * sigma**2 / (2 * (h + beta + k))
 
 
 def objective(h, sigma, beta, k, rho):
@@ -93,6 +93,7 @@ def improvement(h, beta, rho):
 
 # ---- the linear SDE, simulated ---------------------------------------------------------------------------
 
+
 def simulate_sde(h, sigma, beta, k, dt, burn_in, steps, paths=20_000, seed=0):
     """Euler-Maruyama of the SDE from (0, 0) over `paths` independent coordinates.
 
@@ -111,14 +112,30 @@ def simulate_sde(h, sigma, beta, k, dt, burn_in, steps, paths=20_000, seed=0):
             err += h * bar * bar
             cost += u * u
     err /= steps
-    return dict(avg_error=float(err.mean()), avg_error_se=float(err.std(correction=1) / math.sqrt(paths)),
-                control_cost=float(cost.mean() / steps))
+    return dict(
+        avg_error=float(err.mean()),
+        avg_error_se=float(err.std(correction=1) / math.sqrt(paths)),
+        control_cost=float(cost.mean() / steps),
+    )
 
 
 # ---- the real optimizer on a noisy quadratic -----------------------------------------------------------------
 
-def simulate_optimizer(c_values, dim=1000, h_range=(0.1, 10.0), sigma=1.0, start=0.0, steps=4000, lr=0.01,
-                       beta_ema=0.01, betas=(0.9, 0.999), seeds=(0, 1, 2), tail=0.5, log_every=20):
+
+def simulate_optimizer(
+    c_values,
+    dim=1000,
+    h_range=(0.1, 10.0),
+    sigma=1.0,
+    start=0.0,
+    steps=4000,
+    lr=0.01,
+    beta_ema=0.01,
+    betas=(0.9, 0.999),
+    seeds=(0, 1, 2),
+    tail=0.5,
+    log_every=20,
+):
     """pace.PACE on f(theta) = 1/2 sum_i h_i theta_i^2 with gradients h theta + sigma xi, xi ~ N(0, I).
 
     h_i is log-spaced over `h_range`; every coordinate starts at `start`. For each c in `c_values`
@@ -128,6 +145,7 @@ def simulate_optimizer(c_values, dim=1000, h_range=(0.1, 10.0), sigma=1.0, start
     Returns dict(steps, curves={name: [f at each logged step]}, stationary={name: float}).
     """
     from pace.optimizer import PACE
+
     h = torch.logspace(math.log10(h_range[0]), math.log10(h_range[1]), dim, dtype=torch.float64)
 
     def excess(x):
@@ -140,8 +158,16 @@ def simulate_optimizer(c_values, dim=1000, h_range=(0.1, 10.0), sigma=1.0, start
         for seed in seeds:
             gen = torch.Generator().manual_seed(seed)
             theta = torch.nn.Parameter(torch.full((dim,), float(start), dtype=torch.float64))
-            opt = PACE([theta], lr=lr, betas=betas, weight_decay=0.0, lambda_pullback=c, beta_ema=beta_ema,
-                       use_ema_eval=True, impl="foreach")
+            opt = PACE(
+                [theta],
+                lr=lr,
+                betas=betas,
+                weight_decay=0.0,
+                lambda_pullback=c,
+                beta_ema=beta_ema,
+                use_ema_eval=True,
+                impl="foreach",
+            )
             f_avg, f_live = [], []
             for t in range(1, steps + 1):
                 theta.grad = h * theta.detach() + sigma * torch.randn(dim, generator=gen, dtype=torch.float64)

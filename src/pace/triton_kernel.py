@@ -46,8 +46,12 @@ def _kernels():
 
     from pace import triton_source
 
-    types = {torch.float32: tl.float32, torch.float64: tl.float64, torch.bfloat16: tl.bfloat16,
-             torch.float16: tl.float16}
+    types = {
+        torch.float32: tl.float32,
+        torch.float64: tl.float64,
+        torch.bfloat16: tl.bfloat16,
+        torch.float16: tl.float16,
+    }
     return triton_source.pace_kernel, triton_source.write_addresses, types
 
 
@@ -75,8 +79,9 @@ class Tables:
         self.addrs = torch.tensor(addrs, dtype=torch.int64).view(-1, 4).to(device)
         self.grads = torch.zeros(len(rows), dtype=torch.int64, device=device)
         self.numels = torch.tensor(sizes, dtype=torch.int64).to(device)
-        self.chunk_tensor = torch.repeat_interleave(torch.arange(len(sizes), dtype=torch.int32),
-                                                    torch.tensor(counts)).to(device)
+        self.chunk_tensor = torch.repeat_interleave(
+            torch.arange(len(sizes), dtype=torch.int32), torch.tensor(counts)
+        ).to(device)
         self.chunk_index = torch.cat([torch.arange(c, dtype=torch.int32) for c in counts]).to(device)
         self.n_chunks = sum(counts)
         self.grad_ptrs = None  # unknown: written at the first step
@@ -96,7 +101,7 @@ def _write_captured(values, dst):
     _, write, _ = _kernels()
     per_launch = 16  # the writer's arguments a0 ... a15
     for first in range(0, len(values), per_launch):
-        part = values[first:first + per_launch]
+        part = values[first : first + per_launch]
         # padded with the last value, not 0: one argument type (int64) for all, so one compiled writer
         write[(1,)](dst, first, len(part), *part, *[part[-1]] * (per_launch - len(part)))
 
@@ -151,13 +156,31 @@ class Launcher:
         pull, update_ema, stats = flags
         out = torch.empty(tables.n_chunks, 6, dtype=compute, device=hp.device) if stats else hp
         kernel[(tables.n_chunks,)](
-            tables.addrs, tables.grads, tables.numels, tables.chunk_tensor, tables.chunk_index, hp, out,
+            tables.addrs,
+            tables.grads,
+            tables.numels,
+            tables.chunk_tensor,
+            tables.chunk_index,
+            hp,
+            out,
             tables.numels if keys is None else keys,
-            P_TYPE=types[p_dtype], E_TYPE=types[ema_dtype], C_TYPE=types[compute], EA_TYPE=types[ema_math],
-            FP64=compute == torch.float64, P_BF16=p_dtype == torch.bfloat16, E_BF16=ema_dtype == torch.bfloat16,
-            PULL=pull, UPDATE_EMA=update_ema, STATS=stats, BLOCK=BLOCK, BLOCKS_PER_CHUNK=BLOCKS_PER_CHUNK,
-            SR=keys is not None, OFFSET=offset,
-            num_warps=NUM_WARPS, **LAUNCH_OPTIONS)
+            P_TYPE=types[p_dtype],
+            E_TYPE=types[ema_dtype],
+            C_TYPE=types[compute],
+            EA_TYPE=types[ema_math],
+            FP64=compute == torch.float64,
+            P_BF16=p_dtype == torch.bfloat16,
+            E_BF16=ema_dtype == torch.bfloat16,
+            PULL=pull,
+            UPDATE_EMA=update_ema,
+            STATS=stats,
+            BLOCK=BLOCK,
+            BLOCKS_PER_CHUNK=BLOCKS_PER_CHUNK,
+            SR=keys is not None,
+            OFFSET=offset,
+            num_warps=NUM_WARPS,
+            **LAUNCH_OPTIONS,
+        )
         return out if stats else None
 
 
@@ -172,7 +195,14 @@ def step(bucket, grads, hp, consts, *, pull, update_ema, stats):
     bucket.copy_in()
     ptrs = [g.data_ptr() for g in grads]
     keys = None if bucket.seeds is None else rounding.packed(rounding.step_keys(bucket), bucket.base_tensor)
-    out = Launcher.step(bucket.kernel, ptrs, (bucket.params[0].dtype, bucket.ema_dtype), hp, (pull, update_ema, stats),
-                        keys, bucket.offset)
+    out = Launcher.step(
+        bucket.kernel,
+        ptrs,
+        (bucket.params[0].dtype, bucket.ema_dtype),
+        hp,
+        (pull, update_ema, stats),
+        keys,
+        bucket.offset,
+    )
     bucket.copy_out()
     return [out] if stats else []

@@ -107,12 +107,45 @@ def _zero_masked(x, mask, MASKED: tl.constexpr):
 
 
 @triton.jit
-def _block(p, g, m, v, e, offs, mask, keep, step_size, inv_bc2_sqrt, eps, omb1, beta2, omb2, lam_scale, ema_weight,
-           lam_max, s_lam, m_lam, s_clip, s_upd, s_pull, s_diff, key,
-           C_TYPE: tl.constexpr, EA_TYPE: tl.constexpr, P_TYPE: tl.constexpr, E_TYPE: tl.constexpr,
-           FP64: tl.constexpr, P_BF16: tl.constexpr, E_BF16: tl.constexpr, PULL: tl.constexpr,
-           UPDATE_EMA: tl.constexpr, STATS: tl.constexpr, MASKED: tl.constexpr, SR: tl.constexpr,
-           OFFSET: tl.constexpr):
+def _block(
+    p,
+    g,
+    m,
+    v,
+    e,
+    offs,
+    mask,
+    keep,
+    step_size,
+    inv_bc2_sqrt,
+    eps,
+    omb1,
+    beta2,
+    omb2,
+    lam_scale,
+    ema_weight,
+    lam_max,
+    s_lam,
+    m_lam,
+    s_clip,
+    s_upd,
+    s_pull,
+    s_diff,
+    key,
+    C_TYPE: tl.constexpr,
+    EA_TYPE: tl.constexpr,
+    P_TYPE: tl.constexpr,
+    E_TYPE: tl.constexpr,
+    FP64: tl.constexpr,
+    P_BF16: tl.constexpr,
+    E_BF16: tl.constexpr,
+    PULL: tl.constexpr,
+    UPDATE_EMA: tl.constexpr,
+    STATS: tl.constexpr,
+    MASKED: tl.constexpr,
+    SR: tl.constexpr,
+    OFFSET: tl.constexpr,
+):
     """Step the elements `offs` of one tensor (the hyperparameters in the compute dtype, ema_weight in the EMA's);
     returns the telemetry accumulators, updated when STATS."""
     theta = _load(p + offs, mask, C_TYPE, MASKED)
@@ -169,12 +202,30 @@ def _block(p, g, m, v, e, offs, mask, keep, step_size, inv_bc2_sqrt, eps, omb1, 
 
 
 @triton.jit
-def pace_kernel(addrs, grads, numels, chunk_tensor, chunk_index, hp, stats, keys,
-                P_TYPE: tl.constexpr, E_TYPE: tl.constexpr, C_TYPE: tl.constexpr, EA_TYPE: tl.constexpr,
-                FP64: tl.constexpr, P_BF16: tl.constexpr, E_BF16: tl.constexpr,
-                PULL: tl.constexpr, UPDATE_EMA: tl.constexpr, STATS: tl.constexpr,
-                BLOCK: tl.constexpr, BLOCKS_PER_CHUNK: tl.constexpr, SR: tl.constexpr = False,
-                OFFSET: tl.constexpr = False):
+def pace_kernel(
+    addrs,
+    grads,
+    numels,
+    chunk_tensor,
+    chunk_index,
+    hp,
+    stats,
+    keys,
+    P_TYPE: tl.constexpr,
+    E_TYPE: tl.constexpr,
+    C_TYPE: tl.constexpr,
+    EA_TYPE: tl.constexpr,
+    FP64: tl.constexpr,
+    P_BF16: tl.constexpr,
+    E_BF16: tl.constexpr,
+    PULL: tl.constexpr,
+    UPDATE_EMA: tl.constexpr,
+    STATS: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BLOCKS_PER_CHUNK: tl.constexpr,
+    SR: tl.constexpr = False,
+    OFFSET: tl.constexpr = False,
+):
     """addrs (n, 4) int64: p, m, v, EMA (0 without one); grads (n,) int64; numels (n,) int64;
     chunk_tensor, chunk_index (n_chunks,) int32: the tensor and the chunk within it of each program;
     hp (HP.size,) in the compute dtype; stats (n_chunks, 6) partial sums in the compute dtype, when STATS;
@@ -220,16 +271,86 @@ def pace_kernel(addrs, grads, numels, chunk_tensor, chunk_index, hp, stats, keys
         for b in range(BLOCKS_PER_CHUNK):
             offs = start + b * BLOCK + tl.arange(0, BLOCK)
             s_lam, m_lam, s_clip, s_upd, s_pull, s_diff = _block(
-                pa, ga, ma, va, ea, offs, None, keep, step_size, inv_bc2_sqrt, eps, omb1, beta2, omb2, lam_scale,
-                ema_weight, lam_max, s_lam, m_lam, s_clip, s_upd, s_pull, s_diff, key, C_TYPE, EA_TYPE,
-                P_TYPE, E_TYPE, FP64, P_BF16, E_BF16, PULL, UPDATE_EMA, STATS, False, SR, OFFSET)
+                pa,
+                ga,
+                ma,
+                va,
+                ea,
+                offs,
+                None,
+                keep,
+                step_size,
+                inv_bc2_sqrt,
+                eps,
+                omb1,
+                beta2,
+                omb2,
+                lam_scale,
+                ema_weight,
+                lam_max,
+                s_lam,
+                m_lam,
+                s_clip,
+                s_upd,
+                s_pull,
+                s_diff,
+                key,
+                C_TYPE,
+                EA_TYPE,
+                P_TYPE,
+                E_TYPE,
+                FP64,
+                P_BF16,
+                E_BF16,
+                PULL,
+                UPDATE_EMA,
+                STATS,
+                False,
+                SR,
+                OFFSET,
+            )
     else:  # a tensor's last chunk, or a misaligned view: masked, scalar accesses
         for b in range(BLOCKS_PER_CHUNK):
             offs = start + b * BLOCK + tl.arange(0, BLOCK)
             s_lam, m_lam, s_clip, s_upd, s_pull, s_diff = _block(
-                p, g, m, v, e, offs, offs < n, keep, step_size, inv_bc2_sqrt, eps, omb1, beta2, omb2, lam_scale,
-                ema_weight, lam_max, s_lam, m_lam, s_clip, s_upd, s_pull, s_diff, key, C_TYPE, EA_TYPE,
-                P_TYPE, E_TYPE, FP64, P_BF16, E_BF16, PULL, UPDATE_EMA, STATS, True, SR, OFFSET)
+                p,
+                g,
+                m,
+                v,
+                e,
+                offs,
+                offs < n,
+                keep,
+                step_size,
+                inv_bc2_sqrt,
+                eps,
+                omb1,
+                beta2,
+                omb2,
+                lam_scale,
+                ema_weight,
+                lam_max,
+                s_lam,
+                m_lam,
+                s_clip,
+                s_upd,
+                s_pull,
+                s_diff,
+                key,
+                C_TYPE,
+                EA_TYPE,
+                P_TYPE,
+                E_TYPE,
+                FP64,
+                P_BF16,
+                E_BF16,
+                PULL,
+                UPDATE_EMA,
+                STATS,
+                True,
+                SR,
+                OFFSET,
+            )
     if STATS:
         out = stats + 6 * pid
         tl.store(out + 0, tl.sum(s_lam, 0))
@@ -238,7 +359,6 @@ def pace_kernel(addrs, grads, numels, chunk_tensor, chunk_index, hp, stats, keys
         tl.store(out + 3, tl.sum(s_upd, 0))
         tl.store(out + 4, tl.sum(s_pull, 0))
         tl.store(out + 5, tl.sum(s_diff, 0))
-
 
 
 @triton.jit(do_not_specialize=["first", "count"] + [f"a{i}" for i in range(16)])

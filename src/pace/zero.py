@@ -51,7 +51,7 @@ def attach(returned, zero) -> None:
         modes = [g.get("train_mode", True) for g in zero_optimizer.param_groups]
         if all(modes):
             return
-        for p, state in returned.params():  # saved in eval mode: the EMA entries are the training weights
+        for _, state in returned.params():  # saved in eval mode: the EMA entries are the training weights
             state["train_weights"] = state.pop("ema_offset" if "ema_offset" in state else "ema")
         returned.training = False
 

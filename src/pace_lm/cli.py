@@ -9,8 +9,8 @@ import sys
 import warnings
 
 import hydra
-from omegaconf import DictConfig
 from hydra.errors import HydraException
+from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
 from pace_lm import PaceLMError
@@ -47,8 +47,12 @@ Train one run; its record goes to <training.out_dir>/<run_name>/record.json (see
 def train_usage():
     """pace-train --help: the groups a run can choose (pace_lm/conf/<group>/), each with its choices."""
     from pace_lm.config.compose import GROUPS
-    lines = [f"                      {g}: " + ", ".join(sorted(f[:-5] for f in os.listdir(os.path.join(CONF_DIR, g))
-                                                          if f.endswith(".yaml"))) for g in GROUPS]
+
+    lines = [
+        f"                      {g}: "
+        + ", ".join(sorted(f[:-5] for f in os.listdir(os.path.join(CONF_DIR, g)) if f.endswith(".yaml")))
+        for g in GROUPS
+    ]
     return TRAIN_USAGE.format(groups="\n".join(lines))
 
 
@@ -59,7 +63,9 @@ _FAILED = []  # a multirun's failed runs: (run_name, error), in order
 def _train_app(cfg: DictConfig):
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
+
     from pace_lm.run.train import Interrupted, train
+
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         record = train(cfg)
@@ -79,8 +85,10 @@ def _train_app(cfg: DictConfig):
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for the run
         return
     s = record["summary"]
-    print(f"pace-train: {cfg.run_name}: final_val_loss {s['final_val_loss']:.4f} ({s['returned']} returned), "
-          f"final iterate {s['vanilla_val_loss']:.4f}; record {cfg.training.out_dir}/{cfg.run_name}/record.json")
+    print(
+        f"pace-train: {cfg.run_name}: final_val_loss {s['final_val_loss']:.4f} ({s['returned']} returned), "
+        f"final iterate {s['vanilla_val_loss']:.4f}; record {cfg.training.out_dir}/{cfg.run_name}/record.json"
+    )
 
 
 def train_main():
@@ -88,6 +96,7 @@ def train_main():
     arguments are checked first, every run of a multirun composed, so that a mistake is one line naming the
     key (and the choices), exit 2, before anything runs or is written."""
     from hydra._internal.utils import get_args_parser  # Hydra's own command line
+
     one_line_warnings("pace-train")
     argv = sys.argv[1:]
     args = get_args_parser().parse_intermixed_args(argv)  # flags anywhere, e.g. `lr=1,2 -m seed=0,1`
@@ -108,8 +117,11 @@ def train_main():
         sys.exit(2)
     _train_app()
     if _FAILED:
-        print(f"pace-train: {len(_FAILED)} run(s) of the multirun failed: " +
-              "; ".join(f"{name} ({why})" for name, why in _FAILED), file=sys.stderr)
+        print(
+            f"pace-train: {len(_FAILED)} run(s) of the multirun failed: "
+            + "; ".join(f"{name} ({why})" for name, why in _FAILED),
+            file=sys.stderr,
+        )
         sys.exit(2)
 
 
@@ -117,8 +129,18 @@ def _check_train_args(args):
     """Refuse what Hydra would refuse (an unknown --config-name, a bad override in any run of a multirun)
     before Hydra runs or writes anything. Hydra's own keys and a user's --config-dir are left to Hydra."""
     from pace_lm.config.compose import compose
-    modes = [flag for flag, on in (("--run", args.run), ("--multirun", args.multirun), ("--cfg", args.cfg),
-                                   ("--info", args.info), ("--shell-completion", args.shell_completion)) if on]
+
+    modes = [
+        flag
+        for flag, on in (
+            ("--run", args.run),
+            ("--multirun", args.multirun),
+            ("--cfg", args.cfg),
+            ("--info", args.info),
+            ("--shell-completion", args.shell_completion),
+        )
+        if on
+    ]
     if len(modes) > 1:
         raise PaceLMError(f"{' and '.join(modes)}: give one of them (--cfg job prints a single run's config)")
     if args.hydra_help or args.info or args.shell_completion or args.config_dir or args.config_path:
@@ -126,8 +148,10 @@ def _check_train_args(args):
     name = args.config_name or "train"
     if not os.path.isfile(os.path.join(CONF_DIR, f"{name}.yaml")):
         shipped = sorted(f[:-5] for f in os.listdir(CONF_DIR) if f.endswith(".yaml"))
-        raise PaceLMError(f"--config-name {name}: no such config; pace-train's: {', '.join(shipped)} "
-                          f"(a config of your own: --config-dir DIR --config-name NAME)")
+        raise PaceLMError(
+            f"--config-name {name}: no such config; pace-train's: {', '.join(shipped)} "
+            f"(a config of your own: --config-dir DIR --config-name NAME)"
+        )
     if any(a.lstrip("+~").startswith("hydra.") for a in args.overrides):
         return
     for job in _jobs(args.overrides, args.multirun):
@@ -140,6 +164,7 @@ def _jobs(overrides, multirun):
         return [overrides]
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
+
     parsed = OverridesParser.create().parse_overrides(overrides=overrides)
     return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
 
@@ -147,19 +172,24 @@ def _jobs(overrides, multirun):
 def override_error(e):
     """Hydra's report of a bad override as one line: the key, and the choices of a config group."""
     from pace_lm.config.compose import GROUPS
+
     text = str(e).strip()
     first = text.splitlines()[0] if text else type(e).__name__
     match = re.match(r"Could not override '([^']+)'", first)
     if match:
         key = match.group(1)
-        hint = ("; an argument of a scratch model's architecture is +model.config.KEY=VALUE" if key.startswith("model.")
-                else "")
+        hint = (
+            "; an argument of a scratch model's architecture is +model.config.KEY=VALUE"
+            if key.startswith("model.")
+            else ""
+        )
         return f"{key} is not a key of pace-train's config (pace-train --cfg job lists every key){hint}"
     match = re.search(r"Could not find '([\w]+)/([^']+)'", text)
     if match and match.group(1) in GROUPS:
         group, choice = match.groups()
         options = getattr(e, "options", None) or sorted(
-            f[:-5] for f in os.listdir(os.path.join(CONF_DIR, group)) if f.endswith(".yaml"))
+            f[:-5] for f in os.listdir(os.path.join(CONF_DIR, group)) if f.endswith(".yaml")
+        )
         return f"{group}={choice}: no such {group}; choose one of {', '.join(options)}"
     return first
 
@@ -168,25 +198,41 @@ def data_main(argv=None):
     """pace-data: tokenize a dataset once into a folder pace-train reads (dataset.path)."""
     from pace_lm.data.formats import parse_columns
     from pace_lm.data.prepare import PRESETS, Request, prepare
+
     one_line_warnings("pace-data")
     p = _data_parser()
     args = p.parse_args(argv)
 
-    source = args.source or ("offline" if args.tokenizer is None else
-                             "smoltalk" if args.mode == "sft" else "fineweb")
+    source = args.source or ("offline" if args.tokenizer is None else "smoltalk" if args.mode == "sft" else "fineweb")
     if source in PRESETS and PRESETS[source]["mode"] != args.mode:
         p.error(f"--source {source} is {PRESETS[source]['mode']} data; pass --mode {PRESETS[source]['mode']}")
-    out = args.out or (f"data/{source}" + ("_pretrain" if source == "offline" and args.mode == "pretrain" else "")
-                       if source == "offline" or source in PRESETS else None)
+    out = args.out or (
+        f"data/{source}" + ("_pretrain" if source == "offline" and args.mode == "pretrain" else "")
+        if source == "offline" or source in PRESETS
+        else None
+    )
     if out is None:
         p.error("--out is required for this --source")
     try:
-        request = Request(source=source, mode=args.mode, tokenizer=args.tokenizer, gguf_file=args.gguf_file,
-                          revision=args.revision, name=args.name, split=args.split, max_seq_len=args.max_seq_len,
-                          val_size=args.val_size, seed=args.seed, max_tokens=args.max_tokens,
-                          text_field=args.text_field, format=args.format, train_tool_turns=args.train_tool_turns,
-                          train_split=args.train_split, validation_split=args.validation_split,
-                          columns=parse_columns(args.columns) if args.columns else None)
+        request = Request(
+            source=source,
+            mode=args.mode,
+            tokenizer=args.tokenizer,
+            gguf_file=args.gguf_file,
+            revision=args.revision,
+            name=args.name,
+            split=args.split,
+            max_seq_len=args.max_seq_len,
+            val_size=args.val_size,
+            seed=args.seed,
+            max_tokens=args.max_tokens,
+            text_field=args.text_field,
+            format=args.format,
+            train_tool_turns=args.train_tool_turns,
+            train_split=args.train_split,
+            validation_split=args.validation_split,
+            columns=parse_columns(args.columns) if args.columns else None,
+        )
         meta = prepare(out, request, num_proc=args.num_proc, overwrite=args.overwrite)
     except PaceLMError as e:
         print(f"pace-data: error: {e}", file=sys.stderr)
@@ -198,46 +244,82 @@ def _data_parser():
     """pace-data's arguments."""
     from pace_lm.data.formats import FORMATS
     from pace_lm.data.prepare import DEFAULT_SEQ_LEN, PRESETS
+
     p = argparse.ArgumentParser(
         prog="pace-data",
         description="Prepare a tokenized dataset for pace-train. With no --source and no --tokenizer: "
-                    "the offline corpus (the Python standard library's docs) and a tokenizer trained on it. "
-                    "With --tokenizer and no --source: smoltalk (sft) or FineWeb (pretrain) from the hub.")
-    p.add_argument("--source", help=f"'offline', {', '.join(repr(k) for k in PRESETS)}, a hub dataset id, "
-                                    "or local .json/.jsonl/.parquet/.csv file(s), any of them .gz (a file, or a "
-                                    "folder and its subfolders: files named after splits, as the hub's "
-                                    "data/train-00000-of-00001.parquet, are kept as the splits)")
-    p.add_argument("--format", choices=FORMATS, help="sft: the rows' conversation format (default: told by "
-                                                     "each row's fields; see docs/pipeline.md)")
-    p.add_argument("--train-tool-turns", action="store_true", help="sft: train tool turns too (default: masked, "
-                                                                   "as user turns are)")
+        "the offline corpus (the Python standard library's docs) and a tokenizer trained on it. "
+        "With --tokenizer and no --source: smoltalk (sft) or FineWeb (pretrain) from the hub.",
+    )
+    p.add_argument(
+        "--source",
+        help=f"'offline', {', '.join(repr(k) for k in PRESETS)}, a hub dataset id, "
+        "or local .json/.jsonl/.parquet/.csv file(s), any of them .gz (a file, or a "
+        "folder and its subfolders: files named after splits, as the hub's "
+        "data/train-00000-of-00001.parquet, are kept as the splits)",
+    )
+    p.add_argument(
+        "--format",
+        choices=FORMATS,
+        help="sft: the rows' conversation format (default: told by each row's fields; see docs/pipeline.md)",
+    )
+    p.add_argument(
+        "--train-tool-turns", action="store_true", help="sft: train tool turns too (default: masked, as user turns are)"
+    )
     p.add_argument("--out", help="output folder (default: data/<source>)")
-    p.add_argument("--mode", choices=["sft", "pretrain"], default="sft",
-                   help="sft: ChatML conversations, only assistant replies trained; pretrain: text + EOS "
-                        "packed into blocks (default: sft)")
-    p.add_argument("--tokenizer", help="hub id or local folder of the model's tokenizer (default with "
-                                       "--source offline: a BPE tokenizer trained offline)")
+    p.add_argument(
+        "--mode",
+        choices=["sft", "pretrain"],
+        default="sft",
+        help="sft: ChatML conversations, only assistant replies trained; pretrain: text + EOS "
+        "packed into blocks (default: sft)",
+    )
+    p.add_argument(
+        "--tokenizer",
+        help="hub id or local folder of the model's tokenizer (default with "
+        "--source offline: a BPE tokenizer trained offline)",
+    )
     p.add_argument("--gguf-file", help="load the tokenizer from this GGUF file in the --tokenizer folder")
     p.add_argument("--revision", help="dataset revision (commit, tag or branch) to pin on the hub")
     p.add_argument("--name", help="dataset config name on the hub (e.g. 'all' for smoltalk)")
+    _add_split_args(p, DEFAULT_SEQ_LEN)
+    return p
+
+
+def _add_split_args(p, default_seq_len):
+    """pace-data's arguments for what is read of the source and how it is split and cut."""
     p.add_argument("--split", default="train", help="split to read (default: train)")
-    p.add_argument("--columns", help="sft: a table's columns as one exchange, ROLE=COLUMN for prompt and response "
-                   "(and optionally context, system), e.g. prompt=question,response=answer")
-    p.add_argument("--train-split", help="a local folder's split to train on, e.g. train_sft (default: its one "
-                   "train split)")
-    p.add_argument("--validation-split", help="a local folder's split to validate on, e.g. test_sft (default: its "
-                   "one validation split, else its one test split)")
-    p.add_argument("--max-seq-len", type=int, help="truncate (sft) or block length (pretrain); default: "
-                   + ", ".join(f"{k} {v}" for k, v in DEFAULT_SEQ_LEN.items()))
-    p.add_argument("--val-size", type=int, help="validation examples (documents in pretrain mode) held "
-                                                "out; default: min(1000, 10%%)")
+    p.add_argument(
+        "--columns",
+        help="sft: a table's columns as one exchange, ROLE=COLUMN for prompt and response "
+        "(and optionally context, system), e.g. prompt=question,response=answer",
+    )
+    p.add_argument(
+        "--train-split", help="a local folder's split to train on, e.g. train_sft (default: its one train split)"
+    )
+    p.add_argument(
+        "--validation-split",
+        help="a local folder's split to validate on, e.g. test_sft (default: its "
+        "one validation split, else its one test split)",
+    )
+    p.add_argument(
+        "--max-seq-len",
+        type=int,
+        help="truncate (sft) or block length (pretrain); default: "
+        + ", ".join(f"{k} {v}" for k, v in default_seq_len.items()),
+    )
+    p.add_argument(
+        "--val-size",
+        type=int,
+        help="validation examples (documents in pretrain mode) held out; default: min(1000, 10%%)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the train/validation split (default: 0)")
     p.add_argument("--num-proc", type=int, help="processes for tokenization")
-    p.add_argument("--max-tokens", type=int, help="pretrain: stream the source and stop after this many "
-                                                  "training tokens")
+    p.add_argument(
+        "--max-tokens", type=int, help="pretrain: stream the source and stop after this many training tokens"
+    )
     p.add_argument("--text-field", default="text", help="text column for pretraining (default: text)")
     p.add_argument("--overwrite", action="store_true", help="replace prepared data already in --out")
-    return p
 
 
 def _data_summary(out, meta):
@@ -245,15 +327,30 @@ def _data_summary(out, meta):
     for warning in meta["warnings"]:
         print(f"pace-data: warning: {warning}", file=sys.stderr)
     read = ", ".join(f"{n} {fmt}" for fmt, n in meta["formats"].items())
-    print(f"pace-data: wrote {out}: {json.dumps(meta['counts'])}; trained token fraction "
-          f"{meta['trained_token_fraction']:.3f}" + (f"; rows read as {read}" if read else "")
-          + f"; validation: {meta['splits']}")
+    print(
+        f"pace-data: wrote {out}: {json.dumps(meta['counts'])}; trained token fraction "
+        f"{meta['trained_token_fraction']:.3f}"
+        + (f"; rows read as {read}" if read else "")
+        + f"; validation: {meta['splits']}"
+    )
 
 
-FIGURE_ARGS = dict(fig=None, run=False, plot=False, data=None, out_dir="runs/figures", plot_dir=None, only=None,
-                   steps=None, jobs=None, devices=None, status=False)
-FIGURE_USAGE = """usage: pace-figure fig=ID|list [run=true [jobs=N [devices=D,...]]] [plot=true] [status=true] [data=PATH]
-                   [out_dir=runs/figures] [plot_dir=PATH] [only=GLOB] [steps=KEY,...] [pace-train overrides ...]
+FIGURE_ARGS = dict(
+    fig=None,
+    run=False,
+    plot=False,
+    data=None,
+    out_dir="runs/figures",
+    plot_dir=None,
+    only=None,
+    steps=None,
+    jobs=None,
+    devices=None,
+    status=False,
+)
+FIGURE_USAGE = """usage: pace-figure fig=ID|list [run=true [jobs=N [devices=D,...]]] [plot=true] [status=true]
+                   [data=PATH] [out_dir=runs/figures] [plot_dir=PATH] [only=GLOB] [steps=KEY,...]
+                   [pace-train overrides ...]
 
   fig=list            the figures: id, number of runs, what each shows, the hardware a run needs
   fig=ID              print the figure's pace-train commands, one per line (nothing runs)
@@ -314,9 +411,9 @@ def figure_main(argv=None):
 
 
 def _figure(opts, extra):
-    from pace_lm.figures.specs import build_config, check_data, check_extra, command, list_figures, load_figure, \
-        run_overrides, select
+    from pace_lm.figures.specs import check_extra, list_figures, load_figure
     from pace_lm.figures.sweep import check_jobs
+
     if opts["fig"] == "list":
         figs = [load_figure(f) for f in list_figures()]
         width = max(len(f.id) for f in figs)
@@ -332,40 +429,60 @@ def _figure(opts, extra):
     if opts["status"]:
         return _status(fig, opts, extra)
     if not (opts["run"] or opts["plot"]):
-        check_data(fig, opts["data"])
-        print(f"# {fig.id}: {fig.description}\n# hardware: {fig.hardware}")
-        for cmd in fig.prepare:
-            print(f"# data, once: {cmd}")
-        for run in select(fig, opts["only"]):
-            build_config(fig, run, opts["out_dir"], opts["data"], extra)  # every printed command composes
-            print(command(run_overrides(fig, run, opts["out_dir"], opts["data"], extra)))
-        return
+        return _print_commands(fig, opts, extra)
     if opts["run"]:
-        from pace_lm.figures.sweep import keep_pretrained_loss, run_sweep
-        keep_pretrained_loss(fig, opts, extra, log=lambda m: print(f"pace-figure: {m}", flush=True))
-        status = run_sweep(fig, opts, extra, log=lambda m: print(m, flush=True))
-        counts = {s: list(status.values()).count(s) for s in dict.fromkeys(status.values())}
-        print(f"pace-figure: {fig.id}: " + ", ".join(f"{n} {s}" for s, n in counts.items())
-              + f"; records under {opts['out_dir']}/{fig.id}")
-        failed = [name for name, s in status.items() if s == "failed"]
-        if failed:  # the sweep goes on past a failed run; as a whole it did not succeed
-            raise PaceLMError(f"{len(failed)} run(s) failed ({', '.join(failed)}): their records (and train.log) "
-                              f"say why; run the same command to resume them")
+        _run_figure(fig, opts, extra)
     if opts["plot"]:
         from pace_lm.figures.plots import plot_figure
+
         text, paths = plot_figure(fig, opts["out_dir"], opts["plot_dir"])
         if opts["steps"]:
             from pace_lm.figures.plots import plot_steps
+
             stem = os.path.join(opts["plot_dir"] or os.path.join(opts["out_dir"], fig.id), f"{fig.id}_steps")
             paths += plot_steps(fig, opts["out_dir"], opts["steps"].split(","), stem)
         print(text)
         print(f"pace-figure: wrote {', '.join(paths)}")
 
 
+def _print_commands(fig, opts, extra):
+    """pace-figure fig=ID: the figure's pace-train commands, each composed first; nothing runs."""
+    from pace_lm.figures.specs import build_config, check_data, command, run_overrides, select
+
+    check_data(fig, opts["data"])
+    print(f"# {fig.id}: {fig.description}\n# hardware: {fig.hardware}")
+    for cmd in fig.prepare:
+        print(f"# data, once: {cmd}")
+    for run in select(fig, opts["only"]):
+        build_config(fig, run, opts["out_dir"], opts["data"], extra)  # every printed command composes
+        print(command(run_overrides(fig, run, opts["out_dir"], opts["data"], extra)))
+
+
+def _run_figure(fig, opts, extra):
+    """pace-figure run=true: the sweep, its counts in one line; a failed run fails the command."""
+    from pace_lm.figures.sweep import keep_pretrained_loss, run_sweep
+
+    keep_pretrained_loss(fig, opts, extra, log=lambda m: print(f"pace-figure: {m}", flush=True))
+    status = run_sweep(fig, opts, extra, log=lambda m: print(m, flush=True))
+    counts = {s: list(status.values()).count(s) for s in dict.fromkeys(status.values())}
+    print(
+        f"pace-figure: {fig.id}: "
+        + ", ".join(f"{n} {s}" for s, n in counts.items())
+        + f"; records under {opts['out_dir']}/{fig.id}"
+    )
+    failed = [name for name, s in status.items() if s == "failed"]
+    if failed:  # the sweep goes on past a failed run; as a whole it did not succeed
+        raise PaceLMError(
+            f"{len(failed)} run(s) failed ({', '.join(failed)}): their records (and train.log) "
+            f"say why; run the same command to resume them"
+        )
+
+
 def _status(fig, opts, extra):
     """status=true: a line per run of the figure (only=GLOB: some), then the totals."""
     from pace_lm.figures.specs import select
     from pace_lm.run.state import STATES, run_state
+
     if opts["run"] or opts["plot"] or extra:
         raise PaceLMError("status=true only reads the records: give it with fig=, out_dir= and only= alone")
     counts = dict.fromkeys(STATES, 0)
@@ -373,16 +490,19 @@ def _status(fig, opts, extra):
         state, detail = run_state(os.path.join(opts["out_dir"], fig.id, run.name))
         counts[state] += 1
         print(f"{fig.id}/{run.name}: {state}" + (f": {detail}" if detail else ""))
-    print(f"pace-figure: {fig.id}: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n)
-          + f" ({sum(counts.values())} runs under {opts['out_dir']}/{fig.id})")
+    print(
+        f"pace-figure: {fig.id}: "
+        + ", ".join(f"{n} {s}" for s, n in counts.items() if n)
+        + f" ({sum(counts.values())} runs under {opts['out_dir']}/{fig.id})"
+    )
 
 
 def _theory_figure(fig, opts):
     """fig=quadratic: no pace-train runs; its numbers are computed in-process (seconds) into one record."""
     from pace_lm.figures.quadratic import plot_quadratic, run_quadratic
+
     if not (opts["run"] or opts["plot"]):
-        print(f"# {fig.id}: {fig.description}\n# hardware: {fig.hardware}\n"
-              f"pace-figure fig={fig.id} run=true plot=true")
+        print(f"# {fig.id}: {fig.description}\n# hardware: {fig.hardware}\npace-figure fig={fig.id} run=true plot=true")
         return
     if opts["run"]:
         run_quadratic(fig.theory, opts["out_dir"], log=lambda m: print(m, flush=True))

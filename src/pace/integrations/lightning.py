@@ -35,8 +35,10 @@ def find_pace(trainer: pl.Trainer) -> ReturnsModel:
     found = [o for o in trainer.optimizers if isinstance(o, ReturnsModel)]
     found += [o.optimizer for o in trainer.optimizers if isinstance(getattr(o, "optimizer", None), ReturnsModel)]
     if len(found) != 1:
-        raise TypeError(f"PACECallback: configure_optimizers must return one pace.PACE or pace.EMAWrapper "
-                        f"optimizer, got {[type(o).__name__ for o in trainer.optimizers]}")
+        raise TypeError(
+            f"PACECallback: configure_optimizers must return one pace.PACE or pace.EMAWrapper "
+            f"optimizer, got {[type(o).__name__ for o in trainer.optimizers]}"
+        )
     return found[0]
 
 
@@ -80,8 +82,9 @@ class PACECallback(pl.Callback):
     def on_save_checkpoint(self, trainer, pl_module, checkpoint):
         opt = find_pace(trainer)
         # in eval mode the model holds the EMA and the live weights are the optimizer's
-        checkpoint["current_model_state"] = checkpoint["state_dict"] if opt.training else opt.returned.live_state_dict(
-            pl_module)
+        checkpoint["current_model_state"] = (
+            checkpoint["state_dict"] if opt.training else opt.returned.live_state_dict(pl_module)
+        )
         checkpoint["state_dict"] = opt.returned_state_dict(pl_module)
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint):

@@ -61,14 +61,18 @@ class PACECallback(TrainerCallback):
     def _pace(kwargs):
         opt = find_pace(kwargs.get("optimizer"))
         if opt is None:
-            raise TypeError("PACECallback: the Trainer's optimizer is neither pace.PACE nor pace.EMAWrapper: pass "
-                            "optimizers=(PACE(...), None) or optimizers=(EMAWrapper(base), None) to the Trainer")
+            raise TypeError(
+                "PACECallback: the Trainer's optimizer is neither pace.PACE nor pace.EMAWrapper: pass "
+                "optimizers=(PACE(...), None) or optimizers=(EMAWrapper(base), None) to the Trainer"
+            )
         return opt
 
     def on_train_begin(self, args, state, control, **kwargs):
         if args.load_best_model_at_end and args.save_only_model:
-            raise ValueError("PACECallback: load_best_model_at_end needs each checkpoint's optimizer state, where "
-                             "PACE keeps the EMA: set save_only_model=False")
+            raise ValueError(
+                "PACECallback: load_best_model_at_end needs each checkpoint's optimizer state, where "
+                "PACE keeps the EMA: set save_only_model=False"
+            )
         self._training = True
         self._pace(kwargs).train()
 
@@ -105,7 +109,8 @@ def load_optimizer(opt: ReturnsModel, checkpoint: str) -> None:
     """Load the optimizer state of a Trainer checkpoint folder into `opt` (its optimizer.pt)."""
     path = os.path.join(checkpoint, "optimizer.pt")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"PACECallback: {path} does not exist: the best model's EMA is in the optimizer "
-                                "state of its checkpoint")
+        raise FileNotFoundError(
+            f"PACECallback: {path} does not exist: the best model's EMA is in the optimizer state of its checkpoint"
+        )
     opt.train()
     opt.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))

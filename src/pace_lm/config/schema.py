@@ -17,7 +17,7 @@ import os
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any, Union
 
 from pace import PACE
 from pace.rules import check_adam_args
@@ -25,13 +25,12 @@ from pace_lm import PaceLMError
 from pace_lm.config.compose import shipped_value
 from pace_lm.config.registry import ARCHS, AVERAGERS, DTYPES, PARALLEL, get_method, get_schedule
 
-
 DERIVED = {"derived": True}  # a field validate() fills in, not a key of the config
 
 
 @dataclass(frozen=True)
 class Checkpointing:
-    interval: int              # steps between checkpoints; 0: none but a signal's (and at_end's)
+    interval: int  # steps between checkpoints; 0: none but a signal's (and at_end's)
     keep: int
     at_end: bool
 
@@ -42,9 +41,9 @@ class Training:
     out_dir: str
     batch_size: int
     micro_batch_size: int
-    max_seq_len: Optional[int]
+    max_seq_len: int | None
     pad_to: str
-    grad_clip: Optional[float]
+    grad_clip: float | None
     grad_clip_per_parameter: bool
     grad_clip_lagged: bool
     step_in_backward: bool
@@ -57,8 +56,8 @@ class Training:
     compile_model: bool
     save_model: bool
     overwrite: bool
-    resume: Union[bool, str]
-    init_from: Optional[str]
+    resume: bool | str
+    init_from: str | None
     checkpoint: Checkpointing
     parallel: str
     progress: bool
@@ -72,21 +71,22 @@ Averaging = dataclasses.make_dataclass("Averaging", list(AVERAGERS.items()), fro
 class Logging:
     wandb: bool
     wandb_project: str
-    wandb_entity: Optional[str]
+    wandb_entity: str | None
 
 
 @dataclass(frozen=True)
 class Schedule:
     name: str
     warmup_fraction: float
-    final_lr_ratio: Optional[float] = None   # cos, wsd
-    decay_fraction: Optional[float] = None   # wsd
+    final_lr_ratio: float | None = None  # cos, wsd
+    decay_fraction: float | None = None  # wsd
 
 
 @dataclass(frozen=True)
 class Optimizer:
     """`name` (a method of pace_lm.config.registry.OPTIMIZERS) and `args`, the keyword arguments of the method's
     optimizer class that the config sets, typed (OPTIMIZER_ARGS: PACEArgs or ScheduleFreeArgs)."""
+
     name: str
     args: "PACEArgs | ScheduleFreeArgs"
 
@@ -106,35 +106,36 @@ class Optimizer:
 class Model:
     name: str
     source: str
-    arch: Optional[str]
-    pretrained: Optional[str]
-    revision: Optional[str]
-    gguf_file: Optional[str]
+    arch: str | None
+    pretrained: str | None
+    revision: str | None
+    gguf_file: str | None
     dtype: str
-    attn_implementation: Optional[str]
+    attn_implementation: str | None
     pad_vocab_to_multiple_of: int
     gradient_checkpointing: bool
-    config: dict               # free-form: the architecture's own arguments (transformers checks them)
+    config: dict  # free-form: the architecture's own arguments (transformers checks them)
 
 
 @dataclass(frozen=True)
 class Dataset:
     name: str
     path: str
-    prepare_if_missing: Optional[str]
+    prepare_if_missing: str | None
     mode: str
     subset_ratio: float
-    tokenizer: Optional[str] = None
-    gguf_file: Optional[str] = None
+    tokenizer: str | None = None
+    gguf_file: str | None = None
     # where the dataset's shipped YAML puts its data (None for a dataset that is not shipped): the one path
     # pace-train prepares on first use
-    shipped_path: Optional[str] = field(default=None, metadata=DERIVED)
+    shipped_path: str | None = field(default=None, metadata=DERIVED)
 
 
 @dataclass(frozen=True)
 class Config:
     """A validated pace-train config, and the composed config itself (`composed`: every key as given,
     resolved), which the record and the checkpoints keep."""
+
     run_name: str
     seed: int
     training: Training
@@ -149,6 +150,7 @@ class Config:
 
 # ---- the rules on values ----------------------------------------------------------------------------------
 
+
 def validate(cfg, ranks=None, resolve=False):
     """`cfg` (a composed pace-train config: DictConfig or dict) as a `Config`; a PaceLMError naming the first
     key that is unknown, missing, of the wrong type or out of range. `ranks`: the processes the run will have
@@ -156,6 +158,7 @@ def validate(cfg, ranks=None, resolve=False):
     that cannot run raises its own error (a run needs every value; listing a figure's commands does not)."""
     if resolve:
         from omegaconf import DictConfig, OmegaConf
+
         if isinstance(cfg, DictConfig):
             OmegaConf.resolve(cfg)
     raw = _plain(cfg)
@@ -165,8 +168,9 @@ def validate(cfg, ranks=None, resolve=False):
     raw.update(optimizer=validate_optimizer(raw.get("optimizer")), model=validate_model(raw.get("model", {})))
     spec = _build(Config, raw, "")
     _check_training(spec.training, int(os.environ.get("WORLD_SIZE", "1")) if ranks is None else ranks)
-    _check_step_in_backward(spec.training, spec.optimizer, int(os.environ.get("WORLD_SIZE", "1")) if ranks is None
-                            else ranks)
+    _check_step_in_backward(
+        spec.training, spec.optimizer, int(os.environ.get("WORLD_SIZE", "1")) if ranks is None else ranks
+    )
     _check_averaging(spec.averaging, spec.optimizer.method.returns, spec.training.max_steps)
     _check_schedule(spec.schedule)
     if not 0 < spec.dataset.subset_ratio <= 1:
@@ -202,6 +206,7 @@ def _plain(cfg):
     own error, while composing and listing a config need no model package."""
     from omegaconf import DictConfig, ListConfig, OmegaConf
     from omegaconf.errors import InterpolationResolutionError
+
     if not isinstance(cfg, DictConfig):
         return dict(cfg) if isinstance(cfg, dict) else cfg
     out = {}
@@ -219,16 +224,26 @@ def _plain(cfg):
 
 
 def _check_training(tc, ranks):
-    for key in ("max_steps", "batch_size", "micro_batch_size", "eval_interval", "eval_batches",
-                "eval_batch_size", "log_interval"):
+    for key in (
+        "max_steps",
+        "batch_size",
+        "micro_batch_size",
+        "eval_interval",
+        "eval_batches",
+        "eval_batch_size",
+        "log_interval",
+    ):
         if getattr(tc, key) < 1:
             raise PaceLMError(f"training.{key}={getattr(tc, key)!r} must be a positive integer")
     if tc.batch_size % tc.micro_batch_size:
-        raise PaceLMError(f"training.batch_size={tc.batch_size} is not a multiple of "
-                          f"training.micro_batch_size={tc.micro_batch_size}")
+        raise PaceLMError(
+            f"training.batch_size={tc.batch_size} is not a multiple of training.micro_batch_size={tc.micro_batch_size}"
+        )
     if tc.batch_size % (tc.micro_batch_size * ranks):
-        raise PaceLMError(f"training.batch_size={tc.batch_size} is not a multiple of training.micro_batch_size"
-                          f" x ranks = {tc.micro_batch_size} x {ranks}")
+        raise PaceLMError(
+            f"training.batch_size={tc.batch_size} is not a multiple of training.micro_batch_size"
+            f" x ranks = {tc.micro_batch_size} x {ranks}"
+        )
     _choice("training.pad_to", tc.pad_to, ("max_seq_len", "longest"))
     _choice("training.dtype", tc.dtype, ("auto", "float32", "bfloat16"))  # DTYPES' spellings
     _choice("training.parallel", tc.parallel, PARALLEL)
@@ -237,20 +252,23 @@ def _check_training(tc, ranks):
     if tc.resume not in (False, "auto") and tc.overwrite:
         raise PaceLMError(f"training.resume={tc.resume} and training.overwrite=true contradict each other")
     if tc.init_from is not None and tc.resume not in (False, "auto"):
-        raise PaceLMError(f"training.init_from starts a new run; training.resume={tc.resume} goes on with this one: "
-                          f"give one of them")
+        raise PaceLMError(
+            f"training.init_from starts a new run; training.resume={tc.resume} goes on with this one: give one of them"
+        )
     if tc.grad_clip is not None and not tc.grad_clip >= 0:
         raise PaceLMError(f"training.grad_clip={tc.grad_clip} must be >= 0 (0 or null: no clipping)")
     if tc.grad_clip_per_parameter and tc.grad_clip_lagged:
-        raise PaceLMError("training.grad_clip_per_parameter=true and training.grad_clip_lagged=true are two "
-                          "clippings: give one")
+        raise PaceLMError(
+            "training.grad_clip_per_parameter=true and training.grad_clip_lagged=true are two clippings: give one"
+        )
     for key in ("grad_clip_per_parameter", "grad_clip_lagged"):
         if getattr(tc, key) and tc.parallel == "fsdp":  # the norms a tensor at a time of sharded grads: not kept
-            raise PaceLMError(f"training.{key}=true clips as a step in the backward pass does, in one process; "
-                              f"under training.parallel=fsdp use the global clip (training.{key}=false)")
+            raise PaceLMError(
+                f"training.{key}=true clips as a step in the backward pass does, in one process; "
+                f"under training.parallel=fsdp use the global clip (training.{key}=false)"
+            )
     if tc.checkpoint.interval < 0:
-        raise PaceLMError(f"training.checkpoint.interval={tc.checkpoint.interval!r} must be an integer >= 0 "
-                          f"(0: none)")
+        raise PaceLMError(f"training.checkpoint.interval={tc.checkpoint.interval!r} must be an integer >= 0 (0: none)")
     if tc.checkpoint.keep < 1:
         raise PaceLMError(f"training.checkpoint.keep={tc.checkpoint.keep!r} must be a positive integer")
 
@@ -261,18 +279,16 @@ def _check_step_in_backward(tc, opt, ranks):
         return
     why = "training.step_in_backward=true steps each parameter as soon as its grad is complete"
     if not isinstance(opt.args, PACEArgs):
-        raise PaceLMError(f"{why}, which optimizer={opt.name} cannot; choose a PACE method (adamw, ema, pace, "
-                          f"lawa, swa)")
+        raise PaceLMError(
+            f"{why}, which optimizer={opt.name} cannot; choose a PACE method (adamw, ema, pace, lawa, swa)"
+        )
     if ranks > 1:
         raise PaceLMError(f"{why}, before the {ranks} ranks' grads are reduced: it runs in one process")
     if tc.micro_batch_size != tc.batch_size:
-        raise PaceLMError(f"{why}, so it cannot accumulate micro-batches: set training.micro_batch_size="
-                          f"{tc.batch_size} (= training.batch_size)")
-    if tc.grad_clip and not (tc.grad_clip_per_parameter or tc.grad_clip_lagged):
-        raise PaceLMError(f"{why}, before the global grad norm exists: set training.grad_clip_lagged=true (clipped "
-                          f"by the previous step's global norm), training.grad_clip_per_parameter=true (each "
-                          f"parameter's grad to training.grad_clip={tc.grad_clip} on its own), or "
-                          f"training.grad_clip=0; each is another run")
+        raise PaceLMError(
+            f"{why}, so it cannot accumulate micro-batches: set training.micro_batch_size="
+            f"{tc.batch_size} (= training.batch_size)"
+        )
 
 
 def enabled_averagers(averaging, returns):
@@ -281,22 +297,10 @@ def enabled_averagers(averaging, returns):
 
 
 def _check_averaging(averaging, returns, max_steps):
-    """The settings of the averagers a run keeps (a disabled one is not in the way), and that each takes
-    weights before the run ends."""
+    """The settings of the averagers a run keeps (a disabled one is not in the way), each by its own rules
+    (registry.AVERAGERS' check)."""
     for name in enabled_averagers(averaging, returns):
-        a = getattr(averaging, name)
-        counts = [f.name for f in dataclasses.fields(a) if f.type in (int, "int")]  # every, start, LAWA's k
-        for key in counts:
-            value, least = getattr(a, key), 0 if key == "start" else 1
-            if value < least:
-                raise PaceLMError(f"averaging.{name}.{key}={value!r} must be an integer >= {least}")
-        if a.device not in (None, "cpu"):
-            raise PaceLMError(f"averaging.{name}.device={a.device!r} must be null (the parameters') or cpu")
-        if a.start >= max_steps:
-            raise PaceLMError(f"averaging.{name}.start={a.start} is not before training.max_steps={max_steps}")
-        if (max_steps // a.every) * a.every <= a.start:
-            raise PaceLMError(f"averaging.{name} takes no weights: no multiple of every={a.every} in "
-                              f"(start={a.start}, max_steps={max_steps}]")
+        getattr(averaging, name).check(name, max_steps)
 
 
 def _check_schedule(s):
@@ -308,8 +312,10 @@ def _check_schedule(s):
         if value is not None and not 0 <= value <= 1:
             raise PaceLMError(f"schedule.{key}={value} must be in [0, 1]")
     if s.name in ("cos", "wsd") and s.final_lr_ratio is None or s.name == "wsd" and s.decay_fraction is None:
-        raise PaceLMError(f"schedule={s.name} needs schedule.final_lr_ratio"
-                          + (" and schedule.decay_fraction" if s.name == "wsd" else ""))
+        raise PaceLMError(
+            f"schedule={s.name} needs schedule.final_lr_ratio"
+            + (" and schedule.decay_fraction" if s.name == "wsd" else "")
+        )
 
 
 def validate_model(cfg):
@@ -322,9 +328,11 @@ def validate_model(cfg):
     elif not m.pretrained:
         raise PaceLMError(f"model {m.name!r}: model.pretrained (a hub id or a folder) is not set")
     elif m.config:  # the architecture comes with the weights: a key here would be recorded, never applied
-        raise PaceLMError(f"model.config.{next(iter(m.config))} applies to a model built from scratch; model "
-                          f"{m.name!r} loads its architecture with its weights from {m.pretrained!r} (edit its "
-                          f"config.json in a copy of the folder to change it)")
+        raise PaceLMError(
+            f"model.config.{next(iter(m.config))} applies to a model built from scratch; model "
+            f"{m.name!r} loads its architecture with its weights from {m.pretrained!r} (edit its "
+            f"config.json in a copy of the folder to change it)"
+        )
     if m.pad_vocab_to_multiple_of < 1:
         raise PaceLMError(f"model.pad_vocab_to_multiple_of={m.pad_vocab_to_multiple_of} must be a positive integer")
     return m
@@ -335,8 +343,9 @@ def check_seq_len(max_seq_len, data_len):
     if max_seq_len is None:
         return data_len
     if not 2 <= max_seq_len <= data_len:
-        raise PaceLMError(f"training.max_seq_len={max_seq_len!r} must be an integer in [2, {data_len}] (the "
-                          f"prepared data's length)")
+        raise PaceLMError(
+            f"training.max_seq_len={max_seq_len!r} must be an integer in [2, {data_len}] (the prepared data's length)"
+        )
     return max_seq_len
 
 
@@ -352,9 +361,11 @@ def _choice(key, value, known):
 
 # ---- the optimizer classes' arguments, as typed fields ----------------------------------------------------
 
+
 @dataclass(frozen=True)
 class PACEArgs:
     """pace.PACE's keyword arguments the pipeline sets; impl `auto` is PACE's default."""
+
     impl: str
     lr: float
     betas: list
@@ -364,17 +375,21 @@ class PACEArgs:
     clamp_pullback: bool
     beta_ema: float
     use_ema_eval: bool
-    ema_kappa: Optional[float]
+    ema_kappa: float | None
     ema_rho: float
     ema_gamma: float
     ema_update_freq: int
     log_stats: bool
-    ema_dtype: Optional[str]
+    ema_dtype: str | None
     rounding: str = "nearest"  # a record written before this key ran with rounding to nearest
 
     def kwargs(self):
-        return dict(dataclasses.asdict(self), betas=tuple(self.betas), impl=None if self.impl == "auto" else self.impl,
-                    ema_dtype=DTYPES[self.ema_dtype] if self.ema_dtype else None)
+        return dict(
+            dataclasses.asdict(self),
+            betas=tuple(self.betas),
+            impl=None if self.impl == "auto" else self.impl,
+            ema_dtype=DTYPES[self.ema_dtype] if self.ema_dtype else None,
+        )
 
     def check(self, who):
         """Every value as PACE's constructor checks it, with nothing built."""
@@ -393,6 +408,7 @@ class PACEArgs:
 @dataclass(frozen=True)
 class ScheduleFreeArgs:
     """schedulefree.AdamWScheduleFree's keyword arguments the pipeline sets."""
+
     lr: float
     betas: list
     eps: float
@@ -427,6 +443,7 @@ OPTIMIZER_ARGS = {"pace": PACEArgs, "schedulefree": ScheduleFreeArgs}  # by regi
 
 # ---- building typed objects from plain dicts: unknown keys, missing keys and types ----------------------------
 
+
 def _build(cls, raw, prefix):
     """`cls` from the dict `raw`; `prefix` is the dotted path of `raw` for messages."""
     if not isinstance(raw, dict):
@@ -435,15 +452,19 @@ def _build(cls, raw, prefix):
     fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("derived")}
     unknown = sorted(f"{prefix}{k}" for k in raw if k not in fields)
     if unknown:
-        raise PaceLMError(f"unknown key{'s' * (len(unknown) > 1)} {', '.join(unknown)}: pace-train has no such "
-                          f"key (`pace-train --cfg job` prints them all)")
+        raise PaceLMError(
+            f"unknown key{'s' * (len(unknown) > 1)} {', '.join(unknown)}: pace-train has no such "
+            f"key (`pace-train --cfg job` prints them all)"
+        )
     values = {}
     for name, f in fields.items():
         key = f"{prefix}{name}"
         if name not in raw:
             if f.default is dataclasses.MISSING:
-                raise PaceLMError(f"{key} is missing: every pace-train key has a default in the shipped YAML "
-                                  f"(`pace-train --cfg job` prints them all)")
+                raise PaceLMError(
+                    f"{key} is missing: every pace-train key has a default in the shipped YAML "
+                    f"(`pace-train --cfg job` prints them all)"
+                )
             continue
         values[name] = _typed(raw[name], hints[name], key)
     return cls(**values)
@@ -476,7 +497,12 @@ def _accepts(value, hint):
 def _describe(hint):
     if typing.get_origin(hint) in (Union, types.UnionType):
         return " or ".join(_describe(h) for h in typing.get_args(hint))
-    return {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: "a list",
-            dict: "a mapping", type(None): "null"}.get(hint, getattr(hint, "__name__", str(hint)))
-
-
+    return {
+        bool: "true or false",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        list: "a list",
+        dict: "a mapping",
+        type(None): "null",
+    }.get(hint, getattr(hint, "__name__", str(hint)))

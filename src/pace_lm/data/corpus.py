@@ -12,15 +12,30 @@ import os
 import random
 import sysconfig
 
-SKIP_DIRS = {"test", "tests", "idlelib", "site-packages", "dist-packages", "lib2to3", "__pycache__",
-             "turtledemo", "ensurepip"}
-MIN_DOC_CHARS = 40      # shorter docstrings ("Return self.") carry little to learn
+SKIP_DIRS = {
+    "test",
+    "tests",
+    "idlelib",
+    "site-packages",
+    "dist-packages",
+    "lib2to3",
+    "__pycache__",
+    "turtledemo",
+    "ensurepip",
+}
+MIN_DOC_CHARS = 40  # shorter docstrings ("Return self.") carry little to learn
 MAX_REPLY_CHARS = 1200  # a reply is cut at a paragraph boundary below this
 
-SYSTEM_PROMPTS = ["You are a helpful assistant who knows the Python standard library.",
-                  "You answer questions about Python precisely and briefly."]
-DOC_QUESTIONS = ["What does `{name}` do?", "Explain `{name}`.", "What is `{name}` for?",
-                 "Describe `{name}` from the Python standard library."]
+SYSTEM_PROMPTS = [
+    "You are a helpful assistant who knows the Python standard library.",
+    "You answer questions about Python precisely and briefly.",
+]
+DOC_QUESTIONS = [
+    "What does `{name}` do?",
+    "Explain `{name}`.",
+    "What is `{name}` for?",
+    "Describe `{name}` from the Python standard library.",
+]
 TOPIC_QUESTIONS = ["Explain the Python topic '{name}'.", "Tell me about '{name}' in Python."]
 FOLLOW_UPS = ["Go on.", "Continue, please.", "And then?"]
 
@@ -58,6 +73,7 @@ def _docstrings(node, prefix):
 def pydoc_topics():
     """[(topic, text)] of the interactive help's topics, sorted by topic."""
     from pydoc_data.topics import topics
+
     return sorted(topics.items())
 
 
@@ -84,8 +100,10 @@ def offline_conversations(seed=0):
     rng = random.Random(seed)
     conversations = []
     for name, doc in stdlib_docstrings():
-        messages = [{"role": "user", "content": rng.choice(DOC_QUESTIONS).format(name=name)},
-                    {"role": "assistant", "content": _chunks(doc)[0]}]
+        messages = [
+            {"role": "user", "content": rng.choice(DOC_QUESTIONS).format(name=name)},
+            {"role": "assistant", "content": _chunks(doc)[0]},
+        ]
         conversations.append(_maybe_system(rng, messages))
     for name, text in pydoc_topics():
         messages = [{"role": "user", "content": rng.choice(TOPIC_QUESTIONS).format(name=name)}]
@@ -121,9 +139,11 @@ def corpus_sha256():
 # ---- the offline tokenizer ---------------------------------------------------------
 
 IM_START, IM_END, PAD = "<|im_start|>", "<|im_end|>", "<|pad|>"
-CHATML_TEMPLATE = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content']"
-                   " + '<|im_end|>' + '\n' }}{% endfor %}"
-                   "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content']"
+    " + '<|im_end|>' + '\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 
 
 def train_offline_tokenizer(vocab_size=4096):
@@ -139,10 +159,15 @@ def train_offline_tokenizer(vocab_size=4096):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[PAD, IM_START, IM_END],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[PAD, IM_START, IM_END],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(offline_documents(), trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=IM_END, pad_token=PAD,
-                                   additional_special_tokens=[IM_START])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token=IM_END, pad_token=PAD, additional_special_tokens=[IM_START]
+    )
     fast.chat_template = CHATML_TEMPLATE
     return fast

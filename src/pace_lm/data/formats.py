@@ -39,9 +39,20 @@ from pace_lm import PaceLMError
 
 ROLES = ("system", "user", "assistant", "tool")
 ROLE_ALIASES = {"developer": "system", "function": "tool"}
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
-                  "bing": "assistant", "bard": "assistant", "system": "system", "function_call": "assistant",
-                  "observation": "tool", "tool": "tool", "function_response": "tool"}
+SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "chatgpt": "assistant",
+    "bing": "assistant",
+    "bard": "assistant",
+    "system": "system",
+    "function_call": "assistant",
+    "observation": "tool",
+    "tool": "tool",
+    "function_response": "tool",
+}
 FIELDS = {  # the fields that tell a row's format, in the order they are tried
     "messages": ("messages",),
     "sharegpt": ("conversations",),
@@ -52,8 +63,10 @@ FIELDS = {  # the fields that tell a row's format, in the order they are tried
 }
 FORMATS = tuple(FIELDS)
 COLUMN_ROLES = ("prompt", "response", "context", "system")  # --columns: what a table's columns can be
-TOOLS_HEADER = ("# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
-                "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n")
+TOOLS_HEADER = (
+    "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n"
+)
 
 
 def detect(row):
@@ -69,8 +82,10 @@ def describe_missing(row):
     """What a row of no known format has, and what each format needs: for a one-line error."""
     keys = ", ".join(str(k) for k, v in row.items() if v is not None) or "none"
     wanted = "; ".join(f"{name}: {' + '.join(repr(f) for f in fields)}" for name, fields in FIELDS.items())
-    return (f"no conversation format's fields (its keys: {keys}; {wanted}); a table of other columns: "
-            f"pace-data --columns prompt=COLUMN,response=COLUMN")
+    return (
+        f"no conversation format's fields (its keys: {keys}; {wanted}); a table of other columns: "
+        f"pace-data --columns prompt=COLUMN,response=COLUMN"
+    )
 
 
 def to_messages(row, fmt=None, notes=None):
@@ -87,8 +102,10 @@ def to_messages(row, fmt=None, notes=None):
         raise PaceLMError("an oasst row is one message of a tree: its file's rows are read together")
     missing = [f for f in FIELDS[fmt] if row.get(f) is None]
     if missing:
-        raise PaceLMError(f"no {', '.join(repr(f) for f in missing)} field for --format {fmt} "
-                          f"(its keys: {', '.join(map(str, row)) or 'none'})")
+        raise PaceLMError(
+            f"no {', '.join(repr(f) for f in missing)} field for --format {fmt} "
+            f"(its keys: {', '.join(map(str, row)) or 'none'})"
+        )
     return finish(CONVERTERS[fmt](row), row.get("tools"), notes)
 
 
@@ -128,8 +145,10 @@ def map_columns(row, columns):
     response = output, system = system)."""
     missing = [c for role, c in columns.items() if role in ("prompt", "response") and row.get(c) is None]
     if missing:
-        raise PaceLMError(f"no {', '.join(repr(c) for c in missing)} column for --columns "
-                          f"(its keys: {', '.join(map(str, row)) or 'none'})")
+        raise PaceLMError(
+            f"no {', '.join(repr(c) for c in missing)} column for --columns "
+            f"(its keys: {', '.join(map(str, row)) or 'none'})"
+        )
     mapped = {"instruction": row[columns["prompt"]], "output": row[columns["response"]]}
     for role, key in (("context", "input"), ("system", "system")):
         if role in columns and row.get(columns[role]) is not None:
@@ -143,11 +162,16 @@ def parse_columns(text):
     for part in filter(None, (p.strip() for p in text.split(","))):
         role, sep, column = part.partition("=")
         if not sep or role not in COLUMN_ROLES or not column:
-            raise PaceLMError(f"--columns {text!r}: each part is ROLE=COLUMN with ROLE one of "
-                              f"{', '.join(COLUMN_ROLES)} (e.g. prompt=question,response=answer)")
+            raise PaceLMError(
+                f"--columns {text!r}: each part is ROLE=COLUMN with ROLE one of "
+                f"{', '.join(COLUMN_ROLES)} (e.g. prompt=question,response=answer)"
+            )
         columns[role] = column
     if not {"prompt", "response"} <= set(columns):
-        raise PaceLMError(f"--columns {text!r} names no {' and no '.join(r for r in ('prompt', 'response') if r not in columns)} column")
+        raise PaceLMError(
+            f"--columns {text!r} names no "
+            f"{' and no '.join(r for r in ('prompt', 'response') if r not in columns)} column"
+        )
     return columns
 
 
@@ -159,8 +183,10 @@ def oasst_conversations(rows, notes=None):
         if row.get("deleted"):
             continue
         if row.get("role") not in ("prompter", "assistant") or not isinstance(row.get("text"), str):
-            raise PaceLMError(f"message {row.get('message_id')!r} has role={row.get('role')!r} and text of type "
-                              f"{type(row.get('text')).__name__}: expected prompter or assistant, and a string")
+            raise PaceLMError(
+                f"message {row.get('message_id')!r} has role={row.get('role')!r} and text of type "
+                f"{type(row.get('text')).__name__}: expected prompter or assistant, and a string"
+            )
         children.setdefault(row.get("parent_id"), []).append(row)
 
     def best(rows_):
@@ -194,8 +220,10 @@ def _message(m, i):
             raise PaceLMError(f"message {i} has content parts that are not all text ({{type: text, text}})")
         content = "".join(texts)
     if role not in ROLES or not isinstance(content, str):
-        raise PaceLMError(f"message {i} has role={m.get('role')!r} and content of type {type(content).__name__}: "
-                          f"expected a role in {ROLES} and a string")
+        raise PaceLMError(
+            f"message {i} has role={m.get('role')!r} and content of type {type(content).__name__}: "
+            f"expected a role in {ROLES} and a string"
+        )
     return {"role": role, "content": content}
 
 
@@ -221,8 +249,14 @@ def _alpaca(row):
 
 
 def _dolly(row):
-    return _alpaca({"instruction": row["instruction"], "input": row.get("context"), "output": row["response"],
-                    "system": row.get("system")})
+    return _alpaca(
+        {
+            "instruction": row["instruction"],
+            "input": row.get("context"),
+            "output": row["response"],
+            "system": row.get("system"),
+        }
+    )
 
 
 def _prompt_completion(row):
@@ -231,8 +265,10 @@ def _prompt_completion(row):
         return [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
     if isinstance(prompt, list) and isinstance(completion, list):
         return [_message(m, i) for i, m in enumerate(prompt + completion)]
-    raise PaceLMError(f"'prompt' and 'completion' are {type(prompt).__name__} and {type(completion).__name__}: "
-                      f"two strings, or two lists of messages")
+    raise PaceLMError(
+        f"'prompt' and 'completion' are {type(prompt).__name__} and {type(completion).__name__}: "
+        f"two strings, or two lists of messages"
+    )
 
 
 def _list(value, name):
@@ -241,5 +277,11 @@ def _list(value, name):
     return value
 
 
-CONVERTERS = {"messages": _messages, "sharegpt": _sharegpt, "alpaca": _alpaca, "dolly": _dolly,
-              "prompt_completion": _prompt_completion, "oasst": None}  # oasst: a file's rows together
+CONVERTERS = {
+    "messages": _messages,
+    "sharegpt": _sharegpt,
+    "alpaca": _alpaca,
+    "dolly": _dolly,
+    "prompt_completion": _prompt_completion,
+    "oasst": None,
+}  # oasst: a file's rows together

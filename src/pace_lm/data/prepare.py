@@ -10,16 +10,13 @@ import re
 import shutil
 import time
 from dataclasses import dataclass
-from typing import Optional
 
 from pace_lm import PaceLMError
-
 from pace_lm.data import corpus, formats
-
-from pace_lm.files import marks
-from pace_lm.data.sources import PRESETS, load_source
 from pace_lm.data.prepared import IGNORE_INDEX, META, SPLITS, TOKENIZER
+from pace_lm.data.sources import PRESETS, load_source
 from pace_lm.environment import environment
+from pace_lm.files import marks
 from pace_lm.files.atomic import replace_folder, write_failed, write_json_atomic
 
 ROLES = formats.ROLES
@@ -31,23 +28,24 @@ WARN_SHARE = 0.1  # a share of conversations above which pace-data says what hap
 @dataclass(frozen=True)
 class Request:
     """What pace-data is asked to prepare: its flags, and the keys of meta.json that say what was made."""
-    source: str = "offline"             # 'offline', a PRESETS key, a hub id, or local files (sources.py)
-    mode: str = "sft"                   # sft | pretrain
-    tokenizer: Optional[str] = None     # hub id or folder; None: a BPE tokenizer trained on the offline corpus
-    gguf_file: Optional[str] = None     # the tokenizer from this GGUF file in the tokenizer folder
-    revision: Optional[str] = None      # the hub dataset's revision
-    name: Optional[str] = None          # the hub dataset's config name
+
+    source: str = "offline"  # 'offline', a PRESETS key, a hub id, or local files (sources.py)
+    mode: str = "sft"  # sft | pretrain
+    tokenizer: str | None = None  # hub id or folder; None: a BPE tokenizer trained on the offline corpus
+    gguf_file: str | None = None  # the tokenizer from this GGUF file in the tokenizer folder
+    revision: str | None = None  # the hub dataset's revision
+    name: str | None = None  # the hub dataset's config name
     split: str = "train"
-    max_seq_len: Optional[int] = None   # truncation (sft) or block length (pretrain); None: DEFAULT_SEQ_LEN
-    val_size: Optional[int] = None      # held-out examples (documents when streaming)
-    seed: int = 0                       # of the train/validation split
-    max_tokens: Optional[int] = None    # pretrain: stream the source, stop after this many training tokens
-    text_field: str = "text"            # pretrain: the text column
-    format: Optional[str] = None        # sft: a formats.FORMATS name; None: each row's told by its fields
-    train_tool_turns: bool = False      # sft: train tool turns too (they are masked, as user turns, by default)
-    train_split: Optional[str] = None   # a local folder's split to train on (sources.choose_splits)
-    validation_split: Optional[str] = None  # and its split to validate on
-    columns: Optional[dict] = None      # sft: {role: column} of a table (formats.parse_columns), any format
+    max_seq_len: int | None = None  # truncation (sft) or block length (pretrain); None: DEFAULT_SEQ_LEN
+    val_size: int | None = None  # held-out examples (documents when streaming)
+    seed: int = 0  # of the train/validation split
+    max_tokens: int | None = None  # pretrain: stream the source, stop after this many training tokens
+    text_field: str = "text"  # pretrain: the text column
+    format: str | None = None  # sft: a formats.FORMATS name; None: each row's told by its fields
+    train_tool_turns: bool = False  # sft: train tool turns too (they are masked, as user turns, by default)
+    train_split: str | None = None  # a local folder's split to train on (sources.choose_splits)
+    validation_split: str | None = None  # and its split to validate on
+    columns: dict | None = None  # sft: {role: column} of a table (formats.parse_columns), any format
 
     @property
     def trained_roles(self):
@@ -60,6 +58,7 @@ class Request:
 
 # ---- SFT: ChatML with only the assistant replies trained -----------------------------
 
+
 def format_chatml(messages, trained=("assistant",)):
     """ChatML text of a conversation and the character spans that are trained.
 
@@ -71,8 +70,10 @@ def format_chatml(messages, trained=("assistant",)):
     for i, m in enumerate(messages):
         role, content = m.get("role"), m.get("content")
         if role not in ROLES or not isinstance(content, str):
-            raise PaceLMError(f"message {i} has role={role!r} and content of type {type(content).__name__}: "
-                              f"expected a role in {ROLES} and a string")
+            raise PaceLMError(
+                f"message {i} has role={role!r} and content of type {type(content).__name__}: "
+                f"expected a role in {ROLES} and a string"
+            )
         text += f"{IM_START}{role}\n"
         if role in trained:
             spans.append((len(text), len(text) + len(content) + len(IM_END)))
@@ -100,18 +101,20 @@ def tokenize_conversation(tokenizer, messages, max_len, trained=("assistant",)):
 def ensure_chatml_tokens(tokenizer):
     """Add `<|im_start|>` / `<|im_end|>` as special tokens when the tokenizer lacks them (e.g. Gemma)."""
     from tokenizers import AddedToken
+
     vocab = tokenizer.get_vocab()
     missing = [t for t in (IM_START, IM_END) if t not in vocab]
     if missing:
-        tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in missing],
-                             special_tokens=True)
+        tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in missing], special_tokens=True)
     return missing
 
 
 def _tokenize_sft(ds, tokenizer, max_len, num_proc, trained=("assistant",)):
     def fn(batch, rows):
-        out = {k: [] for k in ("input_ids", "labels", "truncated", "n_tokens", "n_trained", "no_assistant",
-                               "empty_replies")}
+        out = {
+            k: []
+            for k in ("input_ids", "labels", "truncated", "n_tokens", "n_trained", "no_assistant", "empty_replies")
+        }
         for row, messages in zip(rows, batch["messages"]):
             no_assistant = not any(m.get("role") == "assistant" for m in messages)
             ids, labels, truncated = [], [], False
@@ -126,34 +129,53 @@ def _tokenize_sft(ds, tokenizer, max_len, num_proc, trained=("assistant",)):
             out["n_tokens"].append(len(ids))
             out["n_trained"].append(sum(1 for y in labels if y != IGNORE_INDEX))
             out["no_assistant"].append(no_assistant)
-            out["empty_replies"].append(not no_assistant and not any(
-                m["content"].strip() for m in messages if m.get("role") == "assistant"))
+            out["empty_replies"].append(
+                not no_assistant and not any(m["content"].strip() for m in messages if m.get("role") == "assistant")
+            )
         return out
-    return ds.map(fn, batched=True, with_indices=True, num_proc=num_proc, remove_columns=ds.column_names,
-                  desc="tokenizing conversations")
+
+    return ds.map(
+        fn,
+        batched=True,
+        with_indices=True,
+        num_proc=num_proc,
+        remove_columns=ds.column_names,
+        desc="tokenizing conversations",
+    )
 
 
 def _sft_split(ds, tokenizer, max_len, num_proc, trained=("assistant",)):
     """Tokenize a split; drop (and count) conversations with no assistant turn or no trained token left."""
     if "messages" not in ds.column_names:
-        raise PaceLMError(f"dataset has no 'messages' column (columns: {', '.join(ds.column_names)}); "
-                          f"SFT needs a list of {{role, content}} per example")
+        raise PaceLMError(
+            f"dataset has no 'messages' column (columns: {', '.join(ds.column_names)}); "
+            f"SFT needs a list of {{role, content}} per example"
+        )
     tok = _tokenize_sft(ds, tokenizer, max_len, num_proc, trained)
     kept = tok.filter(lambda n: n > 0, input_columns="n_trained", num_proc=num_proc)
     no_assistant = sum(tok["no_assistant"])
-    counts = dict(conversations=len(ds), examples=len(kept), skipped_no_assistant=no_assistant,
-                  skipped_no_trained_token=len(ds) - no_assistant - len(kept),
-                  truncated=sum(kept["truncated"]), empty_replies=sum(tok["empty_replies"]),
-                  tokens=sum(kept["n_tokens"]), trained_tokens=sum(kept["n_trained"]))
+    counts = dict(
+        conversations=len(ds),
+        examples=len(kept),
+        skipped_no_assistant=no_assistant,
+        skipped_no_trained_token=len(ds) - no_assistant - len(kept),
+        truncated=sum(kept["truncated"]),
+        empty_replies=sum(tok["empty_replies"]),
+        tokens=sum(kept["n_tokens"]),
+        trained_tokens=sum(kept["n_trained"]),
+    )
     return kept.select_columns(["input_ids", "labels"]), counts
 
 
 # ---- pretraining: documents + EOS, packed into blocks --------------------------------
 
+
 def _pretrain_split(docs, tokenizer, block_size, text_field, num_proc, max_blocks=None):
     if text_field not in docs.column_names:
-        raise PaceLMError(f"dataset has no {text_field!r} column (columns: {', '.join(docs.column_names)}); "
-                          f"pretraining needs a text column (--text-field)")
+        raise PaceLMError(
+            f"dataset has no {text_field!r} column (columns: {', '.join(docs.column_names)}); "
+            f"pretraining needs a text column (--text-field)"
+        )
     eos = tokenizer.eos_token_id
     if eos is None:
         raise PaceLMError("the tokenizer has no EOS token to separate documents")
@@ -164,13 +186,14 @@ def _pretrain_split(docs, tokenizer, block_size, text_field, num_proc, max_block
     def pack(batch):  # the documents of a batch as one stream, cut into full blocks; the tail is dropped
         stream = [t for ids in batch["ids"] for t in ids]
         n = len(stream) // block_size * block_size
-        return {"input_ids": [stream[i:i + block_size] for i in range(0, n, block_size)]}
+        return {"input_ids": [stream[i : i + block_size] for i in range(0, n, block_size)]}
 
     kw = dict(num_proc=num_proc) if num_proc and not _is_streaming(docs) else {}
     toks = docs.map(tokenize, batched=True, remove_columns=docs.column_names, **kw)
     blocks = toks.map(pack, batched=True, batch_size=1000, remove_columns=["ids"], **kw)
     if _is_streaming(docs):
         from datasets import Dataset
+
         blocks = Dataset.from_list(list(blocks.take(max_blocks)))
     counts = dict(examples=len(blocks), tokens=len(blocks) * block_size, trained_tokens=len(blocks) * block_size)
     return blocks, counts
@@ -178,10 +201,12 @@ def _pretrain_split(docs, tokenizer, block_size, text_field, num_proc, max_block
 
 def _is_streaming(ds):
     from datasets import IterableDataset
+
     return isinstance(ds, IterableDataset)
 
 
 # ---- prepare (pace-data) ------------------------------------------------------------
+
 
 def prepare(out, request=Request(), num_proc=None, overwrite=False):
     """Tokenize the dataset `request` names once into `out`; return its metadata (meta.json).
@@ -204,23 +229,38 @@ def prepare(out, request=Request(), num_proc=None, overwrite=False):
     t0 = time.time()
     (train, train_counts), (val, val_counts) = _splits(source, tok, max_len, request, num_proc)
     if len(train) == 0 or len(val) == 0:
-        raise PaceLMError(f"no usable examples after tokenization (train {len(train)}, validation {len(val)}): "
-                          f"{train_counts}")
+        raise PaceLMError(
+            f"no usable examples after tokenization (train {len(train)}, validation {len(val)}): {train_counts}"
+        )
     warnings = sft_warnings(train_counts, max_len) if request.mode == "sft" else []
     warnings += conversion_warnings(source.notes, sum(source.formats.values()))
     for counts in (train_counts, val_counts):
         counts.pop("empty_replies", None)  # said in the warnings; counts keep the layout records compare
-    meta = dict(format=marks.PREPARED_FORMAT, mode=request.mode, source=request.source, name=request.name,
-                split=request.split, revision=request.revision, tokenizer=request.tokenizer or "offline-bpe",
-                gguf_file=request.gguf_file, added_tokens=added, max_seq_len=max_len,
-                pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
-                vocab_size=len(tok), seed=request.seed, counts=dict(train=train_counts, validation=val_counts),
-                trained_token_fraction=train_counts["trained_tokens"] / max(1, train_counts["tokens"]),
-                corpus_sha256=corpus.corpus_sha256() if request.source == "offline" else None,
-                formats=source.formats, conversions=source.notes, splits=_splits_said(source),
-                train_tool_turns=request.train_tool_turns,
-                warnings=warnings,
-                seconds=round(time.time() - t0, 1), environment=environment())
+    meta = dict(
+        format=marks.PREPARED_FORMAT,
+        mode=request.mode,
+        source=request.source,
+        name=request.name,
+        split=request.split,
+        revision=request.revision,
+        tokenizer=request.tokenizer or "offline-bpe",
+        gguf_file=request.gguf_file,
+        added_tokens=added,
+        max_seq_len=max_len,
+        pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+        vocab_size=len(tok),
+        seed=request.seed,
+        counts=dict(train=train_counts, validation=val_counts),
+        trained_token_fraction=train_counts["trained_tokens"] / max(1, train_counts["tokens"]),
+        corpus_sha256=corpus.corpus_sha256() if request.source == "offline" else None,
+        formats=source.formats,
+        conversions=source.notes,
+        splits=_splits_said(source),
+        train_tool_turns=request.train_tool_turns,
+        warnings=warnings,
+        seconds=round(time.time() - t0, 1),
+        environment=environment(),
+    )
     _write(out, (train, val), tok, meta)
     return meta
 
@@ -236,6 +276,7 @@ def _splits_said(source):
 def _tokenizer(request):
     """(tokenizer, the ChatML tokens added to it): the request's, or for the offline corpus one trained on it."""
     from pace_lm.models.lm import load_tokenizer
+
     if request.tokenizer is None:
         tok = corpus.train_offline_tokenizer()
     else:
@@ -247,11 +288,15 @@ def conversion_warnings(notes, n):
     """What conversion changed (formats.finish), one line each."""
     said = []
     if notes.get("leading_replies_dropped"):
-        said.append(f"{notes['leading_replies_dropped']} of {n} conversations began with an assistant reply before "
-                    f"any prompt (a long chat split into pieces): those replies are dropped, not trained")
+        said.append(
+            f"{notes['leading_replies_dropped']} of {n} conversations began with an assistant reply before "
+            f"any prompt (a long chat split into pieces): those replies are dropped, not trained"
+        )
     if notes.get("tools_rendered"):
-        said.append(f"{notes['tools_rendered']} of {n} conversations carry function schemas ('tools'): rendered into "
-                    f"their system turn, as ChatML chat templates do")
+        said.append(
+            f"{notes['tools_rendered']} of {n} conversations carry function schemas ('tools'): rendered into "
+            f"their system turn, as ChatML chat templates do"
+        )
     return said
 
 
@@ -261,14 +306,20 @@ def sft_warnings(counts, max_len):
     said = []
     skipped = counts["skipped_no_assistant"] + counts["skipped_no_trained_token"]
     if skipped > WARN_SHARE * n:
-        said.append(f"{skipped} of {n} conversations have no trained token (no assistant reply, or none left "
-                    f"within max_seq_len={max_len}): they are skipped")
+        said.append(
+            f"{skipped} of {n} conversations have no trained token (no assistant reply, or none left "
+            f"within max_seq_len={max_len}): they are skipped"
+        )
     if counts["truncated"] > WARN_SHARE * n:
-        said.append(f"{counts['truncated']} of {n} conversations are cut at max_seq_len={max_len}: their later "
-                    f"replies are not trained (raise --max-seq-len)")
+        said.append(
+            f"{counts['truncated']} of {n} conversations are cut at max_seq_len={max_len}: their later "
+            f"replies are not trained (raise --max-seq-len)"
+        )
     if counts["empty_replies"] > WARN_SHARE * n:
-        said.append(f"{counts['empty_replies']} of {n} conversations have only empty assistant replies: they "
-                    f"train only the end-of-turn token")
+        said.append(
+            f"{counts['empty_replies']} of {n} conversations have only empty assistant replies: they "
+            f"train only the end-of-turn token"
+        )
     return said
 
 
@@ -287,8 +338,10 @@ def _splits(source, tok, max_len, request, num_proc):
     if request.streaming:
         n_val = request.val_size or 1000
         val_docs, train_docs = ds.take(n_val), ds.skip(n_val)
-        return (_pretrain_split(train_docs, tok, max_len, text_field, None, request.max_tokens // max_len),
-                _pretrain_split(val_docs, tok, max_len, text_field, None, None))
+        return (
+            _pretrain_split(train_docs, tok, max_len, text_field, None, request.max_tokens // max_len),
+            _pretrain_split(val_docs, tok, max_len, text_field, None, None),
+        )
     if len(ds) < 2:
         raise PaceLMError(f"dataset {request.source!r} has {len(ds)} examples: need at least 2 (train and validation)")
     n_val = request.val_size or min(1000, max(1, len(ds) // 10))

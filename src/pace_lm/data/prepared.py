@@ -21,7 +21,9 @@ TOKENIZER = "tokenizer"
 def load_prepared(path):
     """(train, validation, tokenizer, meta) of a prepared folder, with a clear error if it is not one."""
     from datasets import load_from_disk
+
     from pace_lm.models.lm import load_tokenizer
+
     meta_path = os.path.join(path, META)
     if not os.path.exists(meta_path):
         raise not_prepared(path, f"pace-data --out {path} ...")
@@ -36,8 +38,10 @@ def not_prepared(path, command):
     """The error for a dataset.path that is not prepared data: it does not exist, or has no meta.json
     (`command`: how to prepare it)."""
     what = "does not exist" if not os.path.exists(path) else f"is not prepared data (no {META})"
-    return PaceLMError(f"dataset.path={path!r} {what}: prepare it with `{command}` (a folder of its own), or "
-                       f"point dataset.path at prepared data")
+    return PaceLMError(
+        f"dataset.path={path!r} {what}: prepare it with `{command}` (a folder of its own), or "
+        f"point dataset.path at prepared data"
+    )
 
 
 def subset(ds, ratio, seed):
@@ -74,7 +78,7 @@ class Batches:
                 self.epoch, self.offset = self.epoch + 1, 0
                 self._perm = self._permutation()
             take = min(self.batch_size - len(out), self.n - self.offset)
-            out += self._perm[self.offset:self.offset + take]
+            out += self._perm[self.offset : self.offset + take]
             self.offset += take
         return out
 

@@ -4,8 +4,9 @@ numbers as a markdown table. Reads records only; never trains (and never imports
 Every value shown comes from a record: x, line and panel from the run's resolved config, the metric
 from its summary. Runs that differ only in `seed` are averaged (the table gives mean ± std and n).
 `plot.split: {line: {label: summary key}}` draws several lines from each run of one line: one AdamW run
-that keeps its EMA, LAWA and SWA gives four returned models, all from the same iterates. `plot.paired: {line: [other lines]}` adds a table of per-seed differences
-(line − other, paired on the seed), with the number of seeds whose difference is negative.
+that keeps its EMA, LAWA and SWA gives four returned models, all from the same iterates.
+`plot.paired: {line: [other lines]}` adds a table of per-seed differences (line − other, paired on the
+seed), with the number of seeds whose difference is negative.
 `plot.curves: true` adds, from the same records' eval logs, each returned model's validation loss against
 the step (`<id>_curves.png`, a panel per x, mean over seeds) and a table of the lowest value over the
 evaluations beside the final one: the same evaluations for every method, no stopping step chosen for one.
@@ -21,10 +22,9 @@ import re
 import statistics
 
 from pace_lm import PaceLMError
-
-from pace_lm.files import marks
-from pace_lm.figures.specs import line_keys, line_label
 from pace_lm.config.compose import GROUPS, SHORT
+from pace_lm.figures.specs import line_keys, line_label
+from pace_lm.files import marks
 from pace_lm.run.records import RECORD, read_pretrained_loss, read_record
 
 MISSING = "–"
@@ -47,16 +47,28 @@ def collect(fig, out_dir):
         except ValueError as e:
             raise PaceLMError(f"{path} is not a readable record: {e}") from e
         config = record.get("config")
-        row = dict(run=run.name, status=record["status"], reference=p["x"] not in run.values,
-                   seed=_get(config, "seed") if config else run.values.get("seed"),
-                   x=_get(config, p["x"]) if config else run.values.get(p["x"]),
-                   panel=_get(config, p["panel"]) if config and p["panel"] else run.values.get(p["panel"]),
-                   line=line_label(line_keys(p, run), lambda k: _get(config, k) if config else run.values[k]))
+        row = dict(
+            run=run.name,
+            status=record["status"],
+            reference=p["x"] not in run.values,
+            seed=_get(config, "seed") if config else run.values.get("seed"),
+            x=_get(config, p["x"]) if config else run.values.get(p["x"]),
+            panel=_get(config, p["panel"]) if config and p["panel"] else run.values.get(p["panel"]),
+            line=line_label(
+                line_keys(p, run), lambda k, config=config, run=run: _get(config, k) if config else run.values[k]
+            ),
+        )
         for label, key in (p["split"].get(row["line"]) or {row["line"]: p["metric"]}).items():
             curve = _curve(record, key)
-            rows.append(dict(row, line=label, value=_value(record, key, path, fig), curve=curve,
-                             lowest=min((v for _, v in curve), default=None) if record["status"] == "complete"
-                             else None))
+            rows.append(
+                dict(
+                    row,
+                    line=label,
+                    value=_value(record, key, path, fig),
+                    curve=curve,
+                    lowest=min((v for _, v in curve), default=None) if record["status"] == "complete" else None,
+                )
+            )
     return rows
 
 
@@ -128,8 +140,13 @@ def table(fig, rows, field="value", untrained=None):
         out.append(f"| {metric} ({LOWER}) | " + " | ".join(f"{_short(fig.plot['x'])}={x}" for x in xs) + " |")
         out.append("|---|" + "---|" * len(xs))
         cells = {line: c for (p, line), c in _cells(prow).items() if p == panel}
-        best = {x: min((_summary(c[x], field)[0] for c in cells.values()
-                        if x in c and _summary(c[x], field)[0] is not None), default=None) for x in xs}
+        best = {
+            x: min(
+                (_summary(c[x], field)[0] for c in cells.values() if x in c and _summary(c[x], field)[0] is not None),
+                default=None,
+            )
+            for x in xs
+        }
         for line, c in cells.items():
             if all(r["reference"] for rs in c.values() for r in rs):  # no x of its own: the same in every column
                 ref = next(iter(c.values()))
@@ -148,8 +165,11 @@ def table(fig, rows, field="value", untrained=None):
     if fig.plot["paired"]:
         out.extend(paired_table(fig, rows))
     status = list({r["run"]: r["status"] for r in rows}.values())  # a split run has several rows
-    out.append(f"{status.count('complete')} of {len(status)} runs complete" + "".join(
-        f", {status.count(s)} {s}" for s in ("diverged", "running", "failed", "missing") if s in status) + ".")
+    out.append(
+        f"{status.count('complete')} of {len(status)} runs complete"
+        + "".join(f", {status.count(s)} {s}" for s in ("diverged", "running", "failed", "missing") if s in status)
+        + "."
+    )
     return "\n".join(out)
 
 
@@ -174,8 +194,7 @@ def paired_table(fig, rows):
     out = []
     for panel in dict.fromkeys(r["panel"] for r in rows):
         xs = _xs([r for r in rows if r["panel"] == panel], fig)
-        out.append("| paired difference (per seed) | " + " | ".join(f"{_short(fig.plot['x'])}={x}" for x in xs)
-                   + " |")
+        out.append("| paired difference (per seed) | " + " | ".join(f"{_short(fig.plot['x'])}={x}" for x in xs) + " |")
         out.append("|---|" + "---|" * len(xs))
         for a, b in pairs:
             diffs = paired(rows, a, b)
@@ -212,6 +231,7 @@ def plot(fig, rows, stem, untrained=None):
     figure of one x: a labelled point per line); error bars where there are seeds to spread; the untrained
     model's loss as a line, and a red ring on each point above it."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -230,8 +250,11 @@ def plot(fig, rows, stem, untrained=None):
         ax.set_ylabel(f"{fig.plot['metric'].replace('_', ' ')} ({LOWER})")
         seeds = sorted({r["seed"] for r in prow if r["value"] is not None and r["seed"] is not None})
         title = fig.id + (f": {fig.plot['panel']} = {panel}" if panel is not None else "")
-        ax.set_title(title + (f" ({len(seeds)} seeds, mean ± std)" if len(seeds) > 1 else
-                              f" (seed {seeds[0]})" if seeds else ""), fontsize=10)
+        ax.set_title(
+            title
+            + (f" ({len(seeds)} seeds, mean ± std)" if len(seeds) > 1 else f" (seed {seeds[0]})" if seeds else ""),
+            fontsize=10,
+        )
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     return save_plot(fig_, stem)
@@ -252,14 +275,32 @@ def _draw_lines(ax, fig, lines, xs, untrained):
         pos = (lambda x: x) if numeric else (lambda x, k=k: xs.index(x) + 0.08 * (k - (len(lines) - 1) / 2))
         if done:
             spread = any(sd is not None for _, _, sd in done)
-            ax.errorbar([pos(x) for x, _, _ in done], [m for _, m, _ in done],
-                        yerr=[sd or 0.0 for _, _, sd in done] if spread else None, color=color, marker="o", ms=5,
-                        lw=1.6 if numeric else 0, capsize=3 if spread else 0, elinewidth=1, label=line)
+            ax.errorbar(
+                [pos(x) for x, _, _ in done],
+                [m for _, m, _ in done],
+                yerr=[sd or 0.0 for _, _, sd in done] if spread else None,
+                color=color,
+                marker="o",
+                ms=5,
+                lw=1.6 if numeric else 0,
+                capsize=3 if spread else 0,
+                elinewidth=1,
+                label=line,
+            )
             failed += [(pos(x), m) for x, m, _ in done if untrained is not None and m > untrained]
         div = [x for x, s in pts if s[0] is None and s[3]]
         if div:  # a diverged run has no loss: marked at the top edge
-            ax.plot([pos(x) for x in div], [1.0] * len(div), "x", color=color, ms=8, mew=2, clip_on=False,
-                    transform=ax.get_xaxis_transform(), label=f"{line}: diverged")
+            ax.plot(
+                [pos(x) for x in div],
+                [1.0] * len(div),
+                "x",
+                color=color,
+                ms=8,
+                mew=2,
+                clip_on=False,
+                transform=ax.get_xaxis_transform(),
+                label=f"{line}: diverged",
+            )
     _ring(ax, failed)
     if numeric and fig.plot["logx"]:
         ax.set_xscale("log")
@@ -274,12 +315,21 @@ def _draw_lines(ax, fig, lines, xs, untrained):
 def _draw_one_x(ax, fig, lines, x, untrained):
     """A figure of one x (one lr): each line a labelled point on a categorical axis, its value written beside it."""
     failed = []
-    for k, (line, c) in enumerate(lines.items()):
+    for k, c in enumerate(lines.values()):
         mean, std, n, diverged = _summary(c.get(x, []))
         if mean is None:
             continue
-        ax.errorbar([k], [mean], yerr=[std] if std is not None else None, color=_color(k), marker="o", ms=7,
-                    capsize=4 if std is not None else 0, lw=0, elinewidth=1)
+        ax.errorbar(
+            [k],
+            [mean],
+            yerr=[std] if std is not None else None,
+            color=_color(k),
+            marker="o",
+            ms=7,
+            capsize=4 if std is not None else 0,
+            lw=0,
+            elinewidth=1,
+        )
         ax.annotate(f"{mean:.4f}", (k, mean), xytext=(8, 0), textcoords="offset points", va="center", fontsize=8)
         if untrained is not None and mean > untrained:
             failed.append((k, mean))
@@ -296,14 +346,23 @@ def _color(k):
 
 def _ring(ax, points):
     if points:
-        ax.scatter([p for p, _ in points], [m for _, m in points], s=190, facecolors="none", edgecolors="red",
-                   linewidths=1.6, zorder=5, label=FAILED)
+        ax.scatter(
+            [p for p, _ in points],
+            [m for _, m in points],
+            s=190,
+            facecolors="none",
+            edgecolors="red",
+            linewidths=1.6,
+            zorder=5,
+            label=FAILED,
+        )
 
 
 def save_plot(fig_, stem, dpi=150):
     """`stem`.png and `stem`.svg of a matplotlib figure, without dates, so that a redraw is byte-identical,
     marked as pace-figure's (marks.figure_outputs): a file of that name that is not is never replaced."""
     import matplotlib.pyplot as plt
+
     fig_.tight_layout()
     check_outputs([f"{stem}.png", f"{stem}.svg"])
     os.makedirs(os.path.dirname(os.path.abspath(stem)), exist_ok=True)
@@ -325,8 +384,7 @@ def write_table(path, text):
 def check_outputs(paths):
     why = marks.figure_outputs(paths)
     if why is not None:
-        raise PaceLMError(f"{why}: a figure is written only over pace-figure's own files; choose another "
-                          f"plot_dir")
+        raise PaceLMError(f"{why}: a figure is written only over pace-figure's own files; choose another plot_dir")
 
 
 def step_series(fig, out_dir, key):
@@ -351,14 +409,17 @@ def step_series(fig, out_dir, key):
 def plot_steps(fig, out_dir, keys, stem):
     """Write `stem`.png and .svg: one panel per step-log key, the key against the step, a line per run."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     found = {key: step_series(fig, out_dir, key) for key in keys}
     missing = [key for key, series in found.items() if not series]
     if missing:
-        raise PaceLMError(f"no record of {fig.id} under {os.path.join(out_dir, fig.id)} has step logs of "
-                          f"{', '.join(missing)} (PACE's statistics need optimizer.log_stats=true)")
+        raise PaceLMError(
+            f"no record of {fig.id} under {os.path.join(out_dir, fig.id)} has step logs of "
+            f"{', '.join(missing)} (PACE's statistics need optimizer.log_stats=true)"
+        )
     fig_, axes = plt.subplots(1, len(keys), figsize=(5.2 * len(keys), 4), squeeze=False)
     for ax, key in zip(axes[0], keys):
         for label, points in found[key].items():
@@ -375,11 +436,15 @@ def plot_curves(fig, rows, stem, untrained=None):
     """Write `stem`.png and .svg: per x (and panel), each line's value over the evaluations, mean over seeds
     (the steps every seed evaluated), and the untrained model's loss as a line."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = [(panel, x) for panel in dict.fromkeys(r["panel"] for r in rows)
-            for x in _xs([r for r in rows if r["panel"] == panel], fig)]
+    keys = [
+        (panel, x)
+        for panel in dict.fromkeys(r["panel"] for r in rows)
+        for x in _xs([r for r in rows if r["panel"] == panel], fig)
+    ]
     fig_, axes = plt.subplots(1, len(keys), figsize=(4.6 * len(keys), 4), squeeze=False)
     for ax, (panel, x) in zip(axes[0], keys):
         cells = {line: c.get(x, []) for (p, line), c in _cells([r for r in rows if r["panel"] == panel]).items()}
@@ -387,8 +452,13 @@ def plot_curves(fig, rows, stem, untrained=None):
             curves = [dict(r["curve"]) for r in cell if r["status"] == "complete" and r["curve"]]
             steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
             if steps:
-                ax.plot(steps, [statistics.fmean(c[t] for c in curves) for t in steps], color=_color(k), marker=".",
-                        label=f"{line} (n={len(curves)})")
+                ax.plot(
+                    steps,
+                    [statistics.fmean(c[t] for c in curves) for t in steps],
+                    color=_color(k),
+                    marker=".",
+                    label=f"{line} (n={len(curves)})",
+                )
         if untrained is not None:
             ax.axhline(untrained, color="0.35", ls=":", lw=1.4, label=f"{UNTRAINED} ({untrained:.4f})")
         ax.set_xlabel("step")
@@ -403,8 +473,10 @@ def plot_figure(fig, out_dir, plot_dir=None):
     """Read the figure's records under out_dir; write its PNG, SVG and markdown table; return the table."""
     rows = collect(fig, out_dir)
     if not any(r["value"] is not None or r["status"] == "diverged" for r in rows):
-        raise PaceLMError(f"no finished runs of {fig.id} under {os.path.join(out_dir, fig.id)}: "
-                          f"train them first (pace-figure fig={fig.id} run=true)")
+        raise PaceLMError(
+            f"no finished runs of {fig.id} under {os.path.join(out_dir, fig.id)}: "
+            f"train them first (pace-figure fig={fig.id} run=true)"
+        )
     stem = os.path.join(plot_dir or os.path.join(out_dir, fig.id), fig.id)
     check_outputs([f"{stem}{part}.{ext}" for part in ("", "_curves") for ext in ("png", "svg")] + [f"{stem}.md"])
     untrained = read_pretrained_loss(os.path.join(out_dir, fig.id))

@@ -19,9 +19,9 @@ import numpy as np
 
 from pace import theory
 from pace_lm import PaceLMError
+from pace_lm.environment import environment
 from pace_lm.figures.plots import check_outputs, save_plot, write_table
 from pace_lm.files.atomic import write_json_atomic
-from pace_lm.environment import environment
 from pace_lm.run.records import RECORD, read_record
 
 FIG_ID = "quadratic"
@@ -38,26 +38,41 @@ def run_quadratic(spec, out_dir, log=print):
     t0 = time.time()
     sde, fam, opt = spec["sde"], spec["instances"], spec["optimizer"]
     h, sigma, beta, rho = sde["h"], sde["sigma"], sde["beta"], sde["rho"]
-    sim = [theory.simulate_sde(h, sigma, beta, k, sde["dt"], sde["burn_in"], sde["steps"], sde["paths"], seed=i)
-           for i, k in enumerate(sde["gains"])]
+    sim = [
+        theory.simulate_sde(h, sigma, beta, k, sde["dt"], sde["burn_in"], sde["steps"], sde["paths"], seed=i)
+        for i, k in enumerate(sde["gains"])
+    ]
     log(f"{FIG_ID}: SDE simulated at {len(sim)} gains ({time.time() - t0:.0f} s)")
     eps = fam["eps"]
-    stationary = theory.simulate_optimizer(opt["c"], dim=opt["dim"], sigma=opt["sigma"], steps=opt["steps"],
-                                           lr=opt["lr"], beta_ema=opt["beta_ema"], seeds=opt["seeds"])
-    transient = theory.simulate_optimizer(opt["transient_c"], dim=opt["dim"], sigma=opt["sigma"],
-                                          start=opt["far_start"], steps=opt["steps"], lr=opt["lr"],
-                                          beta_ema=opt["beta_ema"], seeds=opt["seeds"])
+    common = dict(dim=opt["dim"], sigma=opt["sigma"], steps=opt["steps"], lr=opt["lr"], beta_ema=opt["beta_ema"])
+    stationary = theory.simulate_optimizer(opt["c"], seeds=opt["seeds"], **common)
+    transient = theory.simulate_optimizer(opt["transient_c"], start=opt["far_start"], seeds=opt["seeds"], **common)
     log(f"{FIG_ID}: PACE on the noisy quadratic ({time.time() - t0:.0f} s)")
     k_star = theory.optimal_gain(h, beta, rho)
-    record = dict(status="complete", config=spec, results=dict(
-        sde=dict(gains=sde["gains"], closed_form=[theory.avg_error(h, sigma, beta, k) for k in sde["gains"]],
-                 simulated=[s["avg_error"] for s in sim], simulated_se=[s["avg_error_se"] for s in sim],
-                 control_cost=[s["control_cost"] for s in sim], k_star=k_star,
-                 objective_k_star=theory.objective(h, sigma, beta, k_star, rho)),
-        instances=dict(eps=eps, k_star=[theory.optimal_gain(e, e, e) for e in eps],
-                       improvement=[theory.improvement(e, e, e) for e in eps]),
-        stationary=stationary, transient=transient),
-        wall_time_s=round(time.time() - t0, 1), environment=environment())
+    record = dict(
+        status="complete",
+        config=spec,
+        results=dict(
+            sde=dict(
+                gains=sde["gains"],
+                closed_form=[theory.avg_error(h, sigma, beta, k) for k in sde["gains"]],
+                simulated=[s["avg_error"] for s in sim],
+                simulated_se=[s["avg_error_se"] for s in sim],
+                control_cost=[s["control_cost"] for s in sim],
+                k_star=k_star,
+                objective_k_star=theory.objective(h, sigma, beta, k_star, rho),
+            ),
+            instances=dict(
+                eps=eps,
+                k_star=[theory.optimal_gain(e, e, e) for e in eps],
+                improvement=[theory.improvement(e, e, e) for e in eps],
+            ),
+            stationary=stationary,
+            transient=transient,
+        ),
+        wall_time_s=round(time.time() - t0, 1),
+        environment=environment(),
+    )
     write_json_atomic(path, record)
     return record
 
@@ -65,6 +80,7 @@ def run_quadratic(spec, out_dir, log=print):
 def plot_quadratic(spec, out_dir, plot_dir=None):
     """Draw the figure from its record; return (markdown table, written paths)."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -101,8 +117,10 @@ def table(spec, record):
         lines.append(f"| {_label(name)} | {value:.4f} | {value / st['ema']:.2f}x |")
     s = r["sde"]
     lines += ["", "| gain k | closed form | SDE simulated (± s.e.) |", "|---|---|---|"]
-    lines += [f"| {k:g} | {cf:.5f} | {sim:.5f} ± {se:.5f} |"
-              for k, cf, sim, se in zip(s["gains"], s["closed_form"], s["simulated"], s["simulated_se"])]
+    lines += [
+        f"| {k:g} | {cf:.5f} | {sim:.5f} ± {se:.5f} |"
+        for k, cf, sim, se in zip(s["gains"], s["closed_form"], s["simulated"], s["simulated_se"])
+    ]
     return "\n".join(lines)
 
 
@@ -111,13 +129,27 @@ def _panel_gain(a, r, sde):
     h, sigma, beta, rho = sde["h"], sde["sigma"], sde["beta"], sde["rho"]
     grid = np.linspace(0, max(sde["gains"]), 200)
     a.plot(grid, [theory.avg_error(h, sigma, beta, k) for k in grid], label=r"closed form $h\,E[\bar\theta^2]$")
-    a.errorbar(r["gains"], r["simulated"], yerr=2 * np.array(r["simulated_se"]), fmt="o",
-               ms=4, capsize=3, label="SDE simulated (± 2 s.e.)")
-    a.plot(grid, [theory.objective(h, sigma, beta, k, rho) for k in grid], "--",
-           label=rf"$J = h\,E[\bar\theta^2] + \rho\,E[u^2]$ ($\rho$={rho:g})")
+    a.errorbar(
+        r["gains"],
+        r["simulated"],
+        yerr=2 * np.array(r["simulated_se"]),
+        fmt="o",
+        ms=4,
+        capsize=3,
+        label="SDE simulated (± 2 s.e.)",
+    )
+    a.plot(
+        grid,
+        [theory.objective(h, sigma, beta, k, rho) for k in grid],
+        "--",
+        label=rf"$J = h\,E[\bar\theta^2] + \rho\,E[u^2]$ ($\rho$={rho:g})",
+    )
     a.plot([r["k_star"]], [r["objective_k_star"]], "k*", ms=10, label=f"k* = {r['k_star']:.2f}")
-    a.set(xlabel="gain k of the pull u = k (average - iterate)", ylabel="limiting error of the average",
-          title=f"(a) one coordinate: h={h:g}, sigma={sigma:g}, beta={beta:g}")
+    a.set(
+        xlabel="gain k of the pull u = k (average - iterate)",
+        ylabel="limiting error of the average",
+        title=f"(a) one coordinate: h={h:g}, sigma={sigma:g}, beta={beta:g}",
+    )
     a.legend(fontsize=8)
 
 
@@ -127,8 +159,11 @@ def _panel_instances(b, r):
     b.loglog(eps, r["improvement"], "o-", label="J(0) / J(k*)")
     b.loglog(eps, 1 / (4 * eps), "--", label="1 / (4 eps)")
     b.invert_xaxis()
-    b.set(xlabel="eps (instances h = beta = rho = eps)", ylabel="improvement over the EMA",
-          title="(b) the optimal pull's gain grows without bound")
+    b.set(
+        xlabel="eps (instances h = beta = rho = eps)",
+        ylabel="improvement over the EMA",
+        title="(b) the optimal pull's gain grows without bound",
+    )
     b.legend(fontsize=8)
 
 
@@ -138,8 +173,11 @@ def _panel_stationary(c, st, opt):
     c.semilogx(cs, [st[f"pace_c{x:g}"] for x in cs], "o-", label="PACE's returned EMA")
     c.axhline(st["ema"], color="C1", ls="--", label="EMA baseline (c = 0)")
     c.axhline(st["adamw"], color="C2", ls=":", label="AdamW, last iterate")
-    c.set(xlabel="pullback strength c (optimizer.lambda_pullback)", ylabel="stationary excess loss f(returned)",
-          title=f"(c) pace.PACE on a noisy quadratic (dim {opt['dim']})")
+    c.set(
+        xlabel="pullback strength c (optimizer.lambda_pullback)",
+        ylabel="stationary excess loss f(returned)",
+        title=f"(c) pace.PACE on a noisy quadratic (dim {opt['dim']})",
+    )
     c.legend(fontsize=8)
 
 
@@ -147,6 +185,9 @@ def _panel_transient(d, tr, opt):
     """(d) from a far start: the pull's bias early in a run."""
     for name, values in tr["curves"].items():
         d.semilogy(tr["steps"], values, label=_label(name))
-    d.set(xlabel="step", ylabel="excess loss f(returned)",
-          title=f"(d) from a far start (theta_0 = {opt['far_start']:g}): the pull's bias")
+    d.set(
+        xlabel="step",
+        ylabel="excess loss f(returned)",
+        title=f"(d) from a far start (theta_0 = {opt['far_start']:g}): the pull's bias",
+    )
     d.legend(fontsize=8)

@@ -41,7 +41,6 @@ from dataclasses import dataclass, field
 from omegaconf import OmegaConf
 
 from pace_lm import PaceLMError
-
 from pace_lm.config.compose import CONF_DIR, GROUPS, SHORT, compose
 
 FIG_DIR = os.path.join(CONF_DIR, "figures")
@@ -52,8 +51,8 @@ PLOT_KEYS = {"x", "logx", "line", "panel", "metric", "split", "paired", "curves"
 @dataclass
 class Run:
     name: str
-    values: dict        # this run's own keys (from its entry), in the entry's order
-    overrides: list     # pace-train overrides: the figure's common ones, then the run's
+    values: dict  # this run's own keys (from its entry), in the entry's order
+    overrides: list  # pace-train overrides: the figure's common ones, then the run's
 
 
 @dataclass
@@ -77,13 +76,14 @@ def spec_path(fig):
     if os.sep not in fig and "/" not in fig and not fig.endswith(".yaml"):
         path = os.path.join(FIG_DIR, f"{fig}.yaml")
         if not os.path.exists(path):
-            raise PaceLMError(f"unknown figure {fig!r}; known: {', '.join(list_figures())} (or the path of a spec "
-                              f"file of your own)")
+            raise PaceLMError(
+                f"unknown figure {fig!r}; known: {', '.join(list_figures())} (or the path of a spec file of your own)"
+            )
         return fig, path
     path = fig if fig.endswith(".yaml") else f"{fig}.yaml"
     if not os.path.isfile(path):
         raise PaceLMError(f"figure spec {path} does not exist (fig= takes a shipped figure's id or a spec file)")
-    return os.path.basename(path)[:-len(".yaml")], os.path.abspath(path)
+    return os.path.basename(path)[: -len(".yaml")], os.path.abspath(path)
 
 
 def load_figure(fig):
@@ -104,12 +104,15 @@ def load_figure(fig):
     if "theory" in spec:
         missing = {"sde", "instances", "optimizer"} - set(spec["theory"] or {})
         if missing or set(spec) - {"description", "hardware", "theory"}:
-            raise PaceLMError(f"{where}: a theory figure has description, hardware and theory "
-                              f"(sde, instances, optimizer){f'; theory lacks {sorted(missing)}' if missing else ''}")
-        return Figure(fig_id, spec["description"], spec.get("hardware", "not stated"), [], {}, [], spec["theory"],
-                      path)
-    plot = {**dict(logx=False, line=None, panel=None, metric="final_val_loss", split={}, paired={}, curves=False),
-            **(spec.get("plot") or {})}
+            raise PaceLMError(
+                f"{where}: a theory figure has description, hardware and theory "
+                f"(sde, instances, optimizer){f'; theory lacks {sorted(missing)}' if missing else ''}"
+            )
+        return Figure(fig_id, spec["description"], spec.get("hardware", "not stated"), [], {}, [], spec["theory"], path)
+    plot = {
+        **dict(logx=False, line=None, panel=None, metric="final_val_loss", split={}, paired={}, curves=False),
+        **(spec.get("plot") or {}),
+    }
     if set(plot) - PLOT_KEYS or "x" not in plot:
         raise PaceLMError(f"{where}: plot needs x and takes only {sorted(PLOT_KEYS)}")
     entries, common = spec.get("runs") or [], spec.get("common") or {}
@@ -129,8 +132,15 @@ def load_figure(fig):
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise PaceLMError(f"{where}: runs with the same name {dupes}: two entries give the same values")
-    fig = Figure(fig_id, spec["description"], spec.get("hardware", "not stated"), spec.get("prepare") or [],
-                 plot, runs, path=path)
+    fig = Figure(
+        fig_id,
+        spec["description"],
+        spec.get("hardware", "not stated"),
+        spec.get("prepare") or [],
+        plot,
+        runs,
+        path=path,
+    )
     check_plot(fig, where)
     return fig
 
@@ -163,13 +173,17 @@ def check_plot(fig, where):
             for part in str(key).split("."):
                 node = node.get(part) if isinstance(node, dict) else None
             if node is None:
-                raise PaceLMError(f"{where}: {name}={key!r} is neither a key its runs set nor one of pace-train's "
-                                  f"config; its runs set {', '.join(sorted(set_by_runs - {'seed'}))}")
+                raise PaceLMError(
+                    f"{where}: {name}={key!r} is neither a key its runs set nor one of pace-train's "
+                    f"config; its runs set {', '.join(sorted(set_by_runs - {'seed'}))}"
+                )
     lines = {line_label(line_keys(p, r), r.values.get) for r in fig.runs}
     for line, parts in p["split"].items():
         if line not in lines or not isinstance(parts, dict):
-            raise PaceLMError(f"{where}: plot.split's {line!r} is not a line of its runs ({sorted(lines)}), or "
-                              f"not a mapping of label: summary key")
+            raise PaceLMError(
+                f"{where}: plot.split's {line!r} is not a line of its runs ({sorted(lines)}), or "
+                f"not a mapping of label: summary key"
+            )
         lines = (lines - {line}) | set(parts)
     for line, others in p["paired"].items():
         bad = [n for n in [line, *(others if isinstance(others, list) else [others])] if n not in lines]
@@ -181,13 +195,20 @@ def with_seeds(runs, seeds, where):
     """Each run once per seed (`seed` a value of the run, so its name ends in `_seed<S>`); None: as they are."""
     if seeds is None:
         return runs
-    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool)
-                                                             for s in seeds) or len(set(seeds)) < len(seeds):
+    if (
+        not isinstance(seeds, list)
+        or not seeds
+        or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
+        or len(set(seeds)) < len(seeds)
+    ):
         raise PaceLMError(f"{where}: seeds must be a list of distinct integers, not {seeds!r}")
     if any("seed" in r.values for r in runs):
         raise PaceLMError(f"{where}: a run sets seed itself; with seeds: every run is run once per seed")
-    return [Run(run_name({**r.values, "seed": s}), {**r.values, "seed": s}, [*r.overrides, override("seed", s)])
-            for s in seeds for r in runs]  # a seed's runs together: a sweep cut short has whole seeds
+    return [
+        Run(run_name({**r.values, "seed": s}), {**r.values, "seed": s}, [*r.overrides, override("seed", s)])
+        for s in seeds
+        for r in runs
+    ]  # a seed's runs together: a sweep cut short has whole seeds
 
 
 def expand(entry):
@@ -226,8 +247,14 @@ def run_name(values):
 def run_overrides(fig, run, out_dir, data=None, extra=()):
     """Every override of one run, ending with where its record goes; a run with checkpoints goes on."""
     data_override = [override("dataset.path", data)] if data else []
-    return [*run.overrides, *data_override, "training.resume=auto", *extra,
-            f"training.out_dir={os.path.join(out_dir, fig.id)}", f"run_name={run.name}"]
+    return [
+        *run.overrides,
+        *data_override,
+        "training.resume=auto",
+        *extra,
+        f"training.out_dir={os.path.join(out_dir, fig.id)}",
+        f"run_name={run.name}",
+    ]
 
 
 def command(overrides):
@@ -238,8 +265,7 @@ def select(fig, only=None):
     """The figure's runs whose name matches the glob `only` (all of them for None)."""
     chosen = [r for r in fig.runs if only is None or fnmatch.fnmatchcase(r.name, only)]
     if not chosen:
-        raise PaceLMError(f"only={only!r} matches none of the runs of {fig.id}: "
-                          f"{', '.join(r.name for r in fig.runs)}")
+        raise PaceLMError(f"only={only!r} matches none of the runs of {fig.id}: {', '.join(r.name for r in fig.runs)}")
     return chosen
 
 
@@ -250,22 +276,27 @@ def check_extra(fig, extra):
     for item in extra:
         key = item.split("=", 1)[0].lstrip("+~")
         if key in swept:
-            raise PaceLMError(f"{item!r}: {fig.id} sweeps {key} (its runs set it one by one); run another "
-                              f"figure, or pick runs with only=")
+            raise PaceLMError(
+                f"{item!r}: {fig.id} sweeps {key} (its runs set it one by one); run another "
+                f"figure, or pick runs with only="
+            )
 
 
 def check_data(fig, data):
     """`data=` is every run's dataset.path: refused where the spec sets the path itself (one per model)."""
     paths = sorted({o.split("=", 1)[1] for r in fig.runs for o in r.overrides if o.startswith("dataset.path=")})
     if data and paths:
-        raise PaceLMError(f"{fig.id} reads its data from {', '.join(paths)} (prepare it there: pace-figure "
-                          f"fig={fig.id} lists how); data= would give every run the same data")
+        raise PaceLMError(
+            f"{fig.id} reads its data from {', '.join(paths)} (prepare it there: pace-figure "
+            f"fig={fig.id} lists how); data= would give every run the same data"
+        )
 
 
 def build_config(fig, run, out_dir, data=None, extra=()):
     """The run's validated config (a schema.Config), checked as pace-train checks it before doing any work; an
     error is one line naming the spec's file and the run."""
     from pace_lm.config.schema import validate
+
     return _composed(fig, run, run_overrides(fig, run, out_dir, data, extra), validate)
 
 
@@ -273,6 +304,7 @@ def _composed(fig, run, overrides, then=None):
     """compose(overrides) (and then(config, resolve=True)), an error one line naming the spec's file and the run."""
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
+
     try:
         config = compose(overrides)
         return then(config, resolve=True) if then else config

@@ -32,8 +32,15 @@ from pace_lm.figures.specs import build_config, check_data, check_extra, run_ove
 from pace_lm.files.atomic import write_json_atomic
 from pace_lm.run import checkpoint_files
 from pace_lm.run.lock import run_lock
-from pace_lm.run.records import (NOT_COMPARED, PRETRAINED_LOSS, RunPaths, RunRecord, config_diff,
-                                 read_pretrained_loss, read_record_or_none)
+from pace_lm.run.records import (
+    NOT_COMPARED,
+    PRETRAINED_LOSS,
+    RunPaths,
+    RunRecord,
+    config_diff,
+    read_pretrained_loss,
+    read_record_or_none,
+)
 from pace_lm.run.state import last_step, run_state
 from pace_lm.run.train import Interrupted, ensure_data, train_validated
 
@@ -46,10 +53,11 @@ CHILD = "from pace_lm.cli import train_main; train_main()"  # pace-train, with t
 @dataclass
 class Job:
     """One run of the sweep still to train."""
+
     name: str
-    head: str           # how the sweep's lines name it: [i/n] figure/run
-    spec: object        # its validated schema.Config
-    overrides: list     # its pace-train overrides (a child's command line)
+    head: str  # how the sweep's lines name it: [i/n] figure/run
+    spec: object  # its validated schema.Config
+    overrides: list  # its pace-train overrides (a child's command line)
     device: str | None = None
     proc: subprocess.Popen | None = None
     started: float = field(default=0.0)
@@ -111,9 +119,11 @@ def kept_record(spec):
     if old and old.get("status") in FINAL:
         diff = config_diff(old.get("config", {}), spec.composed, NOT_COMPARED)
         if diff:
-            raise PaceLMError(f"{path} is a {old['status']} run of another config (differs in "
-                              f"{', '.join(diff[:6])}{', ...' if len(diff) > 6 else ''}): remove it, "
-                              f"or choose another out_dir")
+            raise PaceLMError(
+                f"{path} is a {old['status']} run of another config (differs in "
+                f"{', '.join(diff[:6])}{', ...' if len(diff) > 6 else ''}): remove it, "
+                f"or choose another out_dir"
+            )
     return old
 
 
@@ -123,6 +133,7 @@ def result_text(record):
 
 
 # ---- one worker: the runs in this process ------------------------------------------------------------------
+
 
 def _run_here(pending, log):
     """Train the pending runs one after another in this process."""
@@ -153,12 +164,14 @@ def _free_device_memory():
     import gc
 
     import torch
+
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
 
 # ---- N workers: the runs as pace-train children ------------------------------------------------------------
+
 
 def _run_children(pending, jobs, log):
     """Keep `jobs` children going until every pending job has ended, or a signal stopped the sweep."""
@@ -178,8 +191,11 @@ def _run_children(pending, jobs, log):
     if stopped:
         left = f"; {len(pending)} not started" if pending else ""
         # a child stops at its next step boundary with a checkpoint; one still loading has none yet (its line says)
-        raise Interrupted(f"{signal.Signals(stopped[0]).name}: the running children stopped, each as its line above "
-                          f"says{left}; run the same command to go on", stopped[0])
+        raise Interrupted(
+            f"{signal.Signals(stopped[0]).name}: the running children stopped, each as its line above "
+            f"says{left}; run the same command to go on",
+            stopped[0],
+        )
     return status
 
 
@@ -191,8 +207,14 @@ def _start(job, jobs):
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
     os.makedirs(job.run_dir, exist_ok=True)
     with open(os.path.join(job.run_dir, LOG), "ab") as out:
-        job.proc = subprocess.Popen([sys.executable, "-c", CHILD, *overrides], stdout=out, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True, env=env)
+        job.proc = subprocess.Popen(
+            [sys.executable, "-c", CHILD, *overrides],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            env=env,
+        )
     job.started = time.time()
 
 
@@ -200,8 +222,7 @@ def _ended(job):
     """(status, one line) for a child that has exited; a record the child left "running" (or none) is
     given the end the child could not write."""
     code = job.proc.returncode
-    how = (f"killed by {signal.Signals(-code).name}" if code < 0 and -code in signal.valid_signals()
-           else f"exit {code}")
+    how = f"killed by {signal.Signals(-code).name}" if code < 0 and -code in signal.valid_signals() else f"exit {code}"
     record = read_record_or_none(job.paths.record)
     took = f" in {time.time() - job.started:.0f} s"
     if record is not None and record.get("status") != "running":
@@ -224,9 +245,12 @@ def _record_end(job, record, how):
         record = RunRecord(config=job.spec.composed, data={}) if record is None else RunRecord.from_json(record)
         last = checkpoint_files.latest(job.paths.checkpoints)
         said = _last_line(os.path.join(job.run_dir, LOG))
-        record.end("failed", f"the pace-train process ended ({how}) after step {step} "
-                             f"recorded, {'checkpoint ' + last + ' to resume from' if last else 'no checkpoint'}"
-                             + (f"; its last output: {said}" if said else "; it wrote nothing"))
+        record.end(
+            "failed",
+            f"the pace-train process ended ({how}) after step {step} "
+            f"recorded, {'checkpoint ' + last + ' to resume from' if last else 'no checkpoint'}"
+            + (f"; its last output: {said}" if said else "; it wrote nothing"),
+        )
         record.write(job.paths.record)
     return record.to_json()
 
@@ -279,6 +303,7 @@ def check_jobs(opts, extra):
 
 # ---- a fine-tuning figure's reference: its untrained model ----------------------------------------------
 
+
 def pretrained_loss(spec):
     """{"run", "val_loss", "val_batches", "model", "data"}: the run `spec`'s model before any step, scored on
     the validation batches every run of its figure is scored on, as its runs score them (pace-train's own
@@ -289,14 +314,20 @@ def pretrained_loss(spec):
     from pace_lm.run.distributed import World, get_device
     from pace_lm.run.evaluation import evaluate, get_autocast, get_val_batches
     from pace_lm.run.train import load_data
+
     loaded = load_data(spec, World())
     batches = get_val_batches(loaded.val, spec.training, loaded.pad_id, loaded.seq_len)
     torch.manual_seed(spec.seed)
     device = get_device(spec.training.device)
     model = build_model(spec.model, loaded.tokenizer).to(device)
     loss = evaluate(model, batches, device, get_autocast(spec.training.dtype, device))
-    return dict(run=spec.run_name, val_loss=loss, val_batches=len(batches), model=spec.model.name,
-                data=os.path.basename(spec.dataset.path))
+    return dict(
+        run=spec.run_name,
+        val_loss=loss,
+        val_batches=len(batches),
+        model=spec.model.name,
+        data=os.path.basename(spec.dataset.path),
+    )
 
 
 def keep_pretrained_loss(fig, opts, extra, log=print):

@@ -64,8 +64,10 @@ def check_ours(path, what, mark, hint):
         return
     why = "it is a file" if not os.path.isdir(path) else mark(path)
     if why is not None:
-        raise PaceLMError(f"{path!r} exists and is not {what} ({why}): it is never replaced or removed, "
-                          f"with or without overwrite; {hint}")
+        raise PaceLMError(
+            f"{path!r} exists and is not {what} ({why}): it is never replaced or removed, "
+            f"with or without overwrite; {hint}"
+        )
 
 
 def check_run_parts(run_dir, parts):
@@ -76,8 +78,10 @@ def check_run_parts(run_dir, parts):
     for part in parts:
         path = os.path.join(run_dir, part)
         if os.path.lexists(path):
-            raise PaceLMError(f"{path!r} exists in {run_dir!r}, which is no pace-train run folder (no run "
-                              f"record): a run would replace it; choose another training.out_dir or run_name")
+            raise PaceLMError(
+                f"{path!r} exists in {run_dir!r}, which is no pace-train run folder (no run "
+                f"record): a run would replace it; choose another training.out_dir or run_name"
+            )
 
 
 def figure_outputs(paths):
@@ -96,5 +100,8 @@ def _names_us(path):
         return False
     if path.endswith(".md"):
         return data.rstrip().endswith(f"({FIGURE_SOURCE})".encode())
-    return f"{FIGURE_SOURCE}".encode() in data[:4096] if path.endswith(".svg") else \
-        b"Source\x00" + FIGURE_SOURCE.encode() in data[:4096]
+    return (
+        f"{FIGURE_SOURCE}".encode() in data[:4096]
+        if path.endswith(".svg")
+        else b"Source\x00" + FIGURE_SOURCE.encode() in data[:4096]
+    )

@@ -1,11 +1,15 @@
-"""Returned-model averagers that run beside any optimizer: LAWA and SWA.
+"""Returned-model averagers that run beside any optimizer: LAWA, SWA and the power-function EMA.
 
-    LAWA  the uniform average of the k latest snapshots of the weights, taken `every` steps apart
-          (Sanyal et al., 2023, "Early Weight Averaging meets High Learning Rates for LLM Pre-training")
-    SWA   the uniform average of every `every`-th iterate (Izmailov et al., 2018), as a running mean
-          (torch.optim.swa_utils' update)
+    LAWA       the uniform average of the k latest snapshots of the weights, taken `every` steps apart
+               (Sanyal et al., 2023, "Early Weight Averaging meets High Learning Rates for LLM Pre-training")
+    SWA        the uniform average of every `every`-th iterate (Izmailov et al., 2018), as a running mean
+               (torch.optim.swa_utils' update)
+    power_ema  EDM2's power-function EMA (Karras et al., 2024, "Analyzing and Improving the Training
+               Dynamics of Diffusion Models"): after the n-th weights taken, beta_n = (1 - 1/n)^(gamma + 1),
+               so that the average is sum_i (i^(gamma+1) - (i-1)^(gamma+1)) / n^(gamma+1) * w_i; gamma is
+               set by the profile's relative width sigma_rel
 
-Both see the weights after the optimizer step: after 1-based step t, an averager takes the weights when
+Each sees the weights after the optimizer step: after 1-based step t, an averager takes the weights when
 t > start and t % every == 0. `swapped_in()` puts the average into the parameters for evaluation or
 saving and puts the live weights back after, as PACE's `opt.eval()` / `opt.train()` does for its EMA.
 A run that enables neither builds neither: nothing is added to the step.
@@ -24,6 +28,7 @@ from pace_lm.config.registry import AVERAGERS, OPTIMIZERS
 
 class Averager:
     """What LAWA and SWA share: when to take the weights, and swapping the average in."""
+
     name = None  # the kept model's name: lawa, swa
 
     def __init__(self, params, every, start, device=None):
@@ -48,8 +53,7 @@ class Averager:
     def _like(self, p):
         """An empty tensor shaped like parameter `p` where this averager keeps its tensors (a DTensor's
         empty_like is sharded like it: what a sharded checkpoint is loaded into)."""
-        return torch.empty_like(p) if self.device is None else torch.empty(p.shape, dtype=p.dtype,
-                                                                           device=self.device)
+        return torch.empty_like(p) if self.device is None else torch.empty(p.shape, dtype=p.dtype, device=self.device)
 
     @contextlib.contextmanager
     def swapped_in(self):
@@ -71,6 +75,7 @@ class Averager:
 
 class LAWA(Averager):
     """The mean of the k latest snapshots: a first-in, first-out queue, on `device` (e.g. "cpu") if given."""
+
     name = "lawa"
 
     def __init__(self, params, k, every, start=0, device=None):
@@ -109,6 +114,7 @@ class LAWA(Averager):
 
 class SWA(Averager):
     """The running mean of every taken iterate: avg += (w - avg) / (n + 1)."""
+
     name = "swa"
 
     def __init__(self, params, every=1, start=0, device=None):
@@ -131,14 +137,68 @@ class SWA(Averager):
 
     def load_state_dict(self, state):
         self.taken = state["taken"]
-        self.avg = None if state["avg"] is None else [
-            a.to(self.device or p.device, copy=True) for a, p in zip(state["avg"], self.params)]
+        self.avg = (
+            None
+            if state["avg"] is None
+            else [a.to(self.device or p.device, copy=True) for a, p in zip(state["avg"], self.params)]
+        )
 
     def state_template(self, state):
         return dict(taken=state["taken"], avg=None if state["avg"] is None else [self._like(p) for p in self.params])
 
 
-CLASSES = {cls.name: cls for cls in (LAWA, SWA)}  # by the names of registry.AVERAGERS
+def power_ema_gamma(sigma_rel):
+    """The exponent gamma > 0 of the power-function profile of relative width sigma_rel (EDM2's eq. 3:
+    sigma_rel^2 = (gamma + 1) / ((gamma + 2)^2 (gamma + 3)), which falls as gamma grows), by bisection."""
+    width = lambda g: ((g + 1) / ((g + 2) ** 2 * (g + 3))) ** 0.5  # noqa: E731
+    lo, hi = 0.0, 1.0
+    while width(hi) > sigma_rel:
+        lo, hi = hi, 2 * hi
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if width(mid) > sigma_rel else (lo, mid)
+    return (lo + hi) / 2
+
+
+class PowerEMA(Averager):
+    """EDM2's power-function EMA, in float32 whatever the weights' dtype (a bf16 average would lose the
+    small steps of a long profile): the n-th weights taken enter with 1 - (1 - 1/n)^(gamma + 1)."""
+
+    name = "power_ema"
+
+    def __init__(self, params, sigma_rel, every=1, start=0, device=None):
+        super().__init__(params, every, start, device)
+        self.sigma_rel, self.gamma = sigma_rel, power_ema_gamma(sigma_rel)
+        self.ema = None
+
+    def _take(self, weights):
+        weights = [w.to(self.device or w.device, torch.float32) for w in weights]
+        n = self.taken + 1
+        if self.ema is None:  # beta_1 = 0: the first weights themselves
+            self.ema = [w.clone() for w in weights]
+            return
+        torch._foreach_lerp_(self.ema, weights, 1 - (1 - 1 / n) ** (self.gamma + 1))
+
+    def average(self):
+        return None if self.ema is None else [a.to(p.device, p.dtype) for a, p in zip(self.ema, self.params)]
+
+    def state_dict(self):
+        return dict(taken=self.taken, ema=self.ema)
+
+    def load_state_dict(self, state):
+        self.taken = state["taken"]
+        self.ema = (
+            None
+            if state["ema"] is None
+            else [a.to(self.device or p.device, torch.float32, copy=True) for a, p in zip(state["ema"], self.params)]
+        )
+
+    def state_template(self, state):
+        like = lambda p: self._like(p).float()  # noqa: E731
+        return dict(taken=state["taken"], ema=None if state["ema"] is None else [like(p) for p in self.params])
+
+
+CLASSES = {cls.name: cls for cls in Averager.__subclasses__()}  # by the names of registry.AVERAGERS
 
 
 def build_averagers(spec, names, params):
@@ -159,13 +219,15 @@ def build_averagers(spec, names, params):
 # yet) and `swapped_in()`, a context manager that puts its weights in the model and the live ones back
 # after. Evaluation, saving and the record iterate over kept_models(); the method registry
 # (pace_lm.config.registry.OPTIMIZERS) says which one a method returns. A new kind of returned model is one
-# class and one registration: its settings in registry.AVERAGERS and its class in CLASSES for an averager beside
-# the optimizer, a Method's own_average for one the optimizer keeps itself.
+# class and one registration: its settings in registry.AVERAGERS (their rules in its check()) and its
+# class here, a subclass of Averager, for an averager beside the optimizer; a Method's own_average for one
+# the optimizer keeps itself.
 
 
 class FinalIterate:
     """The final iterate, the live weights: nothing to swap. Its name is the paper code's, "vanilla": its loss
     is the record's vanilla_val_loss, and summary.returned is "vanilla" for a run that returns it (adamw)."""
+
     name = "vanilla"
     taken = True
 
@@ -176,6 +238,7 @@ class FinalIterate:
 class OptimizerAverage:
     """An average the optimizer keeps itself and swaps in with eval() / train(): PACE's EMA (groups with
     use_ema_eval) and schedule-free's average."""
+
     taken = True
 
     def __init__(self, name, opt):

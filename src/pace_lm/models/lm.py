@@ -11,18 +11,20 @@ import warnings
 import torch
 
 from pace_lm import PaceLMError
-from pace_lm.files.atomic import os_error, replace_folder, write_failed
 from pace_lm.config.registry import ARCHS, DTYPES
+from pace_lm.files.atomic import os_error, replace_folder, write_failed
 
 
 def _strict_errors():
     """huggingface_hub's config validation error (its configs are strict dataclasses), if it has one."""
     import huggingface_hub.errors as hub_errors
+
     return getattr(hub_errors, "StrictDataclassError", ValueError)
 
 
 def _load_errors():
     import huggingface_hub.errors as hub_errors
+
     return (OSError, ValueError, hub_errors.HFValidationError)
 
 
@@ -32,15 +34,22 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 def load_tokenizer(name_or_path, gguf_file=None, revision=None):
     """A fast tokenizer from a hub id, a local folder, or a GGUF file in a folder."""
     from transformers import AutoTokenizer
-    if gguf_file is None and os.path.isdir(name_or_path) and not any(
-            os.path.exists(os.path.join(name_or_path, f)) for f in TOKENIZER_FILES):
+
+    if (
+        gguf_file is None
+        and os.path.isdir(name_or_path)
+        and not any(os.path.exists(os.path.join(name_or_path, f)) for f in TOKENIZER_FILES)
+    ):
         raise PaceLMError(f"{name_or_path!r} has no tokenizer (none of {', '.join(TOKENIZER_FILES)})")
     try:
-        tok = AutoTokenizer.from_pretrained(name_or_path, gguf_file=gguf_file, revision=revision,
-                                            trust_remote_code=False)
+        tok = AutoTokenizer.from_pretrained(
+            name_or_path, gguf_file=gguf_file, revision=revision, trust_remote_code=False
+        )
     except _load_errors() as e:
-        raise PaceLMError(f"could not load tokenizer {name_or_path!r}"
-                          f"{f' (gguf_file={gguf_file!r})' if gguf_file else ''}: {_first_line(e)}") from e
+        raise PaceLMError(
+            f"could not load tokenizer {name_or_path!r}"
+            f"{f' (gguf_file={gguf_file!r})' if gguf_file else ''}: {_first_line(e)}"
+        ) from e
     if not tok.is_fast:
         raise PaceLMError(f"tokenizer {name_or_path!r} is not a fast tokenizer: SFT masking needs offsets")
     return tok
@@ -53,6 +62,7 @@ def build_model(spec, tokenizer):
     bf16 comes from autocast on CUDA.
     """
     import transformers
+
     dtype = DTYPES[spec.dtype]
     if spec.source == "scratch":
         vocab = _round_up(len(tokenizer), spec.pad_vocab_to_multiple_of)
@@ -61,8 +71,9 @@ def build_model(spec, tokenizer):
             config = config_cls(vocab_size=vocab, **_special_ids(spec.arch, tokenizer), **dict(spec.config))
             model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
         except (ValueError, TypeError, RuntimeError, ZeroDivisionError, _strict_errors()) as e:
-            raise PaceLMError(f"model.config={dict(spec.config)} is not a valid {spec.arch} config "
-                              f"({_first_line(e.__cause__ or e)})") from e
+            raise PaceLMError(
+                f"model.config={dict(spec.config)} is not a valid {spec.arch} config ({_first_line(e.__cause__ or e)})"
+            ) from e
     else:  # pretrained
         path = spec.pretrained
         check_tokenizer(spec, tokenizer)
@@ -72,8 +83,14 @@ def build_model(spec, tokenizer):
             kwargs["quantization_config"] = transformers.GgufConfig(dequantize=True)
         try:
             model = transformers.AutoModelForCausalLM.from_pretrained(
-                path, revision=spec.revision, gguf_file=spec.gguf_file, dtype=dtype,
-                attn_implementation=spec.attn_implementation, trust_remote_code=False, **kwargs)
+                path,
+                revision=spec.revision,
+                gguf_file=spec.gguf_file,
+                dtype=dtype,
+                attn_implementation=spec.attn_implementation,
+                trust_remote_code=False,
+                **kwargs,
+            )
         except _load_errors() as e:
             raise PaceLMError(f"could not load model {path!r}: {_first_line(e)}") from e
         if spec.gguf_file and getattr(model, "hf_quantizer", None) is not None:  # older transformers
@@ -103,10 +120,12 @@ def check_tokenizer(cfg, tokenizer):
     data = tokenizer.get_vocab()
     differ = sum(data.get(token) != i for token, i in own.items())
     if differ:
-        raise PaceLMError(f"the data were tokenized with another tokenizer than the one of model {cfg.name!r} "
-                          f"({differ} of its {len(own)} tokens have other ids): prepare dataset.path with "
-                          f"`pace-data --tokenizer {cfg.pretrained}"
-                          f"{f' --gguf-file {cfg.gguf_file}' if cfg.gguf_file else ''} ...`")
+        raise PaceLMError(
+            f"the data were tokenized with another tokenizer than the one of model {cfg.name!r} "
+            f"({differ} of its {len(own)} tokens have other ids): prepare dataset.path with "
+            f"`pace-data --tokenizer {cfg.pretrained}"
+            f"{f' --gguf-file {cfg.gguf_file}' if cfg.gguf_file else ''} ...`"
+        )
 
 
 def _special_ids(arch, tokenizer):
@@ -135,9 +154,11 @@ def save_model(model, tokenizer, out, world):
     to_save, state_dict = model, None
     if world.parallel == "fsdp":
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
         state_dict = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if world.main:
             from torch.distributed.fsdp import FSDPModule
+
             # fully_shard made the model's class FSDP<Class>(FSDPModule, Class): a plain Class to save from
             cls = next(c for c in type(model).__mro__ if c is not FSDPModule and not issubclass(c, FSDPModule))
             with torch.device("meta"):

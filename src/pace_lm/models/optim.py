@@ -29,6 +29,7 @@ def build_optimizer(spec, model):
 
 # ---- the lr: a factor of the base lr for 0-based step s of n ---------------------------------------------------
 
+
 def lr_factor(step, max_steps, cfg):
     """Linear warm-up over warmup_fraction of the steps, then the named schedule over the rest."""
     warmup = round(cfg.warmup_fraction * max_steps)

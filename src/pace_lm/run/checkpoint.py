@@ -26,11 +26,10 @@ import dataclasses
 import os
 import sys
 
-
 from pace_lm import PaceLMError
+from pace_lm.models.optim import lr_factor
 from pace_lm.run import rng
 from pace_lm.run.checkpoint_files import Contents, latest, list_checkpoints, read, verify, write
-from pace_lm.models.optim import lr_factor
 from pace_lm.run.records import NOT_COMPARED, RunRecord, config_diff
 from pace_lm.run.sharded import join_tensors, load_sharded, marked_keys, split_tensors
 
@@ -38,20 +37,26 @@ from pace_lm.run.sharded import join_tensors, load_sharded, marked_keys, split_t
 @dataclasses.dataclass
 class TrainCheckpoint:
     """A pace-train checkpoint: what `save` writes and `load` gives back (the files are the module docstring's)."""
+
     # state.pt, rank 0's
-    config: dict                 # the run's composed config: a resume must match it (records.NOT_COMPARED aside)
-    record: RunRecord            # the record so far
-    step: int                    # optimizer steps taken
-    components: dict             # {name: state_dict()} of each checkpointed component of the loop (Checkpointer)
-    train: dict                  # model, optimizer and averager states (capture / restore)
+    config: dict  # the run's composed config: a resume must match it (records.NOT_COMPARED aside)
+    record: RunRecord  # the record so far
+    step: int  # optimizer steps taken
+    components: dict  # {name: state_dict()} of each checkpointed component of the loop (Checkpointer)
+    train: dict  # model, optimizer and averager states (capture / restore)
     # rank{r}.pt, each rank's own
-    rng: dict                    # rng_state()
+    rng: dict  # rng_state()
     rank_components: dict | None  # {name: rank_state_dict()}; None on another world size (they mean nothing)
-    world_size: int              # ranks that wrote it (the file's key: world)
+    world_size: int  # ranks that wrote it (the file's key: world)
 
     def save(self, ckpt_dir, world, sharded=None, keep=2):
-        shared = dict(config=self.config, record=self.record.to_json(), step=self.step, components=self.components,
-                      train=self.train)
+        shared = dict(
+            config=self.config,
+            record=self.record.to_json(),
+            step=self.step,
+            components=self.components,
+            train=self.train,
+        )
         rank_part = dict(rng=self.rng, components=self.rank_components, world=self.world_size)
         return write(ckpt_dir, self.step, Contents(shared, rank_part, sharded), world, keep=keep)
 
@@ -62,10 +67,16 @@ class TrainCheckpoint:
             if "components" not in state:
                 state, rank_part = _components_of_the_first_layout(state, rank_part)
             same_world = rank_part["world"] == world.size  # else rank-local partial sums mean nothing
-            return cls(config=state["config"], record=RunRecord.from_json(state["record"]), step=state["step"],
-                       components=state["components"], train=state["train"], rng=rank_part["rng"],
-                       rank_components=rank_part["components"] if same_world else None,
-                       world_size=rank_part["world"])
+            return cls(
+                config=state["config"],
+                record=RunRecord.from_json(state["record"]),
+                step=state["step"],
+                components=state["components"],
+                train=state["train"],
+                rng=rank_part["rng"],
+                rank_components=rank_part["components"] if same_world else None,
+                world_size=rank_part["world"],
+            )
         except (KeyError, TypeError, PaceLMError) as e:
             raise PaceLMError(f"{folder} is not a pace-train checkpoint ({type(e).__name__}: {e})") from e
 
@@ -76,20 +87,24 @@ class TrainCheckpoint:
         where every step trained already keeps its lr under `schedule` (the run's schedule section), the
         eval and log cadence. Returns {key: [old, new]} of those that differ."""
         if world.parallel == "fsdp" and not marked_keys(self.train):
-            raise PaceLMError(f"checkpoint {folder} was written without FSDP: resume it in one process or with "
-                              f"training.parallel=ddp")
+            raise PaceLMError(
+                f"checkpoint {folder} was written without FSDP: resume it in one process or with training.parallel=ddp"
+            )
         diff = [k for k in config_diff(self.config, cfg, NOT_COMPARED) if k not in EXTENDABLE]
         if diff:
-            raise PaceLMError(f"checkpoint {folder} is of another config (differs in {', '.join(diff[:6])}"
-                              f"{', ...' if len(diff) > 6 else ''}): resume with the run's own settings (only "
-                              f"{', '.join(EXTENDABLE)} may change), or start a new run from its weights")
+            raise PaceLMError(
+                f"checkpoint {folder} is of another config (differs in {', '.join(diff[:6])}"
+                f"{', ...' if len(diff) > 6 else ''}): resume with the run's own settings (only "
+                f"{', '.join(EXTENDABLE)} may change), or start a new run from its weights"
+            )
         old, new = _flatten_keys(self.config, EXTENDABLE), _flatten_keys(cfg, EXTENDABLE)
         changed = {k: [old[k], new[k]] for k in EXTENDABLE if k in old and k in new and old[k] != new[k]}
         if "training.max_steps" in changed:
             _check_extension(old["training.max_steps"], new["training.max_steps"], self.step, schedule, folder)
         if self.record.data != meta:
-            raise PaceLMError(f"checkpoint {folder} was trained on other data than dataset.path="
-                              f"{cfg['dataset']['path']!r} holds now")
+            raise PaceLMError(
+                f"checkpoint {folder} was trained on other data than dataset.path={cfg['dataset']['path']!r} holds now"
+            )
         return changed
 
 
@@ -115,11 +130,13 @@ def _check_extension(old_steps, new_steps, step, schedule, folder):
     if new_steps <= step:
         raise PaceLMError(f"training.max_steps={new_steps}: checkpoint {folder} is at step {step} already")
     if any(lr_factor(s, old_steps, schedule) != lr_factor(s, new_steps, schedule) for s in range(step)):
-        raise PaceLMError(f"training.max_steps {old_steps} -> {new_steps}: schedule {schedule.name!r} (warm-up "
-                          f"{schedule.warmup_fraction} of the steps) is shaped by max_steps, so the {step} steps "
-                          f"trained would not have had their lr under the new horizon; extend a run of a constant lr "
-                          f"without warm-up, or start a new run of the new horizon from this one's weights and "
-                          f"optimizer state: training.init_from={folder} (another run_name)")
+        raise PaceLMError(
+            f"training.max_steps {old_steps} -> {new_steps}: schedule {schedule.name!r} (warm-up "
+            f"{schedule.warmup_fraction} of the steps) is shaped by max_steps, so the {step} steps "
+            f"trained would not have had their lr under the new horizon; extend a run of a constant lr "
+            f"without warm-up, or start a new run of the new horizon from this one's weights and "
+            f"optimizer state: training.init_from={folder} (another run_name)"
+        )
 
 
 def _components_of_the_first_layout(state, rank_part):
@@ -151,10 +168,17 @@ class Checkpointer:
         Every rank calls it."""
         states, sharded = capture(parts.model, parts.opt, parts.averagers, self.world)
         ckpt = TrainCheckpoint(
-            config=record.config, record=record, step=done, train=states, rng=rng.rng_state(),
+            config=record.config,
+            record=record,
+            step=done,
+            train=states,
+            rng=rng.rng_state(),
             components={name: c.state_dict() for name, c in components.items()},
-            rank_components={name: c.rank_state_dict() for name, c in components.items()
-                             if hasattr(c, "rank_state_dict")}, world_size=self.world.size)
+            rank_components={
+                name: c.rank_state_dict() for name, c in components.items() if hasattr(c, "rank_state_dict")
+            },
+            world_size=self.world.size,
+        )
         return ckpt.save(self.dir, self.world, sharded, keep=self.settings.keep)
 
     @staticmethod
@@ -169,6 +193,7 @@ class Checkpointer:
 
 # ---- which checkpoint a run goes on from -------------------------------------------
 
+
 def find(resume, ckpt_dir, overwrite):
     """The intact checkpoint folder to go on from, or None to start; refuses to start over a run's checkpoints.
 
@@ -178,8 +203,10 @@ def find(resume, ckpt_dir, overwrite):
     found = latest(ckpt_dir)
     if resume is False or resume == "auto":
         if found and resume is False and not overwrite:
-            raise PaceLMError(f"{ckpt_dir} holds checkpoints of an unfinished run (latest {found}): go on with "
-                              f"training.resume=true, or start again with training.overwrite=true")
+            raise PaceLMError(
+                f"{ckpt_dir} holds checkpoints of an unfinished run (latest {found}): go on with "
+                f"training.resume=true, or start again with training.overwrite=true"
+            )
         return newest_intact(ckpt_dir) if resume == "auto" and found else None
     if resume is True:
         if found is None:
@@ -202,11 +229,13 @@ def newest_intact(ckpt_dir):
             damaged.append(str(e))
             continue
         return folder
-    raise PaceLMError(f"no intact checkpoint in {ckpt_dir} ({'; '.join(damaged)}): start again with "
-                      f"training.overwrite=true")
+    raise PaceLMError(
+        f"no intact checkpoint in {ckpt_dir} ({'; '.join(damaged)}): start again with training.overwrite=true"
+    )
 
 
 # ---- the run's states, out and back in ---------------------------------------------
+
 
 def capture(model, opt, averagers, world):
     """(model, optimizer and averager states, sharded tensors): under FSDP2 the tensors go to DCP apart."""
@@ -214,6 +243,7 @@ def capture(model, opt, averagers, world):
     if world.parallel != "fsdp":
         return dict(states, model=model.state_dict(), optimizer=opt.state_dict()), None
     from torch.distributed.checkpoint.state_dict import get_state_dict
+
     states["model"], states["optimizer"] = get_state_dict(model, opt)  # keyed by parameter name, sharded
     sharded, states = split_tensors(states)
     return states, sharded
@@ -226,15 +256,18 @@ def restore(states, folder, model, opt, averagers, world):
     try:
         if saved:
             from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-            template = dict(averagers={name: a.state_template(states["averagers"][name])
-                                       for name, a in averagers.items()})
+
+            template = dict(
+                averagers={name: a.state_template(states["averagers"][name]) for name, a in averagers.items()}
+            )
             # get_state_dict creates the optimizer state it lacks (with a step at lr 0), to be overwritten
             template["model"], template["optimizer"] = get_state_dict(model, opt)
             tensors, _ = split_tensors(template)
             if set(tensors) != set(saved):
                 diff = sorted(set(tensors) ^ set(saved))
-                raise PaceLMError(f"checkpoint {folder} holds other tensors than this run has "
-                                  f"({len(diff)} differ, e.g. {diff[0]})")
+                raise PaceLMError(
+                    f"checkpoint {folder} holds other tensors than this run has ({len(diff)} differ, e.g. {diff[0]})"
+                )
             load_sharded(folder, tensors)
             states = join_tensors(states, tensors)
             set_state_dict(model, opt, model_state_dict=states["model"], optim_state_dict=states["optimizer"])
@@ -244,5 +277,7 @@ def restore(states, folder, model, opt, averagers, world):
         for name, a in averagers.items():
             a.load_state_dict(states["averagers"][name])
     except (RuntimeError, ValueError, KeyError) as e:
-        raise PaceLMError(f"checkpoint {folder} does not fit this run's model or optimizer "
-                          f"({type(e).__name__}: {str(e).strip().splitlines()[0][:300]})") from e
+        raise PaceLMError(
+            f"checkpoint {folder} does not fit this run's model or optimizer "
+            f"({type(e).__name__}: {str(e).strip().splitlines()[0][:300]})"
+        ) from e

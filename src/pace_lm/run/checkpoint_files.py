@@ -15,7 +15,7 @@ import pickle
 import re
 import shutil
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -32,9 +32,10 @@ STEP_DIR = re.compile(r"^step_(\d{8})$")
 @dataclass
 class Contents:
     """What one checkpoint holds: rank 0's state, this rank's own, and (FSDP2) the sharded tensors for DCP."""
-    state: Any                      # state.pt, written by rank 0
-    rank_state: Any                 # rank{r}.pt, written by every rank
-    sharded: Optional[dict] = None  # dcp/: {key: tensor or DTensor}, every rank writing its shards
+
+    state: Any  # state.pt, written by rank 0
+    rank_state: Any  # rank{r}.pt, written by every rank
+    sharded: dict | None = None  # dcp/: {key: tensor or DTensor}, every rank writing its shards
 
 
 def step_dir(ckpt_dir, step):
@@ -45,8 +46,9 @@ def list_checkpoints(ckpt_dir):
     """[(step, folder)] of the complete checkpoints in `ckpt_dir`, oldest first."""
     if not os.path.isdir(ckpt_dir):
         return []
-    found = [(int(m.group(1)), os.path.join(ckpt_dir, name))
-             for name in os.listdir(ckpt_dir) if (m := STEP_DIR.match(name))]
+    found = [
+        (int(m.group(1)), os.path.join(ckpt_dir, name)) for name in os.listdir(ckpt_dir) if (m := STEP_DIR.match(name))
+    ]
     return sorted(found)
 
 
@@ -56,6 +58,7 @@ def latest(ckpt_dir):
 
 
 # ---- writing --------------------------------------------------------------------
+
 
 def write(ckpt_dir, step, contents, world, keep=2):
     """Write checkpoint `step` from `contents` (a Contents); every rank calls it. Returns the folder.
@@ -119,8 +122,9 @@ def verify(folder):
         with open(path) as f:
             files = json.load(f)["files"]
     except FileNotFoundError:
-        raise PaceLMError(f"checkpoint {folder} has no {MANIFEST} (its checksums): it cannot be verified, so it "
-                          f"is not loaded") from None
+        raise PaceLMError(
+            f"checkpoint {folder} has no {MANIFEST} (its checksums): it cannot be verified, so it is not loaded"
+        ) from None
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise PaceLMError(f"checkpoint {folder}: {MANIFEST} cannot be read ({type(e).__name__})") from e
     for rel, want in files.items():
@@ -148,6 +152,7 @@ def _barrier(world):
 
 # ---- reading --------------------------------------------------------------------
 
+
 def read(folder, world, verified=False):
     """(state, rank_state) of checkpoint `folder` for this rank, on the CPU; a clear error if it is not one, or damaged.
 
@@ -169,11 +174,17 @@ def _load_file(path):
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "weights_only" not in str(e):
-            raise PaceLMError(f"checkpoint file {path} cannot be read (UnpicklingError); resume from another "
-                              f"checkpoint (training.resume=<folder>)") from e
-        raise PaceLMError(f"checkpoint file {path} holds objects that a safe load (tensors and plain containers "
-                          f"only) refuses, so it was not loaded: it was not written by pace-train") from None
+            raise PaceLMError(
+                f"checkpoint file {path} cannot be read (UnpicklingError); resume from another "
+                f"checkpoint (training.resume=<folder>)"
+            ) from e
+        raise PaceLMError(
+            f"checkpoint file {path} holds objects that a safe load (tensors and plain containers "
+            f"only) refuses, so it was not loaded: it was not written by pace-train"
+        ) from None
     except Exception as e:  # a truncated, corrupt or foreign file: say which, never start over silently
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise PaceLMError(f"checkpoint file {path} cannot be read ({type(e).__name__}: {msg[:300]}); "
-                          f"resume from another checkpoint (training.resume=<folder>)") from e
+        raise PaceLMError(
+            f"checkpoint file {path} cannot be read ({type(e).__name__}: {msg[:300]}); "
+            f"resume from another checkpoint (training.resume=<folder>)"
+        ) from e

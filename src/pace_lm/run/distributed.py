@@ -20,10 +20,10 @@ import torch.distributed as dist
 from pace_lm import PaceLMError
 
 
-
 @dataclass(frozen=True)
 class World:
     """Where this process stands: its rank among `size` processes; `parallel` is None for a single process."""
+
     rank: int = 0
     size: int = 1
     parallel: str | None = None
@@ -50,15 +50,17 @@ def init(parallel, device_name):
     if device_name == "auto":
         device_name = "cuda" if torch.cuda.is_available() else "cpu"
     if device_name not in ("cpu", "cuda"):
-        raise PaceLMError(f"training.device={device_name} under torchrun: use auto, cuda or cpu (each rank "
-                          f"takes cuda:LOCAL_RANK)")
+        raise PaceLMError(
+            f"training.device={device_name} under torchrun: use auto, cuda or cpu (each rank takes cuda:LOCAL_RANK)"
+        )
     device = get_device(f"cuda:{local}" if device_name == "cuda" else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     owns = not dist.is_initialized()
     if owns:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                device_id=device if device.type == "cuda" else None)
+        dist.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None
+        )
     return World(rank, world, parallel, owns), device
 
 
@@ -85,9 +87,11 @@ def wrap(model, world, device):
         return model
     if world.parallel == "ddp":
         return torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
+
     mesh = init_device_mesh(device.type, (world.size,))
     blocks = set(getattr(model, "_no_split_modules", None) or ())  # transformers' names for its blocks
     for module in model.modules():
@@ -115,6 +119,7 @@ def reshard(model):
     forward): the next forward gathers them again, so weights put in the shards since (opt.eval(), an
     averager's swap) are the ones it sees."""
     from torch.distributed.fsdp import FSDPModule
+
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.reshard()

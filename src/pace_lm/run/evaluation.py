@@ -12,10 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from pace_lm import PaceLMError
-
-from pace_lm.run import distributed
-from pace_lm.models.averaging import kept_names
 from pace_lm.data.prepared import IGNORE_INDEX, collate
+from pace_lm.models.averaging import kept_names
+from pace_lm.run import distributed
 
 
 class Diverged(PaceLMError):
@@ -27,25 +26,27 @@ def batch_loss(model, batch):
     # no key/value cache: nothing is generated (and activation checkpointing would turn it off, warning)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
     # logits: (B, T, V)
-    labels = batch["labels"][:, 1:]                                                               # (B, T-1)
-    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
+    labels = batch["labels"][:, 1:]  # (B, T-1)
+    loss = F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
     return loss, (labels != IGNORE_INDEX).sum()
 
 
 @torch.no_grad()
-def evaluate(model, val_batches, device, autocast, world=distributed.World()):
+def evaluate(model, val_batches, device, autocast, world=None):
     """Mean loss per trained token over the validation batches (not a mean of batch means).
 
     Under torchrun the batches are dealt round-robin to the ranks and the sums added up. Every rank runs
     the same number of forward passes (FSDP2's forward is collective): one short of a batch runs batch 0
-    again and does not count it.
+    again and does not count it. `world` None: one process.
     """
+    world = world if world is not None else distributed.World()
     was_training = model.training
     model.eval()
     total, count = torch.zeros((), device=device), torch.zeros((), device=device)
     rounds = -(-len(val_batches) // world.size)
-    mine = val_batches[world.rank::world.size]
+    mine = val_batches[world.rank :: world.size]
     for i in range(rounds):
         with autocast:
             loss, n = batch_loss(model, to_device(mine[i] if i < len(mine) else val_batches[0], device))
@@ -90,8 +91,10 @@ def get_autocast(dtype, device):
 def get_val_batches(val_ds, tc, pad_id, seq_len):
     """The validation batches every eval scores: the first eval_batches x eval_batch_size examples, in order."""
     n = min(len(val_ds), tc.eval_batches * tc.eval_batch_size)
-    return [collate(val_ds[list(range(i, min(i + tc.eval_batch_size, len(val_ds))))], pad_id, seq_len, tc.pad_to)
-            for i in range(0, n, tc.eval_batch_size)]
+    return [
+        collate(val_ds[list(range(i, min(i + tc.eval_batch_size, len(val_ds))))], pad_id, seq_len, tc.pad_to)
+        for i in range(0, n, tc.eval_batch_size)
+    ]
 
 
 def to_device(batch, device):

@@ -31,8 +31,10 @@ def run_lock(run_dir, what="training.out_dir"):
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            raise PaceLMError(f"{run_dir} is in use by another process (pid {holder}): one writer per run "
-                              f"folder; wait for it, or choose another run_name") from None
+            raise PaceLMError(
+                f"{run_dir} is in use by another process (pid {holder}): one writer per run "
+                f"folder; wait for it, or choose another run_name"
+            ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         try:

@@ -57,10 +57,19 @@ class TrainLog:
         loss = distributed.all_sum(self.window_loss.clone(), self.world).item() / max(1, self.window_trained)
         if not math.isfinite(loss):
             clips = self.tc.grad_clip and self.tc.grad_clip > 0
-            raise Diverged(f"non-finite train loss ({loss}) at step {done}: lower optimizer.lr"
-                           + ("" if clips else " or set training.grad_clip"))
-        entry = dict(step=done, loss=loss, lr=lr, grad_norm=float(distributed.full_tensor(grad_norm)),
-                     tokens=tokens, time_s=round(elapsed, 3), **(stats or {}))  # stats: under FSDP, this rank's
+            raise Diverged(
+                f"non-finite train loss ({loss}) at step {done}: lower optimizer.lr"
+                + ("" if clips else " or set training.grad_clip")
+            )
+        entry = dict(
+            step=done,
+            loss=loss,
+            lr=lr,
+            grad_norm=float(distributed.full_tensor(grad_norm)),
+            tokens=tokens,
+            time_s=round(elapsed, 3),
+            **(stats or {}),
+        )  # stats: under FSDP, this rank's
         self.record.step_logs.append(entry)
         self.bar.set_postfix_str(f"loss {loss:.4f}")  # the lr and the speed are in the record's step logs
         self.to_wandb(entry, done)
@@ -97,5 +106,11 @@ def start_wandb(spec, config, run_id):
         import wandb
     except ImportError as e:
         raise PaceLMError("logging.wandb=true but wandb is not installed (pip install wandb)") from e
-    return wandb.init(project=spec.logging.wandb_project, entity=spec.logging.wandb_entity, name=spec.run_name,
-                      config=config, id=run_id, resume="allow")
+    return wandb.init(
+        project=spec.logging.wandb_project,
+        entity=spec.logging.wandb_entity,
+        name=spec.run_name,
+        config=config,
+        id=run_id,
+        resume="allow",
+    )

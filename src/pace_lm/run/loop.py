@@ -49,13 +49,14 @@ class Interrupted(PaceLMError):
 @dataclasses.dataclass
 class Progress:
     """The loop's counters and timings: a checkpointed component."""
-    step: int = 0                # optimizer steps taken
-    tokens: int = 0              # tokens seen (attention mask), all ranks
-    trained: int = 0             # tokens trained on (labels), all ranks
+
+    step: int = 0  # optimizer steps taken
+    tokens: int = 0  # tokens seen (attention mask), all ranks
+    trained: int = 0  # tokens trained on (labels), all ranks
     tokens_after_first: int = 0  # tokens seen after step 1 (for the steady throughput)
-    t_train: float = 0.0         # seconds in steps
-    t_first: float = 0.0         # seconds of step 1 (one-time costs included)
-    wall: float = 0.0            # seconds since the run began, at the checkpoint
+    t_train: float = 0.0  # seconds in steps
+    t_first: float = 0.0  # seconds of step 1 (one-time costs included)
+    wall: float = 0.0  # seconds since the run began, at the checkpoint
     # each group's unscheduled lr, which the schedule scales; kept because a restored optimizer's groups hold
     # the lr of the checkpoint's step, not the base
     base_lrs: list = dataclasses.field(default_factory=list)
@@ -87,11 +88,17 @@ class Loop:
         self.telemetry = isinstance(parts.opt, PACE) and spec.optimizer.args.log_stats
         self.progress = Progress(base_lrs=[g["lr"] for g in parts.opt.param_groups])
         self.params = [p for g in parts.opt.param_groups for p in g["params"]]  # clipped in the optimizer's order
+        # the global clip of the step's own grads where the step runs in the backward pass: a pass to measure
+        self.two_pass = (
+            parts.backward is not None
+            and bool(tc.grad_clip)
+            and not (tc.grad_clip_per_parameter or tc.grad_clip_lagged)
+        )
         self.batches = Batches(len(data.train), tc.batch_size, spec.seed)  # global batches; each rank takes its share
         self.logs = TrainLog(tc, record, world, parts.device)
         self.evaluator = Evaluator(tc, data.val, data.pad_id, data.seq_len, self.autocast, world)
         self.checkpointer = Checkpointer(tc.checkpoint, paths.checkpoints, world)
-        self.lr = None          # the step's scheduled lr
+        self.lr = None  # the step's scheduled lr
         self.t_start = None
         self.bar = None
 
@@ -106,10 +113,16 @@ class Loop:
     def run(self):
         """Train from progress.step to max_steps; return the summary."""
         from tqdm.auto import tqdm
+
         tc, spec = self.tc, self.spec
         self.t_start = time.time() - self.progress.wall
-        self.bar = tqdm(total=tc.max_steps, initial=self.progress.step, desc=bar_name(spec.run_name),
-                        bar_format=BAR, disable=not (tc.progress and self.world.main))
+        self.bar = tqdm(
+            total=tc.max_steps,
+            initial=self.progress.step,
+            desc=bar_name(spec.run_name),
+            bar_format=BAR,
+            disable=not (tc.progress and self.world.main),
+        )
         self.logs.start(spec, self.bar)
         self.parts.model.train()
         self.parts.opt.train()  # schedule-free must be in train mode to step; for PACE it is already
@@ -140,8 +153,10 @@ class Loop:
         set_lr(parts.opt, progress.base_lrs, lr_factor(step, tc.max_steps, self.spec.schedule))
         self.lr = parts.opt.param_groups[0]["lr"]  # logged: the lr applied (the first group's; they share it)
         rows = next(self.batches)  # (batch_size,) row indices of the global batch
-        micro = [collate(self.data.train[rows[i:i + tc.micro_batch_size]], self.data.pad_id, self.data.seq_len,
-                         tc.pad_to) for i in range(0, tc.batch_size, tc.micro_batch_size)]
+        micro = [
+            collate(self.data.train[rows[i : i + tc.micro_batch_size]], self.data.pad_id, self.data.seq_len, tc.pad_to)
+            for i in range(0, tc.batch_size, tc.micro_batch_size)
+        ]
         # counted over the global batch on the host, before any copy to the device: no sync, no collective
         n_step = sum(int((m["labels"][:, 1:] != IGNORE_INDEX).sum()) for m in micro)
         step_tokens = sum(int(m["attention_mask"].sum()) for m in micro)
@@ -150,13 +165,13 @@ class Loop:
         # the step's loss is the mean over the global batch's tokens; DDP / FSDP average the ranks' gradients,
         # hence the factor world.size
         scale = max(1, n_step) if world.size == 1 else max(1, n_step) / world.size
-        mine = micro[world.rank * self.accum:(world.rank + 1) * self.accum]
+        mine = micro[world.rank * self.accum : (world.rank + 1) * self.accum]
         if self.telemetry:  # PACE's statistics on the steps that log, and only there (they cost a pass)
             parts.opt.set_log_stats(stats)
         lagged = self.lagged_clip()
         if parts.backward is not None:  # the grad norm, measured in the backward pass where it is used
             parts.backward.track_grad_norm = stats or tc.grad_clip_lagged
-            parts.backward.grad_scale = lagged
+            parts.backward.grad_scale = self.measured_clip(mine, scale) if self.two_pass else lagged
         for j, m in enumerate(mine):
             with distributed.grad_sync(parts.step_model, world, sync=j == self.accum - 1), self.autocast:
                 loss_sum, _ = batch_loss(self.forward, to_device(m, parts.device))
@@ -167,8 +182,11 @@ class Loop:
         if parts.backward is None and tc.grad_clip_lagged:  # measured a tensor at a time as in the backward pass
             grad_norm = grad_norm_clip(self.params, None, per_parameter=True, scale=lagged)
         elif parts.backward is None:
-            grad_norm = grad_norm_clip(self.params if tc.grad_clip_per_parameter else parts.model.parameters(),
-                                       tc.grad_clip, tc.grad_clip_per_parameter)
+            grad_norm = grad_norm_clip(
+                self.params if tc.grad_clip_per_parameter else parts.model.parameters(),
+                tc.grad_clip,
+                tc.grad_clip_per_parameter,
+            )
         if parts.backward is None:
             parts.opt.step()
             parts.opt.zero_grad(set_to_none=True)
@@ -185,6 +203,19 @@ class Loop:
             progress.t_first = t_step  # includes one-time costs: torch.compile of the step, allocator warm-up
         self.bar.update(1)
         return grad_norm
+
+    def measured_clip(self, mine, scale):
+        """The global-norm clip's factor for this step's own grads where each parameter steps in the backward
+        pass: a first forward and backward under pace.backward's measuring() takes the grads' norms and frees
+        them, stepping nothing; the RNG state is put back after it, so the stepping pass draws the same
+        dropout and computes the same grads."""
+        devices = [self.parts.device] if self.parts.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), self.parts.backward.measuring():
+            for m in mine:
+                with self.autocast:
+                    loss_sum, _ = batch_loss(self.forward, to_device(m, self.parts.device))
+                (loss_sum / scale).backward()
+        return clip_coef(self.tc.grad_clip, self.parts.backward.grad_norm())
 
     def lagged_clip(self):
         """training.grad_clip_lagged's factor for this step's grads: torch's clip coefficient for the last
@@ -205,9 +236,11 @@ class Loop:
         self.record.eval_logs.append(entry)
         self.logs.to_wandb({f"eval/{k}": v for k, v in entry.items()}, done)
         if self.world.main:
-            self.bar.write(f"step {done}: " + ", ".join(
-                f"{k} {v:.4f}" for k, v in entry.items() if k.endswith("val_loss") and v is not None)
-                + f" ({self.parts.returns} returned)")
+            self.bar.write(
+                f"step {done}: "
+                + ", ".join(f"{k} {v:.4f}" for k, v in entry.items() if k.endswith("val_loss") and v is not None)
+                + f" ({self.parts.returns} returned)"
+            )
             self.record.write(self.paths.record)
 
     def should_stop(self, signals):
@@ -224,23 +257,35 @@ class Loop:
 
     def interrupted(self, signals, folder):
         name = signal.Signals(signals[0]).name if signals else "a signal on another rank"
-        return Interrupted(f"{name} after step {self.progress.step} of {self.tc.max_steps}: checkpoint {folder}; "
-                           f"go on with training.resume=true", signals[0] if signals else signal.SIGTERM)
+        return Interrupted(
+            f"{name} after step {self.progress.step} of {self.tc.max_steps}: checkpoint {folder}; "
+            f"go on with training.resume=true",
+            signals[0] if signals else signal.SIGTERM,
+        )
 
     def summary(self):
         """The record's summary: the last eval's losses, what was returned, counts and timings."""
         progress, tc = self.progress, self.tc
         final = self.record.eval_logs[-1]
         t_train, t_first = progress.t_train, progress.t_first
-        return dict(final_val_loss=final["val_loss"], **{k: final[k] for k in VAL_KEYS}, returned=self.parts.returns,
-                    final_train_loss=self.record.step_logs[-1]["loss"], steps=tc.max_steps,
-                    tokens_seen=progress.tokens, trained_tokens=progress.trained,
-                    num_params=sum(p.numel() for p in self.parts.model.parameters()),
-                    wall_time_s=round(time.time() - self.t_start, 3), train_time_s=round(t_train, 3),
-                    first_step_time_s=round(t_first, 3),
-                    tokens_per_s=round(progress.tokens / max(t_train, 1e-9), 1),
-                    steady_tokens_per_s=round(progress.tokens_after_first / max(t_train - t_first, 1e-9), 1)
-                    if tc.max_steps > 1 else None, environment=environment())
+        return dict(
+            final_val_loss=final["val_loss"],
+            **{k: final[k] for k in VAL_KEYS},
+            returned=self.parts.returns,
+            final_train_loss=self.record.step_logs[-1]["loss"],
+            steps=tc.max_steps,
+            tokens_seen=progress.tokens,
+            trained_tokens=progress.trained,
+            num_params=sum(p.numel() for p in self.parts.model.parameters()),
+            wall_time_s=round(time.time() - self.t_start, 3),
+            train_time_s=round(t_train, 3),
+            first_step_time_s=round(t_first, 3),
+            tokens_per_s=round(progress.tokens / max(t_train, 1e-9), 1),
+            steady_tokens_per_s=round(progress.tokens_after_first / max(t_train - t_first, 1e-9), 1)
+            if tc.max_steps > 1
+            else None,
+            environment=environment(),
+        )
 
 
 def bar_name(name, width=BAR_NAME):
@@ -249,7 +294,7 @@ def bar_name(name, width=BAR_NAME):
     if len(name) <= width:
         return name
     head = (width - 1) // 2
-    return f"{name[:head]}…{name[-(width - 1 - head):]}"
+    return f"{name[:head]}…{name[-(width - 1 - head) :]}"
 
 
 SAME_STOP_S = 2.0  # seconds within which a second signal is the first one delivered twice
@@ -275,8 +320,9 @@ def stop_signals():
         first.append(now)
         got.append(signum)
         if len(got) > 1:
-            raise Interrupted(f"a second {signal.Signals(signum).name}: stopped at once, mid-step", signum,
-                              at_once=True)
+            raise Interrupted(
+                f"a second {signal.Signals(signum).name}: stopped at once, mid-step", signum, at_once=True
+            )
 
     for s in old:
         signal.signal(s, handler)

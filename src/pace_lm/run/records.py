@@ -8,7 +8,6 @@ never sees half of one.
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Optional
 
 from pace_lm import PaceLMError
 from pace_lm.files.atomic import write_failed, write_json_atomic
@@ -21,6 +20,7 @@ PRETRAINED_LOSS = "pretrained.json"  # a fine-tuning figure's untrained model, s
 class RunPaths:
     """What a run writes, under <out_dir>/<run_name>/: the one layout pace-train, the sweep and the run's
     state all read."""
+
     dir: str
 
     @classmethod
@@ -54,24 +54,32 @@ class RunRecord:
     tokens_seen, trained_tokens, num_params, the timings (wall_time_s, train_time_s, first_step_time_s,
     tokens_per_s, steady_tokens_per_s), environment() and model_dir when the returned model was saved.
     """
-    config: dict                  # the composed config, every key as given
-    data: dict                    # the prepared data's meta.json
-    status: str = "running"       # STATUSES: interrupted = stopped by a signal, with a checkpoint; diverged = a
+
+    config: dict  # the composed config, every key as given
+    data: dict  # the prepared data's meta.json
+    status: str = "running"  # STATUSES: interrupted = stopped by a signal, with a checkpoint; diverged = a
     #                               non-finite loss; failed = anything else (a killed pace-figure job included)
-    error: Optional[str] = None   # why it ended, when it did not complete
-    step: Optional[int] = None    # optimizer steps the run has taken (as of this write); None in older records
+    error: str | None = None  # why it ended, when it did not complete
+    step: int | None = None  # optimizer steps the run has taken (as of this write); None in older records
     summary: dict = field(default_factory=dict)
     eval_logs: list = field(default_factory=list)  # per evaluation: step, <name>_val_loss of each kept model, ...
     step_logs: list = field(default_factory=list)  # per training.log_interval: step, loss, lr, grad_norm, ...
-    resumed: list = field(default_factory=list)    # per resume: {step, checkpoint}
-    ends: list = field(default_factory=list)       # how each earlier start ended: {status, step, error}
+    resumed: list = field(default_factory=list)  # per resume: {step, checkpoint}
+    ends: list = field(default_factory=list)  # how each earlier start ended: {status, step, error}
 
     def to_json(self):
         """The record as written: the keys in this order; step where it is known (records written before it was
         kept lack it), resumed and ends only when there are any."""
-        out = dict(status=self.status, error=self.error, **({} if self.step is None else {"step": self.step}),
-                   config=self.config, data=self.data, summary=self.summary, eval_logs=self.eval_logs,
-                   step_logs=self.step_logs)
+        out = dict(
+            status=self.status,
+            error=self.error,
+            **({} if self.step is None else {"step": self.step}),
+            config=self.config,
+            data=self.data,
+            summary=self.summary,
+            eval_logs=self.eval_logs,
+            step_logs=self.step_logs,
+        )
         out.update({k: v for k, v in (("resumed", self.resumed), ("ends", self.ends)) if v})
         return out
 
@@ -123,10 +131,21 @@ def read_record_or_none(path):
 
 # Keys that say how a run is shown, kept, launched or placed, not what it computes: a record or checkpoint
 # whose config differs from another only in these is the same run (a sweep keeps it; a resume goes on).
-NOT_COMPARED = ("training.out_dir", "training.progress", "training.overwrite", "training.save_model",
-                "training.resume", "training.checkpoint.", "training.device", "training.parallel",
-                "training.compile_model", "training.step_in_backward", "model.gradient_checkpointing",
-                "optimizer.impl", "logging.")
+NOT_COMPARED = (
+    "training.out_dir",
+    "training.progress",
+    "training.overwrite",
+    "training.save_model",
+    "training.resume",
+    "training.checkpoint.",
+    "training.device",
+    "training.parallel",
+    "training.compile_model",
+    "training.step_in_backward",
+    "model.gradient_checkpointing",
+    "optimizer.impl",
+    "logging.",
+)
 
 
 def config_diff(a, b, ignore=()):

@@ -9,9 +9,13 @@ import torch
 def rng_state():
     """Every generator's state, as tensors and plain containers (a weights_only load reads it back)."""
     import numpy as np
+
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = dict(torch=torch.get_rng_state(), python=random.getstate(),
-                 numpy=[kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss])
+    state = dict(
+        torch=torch.get_rng_state(),
+        python=random.getstate(),
+        numpy=[kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+    )
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -20,6 +24,7 @@ def rng_state():
 def set_rng_state(state):
     """Put back what rng_state took (CUDA's only where CUDA is available)."""
     import numpy as np
+
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     kind, keys, pos, has_gauss, gauss = state["numpy"]

@@ -70,18 +70,33 @@ def load_sharded(folder, template):
 
 class _MetadataUnpickler(pickle.Unpickler):
     """Builds DCP's metadata (dataclasses of sizes, dtypes and offsets) and refuses every other global."""
-    DCP = {"Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
-           "TensorProperties", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING", "_StorageInfo"}
+
+    DCP = {
+        "Metadata",
+        "TensorStorageMetadata",
+        "BytesStorageMetadata",
+        "ChunkStorageMetadata",
+        "TensorProperties",
+        "MetadataIndex",
+        "StorageMeta",
+        "_MEM_FORMAT_ENCODING",
+        "_StorageInfo",
+    }
 
     def find_class(self, module, name):
         obj = None
         if module.startswith("torch.distributed.checkpoint") and name in self.DCP:
             obj = super().find_class(module, name)
-        elif module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None),
-                                                                  (torch.dtype, torch.layout, torch.memory_format))):
+        elif module == "torch" and (
+            name == "Size" or isinstance(getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format))
+        ):
             obj = getattr(torch, name)
-        elif (module, name) in {("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
-                                ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath")}:
+        elif (module, name) in {
+            ("torch.serialization", "_get_layout"),
+            ("collections", "OrderedDict"),
+            ("pathlib", "PosixPath"),
+            ("pathlib", "PurePosixPath"),
+        }:
             obj = super().find_class(module, name)
         if obj is None:
             raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a checkpoint's metadata")

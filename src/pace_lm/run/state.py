@@ -27,6 +27,7 @@ def last_step(record):
 def run_state(run_dir):
     """(state, detail): one of STATES, and a few words (the pid, the loss, the last step and checkpoint)."""
     from pace_lm.run.checkpoint_files import latest
+
     path = RunPaths(run_dir).record
     pid = holder(run_dir)
     if not os.path.exists(path):

@@ -71,11 +71,12 @@ def train_validated(spec):
 @dataclass
 class Data:
     """The prepared data a run trains and scores on."""
-    train: object              # datasets.Dataset of tokenized examples (subset_ratio applied)
+
+    train: object  # datasets.Dataset of tokenized examples (subset_ratio applied)
     val: object
     tokenizer: object
-    meta: dict                 # the prepared folder's meta.json
-    seq_len: int               # the length batches are cut / padded to
+    meta: dict  # the prepared folder's meta.json
+    seq_len: int  # the length batches are cut / padded to
 
     @property
     def pad_id(self):
@@ -85,14 +86,15 @@ class Data:
 @dataclass
 class Parts:
     """What a run trains and scores: built once, before the loop (and restored from a checkpoint)."""
-    model: torch.nn.Module     # the model whose weights are trained, scored and saved
+
+    model: torch.nn.Module  # the model whose weights are trained, scored and saved
     step_model: torch.nn.Module  # what forward/backward run through: `model` wrapped for DDP / FSDP2
     opt: torch.optim.Optimizer
-    averagers: dict            # {name: averaging.Averager} beside the optimizer
-    kept: dict                 # {returned name: kept model}: averaging.kept_models
-    returns: str               # the key in `kept` of the model the run returns
+    averagers: dict  # {name: averaging.Averager} beside the optimizer
+    kept: dict  # {returned name: kept model}: averaging.kept_models
+    returns: str  # the key in `kept` of the model the run returns
     device: torch.device
-    backward: object = None    # pace.backward.BackwardStep where the step runs in the backward pass
+    backward: object = None  # pace.backward.BackwardStep where the step runs in the backward pass
 
 
 def run_locked(spec, world, device, paths):
@@ -103,25 +105,20 @@ def run_locked(spec, world, device, paths):
     before = previous_end(paths.dir) if world.main else None  # how the last start of this run ended
     resume_from = checkpoint.find(tc.resume, paths.checkpoints, tc.overwrite)
     if before and before["end"]["status"] == "died":
-        print(f"pace-train: {spec.run_name} died after step {before['end']['step']} recorded (its record said "
-              f"running; no process held it): {'resuming from ' + resume_from if resume_from else 'starting again'}",
-              file=sys.stderr, flush=True)
+        print(
+            f"pace-train: {spec.run_name} died after step {before['end']['step']} recorded (its record said "
+            f"running; no process held it): {'resuming from ' + resume_from if resume_from else 'starting again'}",
+            file=sys.stderr,
+            flush=True,
+        )
     if not tc.progress:  # the libraries' bars (preparing missing data, a GGUF's de-quantizing) go with ours
         import datasets
         import transformers
+
         datasets.disable_progress_bars()
         transformers.utils.logging.disable_progress_bar()
     data = load_data(spec, world)
-    resumed, extended = None, {}
-    if resume_from:  # find() checked its files against the manifest
-        resumed = checkpoint.TrainCheckpoint.load(resume_from, world, verified=True)
-        extended = resumed.check_fits(spec.composed, data.meta, resume_from, world, spec.schedule)
-        if status == "complete" and "training.max_steps" not in extended:
-            raise PaceLMError(f"{paths.record} is a complete run of {resumed.step} steps: to extend it, resume with a "
-                              f"larger training.max_steps; else choose another run_name or set training.overwrite=true")
-        if world.main:
-            print(f"pace-train: resuming {spec.run_name} from step {resumed.step}" + "".join(
-                f", {k} {old} -> {new}" for k, (old, new) in extended.items()), file=sys.stderr, flush=True)
+    resumed, extended = load_checkpoint(spec, world, paths, resume_from, data, status) if resume_from else (None, {})
     record = start_record(spec.composed, data.meta, resumed, resume_from, extended)
     if before:  # the history of the run's earlier ends, the latest last
         record.ends = before["ends"] + [before["end"]]
@@ -155,6 +152,26 @@ def run_locked(spec, world, device, paths):
     return record.to_json()
 
 
+def load_checkpoint(spec, world, paths, resume_from, data, status):
+    """(the checkpoint to resume from, the keys it is extended by {key: (old, new)}), checked against the run
+    whose record says `status` (find() checked its files against the manifest); the resume said on stderr."""
+    resumed = checkpoint.TrainCheckpoint.load(resume_from, world, verified=True)
+    extended = resumed.check_fits(spec.composed, data.meta, resume_from, world, spec.schedule)
+    if status == "complete" and "training.max_steps" not in extended:
+        raise PaceLMError(
+            f"{paths.record} is a complete run of {resumed.step} steps: to extend it, resume with a "
+            f"larger training.max_steps; else choose another run_name or set training.overwrite=true"
+        )
+    if world.main:
+        print(
+            f"pace-train: resuming {spec.run_name} from step {resumed.step}"
+            + "".join(f", {k} {old} -> {new}" for k, (old, new) in extended.items()),
+            file=sys.stderr,
+            flush=True,
+        )
+    return resumed, extended
+
+
 def init_from(folder, model, opt, world):
     """A new run from another run's checkpoint: its weights and optimizer state (moments, EMA, step counts),
     this run's hyperparameters (the checkpoint's param groups are the other run's, its lr the scheduled one of
@@ -168,8 +185,11 @@ def init_from(folder, model, opt, world):
     for group, settings in zip(opt.param_groups, own):
         group.update(settings)
     if world.main:
-        print(f"pace-train: starting from {folder} (step {other.step} of another run): its weights and optimizer "
-              f"state", file=sys.stderr, flush=True)
+        print(
+            f"pace-train: starting from {folder} (step {other.step} of another run): its weights and optimizer state",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def start_record(config, meta, resumed, folder, extended=None):
@@ -190,8 +210,10 @@ def end_record(record, error, paths):
     if isinstance(error, Interrupted) and "checkpoint" not in str(error):
         last = checkpoint_files.latest(paths.checkpoints)
         why += f"; the last checkpoint is {last}" if last else "; no checkpoint was written"
-    record.end("diverged" if isinstance(error, Diverged) else
-               "interrupted" if isinstance(error, Interrupted) else "failed", why)
+    record.end(
+        "diverged" if isinstance(error, Diverged) else "interrupted" if isinstance(error, Interrupted) else "failed",
+        why,
+    )
 
 
 def build_parts(spec, model, world, device):
@@ -200,16 +222,26 @@ def build_parts(spec, model, world, device):
     step_model = distributed.wrap(model, world, device)  # under FSDP2, `model` itself is now sharded
     opt = build_optimizer(spec.optimizer, model)
     method = spec.optimizer.method
-    averagers = averaging.build_averagers(spec.averaging, schema.enabled_averagers(spec.averaging, method.returns),
-                                          model.parameters())
+    averagers = averaging.build_averagers(
+        spec.averaging, schema.enabled_averagers(spec.averaging, method.returns), model.parameters()
+    )
     tc = spec.training  # the schema allows step_in_backward only where it steps every parameter as step() would
     clip_norm = tc.grad_clip if tc.grad_clip and tc.grad_clip_per_parameter else None  # lagged: the loop's scale
     backward = opt.step_in_backward(clip_norm=clip_norm) if tc.step_in_backward else None
-    return Parts(model, step_model, opt, averagers, averaging.kept_models(method, opt, averagers), method.returns,
-                 device, backward)
+    return Parts(
+        model,
+        step_model,
+        opt,
+        averagers,
+        averaging.kept_models(method, opt, averagers),
+        method.returns,
+        device,
+        backward,
+    )
 
 
 # ---- setup helpers ------------------------------------------------------------------
+
 
 def check_run_dir(record_path, overwrite, extending=False):
     """A complete run, or one whose record cannot be read (it may be complete), is replaced only with overwrite;
@@ -221,11 +253,15 @@ def check_run_dir(record_path, overwrite, extending=False):
     try:
         status = read_record(record_path).get("status")
     except (OSError, ValueError, AttributeError) as e:
-        raise PaceLMError(f"{record_path} cannot be read ({type(e).__name__}), so the run may be complete: "
-                          f"choose another run_name, or set training.overwrite=true to replace it") from e
+        raise PaceLMError(
+            f"{record_path} cannot be read ({type(e).__name__}), so the run may be complete: "
+            f"choose another run_name, or set training.overwrite=true to replace it"
+        ) from e
     if status == "complete" and not extending:
-        raise PaceLMError(f"{record_path} is a complete run: choose another run_name or set "
-                          f"training.overwrite=true (or resume it with a larger training.max_steps to extend it)")
+        raise PaceLMError(
+            f"{record_path} is a complete run: choose another run_name or set "
+            f"training.overwrite=true (or resume it with a larger training.max_steps to extend it)"
+        )
     return status
 
 
@@ -241,8 +277,10 @@ def ensure_data(data, main=True):
         raise not_prepared(data.path, prepare_command(data))
     if main:
         print(f"preparing {data.name} data in {data.path} (once, offline)", flush=True)
-        prepare(data.path, Request(source=data.prepare_if_missing, mode=data.mode, tokenizer=data.tokenizer,
-                                   gguf_file=data.gguf_file))
+        prepare(
+            data.path,
+            Request(source=data.prepare_if_missing, mode=data.mode, tokenizer=data.tokenizer, gguf_file=data.gguf_file),
+        )
 
 
 def load_data(spec, world):
@@ -257,5 +295,10 @@ def load_data(spec, world):
         torch.distributed.barrier()
     train_ds, val_ds, tokenizer, meta = load_prepared(data.path)
     schema.check_data_mode(data, meta)
-    return Data(subset(train_ds, data.subset_ratio, spec.seed), val_ds, tokenizer, meta,
-                schema.check_seq_len(spec.training.max_seq_len, meta["max_seq_len"]))
+    return Data(
+        subset(train_ds, data.subset_ratio, spec.seed),
+        val_ds,
+        tokenizer,
+        meta,
+        schema.check_seq_len(spec.training.max_seq_len, meta["max_seq_len"]),
+    )
