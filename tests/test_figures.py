@@ -59,9 +59,11 @@ def test_every_run_of_every_figure_composes_into_a_valid_config(fig_id, tmp_path
             assert _get(container, key) == value, (run.name, key)
         if cfg.model.source == "pretrained":
             assert cfg.model.pretrained
-    # the plot's keys are swept: x by some run, a line key by some run, and the metric is a summary key
-    assert any(fig.plot["x"] in run.values for run in fig.runs)
-    assert all(any(k in run.values for run in fig.runs) for k in fig.plot["line"] or [])
+    # the plot's keys are the runs' own: x and each line key set by the runs (swept, or common to them all),
+    # and the metric is a summary key
+    set_by_runs = {o.split("=", 1)[0] for run in fig.runs for o in run.overrides}
+    assert fig.plot["x"] in set_by_runs
+    assert all(k in set_by_runs for k in fig.plot["line"] or [])
     assert fig.plot["metric"] == "final_val_loss"
 
 
