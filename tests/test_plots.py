@@ -156,6 +156,33 @@ def test_seeds_are_averaged_and_a_run_without_x_is_a_reference(tmp_path, monkeyp
         assert cell.strip("*") == f"{statistics.fmean(vs):.4f} ± {statistics.stdev(vs):.4f} (n=3)"
 
 
+COMMON_X = """
+description: one lr, set for every run
+hardware: none
+seeds: [0, 1]
+plot: {x: optimizer.lr, line: [optimizer]}
+common: {optimizer.lr: 4e-4}
+runs:
+  - optimizer: [ema, pace]
+"""
+
+
+def test_an_x_common_to_every_run_is_their_column_not_a_reference(tmp_path, monkeypatch):
+    (tmp_path / "figures").mkdir()
+    (tmp_path / "figures" / "common_x.yaml").write_text(COMMON_X)
+    monkeypatch.setattr(figures, "FIG_DIR", str(tmp_path / "figures"))
+    fig = load_figure("common_x")
+    for i, run in enumerate(fig.runs):
+        config = dict(seed=run.values["seed"], optimizer=dict(name=run.values["optimizer"], lr=4e-4))
+        (tmp_path / "runs" / "common_x" / run.name).mkdir(parents=True)
+        (tmp_path / "runs" / "common_x" / run.name / "record.json").write_text(
+            json.dumps(dict(status="complete", config=config, summary=dict(final_val_loss=3.0 + 0.1 * i)))
+        )
+    text, _ = plot_figure(fig, str(tmp_path / "runs"), str(tmp_path / "plot"))
+    assert "| final_val_loss (lower is better) | lr=0.0004 |" in text
+    assert set(table_cells(text)) >= {"ema", "pace"}
+
+
 def test_no_records_is_a_clear_error(tmp_path):
     with pytest.raises(PaceLMError, match="no finished runs of demo under .*: train them first"):
         plot_figure(load_figure("demo"), str(tmp_path), str(tmp_path))

@@ -50,7 +50,9 @@ def collect(fig, out_dir):
         row = dict(
             run=run.name,
             status=record["status"],
-            reference=p["x"] not in run.values,
+            # a run that sets no x (e.g. AdamW in a sweep of c) is a reference line across the xs; x set in
+            # the figure's common keys is every run's x
+            reference=p["x"] not in {o.split("=", 1)[0] for o in run.overrides},
             seed=_get(config, "seed") if config else run.values.get("seed"),
             x=_get(config, p["x"]) if config else run.values.get(p["x"]),
             panel=_get(config, p["panel"]) if config and p["panel"] else run.values.get(p["panel"]),
