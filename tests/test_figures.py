@@ -41,6 +41,7 @@ def run_figure(fig, out, data, extra, log):
     return sweep.run_sweep(fig, dict(out_dir=out, data=data, only=None, jobs=None, devices=None), extra, log)
 
 
+@pytest.mark.slow  # every run of every figure composed: about a minute
 @pytest.mark.parametrize("fig_id", [f for f in list_figures() if load_figure(f).theory is None])
 def test_every_run_of_every_figure_composes_into_a_valid_config(fig_id, tmp_path):
     """The paper-scale figures cannot train here; their configs are checked down to the resolved values."""
@@ -473,6 +474,7 @@ runs:
 """
 
 
+@pytest.mark.slow  # pace-figure from the command line
 def test_a_figure_of_ones_own_runs_prints_plots_and_reports_status_from_any_folder(tmp_path, offline_data):
     """fig=PATH (relative or absolute, with or without .yaml) works as a shipped figure: printed, run, plotted,
     its status; its runs go under out_dir, not beside the spec."""

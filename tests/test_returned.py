@@ -141,6 +141,7 @@ print("OK")
 """
 
 
+@pytest.mark.slow  # torch.compile of each mode: about half a minute
 @pytest.mark.parametrize("fullgraph", [False, True])
 @pytest.mark.parametrize("mode", MODES)
 def test_every_mode_compiles_to_the_eager_bits(mode, fullgraph):

@@ -149,6 +149,7 @@ def _same_run(a, b):
         assert {k: pytest.approx(x[k], rel=1e-5) for k in summed} == {k: y[k] for k in summed}
 
 
+@pytest.mark.slow  # 12 runs: four clips, three ways each
 def test_a_run_stepped_in_the_backward_pass_is_the_run_stepped_after_it(offline_data, tmp_path):
     """training.step_in_backward=true (pace.backward), and model.gradient_checkpointing=true: the same run as
     the whole-model step without checkpointing, with no clip, with each parameter's grad clipped alone, and
