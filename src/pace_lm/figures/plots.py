@@ -52,7 +52,7 @@ def collect(fig, out_dir):
             status=record["status"],
             # a run that sets no x (e.g. AdamW in a sweep of c) is a reference line across the xs; x set in
             # the figure's common keys is every run's x
-            reference=p["x"] not in {o.split("=", 1)[0] for o in run.overrides},
+            reference=p["x"] not in run.keys,
             seed=_get(config, "seed") if config else run.values.get("seed"),
             x=_get(config, p["x"]) if config else run.values.get(p["x"]),
             panel=_get(config, p["panel"]) if config and p["panel"] else run.values.get(p["panel"]),

@@ -54,6 +54,11 @@ class Run:
     values: dict  # this run's own keys (from its entry), in the entry's order
     overrides: list  # pace-train overrides: the figure's common ones, then the run's
 
+    @property
+    def keys(self):
+        """The keys this run sets: its own and the figure's common ones."""
+        return {o.split("=", 1)[0] for o in self.overrides}
+
 
 @dataclass
 class Figure:
@@ -164,7 +169,7 @@ def check_plot(fig, where):
     if p["line"] is not None and not isinstance(p["line"], list):
         raise PaceLMError(f"{where}: plot.line is a list of keys, not {p['line']!r}")
     keys += [("plot.line", k) for k in p["line"] or []]
-    set_by_runs = {k for r in fig.runs for k in r.values} | {o.split("=", 1)[0] for r in fig.runs for o in r.overrides}
+    set_by_runs = {k for r in fig.runs for k in r.values.keys() | r.keys}
     unknown = [(name, k) for name, k in keys if k not in set_by_runs and k not in GROUPS and k != "seed"]
     if unknown:
         config = OmegaConf.to_container(_composed(fig, fig.runs[0], fig.runs[0].overrides))
