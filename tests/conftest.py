@@ -111,3 +111,34 @@ def small_cfg(data, out, *overrides, steps=20):
 def blocks(text):
     """The paragraphs of what `pace-figure plot=true` prints: each table, and the line of runs complete."""
     return [b.strip() for b in text.split("\n\n") if b.strip()]
+
+
+class Tally:
+    """A piece of run state of a test's own: how many checkpoints it has gone into, and a tensor that changes
+    with each (under FSDP2 the tensor goes to DCP, as every tensor of the run's state does)."""
+
+    def __init__(self):
+        self.saves, self.t = 0, torch.zeros(4)
+
+    def state_dict(self):
+        self.saves += 1
+        self.t = self.t + self.saves
+        return dict(saves=self.saves, t=self.t.clone())
+
+    def load_state_dict(self, state):
+        self.saves, self.t = state["saves"], state["t"].clone()
+
+
+def add_run_state(name, make):
+    """Add a Stateful, `make()`, to every run's checkpointed state under `name`, in the one place it is
+    declared (the loop's states); returns a function that takes it out again."""
+    from pace_lm.run.loop import Loop
+
+    init = Loop.__init__
+
+    def with_it(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.states[name] = make()
+
+    Loop.__init__ = with_it
+    return lambda: setattr(Loop, "__init__", init)

@@ -19,7 +19,7 @@ def imported(path):
 
 
 PIPELINE = SRC / "pace_lm"
-FLOORS = ["files environment", "config", "models", "data", "run", "figures", "cli"]  # docs/architecture.md's
+FLOORS = ["files environment", "config", "data", "models", "run", "figures", "cli"]  # docs/architecture.md's
 
 
 def pipeline_modules():

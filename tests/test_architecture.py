@@ -73,30 +73,6 @@ def test_every_pipeline_function_is_small(module):
         assert len(params) <= 6, f"{module}.{name}: {params}"
 
 
-def test_the_loop_has_its_named_parts_and_components_own_their_cadence():
-    from pace_lm.run.checkpoint import Checkpointer
-    from pace_lm.run.evaluation import Evaluator
-    from pace_lm.run.logs import TrainLog
-    from pace_lm.run.loop import Loop
-
-    for part in (
-        "run",
-        "train_step",
-        "log",
-        "evaluate",
-        "should_stop",
-        "checkpoint",
-        "resume",
-        "summary",
-        "components",
-    ):
-        assert callable(getattr(Loop, part)), part
-    for component in (Checkpointer, Evaluator, TrainLog):
-        assert callable(component.due), component
-    for stateful in (TrainLog,):
-        assert callable(stateful.state_dict) and callable(stateful.load_state_dict)
-
-
 def test_the_module_graph_has_no_cycle():
     """No pace_lm module imports, at the top or inside a function, one that imports it back, however far
     round: registries live in the leaf config.registry, which the schema and the builders both import."""

@@ -195,33 +195,71 @@ def test_rng_state_round_trips_through_a_weights_only_file(tmp_path):
     assert torch.equal(draws[0], again[0]) and draws[1:] == again[1:]
 
 
-def test_a_train_checkpoint_is_one_typed_layout_for_saving_and_resuming(tmp_path):
-    """TrainCheckpoint writes state.pt (shared) and rank0.pt (this rank's) and gives back what it wrote."""
-    progress = dict(step=7, tokens=700, trained=650, t_train=1.5, base_lrs=[1e-3, 1e-3])
-    components = dict(progress=progress, batches=dict(epoch=1, offset=3), log=dict(window_trained=30))
-    record = RunRecord(config=dict(seed=0), data=dict(vocab_size=10), step_logs=[dict(step=5, loss=3.0)])
-    ckpt = checkpoint.TrainCheckpoint(
-        config=dict(seed=0),
-        record=record,
-        step=7,
-        components=components,
-        train=dict(model={"w": torch.ones(2)}),
-        rng=rng.rng_state(),
-        rank_components=dict(log=dict(window_loss=torch.tensor(2.5))),
-        world_size=1,
-    )
-    folder = ckpt.save(str(tmp_path), W)
+class Counter:
+    """A piece of run state with a part of its own on each rank."""
+
+    def __init__(self, n=0, mine=None):
+        self.n, self.mine = n, mine
+
+    def state_dict(self):
+        return dict(n=self.n)
+
+    def load_state_dict(self, state):
+        self.n = state["n"]
+
+    def rank_state_dict(self):
+        return dict(mine=self.mine)
+
+    def load_rank_state_dict(self, state):
+        self.mine = state["mine"]
+
+
+class Plain:
+    """A piece of run state with a tensor and nothing per rank."""
+
+    def __init__(self, k=0, t=None):
+        self.k, self.t = k, torch.zeros(3) if t is None else t
+
+    def state_dict(self):
+        return dict(k=self.k, t=self.t)
+
+    def load_state_dict(self, state):
+        self.k, self.t = state["k"], state["t"].clone()
+
+
+def progress(step):
+    from pace_lm.run.loop import Progress
+
+    return Progress(step=step, tokens=700, base_lrs=[1e-3])
+
+
+def test_the_checkpointer_saves_and_restores_every_stateful_the_same_way(tmp_path):
+    """Every piece of state goes into state.pt under its name (the step in the loop's counters, the config in
+    the record: once each), its rank part into rank0.pt; restore gives each its state back by name, its rank
+    part on the same world size only; a subset restores alone; a piece the checkpoint lacks is named."""
+    record = RunRecord(config=dict(seed=0), data=dict(vocab_size=10), step=7, step_logs=[dict(step=5, loss=3.0)])
+    settings = checkpoint_settings(keep=2)
+    states = dict(record=record, progress=progress(7), counter=Counter(5, 9), plain=Plain(3, torch.arange(3.0)))
+    folder = checkpoint.Checkpointer(settings, str(tmp_path), W).save(states)
     assert folder == checkpoint_files.step_dir(str(tmp_path), 7)
     state, rank_part = checkpoint_files.read(folder, W)
-    assert set(state) == {"config", "record", "step", "components", "train"}
-    assert set(rank_part) == {"rng", "components", "world"}
+    assert set(state) == {"layout", "states"} and set(state["states"]) == set(states)
+    assert "step" not in state["states"]["record"] and state["states"]["progress"]["step"] == 7
+    assert set(rank_part) == {"rng", "states", "world"} and rank_part["states"] == dict(counter=dict(mine=9))
     back = checkpoint.TrainCheckpoint.load(folder, W)
-    assert back.step == 7 and back.components == components and back.config == ckpt.config
-    assert back.record == record and state["record"] == record.to_json()  # typed in memory, plain JSON in the file
-    assert torch.equal(back.train["model"]["w"], torch.ones(2))
-    assert back.rank_components["log"]["window_loss"].item() == 2.5
+    assert back.step == 7 and back.config == dict(seed=0)
+    again = dict(record=RunRecord(config={}, data={}), progress=progress(0), counter=Counter(), plain=Plain())
+    checkpoint.Checkpointer.resume(back, again, folder)
+    assert again["record"].step_logs == record.step_logs and again["record"].config == dict(seed=0)
+    assert (again["progress"].step, again["counter"].n, again["counter"].mine, again["plain"].k) == (7, 5, 9, 3)
+    assert torch.equal(again["plain"].t, torch.arange(3.0))
     two = distributed.World(rank=0, size=2, parallel="ddp")  # another world size: no rank parts
-    assert checkpoint.TrainCheckpoint.load(folder, two).rank_components is None
+    other = checkpoint.TrainCheckpoint.load(folder, two)
+    fresh = Counter()
+    checkpoint.restore(other, dict(counter=fresh), folder)  # one piece alone
+    assert (fresh.n, fresh.mine) == (5, None)
+    with pytest.raises(PaceLMError, match="holds no state of this run's dummy"):
+        checkpoint.restore(back, dict(counter=Counter(), dummy=Plain()), folder)
     with pytest.raises(PaceLMError, match="is of another config"):
         back.check_fits(dict(seed=1), None, folder, W)
     fsdp = distributed.World(rank=0, size=2, parallel="fsdp")
@@ -232,93 +270,48 @@ def test_a_train_checkpoint_is_one_typed_layout_for_saving_and_resuming(tmp_path
     back.check_fits(dict(seed=0), dict(vocab_size=10), folder, distributed.World(rank=0, size=2, parallel="ddp"))
 
 
+def checkpoint_settings(keep):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(interval=0, at_end=False, keep=keep)
+
+
 def test_a_checkpoint_that_is_not_a_train_checkpoint_is_named(tmp_path):
     folder = save(tmp_path, 3)  # a checkpoint of other state (no loop, no config)
     with pytest.raises(PaceLMError, match="is not a pace-train checkpoint"):
         checkpoint.TrainCheckpoint.load(folder, W)
 
 
-def test_each_component_saves_and_restores_its_own_state(tmp_path):
-    """Checkpointer.resume gives each component its own state back by name, and its rank state on the same
-    world size only; a component with nothing per rank has no rank state."""
-    from pace_lm.run.checkpoint import Checkpointer
-
-    class Counter:
-        def __init__(self):
-            self.n, self.mine = 0, None
-
-        def state_dict(self):
-            return dict(n=self.n)
-
-        def load_state_dict(self, state):
-            self.n = state["n"]
-
-        def rank_state_dict(self):
-            return dict(mine=self.mine)
-
-        def load_rank_state_dict(self, state):
-            self.mine = state["mine"]
-
-    class Plain:
-        def __init__(self):
-            self.k = 0
-
-        def state_dict(self):
-            return dict(k=self.k)
-
-        def load_state_dict(self, state):
-            self.k = state["k"]
-
-    counter, plain = Counter(), Plain()
-    counter.n, counter.mine, plain.k = 5, 9, 3
-    ckpt = checkpoint.TrainCheckpoint(
-        config={},
-        record=RunRecord(config={}, data={}),
-        step=1,
-        train={},
-        rng=rng.rng_state(),
-        components=dict(counter=counter.state_dict(), plain=plain.state_dict()),
-        rank_components=dict(counter=counter.rank_state_dict()),
-        world_size=1,
+def first_and_second_layouts():
+    """What layouts 1 and 2 wrote for one state: the loop's counters, window and wandb id in one "loop"
+    entry (1); the config and step beside the record, the parts' states under "train", the loop's under
+    "components" (2)."""
+    counters = dict(step=4, tokens=40, trained=30, tokens_after_first=20, t_train=1.0, t_first=0.5, wall=2.0)
+    counters["base_lrs"] = [1e-3]
+    record = RunRecord(config=dict(seed=0), data={}, step=4).to_json()
+    train = dict(model={"w": torch.ones(2)}, optimizer={}, averagers={})
+    loop = dict(counters, window_trained=6, window_loss=1.5, wandb_id="abc")
+    first = dict(config=dict(seed=0), record=record, loop=loop, batches=dict(epoch=0, offset=4), train=train)
+    log = dict(window_loss=1.5, window_trained=6, wandb_id="abc")
+    components = dict(progress=counters, batches=dict(epoch=0, offset=4), log=log)
+    second = dict(config=dict(seed=0), record=record, step=4, components=components, train=train)
+    return (
+        (first, dict(rng=rng.rng_state(), window_loss=torch.tensor(0.75), world=1)),
+        (second, dict(rng=rng.rng_state(), components=dict(log=dict(window_loss=torch.tensor(0.75))), world=1)),
     )
-    again, other = Counter(), Plain()
-    Checkpointer.resume(ckpt, dict(counter=again, plain=other))
-    assert (again.n, again.mine, other.k) == (5, 9, 3)
-    ckpt.rank_components = None  # another world size
-    fresh = Counter()
-    Checkpointer.resume(ckpt, dict(counter=fresh, plain=Plain()))
-    assert (fresh.n, fresh.mine) == (5, None)
 
 
-def test_a_checkpoint_of_the_first_layout_resumes(tmp_path):
-    """A checkpoint written with the loop's state in one "loop" entry gives each component its part."""
-    loop = dict(
-        step=4,
-        tokens=40,
-        trained=30,
-        tokens_after_first=20,
-        window_trained=6,
-        window_loss=1.5,
-        t_train=1.0,
-        t_first=0.5,
-        wall=2.0,
-        wandb_id="abc",
-        base_lrs=[1e-3],
-    )
-    shared = dict(
-        config=dict(seed=0),
-        record=RunRecord(config={}, data={}).to_json(),
-        loop=loop,
-        batches=dict(epoch=0, offset=4),
-        train={},
-    )
-    rank_part = dict(rng=rng.rng_state(), window_loss=torch.tensor(0.75), world=1)
+@pytest.mark.parametrize("layout", [1, 2])
+def test_a_checkpoint_of_an_older_layout_is_read_as_this_one(layout, tmp_path):
+    """docs/checkpoints.md's policy: every layout pace-train wrote is read, translated in one place."""
+    shared, rank_part = first_and_second_layouts()[layout - 1]
     folder = checkpoint_files.write(str(tmp_path), 4, checkpoint_files.Contents(shared, rank_part, None), W)
     back = checkpoint.TrainCheckpoint.load(folder, W)
-    assert back.step == 4 and back.components["batches"] == dict(epoch=0, offset=4)
-    assert back.components["log"] == dict(window_loss=1.5, window_trained=6, wandb_id="abc")
-    assert back.components["progress"]["tokens"] == 40 and "window_loss" not in back.components["progress"]
-    assert back.rank_components["log"]["window_loss"].item() == 0.75
+    assert back.step == 4 and back.config == dict(seed=0) and back.states["batches"] == dict(epoch=0, offset=4)
+    assert back.states["log"] == dict(window_loss=1.5, window_trained=6, wandb_id="abc")
+    assert back.states["progress"]["tokens"] == 40 and "window_loss" not in back.states["progress"]
+    assert torch.equal(back.states["model"]["w"], torch.ones(2)) and "step" not in back.states["record"]
+    assert back.rank_states["log"]["window_loss"].item() == 0.75
 
 
 def test_the_step_logs_window_and_wandb_id_go_through_a_checkpoint():
@@ -329,7 +322,8 @@ def test_the_step_logs_window_and_wandb_id_go_through_a_checkpoint():
     from pace_lm.run.logs import TrainLog
 
     tc = SimpleNamespace(log_interval=5, grad_clip=None)
-    log = TrainLog(tc, RunRecord(config={}, data={}), W, torch.device("cpu"))
+    spec = SimpleNamespace(training=tc, logging=SimpleNamespace(wandb=False), run_name="r")
+    log = TrainLog(spec, RunRecord(config={}, data={}), W, torch.device("cpu"))
     log.add(torch.tensor(2.0))
     log.add(torch.tensor(0.5))
     log.count(7)
@@ -337,8 +331,8 @@ def test_the_step_logs_window_and_wandb_id_go_through_a_checkpoint():
     assert log.due(5, False) and log.due(3, True) and not log.due(3, False)
     state, mine = log.state_dict(), log.rank_state_dict()
     assert state == dict(window_loss=2.5, window_trained=7, wandb_id="run-1")
-    back = TrainLog(tc, RunRecord(config={}, data={}), W, torch.device("cpu"))
+    back = TrainLog(spec, RunRecord(config={}, data={}), W, torch.device("cpu"))
     back.load_state_dict(state)
     back.load_rank_state_dict(mine)
-    back.start(SimpleNamespace(logging=SimpleNamespace(wandb=False)), bar=None)
+    back.start(bar=None)
     assert (back.window_loss.item(), back.window_trained, back.wandb_id) == (2.5, 7, "run-1")

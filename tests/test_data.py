@@ -53,3 +53,29 @@ def test_subset_ratio_is_a_seeded_sample():
     for bad in (0, 1.5):  # the schema's rule, checked before any data is read
         with pytest.raises(PaceLMError, match=f"dataset.subset_ratio={bad} must be in"):
             validate(compose([f"dataset.subset_ratio={bad}"]))
+
+
+def test_a_runs_data_is_loaded_and_checked_against_the_run(offline_data, tmp_path):
+    """data.load: the prepared folder's splits, its tokenizer and length (training.max_seq_len at most the
+    data's, null: theirs), the subset sampled by the seed; data of another mode, a longer max_seq_len, and a
+    path that is neither prepared nor the dataset's shipped location are each one error, and nothing is made."""
+    from types import SimpleNamespace
+
+    from pace_lm.data.load import load_data
+
+    def dataset(path, **kw):
+        settings = dict(path=str(path), mode="sft", subset_ratio=1.0, shipped_path=None, prepare_if_missing=None)
+        return SimpleNamespace(**dict(settings, name="offline", tokenizer=None, gguf_file=None, **kw))
+
+    whole = load_data(dataset(offline_data), seed=0, max_seq_len=None)
+    assert whole.seq_len == whole.meta["max_seq_len"] and whole.pad_id == whole.tokenizer.pad_token_id
+    waited = []
+    half = load_data(dataset(offline_data, subset_ratio=0.5), 1, 64, wait=lambda: waited.append(1))
+    assert half.seq_len == 64 and len(half.train) == len(whole.train) // 2 and waited == [1]
+    with pytest.raises(PaceLMError, match="holds sft data but dataset.mode=pretrain"):
+        load_data(dataset(offline_data, mode="pretrain"), 0, None)
+    with pytest.raises(PaceLMError, match=r"training.max_seq_len=100000 must be an integer in \[2, "):
+        load_data(dataset(offline_data), 0, 100000)
+    with pytest.raises(PaceLMError, match="does not exist: prepare it with `pace-data"):
+        load_data(dataset(tmp_path / "elsewhere", prepare_if_missing="offline"), 0, None)
+    assert not (tmp_path / "elsewhere").exists()

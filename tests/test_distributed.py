@@ -578,3 +578,36 @@ def test_zero_redundancy_optimizer_returns_the_whole_ema_on_every_rank(impl, tmp
     assert not one.training
     one.train()
     assert all(torch.equal(p.detach(), live) for p, live in zip(single.parameters(), got["live"]))
+
+
+# ---- a piece of run state of one's own, under FSDP2 ------------------------------------------------------
+
+
+def run_state_worker(rank, data, out):
+    """pace-train in-process on each rank under FSDP2, with a Stateful of the test's own added in one place:
+    a run of 4 steps, and one of 2 resumed to 4. Rank 0 returns each run's tally and the checkpoint's mark."""
+    from conftest import Tally, add_run_state
+
+    from pace_lm.config.compose import compose
+    from pace_lm.run import checkpoint_files
+    from pace_lm.run.distributed import World
+    from pace_lm.run.train import train
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank))
+    tallies = []
+    add_run_state("tally", lambda: tallies.append(Tally()) or tallies[-1])
+    settings = ["training.parallel=fsdp", "training.checkpoint.interval=2", "schedule.warmup_fraction=0"]
+    settings += [f"dataset.path={data}", *RUN[1:6], "training.log_interval=2", *RUN[7:9], "run_name=r"]
+    for name, steps, extra in (("straight", 4, []), ("cut", 2, []), ("cut", 4, ["training.resume=true"])):
+        train(compose([*settings, f"training.out_dir={out}/{name}", f"training.max_steps={steps}", *extra]))
+    state = checkpoint_files.read(checkpoint_files.latest(f"{out}/cut/r/checkpoints"), World(rank, WORLD))[0]
+    return dict(saves=[t.saves for t in tallies], t=[t.t for t in tallies], mark=state["states"]["tally"]["t"])
+
+
+def test_a_piece_of_run_state_added_in_one_place_is_saved_and_restored_under_fsdp(offline_data, tmp_path):
+    """Under FSDP2 the test's own Stateful goes through the same door: its tensor into DCP's shards (marked in
+    state.pt), and back on a resume, so that the resumed run ends where the uninterrupted one does."""
+    got = spawn(run_state_worker, tmp_path / "rank0.pt", str(offline_data), str(tmp_path))
+    assert got["mark"] == {"dcp": "tally/t"}
+    assert got["saves"] == [2, 1, 2]  # the resumed run went on from the checkpoint's 1, not from nothing
+    assert torch.equal(got["t"][2], got["t"][0]) and torch.equal(got["t"][0], torch.full((4,), 3.0))

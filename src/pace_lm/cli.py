@@ -1,5 +1,7 @@
 """Entry points: `pace-train` (Hydra), `pace-data` (argparse) and `pace-figure` (key=value, as Hydra's).
-They parse and dispatch, nothing more."""
+Each parses its arguments (usage, unknown or malformed ones refused in one line), dispatches to the
+pipeline, and turns what comes back into what a user sees: the one-line errors and warnings, a multirun's
+failed runs, pace-data's summary, pace-figure's commands, status and plots, and the exit code."""
 
 import argparse
 import json

@@ -6,9 +6,8 @@ one PaceLMError naming the key. It runs once, at the entry points (pace-train's 
 runs before any of them trains), before any data, model or record exists; below them only `Config` and its
 typed sections flow. A key that no dataclass declares is an error, whether a YAML or `+key=` added it; the one
 free-form mapping is model.config, the architecture's own arguments, which transformers checks.
-
-Two rules need what only the run knows and live here too: `check_seq_len` (the prepared data's length) and
-`check_data_mode` (the mode the data were prepared in).
+The rules that need the prepared data (its mode, its sequence length) are checked where the run loads them
+(pace_lm.data.load).
 """
 
 import copy
@@ -19,11 +18,9 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Union
 
-from pace import PACE
-from pace.rules import check_adam_args
 from pace_lm import PaceLMError
 from pace_lm.config.compose import shipped_value
-from pace_lm.config.registry import ARCHS, AVERAGERS, DTYPES, PARALLEL, get_method, get_schedule
+from pace_lm.config.registry import ARCHS, AVERAGERS, DTYPES, PARALLEL, get_method, get_schedule, methods_with
 
 DERIVED = {"derived": True}  # a field validate() fills in, not a key of the config
 
@@ -85,21 +82,14 @@ class Schedule:
 @dataclass(frozen=True)
 class Optimizer:
     """`name` (a method of pace_lm.config.registry.OPTIMIZERS) and `args`, the keyword arguments of the method's
-    optimizer class that the config sets, typed (OPTIMIZER_ARGS: PACEArgs or ScheduleFreeArgs)."""
+    optimizer class, typed by its signature (registry.OptimizerClass.args_class); and what validation
+    resolved from the method's registration, which the builders and the loop read as values."""
 
     name: str
-    args: "PACEArgs | ScheduleFreeArgs"
-
-    @property
-    def method(self):
-        return get_method(self.name)
-
-    def kwargs(self):
-        """The optimizer class's keyword arguments."""
-        return self.args.kwargs()
-
-    def optimizer_class(self):
-        return self.args.optimizer_class()
+    args: Any
+    method: Any = field(default=None, metadata=DERIVED)  # registry.Method
+    kwargs: dict = field(default=None, metadata=DERIVED)  # the optimizer class's keyword arguments
+    telemetry: bool = field(default=False, metadata=DERIVED)  # its step statistics on (the method's `stats`)
 
 
 @dataclass(frozen=True)
@@ -188,14 +178,18 @@ def validate_optimizer(cfg):
     raw = _plain(cfg)
     if not isinstance(raw, dict) or "name" not in raw:
         raise PaceLMError("optimizer.name is missing: choose optimizer=<name>")
-    method = get_method(raw["name"])
-    args = {k: v for k, v in raw.items() if k != "name"}
-    opt = Optimizer(raw["name"], _build(OPTIMIZER_ARGS[method.optimizer], args, "optimizer."))
+    name, method = raw["name"], get_method(raw["name"])
+    args = _build(method.optimizer.args_class(), {k: v for k, v in raw.items() if k != "name"}, "optimizer.")
     for key, ok in method.fixed.items():
-        if not ok(args[key]):
-            raise PaceLMError(f"optimizer={opt.name} does not allow optimizer.{key}={args[key]!r}")
-    opt.args.check(f"optimizer={opt.name}")
-    return opt
+        if not ok(getattr(args, key)):
+            raise PaceLMError(f"optimizer={name} does not allow optimizer.{key}={getattr(args, key)!r}")
+    try:
+        kwargs = method.optimizer.kwargs(args)
+        method.optimizer.check(kwargs)
+    except (ValueError, TypeError) as e:
+        raise PaceLMError(f"optimizer={name}: {e}") from e
+    stats = method.optimizer.stats
+    return Optimizer(name, args, method, kwargs, bool(stats and kwargs[stats]))
 
 
 def _plain(cfg):
@@ -278,10 +272,9 @@ def _check_step_in_backward(tc, opt, ranks):
     if not tc.step_in_backward:
         return
     why = "training.step_in_backward=true steps each parameter as soon as its grad is complete"
-    if not isinstance(opt.args, PACEArgs):
-        raise PaceLMError(
-            f"{why}, which optimizer={opt.name} cannot; choose a PACE method (adamw, ema, pace, lawa, swa)"
-        )
+    if not opt.method.optimizer.has("step_in_backward"):
+        can = ", ".join(methods_with("step_in_backward"))
+        raise PaceLMError(f"{why}, which optimizer={opt.name} cannot; choose one that can ({can})")
     if ranks > 1:
         raise PaceLMError(f"{why}, before the {ranks} ranks' grads are reduced: it runs in one process")
     if tc.micro_batch_size != tc.batch_size:
@@ -338,107 +331,9 @@ def validate_model(cfg):
     return m
 
 
-def check_seq_len(max_seq_len, data_len):
-    """The sequence length a run trains at: training.max_seq_len, at most the prepared data's (null: theirs)."""
-    if max_seq_len is None:
-        return data_len
-    if not 2 <= max_seq_len <= data_len:
-        raise PaceLMError(
-            f"training.max_seq_len={max_seq_len!r} must be an integer in [2, {data_len}] (the prepared data's length)"
-        )
-    return max_seq_len
-
-
-def check_data_mode(dataset, meta):
-    if meta["mode"] != dataset.mode:
-        raise PaceLMError(f"dataset.path={dataset.path!r} holds {meta['mode']} data but dataset.mode={dataset.mode}")
-
-
 def _choice(key, value, known):
     if value not in known:
         raise PaceLMError(f"unknown {key}={value!r}; known: {', '.join(known)}")
-
-
-# ---- the optimizer classes' arguments, as typed fields ----------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PACEArgs:
-    """pace.PACE's keyword arguments the pipeline sets; impl `auto` is PACE's default."""
-
-    impl: str
-    lr: float
-    betas: list
-    eps: float
-    weight_decay: float
-    lambda_pullback: float
-    clamp_pullback: bool
-    beta_ema: float
-    use_ema_eval: bool
-    ema_kappa: float | None
-    ema_rho: float
-    ema_gamma: float
-    ema_update_freq: int
-    log_stats: bool
-    ema_dtype: str | None
-    rounding: str = "nearest"  # a record written before this key ran with rounding to nearest
-
-    def kwargs(self):
-        return dict(
-            dataclasses.asdict(self),
-            betas=tuple(self.betas),
-            impl=None if self.impl == "auto" else self.impl,
-            ema_dtype=DTYPES[self.ema_dtype] if self.ema_dtype else None,
-        )
-
-    def check(self, who):
-        """Every value as PACE's constructor checks it, with nothing built."""
-        if self.ema_dtype is not None:
-            _choice("optimizer.ema_dtype", self.ema_dtype, DTYPES)
-        try:
-            PACE.check_args(**self.kwargs())
-        except (ValueError, TypeError) as e:
-            raise PaceLMError(f"{who}: {e}") from e
-
-    @staticmethod
-    def optimizer_class():
-        return PACE
-
-
-@dataclass(frozen=True)
-class ScheduleFreeArgs:
-    """schedulefree.AdamWScheduleFree's keyword arguments the pipeline sets."""
-
-    lr: float
-    betas: list
-    eps: float
-    weight_decay: float
-    warmup_steps: int
-    r: float
-    weight_lr_power: float
-
-    def kwargs(self):
-        return dict(dataclasses.asdict(self), betas=tuple(self.betas))
-
-    def check(self, who):
-        try:
-            check_adam_args(dataclasses.asdict(self), who=who)  # AdamW's rules: pace.PACE's own (betas as given)
-        except ValueError as e:
-            raise PaceLMError(str(e)) from None
-        for key in ("warmup_steps", "r", "weight_lr_power"):  # schedule-free's own
-            if not getattr(self, key) >= 0:
-                raise PaceLMError(f"{who}: invalid {key}={getattr(self, key)!r}: must be >= 0")
-
-    @staticmethod
-    def optimizer_class():
-        try:
-            from schedulefree import AdamWScheduleFree
-        except ImportError as e:
-            raise PaceLMError("optimizer=schedulefree needs the schedulefree package (pip install schedulefree)") from e
-        return AdamWScheduleFree
-
-
-OPTIMIZER_ARGS = {"pace": PACEArgs, "schedulefree": ScheduleFreeArgs}  # by registry.Method.optimizer
 
 
 # ---- building typed objects from plain dicts: unknown keys, missing keys and types ----------------------------

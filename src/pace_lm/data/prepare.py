@@ -275,7 +275,7 @@ def _splits_said(source):
 
 def _tokenizer(request):
     """(tokenizer, the ChatML tokens added to it): the request's, or for the offline corpus one trained on it."""
-    from pace_lm.models.lm import load_tokenizer
+    from pace_lm.data.tokenizer import load_tokenizer
 
     if request.tokenizer is None:
         tok = corpus.train_offline_tokenizer()

@@ -22,7 +22,7 @@ def load_prepared(path):
     """(train, validation, tokenizer, meta) of a prepared folder, with a clear error if it is not one."""
     from datasets import load_from_disk
 
-    from pace_lm.models.lm import load_tokenizer
+    from pace_lm.data.tokenizer import load_tokenizer
 
     meta_path = os.path.join(path, META)
     if not os.path.exists(meta_path):

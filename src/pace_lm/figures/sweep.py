@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass, field
 
 from pace_lm import PaceLMError
+from pace_lm.data.load import ensure_data, load_data
 from pace_lm.figures.specs import build_config, check_data, check_extra, run_overrides, select
 from pace_lm.files.atomic import write_json_atomic
 from pace_lm.run import checkpoint_files
@@ -42,7 +43,7 @@ from pace_lm.run.records import (
     read_record_or_none,
 )
 from pace_lm.run.state import last_step, run_state
-from pace_lm.run.train import Interrupted, ensure_data, train_validated
+from pace_lm.run.train import Interrupted, train_validated
 
 FINAL = ("complete", "diverged")  # the outcomes a resumed sweep keeps
 LOG = "train.log"  # a child's output, in its run folder
@@ -64,7 +65,7 @@ class Job:
 
     @property
     def paths(self):
-        return RunPaths.of(self.spec)
+        return RunPaths.of(self.spec.training.out_dir, self.spec.run_name)
 
     @property
     def run_dir(self):
@@ -114,7 +115,7 @@ def plan(fig, opts, extra, log=print):
 def kept_record(spec):
     """The record already at the run's place (None if none can be read); a complete or diverged one of
     another config is refused: the sweep would mix two configs under one name."""
-    path = RunPaths.of(spec).record
+    path = RunPaths.of(spec.training.out_dir, spec.run_name).record
     old = read_record_or_none(path)
     if old and old.get("status") in FINAL:
         diff = config_diff(old.get("config", {}), spec.composed, NOT_COMPARED)
@@ -251,7 +252,7 @@ def _record_end(job, record, how):
             f"recorded, {'checkpoint ' + last + ' to resume from' if last else 'no checkpoint'}"
             + (f"; its last output: {said}" if said else "; it wrote nothing"),
         )
-        record.write(job.paths.record)
+        record.keep_at(job.paths.record)
     return record.to_json()
 
 
@@ -311,11 +312,10 @@ def pretrained_loss(spec):
     import torch
 
     from pace_lm.models.lm import build_model
-    from pace_lm.run.distributed import World, get_device
+    from pace_lm.run.distributed import get_device
     from pace_lm.run.evaluation import evaluate, get_autocast, get_val_batches
-    from pace_lm.run.train import load_data
 
-    loaded = load_data(spec, World())
+    loaded = load_data(spec.dataset, spec.seed, spec.training.max_seq_len)
     batches = get_val_batches(loaded.val, spec.training, loaded.pad_id, loaded.seq_len)
     torch.manual_seed(spec.seed)
     device = get_device(spec.training.device)

@@ -201,12 +201,27 @@ class PowerEMA(Averager):
 CLASSES = {cls.name: cls for cls in Averager.__subclasses__()}  # by the names of registry.AVERAGERS
 
 
+class Averagers(dict):
+    """A run's averagers by name: one piece of its checkpointed state (a Stateful: each averager's state
+    under its name)."""
+
+    def state_dict(self):
+        return {name: a.state_dict() for name, a in self.items()}
+
+    def load_state_dict(self, state):
+        for name, a in self.items():
+            a.load_state_dict(state[name])
+
+    def state_template(self, saved):
+        return {name: a.state_template(saved[name]) for name, a in self.items()}
+
+
 def build_averagers(spec, names, params):
-    """{name: averager} for `names` (the ones a run keeps: schema.enabled_averagers), over `params`.
+    """Averagers {name: averager} for `names` (the ones a run keeps: schema.enabled_averagers), over `params`.
 
     spec: the validated `averaging` settings (schema.Averaging: registry.AVERAGERS' settings)."""
     params = list(params)
-    out = {}
+    out = Averagers()
     for name in names:
         settings = getattr(spec, name)  # its dataclass: the class's keyword arguments, and `enabled`
         kwargs = {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings) if f.name != "enabled"}

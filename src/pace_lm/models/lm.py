@@ -1,4 +1,5 @@
-"""Models and tokenizers: Hugging Face checkpoints (hub id, local folder or GGUF file) or from scratch.
+"""Models: Hugging Face checkpoints (hub id, local folder or GGUF file) or from scratch, checked against the
+tokenizer their data were made with (data.tokenizer); the returned model saved.
 
 Everything goes through transformers' Auto classes; `trust_remote_code` stays off. A from-scratch model
 takes its architecture from `ARCHS` and its vocabulary size from the tokenizer its data were made with.
@@ -10,8 +11,9 @@ import warnings
 
 import torch
 
-from pace_lm import PaceLMError
+from pace_lm import PaceLMError, hub_load_errors, one_line
 from pace_lm.config.registry import ARCHS, DTYPES
+from pace_lm.data.tokenizer import load_tokenizer
 from pace_lm.files.atomic import os_error, replace_folder, write_failed
 
 
@@ -20,39 +22,6 @@ def _strict_errors():
     import huggingface_hub.errors as hub_errors
 
     return getattr(hub_errors, "StrictDataclassError", ValueError)
-
-
-def _load_errors():
-    import huggingface_hub.errors as hub_errors
-
-    return (OSError, ValueError, hub_errors.HFValidationError)
-
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-
-
-def load_tokenizer(name_or_path, gguf_file=None, revision=None):
-    """A fast tokenizer from a hub id, a local folder, or a GGUF file in a folder."""
-    from transformers import AutoTokenizer
-
-    if (
-        gguf_file is None
-        and os.path.isdir(name_or_path)
-        and not any(os.path.exists(os.path.join(name_or_path, f)) for f in TOKENIZER_FILES)
-    ):
-        raise PaceLMError(f"{name_or_path!r} has no tokenizer (none of {', '.join(TOKENIZER_FILES)})")
-    try:
-        tok = AutoTokenizer.from_pretrained(
-            name_or_path, gguf_file=gguf_file, revision=revision, trust_remote_code=False
-        )
-    except _load_errors() as e:
-        raise PaceLMError(
-            f"could not load tokenizer {name_or_path!r}"
-            f"{f' (gguf_file={gguf_file!r})' if gguf_file else ''}: {_first_line(e)}"
-        ) from e
-    if not tok.is_fast:
-        raise PaceLMError(f"tokenizer {name_or_path!r} is not a fast tokenizer: SFT masking needs offsets")
-    return tok
 
 
 def build_model(spec, tokenizer):
@@ -72,7 +41,7 @@ def build_model(spec, tokenizer):
             model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
         except (ValueError, TypeError, RuntimeError, ZeroDivisionError, _strict_errors()) as e:
             raise PaceLMError(
-                f"model.config={dict(spec.config)} is not a valid {spec.arch} config ({_first_line(e.__cause__ or e)})"
+                f"model.config={dict(spec.config)} is not a valid {spec.arch} config ({one_line(e.__cause__ or e)})"
             ) from e
     else:  # pretrained
         path = spec.pretrained
@@ -91,8 +60,8 @@ def build_model(spec, tokenizer):
                 trust_remote_code=False,
                 **kwargs,
             )
-        except _load_errors() as e:
-            raise PaceLMError(f"could not load model {path!r}: {_first_line(e)}") from e
+        except hub_load_errors() as e:
+            raise PaceLMError(f"could not load model {path!r}: {one_line(e)}") from e
         if spec.gguf_file and getattr(model, "hf_quantizer", None) is not None:  # older transformers
             model.hf_quantizer.remove_quantization_config(model)
         if len(tokenizer) > model.get_input_embeddings().num_embeddings:  # e.g. ChatML tokens added
@@ -137,11 +106,6 @@ def _special_ids(arch, tokenizer):
 
 def _round_up(n, multiple):
     return -(-n // multiple) * multiple
-
-
-def _first_line(e):
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 def save_model(model, tokenizer, out, world):

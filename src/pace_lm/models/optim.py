@@ -1,12 +1,6 @@
-"""How the step is taken: the optimizer registry and the lr schedules.
-
-Five of the methods are `pace.PACE` with different arguments, so they share one exact, tested update;
-they differ in what it fixes and in the model the run returns (one registration each, in registry.OPTIMIZERS):
-  adamw         AdamW; the final iterate is returned            (lambda_pullback=0, use_ema_eval=False)
-  ema           AdamW; its EMA is returned (the EMA baseline)    (lambda_pullback=0, use_ema_eval=True)
-  pace          AdamW + pull toward the EMA; the EMA is returned (lambda_pullback>0, use_ema_eval=True)
-  lawa, swa     AdamW; the LAWA / SWA average is returned        (as adamw; see pace_lm.models.averaging)
-  schedulefree  schedulefree.AdamWScheduleFree; its average (eval mode) is returned
+"""How the step is taken: the optimizer of a run's method built (its class and arguments are the method's
+registration, pace_lm.config.registry.OPTIMIZERS), each group's lr set from the schedule's factor
+(registry.lr_factor), and gradient clipping (global, per parameter, or by a given factor: the lagged clip).
 """
 
 import math
@@ -14,7 +8,6 @@ import math
 import torch
 
 from pace.backward import clip_grad
-from pace_lm.config.registry import get_schedule
 
 
 def build_optimizer(spec, model):
@@ -24,18 +17,7 @@ def build_optimizer(spec, model):
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [g for g in (dict(params=decay), dict(params=no_decay, weight_decay=0.0)) if g["params"]]
-    return spec.optimizer_class()(groups, **spec.kwargs())  # the arguments were checked by the schema
-
-
-# ---- the lr: a factor of the base lr for 0-based step s of n ---------------------------------------------------
-
-
-def lr_factor(step, max_steps, cfg):
-    """Linear warm-up over warmup_fraction of the steps, then the named schedule over the rest."""
-    warmup = round(cfg.warmup_fraction * max_steps)
-    if step < warmup:
-        return (step + 1) / warmup
-    return get_schedule(cfg.name)(step - warmup, max_steps - warmup, cfg)
+    return spec.method.optimizer.load()(groups, **spec.kwargs)  # the arguments were checked by the schema
 
 
 def set_lr(opt, base_lrs, factor):

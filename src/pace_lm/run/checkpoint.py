@@ -1,21 +1,21 @@
 """Checkpoints a run resumes from exactly: written whole or not at all, read without running pickled code.
 
     <run_dir>/checkpoints/step_00000120/
-        state.pt        rank 0's: model, optimizer (its EMA and eval/train mode included) and averager
-                        states, each component's state (the loop's counters, the data position, the loss
-                        window) and the record so far. Under FSDP2 the
-                        tensors of the first three are in dcp/ instead, each marked {"dcp": key} here.
-        rank{r}.pt      each rank's own: RNG states (torch, CUDA, random, numpy) and its components' own
-                        state (its partial loss sum)
+        state.pt        rank 0's: {"layout": 3, "states": {name: state}}, each piece of the run's state under
+                        its name: the record so far (the config in it), the model, the optimizer (its EMA
+                        and eval/train mode included), the averagers, the loop's counters (the step in
+                        them), the data position, the loss window. Under FSDP2 every tensor is in dcp/
+                        instead, marked {"dcp": key} here.
+        rank{r}.pt      each rank's own: RNG states (torch, CUDA, random, numpy) and its pieces' own state
+                        (its partial loss sum)
         dcp/            FSDP2 only: the sharded tensors, every rank writing its shards
                         (torch.distributed.checkpoint)
         manifest.json   the sha256 and size of every other file, written last (after their data are fsync-ed)
 
-`TrainCheckpoint` is that layout as one typed object; `Checkpointer` decides when the loop writes one and fills
-it from the loop's checkpointed components, each of which saves and restores its own state. `capture` /
-`restore` take the model, optimizer and averager states out of a run and put them back
-(through torch.distributed.checkpoint.state_dict under FSDP2); `find` picks the checkpoint training.resume
-names.
+`TrainCheckpoint` is that layout as one typed object; `Checkpointer` decides when the loop writes one and is
+the one door of the run's state (every piece a named `Stateful`) into it, `restore` the door back;
+`find` picks the checkpoint training.resume names. A checkpoint of an older layout is read as this one
+(`_in_this_layout`, the policy of docs/checkpoints.md).
 
 The folder is written whole and verified before it is read (`checkpoint_files`); FSDP2's tensors go through
 DCP (`sharded`); the RNG states are `rng`'s. training.resume=true or auto goes on from the newest intact
@@ -27,56 +27,54 @@ import os
 import sys
 
 from pace_lm import PaceLMError
-from pace_lm.models.optim import lr_factor
+from pace_lm.config.registry import lr_factor
 from pace_lm.run import rng
 from pace_lm.run.checkpoint_files import Contents, latest, list_checkpoints, read, verify, write
 from pace_lm.run.records import NOT_COMPARED, RunRecord, config_diff
 from pace_lm.run.sharded import join_tensors, load_sharded, marked_keys, split_tensors
+
+LAYOUT = 3  # state.pt's "layout": the version of what a checkpoint holds (older ones: _in_this_layout)
 
 
 @dataclasses.dataclass
 class TrainCheckpoint:
     """A pace-train checkpoint: what `save` writes and `load` gives back (the files are the module docstring's)."""
 
-    # state.pt, rank 0's
-    config: dict  # the run's composed config: a resume must match it (records.NOT_COMPARED aside)
-    record: RunRecord  # the record so far
-    step: int  # optimizer steps taken
-    components: dict  # {name: state_dict()} of each checkpointed component of the loop (Checkpointer)
-    train: dict  # model, optimizer and averager states (capture / restore)
-    # rank{r}.pt, each rank's own
-    rng: dict  # rng_state()
-    rank_components: dict | None  # {name: rank_state_dict()}; None on another world size (they mean nothing)
-    world_size: int  # ranks that wrote it (the file's key: world)
+    states: dict  # {name: state_dict()} of each piece of the run's state (Checkpointer), rank 0's, in state.pt
+    rng: dict  # rng_state(), in rank{r}.pt
+    rank_states: dict | None  # {name: rank_state_dict()}, in rank{r}.pt; None on another world size
+    world_size: int  # ranks that wrote it (the rank file's key: world)
+
+    @property
+    def config(self):
+        """The run's composed config (the record's: stored once)."""
+        return self.states["record"]["config"]
+
+    @property
+    def step(self):
+        """Optimizer steps taken (the loop's counters': stored once)."""
+        return self.states["progress"]["step"]
 
     def save(self, ckpt_dir, world, sharded=None, keep=2):
-        shared = dict(
-            config=self.config,
-            record=self.record.to_json(),
-            step=self.step,
-            components=self.components,
-            train=self.train,
-        )
-        rank_part = dict(rng=self.rng, components=self.rank_components, world=self.world_size)
+        shared = dict(layout=LAYOUT, states=self.states)
+        rank_part = dict(rng=self.rng, states=self.rank_states, world=self.world_size)
         return write(ckpt_dir, self.step, Contents(shared, rank_part, sharded), world, keep=keep)
 
     @classmethod
     def load(cls, folder, world, verified=False):
         state, rank_part = read(folder, world, verified)
         try:
-            if "components" not in state:
-                state, rank_part = _components_of_the_first_layout(state, rank_part)
+            state, rank_part = _in_this_layout(state, rank_part)
             same_world = rank_part["world"] == world.size  # else rank-local partial sums mean nothing
-            return cls(
-                config=state["config"],
-                record=RunRecord.from_json(state["record"]),
-                step=state["step"],
-                components=state["components"],
-                train=state["train"],
+            ckpt = cls(
+                states=state["states"],
                 rng=rank_part["rng"],
-                rank_components=rank_part["components"] if same_world else None,
+                rank_states=rank_part["states"] if same_world else None,
                 world_size=rank_part["world"],
             )
+            RunRecord.from_json(ckpt.states["record"])  # what every resume reads: a record, and a step
+            ckpt.step  # noqa: B018
+            return ckpt
         except (KeyError, TypeError, PaceLMError) as e:
             raise PaceLMError(f"{folder} is not a pace-train checkpoint ({type(e).__name__}: {e})") from e
 
@@ -86,7 +84,7 @@ class TrainCheckpoint:
         Keys that do not change what was trained so far may differ (EXTENDABLE): a larger training.max_steps
         where every step trained already keeps its lr under `schedule` (the run's schedule section), the
         eval and log cadence. Returns {key: [old, new]} of those that differ."""
-        if world.parallel == "fsdp" and not marked_keys(self.train):
+        if world.parallel == "fsdp" and not marked_keys(self.states):
             raise PaceLMError(
                 f"checkpoint {folder} was written without FSDP: resume it in one process or with training.parallel=ddp"
             )
@@ -101,7 +99,7 @@ class TrainCheckpoint:
         changed = {k: [old[k], new[k]] for k in EXTENDABLE if k in old and k in new and old[k] != new[k]}
         if "training.max_steps" in changed:
             _check_extension(old["training.max_steps"], new["training.max_steps"], self.step, schedule, folder)
-        if self.record.data != meta:
+        if self.states["record"]["data"] != meta:
             raise PaceLMError(
                 f"checkpoint {folder} was trained on other data than dataset.path={cfg['dataset']['path']!r} holds now"
             )
@@ -139,23 +137,31 @@ def _check_extension(old_steps, new_steps, step, schedule, folder):
         )
 
 
-def _components_of_the_first_layout(state, rank_part):
-    """A checkpoint written before the loop's components kept their own state (its counters, window and wandb
-    id in one "loop" entry) as the components it holds."""
-    loop = dict(state["loop"])
-    log = {k: loop.pop(k) for k in ("window_loss", "window_trained", "wandb_id")}
-    state = dict(state, step=loop["step"], components=dict(progress=loop, batches=state["batches"], log=log))
-    rank_part = dict(rank_part, components=dict(log=dict(window_loss=rank_part["window_loss"])))
-    return state, rank_part
+def _in_this_layout(state, rank_part):
+    """A checkpoint of any layout pace-train has written, in this one (LAYOUT): the policy of
+    docs/checkpoints.md, in this one place. Layout 1 kept the loop's counters, window and wandb id in one
+    "loop" entry; layout 2 kept the config and the step beside the record, the model, optimizer and averager
+    states under "train" and the loop's under "components"."""
+    if state.get("layout") == LAYOUT:
+        return state, rank_part
+    if "loop" in state:  # layout 1 -> 2
+        loop = dict(state["loop"])
+        log = {k: loop.pop(k) for k in ("window_loss", "window_trained", "wandb_id")}
+        state = dict(state, components=dict(progress=loop, batches=state["batches"], log=log))
+        rank_part = dict(rank_part, components=dict(log=dict(window_loss=rank_part["window_loss"])))
+    record = {k: v for k, v in state["record"].items() if k != "step"}
+    states = dict(record=record, **state["train"], **state["components"])  # layout 2 -> 3
+    return dict(layout=LAYOUT, states=states), dict(rank_part, states=rank_part["components"])
 
 
 class Checkpointer:
     """When the run writes a checkpoint (training.checkpoint: every `interval` steps, at the last step if
-    `at_end`, and after a stop signal) and what it holds: the model, optimizer and averager states, the RNG,
-    and each checkpointed component's own state under its name. A component is any object with
-    `state_dict()` / `load_state_dict(state)` (rank 0's; every rank calls state_dict), and optionally
-    `rank_state_dict()` / `load_rank_state_dict(state)` (each rank's own, given back on the same world size):
-    new checkpointed state is a key of one component's state_dict."""
+    `at_end`, and after a stop signal), and the one door of the run's state into it and back: every piece is
+    a `Stateful` saved under its name the same way, sharded or not. A Stateful has `state_dict()` /
+    `load_state_dict(state)` (rank 0's is kept; every rank calls state_dict), and optionally
+    `rank_state_dict()` / `load_rank_state_dict(state)` (each rank's own, given back on the same world size)
+    and `state_template(saved)` (tensors shaped as `saved`'s for a sharded load to fill; else its
+    state_dict() is the template). Under FSDP2 every tensor of every state goes to DCP."""
 
     def __init__(self, settings, ckpt_dir, world):
         self.settings, self.dir, self.world = settings, ckpt_dir, world
@@ -163,32 +169,61 @@ class Checkpointer:
     def due(self, done, last):
         return bool(self.settings.interval and done % self.settings.interval == 0) or (last and self.settings.at_end)
 
-    def save(self, done, record, parts, components):
-        """Write checkpoint `done` of the run (`parts`: its model, optimizer and averagers); returns its folder.
+    def save(self, states):
+        """Write a checkpoint of `states` ({name: Stateful}, "progress" holding the step); returns its folder.
         Every rank calls it."""
-        states, sharded = capture(parts.model, parts.opt, parts.averagers, self.world)
+        shared = {name: s.state_dict() for name, s in states.items()}
+        sharded = None
+        if self.world.parallel == "fsdp":
+            sharded, shared = split_tensors(shared)
         ckpt = TrainCheckpoint(
-            config=record.config,
-            record=record,
-            step=done,
-            train=states,
+            states=shared,
             rng=rng.rng_state(),
-            components={name: c.state_dict() for name, c in components.items()},
-            rank_components={
-                name: c.rank_state_dict() for name, c in components.items() if hasattr(c, "rank_state_dict")
-            },
+            rank_states={name: s.rank_state_dict() for name, s in states.items() if hasattr(s, "rank_state_dict")},
             world_size=self.world.size,
         )
         return ckpt.save(self.dir, self.world, sharded, keep=self.settings.keep)
 
     @staticmethod
-    def resume(ckpt, components):
-        """Put each component's state back from `ckpt` (the model, optimizer and averagers are `restore`'s)."""
-        for name, c in components.items():
-            c.load_state_dict(ckpt.components[name])
-            if ckpt.rank_components is not None and name in ckpt.rank_components:
-                c.load_rank_state_dict(ckpt.rank_components[name])
+    def resume(ckpt, states, folder):
+        """Put every one of `states` back from `ckpt` (restore), and the RNG."""
+        restore(ckpt, states, folder)
         rng.set_rng_state(ckpt.rng)
+
+
+def restore(ckpt, states, folder):
+    """Put the state of each of `states` ({name: Stateful}, any of the checkpoint's) back from `ckpt`, written
+    at `folder`: its tensors from DCP first where it was written sharded, then each load_state_dict in order,
+    and each rank's own state on the same world size."""
+    missing = [name for name in states if name not in ckpt.states]
+    if missing:
+        raise PaceLMError(f"checkpoint {folder} holds no state of this run's {', '.join(missing)}")
+    saved = {name: ckpt.states[name] for name in states}
+    marks = marked_keys(saved)  # tensors in dcp/, marked {"dcp": key} in state.pt
+    name = None
+    try:
+        if marks:
+            template = {
+                name: s.state_template(saved[name]) if hasattr(s, "state_template") else s.state_dict()
+                for name, s in states.items()
+            }
+            tensors, _ = split_tensors(template)
+            if set(tensors) != marks:
+                diff = sorted(set(tensors) ^ marks)
+                raise PaceLMError(
+                    f"checkpoint {folder} holds other tensors than this run has ({len(diff)} differ, e.g. {diff[0]})"
+                )
+            load_sharded(folder, tensors)
+            saved = join_tensors(saved, tensors)
+        for name, s in states.items():
+            s.load_state_dict(saved[name])
+            if ckpt.rank_states is not None and name in ckpt.rank_states:
+                s.load_rank_state_dict(ckpt.rank_states[name])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise PaceLMError(
+            f"checkpoint {folder} does not fit this run's {name or 'state'} "
+            f"({type(e).__name__}: {str(e).strip().splitlines()[0][:300]})"
+        ) from e
 
 
 # ---- which checkpoint a run goes on from -------------------------------------------
@@ -232,52 +267,3 @@ def newest_intact(ckpt_dir):
     raise PaceLMError(
         f"no intact checkpoint in {ckpt_dir} ({'; '.join(damaged)}): start again with training.overwrite=true"
     )
-
-
-# ---- the run's states, out and back in ---------------------------------------------
-
-
-def capture(model, opt, averagers, world):
-    """(model, optimizer and averager states, sharded tensors): under FSDP2 the tensors go to DCP apart."""
-    states = dict(averagers={name: a.state_dict() for name, a in averagers.items()})
-    if world.parallel != "fsdp":
-        return dict(states, model=model.state_dict(), optimizer=opt.state_dict()), None
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    states["model"], states["optimizer"] = get_state_dict(model, opt)  # keyed by parameter name, sharded
-    sharded, states = split_tensors(states)
-    return states, sharded
-
-
-def restore(states, folder, model, opt, averagers, world):
-    """Put a checkpoint's model, optimizer (EMA and mode included) and averager states (TrainCheckpoint.train,
-    what capture took) in place."""
-    saved = marked_keys(states)  # tensors in dcp/, marked {"dcp": key} in state.pt
-    try:
-        if saved:
-            from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-            template = dict(
-                averagers={name: a.state_template(states["averagers"][name]) for name, a in averagers.items()}
-            )
-            # get_state_dict creates the optimizer state it lacks (with a step at lr 0), to be overwritten
-            template["model"], template["optimizer"] = get_state_dict(model, opt)
-            tensors, _ = split_tensors(template)
-            if set(tensors) != set(saved):
-                diff = sorted(set(tensors) ^ set(saved))
-                raise PaceLMError(
-                    f"checkpoint {folder} holds other tensors than this run has ({len(diff)} differ, e.g. {diff[0]})"
-                )
-            load_sharded(folder, tensors)
-            states = join_tensors(states, tensors)
-            set_state_dict(model, opt, model_state_dict=states["model"], optim_state_dict=states["optimizer"])
-        else:
-            model.load_state_dict(states["model"])
-            opt.load_state_dict(states["optimizer"])
-        for name, a in averagers.items():
-            a.load_state_dict(states["averagers"][name])
-    except (RuntimeError, ValueError, KeyError) as e:
-        raise PaceLMError(
-            f"checkpoint {folder} does not fit this run's model or optimizer "
-            f"({type(e).__name__}: {str(e).strip().splitlines()[0][:300]})"
-        ) from e

@@ -7,7 +7,8 @@ MASTER_ADDR and MASTER_PORT). Then each process trains on its share of every glo
           gradients are averaged, so every rank's weights and EMA stay identical.
     fsdp  FSDP2 (`fully_shard` on each transformer block, then the model): parameters, gradients and
           optimizer state (PACE's EMA included) are sharded; each rank updates its shard.
-The backend is NCCL on CUDA (one GPU a process, cuda:LOCAL_RANK) and gloo on CPU.
+The backend is NCCL on CUDA (one GPU a process, cuda:LOCAL_RANK) and gloo on CPU. ModelState and
+OptimizerState are the model's and the optimizer's checkpointed state, in DCP's form under FSDP2.
 """
 
 import contextlib
@@ -98,6 +99,58 @@ def wrap(model, world, device):
         if type(module).__name__ in blocks:
             fully_shard(module, mesh=mesh)
     return fully_shard(model, mesh=mesh)
+
+
+class ModelState:
+    """The model's weights as a checkpoint's `Stateful`: under FSDP2 DCP's state_dict of its shards (keyed by
+    parameter name), else the module's own state_dict."""
+
+    def __init__(self, model, world):
+        self.model, self.world = model, world
+
+    def state_dict(self):
+        if self.world.parallel != "fsdp":
+            return self.model.state_dict()
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        return get_model_state_dict(self.model)
+
+    def load_state_dict(self, state):
+        if self.world.parallel != "fsdp":
+            self.model.load_state_dict(state)
+            return
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+        set_model_state_dict(self.model, state)
+
+
+class OptimizerState:
+    """The optimizer's state (PACE's EMA and mode included) as a checkpoint's `Stateful`: under FSDP2 DCP's
+    form (keyed by parameter name, sharded), else the optimizer's own state_dict. A state of DCP's form loads
+    through DCP's API on any world (an FSDP2 checkpoint resumed in one process or under DDP)."""
+
+    def __init__(self, model, opt, world):
+        self.model, self.opt, self.world = model, opt, world
+
+    def state_dict(self):
+        if self.world.parallel != "fsdp":
+            return self.opt.state_dict()
+        return self.state_template(None)
+
+    def state_template(self, saved):
+        """DCP's form of the state, what a sharded checkpoint's tensors are read into (get_optimizer_state_dict
+        creates the state it lacks, with a step at lr 0, to be overwritten)."""
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        return get_optimizer_state_dict(self.model, self.opt)
+
+    def load_state_dict(self, state):
+        if not any(isinstance(p, str) for g in state["param_groups"] for p in g["params"]):
+            self.opt.load_state_dict(state)  # the optimizer's own form: parameters by index
+            return
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+        set_optimizer_state_dict(self.model, self.opt, state)
 
 
 @contextlib.contextmanager

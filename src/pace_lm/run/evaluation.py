@@ -11,14 +11,10 @@ import math
 import torch
 import torch.nn.functional as F
 
-from pace_lm import PaceLMError
 from pace_lm.data.prepared import IGNORE_INDEX, collate
 from pace_lm.models.averaging import kept_names
 from pace_lm.run import distributed
-
-
-class Diverged(PaceLMError):
-    """The loss went non-finite: an outcome of the run (recorded as status "diverged"), not bad input."""
+from pace_lm.run.records import Diverged
 
 
 def batch_loss(model, batch):

@@ -14,15 +14,22 @@ import torch
 
 from pace_lm import PaceLMError
 from pace_lm.run import distributed
-from pace_lm.run.evaluation import Diverged
+from pace_lm.run.records import Diverged
 
 
 class TrainLog:
-    """The step logs of one run, on one rank: cadence, loss window, wandb. A checkpointed component:
-    `state_dict` (rank 0's, the window summed over ranks), `rank_state_dict` (this rank's own sum)."""
+    """The step logs of one run, on one rank: cadence, loss window, wandb. A piece of the run's checkpointed
+    state: `state_dict` (rank 0's, the window summed over ranks), `rank_state_dict` (this rank's own sum).
+    `spec`: the run's config (its training and logging sections, its name)."""
 
-    def __init__(self, tc, record, world, device):
-        self.tc, self.record, self.world = tc, record, world
+    def __init__(self, spec, record, world, device):
+        self.tc, self.record, self.world = spec.training, record, world
+        logging = spec.logging  # wandb.init's arguments (None: wandb off)
+        self.wandb_args = (
+            dict(project=logging.wandb_project, entity=logging.wandb_entity, name=spec.run_name)
+            if logging.wandb
+            else None
+        )
         self.window_loss = torch.zeros((), device=device)  # this rank's loss summed on the device since a log
         self.window_trained = 0  # tokens trained on (labels) since the last log, all ranks
         self.wandb_id = None
@@ -40,11 +47,11 @@ class TrainLog:
         """The tokens a step trained on (labels), over the global batch."""
         self.window_trained += trained
 
-    def start(self, spec, bar):
+    def start(self, bar):
         """Begin logging (rank 0: wandb, if on) to the progress bar `bar`."""
         self.bar = bar
-        if self.world.main:
-            self.wandb = start_wandb(spec, self.record.config, self.wandb_id)
+        if self.world.main and self.wandb_args is not None:
+            self.wandb = start_wandb(self.wandb_args, self.record.config, self.wandb_id)
             if self.wandb is not None:  # a run resumed with wandb off keeps the id it had
                 self.wandb_id = self.wandb.id
 
@@ -70,7 +77,7 @@ class TrainLog:
             time_s=round(elapsed, 3),
             **(stats or {}),
         )  # stats: under FSDP, this rank's
-        self.record.step_logs.append(entry)
+        self.record.add_step_log(entry)
         self.bar.set_postfix_str(f"loss {loss:.4f}")  # the lr and the speed are in the record's step logs
         self.to_wandb(entry, done)
         self.window_loss.zero_()
@@ -98,19 +105,11 @@ class TrainLog:
         self.window_loss = state["window_loss"].to(self.window_loss.device)
 
 
-def start_wandb(spec, config, run_id):
-    """The wandb run, or None; `run_id` (a resumed run's) logs on into the same wandb run."""
-    if not spec.logging.wandb:
-        return None
+def start_wandb(args, config, run_id):
+    """The wandb run of wandb.init's `args` (project, entity, name); `run_id` (a resumed run's) logs on into
+    the same wandb run."""
     try:
         import wandb
     except ImportError as e:
         raise PaceLMError("logging.wandb=true but wandb is not installed (pip install wandb)") from e
-    return wandb.init(
-        project=spec.logging.wandb_project,
-        entity=spec.logging.wandb_entity,
-        name=spec.run_name,
-        config=config,
-        id=run_id,
-        resume="allow",
-    )
+    return wandb.init(**args, config=config, id=run_id, resume="allow")

@@ -6,10 +6,11 @@ they act and keep their own state.
                     evaluate    if evaluator.due(step)     (evaluation.Evaluator: every kept model)
                     checkpoint  after a stop signal, or if checkpointer.due(step)   (checkpoint.Checkpointer)
 
-The checkpointed components are `components()`: the loop's counters (Progress), the data position
-(prepared.Batches) and the step logs' window (TrainLog); each saves and restores its own state, so that new
-checkpointed state touches one of them. A SIGTERM or SIGINT ends the run at the next step boundary with a
-checkpoint; a second one stops it at once.
+The run's checkpointed state is `Loop.states`, each piece a Stateful under its name: the record, the model,
+optimizer and averagers (the parts'), the loop's counters (Progress), the data position (prepared.Batches)
+and the step logs' window (TrainLog); each saves and restores its own state through the one door
+(checkpoint.Checkpointer), so that new checkpointed state is one line. A SIGTERM or SIGINT ends the run at
+the next step boundary with a checkpoint; a second one stops it at once.
 """
 
 import contextlib
@@ -20,12 +21,12 @@ import time
 
 import torch
 
-from pace import PACE
 from pace.backward import clip_coef
 from pace_lm import PaceLMError
+from pace_lm.config.registry import lr_factor
 from pace_lm.data.prepared import IGNORE_INDEX, Batches, collate
 from pace_lm.environment import environment
-from pace_lm.models.optim import grad_norm_clip, lr_factor, set_lr
+from pace_lm.models.optim import grad_norm_clip, set_lr
 from pace_lm.run import distributed
 from pace_lm.run.checkpoint import Checkpointer
 from pace_lm.run.evaluation import VAL_KEYS, Evaluator, batch_loss, get_autocast, to_device
@@ -85,7 +86,7 @@ class Loop:
         self.accum = tc.batch_size // (tc.micro_batch_size * world.size)  # micro-batches per rank per step
         self.autocast = get_autocast(tc.dtype, parts.device)
         self.forward = torch.compile(parts.step_model) if tc.compile_model else parts.step_model
-        self.telemetry = isinstance(parts.opt, PACE) and spec.optimizer.args.log_stats
+        self.telemetry = spec.optimizer.telemetry  # the optimizer's step statistics, on the steps that log
         self.progress = Progress(base_lrs=[g["lr"] for g in parts.opt.param_groups])
         self.params = [p for g in parts.opt.param_groups for p in g["params"]]  # clipped in the optimizer's order
         # the global clip of the step's own grads where the step runs in the backward pass: a pass to measure
@@ -95,20 +96,26 @@ class Loop:
             and not (tc.grad_clip_per_parameter or tc.grad_clip_lagged)
         )
         self.batches = Batches(len(data.train), tc.batch_size, spec.seed)  # global batches; each rank takes its share
-        self.logs = TrainLog(tc, record, world, parts.device)
+        self.logs = TrainLog(spec, record, world, parts.device)
         self.evaluator = Evaluator(tc, data.val, data.pad_id, data.seq_len, self.autocast, world)
         self.checkpointer = Checkpointer(tc.checkpoint, paths.checkpoints, world)
+        # every piece of the run's checkpointed state, a Stateful by its name in a checkpoint (Checkpointer):
+        # new state is one line here, or one where its owner is built (parts.states)
+        self.states = dict(
+            record=record,
+            **parts.states,
+            progress=self.progress,
+            batches=self.batches,
+            log=self.logs,
+        )
         self.lr = None  # the step's scheduled lr
         self.t_start = None
         self.bar = None
 
-    def components(self):
-        """The checkpointed components, by the name their state has in a checkpoint."""
-        return dict(progress=self.progress, batches=self.batches, log=self.logs)
-
-    def resume(self, ckpt):
-        """Go on from checkpoint.TrainCheckpoint `ckpt` (the model, optimizer and averagers already restored)."""
-        Checkpointer.resume(ckpt, self.components())
+    def resume(self, ckpt, folder):
+        """Go on from checkpoint.TrainCheckpoint `ckpt`, written at `folder`: every piece of state but the
+        record, which the run took from it before the loop was built (train.start_record)."""
+        Checkpointer.resume(ckpt, {name: s for name, s in self.states.items() if name != "record"}, folder)
 
     def run(self):
         """Train from progress.step to max_steps; return the summary."""
@@ -123,9 +130,10 @@ class Loop:
             bar_format=BAR,
             disable=not (tc.progress and self.world.main),
         )
-        self.logs.start(spec, self.bar)
+        self.logs.start(self.bar)
         self.parts.model.train()
-        self.parts.opt.train()  # schedule-free must be in train mode to step; for PACE it is already
+        if hasattr(self.parts.opt, "train"):  # an optimizer with a returned model's modes steps in train mode
+            self.parts.opt.train()
         with stop_signals() as signals:
             for step in range(self.progress.step, tc.max_steps):
                 done = step + 1  # steps taken once this one is
@@ -166,7 +174,7 @@ class Loop:
         # hence the factor world.size
         scale = max(1, n_step) if world.size == 1 else max(1, n_step) / world.size
         mine = micro[world.rank * self.accum : (world.rank + 1) * self.accum]
-        if self.telemetry:  # PACE's statistics on the steps that log, and only there (they cost a pass)
+        if self.telemetry:  # the optimizer's statistics on the steps that log, and only there (they cost a pass)
             parts.opt.set_log_stats(stats)
         lagged = self.lagged_clip()
         if parts.backward is not None:  # the grad norm, measured in the backward pass where it is used
@@ -231,9 +239,9 @@ class Loop:
         self.logs.log(done, grad_norm, self.lr, self.progress.tokens, time.time() - self.t_start, stats)
 
     def evaluate(self, done):
-        """Score every kept model on the validation batches; rank 0 writes the record so far."""
+        """Score every kept model on the validation batches, and tell the record (which writes itself)."""
         entry = dict(step=done, tokens=self.progress.tokens, **self.evaluator.evaluate(self.parts))
-        self.record.eval_logs.append(entry)
+        self.record.add_eval(entry)
         self.logs.to_wandb({f"eval/{k}": v for k, v in entry.items()}, done)
         if self.world.main:
             self.bar.write(
@@ -241,7 +249,6 @@ class Loop:
                 + ", ".join(f"{k} {v:.4f}" for k, v in entry.items() if k.endswith("val_loss") and v is not None)
                 + f" ({self.parts.returns} returned)"
             )
-            self.record.write(self.paths.record)
 
     def should_stop(self, signals):
         """Whether a SIGTERM / SIGINT reached any rank (under torchrun: one collective per step)."""
@@ -250,9 +257,8 @@ class Loop:
     def checkpoint(self, done):
         """Write checkpoint `done` (every rank calls it); returns its folder."""
         self.progress.wall = time.time() - self.t_start
-        folder = self.checkpointer.save(done, self.record, self.parts, self.components())
-        if self.world.main:  # the record on disk as far as the checkpoint: what a run that dies later leaves
-            self.record.write(self.paths.record)
+        folder = self.checkpointer.save(self.states)
+        self.record.checkpointed()
         return folder
 
     def interrupted(self, signals, folder):

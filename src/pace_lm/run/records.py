@@ -1,13 +1,14 @@
 """Run records: one JSON file per run, written atomically, that says what ran, where, and how it ended.
 
-`RunRecord` is its shape and the only code that changes a record's status; readers (figures, plots, status)
-read the JSON. A record is only ever replaced whole (write to a temporary file, fsync, rename), so a reader
+`RunRecord` is its shape and its one owner: the loop, the step logs and the run report to it (a step log, an
+evaluation, a checkpoint, the end), and only it writes the file; readers (figures, plots, status) read the
+JSON. A record is only ever replaced whole (write to a temporary file, fsync, rename), so a reader
 never sees half of one.
 """
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from pace_lm import PaceLMError
 from pace_lm.files.atomic import write_failed, write_json_atomic
@@ -24,9 +25,9 @@ class RunPaths:
     dir: str
 
     @classmethod
-    def of(cls, spec):
-        """The run folder of a validated config (schema.Config)."""
-        return cls(os.path.join(spec.training.out_dir, spec.run_name))
+    def of(cls, out_dir, run_name):
+        """The folder of run `run_name` under `out_dir` (training.out_dir)."""
+        return cls(os.path.join(out_dir, run_name))
 
     @property
     def record(self):
@@ -39,6 +40,10 @@ class RunPaths:
     @property
     def model(self):
         return os.path.join(self.dir, "model")
+
+
+class Diverged(PaceLMError):
+    """The loss went non-finite: an outcome of the run (recorded as status "diverged"), not bad input."""
 
 
 STATUSES = ("running", "complete", "interrupted", "failed", "diverged")
@@ -90,13 +95,50 @@ class RunRecord:
         except TypeError as e:
             raise PaceLMError(f"not a run record ({e})") from None
 
+    def state_dict(self):
+        """The record as a checkpoint keeps it: as written, but for the step (the loop's counters hold it)."""
+        return {k: v for k, v in self.to_json().items() if k != "step"}
+
+    def load_state_dict(self, state):
+        back = RunRecord.from_json(state)
+        for f in fields(self):
+            if f.name != "step":
+                setattr(self, f.name, getattr(back, f.name))
+
+    # ---- the record's one writer: the others report to it, and it writes its file when that is worth it ----
+
+    def keep_at(self, path, writes=True):
+        """Keep the record at `path` from now on, written now and at each report below that changes what a
+        reader should see; `writes`: whether this process writes it (rank 0 under torchrun)."""
+        self._path, self._writes = path, writes
+        self._write()
+
+    def add_step_log(self, entry):
+        """A step log: kept with the next write (an evaluation, a checkpoint, the end)."""
+        self.step_logs.append(entry)
+
+    def add_eval(self, entry):
+        """An evaluation's losses: written at once."""
+        self.eval_logs.append(entry)
+        self._write()
+
+    def checkpointed(self):
+        """A checkpoint was written: the record on disk goes as far, which is what a run that dies later
+        leaves."""
+        self._write()
+
     def end(self, status, error=None):
+        """How the run ended (or, "running", that it goes on again), written at once."""
         if status not in STATUSES:
             raise ValueError(f"unknown record status {status!r}; known: {', '.join(STATUSES)}")
         self.status, self.error = status, error
+        self._write()
 
-    def write(self, path):
-        """Write it whole; a full disk (or another write failure) is one line naming it."""
+    def _write(self):
+        """Write it whole, where keep_at said; a full disk (or another write failure) is one line naming it."""
+        path = getattr(self, "_path", None)
+        if path is None or not self._writes:
+            return
         try:
             write_json_atomic(path, self.to_json())
         except OSError as e:

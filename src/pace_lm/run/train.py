@@ -24,20 +24,18 @@ import torch
 
 from pace_lm import PaceLMError
 from pace_lm.config import schema
-from pace_lm.data.prepare import Request, prepare, prepare_command
-from pace_lm.data.prepared import META, load_prepared, not_prepared, subset
+from pace_lm.data.load import load_data
 from pace_lm.files import marks
 from pace_lm.models import averaging
 from pace_lm.models.lm import build_model, save_model
 from pace_lm.models.optim import build_optimizer
 from pace_lm.run import checkpoint, checkpoint_files, distributed
-from pace_lm.run.evaluation import Diverged
 from pace_lm.run.lock import run_lock
 from pace_lm.run.loop import Interrupted, Loop
-from pace_lm.run.records import RunPaths, RunRecord, read_record
+from pace_lm.run.records import Diverged, RunPaths, RunRecord, read_record
 from pace_lm.run.state import previous_end
 
-__all__ = ["Interrupted", "train", "train_validated", "ensure_data", "load_data"]
+__all__ = ["Interrupted", "train", "train_validated"]
 
 
 def train(cfg):
@@ -55,7 +53,7 @@ def train_validated(spec):
     world, device = distributed.init(spec.training.parallel, spec.training.device)
     clean = False
     try:
-        paths = RunPaths.of(spec)
+        paths = RunPaths.of(spec.training.out_dir, spec.run_name)
         # one writer per run folder (rank 0 writes; the other ranks may be on other hosts)
         with run_lock(paths.dir) if world.main else contextlib.nullcontext():
             record = run_locked(spec, world, device, paths)
@@ -66,21 +64,6 @@ def train_validated(spec):
         raise
     finally:
         distributed.shutdown(world, clean)
-
-
-@dataclass
-class Data:
-    """The prepared data a run trains and scores on."""
-
-    train: object  # datasets.Dataset of tokenized examples (subset_ratio applied)
-    val: object
-    tokenizer: object
-    meta: dict  # the prepared folder's meta.json
-    seq_len: int  # the length batches are cut / padded to
-
-    @property
-    def pad_id(self):
-        return self.meta["pad_token_id"]
 
 
 @dataclass
@@ -95,6 +78,8 @@ class Parts:
     returns: str  # the key in `kept` of the model the run returns
     device: torch.device
     backward: object = None  # pace.backward.BackwardStep where the step runs in the backward pass
+    # their checkpointed state, each a Stateful by its name in a checkpoint: model, optimizer, averagers
+    states: dict = None
 
 
 def run_locked(spec, world, device, paths):
@@ -117,7 +102,8 @@ def run_locked(spec, world, device, paths):
 
         datasets.disable_progress_bars()
         transformers.utils.logging.disable_progress_bar()
-    data = load_data(spec, world)
+    wait = torch.distributed.barrier if world.parallel else None  # rank 0 prepares; the others wait for it
+    data = load_data(spec.dataset, spec.seed, tc.max_seq_len, world.main, wait)
     resumed, extended = load_checkpoint(spec, world, paths, resume_from, data, status) if resume_from else (None, {})
     record = start_record(spec.composed, data.meta, resumed, resume_from, extended)
     if before:  # the history of the run's earlier ends, the latest last
@@ -128,16 +114,14 @@ def run_locked(spec, world, device, paths):
         if tc.overwrite:
             shutil.rmtree(paths.checkpoints, ignore_errors=True)
         shutil.rmtree(paths.model, ignore_errors=True)  # a stale returned model goes
-        record.write(paths.record)
+    record.keep_at(paths.record, writes=world.main)  # from here the record writes itself as it is told
     try:
         parts = build_parts(spec, model, world, device)
-        if resumed is not None:
-            checkpoint.restore(resumed.train, resume_from, model, parts.opt, parts.averagers, world)
-        elif tc.init_from is not None:
-            init_from(tc.init_from, model, parts.opt, world)
+        if resumed is None and tc.init_from is not None:
+            init_from(tc.init_from, parts, world)
         loop = Loop(spec, parts, data, record, paths, world)
         if resumed is not None:
-            loop.resume(resumed)
+            loop.resume(resumed, resume_from)
         record.summary = loop.run()
         if tc.save_model:
             with parts.kept[parts.returns].swapped_in():
@@ -146,9 +130,6 @@ def run_locked(spec, world, device, paths):
     except BaseException as e:  # the record says how the run ended, whatever ended it
         end_record(record, e, paths)
         raise
-    finally:
-        if world.main:
-            record.write(paths.record)
     return record.to_json()
 
 
@@ -172,7 +153,7 @@ def load_checkpoint(spec, world, paths, resume_from, data, status):
     return resumed, extended
 
 
-def init_from(folder, model, opt, world):
+def init_from(folder, parts, world):
     """A new run from another run's checkpoint: its weights and optimizer state (moments, EMA, step counts),
     this run's hyperparameters (the checkpoint's param groups are the other run's, its lr the scheduled one of
     its last step), this run's averagers from nothing."""
@@ -180,9 +161,9 @@ def init_from(folder, model, opt, world):
         raise PaceLMError(f"training.init_from={folder!r}: no such checkpoint folder")
     checkpoint.verify(folder)
     other = checkpoint.TrainCheckpoint.load(folder, world, verified=True)
-    own = [{k: v for k, v in group.items() if k != "params"} for group in opt.param_groups]
-    checkpoint.restore(dict(other.train, averagers={}), folder, model, opt, {}, world)
-    for group, settings in zip(opt.param_groups, own):
+    own = [{k: v for k, v in group.items() if k != "params"} for group in parts.opt.param_groups]
+    checkpoint.restore(other, {k: parts.states[k] for k in ("model", "optimizer")}, folder)
+    for group, settings in zip(parts.opt.param_groups, own):
         group.update(settings)
     if world.main:
         print(
@@ -195,9 +176,11 @@ def init_from(folder, model, opt, world):
 def start_record(config, meta, resumed, folder, extended=None):
     """A new run's RunRecord, or the checkpoint's going on (its resume noted, with the keys it changed: the
     record then holds the run's config as it goes on)."""
+    record = RunRecord(config=config, data=meta, step=0)
     if resumed is None:
-        return RunRecord(config=config, data=meta, step=0)
-    record = resumed.record
+        return record
+    checkpoint.restore(resumed, dict(record=record), folder)  # the record before the rest: it says resumed
+    record.step = resumed.step
     record.end("running")
     record.resumed.append(dict(step=resumed.step, checkpoint=folder, **({"changed": extended} if extended else {})))
     record.config = config
@@ -228,16 +211,13 @@ def build_parts(spec, model, world, device):
     tc = spec.training  # the schema allows step_in_backward only where it steps every parameter as step() would
     clip_norm = tc.grad_clip if tc.grad_clip and tc.grad_clip_per_parameter else None  # lagged: the loop's scale
     backward = opt.step_in_backward(clip_norm=clip_norm) if tc.step_in_backward else None
-    return Parts(
-        model,
-        step_model,
-        opt,
-        averagers,
-        averaging.kept_models(method, opt, averagers),
-        method.returns,
-        device,
-        backward,
+    states = dict(
+        model=distributed.ModelState(model, world),
+        optimizer=distributed.OptimizerState(model, opt, world),
+        averagers=averagers,
     )
+    kept = averaging.kept_models(method, opt, averagers)
+    return Parts(model, step_model, opt, averagers, kept, method.returns, device, backward, states)
 
 
 # ---- setup helpers ------------------------------------------------------------------
@@ -263,42 +243,3 @@ def check_run_dir(record_path, overwrite, extending=False):
             f"training.overwrite=true (or resume it with a larger training.max_steps to extend it)"
         )
     return status
-
-
-def ensure_data(data, main=True):
-    """Prepare `data.path` (a schema.Dataset) if it is the dataset's own shipped location with nothing there
-    yet (by the main process, `main`); refuse any other path that is not prepared data. No path is ever
-    removed."""
-    if os.path.exists(os.path.join(data.path, META)):
-        return
-    shipped = data.shipped_path
-    ours = shipped is not None and os.path.abspath(shipped) == os.path.abspath(data.path)
-    if not (data.prepare_if_missing and ours and not os.path.exists(data.path)):
-        raise not_prepared(data.path, prepare_command(data))
-    if main:
-        print(f"preparing {data.name} data in {data.path} (once, offline)", flush=True)
-        prepare(
-            data.path,
-            Request(source=data.prepare_if_missing, mode=data.mode, tokenizer=data.tokenizer, gguf_file=data.gguf_file),
-        )
-
-
-def load_data(spec, world):
-    """The `Data` of dataset.path (`spec`: the validated config).
-
-    Only the dataset's own shipped location (e.g. data/offline) is prepared on first use, by rank 0, and only
-    while nothing is there: any other path must be prepared data, and no path is ever removed.
-    """
-    data = spec.dataset
-    ensure_data(data, world.main)
-    if world.parallel:
-        torch.distributed.barrier()
-    train_ds, val_ds, tokenizer, meta = load_prepared(data.path)
-    schema.check_data_mode(data, meta)
-    return Data(
-        subset(train_ds, data.subset_ratio, spec.seed),
-        val_ds,
-        tokenizer,
-        meta,
-        schema.check_seq_len(spec.training.max_seq_len, meta["max_seq_len"]),
-    )
