@@ -5,16 +5,14 @@ import copy
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import warnings
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from conftest import spawn
 
 from pace import PACE
 
@@ -74,46 +72,6 @@ def worker(rank, kind, impl):
     with opt.ema_weights():  # eval()/train() on every rank together
         returned = [full(p.detach()).clone() for p in params]
     return dict(params=[full(p.detach()) for p in params], emas=[full(e) for e in emas], returned=returned)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def as_rank(rank, port, out, body, *args):
-    """One of WORLD gloo processes: runs body(rank, *args), rank 0 saves what it returns to `out`, and every
-    rank leaves its last collective before any rank goes."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        result = body(rank, *args)
-        if rank == 0:
-            torch.save(result, out)
-        dist.barrier()
-        open(f"{out}.done{rank}", "w").close()  # this rank's work, checks included, is over
-    except BaseException:
-        dist.destroy_process_group()
-        raise
-    # A rank whose work is done leaves without running gloo's teardown: once (2026-11-24) a rank hung for
-    # good in it, ProcessGroupGloo's destructor (run by the DDP reducer's dealloc, holding the GIL) joining
-    # gloo's thread, which waited for the GIL to free a tensor of the last all_gather.
-    os._exit(0)
-
-
-def spawn(body, out, *args):
-    """body run by WORLD processes (as_rank); what rank 0 returned."""
-    try:
-        mp.spawn(as_rank, args=(free_port(), str(out), body, *args), nprocs=WORLD, join=True)
-    except mp.ProcessExitedException as e:
-        # Rarely (twice in ~10 full-suite runs, never alone), a rank aborts at gloo's teardown with
-        # "terminate called without an active exception", after every collective and every check in the
-        # worker passed. Only that is tolerated: a rank that died before finishing fails the test.
-        if not all(os.path.exists(f"{out}.done{r}") for r in range(WORLD)):
-            raise
-        warnings.warn(f"a rank died after finishing its work (gloo teardown): {e}", stacklevel=2)
-    return torch.load(out, weights_only=True)
 
 
 @pytest.mark.parametrize("kind, impl", [("ddp", None), ("fsdp", None), ("fsdp", "foreach")])

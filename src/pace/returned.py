@@ -110,6 +110,10 @@ class ReturnedModel:
         self.group_keys = frozenset(group_keys)
         self.training = True
         self.zero = None  # the ZeroRedundancyOptimizer this optimizer is the local shard of (pace.zero), or None
+        # an engine that steps this optimizer on copies of the model's weights (DeepSpeed's ZeRO and mixed
+        # precision, pace.integrations.deepspeed): it lends them during a swap (params_in) and puts what the
+        # swap left in them into the model after it (push); it gives the returned state_dict; or None
+        self.host = None
 
     def params(self):
         """(p, state) of every parameter whose EMA eval() returns: in groups with use_ema_eval, with an EMA."""
@@ -132,32 +136,53 @@ class ReturnedModel:
     @torch.no_grad()
     def eval(self) -> None:
         if self.training:
-            _reshard_fsdp(self.owner.param_groups)
-            for p, state in self.params():
-                ema = value(p, state)
-                state["train_weights"] = p.detach().clone()
-                p.copy_(ema)
+            self._check_holds_params()
+            with self._hosted():
+                _reshard_fsdp(self.owner.param_groups)
+                for p, state in self.params():
+                    ema = value(p, state)
+                    state["train_weights"] = p.detach().clone()
+                    p.copy_(ema)
             self.training = False
             self._sync_zero()
 
     @torch.no_grad()
     def train(self) -> None:
         if not self.training:
-            _reshard_fsdp(self.owner.param_groups)
-            for group in self.owner.param_groups:
-                for p in group["params"]:
-                    state = self.owner.state.get(p)
-                    if state and "train_weights" in state:
-                        if not any(k in state for k in EMA_KEYS):  # loaded in eval mode: the EMA is the model's
-                            offset = is_offset(group, p)  # weights, loaded beside the optimizer
-                            state["ema_offset" if offset else "ema"] = (
-                                (p.detach().float() - state["train_weights"].float()).to(p.dtype)
-                                if offset
-                                else p.detach().to(ema_dtype(group, p), copy=True)
-                            )
-                        p.copy_(state.pop("train_weights"))
+            with self._hosted():
+                self._swap_back()
             self.training = True
             self._sync_zero()
+
+    def _hosted(self):
+        """The block in which the host's copies are this optimizer's parameters; the model gets them after."""
+        if self.host is None:
+            return contextlib.nullcontext()
+        return self.host.swapping()
+
+    def _check_holds_params(self):
+        if self.host is None and not any(g["params"] for g in self.owner.param_groups):
+            raise RuntimeError(
+                f"{type(self.owner).__name__} holds no parameters outside step(): a wrapper lends them only "
+                "while it steps (DeepSpeed ZeRO-3), so there is no EMA to swap in or return. Under DeepSpeed, call "
+                "pace.integrations.deepspeed.attach(engine) once after deepspeed.initialize."
+            )
+
+    def _swap_back(self):
+        """The training weights back from the state (after the host lent its copies, under one)."""
+        _reshard_fsdp(self.owner.param_groups)
+        for group in self.owner.param_groups:
+            for p in group["params"]:
+                state = self.owner.state.get(p)
+                if state and "train_weights" in state:
+                    if not any(k in state for k in EMA_KEYS):  # loaded in eval mode: the EMA is the model's
+                        offset = is_offset(group, p)  # weights, loaded beside the optimizer
+                        state["ema_offset" if offset else "ema"] = (
+                            (p.detach().float() - state["train_weights"].float()).to(p.dtype)
+                            if offset
+                            else p.detach().to(ema_dtype(group, p), copy=True)
+                        )
+                    p.copy_(state.pop("train_weights"))
 
     def _sync_zero(self):
         zero = self.zero() if self.zero is not None else None
@@ -181,7 +206,11 @@ class ReturnedModel:
     def returned_state_dict(self, model: torch.nn.Module) -> dict[str, Tensor]:
         """model.state_dict() with the returned weights (the EMA, in the parameter's dtype), in either mode,
         without touching the model. Parameters without an EMA, and buffers, come as they are."""
+        if self.host is not None:
+            return self.host.returned_state_dict(model)
+        self._check_holds_params()
         emas = {p: value(p, state) for p, state in self.params()}
+        self._check_steps(model, emas)
         zero = self.zero() if self.zero is not None else None
         if zero is not None:
             emas = zero_support.gather(zero, emas)
@@ -189,6 +218,17 @@ class ReturnedModel:
             name: (emas[t].to(t.dtype) if t in emas else t).detach()
             for name, t in model.state_dict(keep_vars=True).items()
         }
+
+    def _check_steps(self, model, emas):
+        """A model none of whose parameters this optimizer steps, while it steps others: a wrapper's copies
+        (DeepSpeed's flat partitions), whose EMA cannot be put on the model by name."""
+        mine = {p for g in self.owner.param_groups for p in g["params"]}
+        if emas and self.zero is None and not any(t in mine for t in model.parameters()):
+            raise RuntimeError(
+                f"{type(self.owner).__name__} steps tensors that are not this model's parameters (a wrapper's "
+                "copies, such as DeepSpeed ZeRO's flat partitions), so its EMA has no name in the model. Under "
+                "DeepSpeed, call pace.integrations.deepspeed.attach(engine) once after deepspeed.initialize."
+            )
 
     @torch.no_grad()
     def live_state_dict(self, model: torch.nn.Module) -> dict[str, Tensor]:

@@ -22,6 +22,10 @@ leaves to chance, and this callback fixes:
 - load_best_model_at_end=True: Trainer loads the best checkpoint's model files, which hold that step's live
   weights; the callback loads the same checkpoint's optimizer state too, so that the model after train()
   is the EMA that scored best (and the optimizer the one of that step);
+- DeepSpeed (TrainingArguments.deepspeed, no optimizer section in its config): transformers' deepspeed_init
+  drops the optimizer given to the Trainer and builds AdamW; PACECallback.attach(trainer) keeps yours (the
+  engine is built on it) and makes the swaps reach the engine's model (pace.integrations.deepspeed), so
+  evaluation, checkpoints, load_best_model_at_end and save_model() behave as without DeepSpeed;
 - telemetry: with telemetry=True the callback turns PACE's log_stats on for the steps that log (no cost
   on the others) and adds get_step_stats() to Trainer's logs as pace/<name>, for every reporter.
 """
@@ -52,15 +56,29 @@ class PACECallback(TrainerCallback):
     @classmethod
     def attach(cls, trainer: Trainer, **kwargs) -> PACECallback:
         """Add a PACECallback to `trainer` ahead of its other callbacks (the reporters read the logs it
-        extends); returns the callback."""
+        extends); returns the callback. Under DeepSpeed (TrainingArguments.deepspeed) it also keeps the
+        optimizer given in optimizers=(...) through transformers' deepspeed_init, which drops it for one of its
+        own, and puts the engine between the optimizer's swaps and the model (pace.integrations.deepspeed)."""
         callback = cls(**kwargs)
+        callback.trainer = trainer
         trainer.callback_handler.callbacks.insert(0, callback)
+        _keep_optimizer(trainer)
         return callback
+
+    trainer = None  # the Trainer `attach` added it to
 
     @staticmethod
     def _pace(kwargs):
         opt = find_pace(kwargs.get("optimizer"))
         if opt is None:
+            found = kwargs.get("optimizer")
+            if _is_deepspeed(found):
+                raise TypeError(
+                    "PACECallback: the Trainer runs DeepSpeed, whose deepspeed_init replaced the optimizer given "
+                    f"in optimizers=(...) with its own ({_innermost(found)}): add the callback with "
+                    "PACECallback.attach(trainer) before trainer.train(), which keeps yours, and leave the "
+                    "optimizer section out of the DeepSpeed config"
+                )
             raise TypeError(
                 "PACECallback: the Trainer's optimizer is neither pace.PACE nor pace.EMAWrapper: pass "
                 "optimizers=(PACE(...), None) or optimizers=(EMAWrapper(base), None) to the Trainer"
@@ -74,7 +92,12 @@ class PACECallback(TrainerCallback):
                 "PACE keeps the EMA: set save_only_model=False"
             )
         self._training = True
-        self._pace(kwargs).train()
+        opt = self._pace(kwargs)
+        if self.trainer is not None and getattr(self.trainer, "is_deepspeed_enabled", False):
+            from pace.integrations.deepspeed import attach
+
+            attach(self.trainer.model_wrapped)  # the DeepSpeed engine deepspeed_init built
+        opt.train()
 
     def on_step_begin(self, args, state, control, **kwargs):
         opt = self._pace(kwargs)
@@ -100,9 +123,40 @@ class PACECallback(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         self._training = False
         opt = self._pace(kwargs)
-        if args.load_best_model_at_end and state.best_model_checkpoint:
-            load_optimizer(opt, state.best_model_checkpoint)  # beside the live weights Trainer loaded
+        deepspeed = self.trainer is not None and getattr(self.trainer, "is_deepspeed_enabled", False)
+        if args.load_best_model_at_end and state.best_model_checkpoint and not deepspeed:  # (DeepSpeed's own
+            load_optimizer(opt, state.best_model_checkpoint)  # checkpoint loads its optimizer state with it)
         opt.eval()  # the model now holds the returned model, for trainer.save_model()
+
+
+def _keep_optimizer(trainer) -> None:
+    """Make trainer.create_optimizer give back the optimizer passed in optimizers=(...) after
+    deepspeed_init set trainer.optimizer to None to build its own (it then builds the engine on ours)."""
+    given, create = trainer.optimizer, trainer.create_optimizer
+    if given is None or getattr(create, "_keeps", None) is given:
+        return
+
+    def create_optimizer(*args, **kwargs):
+        if trainer.optimizer is None:
+            trainer.optimizer = given
+        return create(*args, **kwargs)
+
+    create_optimizer._keeps = given
+    trainer.create_optimizer = create_optimizer
+
+
+def _is_deepspeed(optimizer) -> bool:
+    while optimizer is not None:
+        if type(optimizer).__module__.split(".")[0] == "deepspeed" or "DeepSpeed" in type(optimizer).__name__:
+            return True
+        optimizer = getattr(optimizer, "optimizer", None)
+    return False
+
+
+def _innermost(optimizer) -> str:
+    while getattr(optimizer, "optimizer", None) is not None:
+        optimizer = optimizer.optimizer
+    return type(optimizer).__name__
 
 
 def load_optimizer(opt: ReturnsModel, checkpoint: str) -> None:
