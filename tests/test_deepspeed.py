@@ -26,7 +26,7 @@ def build(stage, dtype):
     plain = copy.deepcopy(model)
     config = {
         "train_batch_size": BATCH,
-        "zero_optimization": {"stage": stage},
+        "zero_optimization": {"stage": stage, "stage3_gather_16bit_weights_on_model_save": True},
         "zero_allow_untested_optimizer": True,
         "gradient_clipping": 0.0,
         "bf16": {"enabled": dtype == "bf16"},
@@ -97,6 +97,7 @@ def case_worker(rank, stage, dtype, world):
     folder = tempfile.mkdtemp() if rank == 0 else None
     folder = _shared(folder)
     engine.save_checkpoint(folder, tag="eval")
+    saved = saved_whole(engine, folder, rank)
     opt.train()
     back = whole(engine)
     train(engine, range(RESUME_AT, STEPS), rank, world)
@@ -109,9 +110,28 @@ def case_worker(rank, stage, dtype, world):
     ema, plain_live = plain_ema(plain, world)
     return dict(
         live=live, returned=returned, from_state=from_state, back=back, ema=ema, plain_live=plain_live,
-        master_live=master_live, master_ema=master_ema,
+        master_live=master_live, master_ema=master_ema, **saved,
         end=whole(engine), resumed_end=whole(resumed), mode_loaded=mode_loaded,
     )  # fmt: skip
+
+
+def saved_whole(engine, folder, rank):
+    """The returned model as DeepSpeed writes it whole, in eval mode: save_16bit_model's file, and the fp32
+    weights zero_to_fp32 consolidates from the checkpoint's partitions (stages 1 to 3)."""
+    import torch.distributed as dist
+
+    engine.save_16bit_model(os.path.join(folder, "16bit"))
+    dist.barrier()
+    out = {}
+    if rank == 0:
+        state = torch.load(os.path.join(folder, "16bit", "pytorch_model.bin"), weights_only=True)
+        out["sixteen"] = torch.cat([t.float().flatten() for t in state.values()])
+        if engine.zero_optimization_stage() > 0:
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+            state = get_fp32_state_dict_from_zero_checkpoint(folder, tag="eval")
+            out["fp32"] = torch.cat([t.float().flatten() for t in state.values()])
+    return out
 
 
 def _shared(folder):
@@ -148,7 +168,10 @@ def test_the_model_holds_the_ema_after_eval_and_resumes_exactly_from_an_eval_mod
         assert torch.equal(got["live"], got["master_live"][:n].bfloat16().float())
     elif world == 1:
         assert torch.equal(got["returned"], got["master_ema"][:n])
-    assert torch.equal(got["from_state"], got["returned"])
+    assert torch.equal(got["from_state"], got["returned"]) and torch.equal(got["sixteen"], got["returned"])
+    if stage > 0:  # zero_to_fp32: the masters' EMA, before any rounding to bf16
+        ema = got["returned"] if dtype == "fp32" else got["master_ema"][:n] if world == 1 else None
+        assert ema is None or torch.equal(got["fp32"], ema)
     assert torch.equal(got["back"], got["live"])
     assert got["mode_loaded"] is False and torch.equal(got["resumed_end"], got["end"])
 
@@ -299,3 +322,34 @@ def test_the_callback_names_deepspeed_when_it_replaced_pace(tmp_path):
     got = spawn(hf_unattached_worker, tmp_path / "rank0.pt", str(tmp_path / "run"), world=1)
     assert got["said"] is not None and "the Trainer runs DeepSpeed" in got["said"] and "(AdamW)" in got["said"]
     assert "PACECallback.attach(trainer)" in got["said"] and got["pace_state"] == 0
+
+
+def accelerate_worker(rank):
+    """accelerate's DeepSpeed plugin (ZeRO-2): prepare() gives the engine, which attach takes."""
+    os.environ.update(DS_ACCELERATOR="cpu", RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+    from accelerate import Accelerator
+    from accelerate.utils import DeepSpeedPlugin
+
+    from pace import PACE
+    from pace.integrations.deepspeed import attach
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+    plain = copy.deepcopy(model)
+    plugin = DeepSpeedPlugin(zero_stage=2, gradient_clipping=0.0)
+    plugin.deepspeed_config.update(zero_allow_untested_optimizer=True, train_micro_batch_size_per_gpu=BATCH)
+    accelerator = Accelerator(deepspeed_plugin=plugin)
+    engine, opt = accelerator.prepare(model, PACE(model.parameters(), **KW))
+    pace = attach(engine)
+    for step in range(RESUME_AT):
+        accelerator.backward(engine(batch(step, 0, 1)).square().mean())
+        opt.step()
+        opt.zero_grad()
+    pace.eval()
+    ema, _ = plain_ema(plain, 1)
+    return dict(model=torch.cat([p.detach().flatten() for p in engine.module.parameters()]), ema=ema)
+
+
+def test_accelerates_deepspeed_plugin_returns_the_ema_through_attach(tmp_path):
+    got = spawn(accelerate_worker, tmp_path / "rank0.pt", world=1)
+    assert torch.equal(got["model"], got["ema"])
