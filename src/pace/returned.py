@@ -342,6 +342,14 @@ class ReturnsModel:
         return self.returned.returned_state_dict(model)
 
 
+def find_returns_model(optimizer):
+    """The optimizer with a returned model (pace.PACE, pace.EMAWrapper) inside `optimizer` and the wrappers
+    around it that keep it as `.optimizer` (accelerate's, DeepSpeed's), or None."""
+    while optimizer is not None and not isinstance(optimizer, ReturnsModel):
+        optimizer = getattr(optimizer, "optimizer", None)
+    return optimizer
+
+
 def _reshard_fsdp(param_groups):
     """Free the weights FSDP2 gathered for a forward without backward, for every module that holds ours: the
     root keeps its gathered weights after a forward, and the next forward would read those rather than the

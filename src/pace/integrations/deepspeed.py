@@ -30,18 +30,17 @@ import contextlib
 
 import torch
 
-from pace.returned import ReturnsModel
+from pace.returned import ReturnsModel, find_returns_model
 
 
 def client_optimizer(engine) -> ReturnsModel:
     """The optimizer with a returned model (pace.PACE, pace.EMAWrapper) the engine steps."""
-    opt = engine.optimizer
-    inner = getattr(opt, "optimizer", None)
-    for candidate in (opt, inner):
-        if isinstance(candidate, ReturnsModel):
-            return candidate
+    found = find_returns_model(engine.optimizer)
+    if found is not None:
+        return found
+    stepped = getattr(engine.optimizer, "optimizer", None) or engine.optimizer
     raise TypeError(
-        f"the DeepSpeed engine steps {type(inner or opt).__name__}, not an optimizer with a returned model: pass "
+        f"the DeepSpeed engine steps {type(stepped).__name__}, not an optimizer with a returned model: pass "
         "optimizer=PACE(...) to deepspeed.initialize (and no optimizer section in its config)"
     )
 
@@ -58,7 +57,7 @@ class _Host:
     """The engine's side of the swap: which copies PACE swaps, and how they reach the model."""
 
     def __init__(self, engine):
-        self.engine = engine
+        self.engine, self.pace = engine, client_optimizer(engine)
         self.wrapper = engine.optimizer  # PACE itself at stage 0 in fp32; else DeepSpeed's optimizer around it
         self.stage = engine.zero_optimization_stage()
 
@@ -75,7 +74,7 @@ class _Host:
         self._push()
 
     def _lend(self):
-        w, pace = self.wrapper, client_optimizer(self.engine)
+        w, pace = self.wrapper, self.pace
         lent = [(g, g["params"]) for g in pace.param_groups]
         by_group = {}
         for sub_group, flat in enumerate(w.fp32_partitioned_groups_flat):
@@ -88,7 +87,7 @@ class _Host:
     def _push(self):
         """The master copies into the model's parameters, as the engine does after a step."""
         w = self.wrapper
-        if w is client_optimizer(self.engine):  # stage 0, fp32: PACE steps the model's own parameters
+        if w is self.pace:  # stage 0, fp32: PACE steps the model's own parameters
             return
         if self.stage == 3:  # each rank's partitions, then the parameters kept whole (persistent) gathered
             for sub_group in range(len(w.fp32_partitioned_groups_flat)):
@@ -107,7 +106,7 @@ class _Host:
     def returned_state_dict(self, model):
         """The whole model's state_dict with the returned weights, on every rank (gathered at stage 3): the
         EMA swapped into the model for the read, the mode as it was after it."""
-        with client_optimizer(self.engine).ema_weights(), self._gathered(model):
+        with self.pace.ema_weights(), self._gathered(model):
             return {name: t.detach().clone() for name, t in model.state_dict().items()}
 
     def _gathered(self, model):

@@ -37,15 +37,13 @@ import os
 import torch
 from transformers import Trainer, TrainerCallback
 
-from pace.returned import ReturnsModel
+from pace.returned import ReturnsModel, find_returns_model
 
 
 def find_pace(optimizer: object) -> ReturnsModel | None:
     """The optimizer with a returned model (pace.PACE, pace.EMAWrapper) inside Trainer's optimizer (accelerate
     wraps it), or None."""
-    while optimizer is not None and not isinstance(optimizer, ReturnsModel):
-        optimizer = getattr(optimizer, "optimizer", None)
-    return optimizer
+    return find_returns_model(optimizer)
 
 
 class PACECallback(TrainerCallback):

@@ -73,7 +73,8 @@ class TrainCheckpoint:
                 world_size=rank_part["world"],
             )
             RunRecord.from_json(ckpt.states["record"])  # what every resume reads: a record, and a step
-            ckpt.step  # noqa: B018
+            if "progress" not in ckpt.states:
+                raise KeyError("progress")
             return ckpt
         except (KeyError, TypeError, PaceLMError) as e:
             raise PaceLMError(f"{folder} is not a pace-train checkpoint ({type(e).__name__}: {e})") from e
