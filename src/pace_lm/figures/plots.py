@@ -32,6 +32,9 @@ UNTRAINED = "untrained model"
 FAILED_MARK = "†"
 FAILED = "above the untrained model: fine-tuning failed here"
 LOWER = "lower is better"
+DASHES = ["-", "--", ":", "-."]  # a line's dashes and marker by the rest of its label (_styles)
+MARKERS = ["o", "s", "^", "D"]
+LEGEND_INSIDE = 8  # legend entries that fit inside the axes
 
 
 def collect(fig, out_dir):
@@ -238,7 +241,9 @@ def plot(fig, rows, stem, untrained=None):
     import matplotlib.pyplot as plt
 
     panels = list(dict.fromkeys(r["panel"] for r in rows))
-    fig_, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4), squeeze=False)
+    entries = len({r["line"] for r in rows}) + (untrained is not None)
+    width = 5.2 + (2.4 if entries > LEGEND_INSIDE else 0)
+    fig_, axes = plt.subplots(1, len(panels), figsize=(width * len(panels), 4), squeeze=False)
     for ax, panel in zip(axes[0], panels):
         prow = [r for r in rows if r["panel"] == panel]
         lines = {line: c for (p, line), c in _cells(prow).items() if p == panel}
@@ -258,15 +263,16 @@ def plot(fig, rows, stem, untrained=None):
             fontsize=10,
         )
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        _legend(ax, entries)
     return save_plot(fig_, stem)
 
 
 def _draw_lines(ax, fig, lines, xs, untrained):
     numeric = all(isinstance(x, (int, float)) for x in xs)
     failed = []
+    styles = _styles(lines)
     for k, (line, c) in enumerate(lines.items()):
-        color = _color(k)
+        color, dashes, marker = styles[line]
         if all(r["reference"] for rs in c.values() for r in rs):  # e.g. AdamW in a sweep of kappa
             mean = _summary(next(iter(c.values())))[0]
             if mean is not None:
@@ -282,7 +288,8 @@ def _draw_lines(ax, fig, lines, xs, untrained):
                 [m for _, m, _ in done],
                 yerr=[sd or 0.0 for _, _, sd in done] if spread else None,
                 color=color,
-                marker="o",
+                ls=dashes,
+                marker=marker,
                 ms=5,
                 lw=1.6 if numeric else 0,
                 capsize=3 if spread else 0,
@@ -344,6 +351,32 @@ def _draw_one_x(ax, fig, lines, x, untrained):
 def _color(k):
     """The k-th line's color: matplotlib's cycle without its red (C3), which marks a failed cell."""
     return f"C{k if k < 3 else k + 1}"
+
+
+def _styles(lines):
+    """{line: (color, dashes, marker)}: a line's first word (its method) picks the color and the rest of its
+    label (e.g. its schedule) the dashes and marker, so that a figure of methods x schedules reads by both."""
+    heads = list(dict.fromkeys(line.split(" ", 1)[0] for line in lines))
+    tails = list(dict.fromkeys(line.partition(" ")[2] for line in lines))
+    return {
+        line: (
+            _color(heads.index(line.split(" ", 1)[0])),
+            DASHES[tails.index(line.partition(" ")[2]) % len(DASHES)],
+            MARKERS[tails.index(line.partition(" ")[2]) % len(MARKERS)],
+        )
+        for line in lines
+    }
+
+
+def _legend(ax, entries):
+    """The legend inside the axes, or beside them where it would cover the lines (more than LEGEND_INSIDE);
+    none where nothing is labelled (one x and no untrained model: each point has its tick)."""
+    if not ax.get_legend_handles_labels()[0]:
+        return
+    if entries > LEGEND_INSIDE:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    else:
+        ax.legend(fontsize=7)
 
 
 def _ring(ax, points):
@@ -447,18 +480,23 @@ def plot_curves(fig, rows, stem, untrained=None):
         for panel in dict.fromkeys(r["panel"] for r in rows)
         for x in _xs([r for r in rows if r["panel"] == panel], fig)
     ]
-    fig_, axes = plt.subplots(1, len(keys), figsize=(4.6 * len(keys), 4), squeeze=False)
+    entries = len({r["line"] for r in rows}) + (untrained is not None)
+    width = 4.6 + (2.4 if entries > LEGEND_INSIDE else 0)
+    fig_, axes = plt.subplots(1, len(keys), figsize=(width * len(keys), 4), squeeze=False)
     for ax, (panel, x) in zip(axes[0], keys):
         cells = {line: c.get(x, []) for (p, line), c in _cells([r for r in rows if r["panel"] == panel]).items()}
-        for k, (line, cell) in enumerate(cells.items()):
+        styles = _styles(cells)
+        for line, cell in cells.items():
             curves = [dict(r["curve"]) for r in cell if r["status"] == "complete" and r["curve"]]
             steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
             if steps:
                 ax.plot(
                     steps,
                     [statistics.fmean(c[t] for c in curves) for t in steps],
-                    color=_color(k),
-                    marker=".",
+                    color=styles[line][0],
+                    ls=styles[line][1],
+                    marker=styles[line][2],
+                    ms=4,
                     label=f"{line} (n={len(curves)})",
                 )
         if untrained is not None:
@@ -467,7 +505,7 @@ def plot_curves(fig, rows, stem, untrained=None):
         ax.set_ylabel(f"{eval_key(fig.plot['metric']).replace('_', ' ')} ({LOWER})")
         ax.set_title(f"{_short(fig.plot['x'])}={x}" + (f", {fig.plot['panel']} = {panel}" if panel is not None else ""))
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        _legend(ax, entries)
     return save_plot(fig_, stem)
 
 
