@@ -510,7 +510,7 @@ def zero_worker(rank, impl):
     )
 
 
-@pytest.mark.parametrize("impl", [None, "forloop"])
+@pytest.mark.parametrize("impl", [None, pytest.param("forloop", marks=pytest.mark.slow)])  # the quick loop: the default
 def test_zero_redundancy_optimizer_returns_the_whole_ema_on_every_rank(impl, tmp_path):
     got = spawn(zero_worker, tmp_path / "rank0.pt", impl)
 
@@ -562,6 +562,7 @@ def run_state_worker(rank, data, out):
     return dict(saves=[t.saves for t in tallies], t=[t.t for t in tallies], mark=state["states"]["tally"]["t"])
 
 
+@pytest.mark.slow  # the quick loop has it in one process (test_resume)
 def test_a_piece_of_run_state_added_in_one_place_is_saved_and_restored_under_fsdp(offline_data, tmp_path):
     """Under FSDP2 the test's own Stateful goes through the same door: its tensor into DCP's shards (marked in
     state.pt), and back on a resume, so that the resumed run ends where the uninterrupted one does."""

@@ -3,6 +3,8 @@
 import json
 import os
 import shlex
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -132,6 +134,19 @@ def test_pace_figure_list(tmp_path):
         "lawa_high_lr",
         "quadratic",
     } <= set(list_figures())
+
+
+def test_listing_and_refusing_never_load_torch(tmp_path):
+    """pace-figure fig=list, and a refused argument, answer without the training code (torch alone takes
+    seconds to import): only run=true and the untrained model's score need it."""
+    code = (
+        "import sys; from pace_lm.cli import figure_main; figure_main(['fig=list'])\n"
+        "try:\n    figure_main(['fig=demo', 'jobs=2'])\nexcept SystemExit as e:\n    assert e.code == 2\n"
+        "print(sorted(m for m in ('torch', 'pace', 'pace_lm.run.train') if m in sys.modules))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0 and "jobs= and devices= go with run=true" in proc.stderr, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
 
 
 def test_printed_commands_are_exactly_the_runs(tmp_path):

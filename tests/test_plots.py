@@ -212,7 +212,11 @@ def test_paired_differences_are_per_seed(tmp_path, monkeypatch):
     for run in fig.runs:
         m, lr, seed = run.values["optimizer"], run.values["optimizer.lr"], run.values["seed"]
         values[m, lr, seed] = (
-            3.0 + seed_effect[seed] + method_effect[m] + (0.03 * seed if m == "pace" and lr == 3e-3 else 0.0)
+            3.0
+            + seed_effect[seed]
+            + method_effect[m]
+            + (0.03 * seed if m == "pace" and lr == 3e-3 else 0.0)
+            + (0.05 if m == "ema" and lr == 1e-3 else 0.0)  # the EMA's best lr is 3e-3, PACE's 1e-3
         )
         if (m, lr, seed) == ("adamw", 3e-3, 2):
             continue  # a missing run: its pair is left out, the others still count
@@ -235,12 +239,18 @@ def test_paired_differences_are_per_seed(tmp_path, monkeypatch):
     }
     assert list(rows) == ["pace − ema", "pace − adamw"]
 
-    def cell(other, lr, seeds):
-        d = [values["pace", lr, s] - values[other, lr, s] for s in seeds]
+    def cell(other, lr, seeds, other_lr=None):
+        d = [values["pace", lr, s] - values[other, other_lr or lr, s] for s in seeds]
         return f"{statistics.fmean(d):+.4f} ± {statistics.stdev(d):.4f} ({sum(x < 0 for x in d)}/{len(d)} seeds < 0)"
 
-    assert rows["pace − ema"] == [cell("ema", 1e-3, range(3)), cell("ema", 3e-3, range(3))]
-    assert rows["pace − adamw"] == [cell("adamw", 1e-3, range(3)), cell("adamw", 3e-3, range(2))]
+    # the last column: each method at its own best lr (the lowest mean), paired by seed
+    at_best = cell("ema", 1e-3, range(3), other_lr=3e-3) + ", at lr 0.001 and 0.003"
+    assert rows["pace − ema"] == [cell("ema", 1e-3, range(3)), cell("ema", 3e-3, range(3)), at_best]
+    assert rows["pace − adamw"] == [
+        cell("adamw", 1e-3, range(3)),
+        cell("adamw", 3e-3, range(2)),
+        cell("adamw", 1e-3, range(3)) + ", at lr 0.001 and 0.001",
+    ]
     assert rows["pace − ema"][0].endswith("(3/3 seeds < 0)") and rows["pace − ema"][1].endswith("(1/3 seeds < 0)")
 
 
@@ -259,6 +269,7 @@ def test_paired_lines_must_exist(tmp_path, monkeypatch):
         ("smollm2_sft", ("ema", "pace", "schedulefree"), (3e-4, 1e-3, 3e-3)),
         ("smollm2_sft_low_lr", ("ema", "pace", "schedulefree"), (1e-4, 2e-4, 4e-4)),
         ("gemma3_sft_cell", ("ema", "pace"), (2e-5,)),
+        ("schedules_cpu", ("ema", "pace", "schedulefree"), (1e-4, 4e-4)),
     ],
 )
 def test_the_real_model_figures_are_three_seeds_of_every_cell(fig_id, methods, lrs):
@@ -473,11 +484,11 @@ def test_a_figure_of_methods_by_schedules_colors_by_method_and_dashes_by_schedul
             assert ax.get_legend().get_bbox_to_anchor().x0 > ax.get_window_extent().x1  # beside the axes
 
 
-@pytest.mark.parametrize("fig_id", ["schedules_cpu_bf16_check", "schedules_cpu_pilot"])
-def test_schedules_cpus_check_and_pilot_are_committed_whole(fig_id):
-    """Every run of the bf16 check and of the pilot that fixed schedules_cpu's grid is committed, complete, the
-    run its name says; the pilot's AdamW (its final iterate) ends below the untrained model at both lrs on
-    every schedule, the premise of the grid's lrs."""
+@pytest.mark.parametrize("fig_id", ["schedules_cpu_bf16_check", "schedules_cpu_pilot", "schedules_cpu"])
+def test_schedules_cpu_its_check_and_its_pilot_are_committed_whole(fig_id):
+    """Every run of schedules_cpu, of its bf16 check and of the pilot that fixed its grid is committed,
+    complete, the run its name says; the pilot's AdamW (its final iterate) ends below the untrained model at
+    both lrs on every schedule, the premise of the grid's lrs."""
     fig = load_figure(fig_id)
     committed = {p.parent.name for p in (FIXTURES / fig_id).glob("*/record.json")}
     assert committed == {run.name for run in fig.runs}
@@ -496,6 +507,15 @@ def test_schedules_cpus_check_and_pilot_are_committed_whole(fig_id):
     assert {r.values["optimizer.lr"] for r in grid.runs} == {
         r.values["optimizer.lr"] for r in load_figure("schedules_cpu_pilot").runs
     }
+
+
+def test_the_grids_seed_0_adamw_runs_are_the_pilots_bit_for_bit():
+    """The pilot's six runs are the grid's seed-0 AdamW runs, trained again (and stopped and resumed) in
+    the grid: the same returned models to the last bit, so the pilot's reading of the lrs is the grid's."""
+    for run in load_figure("schedules_cpu_pilot").runs:
+        pilot = read_record(FIXTURES / "schedules_cpu_pilot" / run.name / "record.json")["summary"]
+        grid = read_record(FIXTURES / "schedules_cpu" / run.name / "record.json")["summary"]
+        assert (pilot["vanilla_val_loss"], pilot["ema_val_loss"]) == (grid["vanilla_val_loss"], grid["ema_val_loss"])
 
 
 def test_lean_pace_stepped_in_the_backward_pass_is_the_whole_model_run_on_smollm2():

@@ -197,6 +197,7 @@ def _close_run(a, b):
         }
 
 
+@pytest.mark.slow  # the quick loop has the step in the backward pass (above) and resume (test_resume)
 def test_a_run_stepped_in_the_backward_pass_resumes_to_the_same_record(offline_data, tmp_path):
     # the lagged clip's last norm is in the checkpoint: the 6th step is clipped by the 5th's norm
     how = [

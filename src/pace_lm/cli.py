@@ -413,8 +413,7 @@ def figure_main(argv=None):
 
 
 def _figure(opts, extra):
-    from pace_lm.figures.specs import check_extra, list_figures, load_figure
-    from pace_lm.figures.sweep import check_jobs
+    from pace_lm.figures.specs import check_extra, check_jobs, list_figures, load_figure
 
     if opts["fig"] == "list":
         figs = [load_figure(f) for f in list_figures()]

@@ -189,8 +189,30 @@ def paired(rows, line, other):
     return out
 
 
+def best_x(rows, line, panel):
+    """The x where `line`'s mean (over its complete seeds) is lowest in `panel`; None if it has none."""
+    means = {}
+    for r in rows:
+        if r["line"] == line and r["panel"] == panel and r["value"] is not None:
+            means.setdefault(r["x"], []).append(r["value"])
+    return min(means, key=lambda x: statistics.fmean(means[x])) if means else None
+
+
+def paired_at_best(rows, line, other, panel):
+    """(line's best x, other's best x, [(seed, line's value there − other's value there)]): each line at its
+    own best x (its own tuned lr), over the seeds where both runs are complete."""
+    xa, xb = best_x(rows, line, panel), best_x(rows, other, panel)
+    values = {
+        (r["line"], r["x"], r["seed"]): r["value"] for r in rows if r["panel"] == panel and r["value"] is not None
+    }
+    seeds = sorted({seed for (name, x, seed) in values if (name, x) == (line, xa)}, key=str)
+    diffs = [(s, values[line, xa, s] - values[other, xb, s]) for s in seeds if (other, xb, s) in values]
+    return xa, xb, diffs
+
+
 def paired_table(fig, rows):
-    """Markdown rows: per pair and x, the mean ± std of the per-seed differences and how many are < 0."""
+    """Markdown rows: per pair and x, the mean ± std of the per-seed differences and how many are < 0; where
+    there are several xs, a last column with each line at its own best x (the lowest mean)."""
     lines = set(r["line"] for r in rows)
     pairs = [(a, b) for a, others in fig.plot["paired"].items() for b in others]
     unknown = sorted({n for pair in pairs for n in pair} - lines)
@@ -199,11 +221,17 @@ def paired_table(fig, rows):
     out = []
     for panel in dict.fromkeys(r["panel"] for r in rows):
         xs = _xs([r for r in rows if r["panel"] == panel], fig)
-        out.append("| paired difference (per seed) | " + " | ".join(f"{_short(fig.plot['x'])}={x}" for x in xs) + " |")
-        out.append("|---|" + "---|" * len(xs))
+        x = _short(fig.plot["x"])
+        at_best = [f"each at its best {x}"] if len(xs) > 1 else []
+        out.append("| paired difference (per seed) | " + " | ".join([f"{x}={v}" for v in xs] + at_best) + " |")
+        out.append("|---|" + "---|" * (len(xs) + len(at_best)))
         for a, b in pairs:
             diffs = paired(rows, a, b)
-            out.append(f"| {a} − {b} | " + " | ".join(_fmt_diff(diffs.get((panel, x), [])) for x in xs) + " |")
+            texts = [_fmt_diff(diffs.get((panel, v), [])) for v in xs]
+            if at_best:
+                xa, xb, best = paired_at_best(rows, a, b, panel)
+                texts.append(_fmt_diff(best) + (f", at {x} {xa} and {xb}" if best else ""))
+            out.append(f"| {a} − {b} | " + " | ".join(texts) + " |")
         out.append("")
     return out
 

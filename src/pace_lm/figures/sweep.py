@@ -289,19 +289,6 @@ class _ForwardSignals:
             signal.signal(s, handler)
 
 
-def check_jobs(opts, extra):
-    """jobs= a positive int, devices= only with jobs and without training.device (before any work)."""
-    jobs = opts["jobs"]
-    if jobs is not None and not (jobs.isdigit() and int(jobs) >= 1):
-        raise PaceLMError(f"jobs={jobs!r} must be a positive integer")
-    if opts["devices"] and jobs is None:
-        raise PaceLMError("devices= goes with jobs=N (the runs of one process use training.device)")
-    if (jobs is not None or opts["devices"]) and not opts["run"]:
-        raise PaceLMError("jobs= and devices= go with run=true")
-    if opts["devices"] and any(e.split("=", 1)[0].lstrip("+~") == "training.device" for e in extra):
-        raise PaceLMError("devices= sets each run's training.device: give one or the other")
-
-
 # ---- a fine-tuning figure's reference: its untrained model ----------------------------------------------
 
 
