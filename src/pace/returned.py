@@ -111,8 +111,8 @@ class ReturnedModel:
         self.training = True
         self.zero = None  # the ZeroRedundancyOptimizer this optimizer is the local shard of (pace.zero), or None
         # an engine that steps this optimizer on copies of the model's weights (DeepSpeed's ZeRO and mixed
-        # precision, pace.integrations.deepspeed): it lends them during a swap (params_in) and puts what the
-        # swap left in them into the model after it (push); it gives the returned state_dict; or None
+        # precision, pace.integrations.deepspeed): its swapping() lends them during a swap and puts what the
+        # swap left in them into the model after it; it gives the returned state_dict; or None
         self.host = None
 
     def params(self):
@@ -342,12 +342,18 @@ class ReturnsModel:
         return self.returned.returned_state_dict(model)
 
 
+def wrapped(optimizer):
+    """`optimizer`, then each optimizer inside it that a wrapper keeps as `.optimizer` (accelerate's,
+    DeepSpeed's), outermost first."""
+    while optimizer is not None:
+        yield optimizer
+        optimizer = getattr(optimizer, "optimizer", None)
+
+
 def find_returns_model(optimizer):
     """The optimizer with a returned model (pace.PACE, pace.EMAWrapper) inside `optimizer` and the wrappers
-    around it that keep it as `.optimizer` (accelerate's, DeepSpeed's), or None."""
-    while optimizer is not None and not isinstance(optimizer, ReturnsModel):
-        optimizer = getattr(optimizer, "optimizer", None)
-    return optimizer
+    around it, or None."""
+    return next((o for o in wrapped(optimizer) if isinstance(o, ReturnsModel)), None)
 
 
 def _reshard_fsdp(param_groups):

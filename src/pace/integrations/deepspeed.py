@@ -30,7 +30,7 @@ import contextlib
 
 import torch
 
-from pace.returned import ReturnsModel, find_returns_model
+from pace.returned import ReturnsModel, find_returns_model, wrapped
 
 
 def client_optimizer(engine) -> ReturnsModel:
@@ -38,7 +38,7 @@ def client_optimizer(engine) -> ReturnsModel:
     found = find_returns_model(engine.optimizer)
     if found is not None:
         return found
-    stepped = getattr(engine.optimizer, "optimizer", None) or engine.optimizer
+    stepped = list(wrapped(engine.optimizer))[-1]
     raise TypeError(
         f"the DeepSpeed engine steps {type(stepped).__name__}, not an optimizer with a returned model: pass "
         "optimizer=PACE(...) to deepspeed.initialize (and no optimizer section in its config)"
@@ -49,15 +49,15 @@ def attach(engine) -> ReturnsModel:
     """Make the client optimizer's eval() / train() and returned_state_dict go through `engine` (every rank);
     returns the optimizer."""
     opt = client_optimizer(engine)
-    opt.returned.host = _Host(engine)
+    opt.returned.host = _Host(engine, opt)
     return opt
 
 
 class _Host:
     """The engine's side of the swap: which copies PACE swaps, and how they reach the model."""
 
-    def __init__(self, engine):
-        self.engine, self.pace = engine, client_optimizer(engine)
+    def __init__(self, engine, pace):
+        self.engine, self.pace = engine, pace
         self.wrapper = engine.optimizer  # PACE itself at stage 0 in fp32; else DeepSpeed's optimizer around it
         self.stage = engine.zero_optimization_stage()
 

@@ -27,13 +27,12 @@ from __future__ import annotations
 
 import lightning.pytorch as pl
 
-from pace.returned import ReturnsModel
+from pace.returned import ReturnsModel, find_returns_model
 
 
 def find_pace(trainer: pl.Trainer) -> ReturnsModel:
     """The optimizer with a returned model (pace.PACE, pace.EMAWrapper) of a Lightning trainer (exactly one)."""
-    found = [o for o in trainer.optimizers if isinstance(o, ReturnsModel)]
-    found += [o.optimizer for o in trainer.optimizers if isinstance(getattr(o, "optimizer", None), ReturnsModel)]
+    found = [o for o in map(find_returns_model, trainer.optimizers) if o is not None]
     if len(found) != 1:
         raise TypeError(
             f"PACECallback: configure_optimizers must return one pace.PACE or pace.EMAWrapper "

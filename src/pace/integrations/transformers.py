@@ -37,7 +37,7 @@ import os
 import torch
 from transformers import Trainer, TrainerCallback
 
-from pace.returned import ReturnsModel, find_returns_model
+from pace.returned import ReturnsModel, find_returns_model, wrapped
 
 
 def find_pace(optimizer: object) -> ReturnsModel | None:
@@ -65,6 +65,9 @@ class PACECallback(TrainerCallback):
 
     trainer = None  # the Trainer `attach` added it to
 
+    def _under_deepspeed(self) -> bool:
+        return self.trainer is not None and getattr(self.trainer, "is_deepspeed_enabled", False)
+
     @staticmethod
     def _pace(kwargs):
         opt = find_pace(kwargs.get("optimizer"))
@@ -91,7 +94,7 @@ class PACECallback(TrainerCallback):
             )
         self._training = True
         opt = self._pace(kwargs)
-        if self.trainer is not None and getattr(self.trainer, "is_deepspeed_enabled", False):
+        if self._under_deepspeed():
             from pace.integrations.deepspeed import attach
 
             attach(self.trainer.model_wrapped)  # the DeepSpeed engine deepspeed_init built
@@ -121,8 +124,7 @@ class PACECallback(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         self._training = False
         opt = self._pace(kwargs)
-        deepspeed = self.trainer is not None and getattr(self.trainer, "is_deepspeed_enabled", False)
-        if args.load_best_model_at_end and state.best_model_checkpoint and not deepspeed:  # (DeepSpeed's own
+        if args.load_best_model_at_end and state.best_model_checkpoint and not self._under_deepspeed():  # (its own
             load_optimizer(opt, state.best_model_checkpoint)  # checkpoint loads its optimizer state with it)
         opt.eval()  # the model now holds the returned model, for trainer.save_model()
 
@@ -144,17 +146,13 @@ def _keep_optimizer(trainer) -> None:
 
 
 def _is_deepspeed(optimizer) -> bool:
-    while optimizer is not None:
-        if type(optimizer).__module__.split(".")[0] == "deepspeed" or "DeepSpeed" in type(optimizer).__name__:
-            return True
-        optimizer = getattr(optimizer, "optimizer", None)
-    return False
+    return any(
+        type(o).__module__.split(".")[0] == "deepspeed" or "DeepSpeed" in type(o).__name__ for o in wrapped(optimizer)
+    )
 
 
 def _innermost(optimizer) -> str:
-    while getattr(optimizer, "optimizer", None) is not None:
-        optimizer = optimizer.optimizer
-    return type(optimizer).__name__
+    return type(list(wrapped(optimizer))[-1]).__name__
 
 
 def load_optimizer(opt: ReturnsModel, checkpoint: str) -> None:

@@ -269,8 +269,7 @@ def plot(fig, rows, stem, untrained=None):
     import matplotlib.pyplot as plt
 
     panels = list(dict.fromkeys(r["panel"] for r in rows))
-    entries = len({r["line"] for r in rows}) + (untrained is not None)
-    width = 5.2 + (2.4 if entries > LEGEND_INSIDE else 0)
+    width, entries = _legend_room(rows, untrained, 5.2)
     fig_, axes = plt.subplots(1, len(panels), figsize=(width * len(panels), 4), squeeze=False)
     for ax, panel in zip(axes[0], panels):
         prow = [r for r in rows if r["panel"] == panel]
@@ -384,16 +383,20 @@ def _color(k):
 def _styles(lines):
     """{line: (color, dashes, marker)}: a line's first word (its method) picks the color and the rest of its
     label (e.g. its schedule) the dashes and marker, so that a figure of methods x schedules reads by both."""
-    heads = list(dict.fromkeys(line.split(" ", 1)[0] for line in lines))
-    tails = list(dict.fromkeys(line.partition(" ")[2] for line in lines))
-    return {
-        line: (
-            _color(heads.index(line.split(" ", 1)[0])),
-            DASHES[tails.index(line.partition(" ")[2]) % len(DASHES)],
-            MARKERS[tails.index(line.partition(" ")[2]) % len(MARKERS)],
-        )
-        for line in lines
-    }
+    parts = {line: line.partition(" ")[::2] for line in lines}  # (method, the rest)
+    heads = list(dict.fromkeys(head for head, _ in parts.values()))
+    tails = list(dict.fromkeys(tail for _, tail in parts.values()))
+    styles = {}
+    for line, (head, tail) in parts.items():
+        k = tails.index(tail)
+        styles[line] = _color(heads.index(head)), DASHES[k % len(DASHES)], MARKERS[k % len(MARKERS)]
+    return styles
+
+
+def _legend_room(rows, untrained, width):
+    """(a panel's width, the legend's entries): wider by the legend's room where it goes beside the axes."""
+    entries = len({r["line"] for r in rows}) + (untrained is not None)
+    return width + (2.4 if entries > LEGEND_INSIDE else 0), entries
 
 
 def _legend(ax, entries):
@@ -508,8 +511,7 @@ def plot_curves(fig, rows, stem, untrained=None):
         for panel in dict.fromkeys(r["panel"] for r in rows)
         for x in _xs([r for r in rows if r["panel"] == panel], fig)
     ]
-    entries = len({r["line"] for r in rows}) + (untrained is not None)
-    width = 4.6 + (2.4 if entries > LEGEND_INSIDE else 0)
+    width, entries = _legend_room(rows, untrained, 4.6)
     fig_, axes = plt.subplots(1, len(keys), figsize=(width * len(keys), 4), squeeze=False)
     for ax, (panel, x) in zip(axes[0], keys):
         cells = {line: c.get(x, []) for (p, line), c in _cells([r for r in rows if r["panel"] == panel]).items()}
